@@ -1,0 +1,1590 @@
+//! Configuration: `config.toml`, then `VQCLIP_SECTION__KEY` environment overrides, then
+//! `DISCORD_TOKEN`, validated once at startup into the typed [`Settings`] the rest of the
+//! program reads.
+//!
+//! Loading happens in two stages, as ripgrep's flags do: the file and the environment are merged
+//! into one TOML table and read into loose `Raw*` structs (serde catches wrong types and unknown
+//! keys, naming their path), then [`validate`] turns those into typed values, checking ranges and
+//! cross-key rules. Every error names the key, the offending value (never a secret's) and what
+//! was expected, and all bad keys are reported at once. Nothing here writes a file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize, Serializer};
+use url::Url;
+
+use crate::models::{self, ModelInfo, ModelKind};
+
+/// Prefix of environment variables that override configuration keys (`VQCLIP_SCHEDULER__DEVICES`).
+pub const ENV_PREFIX: &str = "VQCLIP_";
+
+/// Separator between the section and key parts of an override variable's name.
+const ENV_SEPARATOR: &str = "__";
+
+/// The conventional variable for the bot token; it wins over the file and `VQCLIP_DISCORD__TOKEN`.
+pub const TOKEN_ENV: &str = "DISCORD_TOKEN";
+
+/// Where the configuration file is looked for when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "config.toml";
+
+/// Pixel edge every model's size is a multiple of; sizes below it cannot be generated.
+const MIN_SIDE: u32 = 16;
+
+/// A snapshot of the environment variables the configuration reads.
+///
+/// Loading takes this rather than reading the process environment so that tests can pass their
+/// own variables (changing the process environment is `unsafe` in Rust 2024 for good reason).
+#[derive(Debug, Default, Clone)]
+pub struct Environment {
+    vars: BTreeMap<String, String>,
+}
+
+impl Environment {
+    /// The current process environment; variables that are not valid UTF-8 are skipped.
+    pub fn from_process() -> Self {
+        std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .collect()
+    }
+
+    /// The value of `name`, if set.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.vars.get(name).map(String::as_str)
+    }
+
+    /// The value of `name`, if set and not blank.
+    fn non_empty(&self, name: &str) -> Option<&str> {
+        self.get(name).map(str::trim).filter(|v| !v.is_empty())
+    }
+}
+
+impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Environment {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        Self {
+            vars: iter
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        }
+    }
+}
+
+/// Everything vqclip is configured with, validated.
+///
+/// `Debug` and [`Settings::to_redacted_toml`] never show the Discord token.
+#[derive(Debug, Serialize)]
+pub struct Settings {
+    /// `[discord]`: how the bot reaches Discord.
+    pub discord: DiscordSettings,
+    /// `[storage]`: where the database and images live.
+    pub storage: StorageSettings,
+    /// `[scheduler]`: devices and queue limits.
+    pub scheduler: SchedulerSettings,
+    /// `[generation]`: defaults and bounds for jobs.
+    pub generation: GenerationSettings,
+    /// `[models]`: where model weights come from.
+    pub models: ModelSettings,
+}
+
+/// `[discord]`.
+#[derive(Debug, Serialize)]
+pub struct DiscordSettings {
+    /// Bot token; `None` until one is configured (only `serve` needs it).
+    #[serde(
+        serialize_with = "serialize_redacted",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub token: Option<SecretString>,
+    /// Base URL of Discord's HTTP API, e.g. a rate-limit proxy or a test double.
+    pub api_base: Url,
+    /// Guilds where commands are registered instantly; empty means global registration.
+    pub guild_ids: Vec<u64>,
+}
+
+/// `[storage]`.
+#[derive(Debug, Serialize)]
+pub struct StorageSettings {
+    /// SQLite database file; created with its directory when missing.
+    pub database: PathBuf,
+    /// Directory where finished images and saved latents are written.
+    pub images: PathBuf,
+}
+
+/// `[scheduler]`.
+#[derive(Debug, Serialize)]
+pub struct SchedulerSettings {
+    /// Devices that run jobs, one worker each.
+    pub devices: Vec<DeviceSpec>,
+    /// Most jobs waiting in the queue, all users together.
+    pub queue_capacity: usize,
+    /// Most jobs one user may have waiting.
+    pub max_queued_per_user: usize,
+    /// Most jobs of one user running at once.
+    pub max_running_per_user: usize,
+}
+
+/// `[generation]`.
+#[derive(Debug, Serialize)]
+pub struct GenerationSettings {
+    /// Size used when a request names none.
+    pub default_size: SizeSetting,
+    /// Largest width or height a request may ask for.
+    pub max_side: u32,
+    /// Largest width × height a request may ask for.
+    pub max_pixels: u64,
+    /// Optimiser steps when a request names none.
+    pub default_steps: u32,
+    /// Most optimiser steps a request may ask for.
+    pub max_steps: u32,
+    /// CLIP cutouts per step when a request names none.
+    pub default_cutn: u32,
+    /// Most cutouts a request may ask for.
+    pub max_cutn: u32,
+    /// VQGAN used when a request names none.
+    #[serde(serialize_with = "serialize_model_id")]
+    pub default_vqgan: &'static ModelInfo,
+    /// CLIP used when a request names none.
+    #[serde(serialize_with = "serialize_model_id")]
+    pub default_clip: &'static ModelInfo,
+    /// A progress preview is rendered every this many steps.
+    pub preview_every: u32,
+}
+
+/// `[models]`.
+#[derive(Debug, Serialize)]
+pub struct ModelSettings {
+    /// Hugging Face Hub cache directory downloads go to and are looked up in.
+    pub cache_dir: PathBuf,
+    /// Hub (or mirror) base URL.
+    pub hub_endpoint: Url,
+    /// Never contact the Hub; only local paths and the cache are used.
+    pub offline: bool,
+    /// Whether the tiny random-weight test models may be used.
+    pub allow_tiny: bool,
+    /// Where each model's weights come from, by model id; models with no known source are absent.
+    #[serde(flatten)]
+    pub sources: BTreeMap<&'static str, ModelSource>,
+}
+
+impl ModelSettings {
+    /// Where the weights of `model` come from, or `None` when they must be provided by hand.
+    pub fn source(&self, model: &ModelInfo) -> Option<&ModelSource> {
+        self.sources.get(model.id)
+    }
+}
+
+/// Where one model's weights come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum ModelSource {
+    /// A file on this machine; the Hub is never asked.
+    Local {
+        /// Path to a `.ckpt` or `.safetensors` file.
+        path: PathBuf,
+    },
+    /// A file in a Hugging Face Hub repository, downloaded on first use.
+    Hub {
+        /// Repository as `owner/name`.
+        repo: String,
+        /// Path of the file inside the repository.
+        file: String,
+        /// Branch, tag or commit.
+        revision: String,
+    },
+}
+
+/// A device that runs jobs, as written in `scheduler.devices`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeviceSpec {
+    /// Every CUDA device when built with CUDA support, else the CPU.
+    Auto,
+    /// The CPU (may be listed more than once for several CPU workers).
+    Cpu,
+    /// The CUDA device with this ordinal.
+    Cuda(usize),
+    /// The Metal device with this ordinal.
+    Metal(usize),
+}
+
+const DEVICE_EXPECTED: &str = r#"expected "auto", "cpu", "cuda:N" or "metal:N""#;
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim().to_ascii_lowercase();
+        let ordinal = |n: &str| n.parse::<usize>().map_err(|_| DEVICE_EXPECTED.to_owned());
+        match s.split_once(':') {
+            None if s == "auto" => Ok(Self::Auto),
+            None if s == "cpu" => Ok(Self::Cpu),
+            Some(("cuda", n)) => ordinal(n).map(Self::Cuda),
+            Some(("metal", n)) => ordinal(n).map(Self::Metal),
+            _ => Err(DEVICE_EXPECTED.to_owned()),
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::Metal(n) => write!(f, "metal:{n}"),
+        }
+    }
+}
+
+impl Serialize for DeviceSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// The default image size: fixed, or chosen per device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeSetting {
+    /// 512² on GPUs with more than 8 GiB, 304² on smaller GPUs, 256² on the CPU.
+    Auto,
+    /// Always this size.
+    Fixed {
+        /// Width in pixels.
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+    },
+}
+
+const SIZE_EXPECTED: &str = r#"expected "auto" or WIDTHxHEIGHT, e.g. "512x512""#;
+
+impl FromStr for SizeSetting {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim().to_ascii_lowercase();
+        if s == "auto" {
+            return Ok(Self::Auto);
+        }
+        let (w, h) = s
+            .split_once(['x', '×'])
+            .ok_or_else(|| SIZE_EXPECTED.to_owned())?;
+        let side = |v: &str| {
+            v.trim()
+                .parse::<u32>()
+                .map_err(|_| SIZE_EXPECTED.to_owned())
+        };
+        Ok(Self::Fixed {
+            width: side(w)?,
+            height: side(h)?,
+        })
+    }
+}
+
+impl fmt::Display for SizeSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Fixed { width, height } => write!(f, "{width}x{height}"),
+        }
+    }
+}
+
+impl Serialize for SizeSetting {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+fn serialize_redacted<S: Serializer>(
+    token: &Option<SecretString>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match token {
+        Some(_) => s.serialize_str("[redacted]"),
+        None => s.serialize_none(),
+    }
+}
+
+fn serialize_model_id<S: Serializer>(model: &&'static ModelInfo, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(model.id)
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file exists (or was named explicitly) but could not be read.
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("{path} is not valid TOML: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// One or more keys have bad values; each is listed on its own line.
+    #[error("{}", display_lines(.0))]
+    Invalid(Vec<InvalidKey>),
+}
+
+fn display_lines(problems: &[InvalidKey]) -> String {
+    let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    lines.join("\n")
+}
+
+/// One bad configuration key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidKey {
+    /// Dotted path of the key, e.g. `scheduler.devices[1]`.
+    pub key: String,
+    /// The offending value as written, quoted; `None` for secrets and missing values.
+    pub value: Option<String>,
+    /// What was expected instead.
+    pub expected: String,
+    /// The environment variable that set the key, when one did.
+    pub env_var: Option<String>,
+}
+
+impl fmt::Display for InvalidKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.key)?;
+        if let Some(value) = &self.value {
+            write!(f, " = {value}")?;
+        }
+        write!(f, ": {}", self.expected)?;
+        if let Some(var) = &self.env_var {
+            write!(f, " (set by the environment variable {var})")?;
+        }
+        Ok(())
+    }
+}
+
+impl Settings {
+    /// Loads `path` (or `./config.toml` when `None`), applies overrides from `env`, validates.
+    ///
+    /// A missing default file means all defaults; a missing file that was named explicitly is an
+    /// error, since it is most likely a typo.
+    pub fn load(path: Option<&Path>, env: &Environment) -> Result<Self, ConfigError> {
+        let (path, explicit) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => String::new(),
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+            path: path.clone(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        Self::from_table(table, env)
+    }
+
+    /// Validates configuration given as TOML text, with overrides from `env`.
+    pub fn from_toml(text: &str, env: &Environment) -> Result<Self, ConfigError> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: PathBuf::from("<text>"),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        Self::from_table(table, env)
+    }
+
+    fn from_table(mut table: toml::Table, env: &Environment) -> Result<Self, ConfigError> {
+        let origins = apply_env_overrides(&mut table, env).map_err(ConfigError::Invalid)?;
+        let raw: RawSettings = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| {
+                let key = e.path().to_string();
+                let expected = e.inner().message().to_owned();
+                ConfigError::Invalid(vec![InvalidKey {
+                    env_var: origins.env_var_for(&key),
+                    key,
+                    value: None,
+                    expected,
+                }])
+            })?;
+        validate(raw, env, &origins).map_err(ConfigError::Invalid)
+    }
+
+    /// The effective configuration as TOML, with the token shown as `[redacted]`.
+    pub fn to_redacted_toml(&self) -> String {
+        // Serializing plain data to TOML only fails for shapes we never build (e.g. a map with
+        // non-string keys), so an error here is a programming mistake worth a clear message.
+        toml::to_string_pretty(self)
+            .unwrap_or_else(|e| format!("# the configuration could not be printed: {e}\n"))
+    }
+
+    /// The token, or an error saying how to provide one.
+    pub fn require_token(&self) -> Result<&SecretString, InvalidKey> {
+        self.discord.token.as_ref().ok_or_else(|| InvalidKey {
+            key: "discord.token".into(),
+            value: None,
+            expected: format!(
+                "a bot token is required to connect; set the {TOKEN_ENV} environment variable \
+                 (or discord.token in the configuration file)"
+            ),
+            env_var: None,
+        })
+    }
+}
+
+/// Which environment variable set each overridden key.
+#[derive(Debug, Default)]
+struct Origins(BTreeMap<String, String>);
+
+impl Origins {
+    /// The variable that set `key` or the table or list containing it.
+    fn env_var_for(&self, key: &str) -> Option<String> {
+        self.0
+            .iter()
+            .filter(|(path, _)| {
+                key == path.as_str()
+                    || key
+                        .strip_prefix(path.as_str())
+                        .is_some_and(|rest| rest.starts_with(['.', '[']))
+            })
+            .max_by_key(|(path, _)| path.len())
+            .map(|(_, var)| var.clone())
+    }
+}
+
+/// Writes `VQCLIP_A__B=v` as `a.b = v` into `table`, then `DISCORD_TOKEN` as `discord.token`.
+fn apply_env_overrides(
+    table: &mut toml::Table,
+    env: &Environment,
+) -> Result<Origins, Vec<InvalidKey>> {
+    let mut origins = Origins::default();
+    let mut errors = Vec::new();
+    let overrides = env.vars.iter().filter_map(|(name, value)| {
+        let rest = name.strip_prefix(ENV_PREFIX)?;
+        // Variables without the separator (VQCLIP_CONFIG, VQCLIP_LOG_FORMAT) are CLI options.
+        rest.contains(ENV_SEPARATOR).then_some((name, rest, value))
+    });
+    for (name, rest, value) in overrides {
+        let parts: Vec<String> = rest
+            .split(ENV_SEPARATOR)
+            .map(str::to_ascii_lowercase)
+            .collect();
+        if parts.iter().any(String::is_empty) {
+            errors.push(InvalidKey {
+                key: name.clone(),
+                value: None,
+                expected: format!(
+                    "expected {ENV_PREFIX}SECTION__KEY, e.g. VQCLIP_SCHEDULER__DEVICES"
+                ),
+                env_var: None,
+            });
+            continue;
+        }
+        let is_secret = parts == ["discord", "token"];
+        match insert_path(table, &parts, parse_env_value(value, is_secret)) {
+            Ok(()) => {
+                origins.0.insert(parts.join("."), name.clone());
+            }
+            Err(expected) => errors.push(InvalidKey {
+                key: parts.join("."),
+                value: None,
+                expected,
+                env_var: Some(name.clone()),
+            }),
+        }
+    }
+    if let Some(token) = env.get(TOKEN_ENV) {
+        let parts = ["discord".to_owned(), "token".to_owned()];
+        if insert_path(table, &parts, toml::Value::String(token.to_owned())).is_ok() {
+            origins.0.insert("discord.token".into(), TOKEN_ENV.into());
+        }
+    }
+    if errors.is_empty() {
+        Ok(origins)
+    } else {
+        Err(errors)
+    }
+}
+
+fn insert_path(
+    table: &mut toml::Table,
+    parts: &[String],
+    value: toml::Value,
+) -> Result<(), String> {
+    let (last, parents) = parts
+        .split_last()
+        .expect("override paths have at least one part");
+    let mut current = table;
+    for (depth, part) in parents.iter().enumerate() {
+        let entry = current
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry.as_table_mut().ok_or_else(|| {
+            format!(
+                "cannot override inside {}: it is a value, not a section",
+                parts[..=depth].join(".")
+            )
+        })?;
+    }
+    current.insert(last.clone(), value);
+    Ok(())
+}
+
+/// Reads an override's text as the TOML value it most plausibly means.
+///
+/// Booleans, integers, floats and `[…]` arrays are parsed; anything else is a string, so paths
+/// and URLs need no quoting. Secrets are always strings so they never surface in a type error.
+fn parse_env_value(raw: &str, is_secret: bool) -> toml::Value {
+    let text = raw.trim();
+    if is_secret {
+        return toml::Value::String(text.to_owned());
+    }
+    match text {
+        "true" => return toml::Value::Boolean(true),
+        "false" => return toml::Value::Boolean(false),
+        _ => {}
+    }
+    if let Ok(n) = text.parse::<i64>() {
+        return toml::Value::Integer(n);
+    }
+    if text.contains('.')
+        && let Ok(x) = text.parse::<f64>()
+    {
+        return toml::Value::Float(x);
+    }
+    if text.starts_with('[')
+        && let Ok(mut t) = toml::from_str::<toml::Table>(&format!("v = {text}"))
+        && let Some(v) = t.remove("v")
+    {
+        return v;
+    }
+    toml::Value::String(text.to_owned())
+}
+
+// ---- Stage 1: loose shapes that serde reads from the merged table. -------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawSettings {
+    discord: RawDiscord,
+    storage: RawStorage,
+    scheduler: RawScheduler,
+    generation: RawGeneration,
+    models: RawModels,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawDiscord {
+    token: Option<String>,
+    api_base: String,
+    guild_ids: ListOrCsv,
+}
+
+impl Default for RawDiscord {
+    fn default() -> Self {
+        Self {
+            token: None,
+            api_base: "https://discord.com".into(),
+            guild_ids: ListOrCsv::default(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawStorage {
+    database: String,
+    images: String,
+}
+
+impl Default for RawStorage {
+    fn default() -> Self {
+        Self {
+            database: "./data/vqclip.sqlite".into(),
+            images: "./data/images".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawScheduler {
+    devices: ListOrCsv,
+    queue_capacity: usize,
+    max_queued_per_user: usize,
+    max_running_per_user: usize,
+}
+
+impl Default for RawScheduler {
+    fn default() -> Self {
+        Self {
+            devices: ListOrCsv(vec![Scalar::Text("auto".into())]),
+            queue_capacity: 100,
+            max_queued_per_user: 5,
+            max_running_per_user: 1,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawGeneration {
+    default_size: String,
+    max_side: u32,
+    max_pixels: u64,
+    default_steps: u32,
+    max_steps: u32,
+    default_cutn: u32,
+    max_cutn: u32,
+    default_vqgan: String,
+    default_clip: String,
+    preview_every: u32,
+}
+
+impl Default for RawGeneration {
+    fn default() -> Self {
+        Self {
+            default_size: "auto".into(),
+            max_side: 1024,
+            max_pixels: 512 * 512,
+            default_steps: 500,
+            max_steps: 1000,
+            default_cutn: 32,
+            max_cutn: 128,
+            default_vqgan: "imagenet_f16_16384".into(),
+            default_clip: "vit_b32".into(),
+            preview_every: 50,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawModels {
+    cache_dir: String,
+    hub_endpoint: String,
+    offline: bool,
+    allow_tiny: bool,
+    // Per-model tables (`[models.<id>]`). serde cannot combine `flatten` with
+    // `deny_unknown_fields`, so unknown keys land here and `validate` rejects them by name.
+    #[serde(flatten)]
+    per_model: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawModelOverride {
+    path: Option<String>,
+    repo: Option<String>,
+    file: Option<String>,
+    revision: Option<String>,
+}
+
+/// A list given as a TOML array, a single value, or a comma-separated string (handy in
+/// environment variables: `VQCLIP_SCHEDULER__DEVICES=cuda:0,cuda:1`).
+#[derive(Debug, Default)]
+struct ListOrCsv(Vec<Scalar>);
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Scalar {
+    Integer(i64),
+    Text(String),
+}
+
+impl fmt::Display for Scalar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Integer(n) => write!(f, "{n}"),
+            Self::Text(s) => write!(f, "{s:?}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ListOrCsv {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged, expecting = "a list, or a comma-separated string")]
+        enum Shape {
+            List(Vec<Scalar>),
+            One(Scalar),
+        }
+        Ok(Self(match Shape::deserialize(d)? {
+            Shape::List(items) => items,
+            Shape::One(Scalar::Text(s)) => s
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Scalar::Text(s.to_owned()))
+                .collect(),
+            Shape::One(n) => vec![n],
+        }))
+    }
+}
+
+// ---- Stage 2: validation into typed settings. ---------------------------------------------
+
+/// Collects every problem instead of stopping at the first, so one run of `config check`
+/// shows them all.
+struct Problems<'a> {
+    list: Vec<InvalidKey>,
+    origins: &'a Origins,
+}
+
+impl Problems<'_> {
+    fn add(&mut self, key: impl Into<String>, value: Option<String>, expected: impl Into<String>) {
+        let key = key.into();
+        self.list.push(InvalidKey {
+            env_var: self.origins.env_var_for(&key),
+            key,
+            value,
+            expected: expected.into(),
+        });
+    }
+
+    /// Checks `1 <= value <= bound`. When the bound is itself invalid (0) only `value >= 1` is
+    /// checked, so one mistake is not reported twice.
+    fn check_at_most<T>(&mut self, (key, value): (&str, T), (bound_key, bound): (&str, T))
+    where
+        T: Copy + PartialOrd + From<u8> + fmt::Display,
+    {
+        let one = T::from(1);
+        if bound >= one {
+            let expected = format!("expected at least 1 and at most {bound_key} ({bound})");
+            self.check(value >= one && value <= bound, key, value, &expected);
+        } else {
+            self.check(value >= one, key, value, "expected at least 1");
+        }
+    }
+
+    /// Records a problem unless `ok`; returns `ok`.
+    fn check(&mut self, ok: bool, key: &str, value: impl fmt::Display, expected: &str) -> bool {
+        if !ok {
+            self.add(key, Some(value.to_string()), expected);
+        }
+        ok
+    }
+}
+
+fn validate(
+    raw: RawSettings,
+    env: &Environment,
+    origins: &Origins,
+) -> Result<Settings, Vec<InvalidKey>> {
+    let mut p = Problems {
+        list: Vec::new(),
+        origins,
+    };
+    let discord = validate_discord(raw.discord, &mut p);
+    let storage = validate_storage(raw.storage, &mut p);
+    let scheduler = validate_scheduler(raw.scheduler, &mut p);
+    let models = validate_models(raw.models, env, &mut p);
+    let generation = validate_generation(raw.generation, models.allow_tiny, &mut p);
+    if p.list.is_empty() {
+        Ok(Settings {
+            discord,
+            storage,
+            scheduler,
+            generation,
+            models,
+        })
+    } else {
+        Err(p.list)
+    }
+}
+
+fn validate_discord(raw: RawDiscord, p: &mut Problems) -> DiscordSettings {
+    // An empty token (as in the example file) means "not configured here".
+    let token = raw.token.filter(|t| !t.trim().is_empty());
+    if let Some(t) = &token
+        && t.trim().chars().any(char::is_whitespace)
+    {
+        // Never echo the value: it is a secret even when malformed.
+        p.add(
+            "discord.token",
+            None,
+            "a bot token contains no spaces; copy it again from the Developer Portal",
+        );
+    }
+    let api_base = parse_http_url(&raw.api_base, "discord.api_base", p);
+    let mut guild_ids = Vec::new();
+    for (i, id) in raw.guild_ids.0.iter().enumerate() {
+        let parsed = match id {
+            Scalar::Integer(n) => u64::try_from(*n).ok(),
+            Scalar::Text(s) => s.trim().parse::<u64>().ok(),
+        };
+        match parsed.filter(|&n| n > 0) {
+            Some(n) => guild_ids.push(n),
+            None => p.add(
+                format!("discord.guild_ids[{i}]"),
+                Some(id.to_string()),
+                "expected a guild id (a positive number; Developer Mode → right-click the server → Copy Server ID)",
+            ),
+        }
+    }
+    DiscordSettings {
+        token: token.map(|t| SecretString::from(t.trim().to_owned())),
+        api_base: api_base.unwrap_or_else(|| Url::parse("https://discord.com").expect("valid URL")),
+        guild_ids,
+    }
+}
+
+fn parse_http_url(raw: &str, key: &str, p: &mut Problems) -> Option<Url> {
+    match Url::parse(raw.trim()) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => Some(url),
+        _ => {
+            p.add(
+                key,
+                Some(format!("{raw:?}")),
+                "expected an http:// or https:// URL",
+            );
+            None
+        }
+    }
+}
+
+fn validate_storage(raw: RawStorage, p: &mut Problems) -> StorageSettings {
+    p.check(
+        !raw.database.trim().is_empty(),
+        "storage.database",
+        "\"\"",
+        "expected a file path",
+    );
+    p.check(
+        !raw.images.trim().is_empty(),
+        "storage.images",
+        "\"\"",
+        "expected a directory path",
+    );
+    StorageSettings {
+        database: PathBuf::from(raw.database.trim()),
+        images: PathBuf::from(raw.images.trim()),
+    }
+}
+
+fn validate_scheduler(raw: RawScheduler, p: &mut Problems) -> SchedulerSettings {
+    let mut devices = Vec::new();
+    for (i, item) in raw.devices.0.iter().enumerate() {
+        let key = format!("scheduler.devices[{i}]");
+        let parsed = match item {
+            Scalar::Text(s) => s.parse::<DeviceSpec>(),
+            Scalar::Integer(_) => Err(DEVICE_EXPECTED.to_owned()),
+        };
+        match parsed {
+            Ok(d @ (DeviceSpec::Cuda(_) | DeviceSpec::Metal(_))) if devices.contains(&d) => {
+                p.add(
+                    key,
+                    Some(item.to_string()),
+                    "listed twice; only \"cpu\" may repeat",
+                );
+            }
+            Ok(d) => devices.push(d),
+            Err(expected) => p.add(key, Some(item.to_string()), expected),
+        }
+    }
+    if raw.devices.0.is_empty() {
+        p.add(
+            "scheduler.devices",
+            Some("[]".into()),
+            "expected at least one device, e.g. [\"auto\"]",
+        );
+    }
+    if devices.contains(&DeviceSpec::Auto) && raw.devices.0.len() > 1 {
+        p.add(
+            "scheduler.devices",
+            None,
+            "\"auto\" already means every device; list it alone or list devices explicitly",
+        );
+    }
+    p.check(
+        raw.queue_capacity >= 1,
+        "scheduler.queue_capacity",
+        raw.queue_capacity,
+        "expected at least 1",
+    );
+    p.check_at_most(
+        ("scheduler.max_queued_per_user", raw.max_queued_per_user),
+        ("scheduler.queue_capacity", raw.queue_capacity),
+    );
+    p.check(
+        raw.max_running_per_user >= 1,
+        "scheduler.max_running_per_user",
+        raw.max_running_per_user,
+        "expected at least 1",
+    );
+    SchedulerSettings {
+        devices,
+        queue_capacity: raw.queue_capacity,
+        max_queued_per_user: raw.max_queued_per_user,
+        max_running_per_user: raw.max_running_per_user,
+    }
+}
+
+fn validate_generation(
+    raw: RawGeneration,
+    allow_tiny: bool,
+    p: &mut Problems,
+) -> GenerationSettings {
+    let min_pixels = u64::from(MIN_SIDE * MIN_SIDE);
+    p.check(
+        raw.max_side >= MIN_SIDE,
+        "generation.max_side",
+        raw.max_side,
+        &format!("expected at least {MIN_SIDE}"),
+    );
+    p.check(
+        raw.max_pixels >= min_pixels,
+        "generation.max_pixels",
+        raw.max_pixels,
+        &format!("expected at least {min_pixels} ({MIN_SIDE}x{MIN_SIDE})"),
+    );
+    let default_size = match raw.default_size.parse::<SizeSetting>() {
+        Ok(size) => {
+            if let SizeSetting::Fixed { width, height } = size {
+                let sides_ok = [width, height]
+                    .iter()
+                    .all(|s| (MIN_SIDE..=raw.max_side).contains(s));
+                let area_ok = u64::from(width) * u64::from(height) <= raw.max_pixels;
+                p.check(
+                    sides_ok && area_ok,
+                    "generation.default_size",
+                    format!("{:?}", raw.default_size),
+                    &format!(
+                        "expected sides from {MIN_SIDE} to generation.max_side ({}) and at most \
+                         generation.max_pixels ({}) pixels",
+                        raw.max_side, raw.max_pixels
+                    ),
+                );
+            }
+            size
+        }
+        Err(expected) => {
+            p.add(
+                "generation.default_size",
+                Some(format!("{:?}", raw.default_size)),
+                expected,
+            );
+            SizeSetting::Auto
+        }
+    };
+    p.check(
+        raw.max_steps >= 1,
+        "generation.max_steps",
+        raw.max_steps,
+        "expected at least 1",
+    );
+    p.check_at_most(
+        ("generation.default_steps", raw.default_steps),
+        ("generation.max_steps", raw.max_steps),
+    );
+    p.check(
+        raw.max_cutn >= 1,
+        "generation.max_cutn",
+        raw.max_cutn,
+        "expected at least 1",
+    );
+    p.check_at_most(
+        ("generation.default_cutn", raw.default_cutn),
+        ("generation.max_cutn", raw.max_cutn),
+    );
+    p.check(
+        raw.preview_every >= 1,
+        "generation.preview_every",
+        raw.preview_every,
+        "expected at least 1",
+    );
+    let default_vqgan = validate_model_name(
+        &raw.default_vqgan,
+        ModelKind::Vqgan,
+        allow_tiny,
+        "generation.default_vqgan",
+        p,
+    );
+    let default_clip = validate_model_name(
+        &raw.default_clip,
+        ModelKind::Clip,
+        allow_tiny,
+        "generation.default_clip",
+        p,
+    );
+    GenerationSettings {
+        default_size,
+        max_side: raw.max_side,
+        max_pixels: raw.max_pixels,
+        default_steps: raw.default_steps,
+        max_steps: raw.max_steps,
+        default_cutn: raw.default_cutn,
+        max_cutn: raw.max_cutn,
+        default_vqgan,
+        default_clip,
+        preview_every: raw.preview_every,
+    }
+}
+
+fn validate_model_name(
+    name: &str,
+    kind: ModelKind,
+    allow_tiny: bool,
+    key: &str,
+    p: &mut Problems,
+) -> &'static ModelInfo {
+    let fallback = models::CATALOGUE
+        .iter()
+        .find(|m| m.kind == kind)
+        .expect("the catalogue has a model of each kind");
+    let value = Some(format!("{name:?}"));
+    match models::find(name) {
+        Some(m) if m.kind != kind => {
+            p.add(
+                key,
+                value,
+                format!(
+                    "{} is a {} model; expected a {kind} model: {}",
+                    m.id,
+                    m.kind,
+                    models::ids_of(kind).join(", ")
+                ),
+            );
+            fallback
+        }
+        Some(m) if m.tiny && !allow_tiny => {
+            p.add(
+                key,
+                value,
+                "tiny test models are refused unless models.allow_tiny = true",
+            );
+            fallback
+        }
+        Some(m) => m,
+        None => {
+            p.add(
+                key,
+                value,
+                format!(
+                    "expected a {kind} model: {}",
+                    models::ids_of(kind).join(", ")
+                ),
+            );
+            fallback
+        }
+    }
+}
+
+fn validate_models(raw: RawModels, env: &Environment, p: &mut Problems) -> ModelSettings {
+    // Same precedence as the huggingface_hub library, so an existing cache is found.
+    let cache_dir = if !raw.cache_dir.trim().is_empty() {
+        PathBuf::from(raw.cache_dir.trim())
+    } else if let Some(dir) = env.non_empty("HF_HUB_CACHE") {
+        PathBuf::from(dir)
+    } else if let Some(home) = env.non_empty("HF_HOME") {
+        Path::new(home).join("hub")
+    } else if let Some(home) = env.non_empty("HOME") {
+        Path::new(home).join(".cache/huggingface/hub")
+    } else {
+        p.add(
+            "models.cache_dir",
+            None,
+            "cannot find a default (HF_HUB_CACHE, HF_HOME and HOME are unset); set a directory",
+        );
+        PathBuf::new()
+    };
+    let endpoint_text = if raw.hub_endpoint.trim().is_empty() {
+        env.non_empty("HF_ENDPOINT")
+            .unwrap_or("https://huggingface.co")
+            .to_owned()
+    } else {
+        raw.hub_endpoint.clone()
+    };
+    let hub_endpoint = parse_http_url(&endpoint_text, "models.hub_endpoint", p)
+        .unwrap_or_else(|| Url::parse("https://huggingface.co").expect("valid URL"));
+
+    let mut overrides = BTreeMap::new();
+    for (name, value) in raw.per_model {
+        let key = format!("models.{name}");
+        let Some(model) = models::CATALOGUE.iter().find(|m| m.id == name) else {
+            let ids: Vec<&str> = models::CATALOGUE.iter().map(|m| m.id).collect();
+            p.add(
+                key,
+                None,
+                format!(
+                    "unknown key; expected cache_dir, hub_endpoint, offline, allow_tiny or a model id ({})",
+                    ids.join(", ")
+                ),
+            );
+            continue;
+        };
+        match serde_path_to_error::deserialize::<_, RawModelOverride>(value) {
+            Ok(o) => {
+                overrides.insert(model.id, o);
+            }
+            Err(e) => {
+                let path = e.path().to_string();
+                let key = if path == "." || path.is_empty() {
+                    key
+                } else {
+                    format!("{key}.{path}")
+                };
+                p.add(key, None, e.inner().message().to_owned());
+            }
+        }
+    }
+
+    let mut sources = BTreeMap::new();
+    for model in models::CATALOGUE {
+        let o = overrides.remove(model.id).unwrap_or_default();
+        if let Some(source) = resolve_source(model, o, p) {
+            sources.insert(model.id, source);
+        }
+    }
+    ModelSettings {
+        cache_dir,
+        hub_endpoint,
+        offline: raw.offline,
+        allow_tiny: raw.allow_tiny,
+        sources,
+    }
+}
+
+fn resolve_source(
+    model: &'static ModelInfo,
+    o: RawModelOverride,
+    p: &mut Problems,
+) -> Option<ModelSource> {
+    let key = |field: &str| format!("models.{}.{field}", model.id);
+    if let Some(path) = o.path {
+        if o.repo.is_some() || o.file.is_some() || o.revision.is_some() {
+            p.add(
+                key("path"),
+                None,
+                "give either path or repo/file/revision, not both",
+            );
+        }
+        let path = PathBuf::from(path.trim());
+        if !path.is_file() {
+            p.add(
+                key("path"),
+                Some(format!("{:?}", path.display().to_string())),
+                format!(
+                    "no such file; download the weights ({}) or remove this key",
+                    model.manual_source
+                ),
+            );
+        }
+        return Some(ModelSource::Local { path });
+    }
+    let default = model.hub.as_ref();
+    let repo = o.repo.or_else(|| default.map(|h| h.repo.to_owned()))?;
+    let custom_repo = default.is_none_or(|h| h.repo != repo);
+    let file = match (o.file, default) {
+        (Some(f), _) => f,
+        (None, Some(h)) if !custom_repo => h.file.to_owned(),
+        (None, _) => {
+            p.add(
+                key("file"),
+                None,
+                format!("a file name in {repo} is required when the repository is not the default"),
+            );
+            String::new()
+        }
+    };
+    let revision = o
+        .revision
+        .or_else(|| {
+            default
+                .filter(|_| !custom_repo)
+                .map(|h| h.revision.to_owned())
+        })
+        .unwrap_or_else(|| "main".to_owned());
+    let repo_ok = repo
+        .split_once('/')
+        .is_some_and(|(owner, name)| !owner.is_empty() && !name.is_empty() && !name.contains('/'));
+    p.check(
+        repo_ok,
+        &key("repo"),
+        format!("{repo:?}"),
+        "expected a Hugging Face repository as \"owner/name\"",
+    );
+    p.check(
+        !revision.trim().is_empty(),
+        &key("revision"),
+        "\"\"",
+        "expected a branch, tag or commit",
+    );
+    Some(ModelSource::Hub {
+        repo,
+        file,
+        revision,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    fn env(vars: &[(&str, &str)]) -> Environment {
+        vars.iter()
+            .copied()
+            .chain([("HOME", "/home/test")])
+            .collect()
+    }
+
+    fn problems(text: &str, vars: &[(&str, &str)]) -> Vec<InvalidKey> {
+        match Settings::from_toml(text, &env(vars)) {
+            Err(ConfigError::Invalid(list)) => list,
+            other => panic!("expected invalid keys, got {other:?}"),
+        }
+    }
+
+    fn single_problem(text: &str) -> InvalidKey {
+        let mut list = problems(text, &[]);
+        assert_eq!(list.len(), 1, "expected one problem, got {list:?}");
+        list.remove(0)
+    }
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let s = Settings::from_toml("", &env(&[])).unwrap();
+        assert!(s.discord.token.is_none());
+        assert_eq!(s.discord.api_base.as_str(), "https://discord.com/");
+        assert_eq!(s.storage.database, PathBuf::from("./data/vqclip.sqlite"));
+        assert_eq!(s.scheduler.devices, vec![DeviceSpec::Auto]);
+        assert_eq!(s.generation.default_size, SizeSetting::Auto);
+        assert_eq!(s.generation.default_steps, 500);
+        assert_eq!(s.generation.default_vqgan.id, "imagenet_f16_16384");
+        assert_eq!(s.generation.default_clip.id, "vit_b32");
+        assert_eq!(
+            s.models.cache_dir,
+            PathBuf::from("/home/test/.cache/huggingface/hub")
+        );
+        assert_eq!(s.models.hub_endpoint.as_str(), "https://huggingface.co/");
+        assert_eq!(
+            s.models.source(models::find("vit_b32").unwrap()),
+            Some(&ModelSource::Hub {
+                repo: "openai/clip-vit-base-patch32".into(),
+                file: "model.safetensors".into(),
+                revision: "refs/pr/15".into()
+            })
+        );
+        assert_eq!(
+            s.models.source(models::find("imagenet_f16_1024").unwrap()),
+            None
+        );
+    }
+
+    #[test]
+    fn bad_device_names_its_index_value_and_the_choices() {
+        let p = single_problem("[scheduler]\ndevices = [\"cpu\", \"cuda:x\"]");
+        assert_eq!(
+            p.to_string(),
+            r#"scheduler.devices[1] = "cuda:x": expected "auto", "cpu", "cuda:N" or "metal:N""#
+        );
+    }
+
+    #[test]
+    fn devices_parse_and_only_cpu_may_repeat() {
+        let s = Settings::from_toml(
+            "[scheduler]\ndevices = [\"cpu\", \"CPU\", \"cuda:1\", \"metal:0\"]",
+            &env(&[]),
+        )
+        .unwrap();
+        assert_eq!(
+            s.scheduler.devices,
+            vec![
+                DeviceSpec::Cpu,
+                DeviceSpec::Cpu,
+                DeviceSpec::Cuda(1),
+                DeviceSpec::Metal(0)
+            ]
+        );
+        assert_eq!(
+            single_problem("[scheduler]\ndevices = [\"cuda:0\", \"cuda:0\"]").key,
+            "scheduler.devices[1]"
+        );
+        assert_eq!(
+            single_problem("[scheduler]\ndevices = [\"auto\", \"cpu\"]").key,
+            "scheduler.devices"
+        );
+        assert_eq!(
+            single_problem("[scheduler]\ndevices = []").key,
+            "scheduler.devices"
+        );
+    }
+
+    #[test]
+    fn each_bad_value_names_its_key() {
+        let cases = [
+            ("[discord]\napi_base = \"ftp://x\"", "discord.api_base"),
+            ("[discord]\nguild_ids = [0]", "discord.guild_ids[0]"),
+            ("[discord]\nguild_ids = [\"12a\"]", "discord.guild_ids[0]"),
+            ("[storage]\ndatabase = \" \"", "storage.database"),
+            ("[storage]\nimages = \"\"", "storage.images"),
+            (
+                "[scheduler]\nqueue_capacity = 0",
+                "scheduler.queue_capacity",
+            ),
+            (
+                "[scheduler]\nqueue_capacity = -3",
+                "scheduler.queue_capacity",
+            ),
+            (
+                "[scheduler]\nmax_queued_per_user = 0",
+                "scheduler.max_queued_per_user",
+            ),
+            (
+                "[scheduler]\nmax_running_per_user = 0",
+                "scheduler.max_running_per_user",
+            ),
+            (
+                "[generation]\ndefault_size = \"big\"",
+                "generation.default_size",
+            ),
+            (
+                "[generation]\ndefault_size = \"4096x4096\"",
+                "generation.default_size",
+            ),
+            (
+                "[generation]\ndefault_size = \"8x8\"",
+                "generation.default_size",
+            ),
+            ("[generation]\nmax_side = 8", "generation.max_side"),
+            ("[generation]\nmax_pixels = 10", "generation.max_pixels"),
+            (
+                "[generation]\ndefault_steps = 2000",
+                "generation.default_steps",
+            ),
+            ("[generation]\nmax_steps = \"many\"", "generation.max_steps"),
+            ("[generation]\ndefault_cutn = 0", "generation.default_cutn"),
+            ("[generation]\nmax_cutn = 0", "generation.max_cutn"),
+            (
+                "[generation]\npreview_every = 0",
+                "generation.preview_every",
+            ),
+            (
+                "[generation]\ndefault_vqgan = \"vit_b32\"",
+                "generation.default_vqgan",
+            ),
+            (
+                "[generation]\ndefault_clip = \"clip-9000\"",
+                "generation.default_clip",
+            ),
+            (
+                "[generation]\ndefault_clip = \"tiny_clip\"",
+                "generation.default_clip",
+            ),
+            (
+                "[models]\nhub_endpoint = \"not a url\"",
+                "models.hub_endpoint",
+            ),
+            ("[models]\noffline = \"yes\"", "models.offline"),
+            ("[models]\nofline = true", "models.ofline"),
+            (
+                "[models.vit_b32]\npath = \"/nonexistent/clip.safetensors\"",
+                "models.vit_b32.path",
+            ),
+            (
+                "[models.vit_b32]\nrepo = \"no-slash\"\nfile = \"m.safetensors\"",
+                "models.vit_b32.repo",
+            ),
+            (
+                "[models.vit_b32]\nrepo = \"me/clip\"",
+                "models.vit_b32.file",
+            ),
+            (
+                "[models.vit_b32]\nrevison = \"main\"",
+                "models.vit_b32.revison",
+            ),
+            ("[scheduler]\ndevice = [\"cpu\"]", "scheduler.device"),
+            ("[shceduler]\ndevices = [\"cpu\"]", "shceduler"),
+        ];
+        for (text, key) in cases {
+            let p = problems(text, &[]);
+            assert_eq!(p.len(), 1, "{text:?} gave {p:?}");
+            assert_eq!(p[0].key, key, "{text:?} gave {}", p[0]);
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_named_in_the_message() {
+        let p = single_problem("[scheduler]\ndevice = [\"cpu\"]");
+        assert!(p.to_string().contains("unknown field `device`"), "{p}");
+        let p = single_problem("[shceduler]\ndevices = [\"cpu\"]");
+        assert!(p.to_string().contains("unknown field `shceduler`"), "{p}");
+    }
+
+    #[test]
+    fn all_problems_are_reported_together() {
+        let list = problems(
+            "[scheduler]\nqueue_capacity = 0\n[generation]\npreview_every = 0",
+            &[],
+        );
+        let keys: Vec<_> = list.iter().map(|p| p.key.as_str()).collect();
+        assert!(
+            keys.contains(&"scheduler.queue_capacity")
+                && keys.contains(&"generation.preview_every"),
+            "{keys:?}"
+        );
+    }
+
+    #[test]
+    fn env_overrides_win_over_the_file() {
+        let file = "[scheduler]\nqueue_capacity = 10\ndevices = [\"cpu\"]\n[generation]\ndefault_size = \"256x256\"";
+        let s = Settings::from_toml(
+            file,
+            &env(&[
+                ("VQCLIP_SCHEDULER__QUEUE_CAPACITY", "20"),
+                ("VQCLIP_SCHEDULER__DEVICES", "cuda:0, cuda:1"),
+                ("VQCLIP_GENERATION__DEFAULT_SIZE", "320x240"),
+                ("VQCLIP_MODELS__OFFLINE", "true"),
+                ("VQCLIP_DISCORD__GUILD_IDS", "[1, \"2\"]"),
+                ("VQCLIP_STORAGE__DATABASE", "/var/lib/vqclip/db.sqlite"),
+                ("VQCLIP_MODELS__VIT_B16__REVISION", "abc123"),
+                // CLI options share the prefix but have no section separator.
+                ("VQCLIP_CONFIG", "elsewhere.toml"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.scheduler.queue_capacity, 20);
+        assert_eq!(
+            s.scheduler.devices,
+            vec![DeviceSpec::Cuda(0), DeviceSpec::Cuda(1)]
+        );
+        assert_eq!(
+            s.generation.default_size,
+            SizeSetting::Fixed {
+                width: 320,
+                height: 240
+            }
+        );
+        assert!(s.models.offline);
+        assert_eq!(s.discord.guild_ids, vec![1, 2]);
+        assert_eq!(
+            s.storage.database,
+            PathBuf::from("/var/lib/vqclip/db.sqlite")
+        );
+        match s.models.source(models::find("vit_b16").unwrap()) {
+            Some(ModelSource::Hub { revision, .. }) => assert_eq!(revision, "abc123"),
+            other => panic!("unexpected source {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_bad_env_override_names_key_and_variable() {
+        let p = problems("", &[("VQCLIP_SCHEDULER__QUEUE_CAPACITY", "lots")]);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].key, "scheduler.queue_capacity");
+        assert_eq!(
+            p[0].env_var.as_deref(),
+            Some("VQCLIP_SCHEDULER__QUEUE_CAPACITY")
+        );
+        assert!(
+            p[0].to_string()
+                .ends_with("(set by the environment variable VQCLIP_SCHEDULER__QUEUE_CAPACITY)")
+        );
+
+        let p = problems("", &[("VQCLIP_SCHEDULER__DEVICES", "cpu,gpu")]);
+        assert_eq!(p[0].key, "scheduler.devices[1]");
+        assert_eq!(p[0].env_var.as_deref(), Some("VQCLIP_SCHEDULER__DEVICES"));
+
+        let p = problems("", &[("VQCLIP_SCHEDULER____X", "1")]);
+        assert_eq!(p[0].key, "VQCLIP_SCHEDULER____X");
+    }
+
+    #[test]
+    fn discord_token_env_wins_and_is_never_shown() {
+        let secret = "MTIzNDU2.abcdef.SECRET-token-value";
+        let s = Settings::from_toml(
+            "[discord]\ntoken = \"from-file\"",
+            &env(&[
+                ("VQCLIP_DISCORD__TOKEN", "from-vqclip-env"),
+                (TOKEN_ENV, secret),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.require_token().unwrap().expose_secret(), secret);
+        let debug = format!("{s:?}");
+        let printed = s.to_redacted_toml();
+        for shown in [&debug, &printed] {
+            assert!(!shown.contains("SECRET"), "token leaked: {shown}");
+        }
+        assert!(printed.contains("token = \"[redacted]\""), "{printed}");
+    }
+
+    #[test]
+    fn a_malformed_token_is_reported_without_its_value() {
+        let p = problems("", &[(TOKEN_ENV, "abc SECRET def")]);
+        assert_eq!(p[0].key, "discord.token");
+        assert_eq!(p[0].value, None);
+        assert!(!p[0].to_string().contains("SECRET"));
+    }
+
+    #[test]
+    fn missing_token_says_how_to_set_one() {
+        let s = Settings::from_toml("[discord]\ntoken = \"\"", &env(&[])).unwrap();
+        let err = s.require_token().unwrap_err().to_string();
+        assert!(err.contains(TOKEN_ENV), "{err}");
+    }
+
+    #[test]
+    fn hub_settings_follow_huggingface_environment_variables() {
+        let s = Settings::from_toml(
+            "",
+            &env(&[
+                ("HF_HOME", "/hf"),
+                ("HF_ENDPOINT", "https://mirror.example/"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.models.cache_dir, PathBuf::from("/hf/hub"));
+        assert_eq!(s.models.hub_endpoint.as_str(), "https://mirror.example/");
+        let s = Settings::from_toml(
+            "[models]\ncache_dir = \"/mine\"\nhub_endpoint = \"http://127.0.0.1:9\"",
+            &env(&[
+                ("HF_HUB_CACHE", "/c"),
+                ("HF_ENDPOINT", "https://mirror.example/"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.models.cache_dir, PathBuf::from("/mine"));
+        assert_eq!(s.models.hub_endpoint.as_str(), "http://127.0.0.1:9/");
+    }
+
+    #[test]
+    fn a_local_model_path_replaces_the_hub_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("vqgan.ckpt");
+        std::fs::write(&file, b"weights").unwrap();
+        let text = format!(
+            "[models.imagenet_f16_1024]\npath = {:?}",
+            file.display().to_string()
+        );
+        let s = Settings::from_toml(&text, &env(&[])).unwrap();
+        assert_eq!(
+            s.models.source(models::find("imagenet_f16_1024").unwrap()),
+            Some(&ModelSource::Local { path: file })
+        );
+    }
+
+    #[test]
+    fn tiny_models_need_allow_tiny() {
+        let text = "[generation]\ndefault_vqgan = \"tiny_vqgan\"\n[models]\nallow_tiny = true";
+        let s = Settings::from_toml(text, &env(&[])).unwrap();
+        assert!(s.generation.default_vqgan.tiny);
+    }
+
+    #[test]
+    fn printed_configuration_loads_back_to_the_same_settings() {
+        let text = "[scheduler]\ndevices = [\"cpu\", \"cpu\"]\n[generation]\ndefault_size = \"320x192\"\n[discord]\nguild_ids = [42]";
+        let s = Settings::from_toml(text, &env(&[])).unwrap();
+        let printed = s.to_redacted_toml();
+        let again = Settings::from_toml(&printed, &env(&[])).unwrap();
+        assert_eq!(printed, again.to_redacted_toml());
+    }
+}

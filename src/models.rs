@@ -1,0 +1,249 @@
+//! The catalogue of models vqclip knows by name: what each one is and where its weights come from.
+//!
+//! Names here are what users type (`--model wikiart_f16_16384`), what configuration keys use
+//! (`[models.imagenet_f16_16384]`) and what job rows store, so a name, once published, never
+//! changes meaning. This module is plain data: it knows nothing of files, the network or candle;
+//! `config` resolves each entry to a concrete source and the weight loader fetches it.
+
+use std::fmt;
+
+/// Which half of VQGAN+CLIP a model plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ModelKind {
+    /// A taming-transformers VQGAN: the image generator whose latent is optimised.
+    Vqgan,
+    /// An OpenAI CLIP model: the frozen judge that scores cutouts against prompts.
+    Clip,
+}
+
+impl fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Vqgan => "VQGAN",
+            Self::Clip => "CLIP",
+        })
+    }
+}
+
+/// One file in a Hugging Face Hub model repository.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubFile {
+    /// Repository as `owner/name`.
+    pub repo: &'static str,
+    /// Path of the file inside the repository.
+    pub file: &'static str,
+    /// Branch, tag, pull-request ref or commit to download.
+    pub revision: &'static str,
+}
+
+/// A model vqclip can run, with where its weights are published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// Stable identifier: lowercase, digits and underscores.
+    pub id: &'static str,
+    /// Other spellings accepted on input (e.g. OpenAI's `ViT-B/32`).
+    pub aliases: &'static [&'static str],
+    /// VQGAN or CLIP.
+    pub kind: ModelKind,
+    /// One line for help text and listings.
+    pub description: &'static str,
+    /// Where the weights download from by default; `None` when no Hub copy is known.
+    pub hub: Option<HubFile>,
+    /// How to get the weights when `hub` is `None` (or the Hub is unreachable).
+    pub manual_source: &'static str,
+    /// A tiny random-weight model for tests; refused unless `models.allow_tiny` is set.
+    pub tiny: bool,
+}
+
+/// Every model vqclip knows, VQGANs first.
+pub const CATALOGUE: &[ModelInfo] = &[
+    ModelInfo {
+        id: "imagenet_f16_16384",
+        aliases: &["vqgan_imagenet_f16_16384", "imagenet"],
+        kind: ModelKind::Vqgan,
+        description: "taming-transformers ImageNet VQGAN, f16, 16384 codes (the default)",
+        hub: Some(HubFile {
+            repo: "Somnai/pytti-vqgan-checkpoints",
+            file: "imagenet/imagenet.ckpt",
+            revision: "main",
+        }),
+        manual_source: "the taming-transformers release vqgan_imagenet_f16_16384 (ckpts/last.ckpt)",
+        tiny: false,
+    },
+    ModelInfo {
+        id: "imagenet_f16_1024",
+        aliases: &["vqgan_imagenet_f16_1024"],
+        kind: ModelKind::Vqgan,
+        description: "taming-transformers ImageNet VQGAN, f16, 1024 codes",
+        hub: None,
+        manual_source: "the taming-transformers release vqgan_imagenet_f16_1024 (ckpts/last.ckpt)",
+        tiny: false,
+    },
+    ModelInfo {
+        id: "wikiart_f16_16384",
+        aliases: &["vqgan_wikiart_f16_16384", "wikiart"],
+        kind: ModelKind::Vqgan,
+        description: "community WikiArt VQGAN, f16, 16384 codes",
+        hub: Some(HubFile {
+            repo: "Somnai/pytti-vqgan-checkpoints",
+            file: "wikiart/wikiart.ckpt",
+            revision: "main",
+        }),
+        manual_source: "pixray release v1.7.1, vqgan_wikiart_16384.ckpt",
+        tiny: false,
+    },
+    ModelInfo {
+        id: "gumbel_f8_8192",
+        aliases: &["vqgan_gumbel_f8_8192", "gumbel"],
+        kind: ModelKind::Vqgan,
+        description: "taming-transformers Gumbel VQGAN, f8, 8192 codes",
+        hub: Some(HubFile {
+            repo: "neggles/vaedump",
+            file: "taming/vq-gumbel-f8-8192/model.ckpt",
+            revision: "main",
+        }),
+        manual_source: "the taming-transformers release vqgan_gumbel_f8_8192 (ckpts/last.ckpt)",
+        tiny: false,
+    },
+    ModelInfo {
+        id: "tiny_vqgan",
+        aliases: &[],
+        kind: ModelKind::Vqgan,
+        description: "tiny random-weight VQGAN for tests (the parity fixtures' config)",
+        hub: None,
+        manual_source: "tests/fixtures/parity/tiny_vqgan.safetensors in the vqclip repository",
+        tiny: true,
+    },
+    ModelInfo {
+        id: "vit_b32",
+        aliases: &["ViT-B/32", "clip-vit-base-patch32"],
+        kind: ModelKind::Clip,
+        description: "OpenAI CLIP ViT-B/32, 224 px (the default)",
+        hub: Some(HubFile {
+            repo: "openai/clip-vit-base-patch32",
+            file: "model.safetensors",
+            // The main branch has no safetensors file; this pull request adds it.
+            revision: "refs/pr/15",
+        }),
+        manual_source: "model.safetensors of openai/clip-vit-base-patch32 on the Hugging Face Hub",
+        tiny: false,
+    },
+    ModelInfo {
+        id: "vit_b16",
+        aliases: &["ViT-B/16", "clip-vit-base-patch16"],
+        kind: ModelKind::Clip,
+        description: "OpenAI CLIP ViT-B/16, 224 px",
+        hub: Some(HubFile {
+            repo: "openai/clip-vit-base-patch16",
+            file: "model.safetensors",
+            revision: "main",
+        }),
+        manual_source: "model.safetensors of openai/clip-vit-base-patch16 on the Hugging Face Hub",
+        tiny: false,
+    },
+    ModelInfo {
+        id: "vit_l14",
+        aliases: &["ViT-L/14", "clip-vit-large-patch14"],
+        kind: ModelKind::Clip,
+        description: "OpenAI CLIP ViT-L/14, 224 px",
+        hub: Some(HubFile {
+            repo: "openai/clip-vit-large-patch14",
+            file: "model.safetensors",
+            revision: "main",
+        }),
+        manual_source: "model.safetensors of openai/clip-vit-large-patch14 on the Hugging Face Hub",
+        tiny: false,
+    },
+    ModelInfo {
+        id: "vit_l14_336",
+        aliases: &[
+            "ViT-L/14@336px",
+            "ViT-L/14@336",
+            "clip-vit-large-patch14-336",
+        ],
+        kind: ModelKind::Clip,
+        description: "OpenAI CLIP ViT-L/14, 336 px",
+        hub: Some(HubFile {
+            repo: "openai/clip-vit-large-patch14-336",
+            file: "model.safetensors",
+            revision: "main",
+        }),
+        manual_source: "model.safetensors of openai/clip-vit-large-patch14-336 on the Hugging Face Hub",
+        tiny: false,
+    },
+    ModelInfo {
+        id: "tiny_clip",
+        aliases: &[],
+        kind: ModelKind::Clip,
+        description: "tiny random-weight CLIP for tests (the parity fixtures' config)",
+        hub: None,
+        manual_source: "tests/fixtures/parity/tiny_clip.safetensors in the vqclip repository",
+        tiny: true,
+    },
+];
+
+/// Looks a model up by id or alias, ignoring ASCII case.
+pub fn find(name: &str) -> Option<&'static ModelInfo> {
+    let name = name.trim();
+    CATALOGUE.iter().find(|m| {
+        m.id.eq_ignore_ascii_case(name) || m.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
+    })
+}
+
+/// The ids of every model of `kind`, for "expected one of …" messages.
+pub fn ids_of(kind: ModelKind) -> Vec<&'static str> {
+    CATALOGUE
+        .iter()
+        .filter(|m| m.kind == kind)
+        .map(|m| m.id)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn ids_and_aliases_are_unique_across_the_catalogue() {
+        let mut seen = HashSet::new();
+        for m in CATALOGUE {
+            for name in std::iter::once(&m.id).chain(m.aliases) {
+                assert!(
+                    seen.insert(name.to_ascii_lowercase()),
+                    "{name} names two models"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn ids_are_valid_config_keys() {
+        for m in CATALOGUE {
+            assert!(
+                m.id.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                "{} is not a bare TOML key",
+                m.id
+            );
+        }
+    }
+
+    #[test]
+    fn find_accepts_ids_and_openai_names_in_any_case() {
+        assert_eq!(find("vit_b32").map(|m| m.id), Some("vit_b32"));
+        assert_eq!(find("vit-b/32").map(|m| m.id), Some("vit_b32"));
+        assert_eq!(find(" WIKIART ").map(|m| m.id), Some("wikiart_f16_16384"));
+        assert_eq!(find("dall-e"), None);
+    }
+
+    #[test]
+    fn only_tiny_models_lack_a_way_to_get_them() {
+        for m in CATALOGUE {
+            assert!(!m.manual_source.is_empty(), "{} has no source", m.id);
+            if m.tiny {
+                assert!(m.hub.is_none(), "{} is tiny but downloadable", m.id);
+            }
+        }
+    }
+}

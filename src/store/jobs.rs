@@ -1,0 +1,543 @@
+//! Queries on the `jobs` table: one row per request, from queued to finished.
+//!
+//! State changes are guarded in SQL (`WHERE status = …`), so a late or duplicate update (a cancel
+//! racing a finish, a worker reporting on a job that was cancelled) changes nothing and reports
+//! `false` instead of corrupting the record.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use sqlx::SqlitePool;
+
+use super::{JobId, Timestamp, decode_error, u32_column, u64_from_sql, u64_to_sql};
+
+/// Why a job exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type)]
+#[sqlx(rename_all = "lowercase")]
+pub enum JobKind {
+    /// A fresh `/imagine`.
+    Imagine,
+    /// The parent's prompt again with a new seed.
+    Rerun,
+    /// The parent's image at twice the size.
+    Upscale,
+    /// A variation on the parent's image.
+    Variation,
+}
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type)]
+#[sqlx(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// Waiting for a device.
+    Queued,
+    /// On a device now.
+    Running,
+    /// Finished with an image.
+    Succeeded,
+    /// Stopped by an error.
+    Failed,
+    /// Stopped by its owner or a moderator.
+    Cancelled,
+}
+
+impl JobStatus {
+    /// Every status, in life order.
+    pub const ALL: [Self; 5] = [
+        Self::Queued,
+        Self::Running,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Cancelled,
+    ];
+
+    /// The name stored in the database and shown to users.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether the job can no longer change.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+impl fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        Self::ALL
+            .into_iter()
+            .find(|status| status.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                let names: Vec<_> = Self::ALL.iter().map(|s| s.as_str()).collect();
+                format!("unknown status {s:?}; expected one of {}", names.join(", "))
+            })
+    }
+}
+
+impl JobKind {
+    /// The name stored in the database and shown to users.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Imagine => "imagine",
+            Self::Rerun => "rerun",
+            Self::Upscale => "upscale",
+            Self::Variation => "variation",
+        }
+    }
+}
+
+impl fmt::Display for JobKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What is known about a job when it is submitted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    /// Why it exists.
+    pub kind: JobKind,
+    /// The job it follows up (rerun, upscale, variation).
+    pub parent: Option<JobId>,
+    /// Discord user who asked.
+    pub requester_id: u64,
+    /// Guild it was asked in; `None` in DMs and from the CLI.
+    pub guild_id: Option<u64>,
+    /// Channel it was asked in.
+    pub channel_id: Option<u64>,
+    /// The prompt as the user typed it.
+    pub prompt: String,
+    /// Every parsed parameter, enough to reproduce the image.
+    pub params: serde_json::Value,
+    /// The seed of the job's random number generator.
+    pub seed: u64,
+    /// Output width in pixels.
+    pub width: u32,
+    /// Output height in pixels.
+    pub height: u32,
+    /// Optimiser steps.
+    pub steps: u32,
+    /// CLIP cutouts per step.
+    pub cutn: u32,
+    /// VQGAN model id.
+    pub vqgan_model: String,
+    /// CLIP model id.
+    pub clip_model: String,
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// Its id.
+    pub id: JobId,
+    /// Why it exists.
+    pub kind: JobKind,
+    /// The job it follows up.
+    pub parent: Option<JobId>,
+    /// Discord user who asked.
+    pub requester_id: u64,
+    /// Guild it was asked in.
+    pub guild_id: Option<u64>,
+    /// Channel of its status message.
+    pub channel_id: Option<u64>,
+    /// Its status message.
+    pub message_id: Option<u64>,
+    /// The prompt as typed.
+    pub prompt: String,
+    /// Every parsed parameter.
+    pub params: serde_json::Value,
+    /// RNG seed.
+    pub seed: u64,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Optimiser steps.
+    pub steps: u32,
+    /// Cutouts per step.
+    pub cutn: u32,
+    /// VQGAN model id.
+    pub vqgan_model: String,
+    /// CLIP model id.
+    pub clip_model: String,
+    /// vqclip version that accepted the job (reproducing needs the same build).
+    pub crate_version: String,
+    /// Device that ran it, e.g. `cuda:0`.
+    pub device: Option<String>,
+    /// Where it is in its life.
+    pub status: JobStatus,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Last completed optimiser step.
+    pub iteration: u32,
+    /// When it was submitted.
+    pub created_at: Timestamp,
+    /// When it last started running.
+    pub started_at: Option<Timestamp>,
+    /// When it succeeded, failed or was cancelled.
+    pub finished_at: Option<Timestamp>,
+    /// The finished image.
+    pub output_path: Option<PathBuf>,
+    /// SHA-256 of the finished image, lowercase hex.
+    pub output_sha256: Option<String>,
+    /// Total loss at the last step.
+    pub final_loss: Option<f64>,
+}
+
+/// The result of a successful job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobOutput {
+    /// Where the image was written.
+    pub path: PathBuf,
+    /// SHA-256 of the image file, lowercase hex.
+    pub sha256: String,
+    /// Total loss at the last step.
+    pub final_loss: f64,
+}
+
+/// A `jobs` row exactly as SQLite returns it.
+struct JobRow {
+    id: JobId,
+    kind: JobKind,
+    parent_id: Option<JobId>,
+    requester_id: i64,
+    guild_id: Option<i64>,
+    channel_id: Option<i64>,
+    message_id: Option<i64>,
+    prompt: String,
+    params: String,
+    seed: i64,
+    width: i64,
+    height: i64,
+    steps: i64,
+    cutn: i64,
+    vqgan_model: String,
+    clip_model: String,
+    crate_version: String,
+    device: Option<String>,
+    status: JobStatus,
+    error: Option<String>,
+    iteration: i64,
+    created_at: Timestamp,
+    started_at: Option<Timestamp>,
+    finished_at: Option<Timestamp>,
+    output_path: Option<String>,
+    output_sha256: Option<String>,
+    final_loss: Option<f64>,
+}
+
+impl TryFrom<JobRow> for Job {
+    type Error = sqlx::Error;
+
+    fn try_from(r: JobRow) -> Result<Self, Self::Error> {
+        Ok(Job {
+            id: r.id,
+            kind: r.kind,
+            parent: r.parent_id,
+            requester_id: u64_from_sql(r.requester_id),
+            guild_id: r.guild_id.map(u64_from_sql),
+            channel_id: r.channel_id.map(u64_from_sql),
+            message_id: r.message_id.map(u64_from_sql),
+            prompt: r.prompt,
+            params: serde_json::from_str(&r.params).map_err(|e| decode_error("params", e))?,
+            seed: u64_from_sql(r.seed),
+            width: u32_column("width", r.width)?,
+            height: u32_column("height", r.height)?,
+            steps: u32_column("steps", r.steps)?,
+            cutn: u32_column("cutn", r.cutn)?,
+            vqgan_model: r.vqgan_model,
+            clip_model: r.clip_model,
+            crate_version: r.crate_version,
+            device: r.device,
+            status: r.status,
+            error: r.error,
+            iteration: u32_column("iteration", r.iteration)?,
+            created_at: r.created_at,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            output_path: r.output_path.map(PathBuf::from),
+            output_sha256: r.output_sha256,
+            final_loss: r.final_loss,
+        })
+    }
+}
+
+/// `SELECT`s whole job rows; the argument is the rest of the statement after `FROM jobs`.
+/// (sqlx's macros accept literals joined by `+`, so the column list is written once.)
+macro_rules! select_jobs {
+    ($tail:literal $(, $arg:expr)* $(,)?) => {
+        sqlx::query_as!(
+            JobRow,
+            r#"SELECT id AS "id: JobId", kind AS "kind: JobKind", parent_id AS "parent_id: JobId",
+                requester_id, guild_id, channel_id, message_id, prompt, params, seed,
+                width, height, steps, cutn, vqgan_model, clip_model, crate_version, device,
+                status AS "status: JobStatus", error, iteration,
+                created_at AS "created_at: Timestamp", started_at AS "started_at: Timestamp",
+                finished_at AS "finished_at: Timestamp", output_path, output_sha256, final_loss
+               FROM jobs "# + $tail
+            $(, $arg)*
+        )
+    };
+}
+
+fn into_jobs(rows: Vec<JobRow>) -> Result<Vec<Job>, sqlx::Error> {
+    rows.into_iter().map(Job::try_from).collect()
+}
+
+/// Records a new queued job and returns its id.
+pub async fn insert_job(pool: &SqlitePool, job: &NewJob) -> Result<JobId, sqlx::Error> {
+    let requester_id = u64_to_sql(job.requester_id);
+    let guild_id = job.guild_id.map(u64_to_sql);
+    let channel_id = job.channel_id.map(u64_to_sql);
+    let params = job.params.to_string();
+    let seed = u64_to_sql(job.seed);
+    let version = env!("CARGO_PKG_VERSION");
+    let now = Timestamp::now();
+    let result = sqlx::query!(
+        "INSERT INTO jobs (kind, parent_id, requester_id, guild_id, channel_id, prompt, params,
+                           seed, width, height, steps, cutn, vqgan_model, clip_model,
+                           crate_version, status, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
+        job.kind,
+        job.parent,
+        requester_id,
+        guild_id,
+        channel_id,
+        job.prompt,
+        params,
+        seed,
+        job.width,
+        job.height,
+        job.steps,
+        job.cutn,
+        job.vqgan_model,
+        job.clip_model,
+        version,
+        now,
+    )
+    .execute(pool)
+    .await?;
+    Ok(JobId(result.last_insert_rowid()))
+}
+
+/// Loads one job.
+pub async fn get_job(pool: &SqlitePool, id: JobId) -> Result<Option<Job>, sqlx::Error> {
+    select_jobs!("WHERE id = ?", id)
+        .fetch_optional(pool)
+        .await?
+        .map(Job::try_from)
+        .transpose()
+}
+
+/// The most recent jobs, newest first, optionally only those with `status`.
+pub async fn list_recent_jobs(
+    pool: &SqlitePool,
+    status: Option<JobStatus>,
+    limit: u32,
+) -> Result<Vec<Job>, sqlx::Error> {
+    let rows = select_jobs!(
+        "WHERE ?1 IS NULL OR status = ?1 ORDER BY id DESC LIMIT ?2",
+        status,
+        limit
+    )
+    .fetch_all(pool)
+    .await?;
+    into_jobs(rows)
+}
+
+/// One user's most recent jobs, newest first (for `/history`).
+pub async fn list_jobs_by_requester(
+    pool: &SqlitePool,
+    requester_id: u64,
+    limit: u32,
+) -> Result<Vec<Job>, sqlx::Error> {
+    let requester_id = u64_to_sql(requester_id);
+    let rows = select_jobs!(
+        "WHERE requester_id = ? ORDER BY id DESC LIMIT ?",
+        requester_id,
+        limit
+    )
+    .fetch_all(pool)
+    .await?;
+    into_jobs(rows)
+}
+
+/// Jobs waiting for a device, oldest first (to rebuild the queue at startup).
+pub async fn list_queued_jobs(pool: &SqlitePool) -> Result<Vec<Job>, sqlx::Error> {
+    let rows = select_jobs!("WHERE status = 'queued' ORDER BY id")
+        .fetch_all(pool)
+        .await?;
+    into_jobs(rows)
+}
+
+/// The job whose status message is `message_id` (reactions arrive with only a message id).
+pub async fn find_job_by_message(
+    pool: &SqlitePool,
+    message_id: u64,
+) -> Result<Option<Job>, sqlx::Error> {
+    let message_id = u64_to_sql(message_id);
+    select_jobs!("WHERE message_id = ?", message_id)
+        .fetch_optional(pool)
+        .await?
+        .map(Job::try_from)
+        .transpose()
+}
+
+/// Records the channel and message that show the job.
+pub async fn set_job_message(
+    pool: &SqlitePool,
+    id: JobId,
+    channel_id: u64,
+    message_id: u64,
+) -> Result<bool, sqlx::Error> {
+    let channel_id = u64_to_sql(channel_id);
+    let message_id = u64_to_sql(message_id);
+    let result = sqlx::query!(
+        "UPDATE jobs SET channel_id = ?, message_id = ? WHERE id = ?",
+        channel_id,
+        message_id,
+        id
+    )
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// Moves a queued job to running on `device`; `false` if it was not queued.
+pub async fn mark_job_running(
+    pool: &SqlitePool,
+    id: JobId,
+    device: &str,
+) -> Result<bool, sqlx::Error> {
+    let now = Timestamp::now();
+    let result = sqlx::query!(
+        "UPDATE jobs SET status = 'running', device = ?, started_at = ?, iteration = 0
+         WHERE id = ? AND status = 'queued'",
+        device,
+        now,
+        id
+    )
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// Records the last completed step of a running job; `false` if it is not running.
+pub async fn record_job_progress(
+    pool: &SqlitePool,
+    id: JobId,
+    iteration: u32,
+) -> Result<bool, sqlx::Error> {
+    let result = sqlx::query!(
+        "UPDATE jobs SET iteration = ? WHERE id = ? AND status = 'running'",
+        iteration,
+        id
+    )
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// Finishes a running job with its image; `false` if it was not running.
+pub async fn mark_job_succeeded(
+    pool: &SqlitePool,
+    id: JobId,
+    output: &JobOutput,
+) -> Result<bool, sqlx::Error> {
+    let now = Timestamp::now();
+    let path = output.path.to_string_lossy();
+    let result = sqlx::query!(
+        "UPDATE jobs SET status = 'succeeded', finished_at = ?, iteration = steps,
+                         output_path = ?, output_sha256 = ?, final_loss = ?
+         WHERE id = ? AND status = 'running'",
+        now,
+        path,
+        output.sha256,
+        output.final_loss,
+        id
+    )
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// Finishes a queued or running job with an error message; `false` if it had already finished.
+pub async fn mark_job_failed(
+    pool: &SqlitePool,
+    id: JobId,
+    error: &str,
+) -> Result<bool, sqlx::Error> {
+    let now = Timestamp::now();
+    let result = sqlx::query!(
+        "UPDATE jobs SET status = 'failed', finished_at = ?, error = ?
+         WHERE id = ? AND status IN ('queued', 'running')",
+        now,
+        error,
+        id
+    )
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// Cancels a queued or running job; `false` if it had already finished.
+pub async fn mark_job_cancelled(pool: &SqlitePool, id: JobId) -> Result<bool, sqlx::Error> {
+    let now = Timestamp::now();
+    let result = sqlx::query!(
+        "UPDATE jobs SET status = 'cancelled', finished_at = ?
+         WHERE id = ? AND status IN ('queued', 'running')",
+        now,
+        id
+    )
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// Puts every job left running (by a crash or a shutdown) back in the queue; returns their ids.
+pub async fn requeue_running_jobs(pool: &SqlitePool) -> Result<Vec<JobId>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let ids = sqlx::query_scalar!(
+        r#"SELECT id AS "id: JobId" FROM jobs WHERE status = 'running' ORDER BY id"#
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    sqlx::query!(
+        "UPDATE jobs SET status = 'queued', device = NULL, started_at = NULL
+         WHERE status = 'running'"
+    )
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(ids)
+}
+
+/// How many jobs have each status.
+pub async fn count_jobs_by_status(pool: &SqlitePool) -> Result<Vec<(JobStatus, u64)>, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"SELECT status AS "status: JobStatus", COUNT(*) AS "count!: i64"
+           FROM jobs GROUP BY status ORDER BY status"#
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.status, u64::try_from(r.count).unwrap_or(0)))
+        .collect())
+}

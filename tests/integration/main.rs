@@ -1,0 +1,9 @@
+//! vqclip's integration tests, one binary (faster to link than one per file).
+//!
+//! Everything runs offline: SQLite in temporary directories, the real `vqclip` binary for the
+//! command line. `TEST_LOG=1` prints the code's logs.
+
+mod cli;
+mod config;
+mod store;
+mod support;
