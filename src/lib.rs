@@ -25,6 +25,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod engine;
 pub mod models;
 pub mod store;
 pub mod telemetry;

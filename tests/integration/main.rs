@@ -5,5 +5,7 @@
 
 mod cli;
 mod config;
+mod parity;
 mod store;
 mod support;
+mod vqgan;

@@ -1,0 +1,41 @@
+//! The VQGAN+CLIP engine: frozen models on one candle `Device`, and the optimisation that turns
+//! a prompt into an image.
+//!
+//! Synchronous and self-contained: it knows nothing of tokio, Discord, SQL or the network. It is
+//! given weight files and a spec and reports through return values (later, a callback); the
+//! scheduler runs it on a dedicated thread per device.
+//!
+//! - [`vqgan`]: taming-transformers' encoder, decoder and codebook.
+//! - [`ops`]: operations with hand-written gradients (input-gradient-only convolution and
+//!   GroupNorm, clamp-with-grad, an accumulating nearest upsample).
+//! - [`checkpoint`]: reading safetensors and Lightning `.ckpt` weight files.
+//! - [`random`]: seeded random weights for tests and benchmarks.
+
+pub mod checkpoint;
+pub mod ops;
+pub mod random;
+pub mod vqgan;
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device};
+
+use checkpoint::LoadError;
+use vqgan::{Vqgan, VqganConfig, VqganParts};
+
+/// Loads a VQGAN of architecture `config` from `paths` (safetensors or `.ckpt`, their union) in
+/// f32 on `device`. `name` is used in error messages.
+pub fn load_vqgan(
+    name: &str,
+    paths: &[PathBuf],
+    config: &VqganConfig,
+    parts: VqganParts,
+    device: &Device,
+) -> Result<Vqgan, LoadError> {
+    let vb = checkpoint::var_builder(paths, DType::F32, device)?;
+    Vqgan::new(vb, config, parts).map_err(|source| LoadError::Mismatch {
+        files: checkpoint::describe_paths(paths),
+        model: name.to_owned(),
+        source: Box::new(source),
+    })
+}

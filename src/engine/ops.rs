@@ -1,0 +1,460 @@
+//! Operations with hand-written gradients, for what candle cannot (or should not) differentiate.
+//!
+//! candle's backward pass computes a gradient for every argument of an op, frozen weights
+//! included, and keeps it in the gradient store: for a convolution that is the whole kernel
+//! gradient, computed and thrown away every step. The ops here compute their value from a
+//! *detached* input and attach it to the graph through [`with_gradient`], a custom op whose
+//! backward returns only the gradient with respect to the input. Frozen weights and biases thus
+//! never enter the graph.
+//!
+//! See `docs/candle-notes.md` (shared) for the measurements behind each choice.
+
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::{CpuStorage, CustomOp2, D, Layout, Module, Result, Shape, Tensor};
+
+/// The gradient rule of one custom op: given the op's input and the gradient arriving at its
+/// output, the gradient with respect to the input.
+trait InputGradient: Send + Sync + 'static {
+    /// Name shown in candle's errors.
+    const NAME: &'static str;
+    /// d loss / d input.
+    fn input_grad(&self, input: &Tensor, grad_out: &Tensor) -> Result<Tensor>;
+}
+
+/// The custom op behind [`with_gradient`]: forward returns its second argument (the value,
+/// computed outside the graph); backward applies `G` to the first (the input).
+struct AttachGradient<G>(G);
+
+/// Copies `storage` laid out as `layout` into a fresh contiguous storage on the same device.
+fn copy_contiguous<S>(storage: &S, layout: &Layout) -> Result<(S, Shape)>
+where
+    S: BackendStorage,
+    S::Device: BackendDevice<Storage = S>,
+{
+    let mut out = storage
+        .device()
+        .zeros_impl(layout.shape(), storage.dtype())?;
+    storage.copy_strided_src(&mut out, 0, layout)?;
+    Ok((out, layout.shape().clone()))
+}
+
+impl<G: InputGradient> CustomOp2 for AttachGradient<G> {
+    fn name(&self) -> &'static str {
+        G::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        _input: &CpuStorage,
+        _input_layout: &Layout,
+        value: &CpuStorage,
+        value_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        copy_contiguous(value, value_layout)
+    }
+
+    fn bwd(
+        &self,
+        input: &Tensor,
+        _value: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(self.0.input_grad(input, grad_res)?), None))
+    }
+}
+
+/// `value` (computed from `input.detach()`) as a node of `input`'s graph whose backward is
+/// `rule`. When `input` carries no graph, `value` is returned as it is.
+fn with_gradient<G: InputGradient>(input: &Tensor, value: Tensor, rule: G) -> Result<Tensor> {
+    if !input.track_op() {
+        return Ok(value);
+    }
+    input.apply_op2(&value, AttachGradient(rule))
+}
+
+/// A frozen 2-D convolution (PyTorch `nn.Conv2d` semantics) whose backward computes only the
+/// input gradient.
+#[derive(Debug, Clone)]
+pub struct FrozenConv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    padding: usize,
+    stride: usize,
+}
+
+impl FrozenConv2d {
+    /// A convolution with `weight` `[out, in, k, k]`, optional `bias` `[out]`.
+    pub fn new(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        padding: usize,
+        stride: usize,
+    ) -> Result<Self> {
+        let bias = bias
+            .map(|b| b.reshape((1, b.elem_count(), 1, 1)))
+            .transpose()?;
+        Ok(Self {
+            weight,
+            bias,
+            padding,
+            stride,
+        })
+    }
+
+    /// Loads `weight` (and `bias` when `with_bias`) of a `k`×`k` conv from `in_c` to `out_c`.
+    pub fn load(
+        vb: candle_nn::VarBuilder,
+        in_c: usize,
+        out_c: usize,
+        k: usize,
+        padding: usize,
+        stride: usize,
+    ) -> Result<Self> {
+        let weight = vb.get((out_c, in_c, k, k), "weight")?;
+        let bias = vb.get(out_c, "bias")?;
+        Self::new(weight, Some(bias), padding, stride)
+    }
+
+    /// The kernel, `[out, in, k, k]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    fn value(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+struct ConvInputGrad {
+    weight: Tensor,
+    padding: usize,
+}
+
+impl InputGradient for ConvInputGrad {
+    const NAME: &'static str = "conv2d-input-grad";
+
+    // For stride 1 the transposed convolution is an ordinary convolution with the kernel flipped
+    // in space and in/out swapped, which candle runs several times faster than its
+    // conv_transpose2d. The flipped copy is made here, once per backward, rather than kept.
+    fn input_grad(&self, _input: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
+        let k = self.weight.dim(2)?;
+        let flipped = self.weight.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
+        grad_out.conv2d(&flipped, k - 1 - self.padding, 1, 1, 1)
+    }
+}
+
+impl Module for FrozenConv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !x.track_op() {
+            return self.value(x);
+        }
+        if self.stride != 1 {
+            // Only the encoder downsamples, and the encoder never needs a gradient.
+            candle_core::bail!("FrozenConv2d: the input gradient is implemented for stride 1 only");
+        }
+        let value = self.value(&x.detach())?;
+        let rule = ConvInputGrad {
+            weight: self.weight.clone(),
+            padding: self.padding,
+        };
+        with_gradient(x, value, rule)
+    }
+}
+
+/// GroupNorm (PyTorch semantics: biased variance per sample and group, then a per-channel affine)
+/// whose backward computes only the input gradient.
+#[derive(Debug, Clone)]
+pub struct FrozenGroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    num_groups: usize,
+    eps: f64,
+}
+
+impl FrozenGroupNorm {
+    /// Loads `weight` and `bias` (`[channels]`).
+    pub fn load(
+        vb: candle_nn::VarBuilder,
+        num_groups: usize,
+        channels: usize,
+        eps: f64,
+    ) -> Result<Self> {
+        if !channels.is_multiple_of(num_groups) {
+            candle_core::bail!(
+                "GroupNorm at {}: {channels} channels do not split into {num_groups} groups",
+                vb.prefix()
+            );
+        }
+        Ok(Self {
+            weight: vb.get(channels, "weight")?.reshape((1, channels, 1, 1))?,
+            bias: vb.get(channels, "bias")?.reshape((1, channels, 1, 1))?,
+            num_groups,
+            eps,
+        })
+    }
+
+    /// `(x - mean) / sqrt(var + eps)` per sample and group, shaped like `x`, and `1 / sqrt(var + eps)`
+    /// shaped `[n, groups, 1]`.
+    fn normalized(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (n, c, h, w) = x.dims4()?;
+        let g = x.reshape((n, self.num_groups, (c / self.num_groups) * h * w))?;
+        let mean = g.mean_keepdim(D::Minus1)?;
+        let centered = g.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let inv_std = (var + self.eps)?.sqrt()?.recip()?;
+        Ok((
+            centered.broadcast_mul(&inv_std)?.reshape((n, c, h, w))?,
+            inv_std,
+        ))
+    }
+}
+
+struct GroupNormInputGrad {
+    norm: FrozenGroupNorm,
+}
+
+impl InputGradient for GroupNormInputGrad {
+    const NAME: &'static str = "group-norm-input-grad";
+
+    // With x̂ the normalised input and ĝ = γ·g the gradient at x̂, per group:
+    // dx = (ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)) / σ.
+    fn input_grad(&self, input: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = input.dims4()?;
+        let groups = (n, self.norm.num_groups, (c / self.norm.num_groups) * h * w);
+        let (x_hat, inv_std) = self.norm.normalized(&input.detach())?;
+        let g_hat = grad_out.broadcast_mul(&self.norm.weight)?.reshape(groups)?;
+        let x_hat = x_hat.reshape(groups)?;
+        let mean_g = g_hat.mean_keepdim(D::Minus1)?;
+        let mean_gx = (&g_hat * &x_hat)?.mean_keepdim(D::Minus1)?;
+        let dx = g_hat
+            .broadcast_sub(&mean_g)?
+            .sub(&x_hat.broadcast_mul(&mean_gx)?)?
+            .broadcast_mul(&inv_std)?;
+        dx.reshape((n, c, h, w))
+    }
+}
+
+impl Module for FrozenGroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let value = {
+            let (x_hat, _) = self.normalized(&x.detach())?;
+            x_hat
+                .broadcast_mul(&self.weight)?
+                .broadcast_add(&self.bias)?
+        };
+        with_gradient(x, value, GroupNormInputGrad { norm: self.clone() })
+    }
+}
+
+struct ClampWithGrad {
+    lo: f64,
+    hi: f64,
+}
+
+impl InputGradient for ClampWithGrad {
+    const NAME: &'static str = "clamp-with-grad";
+
+    // Pass g where g·(x − clamp(x)) ≥ 0: always inside the range, and outside it only when a
+    // descent step (x −= lr·g) moves x back towards the range.
+    fn input_grad(&self, input: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
+        let x = input.detach();
+        let excess = (&x - x.clamp(self.lo, self.hi)?)?;
+        let keep = (grad_out * excess)?.ge(0.0)?;
+        keep.where_cond(grad_out, &grad_out.zeros_like()?)
+    }
+}
+
+/// `clamp(x, lo, hi)` whose gradient keeps the pixels a descent step would bring back into range
+/// (Crowson's `ClampWithGrad`), rather than zeroing every clamped pixel as a plain clamp does.
+pub fn clamp_with_grad(x: &Tensor, lo: f64, hi: f64) -> Result<Tensor> {
+    let value = x.detach().clamp(lo, hi)?;
+    with_gradient(x, value, ClampWithGrad { lo, hi })
+}
+
+/// Nearest-neighbour ×2 upsampling of `[n, c, h, w]`, built from a broadcast so that its
+/// backward sums the four copies (candle's `upsample_nearest2d` backward overwrites instead).
+pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    x.reshape((n, c, h, 1, w, 1))?
+        .broadcast_as((n, c, h, 2, w, 2))?
+        .reshape((n, c, 2 * h, 2 * w))
+}
+
+/// `x · sigmoid(x)`, the swish non-linearity of the VQGAN.
+pub fn swish(x: &Tensor) -> Result<Tensor> {
+    x * candle_nn::ops::sigmoid(x)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    fn seeded(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let data: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Checks `op`'s gradient against central finite differences in f64.
+    fn check_gradient(x: &Tensor, op: impl Fn(&Tensor) -> Result<Tensor>, probe: &Tensor) {
+        let var = Var::from_tensor(x).unwrap();
+        let y = op(var.as_tensor()).unwrap();
+        let loss = (y * probe).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let analytic: Vec<f64> = grads
+            .get(&var)
+            .expect("gradient reaches the input")
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+
+        let flat: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let h = 1e-6;
+        for (i, &a) in analytic.iter().enumerate() {
+            let eval = |delta: f64| {
+                let mut v = flat.clone();
+                v[i] += delta;
+                let xi = Tensor::from_vec(v, x.shape(), &Device::Cpu).unwrap();
+                (op(&xi).unwrap() * probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            let numeric = (eval(h) - eval(-h)) / (2.0 * h);
+            assert!(
+                (numeric - a).abs() < 1e-6,
+                "element {i}: analytic {a}, numeric {numeric}"
+            );
+        }
+    }
+
+    #[test]
+    fn conv_input_gradient_matches_finite_differences() {
+        let x = seeded(&[1, 2, 5, 4], 1);
+        let conv =
+            FrozenConv2d::new(seeded(&[3, 2, 3, 3], 2), Some(seeded(&[3], 3)), 1, 1).unwrap();
+        check_gradient(&x, |t| conv.forward(t), &seeded(&[1, 3, 5, 4], 4));
+        let pointwise =
+            FrozenConv2d::new(seeded(&[3, 2, 1, 1], 5), Some(seeded(&[3], 6)), 0, 1).unwrap();
+        check_gradient(&x, |t| pointwise.forward(t), &seeded(&[1, 3, 5, 4], 7));
+    }
+
+    #[test]
+    fn conv_matches_candle_and_keeps_no_weight_gradient() {
+        let x = Var::from_tensor(&seeded(&[2, 2, 6, 6], 8)).unwrap();
+        let w = seeded(&[4, 2, 3, 3], 9);
+        let conv = FrozenConv2d::new(w.clone(), None, 1, 1).unwrap();
+        let ours = conv.forward(x.as_tensor()).unwrap();
+        let stock = x.as_tensor().conv2d(&w, 1, 1, 1, 1).unwrap();
+        let diff = (&ours - &stock)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(diff < 1e-12, "{diff}");
+        let grads = ours.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&w).is_none(), "the frozen kernel got a gradient");
+        assert!(grads.get(x.as_tensor()).is_some());
+    }
+
+    #[test]
+    fn group_norm_gradient_matches_finite_differences() {
+        let x = seeded(&[2, 4, 3, 3], 10);
+        let mut map = std::collections::HashMap::new();
+        map.insert("weight".to_owned(), (seeded(&[4], 11) + 1.0).unwrap());
+        map.insert("bias".to_owned(), seeded(&[4], 12));
+        let vb = candle_nn::VarBuilder::from_tensors(map, DType::F64, &Device::Cpu);
+        let norm = FrozenGroupNorm::load(vb, 2, 4, 1e-6).unwrap();
+        check_gradient(&x, |t| norm.forward(t), &seeded(&[2, 4, 3, 3], 13));
+    }
+
+    #[test]
+    fn group_norm_matches_candle_nn() {
+        let x = seeded(&[1, 4, 3, 5], 14);
+        let (w, b) = (seeded(&[4], 15), seeded(&[4], 16));
+        let mut map = std::collections::HashMap::new();
+        map.insert("weight".to_owned(), w.clone());
+        map.insert("bias".to_owned(), b.clone());
+        let vb = candle_nn::VarBuilder::from_tensors(map, DType::F64, &Device::Cpu);
+        let ours = FrozenGroupNorm::load(vb, 2, 4, 1e-6)
+            .unwrap()
+            .forward(&x)
+            .unwrap();
+        let stock = candle_nn::GroupNorm::new(w, b, 4, 2, 1e-6)
+            .unwrap()
+            .forward(&x)
+            .unwrap();
+        let diff = (&ours - &stock)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(diff < 1e-12, "{diff}");
+    }
+
+    #[test]
+    fn clamp_with_grad_passes_only_gradients_that_move_pixels_back() {
+        let x =
+            Var::from_tensor(&Tensor::new(&[-0.5f64, 0.5, 1.5, -0.5, 1.5], &Device::Cpu).unwrap())
+                .unwrap();
+        let g = Tensor::new(&[1.0f64, 1.0, 1.0, -1.0, -1.0], &Device::Cpu).unwrap();
+        let y = clamp_with_grad(x.as_tensor(), 0.0, 1.0).unwrap();
+        assert_eq!(y.to_vec1::<f64>().unwrap(), [0.0, 0.5, 1.0, 0.0, 1.0]);
+        let grads = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        // Below 0 only g ≤ 0 passes; above 1 only g ≥ 0 passes; inside everything passes.
+        assert_eq!(
+            grads.get(&x).unwrap().to_vec1::<f64>().unwrap(),
+            [0.0, 1.0, 1.0, -1.0, 0.0]
+        );
+    }
+
+    #[test]
+    fn nearest_upsampling_accumulates_gradients_from_every_consumer() {
+        let x = Var::from_tensor(&seeded(&[1, 1, 2, 2], 17)).unwrap();
+        let up = upsample_nearest_2x(x.as_tensor()).unwrap();
+        let stock = x.as_tensor().upsample_nearest2d(4, 4).unwrap();
+        assert_eq!(
+            up.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+            stock.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+        );
+        // Two consumers: 4 copies each through the upsample, plus 3 from a direct use → 7.
+        let loss =
+            (up.sum_all().unwrap() + (x.as_tensor() * 3.0).unwrap().sum_all().unwrap()).unwrap();
+        let grads = loss.backward().unwrap();
+        assert_eq!(
+            grads
+                .get(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap(),
+            [7.0; 4]
+        );
+    }
+
+    #[test]
+    fn untracked_inputs_build_no_graph() {
+        let x = seeded(&[1, 2, 4, 4], 18);
+        let conv = FrozenConv2d::new(seeded(&[2, 2, 3, 3], 19), None, 1, 1).unwrap();
+        assert!(!conv.forward(&x).unwrap().track_op());
+        assert!(!clamp_with_grad(&x, 0.0, 1.0).unwrap().track_op());
+    }
+}
