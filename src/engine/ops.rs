@@ -9,8 +9,10 @@
 //!
 //! See `docs/candle-notes.md` (shared) for the measurements behind each choice.
 
+use std::sync::Mutex;
+
 use candle_core::backend::{BackendDevice, BackendStorage};
-use candle_core::{CpuStorage, CustomOp2, D, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, D, Layout, Module, Result, Shape, Storage, Tensor};
 
 /// The gradient rule of one custom op: given the op's input and the gradient arriving at its
 /// output, the gradient with respect to the input.
@@ -21,9 +23,15 @@ trait InputGradient: Send + Sync + 'static {
     fn input_grad(&self, input: &Tensor, grad_out: &Tensor) -> Result<Tensor>;
 }
 
-/// The custom op behind [`with_gradient`]: forward returns its second argument (the value,
-/// computed outside the graph); backward applies `G` to the first (the input).
-struct AttachGradient<G>(G);
+/// The custom op behind [`with_gradient`]: its forward hands over the value computed outside
+/// the graph; its backward applies `G` to the input.
+///
+/// The value is held only until the forward runs (then the result's own storage replaces it),
+/// so the graph keeps one tensor per op, not two.
+struct AttachGradient<G> {
+    rule: G,
+    value: Mutex<Option<Tensor>>,
+}
 
 /// Copies `storage` laid out as `layout` into a fresh contiguous storage on the same device.
 fn copy_contiguous<S>(storage: &S, layout: &Layout) -> Result<(S, Shape)>
@@ -38,29 +46,32 @@ where
     Ok((out, layout.shape().clone()))
 }
 
-impl<G: InputGradient> CustomOp2 for AttachGradient<G> {
+impl<G: InputGradient> AttachGradient<G> {
+    fn take_value(&self) -> Result<Tensor> {
+        self.value
+            .lock()
+            .map_err(|_| candle_core::Error::Msg(format!("{}: poisoned lock", G::NAME)))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: forward ran twice", G::NAME)))
+    }
+}
+
+impl<G: InputGradient> CustomOp1 for AttachGradient<G> {
     fn name(&self) -> &'static str {
         G::NAME
     }
 
-    fn cpu_fwd(
-        &self,
-        _input: &CpuStorage,
-        _input_layout: &Layout,
-        value: &CpuStorage,
-        value_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        copy_contiguous(value, value_layout)
+    fn cpu_fwd(&self, _input: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let value = self.take_value()?;
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => copy_contiguous(s, layout),
+            _ => candle_core::bail!("{}: the value is not on the CPU like the input", G::NAME),
+        }
     }
 
-    fn bwd(
-        &self,
-        input: &Tensor,
-        _value: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(self.0.input_grad(input, grad_res)?), None))
+    fn bwd(&self, input: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.rule.input_grad(input, grad_res)?))
     }
 }
 
@@ -70,7 +81,10 @@ fn with_gradient<G: InputGradient>(input: &Tensor, value: Tensor, rule: G) -> Re
     if !input.track_op() {
         return Ok(value);
     }
-    input.apply_op2(&value, AttachGradient(rule))
+    input.apply_op1(AttachGradient {
+        rule,
+        value: Mutex::new(Some(value)),
+    })
 }
 
 /// A frozen 2-D convolution (PyTorch `nn.Conv2d` semantics) whose backward computes only the
@@ -102,7 +116,7 @@ impl FrozenConv2d {
         })
     }
 
-    /// Loads `weight` (and `bias` when `with_bias`) of a `k`×`k` conv from `in_c` to `out_c`.
+    /// Loads `weight` and `bias` of a `k`×`k` conv from `in_c` to `out_c` channels.
     pub fn load(
         vb: candle_nn::VarBuilder,
         in_c: usize,
@@ -114,11 +128,6 @@ impl FrozenConv2d {
         let weight = vb.get((out_c, in_c, k, k), "weight")?;
         let bias = vb.get(out_c, "bias")?;
         Self::new(weight, Some(bias), padding, stride)
-    }
-
-    /// The kernel, `[out, in, k, k]`.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
     }
 
     fn value(&self, x: &Tensor) -> Result<Tensor> {
@@ -133,6 +142,8 @@ impl FrozenConv2d {
 struct ConvInputGrad {
     weight: Tensor,
     padding: usize,
+    /// The input was upsampled ×2 (nearest) before the convolution, inside the op.
+    upsampled: bool,
 }
 
 impl InputGradient for ConvInputGrad {
@@ -144,25 +155,51 @@ impl InputGradient for ConvInputGrad {
     fn input_grad(&self, _input: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
         let k = self.weight.dim(2)?;
         let flipped = self.weight.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
-        grad_out.conv2d(&flipped, k - 1 - self.padding, 1, 1, 1)
+        let grad = grad_out.conv2d(&flipped, k - 1 - self.padding, 1, 1, 1)?;
+        if !self.upsampled {
+            return Ok(grad);
+        }
+        // Each input pixel fed a 2×2 block: sum the block's gradients.
+        let (n, c, h2, w2) = grad.dims4()?;
+        grad.reshape((n, c, h2 / 2, 2, w2 / 2, 2))?.sum(5)?.sum(3)
     }
 }
 
-impl Module for FrozenConv2d {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl FrozenConv2d {
+    /// The convolution of `x` upsampled ×2 (nearest neighbour), as one op: the upsampled
+    /// input, four times the size of `x`, is never kept for the backward pass.
+    pub fn forward_upsampled(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_impl(x, true)
+    }
+
+    fn forward_impl(&self, x: &Tensor, upsampled: bool) -> Result<Tensor> {
+        let input = |x: &Tensor| {
+            if upsampled {
+                upsample_nearest_2x(x)
+            } else {
+                Ok(x.clone())
+            }
+        };
         if !x.track_op() {
-            return self.value(x);
+            return self.value(&input(x)?);
         }
         if self.stride != 1 {
             // Only the encoder downsamples, and the encoder never needs a gradient.
             candle_core::bail!("FrozenConv2d: the input gradient is implemented for stride 1 only");
         }
-        let value = self.value(&x.detach())?;
+        let value = self.value(&input(&x.detach())?)?;
         let rule = ConvInputGrad {
             weight: self.weight.clone(),
             padding: self.padding,
+            upsampled,
         };
         with_gradient(x, value, rule)
+    }
+}
+
+impl Module for FrozenConv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_impl(x, false)
     }
 }
 
@@ -216,6 +253,8 @@ impl FrozenGroupNorm {
 
 struct GroupNormInputGrad {
     norm: FrozenGroupNorm,
+    /// The op applied swish after the norm.
+    swish: bool,
 }
 
 impl InputGradient for GroupNormInputGrad {
@@ -223,10 +262,20 @@ impl InputGradient for GroupNormInputGrad {
 
     // With x̂ the normalised input and ĝ = γ·g the gradient at x̂, per group:
     // dx = (ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)) / σ.
+    // With swish after the norm, g is first multiplied by swish'(y) = σ(y)·(1 + y·(1 − σ(y))),
+    // y = x̂·γ + β, recomputed here rather than kept from the forward pass.
     fn input_grad(&self, input: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = input.dims4()?;
         let groups = (n, self.norm.num_groups, (c / self.norm.num_groups) * h * w);
         let (x_hat, inv_std) = self.norm.normalized(&input.detach())?;
+        let grad_out = if self.swish {
+            let y = self.norm.affine(&x_hat)?;
+            let sig = candle_nn::ops::sigmoid(&y)?;
+            let slope = (&sig * ((&y * (1.0 - &sig)?)? + 1.0)?)?;
+            (grad_out * slope)?
+        } else {
+            grad_out.clone()
+        };
         let g_hat = grad_out.broadcast_mul(&self.norm.weight)?.reshape(groups)?;
         let x_hat = x_hat.reshape(groups)?;
         let mean_g = g_hat.mean_keepdim(D::Minus1)?;
@@ -239,15 +288,36 @@ impl InputGradient for GroupNormInputGrad {
     }
 }
 
+impl FrozenGroupNorm {
+    fn affine(&self, x_hat: &Tensor) -> Result<Tensor> {
+        x_hat.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+
+    /// `swish(norm(x))` as one op, keeping one tensor for the backward pass instead of three.
+    pub fn forward_swish(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_impl(x, true)
+    }
+
+    fn forward_impl(&self, x: &Tensor, swish: bool) -> Result<Tensor> {
+        let value = {
+            let y = self.affine(&self.normalized(&x.detach())?.0)?;
+            if swish {
+                (&y * candle_nn::ops::sigmoid(&y)?)?
+            } else {
+                y
+            }
+        };
+        let rule = GroupNormInputGrad {
+            norm: self.clone(),
+            swish,
+        };
+        with_gradient(x, value, rule)
+    }
+}
+
 impl Module for FrozenGroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let value = {
-            let (x_hat, _) = self.normalized(&x.detach())?;
-            x_hat
-                .broadcast_mul(&self.weight)?
-                .broadcast_add(&self.bias)?
-        };
-        with_gradient(x, value, GroupNormInputGrad { norm: self.clone() })
+        self.forward_impl(x, false)
     }
 }
 
@@ -283,11 +353,6 @@ pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
     x.reshape((n, c, h, 1, w, 1))?
         .broadcast_as((n, c, h, 2, w, 2))?
         .reshape((n, c, 2 * h, 2 * w))
-}
-
-/// `x · sigmoid(x)`, the swish non-linearity of the VQGAN.
-pub fn swish(x: &Tensor) -> Result<Tensor> {
-    x * candle_nn::ops::sigmoid(x)?
 }
 
 #[cfg(test)]
@@ -380,6 +445,45 @@ mod tests {
         let vb = candle_nn::VarBuilder::from_tensors(map, DType::F64, &Device::Cpu);
         let norm = FrozenGroupNorm::load(vb, 2, 4, 1e-6).unwrap();
         check_gradient(&x, |t| norm.forward(t), &seeded(&[2, 4, 3, 3], 13));
+    }
+
+    #[test]
+    fn group_norm_swish_gradient_matches_finite_differences() {
+        let x = seeded(&[1, 4, 3, 3], 20);
+        let mut map = std::collections::HashMap::new();
+        map.insert("weight".to_owned(), (seeded(&[4], 21) + 1.0).unwrap());
+        map.insert("bias".to_owned(), seeded(&[4], 22));
+        let vb = candle_nn::VarBuilder::from_tensors(map, DType::F64, &Device::Cpu);
+        let norm = FrozenGroupNorm::load(vb, 2, 4, 1e-6).unwrap();
+        check_gradient(&x, |t| norm.forward_swish(t), &seeded(&[1, 4, 3, 3], 23));
+        let plain = norm.forward(&x).unwrap();
+        let expected = (&plain * candle_nn::ops::sigmoid(&plain).unwrap()).unwrap();
+        assert!(max_diff(&norm.forward_swish(&x).unwrap(), &expected) < 1e-12);
+    }
+
+    #[test]
+    fn upsampled_conv_gradient_matches_finite_differences() {
+        let x = seeded(&[1, 2, 3, 2], 24);
+        let conv =
+            FrozenConv2d::new(seeded(&[3, 2, 3, 3], 25), Some(seeded(&[3], 26)), 1, 1).unwrap();
+        check_gradient(
+            &x,
+            |t| conv.forward_upsampled(t),
+            &seeded(&[1, 3, 6, 4], 27),
+        );
+        let separate = conv.forward(&upsample_nearest_2x(&x).unwrap()).unwrap();
+        assert!(max_diff(&conv.forward_upsampled(&x).unwrap(), &separate) < 1e-12);
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     }
 
     #[test]

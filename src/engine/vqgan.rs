@@ -14,7 +14,7 @@
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::ops::{FrozenConv2d, FrozenGroupNorm, swish, upsample_nearest_2x};
+use super::ops::{FrozenConv2d, FrozenGroupNorm};
 
 /// How the latent is snapped to the codebook.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,8 +173,8 @@ impl ResnetBlock {
 
 impl Module for ResnetBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&swish(&self.norm1.forward(x)?)?)?;
-        let h = self.conv2.forward(&swish(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_swish(x)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_swish(&h)?)?;
         match &self.nin_shortcut {
             Some(shortcut) => shortcut.forward(x)? + h,
             None => x + h,
@@ -321,10 +321,10 @@ impl Module for Decoder {
                 }
             }
             if let Some(conv) = &level.upsample {
-                h = conv.forward(&upsample_nearest_2x(&h)?)?;
+                h = conv.forward_upsampled(&h)?;
             }
         }
-        self.conv_out.forward(&swish(&self.norm_out.forward(&h)?)?)
+        self.conv_out.forward(&self.norm_out.forward_swish(&h)?)
     }
 }
 
@@ -427,7 +427,7 @@ impl Module for Encoder {
         h = self.mid.0.forward(&h)?;
         h = self.mid.1.forward(&h)?;
         h = self.mid.2.forward(&h)?;
-        self.conv_out.forward(&swish(&self.norm_out.forward(&h)?)?)
+        self.conv_out.forward(&self.norm_out.forward_swish(&h)?)
     }
 }
 
