@@ -6,13 +6,21 @@
 //! scheduler runs it on a dedicated thread per device.
 //!
 //! - [`vqgan`]: taming-transformers' encoder, decoder and codebook.
-//! - [`ops`]: operations with hand-written gradients (input-gradient-only convolution and
-//!   GroupNorm, clamp-with-grad, an accumulating nearest upsample).
+//! - [`clip`]: OpenAI CLIP's vision tower (differentiable to the pixels) and text tower.
+//! - [`cutouts`]: crops resized to CLIP's input as matrix products.
+//! - [`loss`]: spherical-distance prompt losses with weights and stops.
+//! - [`optimize`]: the latent, Adam, and one step of the method.
+//! - [`ops`]: operations with hand-written gradients (input-gradient-only convolution, linear,
+//!   GroupNorm and LayerNorm, clamp-with-grad, asin, an accumulating nearest upsample).
 //! - [`checkpoint`]: reading safetensors and Lightning `.ckpt` weight files.
 //! - [`random`]: seeded random weights for tests and benchmarks.
 
 pub mod checkpoint;
+pub mod clip;
+pub mod cutouts;
+pub mod loss;
 pub mod ops;
+pub mod optimize;
 pub mod random;
 pub mod vqgan;
 

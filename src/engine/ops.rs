@@ -260,8 +260,7 @@ struct GroupNormInputGrad {
 impl InputGradient for GroupNormInputGrad {
     const NAME: &'static str = "group-norm-input-grad";
 
-    // With x̂ the normalised input and ĝ = γ·g the gradient at x̂, per group:
-    // dx = (ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)) / σ.
+    // Per group, with ĝ = γ·g the gradient at x̂ (see `normalization_input_grad`).
     // With swish after the norm, g is first multiplied by swish'(y) = σ(y)·(1 + y·(1 − σ(y))),
     // y = x̂·γ + β, recomputed here rather than kept from the forward pass.
     fn input_grad(&self, input: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
@@ -277,14 +276,7 @@ impl InputGradient for GroupNormInputGrad {
             grad_out.clone()
         };
         let g_hat = grad_out.broadcast_mul(&self.norm.weight)?.reshape(groups)?;
-        let x_hat = x_hat.reshape(groups)?;
-        let mean_g = g_hat.mean_keepdim(D::Minus1)?;
-        let mean_gx = (&g_hat * &x_hat)?.mean_keepdim(D::Minus1)?;
-        let dx = g_hat
-            .broadcast_sub(&mean_g)?
-            .sub(&x_hat.broadcast_mul(&mean_gx)?)?
-            .broadcast_mul(&inv_std)?;
-        dx.reshape((n, c, h, w))
+        normalization_input_grad(&x_hat.reshape(groups)?, &inv_std, &g_hat)?.reshape((n, c, h, w))
     }
 }
 
@@ -321,6 +313,165 @@ impl Module for FrozenGroupNorm {
     }
 }
 
+/// A frozen linear layer (`y = x·Wᵀ + b`, PyTorch's `nn.Linear`) whose backward computes only
+/// the input gradient. Inputs may have any number of leading dimensions.
+#[derive(Debug, Clone)]
+pub struct FrozenLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl FrozenLinear {
+    /// A layer with `weight` `[out, in]` and optional `bias` `[out]`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// Loads `weight` (and `bias` if `with_bias`) mapping `in_dim` to `out_dim` features.
+    pub fn load(
+        vb: candle_nn::VarBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        with_bias: bool,
+    ) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = with_bias.then(|| vb.get(out_dim, "bias")).transpose()?;
+        Ok(Self::new(weight, bias))
+    }
+
+    fn value(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+struct LinearInputGrad {
+    weight: Tensor,
+}
+
+impl InputGradient for LinearInputGrad {
+    const NAME: &'static str = "linear-input-grad";
+
+    fn input_grad(&self, _input: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
+        grad_out.broadcast_matmul(&self.weight)
+    }
+}
+
+impl Module for FrozenLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !x.track_op() {
+            return self.value(x);
+        }
+        let value = self.value(&x.detach())?;
+        with_gradient(
+            x,
+            value,
+            LinearInputGrad {
+                weight: self.weight.clone(),
+            },
+        )
+    }
+}
+
+/// `dx` of a normalisation `x̂ = (x − mean)/σ` over the last dimension of `[rows, n]` views, given
+/// `x̂`, `1/σ` `[rows, 1]` and `ĝ`, the gradient at `x̂`: `(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)) / σ`.
+fn normalization_input_grad(x_hat: &Tensor, inv_std: &Tensor, g_hat: &Tensor) -> Result<Tensor> {
+    let mean_g = g_hat.mean_keepdim(D::Minus1)?;
+    let mean_gx = (g_hat * x_hat)?.mean_keepdim(D::Minus1)?;
+    g_hat
+        .broadcast_sub(&mean_g)?
+        .sub(&x_hat.broadcast_mul(&mean_gx)?)?
+        .broadcast_mul(inv_std)
+}
+
+/// LayerNorm over the last dimension (biased variance, affine) whose backward computes only the
+/// input gradient; candle's fused LayerNorm has no backward at all.
+#[derive(Debug, Clone)]
+pub struct FrozenLayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl FrozenLayerNorm {
+    /// Loads `weight` and `bias` (`[dim]`).
+    pub fn load(vb: candle_nn::VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+
+    /// `(x̂, 1/σ)` with `x̂` shaped like `x` and `1/σ` with a trailing 1.
+    fn normalized(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let inv_std = (var + self.eps)?.sqrt()?.recip()?;
+        Ok((centered.broadcast_mul(&inv_std)?, inv_std))
+    }
+}
+
+struct LayerNormInputGrad {
+    norm: FrozenLayerNorm,
+}
+
+impl InputGradient for LayerNormInputGrad {
+    const NAME: &'static str = "layer-norm-input-grad";
+
+    fn input_grad(&self, input: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
+        let (x_hat, inv_std) = self.norm.normalized(&input.detach())?;
+        let g_hat = grad_out.broadcast_mul(&self.norm.weight)?;
+        normalization_input_grad(&x_hat, &inv_std, &g_hat)
+    }
+}
+
+impl Module for FrozenLayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (x_hat, _) = self.normalized(&x.detach())?;
+        let value = x_hat
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)?;
+        with_gradient(x, value, LayerNormInputGrad { norm: self.clone() })
+    }
+}
+
+/// The gradient rule of `x·scale + shift` with constant, broadcast `scale` and `shift`.
+struct ScaleInputGrad {
+    scale: Option<Tensor>,
+}
+
+impl InputGradient for ScaleInputGrad {
+    const NAME: &'static str = "constant-affine";
+
+    fn input_grad(&self, _input: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
+        match &self.scale {
+            Some(scale) => grad_out.broadcast_mul(scale),
+            None => Ok(grad_out.clone()),
+        }
+    }
+}
+
+/// `x + c` for a constant `c` broadcast to `x`'s shape. Unlike a plain broadcast add, the
+/// backward computes no (full-size, discarded) gradient for `c`.
+pub fn add_constant(x: &Tensor, c: &Tensor) -> Result<Tensor> {
+    let value = x.detach().broadcast_add(c)?;
+    with_gradient(x, value, ScaleInputGrad { scale: None })
+}
+
+/// `x·scale + shift` for constants broadcast to `x`'s shape, with no gradient for the constants.
+pub fn scale_shift(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+    let value = x.detach().broadcast_mul(scale)?.broadcast_add(shift)?;
+    let rule = ScaleInputGrad {
+        scale: Some(scale.clone()),
+    };
+    with_gradient(x, value, rule)
+}
+
 struct ClampWithGrad {
     lo: f64,
     hi: f64,
@@ -344,6 +495,52 @@ impl InputGradient for ClampWithGrad {
 pub fn clamp_with_grad(x: &Tensor, lo: f64, hi: f64) -> Result<Tensor> {
     let value = x.detach().clamp(lo, hi)?;
     with_gradient(x, value, ClampWithGrad { lo, hi })
+}
+
+struct AsinGrad;
+
+impl InputGradient for AsinGrad {
+    const NAME: &'static str = "asin";
+
+    // d asin(x)/dx = 1/√(1 − x²)
+    fn input_grad(&self, input: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
+        let x = input.detach();
+        grad_out / (1.0 - x.sqr()?)?.sqrt()?
+    }
+}
+
+/// Element-wise arcsine (candle has none), with its gradient. The values are computed on the
+/// host: this is only ever applied to a handful of distances per step.
+pub fn asin(x: &Tensor) -> Result<Tensor> {
+    let host: Vec<f64> = x
+        .detach()
+        .to_dtype(candle_core::DType::F64)?
+        .flatten_all()?
+        .to_vec1()?;
+    let values: Vec<f64> = host.into_iter().map(f64::asin).collect();
+    let value = Tensor::from_vec(values, x.shape(), &candle_core::Device::Cpu)?
+        .to_dtype(x.dtype())?
+        .to_device(x.device())?;
+    with_gradient(x, value, AsinGrad)
+}
+
+struct MaskedGrad {
+    keep: Tensor,
+}
+
+impl InputGradient for MaskedGrad {
+    const NAME: &'static str = "masked-gradient";
+
+    fn input_grad(&self, _input: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
+        self.keep.where_cond(grad_out, &grad_out.zeros_like()?)
+    }
+}
+
+/// `x` unchanged, but its gradient only flows where `x > threshold` (a prompt's `stop`: pairs
+/// already past it stop pulling).
+pub fn gradient_above(x: &Tensor, threshold: f64) -> Result<Tensor> {
+    let keep = x.detach().gt(threshold)?;
+    with_gradient(x, x.detach(), MaskedGrad { keep })
 }
 
 /// Nearest-neighbour ×2 upsampling of `[n, c, h, w]`, built from a broadcast so that its
@@ -486,6 +683,62 @@ mod tests {
             .unwrap()
     }
 
+    fn vb(pairs: &[(&str, Tensor)]) -> candle_nn::VarBuilder<'static> {
+        let map = pairs
+            .iter()
+            .map(|(k, t)| ((*k).to_owned(), t.clone()))
+            .collect();
+        candle_nn::VarBuilder::from_tensors(map, DType::F64, &Device::Cpu)
+    }
+
+    #[test]
+    fn linear_and_layer_norm_gradients_match_finite_differences() {
+        let x = seeded(&[2, 3, 4], 30);
+        let linear = FrozenLinear::load(
+            vb(&[("weight", seeded(&[5, 4], 31)), ("bias", seeded(&[5], 32))]),
+            4,
+            5,
+            true,
+        )
+        .unwrap();
+        check_gradient(&x, |t| linear.forward(t), &seeded(&[2, 3, 5], 33));
+        let weight = (seeded(&[4], 34) + 1.0).unwrap();
+        let norm = FrozenLayerNorm::load(
+            vb(&[("weight", weight), ("bias", seeded(&[4], 35))]),
+            4,
+            1e-5,
+        )
+        .unwrap();
+        check_gradient(&x, |t| norm.forward(t), &seeded(&[2, 3, 4], 36));
+        let c = seeded(&[3, 4], 37);
+        check_gradient(&x, |t| add_constant(t, &c), &seeded(&[2, 3, 4], 38));
+        let (scale, shift) = (seeded(&[1, 1, 4], 39), seeded(&[1, 1, 4], 40));
+        check_gradient(
+            &x,
+            |t| scale_shift(t, &scale, &shift),
+            &seeded(&[2, 3, 4], 41),
+        );
+    }
+
+    #[test]
+    fn linear_and_layer_norm_match_candle_nn() {
+        let x = seeded(&[2, 3, 4], 42);
+        let (w, b) = (seeded(&[5, 4], 43), seeded(&[5], 44));
+        let ours = FrozenLinear::new(w.clone(), Some(b.clone()))
+            .forward(&x)
+            .unwrap();
+        let stock = candle_nn::Linear::new(w, Some(b)).forward(&x).unwrap();
+        assert!(max_diff(&ours, &stock) < 1e-12);
+        let (w, b) = (seeded(&[4], 45), seeded(&[4], 46));
+        let ours =
+            FrozenLayerNorm::load(vb(&[("weight", w.clone()), ("bias", b.clone())]), 4, 1e-5)
+                .unwrap()
+                .forward(&x)
+                .unwrap();
+        let stock = candle_nn::ops::layer_norm_slow(&x, &w, &b, 1e-5).unwrap();
+        assert!(max_diff(&ours, &stock) < 1e-12);
+    }
+
     #[test]
     fn group_norm_matches_candle_nn() {
         let x = seeded(&[1, 4, 3, 5], 14);
@@ -551,6 +804,28 @@ mod tests {
                 .to_vec1::<f64>()
                 .unwrap(),
             [7.0; 4]
+        );
+    }
+
+    #[test]
+    fn asin_matches_the_host_and_its_gradient_finite_differences() {
+        let x = (seeded(&[5], 50) * 0.9).unwrap();
+        let got = asin(&x).unwrap().to_vec1::<f64>().unwrap();
+        for (g, v) in got.iter().zip(x.to_vec1::<f64>().unwrap()) {
+            assert_eq!(*g, v.asin());
+        }
+        check_gradient(&x, asin, &seeded(&[5], 51));
+    }
+
+    #[test]
+    fn gradient_above_blocks_gradients_at_or_below_the_threshold() {
+        let x = Var::from_tensor(&Tensor::new(&[0.1f64, 0.5, 0.9], &Device::Cpu).unwrap()).unwrap();
+        let y = gradient_above(x.as_tensor(), 0.5).unwrap();
+        assert_eq!(y.to_vec1::<f64>().unwrap(), [0.1, 0.5, 0.9]);
+        let grads = (y * 2.0).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(
+            grads.get(&x).unwrap().to_vec1::<f64>().unwrap(),
+            [0.0, 0.0, 2.0]
         );
     }
 

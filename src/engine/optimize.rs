@@ -1,0 +1,186 @@
+//! The optimisation: a latent `z` trained by Adam so that CLIP scores the decoded image's cutouts
+//! close to the prompts. One call to [`Latent::step`] is one iteration of `generate.py`'s loop.
+//!
+//! A step runs in two stages so that memory does not grow with the number of cutouts: the image
+//! is decoded once; CLIP then sees the cutouts in chunks, each chunk's graph dropped after its
+//! backward, accumulating the gradient at the image; finally that gradient goes back through
+//! the decoder to `z` in one backward pass.
+
+use std::ops::Range;
+
+use candle_core::{Result, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+
+use super::clip::{ClipVision, normalize};
+use super::cutouts::{CutoutBox, crop_and_pool};
+use super::loss::{PromptTarget, prompt_loss};
+use super::ops::clamp_with_grad;
+use super::vqgan::Vqgan;
+
+/// Makes the cutouts CLIP sees in one step, a chunk at a time.
+pub trait Cutouts {
+    /// How many cutouts the step uses.
+    fn count(&self) -> usize;
+    /// Cutouts `range` of `image` `[1, 3, H, W]` (pixels in [0, 1]), resized to CLIP's input
+    /// and not yet normalised: `[range.len(), 3, S, S]`, differentiable with respect to `image`.
+    fn cut(&self, image: &Tensor, range: Range<usize>) -> Result<Tensor>;
+}
+
+/// Cutouts at given boxes, resized by adaptive average pooling (the parity fixtures' sampler,
+/// and Crowson's crops before resampling).
+#[derive(Debug, Clone)]
+pub struct FixedBoxes {
+    /// The boxes, in order.
+    pub boxes: Vec<CutoutBox>,
+    /// CLIP's input side.
+    pub side: usize,
+}
+
+impl Cutouts for FixedBoxes {
+    fn count(&self) -> usize {
+        self.boxes.len()
+    }
+
+    fn cut(&self, image: &Tensor, range: Range<usize>) -> Result<Tensor> {
+        crop_and_pool(image, &self.boxes[range], self.side)
+    }
+}
+
+/// The frozen models and prompts that guide a run.
+pub struct Guide<'a> {
+    /// Decodes latents.
+    pub vqgan: &'a Vqgan,
+    /// Scores cutouts.
+    pub clip: &'a ClipVision,
+    /// What to aim for.
+    pub prompts: &'a [PromptTarget],
+    /// Cutouts per CLIP forward/backward: bounds memory; the result does not depend on it.
+    pub chunk: usize,
+}
+
+/// What one step measured, before its update.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    /// Total loss.
+    pub loss: f64,
+    /// Each prompt's loss, in prompt order.
+    pub prompt_losses: Vec<f64>,
+    /// The image the step scored, `[1, 3, H, W]` in [0, 1] (detached).
+    pub image: Tensor,
+}
+
+/// The trained latent with its optimiser state.
+pub struct Latent {
+    z: Var,
+    adam: AdamW,
+    z_min: Tensor,
+    z_max: Tensor,
+}
+
+impl Latent {
+    /// Starts from `z_init` `[1, embed_dim, h, w]` with Adam at learning rate `lr` (torch
+    /// defaults otherwise, no weight decay); after each step `z` is clamped to the codebook's
+    /// per-channel range `z_min..z_max` (`[1, embed_dim, 1, 1]`).
+    pub fn new(z_init: &Tensor, z_min: &Tensor, z_max: &Tensor, lr: f64) -> Result<Self> {
+        let z = Var::from_tensor(z_init)?;
+        let params = ParamsAdamW {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            // candle's default (0.01) would make this AdamW, not the reference's Adam.
+            weight_decay: 0.0,
+        };
+        let adam = AdamW::new(vec![z.clone()], params)?;
+        Ok(Self {
+            z,
+            adam,
+            z_min: z_min.clone(),
+            z_max: z_max.clone(),
+        })
+    }
+
+    /// The current latent.
+    pub fn z(&self) -> &Tensor {
+        self.z.as_tensor()
+    }
+
+    /// Decodes the current latent to an image in [0, 1] without building a graph.
+    pub fn image(&self, vqgan: &Vqgan) -> Result<Tensor> {
+        let z_q = vqgan
+            .quantizer()
+            .quantize(&self.z.as_tensor().detach())?
+            .z_q;
+        ((vqgan.decode(&z_q)? + 1.0)? / 2.0)?.clamp(0.0, 1.0)
+    }
+
+    /// One iteration: quantise → decode → cutouts → CLIP → loss → backward → Adam → clamp.
+    pub fn step(&mut self, guide: &Guide, cutouts: &dyn Cutouts) -> Result<StepReport> {
+        let z_q = guide.vqgan.quantizer().quantize(self.z.as_tensor())?.z_q;
+        let decoded = guide.vqgan.decode(&z_q)?;
+        let image = clamp_with_grad(&((decoded + 1.0)? / 2.0)?, 0.0, 1.0)?;
+        let (grad_image, prompt_losses) = clip_gradient(guide, cutouts, &image.detach())?;
+        let grads = (&image * grad_image)?.sum_all()?.backward()?;
+        if grads.get(self.z.as_tensor()).is_none() {
+            // candle skips a Var without a gradient silently; that would be a broken graph.
+            candle_core::bail!("no gradient reached the latent");
+        }
+        self.adam.step(&grads)?;
+        drop(grads);
+        let clamped = self
+            .z
+            .as_tensor()
+            .broadcast_maximum(&self.z_min)?
+            .broadcast_minimum(&self.z_max)?;
+        self.z.set(&clamped)?;
+        Ok(StepReport {
+            loss: prompt_losses.iter().sum(),
+            prompt_losses,
+            image: image.detach(),
+        })
+    }
+}
+
+/// d loss / d image for `image` (no graph), accumulated over chunks of cutouts, with each
+/// prompt's loss.
+pub fn clip_gradient(
+    guide: &Guide,
+    cutouts: &dyn Cutouts,
+    image: &Tensor,
+) -> Result<(Tensor, Vec<f64>)> {
+    let image = Var::from_tensor(image)?;
+    let n = cutouts.count();
+    let mut prompt_losses = vec![0.0; guide.prompts.len()];
+    let mut grad_image: Option<Tensor> = None;
+    for start in (0..n).step_by(guide.chunk.max(1)) {
+        let range = start..(start + guide.chunk.max(1)).min(n);
+        let cuts = normalize(&cutouts.cut(image.as_tensor(), range)?)?;
+        let embeds = guide.clip.forward(&cuts)?;
+        let mut total: Option<Tensor> = None;
+        for (i, prompt) in guide.prompts.iter().enumerate() {
+            let (loss, _) = prompt_loss(&embeds, prompt, n)?;
+            prompt_losses[i] +=
+                f64::from(loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?);
+            total = Some(match total {
+                Some(t) => (t + loss)?,
+                None => loss,
+            });
+        }
+        let Some(total) = total else {
+            candle_core::bail!("a step needs at least one prompt");
+        };
+        let mut grads = total.backward()?;
+        let g = grads
+            .remove(image.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg("no gradient reached the image".into()))?;
+        grad_image = Some(match grad_image {
+            Some(acc) => (acc + g)?,
+            None => g,
+        });
+    }
+    let grad_image = match grad_image {
+        Some(g) => g,
+        None => candle_core::bail!("a step needs at least one cutout"),
+    };
+    Ok((grad_image, prompt_losses))
+}
