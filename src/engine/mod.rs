@@ -10,6 +10,7 @@
 //! - [`cutouts`]: crops resized to CLIP's input as matrix products.
 //! - [`loss`]: spherical-distance prompt losses with weights and stops.
 //! - [`optimize`]: the latent, Adam, and one step of the method.
+//! - [`prompt`]: the prompt language (weights, stops, flags).
 //! - [`ops`]: operations with hand-written gradients (input-gradient-only convolution, linear,
 //!   GroupNorm and LayerNorm, clamp-with-grad, asin, an accumulating nearest upsample).
 //! - [`checkpoint`]: reading safetensors and Lightning `.ckpt` weight files.
@@ -21,6 +22,7 @@ pub mod cutouts;
 pub mod loss;
 pub mod ops;
 pub mod optimize;
+pub mod prompt;
 pub mod random;
 pub mod vqgan;
 

@@ -1,0 +1,496 @@
+//! The prompt language: weighted text prompts and Midjourney-style flags.
+//!
+//! ```text
+//! a castle in fog | crowds:-1:0.8 | oil painting:0.5 --ar 16:9 --steps 300 --no text
+//! a castle:: fog::0.5 crowds::-1                       (Midjourney-style weights)
+//! ```
+//!
+//! - `|` separates prompts; each is `text[:weight[:stop]]`. Unlike the reference (which splits on
+//!   the last two colons whatever they are), only trailing fields that parse as numbers are
+//!   peeled, and not right after a digit, so "3:30 pm", "at 3:30" and `C:\` stay text (write
+//!   "at 3:30::0.5" to weight such a prompt).
+//! - `text::weight` segments (weight optional, default 1) are accepted as the same thing.
+//! - Flags start with `--` after whitespace: `--seed N`, `--steps N`, `--ar W:H`,
+//!   `--size WxH`, `--no TEXT` (a negative prompt, weight −0.5), `--cutn N`, `--model NAME`.
+//!
+//! Parsing only reads the text; ranges (steps, sizes) are checked against the configuration by
+//! whoever builds the job. Every error carries the byte range of the offending piece.
+
+use std::fmt;
+use std::ops::Range;
+
+/// Weight of the negative prompt made by `--no`.
+pub const NO_WEIGHT: f64 = -0.5;
+
+/// One prompt with its weight and optional stop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightedPrompt {
+    /// The text (trimmed, never empty).
+    pub text: String,
+    /// Weight; negative pushes the image away from the text.
+    pub weight: f64,
+    /// Stop threshold (see [`super::loss::PromptTarget::stop`]).
+    pub stop: Option<f64>,
+}
+
+/// Settings given as flags inside the prompt.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PromptFlags {
+    /// `--seed N`.
+    pub seed: Option<u64>,
+    /// `--steps N`.
+    pub steps: Option<u32>,
+    /// `--ar W:H`: aspect ratio.
+    pub aspect: Option<(u32, u32)>,
+    /// `--size WxH`: exact size in pixels.
+    pub size: Option<(u32, u32)>,
+    /// `--cutn N`.
+    pub cutn: Option<u32>,
+    /// `--model NAME`.
+    pub model: Option<String>,
+}
+
+/// A parsed prompt: what to aim for and the settings the user typed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParsedPrompt {
+    /// Prompts in order; `--no` prompts come last.
+    pub prompts: Vec<WeightedPrompt>,
+    /// Flags.
+    pub flags: PromptFlags,
+}
+
+/// Why a prompt could not be read, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptError {
+    /// What is wrong, in users' words.
+    pub message: String,
+    /// Byte range of the offending piece in the input.
+    pub span: Range<usize>,
+    /// The offending piece itself.
+    pub piece: String,
+}
+
+impl fmt::Display for PromptError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.piece.trim().is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{} (at `{}`)", self.message, self.piece.trim())
+        }
+    }
+}
+
+impl std::error::Error for PromptError {}
+
+fn error(input: &str, span: Range<usize>, message: impl Into<String>) -> PromptError {
+    PromptError {
+        message: message.into(),
+        piece: input.get(span.clone()).unwrap_or_default().to_owned(),
+        span,
+    }
+}
+
+const FLAGS: &str = "--seed, --steps, --ar, --size, --no, --cutn, --model";
+
+/// Parses `input`.
+pub fn parse(input: &str) -> Result<ParsedPrompt, PromptError> {
+    let (text_end, flag_spans) = split_flags(input);
+    let mut flags = PromptFlags::default();
+    let mut negatives = Vec::new();
+    for span in flag_spans {
+        apply_flag(input, span, &mut flags, &mut negatives)?;
+    }
+    let mut prompts = parse_prompts(input, 0..text_end)?;
+    if prompts.is_empty() {
+        return Err(error(
+            input,
+            0..input.len(),
+            "the prompt is empty: describe what to draw",
+        ));
+    }
+    prompts.extend(negatives);
+    Ok(ParsedPrompt { prompts, flags })
+}
+
+/// Where a flag's name (`--steps`) and value (` 300 `) sit in the input.
+struct FlagSpan {
+    name: Range<usize>,
+    value: Range<usize>,
+}
+
+/// Finds the flags: returns where the prompt text ends and each flag's spans.
+fn split_flags(input: &str) -> (usize, Vec<FlagSpan>) {
+    // A flag is `--` followed by a letter, at the start or after whitespace.
+    let starts: Vec<usize> = input
+        .match_indices("--")
+        .map(|(i, _)| i)
+        .filter(|&i| {
+            let before_ok = input[..i]
+                .chars()
+                .next_back()
+                .is_none_or(char::is_whitespace);
+            let after_ok = input[i + 2..]
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic());
+            before_ok && after_ok
+        })
+        .collect();
+    let text_end = starts.first().copied().unwrap_or(input.len());
+    let mut flags = Vec::new();
+    for (k, &start) in starts.iter().enumerate() {
+        let end = starts.get(k + 1).copied().unwrap_or(input.len());
+        let name_end = input[start..end]
+            .find(char::is_whitespace)
+            .map_or(end, |i| start + i);
+        flags.push(FlagSpan {
+            name: start..name_end,
+            value: name_end..end,
+        });
+    }
+    (text_end, flags)
+}
+
+fn trimmed(input: &str, span: Range<usize>) -> Range<usize> {
+    let s = &input[span.clone()];
+    let start = span.start + (s.len() - s.trim_start().len());
+    let end = span.end - (s.len() - s.trim_end().len());
+    start..end.max(start)
+}
+
+fn apply_flag(
+    input: &str,
+    FlagSpan { name, value }: FlagSpan,
+    flags: &mut PromptFlags,
+    negatives: &mut Vec<WeightedPrompt>,
+) -> Result<(), PromptError> {
+    let value = trimmed(input, value);
+    let whole = name.start..value.end.max(name.end);
+    let text = &input[value.clone()];
+    let flag = input[name.clone()].to_ascii_lowercase();
+    let missing = || error(input, whole.clone(), format!("{flag} needs a value"));
+    if text.is_empty() {
+        return Err(missing());
+    }
+    let number = |what: &str| -> Result<u64, PromptError> {
+        text.parse::<u64>()
+            .map_err(|_| error(input, whole.clone(), format!("{flag} takes {what}")))
+    };
+    let duplicate = || error(input, whole.clone(), format!("{flag} is given twice"));
+    match flag.as_str() {
+        "--seed" => {
+            if flags.seed.is_some() {
+                return Err(duplicate());
+            }
+            flags.seed = Some(number("a whole number from 0 to 18446744073709551615")?);
+        }
+        "--steps" | "--cutn" => {
+            let n = u32::try_from(number("a whole number")?)
+                .map_err(|_| error(input, whole.clone(), format!("{flag} is far too large")))?;
+            let slot = if flag == "--steps" {
+                &mut flags.steps
+            } else {
+                &mut flags.cutn
+            };
+            if slot.replace(n).is_some() {
+                return Err(duplicate());
+            }
+        }
+        "--ar" | "--size" => {
+            let (separators, what): (&[char], _) = if flag == "--ar" {
+                (&[':'], "a ratio like 16:9")
+            } else {
+                (&['x', 'X', '×'], "a size like 512x384")
+            };
+            let pair = text.split_once(separators).and_then(|(a, b)| {
+                Some((a.trim().parse::<u32>().ok()?, b.trim().parse::<u32>().ok()?))
+            });
+            let Some(pair) = pair.filter(|&(a, b)| a > 0 && b > 0) else {
+                return Err(error(input, whole.clone(), format!("{flag} takes {what}")));
+            };
+            if flags.aspect.is_some() || flags.size.is_some() {
+                return Err(error(
+                    input,
+                    whole.clone(),
+                    "give either --ar or --size, once",
+                ));
+            }
+            if flag == "--ar" {
+                flags.aspect = Some(pair);
+            } else {
+                flags.size = Some(pair);
+            }
+        }
+        "--model" => {
+            if flags.model.replace(text.to_owned()).is_some() {
+                return Err(duplicate());
+            }
+        }
+        "--no" => negatives.push(WeightedPrompt {
+            text: text.to_owned(),
+            weight: NO_WEIGHT,
+            stop: None,
+        }),
+        _ => {
+            return Err(error(
+                input,
+                name,
+                format!("unknown flag {flag}; the flags are {FLAGS}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Parses the prompt part (before any flag) into weighted prompts.
+fn parse_prompts(input: &str, span: Range<usize>) -> Result<Vec<WeightedPrompt>, PromptError> {
+    let mut prompts = Vec::new();
+    let mut start = span.start;
+    for piece in input[span.clone()].split('|') {
+        let piece_span = start..start + piece.len();
+        start = piece_span.end + 1;
+        if piece.contains("::") {
+            prompts.extend(parse_double_colon(input, piece_span)?);
+        } else if let Some(p) = parse_single(input, piece_span)? {
+            prompts.push(p);
+        }
+    }
+    Ok(prompts)
+}
+
+/// Parses a number that is a whole field: finite, nothing else around it.
+fn field_number(s: &str) -> Option<f64> {
+    let s = s.trim();
+    if s.is_empty()
+        || !s
+            .chars()
+            .all(|c| c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E'))
+    {
+        return None;
+    }
+    s.parse::<f64>().ok().filter(|x| x.is_finite())
+}
+
+/// `text[:weight[:stop]]`; `None` for an empty piece between two `|`.
+///
+/// The trailing fields are peeled only when they are numbers and the text before them does not
+/// end in a digit, so "at 3:30" is text while "crowds:-1:0.8" has a weight and a stop.
+fn parse_single(input: &str, span: Range<usize>) -> Result<Option<WeightedPrompt>, PromptError> {
+    let piece = &input[span.clone()];
+    // Byte offsets (within the piece) of the last two colons.
+    let colons: Vec<usize> = piece.rmatch_indices(':').map(|(i, _)| i).take(2).collect();
+    let ends_in_digit = |end: usize| {
+        piece[..end]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_digit())
+    };
+    let field = |from: usize, to: usize| field_number(&piece[from + 1..to]);
+    let (text_end, weight, stop) = match colons[..] {
+        [last, prev, ..]
+            if field(prev, last).is_some()
+                && field(last, piece.len()).is_some()
+                && !ends_in_digit(prev) =>
+        {
+            (prev, field(prev, last), field(last, piece.len()))
+        }
+        [last, ..] if field(last, piece.len()).is_some() && !ends_in_digit(last) => {
+            (last, field(last, piece.len()), None)
+        }
+        _ => (piece.len(), None, None),
+    };
+    let text_span = trimmed(input, span.start..span.start + text_end);
+    let text = &input[text_span];
+    if text.is_empty() {
+        if weight.is_none() && piece.trim().is_empty() {
+            return Ok(None);
+        }
+        return Err(error(input, span, "a weight needs some text before it"));
+    }
+    Ok(Some(WeightedPrompt {
+        text: text.to_owned(),
+        weight: weight.unwrap_or(1.0),
+        stop,
+    }))
+}
+
+/// `a:: b::2 c::-0.5`: each `::` ends a prompt; a number right after it is that prompt's weight.
+fn parse_double_colon(input: &str, span: Range<usize>) -> Result<Vec<WeightedPrompt>, PromptError> {
+    let mut prompts = Vec::new();
+    let mut parts = Vec::new();
+    let mut start = span.start;
+    for part in input[span.clone()].split("::") {
+        parts.push(start..start + part.len());
+        start += part.len() + 2;
+    }
+    let mut text = trimmed(input, parts[0].clone());
+    for part in &parts[1..] {
+        let body = trimmed(input, part.clone());
+        let s = &input[body.clone()];
+        let (weight, rest_start) = match s.split_once(char::is_whitespace) {
+            Some((first, _)) if field_number(first).is_some() => {
+                (field_number(first), body.start + first.len())
+            }
+            None if field_number(s).is_some() => (field_number(s), body.end),
+            _ => (None, body.start),
+        };
+        if input[text.clone()].trim().is_empty() {
+            return Err(error(
+                input,
+                text.start..rest_start,
+                "a weight needs some text before it",
+            ));
+        }
+        prompts.push(WeightedPrompt {
+            text: input[text.clone()].to_owned(),
+            weight: weight.unwrap_or(1.0),
+            stop: None,
+        });
+        text = trimmed(input, rest_start..body.end);
+    }
+    if !input[text.clone()].is_empty() {
+        prompts.push(WeightedPrompt {
+            text: input[text].to_owned(),
+            weight: 1.0,
+            stop: None,
+        });
+    }
+    Ok(prompts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prompts(input: &str) -> Vec<(String, f64, Option<f64>)> {
+        parse(input)
+            .unwrap_or_else(|e| panic!("{input:?}: {e}"))
+            .prompts
+            .into_iter()
+            .map(|p| (p.text, p.weight, p.stop))
+            .collect()
+    }
+
+    fn p(text: &str, weight: f64, stop: Option<f64>) -> (String, f64, Option<f64>) {
+        (text.to_owned(), weight, stop)
+    }
+
+    #[test]
+    fn pipes_weights_and_stops() {
+        assert_eq!(
+            prompts("a castle | fog:0.5 | crowds:-1:0.8"),
+            [
+                p("a castle", 1.0, None),
+                p("fog", 0.5, None),
+                p("crowds", -1.0, Some(0.8))
+            ]
+        );
+    }
+
+    #[test]
+    fn colons_that_are_not_weights_stay_in_the_text() {
+        assert_eq!(
+            prompts("sunset at 3:30 pm"),
+            [p("sunset at 3:30 pm", 1.0, None)]
+        );
+        assert_eq!(
+            prompts("meeting at 3:30"),
+            [p("meeting at 3:30", 1.0, None)]
+        );
+        assert_eq!(
+            prompts(r"C:\pictures\cat"),
+            [p(r"C:\pictures\cat", 1.0, None)]
+        );
+        assert_eq!(
+            prompts("ratio 2:1 poster:0.7"),
+            [p("ratio 2:1 poster", 0.7, None)]
+        );
+        assert_eq!(prompts("note: a cat"), [p("note: a cat", 1.0, None)]);
+    }
+
+    #[test]
+    fn midjourney_double_colons() {
+        assert_eq!(
+            prompts("a:: b::2 c::-0.5"),
+            [p("a", 1.0, None), p("b", 2.0, None), p("c", -0.5, None)]
+        );
+        assert_eq!(
+            prompts("hot dog::1.5 food::-1"),
+            [p("hot dog", 1.5, None), p("food", -1.0, None)]
+        );
+        assert_eq!(prompts("space ship::"), [p("space ship", 1.0, None)]);
+        assert_eq!(prompts("at 3:30::0.5"), [p("at 3:30", 0.5, None)]);
+    }
+
+    #[test]
+    fn flags_are_read_and_no_becomes_a_negative_prompt() {
+        let parsed = parse("a lighthouse --ar 16:9 --steps 300 --seed 18446744073709551615 --no boats, people --cutn 16 --model wikiart").unwrap();
+        assert_eq!(parsed.prompts.len(), 2);
+        assert_eq!(
+            parsed.prompts[1],
+            WeightedPrompt {
+                text: "boats, people".into(),
+                weight: NO_WEIGHT,
+                stop: None
+            }
+        );
+        assert_eq!(
+            parsed.flags,
+            PromptFlags {
+                seed: Some(u64::MAX),
+                steps: Some(300),
+                aspect: Some((16, 9)),
+                size: None,
+                cutn: Some(16),
+                model: Some("wikiart".into()),
+            }
+        );
+        assert_eq!(
+            parse("x --size 512x384").unwrap().flags.size,
+            Some((512, 384))
+        );
+        assert_eq!(
+            prompts("em--dash and a -- b"),
+            [p("em--dash and a -- b", 1.0, None)]
+        );
+    }
+
+    #[test]
+    fn errors_point_at_the_offending_piece() {
+        let cases = [
+            ("", "empty", ""),
+            ("   |  ", "empty", "   |  "),
+            (
+                "a cat --steps many",
+                "--steps takes a whole number",
+                "--steps many",
+            ),
+            ("a cat --ar wide", "--ar takes a ratio", "--ar wide"),
+            ("a cat --size 0x5", "--size takes a size", "--size 0x5"),
+            ("a cat --seed", "--seed needs a value", "--seed"),
+            (
+                "a cat --seed 1 --seed 2",
+                "--seed is given twice",
+                "--seed 2",
+            ),
+            (
+                "a cat --ar 1:1 --size 64x64",
+                "either --ar or --size",
+                "--size 64x64",
+            ),
+            ("a cat --style raw", "unknown flag --style", "--style"),
+            ("a cat | :0.5", "a weight needs some text", " :0.5"),
+        ];
+        for (input, message, piece) in cases {
+            let e = parse(input).expect_err(input);
+            assert!(e.message.contains(message), "{input:?}: {e}");
+            assert_eq!(e.piece, piece, "{input:?}");
+            assert_eq!(&input[e.span.clone()], piece, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn empty_pieces_between_pipes_are_skipped() {
+        assert_eq!(prompts("a || b"), [p("a", 1.0, None), p("b", 1.0, None)]);
+    }
+}
