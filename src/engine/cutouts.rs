@@ -4,7 +4,185 @@
 //! outside the crop are zero, so cropping and resampling are two matrix products with exact,
 //! cheap gradients (candle's pooling and interpolation ops have no usable backward).
 
+use std::ops::Range;
+
 use candle_core::{Device, Result, Tensor};
+use rand::Rng;
+
+use super::augment::{AugmentDraw, Augmentations};
+use super::ops::clamp_with_grad;
+
+/// Makes the cutouts CLIP sees in one step, a chunk at a time.
+pub trait Cutouts {
+    /// How many cutouts the step uses.
+    fn count(&self) -> usize;
+    /// Cutouts `range` of `image` `[1, 3, H, W]` (pixels in [0, 1]), resized to CLIP's input
+    /// and not yet normalised: `[range.len(), 3, S, S]`, differentiable with respect to `image`.
+    fn cut(&self, image: &Tensor, range: Range<usize>) -> Result<Tensor>;
+}
+
+/// Cutouts at given boxes, resized by adaptive average pooling (the parity fixtures' sampler).
+#[derive(Debug, Clone)]
+pub struct FixedBoxes {
+    /// The boxes, in order.
+    pub boxes: Vec<CutoutBox>,
+    /// CLIP's input side.
+    pub side: usize,
+}
+
+impl Cutouts for FixedBoxes {
+    fn count(&self) -> usize {
+        self.boxes.len()
+    }
+
+    fn cut(&self, image: &Tensor, range: Range<usize>) -> Result<Tensor> {
+        crop_and_pool(image, &self.boxes[range], self.side)
+    }
+}
+
+/// How a run makes its cutouts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CutoutMethod {
+    /// The reference's default (`-cutm latest`): every cutout is the whole image,
+    /// `(adaptive_avg_pool + adaptive_max_pool) / 2`, then augmented per cutout.
+    Pooled(Augmentations),
+    /// Crowson's random square crops (`-cutm original`): sizes `⌊r^cut_pow·(max − min) + min⌋`,
+    /// resampled with Lanczos + bicubic, no augmentation.
+    Crops {
+        /// Exponent skewing crop sizes; 1 is uniform.
+        cut_pow: f64,
+    },
+}
+
+impl Default for CutoutMethod {
+    fn default() -> Self {
+        Self::Pooled(Augmentations::default())
+    }
+}
+
+impl CutoutMethod {
+    /// Draws one step's cutouts (boxes or augmentation parameters) for a `width`×`height` image.
+    pub fn draw<R: Rng>(
+        &self,
+        rng: &mut R,
+        width: usize,
+        height: usize,
+        cutn: usize,
+        side: usize,
+    ) -> StepCutouts {
+        match self {
+            Self::Pooled(augs) => StepCutouts::Pooled {
+                side,
+                draw: augs.draw(rng, cutn, side),
+            },
+            Self::Crops { cut_pow } => {
+                let max_size = width.min(height);
+                let min_size = width.min(height).min(side);
+                let boxes = (0..cutn)
+                    .map(|_| {
+                        let r: f64 = rng.random();
+                        let size = (r.powf(*cut_pow) * (max_size - min_size) as f64
+                            + min_size as f64) as usize;
+                        let size = size.clamp(1, max_size);
+                        let x = rng.random_range(0..=width - size);
+                        let y = rng.random_range(0..=height - size);
+                        CutoutBox { x, y, size }
+                    })
+                    .collect();
+                StepCutouts::Crops { boxes, side }
+            }
+        }
+    }
+}
+
+/// One step's drawn cutouts.
+#[derive(Debug, Clone)]
+pub enum StepCutouts {
+    /// Whole-image pooling with these augmentations.
+    Pooled {
+        /// CLIP's input side.
+        side: usize,
+        /// The augmentation parameters, one set per cutout.
+        draw: AugmentDraw,
+    },
+    /// Random crops.
+    Crops {
+        /// The boxes.
+        boxes: Vec<CutoutBox>,
+        /// CLIP's input side.
+        side: usize,
+    },
+}
+
+impl Cutouts for StepCutouts {
+    fn count(&self) -> usize {
+        match self {
+            Self::Pooled { draw, .. } => draw.jitter.len(),
+            Self::Crops { boxes, .. } => boxes.len(),
+        }
+    }
+
+    fn cut(&self, image: &Tensor, range: Range<usize>) -> Result<Tensor> {
+        match self {
+            Self::Pooled { side, draw } => {
+                let (_, _, h, w) = image.dims4()?;
+                let avg = resize_with_matrices(
+                    image,
+                    &[adaptive_avg_pool_matrix(h, 0, h, *side)],
+                    &[adaptive_avg_pool_matrix(w, 0, w, *side)],
+                    *side,
+                )?;
+                let pooled = ((avg + adaptive_max_pool(image, *side)?)? / 2.0)?;
+                let (_, c, s, _) = pooled.dims4()?;
+                let copies = pooled.broadcast_as((range.len(), c, s, s))?.contiguous()?;
+                draw.apply(&copies, range)
+            }
+            Self::Crops { boxes, side } => {
+                clamp_with_grad(&crop_and_resample(image, &boxes[range], *side)?, 0.0, 1.0)
+            }
+        }
+    }
+}
+
+/// Adaptive max pooling of `[b, c, h, w]` to `[b, c, side, side]` (PyTorch's windows), as
+/// gathers and maxima so that it has a gradient. Max over a rectangle is max over rows of the
+/// max over columns, so it runs one axis at a time.
+pub fn adaptive_max_pool(x: &Tensor, side: usize) -> Result<Tensor> {
+    let x = max_pool_axis(x, 3, side)?;
+    max_pool_axis(&x, 2, side)
+}
+
+fn max_pool_axis(x: &Tensor, axis: usize, out: usize) -> Result<Tensor> {
+    let len = x.dim(axis)?;
+    let windows: Vec<(usize, usize)> = (0..out)
+        .map(|i| (i * len / out, ((i + 1) * len).div_ceil(out)))
+        .collect();
+    let k = windows.iter().map(|(lo, hi)| hi - lo).max().unwrap_or(1);
+    // Short windows are padded with an extra position holding a value no pixel reaches, so it is
+    // never the maximum (a repeated index would double that pixel's gradient).
+    let mut pad_shape = x.dims().to_vec();
+    pad_shape[axis] = 1;
+    let floor = (Tensor::ones(pad_shape, x.dtype(), x.device())? * -1e4)?;
+    let padded = Tensor::cat(&[x, &floor], axis)?;
+    let index: Vec<u32> = windows
+        .iter()
+        .flat_map(|&(lo, hi)| {
+            (0..k).map(move |j| {
+                if lo + j < hi {
+                    (lo + j) as u32
+                } else {
+                    len as u32
+                }
+            })
+        })
+        .collect();
+    let index = Tensor::from_vec(index, out * k, x.device())?;
+    let gathered = padded.index_select(&index, axis)?;
+    let mut shape = x.dims().to_vec();
+    shape[axis] = out;
+    shape.insert(axis + 1, k);
+    gathered.reshape(shape)?.max(axis + 1)
+}
 
 /// A square crop: its top-left corner and side, in image pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,38 +214,186 @@ pub fn adaptive_avg_pool_matrix(len: usize, start: usize, size: usize, out: usiz
 /// Crops `boxes` out of `image` `[1, c, h, w]` and resizes each to `side`×`side` by adaptive
 /// average pooling: `[boxes, c, side, side]`, differentiable with respect to `image`.
 pub fn crop_and_pool(image: &Tensor, boxes: &[CutoutBox], side: usize) -> Result<Tensor> {
-    let (one, c, h, w) = image.dims4()?;
-    if one != 1 {
-        candle_core::bail!("cutouts are cut from one image at a time, got a batch of {one}");
-    }
+    let (_, _, h, w) = image.dims4()?;
+    check_boxes(boxes, w, h)?;
+    let rows: Vec<Vec<f32>> = boxes
+        .iter()
+        .map(|b| adaptive_avg_pool_matrix(h, b.y, b.size, side))
+        .collect();
+    let cols: Vec<Vec<f32>> = boxes
+        .iter()
+        .map(|b| adaptive_avg_pool_matrix(w, b.x, b.size, side))
+        .collect();
+    resize_with_matrices(image, &rows, &cols, side)
+}
+
+/// Crops `boxes` out of `image` and resamples each to `side`×`side` as Crowson's notebook does
+/// (Lanczos-2 low-pass when shrinking, then bicubic).
+pub fn crop_and_resample(image: &Tensor, boxes: &[CutoutBox], side: usize) -> Result<Tensor> {
+    let (_, _, h, w) = image.dims4()?;
+    check_boxes(boxes, w, h)?;
+    let rows: Vec<Vec<f32>> = boxes
+        .iter()
+        .map(|b| lanczos_bicubic_matrix(h, b.y, b.size, side))
+        .collect();
+    let cols: Vec<Vec<f32>> = boxes
+        .iter()
+        .map(|b| lanczos_bicubic_matrix(w, b.x, b.size, side))
+        .collect();
+    resize_with_matrices(image, &rows, &cols, side)
+}
+
+fn check_boxes(boxes: &[CutoutBox], w: usize, h: usize) -> Result<()> {
     for b in boxes {
         if b.size == 0 || b.x + b.size > w || b.y + b.size > h {
             candle_core::bail!("cutout {b:?} does not fit in a {w}x{h} image");
         }
     }
-    let n = boxes.len();
+    Ok(())
+}
+
+/// Resizes `image` `[1, c, h, w]` to `[n, c, side, side]` with one pair of matrices per output:
+/// `rows[k]` is `[side, h]` and `cols[k]` is `[side, w]` (row-major), so output `k` is
+/// `rows[k] · image · cols[k]ᵀ` per channel. Cropping is folded into the matrices as zero
+/// columns. Differentiable with respect to `image`.
+pub fn resize_with_matrices(
+    image: &Tensor,
+    rows: &[Vec<f32>],
+    cols: &[Vec<f32>],
+    side: usize,
+) -> Result<Tensor> {
+    let (one, c, h, w) = image.dims4()?;
+    if one != 1 {
+        candle_core::bail!("cutouts are cut from one image at a time, got a batch of {one}");
+    }
+    let n = rows.len();
+    if cols.len() != n
+        || rows.iter().any(|r| r.len() != side * h)
+        || cols.iter().any(|m| m.len() != side * w)
+    {
+        candle_core::bail!("resize matrices do not match a {w}x{h} image and {side}-pixel cutouts");
+    }
     let device = image.device();
     let dtype = image.dtype();
-    let matrices = |len: usize, start: fn(&CutoutBox) -> usize| -> Result<Tensor> {
-        let data: Vec<f32> = boxes
-            .iter()
-            .flat_map(|b| adaptive_avg_pool_matrix(len, start(b), b.size, side))
-            .collect();
-        Tensor::from_vec(data, (n, side, len), &Device::Cpu)?
+    let stack = |ms: &[Vec<f32>], len: usize| -> Result<Tensor> {
+        Tensor::from_vec(ms.concat(), (n, side, len), &Device::Cpu)?
             .to_dtype(dtype)?
             .to_device(device)
     };
-    let p_x = matrices(w, |b| b.x)?; // [n, side, w]
-    let p_y = matrices(h, |b| b.y)?; // [n, side, h]
+    let p_x = stack(cols, w)?; // [n, side, w]
+    let p_y = stack(rows, h)?; // [n, side, h]
     // Columns first for every cutout at once: [c·h, w] · [w, n·side].
-    let cols = image
+    let resized_cols = image
         .reshape((c * h, w))?
         .matmul(&p_x.reshape((n * side, w))?.t()?)?
         .reshape((c, h, n, side))?
         .permute((2, 0, 1, 3))?
         .contiguous()?; // [n, c, h, side]
     // Then rows: [n, 1, side, h] · [n, c, h, side].
-    p_y.unsqueeze(1)?.broadcast_matmul(&cols)
+    p_y.unsqueeze(1)?.broadcast_matmul(&resized_cols)
+}
+
+/// `sin(πx)/(πx)`, 1 at 0.
+fn sinc(x: f64) -> f64 {
+    if x == 0.0 {
+        1.0
+    } else {
+        (std::f64::consts::PI * x).sin() / (std::f64::consts::PI * x)
+    }
+}
+
+/// Crowson's Lanczos-2 low-pass kernel for shrinking by `ratio` (< 1), normalised to sum 1.
+fn lanczos_kernel(ratio: f64) -> Vec<f64> {
+    // ramp(ratio, 2): 0, ±ratio, ±2·ratio, … with the outermost pair dropped.
+    let n = (2.0 / ratio + 1.0).ceil() as usize;
+    let half: Vec<f64> = (0..n).map(|i| i as f64 * ratio).collect();
+    let mut x: Vec<f64> = half[1..]
+        .iter()
+        .rev()
+        .map(|v| -v)
+        .chain(half.iter().copied())
+        .collect();
+    x.remove(0);
+    x.pop();
+    let k: Vec<f64> = x
+        .iter()
+        .map(|&v| {
+            if v > -2.0 && v < 2.0 {
+                sinc(v) * sinc(v / 2.0)
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let sum: f64 = k.iter().sum();
+    k.into_iter().map(|v| v / sum).collect()
+}
+
+/// PyTorch's cubic convolution weight (A = −0.75) at distance `t`.
+fn cubic(t: f64) -> f64 {
+    const A: f64 = -0.75;
+    let t = t.abs();
+    if t <= 1.0 {
+        ((A + 2.0) * t - (A + 3.0)) * t * t + 1.0
+    } else if t < 2.0 {
+        ((A * t - 5.0 * A) * t + 8.0 * A) * t - 4.0 * A
+    } else {
+        0.0
+    }
+}
+
+/// `[out, len]` matrix resampling the window `start..start + size` of an axis of length `len`
+/// to `out` samples the way Crowson's `resample` does: when shrinking, a Lanczos-2 low-pass with
+/// reflect padding; then bicubic interpolation with `align_corners = true`.
+pub fn lanczos_bicubic_matrix(len: usize, start: usize, size: usize, out: usize) -> Vec<f32> {
+    // Low-pass as a [size, size] matrix (identity when not shrinking).
+    let mut low = vec![0.0f64; size * size];
+    if out < size {
+        let kernel = lanczos_kernel(out as f64 / size as f64);
+        let pad = (kernel.len() as isize - 1) / 2;
+        let reflect = |i: isize| -> usize {
+            let last = size as isize - 1;
+            let mut i = i;
+            // Reflect without repeating the edge (PyTorch's 'reflect'), as often as needed.
+            while i < 0 || i > last {
+                i = if i < 0 { -i } else { 2 * last - i };
+            }
+            i as usize
+        };
+        for o in 0..size {
+            for (t, &kv) in kernel.iter().enumerate() {
+                let src = reflect(o as isize + t as isize - pad);
+                low[o * size + src] += kv;
+            }
+        }
+    } else {
+        for i in 0..size {
+            low[i * size + i] = 1.0;
+        }
+    }
+    // Bicubic [out, size], align_corners: output i samples input position i·(size−1)/(out−1).
+    let mut m = vec![0.0f32; out * len];
+    let scale = if out > 1 {
+        (size - 1) as f64 / (out - 1) as f64
+    } else {
+        0.0
+    };
+    for i in 0..out {
+        let pos = i as f64 * scale;
+        let base = pos.floor() as isize;
+        let frac = pos - base as f64;
+        for tap in -1..=2isize {
+            let weight = cubic(frac - tap as f64);
+            if weight == 0.0 {
+                continue;
+            }
+            let src = (base + tap).clamp(0, size as isize - 1) as usize;
+            for j in 0..size {
+                m[i * len + start + j] += (weight * low[src * size + j]) as f32;
+            }
+        }
+    }
+    m
 }
 
 #[cfg(test)]
@@ -134,6 +460,101 @@ mod tests {
                 .unwrap()[0],
             2.5
         );
+    }
+
+    #[test]
+    fn lanczos_bicubic_is_the_identity_at_the_same_size_and_averages_to_one() {
+        let same = lanczos_bicubic_matrix(6, 1, 4, 4);
+        for i in 0..4 {
+            for j in 0..6 {
+                let expected = if j == i + 1 { 1.0 } else { 0.0 };
+                assert!(
+                    (same[i * 6 + j] - expected).abs() < 1e-6,
+                    "({i},{j}) = {}",
+                    same[i * 6 + j]
+                );
+            }
+        }
+        // Shrinking 9 → 4: every row still sums to 1 (a constant image stays constant).
+        let shrink = lanczos_bicubic_matrix(9, 0, 9, 4);
+        for i in 0..4 {
+            let sum: f32 = shrink[i * 9..(i + 1) * 9].iter().sum();
+            assert!((sum - 1.0).abs() < 1e-5, "row {i} sums to {sum}");
+        }
+        let k = lanczos_kernel(0.5);
+        assert!((k.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        assert_eq!(k.len() % 2, 1, "symmetric around the centre tap");
+    }
+
+    #[test]
+    fn adaptive_max_pool_matches_a_direct_computation_and_routes_gradient_to_the_maxima() {
+        let (h, w, side) = (7usize, 5usize, 3usize);
+        let values: Vec<f32> = (0..h * w).map(|i| ((i * 37) % 23) as f32).collect();
+        let x = candle_core::Var::from_tensor(
+            &Tensor::from_vec(values.clone(), (1, 1, h, w), &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let pooled = adaptive_max_pool(x.as_tensor(), side).unwrap();
+        let got = pooled.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for i in 0..side {
+            for j in 0..side {
+                let (r0, r1) = (i * h / side, ((i + 1) * h).div_ceil(side));
+                let (c0, c1) = (j * w / side, ((j + 1) * w).div_ceil(side));
+                let expected = (r0..r1)
+                    .flat_map(|r| (c0..c1).map(move |c| (r, c)))
+                    .map(|(r, c)| values[r * w + c])
+                    .fold(f32::MIN, f32::max);
+                assert_eq!(got[i * side + j], expected, "({i},{j})");
+            }
+        }
+        let grads = pooled.sum_all().unwrap().backward().unwrap();
+        let g = grads
+            .get(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        // Each of the 9 windows sends 1 to its maximum; overlapping windows may share one.
+        assert_eq!(g.iter().sum::<f32>(), 9.0);
+        for (p, &gp) in g.iter().enumerate() {
+            assert!(
+                gp == 0.0 || got.contains(&values[p]),
+                "gradient at {p}, which is no window's maximum"
+            );
+        }
+    }
+
+    #[test]
+    fn random_crops_fit_the_image_and_respect_the_size_range() {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(9);
+        let StepCutouts::Crops { boxes, .. } =
+            CutoutMethod::Crops { cut_pow: 1.0 }.draw(&mut rng, 96, 64, 50, 32)
+        else {
+            panic!("crops expected");
+        };
+        assert_eq!(boxes.len(), 50);
+        for b in boxes {
+            assert!((32..=64).contains(&b.size), "{b:?}");
+            assert!(b.x + b.size <= 96 && b.y + b.size <= 64, "{b:?}");
+        }
+    }
+
+    #[test]
+    fn both_methods_cut_the_requested_chunk_in_range() {
+        use rand::SeedableRng;
+        let image = Tensor::rand(0f32, 1.0, (1, 3, 40, 48), &Device::Cpu).unwrap();
+        for method in [
+            CutoutMethod::default(),
+            CutoutMethod::Crops { cut_pow: 1.0 },
+        ] {
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(2);
+            let cuts = method.draw(&mut rng, 48, 40, 6, 16);
+            assert_eq!(cuts.count(), 6);
+            let chunk = cuts.cut(&image, 2..5).unwrap();
+            assert_eq!(chunk.dims(), [3, 3, 16, 16]);
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`vqgan`]: taming-transformers' encoder, decoder and codebook.
 //! - [`clip`]: OpenAI CLIP's vision tower (differentiable to the pixels) and text tower.
 //! - [`cutouts`]: crops resized to CLIP's input as matrix products.
+//! - [`augment`]: the seeded, differentiable cutout augmentations.
 //! - [`loss`]: spherical-distance prompt losses with weights and stops.
 //! - [`optimize`]: the latent, Adam, and one step of the method.
 //! - [`prompt`]: the prompt language (weights, stops, flags).
@@ -15,7 +16,9 @@
 //!   GroupNorm and LayerNorm, clamp-with-grad, asin, an accumulating nearest upsample).
 //! - [`checkpoint`]: reading safetensors and Lightning `.ckpt` weight files.
 //! - [`random`]: seeded random weights for tests and benchmarks.
+//! - [`tokenizer`]: OpenAI CLIP's BPE tokenizer, offline.
 
+pub mod augment;
 pub mod checkpoint;
 pub mod clip;
 pub mod cutouts;
@@ -24,6 +27,7 @@ pub mod ops;
 pub mod optimize;
 pub mod prompt;
 pub mod random;
+pub mod tokenizer;
 pub mod vqgan;
 
 use std::path::PathBuf;

@@ -6,45 +6,14 @@
 //! backward, accumulating the gradient at the image; finally that gradient goes back through
 //! the decoder to `z` in one backward pass.
 
-use std::ops::Range;
-
 use candle_core::{Result, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use super::clip::{ClipVision, normalize};
-use super::cutouts::{CutoutBox, crop_and_pool};
+use super::cutouts::Cutouts;
 use super::loss::{PromptTarget, prompt_loss};
 use super::ops::clamp_with_grad;
 use super::vqgan::Vqgan;
-
-/// Makes the cutouts CLIP sees in one step, a chunk at a time.
-pub trait Cutouts {
-    /// How many cutouts the step uses.
-    fn count(&self) -> usize;
-    /// Cutouts `range` of `image` `[1, 3, H, W]` (pixels in [0, 1]), resized to CLIP's input
-    /// and not yet normalised: `[range.len(), 3, S, S]`, differentiable with respect to `image`.
-    fn cut(&self, image: &Tensor, range: Range<usize>) -> Result<Tensor>;
-}
-
-/// Cutouts at given boxes, resized by adaptive average pooling (the parity fixtures' sampler,
-/// and Crowson's crops before resampling).
-#[derive(Debug, Clone)]
-pub struct FixedBoxes {
-    /// The boxes, in order.
-    pub boxes: Vec<CutoutBox>,
-    /// CLIP's input side.
-    pub side: usize,
-}
-
-impl Cutouts for FixedBoxes {
-    fn count(&self) -> usize {
-        self.boxes.len()
-    }
-
-    fn cut(&self, image: &Tensor, range: Range<usize>) -> Result<Tensor> {
-        crop_and_pool(image, &self.boxes[range], self.side)
-    }
-}
 
 /// The frozen models and prompts that guide a run.
 pub struct Guide<'a> {

@@ -12,10 +12,10 @@ use serde::Deserialize;
 use vqclip::engine::{
     self, checkpoint,
     clip::{self, Clip, ClipConfig, ClipTextConfig, ClipVisionConfig},
-    cutouts::CutoutBox,
+    cutouts::{CutoutBox, Cutouts, FixedBoxes},
     loss::{PromptTarget, prompt_loss},
     ops::clamp_with_grad,
-    optimize::{Cutouts, FixedBoxes, Guide, Latent, clip_gradient},
+    optimize::{Guide, Latent, clip_gradient},
     vqgan::{QuantizerKind, VqganConfig, VqganParts},
 };
 
