@@ -11,6 +11,8 @@
 //! - [`augment`]: the seeded, differentiable cutout augmentations.
 //! - [`loss`]: spherical-distance prompt losses with weights and stops.
 //! - [`optimize`]: the latent, Adam, and one step of the method.
+//! - [`generate`]: the generation API: spec in, progress and previews out, cancellable.
+//! - [`image`]: tensors ↔ images ↔ PNG/JPEG/GIF bytes.
 //! - [`prompt`]: the prompt language (weights, stops, flags).
 //! - [`ops`]: operations with hand-written gradients (input-gradient-only convolution, linear,
 //!   GroupNorm and LayerNorm, clamp-with-grad, asin, an accumulating nearest upsample).
@@ -22,6 +24,8 @@ pub mod augment;
 pub mod checkpoint;
 pub mod clip;
 pub mod cutouts;
+pub mod generate;
+pub mod image;
 pub mod loss;
 pub mod ops;
 pub mod optimize;

@@ -23,7 +23,7 @@ use std::ops::Range;
 pub const NO_WEIGHT: f64 = -0.5;
 
 /// One prompt with its weight and optional stop.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WeightedPrompt {
     /// The text (trimmed, never empty).
     pub text: String,

@@ -6,6 +6,7 @@
 mod cli;
 mod config;
 mod parity;
+mod pipeline;
 mod store;
 mod support;
 mod vqgan;

@@ -1,0 +1,458 @@
+//! The generation API: a prompt and settings in, an image out, one iteration per call, with
+//! progress, previews, time-lapse frames and cancellation between iterations.
+//!
+//! Everything random comes from one ChaCha RNG seeded by the job's `u64` seed, drawn in a fixed
+//! order (initial tokens, image-prompt cutouts, then per step: cutouts, augmentations, noise),
+//! so the same job on the same device and build gives the same bytes.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Result as CandleResult, Tensor};
+use image::RgbImage;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use serde::{Deserialize, Serialize};
+
+use super::augment::Augmentations;
+use super::clip::{Clip, normalize};
+use super::cutouts::{CutoutMethod, Cutouts};
+use super::image::{self as img, ImageError};
+use super::loss::PromptTarget;
+use super::optimize::{Guide, Latent};
+use super::prompt::WeightedPrompt;
+use super::tokenizer::ClipTokenizer;
+use super::vqgan::Vqgan;
+
+/// Why a generation stopped without an image.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    /// Cancelled by its owner between iterations.
+    #[error("cancelled")]
+    Cancelled,
+    /// The spec cannot run (a size that is not a multiple of the model's, no prompt, …).
+    #[error("{0}")]
+    InvalidSpec(String),
+    /// An input image could not be used.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// Encoding an output image failed.
+    #[error("cannot encode the image: {0}")]
+    Encode(#[from] image::ImageError),
+    /// The computation failed (out of memory, a device error, …).
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// A cutout method, as stored with a job.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum CutoutSetting {
+    /// Whole-image pooling with the reference's augmentations (the default).
+    Pooled,
+    /// Crowson's random crops.
+    Crops {
+        /// Size skew.
+        cut_pow: f64,
+    },
+}
+
+impl CutoutSetting {
+    fn method(self) -> CutoutMethod {
+        match self {
+            Self::Pooled => CutoutMethod::Pooled(Augmentations::default()),
+            Self::Crops { cut_pow } => CutoutMethod::Crops { cut_pow },
+        }
+    }
+}
+
+/// Everything that decides the image, stored with each job so it can be reproduced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationSpec {
+    /// Text prompts with weights and stops.
+    pub prompts: Vec<WeightedPrompt>,
+    /// Width in pixels, a multiple of the VQGAN's factor.
+    pub width: u32,
+    /// Height in pixels, a multiple of the VQGAN's factor.
+    pub height: u32,
+    /// Optimiser steps.
+    pub steps: u32,
+    /// Cutouts per step.
+    pub cutn: u32,
+    /// How cutouts are made.
+    pub cutouts: CutoutSetting,
+    /// Seed of the job's RNG.
+    pub seed: u64,
+    /// Adam's learning rate.
+    pub learning_rate: f64,
+    /// A preview every this many steps (0: none).
+    pub preview_every: u32,
+    /// A time-lapse frame every this many steps (0: none).
+    pub frame_every: u32,
+    /// Cutouts per CLIP pass (memory bound; does not change the result).
+    pub chunk: u32,
+}
+
+impl GenerationSpec {
+    /// A spec with the reference's defaults for everything but the prompts and size.
+    pub fn new(prompts: Vec<WeightedPrompt>, width: u32, height: u32, seed: u64) -> Self {
+        Self {
+            prompts,
+            width,
+            height,
+            steps: 500,
+            cutn: 32,
+            cutouts: CutoutSetting::Pooled,
+            seed,
+            learning_rate: 0.1,
+            preview_every: 50,
+            frame_every: 0,
+            chunk: 8,
+        }
+    }
+}
+
+/// Rounds a requested size down to the VQGAN's multiple `factor` (at least one cell); returns
+/// the size and whether it changed, so the user can be told.
+pub fn round_size(width: u32, height: u32, factor: u32) -> ((u32, u32), bool) {
+    let round = |v: u32| (v / factor).max(1) * factor;
+    let rounded = (round(width), round(height));
+    (rounded, rounded != (width, height))
+}
+
+/// The models a generation runs on, on one device.
+pub struct Models {
+    /// The image generator.
+    pub vqgan: Vqgan,
+    /// The judge.
+    pub clip: Clip,
+    /// Prompt tokenizer.
+    pub tokenizer: ClipTokenizer,
+}
+
+/// Inputs that are not part of the stored spec (uploads), given per run.
+#[derive(Debug, Clone, Default)]
+pub struct GenerationInputs {
+    /// Start from this image (encoded by the VQGAN) instead of random tokens.
+    pub init_image: Option<RgbImage>,
+    /// Image prompts: the image, its weight and stop.
+    pub image_prompts: Vec<(RgbImage, f64, Option<f64>)>,
+}
+
+/// A downscaled, encoded snapshot of the run.
+#[derive(Debug, Clone)]
+pub struct Preview {
+    /// JPEG bytes.
+    pub jpeg: Vec<u8>,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+}
+
+/// Where a run stands after an iteration.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// Iterations done.
+    pub iteration: u32,
+    /// Iterations in all.
+    pub total: u32,
+    /// Total loss of the last iteration (before its update).
+    pub loss: f64,
+    /// Each prompt's loss.
+    pub prompt_losses: Vec<f64>,
+    /// Time since the run started.
+    pub elapsed: Duration,
+    /// Estimated time left.
+    pub eta: Duration,
+    /// A preview, on preview iterations.
+    pub preview: Option<Preview>,
+}
+
+/// A finished run.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// The image.
+    pub image: RgbImage,
+    /// The image as PNG.
+    pub png: Vec<u8>,
+    /// The final latent `[1, embed_dim, h, w]` (for upscaling and variations).
+    pub latent: Tensor,
+    /// The time-lapse frames, when the spec asked for them.
+    pub frames: Vec<RgbImage>,
+    /// Total loss of the last iteration.
+    pub final_loss: f64,
+}
+
+/// Longest side of previews and time-lapse frames.
+pub const PREVIEW_SIDE: u32 = 256;
+/// JPEG quality of previews.
+const PREVIEW_QUALITY: u8 = 80;
+
+/// A run in progress: call [`Generator::step`] until it reports the last iteration, then
+/// [`Generator::finish`]. Or let [`Generator::run`] do that.
+pub struct Generator<'m> {
+    models: &'m Models,
+    spec: GenerationSpec,
+    method: CutoutMethod,
+    targets: Vec<PromptTarget>,
+    latent: Latent,
+    rng: ChaCha20Rng,
+    iteration: u32,
+    started: Instant,
+    frames: Vec<RgbImage>,
+    last_loss: f64,
+}
+
+impl<'m> Generator<'m> {
+    /// Prepares a run: checks the spec, embeds the prompts, draws the starting latent.
+    pub fn new(
+        models: &'m Models,
+        spec: GenerationSpec,
+        inputs: GenerationInputs,
+    ) -> Result<Self, GenerateError> {
+        let factor = models.vqgan.config().downsample_factor() as u32;
+        if spec.width == 0
+            || spec.height == 0
+            || !spec.width.is_multiple_of(factor)
+            || !spec.height.is_multiple_of(factor)
+        {
+            return Err(GenerateError::InvalidSpec(format!(
+                "the size {}x{} is not a multiple of {factor}",
+                spec.width, spec.height
+            )));
+        }
+        if spec.prompts.is_empty() && inputs.image_prompts.is_empty() {
+            return Err(GenerateError::InvalidSpec(
+                "there is nothing to aim for: give a prompt".into(),
+            ));
+        }
+        if spec.steps == 0 || spec.cutn == 0 {
+            return Err(GenerateError::InvalidSpec(
+                "steps and cutouts must be at least 1".into(),
+            ));
+        }
+        let device = models.vqgan.z_min().device().clone();
+        let mut rng = ChaCha20Rng::seed_from_u64(spec.seed);
+        let (toks_x, toks_y) = (
+            (spec.width / factor) as usize,
+            (spec.height / factor) as usize,
+        );
+
+        // 1. The starting latent.
+        let z_init = match &inputs.init_image {
+            Some(image) => {
+                let resized = img::resize_exact(image, spec.width, spec.height);
+                let pixels = img::rgb_to_tensor(&resized, &device)?;
+                models.vqgan.encode(&pixels)?.quantized.z_q
+            }
+            None => {
+                let n_embed = models.vqgan.config().n_embed as u32;
+                let indices: Vec<u32> = (0..toks_x * toks_y)
+                    .map(|_| rng.random_range(0..n_embed))
+                    .collect();
+                let indices = Tensor::from_vec(indices, (1, toks_y, toks_x), &device)?;
+                models.vqgan.quantizer().rows(&indices)?
+            }
+        };
+
+        // 2. Targets: text prompts, then image prompts.
+        let mut targets = Vec::new();
+        for p in &spec.prompts {
+            let tokens = models.tokenizer.encode(&p.text);
+            let ids = fit_vocabulary(&tokens.ids, models.clip.text.config().eos_token_id);
+            targets.push(PromptTarget {
+                embed: models.clip.text.forward(&ids)?,
+                weight: p.weight,
+                stop: p.stop,
+            });
+        }
+        let method = spec.cutouts.method();
+        let side = models.clip.vision.config().image_size;
+        for (image, weight, stop) in &inputs.image_prompts {
+            let embed =
+                image_prompt_embedding(models, &method, &mut rng, image, &spec, side, &device)?;
+            targets.push(PromptTarget {
+                embed,
+                weight: *weight,
+                stop: *stop,
+            });
+        }
+
+        let latent = Latent::new(
+            &z_init,
+            models.vqgan.z_min(),
+            models.vqgan.z_max(),
+            spec.learning_rate,
+        )?;
+        Ok(Self {
+            models,
+            spec,
+            method,
+            targets,
+            latent,
+            rng,
+            iteration: 0,
+            started: Instant::now(),
+            frames: Vec::new(),
+            last_loss: f64::NAN,
+        })
+    }
+
+    /// The spec being run.
+    pub fn spec(&self) -> &GenerationSpec {
+        &self.spec
+    }
+
+    /// Whether every iteration has run.
+    pub fn is_done(&self) -> bool {
+        self.iteration >= self.spec.steps
+    }
+
+    /// Runs one iteration (cutouts → CLIP → loss → Adam) and reports on it.
+    pub fn step(&mut self) -> Result<Progress, GenerateError> {
+        if self.is_done() {
+            return Err(GenerateError::InvalidSpec(
+                "every step has already run".into(),
+            ));
+        }
+        let (w, h) = (self.spec.width as usize, self.spec.height as usize);
+        let side = self.models.clip.vision.config().image_size;
+        let cutouts = self
+            .method
+            .draw(&mut self.rng, w, h, self.spec.cutn as usize, side);
+        let guide = Guide {
+            vqgan: &self.models.vqgan,
+            clip: &self.models.clip.vision,
+            prompts: &self.targets,
+            chunk: self.spec.chunk.max(1) as usize,
+        };
+        let report = self.latent.step(&guide, &cutouts)?;
+        // Previews and frames show the image this iteration scored, before its update.
+        let i = self.iteration;
+        let mut preview = None;
+        let wants_preview = self.spec.preview_every > 0 && i.is_multiple_of(self.spec.preview_every);
+        let wants_frame = self.spec.frame_every > 0 && i.is_multiple_of(self.spec.frame_every);
+        if wants_preview || wants_frame {
+            let small = img::downscale(&img::tensor_to_rgb(&report.image)?, PREVIEW_SIDE);
+            if wants_preview {
+                preview = Some(Preview {
+                    jpeg: img::encode_jpeg(&small, PREVIEW_QUALITY)?,
+                    width: small.width(),
+                    height: small.height(),
+                });
+            }
+            if wants_frame {
+                self.frames.push(small);
+            }
+        }
+        self.iteration += 1;
+        self.last_loss = report.loss;
+        let elapsed = self.started.elapsed();
+        let per_step = elapsed / self.iteration;
+        Ok(Progress {
+            iteration: self.iteration,
+            total: self.spec.steps,
+            loss: report.loss,
+            prompt_losses: report.prompt_losses,
+            elapsed,
+            eta: per_step * (self.spec.steps - self.iteration),
+            preview,
+        })
+    }
+
+    /// Decodes the final latent.
+    pub fn finish(mut self) -> Result<Output, GenerateError> {
+        let image = img::tensor_to_rgb(&self.latent.image(&self.models.vqgan)?)?;
+        if self.spec.frame_every > 0 {
+            self.frames.push(img::downscale(&image, PREVIEW_SIDE));
+        }
+        Ok(Output {
+            png: img::encode_png(&image)?,
+            image,
+            latent: self.latent.z().detach(),
+            frames: self.frames,
+            final_loss: self.last_loss,
+        })
+    }
+
+    /// Runs every iteration, calling `on_progress` after each, stopping with
+    /// [`GenerateError::Cancelled`] when `cancel` is set (checked between iterations).
+    pub fn run(
+        mut self,
+        cancel: &AtomicBool,
+        mut on_progress: impl FnMut(&Progress),
+    ) -> Result<Output, GenerateError> {
+        while !self.is_done() {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(GenerateError::Cancelled);
+            }
+            let progress = self.step()?;
+            on_progress(&progress);
+        }
+        self.finish()
+    }
+}
+
+/// Token ids for a text tower whose vocabulary may be smaller than OpenAI's (the tiny test
+/// model): ids fold into the vocabulary, start and end tokens map to its own. For the released
+/// models this is the identity.
+fn fit_vocabulary(ids: &[u32], eos: u32) -> Vec<u32> {
+    const OPENAI_EOS: u32 = 49407;
+    let bos = eos - 1;
+    ids.iter()
+        .map(|&id| match id {
+            OPENAI_EOS => eos,
+            id if id == OPENAI_EOS - 1 => bos,
+            id => id % bos,
+        })
+        .collect()
+}
+
+/// Embeds an image prompt: resized (aspect kept) to at most the output's area, cut once with the
+/// run's sampler, encoded: one target row per cutout.
+fn image_prompt_embedding(
+    models: &Models,
+    method: &CutoutMethod,
+    rng: &mut ChaCha20Rng,
+    image: &RgbImage,
+    spec: &GenerationSpec,
+    side: usize,
+    device: &Device,
+) -> CandleResult<Tensor> {
+    let (iw, ih) = image.dimensions();
+    let target_area = f64::from(spec.width) * f64::from(spec.height);
+    let area = f64::from(iw) * f64::from(ih);
+    let scale = (target_area.min(area) / area).sqrt();
+    let (w, h) = (
+        ((f64::from(iw) * scale) as u32).max(1),
+        ((f64::from(ih) * scale) as u32).max(1),
+    );
+    let resized = img::resize_exact(image, w, h);
+    let pixels = img::rgb_to_tensor(&resized, device)?;
+    let cuts = method.draw(rng, w as usize, h as usize, spec.cutn as usize, side);
+    let cut = cuts.cut(&pixels, 0..cuts.count())?;
+    models.clip.vision.forward(&normalize(&cut)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_round_down_to_the_factor_and_say_so() {
+        assert_eq!(round_size(512, 512, 16), ((512, 512), false));
+        assert_eq!(round_size(500, 300, 16), ((496, 288), true));
+        assert_eq!(round_size(5, 5, 16), ((16, 16), true));
+    }
+
+    #[test]
+    fn openai_ids_are_unchanged_and_fold_into_a_tiny_vocabulary() {
+        let ids = [49406, 320, 1125, 49407];
+        assert_eq!(fit_vocabulary(&ids, 49407), ids);
+        let tiny = fit_vocabulary(&ids, 511);
+        assert_eq!(tiny[0], 510);
+        assert_eq!(tiny[3], 511);
+        assert!(tiny.iter().all(|&id| id < 512));
+    }
+}

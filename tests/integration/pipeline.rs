@@ -1,0 +1,220 @@
+//! The whole generation on the tiny fixture models: progress, previews, frames, determinism,
+//! cancellation, init images and image prompts.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{DType, Device};
+use vqclip::engine::{
+    self, checkpoint,
+    clip::{Clip, ClipConfig},
+    generate::{CutoutSetting, GenerateError, GenerationInputs, GenerationSpec, Generator, Models},
+    image as img,
+    prompt::WeightedPrompt,
+    tokenizer::ClipTokenizer,
+    vqgan::{VqganConfig, VqganParts},
+};
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+
+fn tiny_models() -> Models {
+    let dev = Device::Cpu;
+    let vqgan = engine::load_vqgan(
+        "tiny_vqgan",
+        &[Path::new(FIXTURES).join("ckpt/tiny_vqgan.ckpt")],
+        &VqganConfig::tiny(),
+        VqganParts::Full,
+        &dev,
+    )
+    .unwrap();
+    let vb = checkpoint::var_builder(
+        &[Path::new(FIXTURES).join("parity/tiny_clip.safetensors")],
+        DType::F32,
+        &dev,
+    )
+    .unwrap();
+    Models {
+        vqgan,
+        clip: Clip::new(vb, &ClipConfig::tiny()).unwrap(),
+        tokenizer: ClipTokenizer::new(),
+    }
+}
+
+fn spec(seed: u64) -> GenerationSpec {
+    let prompts = vec![
+        WeightedPrompt {
+            text: "a red lighthouse".into(),
+            weight: 1.0,
+            stop: None,
+        },
+        WeightedPrompt {
+            text: "fog".into(),
+            weight: -0.5,
+            stop: None,
+        },
+    ];
+    GenerationSpec {
+        steps: 3,
+        cutn: 4,
+        chunk: 3,
+        preview_every: 1,
+        frame_every: 2,
+        ..GenerationSpec::new(prompts, 32, 24, seed)
+    }
+}
+
+fn run(
+    models: &Models,
+    spec: GenerationSpec,
+    inputs: GenerationInputs,
+) -> Result<engine::generate::Output, GenerateError> {
+    Generator::new(models, spec, inputs)?.run(&AtomicBool::new(false), |_| {})
+}
+
+#[test]
+fn a_run_reports_progress_with_previews_and_ends_with_an_image() {
+    let models = tiny_models();
+    let mut seen = Vec::new();
+    let output = Generator::new(&models, spec(42), GenerationInputs::default())
+        .unwrap()
+        .run(&AtomicBool::new(false), |p| seen.push(p.clone()))
+        .unwrap();
+
+    assert_eq!(
+        seen.iter().map(|p| p.iteration).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert!(
+        seen.iter()
+            .all(|p| p.total == 3 && p.loss.is_finite() && p.prompt_losses.len() == 2)
+    );
+    let preview = seen[0].preview.as_ref().expect("preview every step");
+    assert_eq!((preview.width, preview.height), (32, 24));
+    assert_eq!(img::decode(&preview.jpeg).unwrap().dimensions(), (32, 24));
+    assert_eq!(seen[2].eta.as_secs(), 0);
+
+    assert_eq!(img::decode(&output.png).unwrap(), output.image);
+    assert_eq!(output.image.dimensions(), (32, 24));
+    assert_eq!(output.latent.dims(), [1, 16, 6, 8]);
+    // Frames at steps 0 and 2, then the final image.
+    assert_eq!(output.frames.len(), 3);
+    assert!(!img::encode_gif(&output.frames, 100).unwrap().is_empty());
+}
+
+#[test]
+fn the_same_job_gives_the_same_bytes_and_another_seed_does_not() {
+    let models = tiny_models();
+    let a = run(&models, spec(7), GenerationInputs::default()).unwrap();
+    let b = run(&models, spec(7), GenerationInputs::default()).unwrap();
+    let c = run(&models, spec(8), GenerationInputs::default()).unwrap();
+    assert_eq!(a.png, b.png, "same job, same bytes");
+    assert_ne!(a.png, c.png);
+    let crops = GenerationSpec {
+        cutouts: CutoutSetting::Crops { cut_pow: 1.0 },
+        ..spec(7)
+    };
+    assert_eq!(
+        run(&models, crops.clone(), GenerationInputs::default())
+            .unwrap()
+            .png,
+        run(&models, crops, GenerationInputs::default())
+            .unwrap()
+            .png
+    );
+}
+
+#[test]
+fn the_optimisation_moves_the_latent() {
+    let models = tiny_models();
+    let one = run(
+        &models,
+        GenerationSpec {
+            steps: 1,
+            ..spec(3)
+        },
+        GenerationInputs::default(),
+    )
+    .unwrap();
+    let three = run(
+        &models,
+        GenerationSpec {
+            steps: 3,
+            ..spec(3)
+        },
+        GenerationInputs::default(),
+    )
+    .unwrap();
+    let moved = (&one.latent - &three.latent)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(moved > 0.0, "two more Adam steps changed nothing");
+}
+
+#[test]
+fn a_cancelled_run_stops_between_iterations() {
+    let models = tiny_models();
+    let cancel = AtomicBool::new(false);
+    let mut iterations = 0;
+    let result = Generator::new(&models, spec(1), GenerationInputs::default())
+        .unwrap()
+        .run(&cancel, |p| {
+            iterations = p.iteration;
+            cancel.store(true, Ordering::Relaxed);
+        });
+    assert!(matches!(result, Err(GenerateError::Cancelled)));
+    assert_eq!(iterations, 1);
+}
+
+#[test]
+fn init_images_and_image_prompts_are_used() {
+    let models = tiny_models();
+    let picture = image::RgbImage::from_fn(50, 40, |x, y| {
+        image::Rgb([(x * 5) as u8, (y * 6) as u8, 90])
+    });
+    let plain = run(&models, spec(5), GenerationInputs::default()).unwrap();
+    let with_init = run(
+        &models,
+        spec(5),
+        GenerationInputs {
+            init_image: Some(picture.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_ne!(plain.png, with_init.png);
+    let with_prompt = GenerationInputs {
+        image_prompts: vec![(picture, 1.0, None)],
+        ..Default::default()
+    };
+    let only_image = GenerationSpec {
+        prompts: Vec::new(),
+        ..spec(5)
+    };
+    assert!(run(&models, only_image, with_prompt).is_ok());
+}
+
+#[test]
+fn bad_specs_are_refused_with_a_reason() {
+    let models = tiny_models();
+    let odd = GenerationSpec {
+        width: 30,
+        ..spec(1)
+    };
+    let err = Generator::new(&models, odd, GenerationInputs::default())
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("multiple of 4"), "{err}");
+    let empty = GenerationSpec {
+        prompts: Vec::new(),
+        ..spec(1)
+    };
+    assert!(matches!(
+        Generator::new(&models, empty, GenerationInputs::default()),
+        Err(GenerateError::InvalidSpec(_))
+    ));
+}
