@@ -7,14 +7,26 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 
+use candle_core::{DType, Device};
+use indicatif::{ProgressBar, ProgressStyle};
+
 use crate::config::{ConfigError, Environment, Settings};
+use crate::engine::clip::{Clip, ClipConfig};
+use crate::engine::generate::{GenerateError, GenerationInputs, GenerationSpec, Generator, Models};
+use crate::engine::tokenizer::ClipTokenizer;
+use crate::engine::vqgan::{VqganConfig, VqganParts};
+use crate::engine::{self, checkpoint, image};
+use crate::request::{self, ImagineOptions};
 use crate::store::{self, jobs};
 use crate::telemetry::LogFormat;
+use crate::weights;
 
 /// vqclip: VQGAN+CLIP art for Discord communities.
 ///
@@ -42,6 +54,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the Discord bot.
     Serve,
+    /// Make one image from a prompt on this machine (CPU), with a progress bar.
+    Imagine(Box<ImagineArgs>),
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -95,15 +109,15 @@ const EXIT_UNAVAILABLE: u8 = 2;
 /// Runs one command to completion and says how it ended.
 pub async fn run(cli: Cli) -> ExitCode {
     let env = Environment::from_process();
-    let outcome = match &cli.command {
-        Command::Serve => return serve(cli.config.as_deref(), &env),
+    let config = cli.config.as_deref();
+    let outcome = match cli.command {
+        Command::Serve => return serve(config, &env),
         Command::Config(ConfigCommand::Check { path }) => {
-            return config_check(path.as_deref().or(cli.config.as_deref()), &env);
+            return config_check(path.as_deref().or(config), &env);
         }
-        Command::Db(DbCommand::Migrate) => db_migrate(cli.config.as_deref(), &env).await,
-        Command::Jobs(JobsCommand::List(args)) => {
-            jobs_list(cli.config.as_deref(), &env, args).await
-        }
+        Command::Db(DbCommand::Migrate) => db_migrate(config, &env).await,
+        Command::Jobs(JobsCommand::List(args)) => jobs_list(config, &env, &args).await,
+        Command::Imagine(args) => imagine(config, &env, *args).await,
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -224,6 +238,276 @@ async fn jobs_list(
         return Ok(());
     }
     print!("{}", jobs_table(&recent));
+    Ok(())
+}
+
+/// Options of `vqclip imagine`.
+#[derive(Debug, Args)]
+pub struct ImagineArgs {
+    /// What to draw: `text[:weight[:stop]] | …` (or `a:: b::0.5`), optionally with flags inside
+    /// the quotes: --seed, --steps, --ar W:H, --size WxH, --no TEXT, --cutn, --model.
+    pub prompt: String,
+    /// RNG seed (random when not given; printed either way).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Optimiser steps.
+    #[arg(long)]
+    pub steps: Option<u32>,
+    /// Exact size, e.g. 384x256 (rounded down to the model's grid).
+    #[arg(long, value_parser = parse_pair_x)]
+    pub size: Option<(u32, u32)>,
+    /// Aspect ratio, e.g. 16:9, at the default pixel count.
+    #[arg(long, value_parser = parse_pair_colon)]
+    pub ar: Option<(u32, u32)>,
+    /// Cutouts per step.
+    #[arg(long)]
+    pub cutn: Option<u32>,
+    /// VQGAN model (see README); default from the configuration.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// CLIP model: vit_b32, vit_b16, vit_l14, vit_l14_336.
+    #[arg(long)]
+    pub clip: Option<String>,
+    /// Use Crowson's random crops instead of pooled, augmented cutouts.
+    #[arg(long)]
+    pub crops: bool,
+    /// Start from this image instead of random tokens.
+    #[arg(long, value_name = "PATH")]
+    pub init_image: Option<PathBuf>,
+    /// Also aim for this image (repeatable).
+    #[arg(long, value_name = "PATH")]
+    pub image_prompt: Vec<PathBuf>,
+    /// Where to write the PNG [default: vqclip-<seed>.png]. A JSON file with everything needed
+    /// to reproduce the image is written next to it.
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+    /// Also write a time-lapse of the run as an animated GIF.
+    #[arg(long, value_name = "PATH")]
+    pub gif: Option<PathBuf>,
+    /// Write each progress preview as a JPEG into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub previews: Option<PathBuf>,
+    /// Steps between previews [default: generation.preview_every].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub preview_every: Option<u32>,
+}
+
+fn parse_pair(text: &str, separators: &[char], example: &str) -> Result<(u32, u32), String> {
+    text.split_once(separators)
+        .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)))
+        .filter(|&(a, b): &(u32, u32)| a > 0 && b > 0)
+        .ok_or_else(|| format!("expected something like {example}"))
+}
+
+fn parse_pair_x(text: &str) -> Result<(u32, u32), String> {
+    parse_pair(text, &['x', 'X', '×'], "384x256")
+}
+
+fn parse_pair_colon(text: &str) -> Result<(u32, u32), String> {
+    parse_pair(text, &[':'], "16:9")
+}
+
+/// Everything `imagine` records next to the image so it can be made again.
+#[derive(Debug, serde::Serialize)]
+struct ImagineRecord<'a> {
+    prompt: &'a str,
+    spec: &'a GenerationSpec,
+    vqgan: &'a str,
+    clip: &'a str,
+    device: &'a str,
+    vqclip_version: &'a str,
+    init_image: Option<&'a Path>,
+    image_prompts: &'a [PathBuf],
+    final_loss: f64,
+    seconds: f64,
+}
+
+async fn imagine(
+    config: Option<&Path>,
+    env: &Environment,
+    args: ImagineArgs,
+) -> anyhow::Result<()> {
+    let Ok(settings) = load_settings(config, env) else {
+        anyhow::bail!("cannot generate without a valid configuration");
+    };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let worker_cancel = cancel.clone();
+    // The engine is synchronous and long-running: it gets its own thread, never a tokio one.
+    std::thread::Builder::new()
+        .name("imagine".into())
+        .spawn(move || {
+            let _ = done_tx.send(imagine_blocking(&settings, args, &worker_cancel));
+        })
+        .context("Failed to start the generation thread")?;
+    tokio::pin!(done_rx);
+    tokio::select! {
+        result = &mut done_rx => result.context("the generation thread died")?,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("\nstopping after the current step…");
+            cancel.store(true, Ordering::Relaxed);
+            done_rx.await.context("the generation thread died")?
+        }
+    }
+}
+
+fn imagine_blocking(
+    settings: &Settings,
+    args: ImagineArgs,
+    cancel: &AtomicBool,
+) -> anyhow::Result<()> {
+    let device = Device::Cpu;
+    let tokenizer = ClipTokenizer::new();
+    let options = ImagineOptions {
+        seed: args.seed,
+        steps: args.steps,
+        size: args.size,
+        aspect: args.ar,
+        cutn: args.cutn,
+        vqgan: args.model.clone(),
+        clip: args.clip.clone(),
+        crops: args.crops,
+    };
+    let auto = request::auto_side(None);
+    let mut resolved = request::resolve(
+        &args.prompt,
+        &options,
+        &settings.generation,
+        settings.models.allow_tiny,
+        auto,
+        &tokenizer,
+    )?;
+    for note in &resolved.notes {
+        eprintln!("note: {note}");
+    }
+    if args.gif.is_some() {
+        // About 50 frames whatever the length.
+        resolved.spec.frame_every = (resolved.spec.steps / 50).max(1);
+    }
+    match (&args.previews, args.preview_every) {
+        (None, _) => resolved.spec.preview_every = 0,
+        (Some(_), Some(n)) => resolved.spec.preview_every = n,
+        (Some(_), None) => {}
+    }
+
+    let vqgan_path = weights::resolve(&settings.models, resolved.vqgan)?;
+    let clip_path = weights::resolve(&settings.models, resolved.clip)?;
+    let parts = if args.init_image.is_some() {
+        VqganParts::Full
+    } else {
+        VqganParts::DecodeOnly
+    };
+    let vqgan_config =
+        VqganConfig::preset(resolved.vqgan.id).context("no architecture for this VQGAN")?;
+    let clip_config =
+        ClipConfig::preset(resolved.clip.id).context("no architecture for this CLIP")?;
+    eprintln!("loading {} and {}…", resolved.vqgan.id, resolved.clip.id);
+    let vqgan = engine::load_vqgan(
+        resolved.vqgan.id,
+        std::slice::from_ref(&vqgan_path),
+        &vqgan_config,
+        parts,
+        &device,
+    )?;
+    let clip_vb = checkpoint::var_builder(std::slice::from_ref(&clip_path), DType::F32, &device)?;
+    let clip = Clip::new(clip_vb, &clip_config).with_context(|| {
+        format!(
+            "the weights in {} do not fit {}",
+            clip_path.display(),
+            resolved.clip.id
+        )
+    })?;
+    let models = Models {
+        vqgan,
+        clip,
+        tokenizer,
+    };
+
+    let mut inputs = GenerationInputs::default();
+    if let Some(path) = &args.init_image {
+        inputs.init_image =
+            Some(image::read(path).with_context(|| format!("init image {}", path.display()))?);
+    }
+    for path in &args.image_prompt {
+        let picture =
+            image::read(path).with_context(|| format!("image prompt {}", path.display()))?;
+        inputs.image_prompts.push((picture, 1.0, None));
+    }
+    if let Some(dir) = &args.previews {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("Failed to create {}", dir.display()))?;
+    }
+
+    let spec = resolved.spec.clone();
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("vqclip-{}.png", spec.seed)));
+    eprintln!(
+        "{}x{}, {} steps, {} cutouts, seed {}",
+        spec.width, spec.height, spec.steps, spec.cutn, spec.seed
+    );
+    let bar = ProgressBar::new(u64::from(spec.steps));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let started = std::time::Instant::now();
+    let mut preview_error = None;
+    let generator = Generator::new(&models, spec.clone(), inputs)?;
+    let output = generator.run(cancel, |p| {
+        bar.set_position(u64::from(p.iteration));
+        bar.set_message(format!("loss {:.4}", p.loss));
+        if let (Some(dir), Some(preview)) = (&args.previews, &p.preview) {
+            let path = dir.join(format!("{:05}.jpg", p.iteration - 1));
+            if let Err(e) = std::fs::write(&path, &preview.jpeg) {
+                preview_error.get_or_insert(format!("Failed to write {}: {e}", path.display()));
+            }
+        }
+    });
+    bar.finish_and_clear();
+    let output = match output {
+        Err(GenerateError::Cancelled) => anyhow::bail!("cancelled; nothing was written"),
+        other => other?,
+    };
+    if let Some(e) = preview_error {
+        eprintln!("warning: {e}");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+
+    std::fs::write(&out, &output.png)
+        .with_context(|| format!("Failed to write {}", out.display()))?;
+    let record = ImagineRecord {
+        prompt: &args.prompt,
+        spec: &spec,
+        vqgan: resolved.vqgan.id,
+        clip: resolved.clip.id,
+        device: "cpu",
+        vqclip_version: env!("CARGO_PKG_VERSION"),
+        init_image: args.init_image.as_deref(),
+        image_prompts: &args.image_prompt,
+        final_loss: output.final_loss,
+        seconds,
+    };
+    let sidecar = out.with_extension("json");
+    std::fs::write(&sidecar, serde_json::to_string_pretty(&record)?)
+        .with_context(|| format!("Failed to write {}", sidecar.display()))?;
+    if let Some(gif) = &args.gif {
+        let bytes =
+            image::encode_gif(&output.frames, 100).context("Failed to encode the time-lapse")?;
+        std::fs::write(gif, bytes).with_context(|| format!("Failed to write {}", gif.display()))?;
+    }
+    println!(
+        "{} ({}x{}, seed {}, {} steps in {seconds:.1} s, final loss {:.4})",
+        out.display(),
+        spec.width,
+        spec.height,
+        spec.seed,
+        spec.steps,
+        output.final_loss
+    );
     Ok(())
 }
 

@@ -27,5 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod models;
+pub mod request;
 pub mod store;
 pub mod telemetry;
+pub mod weights;

@@ -331,7 +331,8 @@ impl<'m> Generator<'m> {
         // Previews and frames show the image this iteration scored, before its update.
         let i = self.iteration;
         let mut preview = None;
-        let wants_preview = self.spec.preview_every > 0 && i.is_multiple_of(self.spec.preview_every);
+        let wants_preview =
+            self.spec.preview_every > 0 && i.is_multiple_of(self.spec.preview_every);
         let wants_frame = self.spec.frame_every > 0 && i.is_multiple_of(self.spec.frame_every);
         if wants_preview || wants_frame {
             let small = img::downscale(&img::tensor_to_rgb(&report.image)?, PREVIEW_SIDE);

@@ -246,3 +246,128 @@ fn json_logs_are_json() {
         serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("{e}: {line}"));
     }
 }
+
+/// A configuration that runs on the tiny fixture models.
+fn tiny_config(dir: &TempDir) -> String {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    write_config(
+        dir,
+        &format!(
+            "[generation]\ndefault_vqgan = \"tiny_vqgan\"\ndefault_clip = \"tiny_clip\"\n\
+             [models]\nallow_tiny = true\n\
+             [models.tiny_vqgan]\npath = \"{fixtures}/ckpt/tiny_vqgan.ckpt\"\n\
+             [models.tiny_clip]\npath = \"{fixtures}/parity/tiny_clip.safetensors\"\n"
+        ),
+    )
+}
+
+#[test]
+fn imagine_writes_a_reproducible_png_with_its_record_and_time_lapse() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(&dir);
+    let run = |out: &str| {
+        vqclip(
+            dir.path(),
+            &[
+                "--config",
+                &config,
+                "imagine",
+                "a red fox:1 | snow:-0.5 --steps 3 --size 32x24 --cutn 3 --seed 11",
+                "--out",
+                out,
+                "--gif",
+                "fox.gif",
+                "--previews",
+                "previews",
+                "--preview-every",
+                "1",
+            ],
+            &[],
+        )
+    };
+    let first = run("fox.png");
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first.stderr));
+    assert!(
+        text(&first.stdout).contains("seed 11"),
+        "{}",
+        text(&first.stdout)
+    );
+    let png = std::fs::read(dir.path().join("fox.png")).unwrap();
+    assert_eq!(
+        image::load_from_memory(&png)
+            .unwrap()
+            .to_rgb8()
+            .dimensions(),
+        (32, 24)
+    );
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("fox.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["spec"]["seed"], 11);
+    assert_eq!(record["spec"]["prompts"][1]["weight"], -0.5);
+    assert_eq!(record["vqgan"], "tiny_vqgan");
+    assert!(
+        std::fs::read(dir.path().join("fox.gif"))
+            .unwrap()
+            .starts_with(b"GIF89a")
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("previews"))
+            .unwrap()
+            .count(),
+        3
+    );
+
+    let second = run("again.png");
+    assert_eq!(second.status.code(), Some(0), "{}", text(&second.stderr));
+    assert_eq!(
+        std::fs::read(dir.path().join("again.png")).unwrap(),
+        png,
+        "same job, same bytes, across processes"
+    );
+}
+
+#[test]
+fn imagine_explains_bad_requests_and_missing_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(&dir);
+    let out = vqclip(
+        dir.path(),
+        &["--config", &config, "imagine", "a fox --steps many"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("--steps takes a whole number"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = vqclip(
+        dir.path(),
+        &[
+            "--config",
+            &config,
+            "imagine",
+            "a fox",
+            "--init-image",
+            "missing.png",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("missing.png"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // The default models are not downloaded on this machine.
+    let out = vqclip(dir.path(), &["imagine", "a fox"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("not downloaded") && stderr.contains("Somnai/pytti-vqgan-checkpoints"),
+        "{stderr}"
+    );
+}

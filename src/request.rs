@@ -1,0 +1,299 @@
+//! From what a user typed to a generation spec: the prompt's flags and explicit options are
+//! merged over the configured defaults, checked against the configured bounds, and sizes are
+//! rounded to the model's grid. Problems come back as messages fit to show the user; adjustments
+//! (a rounded size, a shortened prompt) come back as notes to tell them.
+//!
+//! Shared by the command line and the bot, so both accept exactly the same requests.
+
+use crate::config::{GenerationSettings, SizeSetting};
+use crate::engine::generate::{CutoutSetting, GenerationSpec, round_size};
+use crate::engine::prompt::{self, PromptError};
+use crate::engine::tokenizer::ClipTokenizer;
+use crate::engine::vqgan::VqganConfig;
+use crate::models::{self, ModelInfo, ModelKind};
+
+/// Options given outside the prompt text (command-line flags, slash-command arguments). They
+/// win over the same setting written as a flag inside the prompt.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImagineOptions {
+    /// RNG seed.
+    pub seed: Option<u64>,
+    /// Optimiser steps.
+    pub steps: Option<u32>,
+    /// Exact size.
+    pub size: Option<(u32, u32)>,
+    /// Aspect ratio (keeps the default's pixel count).
+    pub aspect: Option<(u32, u32)>,
+    /// Cutouts per step.
+    pub cutn: Option<u32>,
+    /// VQGAN model name.
+    pub vqgan: Option<String>,
+    /// CLIP model name.
+    pub clip: Option<String>,
+    /// Crowson's random crops instead of the pooled default.
+    pub crops: bool,
+}
+
+/// A request ready to run.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// What the engine runs.
+    pub spec: GenerationSpec,
+    /// The VQGAN.
+    pub vqgan: &'static ModelInfo,
+    /// The CLIP.
+    pub clip: &'static ModelInfo,
+    /// Adjustments the user should hear about.
+    pub notes: Vec<String>,
+}
+
+/// Why a request cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The prompt text could not be parsed.
+    #[error(transparent)]
+    Prompt(#[from] PromptError),
+    /// A value is outside what this server allows, or unknown.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Side used for `default_size = "auto"` when the caller knows nothing of the device: the
+/// CPU's, since a too-small image is a better surprise than a run that takes hours.
+pub const CPU_AUTO_SIDE: u32 = 256;
+
+/// The `default_size = "auto"` side for a device with `memory_gib` of memory (`None`: the CPU).
+pub fn auto_side(memory_gib: Option<f64>) -> u32 {
+    match memory_gib {
+        None => CPU_AUTO_SIDE,
+        Some(gib) if gib > 8.0 => 512,
+        Some(_) => 304,
+    }
+}
+
+fn pick_model(
+    name: Option<&str>,
+    default: &'static ModelInfo,
+    kind: ModelKind,
+    allow_tiny: bool,
+) -> Result<&'static ModelInfo, RequestError> {
+    let Some(name) = name else {
+        return Ok(default);
+    };
+    match models::find(name) {
+        Some(m) if m.kind == kind && (!m.tiny || allow_tiny) => Ok(m),
+        _ => Err(RequestError::Invalid(format!(
+            "unknown {kind} model {name:?}; choose one of: {}",
+            models::ids_of(kind)
+                .into_iter()
+                .filter(|id| allow_tiny || !models::find(id).is_some_and(|m| m.tiny))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// Resolves `text` and `options` against the server's `settings`. `auto_side` is the side used
+/// when the size is "auto"; `tokenizer` measures prompts so that over-long ones can be reported.
+pub fn resolve(
+    text: &str,
+    options: &ImagineOptions,
+    settings: &GenerationSettings,
+    allow_tiny: bool,
+    auto_side: u32,
+    tokenizer: &ClipTokenizer,
+) -> Result<Resolved, RequestError> {
+    let parsed = prompt::parse(text)?;
+    let flags = parsed.flags;
+    let mut notes = Vec::new();
+
+    let vqgan = pick_model(
+        options.vqgan.as_deref().or(flags.model.as_deref()),
+        settings.default_vqgan,
+        ModelKind::Vqgan,
+        allow_tiny,
+    )?;
+    let clip = pick_model(
+        options.clip.as_deref(),
+        settings.default_clip,
+        ModelKind::Clip,
+        allow_tiny,
+    )?;
+    let factor = VqganConfig::preset(vqgan.id)
+        .map(|c| c.downsample_factor() as u32)
+        .ok_or_else(|| {
+            RequestError::Invalid(format!("no architecture is known for {}", vqgan.id))
+        })?;
+
+    let (default_w, default_h) = match settings.default_size {
+        SizeSetting::Auto => (auto_side, auto_side),
+        SizeSetting::Fixed { width, height } => (width, height),
+    };
+    let size = options.size.or(flags.size);
+    let aspect = options.aspect.or(flags.aspect);
+    let (w, h) = match (size, aspect) {
+        (Some(size), _) => size,
+        (None, Some((aw, ah))) => {
+            // Keep the default's pixel count at the requested shape.
+            let area = f64::from(default_w) * f64::from(default_h);
+            let w = (area * f64::from(aw) / f64::from(ah)).sqrt();
+            (w.round() as u32, (area / w).round() as u32)
+        }
+        (None, None) => (default_w, default_h),
+    };
+    let ((w, h), rounded) = round_size(w, h, factor);
+    if rounded {
+        notes.push(format!(
+            "size rounded to {w}x{h} (a multiple of {factor} for {})",
+            vqgan.id
+        ));
+    }
+    if w.max(h) > settings.max_side || u64::from(w) * u64::from(h) > settings.max_pixels {
+        return Err(RequestError::Invalid(format!(
+            "{w}x{h} is too large here: at most {} pixels a side and {} pixels in all",
+            settings.max_side, settings.max_pixels
+        )));
+    }
+
+    let steps = options
+        .steps
+        .or(flags.steps)
+        .unwrap_or(settings.default_steps);
+    if !(1..=settings.max_steps).contains(&steps) {
+        return Err(RequestError::Invalid(format!(
+            "steps must be from 1 to {}, not {steps}",
+            settings.max_steps
+        )));
+    }
+    let cutn = options.cutn.or(flags.cutn).unwrap_or(settings.default_cutn);
+    if !(1..=settings.max_cutn).contains(&cutn) {
+        return Err(RequestError::Invalid(format!(
+            "cutouts must be from 1 to {}, not {cutn}",
+            settings.max_cutn
+        )));
+    }
+
+    for (i, p) in parsed.prompts.iter().enumerate() {
+        let dropped = tokenizer.encode(&p.text).dropped;
+        if dropped > 0 {
+            notes.push(format!(
+                "prompt {} is longer than CLIP reads: its last {dropped} tokens were ignored",
+                i + 1
+            ));
+        }
+    }
+
+    let seed = options.seed.or(flags.seed).unwrap_or_else(rand::random);
+    let mut spec = GenerationSpec::new(parsed.prompts, w, h, seed);
+    spec.steps = steps;
+    spec.cutn = cutn;
+    spec.preview_every = settings.preview_every;
+    if options.crops {
+        spec.cutouts = CutoutSetting::Crops { cut_pow: 1.0 };
+    }
+    Ok(Resolved {
+        spec,
+        vqgan,
+        clip,
+        notes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Environment, Settings};
+
+    fn settings() -> Settings {
+        Settings::from_toml(
+            "[models]\nallow_tiny = true",
+            &[("HOME", "/h")].into_iter().collect::<Environment>(),
+        )
+        .unwrap()
+    }
+
+    fn resolve_with(text: &str, options: &ImagineOptions) -> Result<Resolved, RequestError> {
+        let s = settings();
+        resolve(
+            text,
+            options,
+            &s.generation,
+            true,
+            256,
+            &ClipTokenizer::new(),
+        )
+    }
+
+    #[test]
+    fn defaults_come_from_the_configuration() {
+        let r = resolve_with("a castle", &ImagineOptions::default()).unwrap();
+        assert_eq!(
+            (r.spec.width, r.spec.height, r.spec.steps, r.spec.cutn),
+            (256, 256, 500, 32)
+        );
+        assert_eq!((r.vqgan.id, r.clip.id), ("imagenet_f16_16384", "vit_b32"));
+        assert!(r.notes.is_empty());
+    }
+
+    #[test]
+    fn options_win_over_prompt_flags() {
+        let opts = ImagineOptions {
+            steps: Some(20),
+            seed: Some(5),
+            ..Default::default()
+        };
+        let r = resolve_with(
+            "a castle --steps 300 --seed 9 --cutn 8 --model wikiart",
+            &opts,
+        )
+        .unwrap();
+        assert_eq!((r.spec.steps, r.spec.seed, r.spec.cutn), (20, 5, 8));
+        assert_eq!(r.vqgan.id, "wikiart_f16_16384");
+    }
+
+    #[test]
+    fn aspect_ratios_keep_the_area_and_sizes_round_to_the_grid() {
+        let r = resolve_with("x --ar 16:9", &ImagineOptions::default()).unwrap();
+        assert_eq!((r.spec.width, r.spec.height), (336, 192));
+        assert!(
+            r.notes.iter().any(|n| n.contains("rounded")),
+            "{:?}",
+            r.notes
+        );
+        let r = resolve_with(
+            "x --size 300x200 --model gumbel",
+            &ImagineOptions::default(),
+        )
+        .unwrap();
+        assert_eq!((r.spec.width, r.spec.height), (296, 200));
+    }
+
+    #[test]
+    fn bounds_and_unknown_models_are_refused_clearly() {
+        let too_big = resolve_with("x --size 1024x1024", &ImagineOptions::default()).unwrap_err();
+        assert!(too_big.to_string().contains("too large"), "{too_big}");
+        let steps = resolve_with("x --steps 5000", &ImagineOptions::default()).unwrap_err();
+        assert!(steps.to_string().contains("from 1 to 1000"), "{steps}");
+        let model = resolve_with("x --model dalle", &ImagineOptions::default()).unwrap_err();
+        assert!(model.to_string().contains("imagenet_f16_16384"), "{model}");
+        let prompt = resolve_with("x --steps lots", &ImagineOptions::default()).unwrap_err();
+        assert!(prompt.to_string().contains("--steps"), "{prompt}");
+    }
+
+    #[test]
+    fn long_prompts_are_reported() {
+        let r = resolve_with(&"castle ".repeat(90), &ImagineOptions::default()).unwrap();
+        assert!(
+            r.notes.iter().any(|n| n.contains("15 tokens were ignored")),
+            "{:?}",
+            r.notes
+        );
+    }
+
+    #[test]
+    fn auto_size_follows_device_memory() {
+        assert_eq!(auto_side(None), 256);
+        assert_eq!(auto_side(Some(24.0)), 512);
+        assert_eq!(auto_side(Some(8.0)), 304);
+    }
+}
