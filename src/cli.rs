@@ -391,6 +391,8 @@ fn imagine_blocking(
     }
 
     let vqgan_path = weights::resolve(&settings.models, resolved.vqgan)?;
+    let vqgan_path =
+        weights::prepare_for_loading(&vqgan_path, resolved.vqgan, &settings.models.cache_dir)?;
     let clip_path = weights::resolve(&settings.models, resolved.clip)?;
     let parts = if args.init_image.is_some() {
         VqganParts::Full

@@ -9,11 +9,20 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::{ModelSettings, ModelSource};
+use crate::engine::checkpoint::{self, LoadError, WeightFormat};
 use crate::models::ModelInfo;
 
 /// Why a model's weights are not available.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
+    /// A checkpoint could not be read or converted.
+    #[error("cannot prepare {}: {source}", path.display())]
+    Convert {
+        /// The checkpoint.
+        path: PathBuf,
+        /// What went wrong.
+        source: Box<LoadError>,
+    },
     /// No source is configured and none is built in.
     #[error(
         "no weights are configured for {model}: download {how} and set [models.{model}] path = \"…\" \
@@ -53,6 +62,58 @@ pub enum WeightsError {
         /// The cache searched.
         cache: String,
     },
+}
+
+/// Directory under the model cache where converted checkpoints are kept.
+const CONVERTED_DIR: &str = "vqclip-converted";
+
+/// A file ready to load quickly: safetensors files as they are; a PyTorch zip checkpoint (the
+/// ≈ 1 GB Lightning `.ckpt` of a VQGAN) converted once to a safetensors file of its model
+/// tensors under `<cache_dir>/vqclip-converted/`, which later runs memory-map instead.
+///
+/// The converted file's name includes the source's size and modification time, so a replaced
+/// checkpoint is converted again.
+pub fn prepare_for_loading(
+    path: &Path,
+    model: &ModelInfo,
+    cache_dir: &Path,
+) -> Result<PathBuf, WeightsError> {
+    let convert_error = |source: LoadError| WeightsError::Convert {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    };
+    if checkpoint::detect_format(path).map_err(convert_error)? == WeightFormat::Safetensors {
+        return Ok(path.to_path_buf());
+    }
+    let meta = std::fs::metadata(path).map_err(|e| {
+        convert_error(LoadError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })
+    })?;
+    let modified = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    let dir = cache_dir.join(CONVERTED_DIR);
+    let out = dir.join(format!(
+        "{}-{}-{modified}.safetensors",
+        model.id,
+        meta.len()
+    ));
+    if out.is_file() {
+        return Ok(out);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        convert_error(LoadError::Io {
+            path: dir.clone(),
+            source: e,
+        })
+    })?;
+    tracing::info!(model = model.id, from = %path.display(), to = %out.display(), "converting checkpoint to safetensors");
+    checkpoint::convert_checkpoint(path, &out).map_err(convert_error)?;
+    Ok(out)
 }
 
 /// The weight file of `model`, from its configured source.
@@ -114,6 +175,32 @@ mod tests {
     use super::*;
     use crate::config::{Environment, Settings};
     use crate::models;
+
+    #[test]
+    fn checkpoints_are_converted_once_and_safetensors_pass_through() {
+        let cache = tempfile::tempdir().unwrap();
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let model = models::find("tiny_vqgan").unwrap();
+        let ckpt = fixtures.join("ckpt/tiny_vqgan.ckpt");
+        let converted = prepare_for_loading(&ckpt, model, cache.path()).unwrap();
+        assert!(converted.starts_with(cache.path().join(CONVERTED_DIR)));
+        assert_eq!(
+            checkpoint::detect_format(&converted).unwrap(),
+            WeightFormat::Safetensors
+        );
+        let written = std::fs::metadata(&converted).unwrap().modified().unwrap();
+        assert_eq!(
+            prepare_for_loading(&ckpt, model, cache.path()).unwrap(),
+            converted
+        );
+        assert_eq!(
+            std::fs::metadata(&converted).unwrap().modified().unwrap(),
+            written,
+            "not converted twice"
+        );
+        let st = fixtures.join("parity/tiny_vqgan.safetensors");
+        assert_eq!(prepare_for_loading(&st, model, cache.path()).unwrap(), st);
+    }
 
     #[test]
     fn finds_files_by_ref_and_by_commit_in_the_hub_layout() {

@@ -19,7 +19,7 @@ use super::clip::{Clip, normalize};
 use super::cutouts::{CutoutMethod, Cutouts};
 use super::image::{self as img, ImageError};
 use super::loss::PromptTarget;
-use super::optimize::{Guide, Latent};
+use super::optimize::{Guide, InitWeight, Latent};
 use super::prompt::WeightedPrompt;
 use super::tokenizer::ClipTokenizer;
 use super::vqgan::Vqgan;
@@ -91,6 +91,9 @@ pub struct GenerationSpec {
     pub frame_every: u32,
     /// Cutouts per CLIP pass (memory bound; does not change the result).
     pub chunk: u32,
+    /// Pull of the latent towards its start or zero.
+    #[serde(default)]
+    pub init_weight: InitWeight,
 }
 
 impl GenerationSpec {
@@ -108,6 +111,7 @@ impl GenerationSpec {
             preview_every: 50,
             frame_every: 0,
             chunk: 8,
+            init_weight: InitWeight::Off,
         }
     }
 }
@@ -326,6 +330,7 @@ impl<'m> Generator<'m> {
             clip: &self.models.clip.vision,
             prompts: &self.targets,
             chunk: self.spec.chunk.max(1) as usize,
+            init_weight: self.spec.init_weight,
         };
         let report = self.latent.step(&guide, &cutouts)?;
         // Previews and frames show the image this iteration scored, before its update.

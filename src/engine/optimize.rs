@@ -25,6 +25,28 @@ pub struct Guide<'a> {
     pub prompts: &'a [PromptTarget],
     /// Cutouts per CLIP forward/backward: bounds memory; the result does not depend on it.
     pub chunk: usize,
+    /// A pull of `z` towards its start or towards zero (off by default).
+    pub init_weight: InitWeight,
+}
+
+/// The reference scripts' `init_weight`, which means different things in each (see
+/// `docs/vqgan-clip.md`): a squared-error pull on `z`, added to the loss.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum InitWeight {
+    /// No pull.
+    #[default]
+    Off,
+    /// Crowson's: `MSE(z, z_init)·w/2`, keeping the image near its start (an init image).
+    ToInit {
+        /// `w`.
+        weight: f64,
+    },
+    /// `generate.py`'s: `MSE(z, 0)·(w/(2i + 1))/2` at step `i`, fading out.
+    ToZeroDecaying {
+        /// `w`.
+        weight: f64,
+    },
 }
 
 /// What one step measured, before its update.
@@ -41,9 +63,11 @@ pub struct StepReport {
 /// The trained latent with its optimiser state.
 pub struct Latent {
     z: Var,
+    z_init: Tensor,
     adam: AdamW,
     z_min: Tensor,
     z_max: Tensor,
+    steps_done: usize,
 }
 
 impl Latent {
@@ -63,9 +87,11 @@ impl Latent {
         let adam = AdamW::new(vec![z.clone()], params)?;
         Ok(Self {
             z,
+            z_init: z_init.detach(),
             adam,
             z_min: z_min.clone(),
             z_max: z_max.clone(),
+            steps_done: 0,
         })
     }
 
@@ -83,13 +109,35 @@ impl Latent {
         ((vqgan.decode(&z_q)? + 1.0)? / 2.0)?.clamp(0.0, 1.0)
     }
 
-    /// One iteration: quantise → decode → cutouts → CLIP → loss → backward → Adam → clamp.
+    /// The `init_weight` term for this step, on the graph of `z`.
+    fn init_term(&self, init: InitWeight) -> Result<Option<Tensor>> {
+        let z = self.z.as_tensor();
+        let (target, weight) = match init {
+            InitWeight::Off => return Ok(None),
+            InitWeight::ToInit { weight } => (self.z_init.clone(), weight / 2.0),
+            InitWeight::ToZeroDecaying { weight } => (
+                z.zeros_like()?,
+                weight / (2.0 * self.steps_done as f64 + 1.0) / 2.0,
+            ),
+        };
+        Ok(Some(((z - target)?.sqr()?.mean_all()? * weight)?))
+    }
+
+    /// One iteration: quantise → decode → cutouts → CLIP → loss (+ init term) → backward →
+    /// Adam → clamp. The report's losses list the prompts, then the init term when it is on.
     pub fn step(&mut self, guide: &Guide, cutouts: &dyn Cutouts) -> Result<StepReport> {
         let z_q = guide.vqgan.quantizer().quantize(self.z.as_tensor())?.z_q;
         let decoded = guide.vqgan.decode(&z_q)?;
         let image = clamp_with_grad(&((decoded + 1.0)? / 2.0)?, 0.0, 1.0)?;
-        let (grad_image, prompt_losses) = clip_gradient(guide, cutouts, &image.detach())?;
-        let grads = (&image * grad_image)?.sum_all()?.backward()?;
+        let (grad_image, mut prompt_losses) = clip_gradient(guide, cutouts, &image.detach())?;
+        let mut surrogate = (&image * grad_image)?.sum_all()?;
+        if let Some(term) = self.init_term(guide.init_weight)? {
+            prompt_losses.push(f64::from(
+                term.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?,
+            ));
+            surrogate = (surrogate + term)?;
+        }
+        let grads = surrogate.backward()?;
         if grads.get(self.z.as_tensor()).is_none() {
             // candle skips a Var without a gradient silently; that would be a broken graph.
             candle_core::bail!("no gradient reached the latent");
@@ -102,6 +150,7 @@ impl Latent {
             .broadcast_maximum(&self.z_min)?
             .broadcast_minimum(&self.z_max)?;
         self.z.set(&clamped)?;
+        self.steps_done += 1;
         Ok(StepReport {
             loss: prompt_losses.iter().sum(),
             prompt_losses,

@@ -15,7 +15,7 @@ use vqclip::engine::{
     cutouts::{CutoutBox, Cutouts, FixedBoxes},
     loss::{PromptTarget, prompt_loss},
     ops::clamp_with_grad,
-    optimize::{Guide, Latent, clip_gradient},
+    optimize::{Guide, InitWeight, Latent, clip_gradient},
     vqgan::{QuantizerKind, VqganConfig, VqganParts},
 };
 
@@ -506,6 +506,7 @@ fn run_step(case: &Case, c: &mut Checker) -> anyhow::Result<()> {
         clip: &clip.vision,
         prompts: &prompts,
         chunk: 2,
+        init_weight: InitWeight::Off,
     };
     let (grad_image, _) = clip_gradient(&guide, &boxes, &image.detach())?;
     c.check("grad_image", &grad_image)?;

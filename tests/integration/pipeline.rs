@@ -10,6 +10,7 @@ use vqclip::engine::{
     clip::{Clip, ClipConfig},
     generate::{CutoutSetting, GenerateError, GenerationInputs, GenerationSpec, Generator, Models},
     image as img,
+    optimize::InitWeight,
     prompt::WeightedPrompt,
     tokenizer::ClipTokenizer,
     vqgan::{VqganConfig, VqganParts},
@@ -153,6 +154,39 @@ fn the_optimisation_moves_the_latent() {
         .to_scalar::<f32>()
         .unwrap();
     assert!(moved > 0.0, "two more Adam steps changed nothing");
+}
+
+#[test]
+fn init_weight_keeps_the_latent_near_its_start() {
+    let models = tiny_models();
+    let distance = |init_weight| {
+        let spec = GenerationSpec {
+            steps: 4,
+            init_weight,
+            ..spec(21)
+        };
+        let generator = Generator::new(&models, spec.clone(), GenerationInputs::default()).unwrap();
+        let start = Generator::new(&models, spec, GenerationInputs::default())
+            .unwrap()
+            .finish()
+            .unwrap()
+            .latent;
+        let end = generator
+            .run(&AtomicBool::new(false), |_| {})
+            .unwrap()
+            .latent;
+        (&end - &start)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let free = distance(InitWeight::Off);
+    let held = distance(InitWeight::ToInit { weight: 1000.0 });
+    assert!(held < free, "held {held} vs free {free}");
 }
 
 #[test]
