@@ -277,6 +277,9 @@ pub struct ImagineArgs {
     /// Also aim for this image (repeatable).
     #[arg(long, value_name = "PATH")]
     pub image_prompt: Vec<PathBuf>,
+    /// Add a noise prompt with this weight: a random target from the seed (repeatable).
+    #[arg(long, value_name = "WEIGHT", allow_negative_numbers = true)]
+    pub noise_prompt: Vec<f64>,
     /// Where to write the PNG [default: vqclip-<seed>.png]. A JSON file with everything needed
     /// to reproduce the image is written next to it.
     #[arg(long, short)]
@@ -380,6 +383,7 @@ fn imagine_blocking(
     for note in &resolved.notes {
         eprintln!("note: {note}");
     }
+    resolved.spec.noise_prompts = args.noise_prompt.clone();
     if args.gif.is_some() {
         // About 50 frames whatever the length.
         resolved.spec.frame_every = (resolved.spec.steps / 50).max(1);

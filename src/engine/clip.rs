@@ -426,6 +426,11 @@ impl ClipText {
         &self.config
     }
 
+    /// Width of the embeddings this tower produces.
+    pub fn projection_dim(&self) -> usize {
+        self.text_projection.out_dim()
+    }
+
     /// Embeds one token sequence (start and end tokens included, at most `context_length`, any
     /// padding after the end token) into `[1, projection_dim]`.
     pub fn forward(&self, ids: &[u32]) -> Result<Tensor> {

@@ -2,8 +2,8 @@
 //! progress, previews, time-lapse frames and cancellation between iterations.
 //!
 //! Everything random comes from one ChaCha RNG seeded by the job's `u64` seed, drawn in a fixed
-//! order (initial tokens, image-prompt cutouts, then per step: cutouts, augmentations, noise),
-//! so the same job on the same device and build gives the same bytes.
+//! order (initial tokens, image-prompt cutouts, noise prompts, then per step: cutouts,
+//! augmentations, noise), so the same job on the same device and build gives the same bytes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -12,6 +12,7 @@ use candle_core::{Device, Result as CandleResult, Tensor};
 use image::RgbImage;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
+use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 use super::augment::Augmentations;
@@ -94,6 +95,10 @@ pub struct GenerationSpec {
     /// Pull of the latent towards its start or zero.
     #[serde(default)]
     pub init_weight: InitWeight,
+    /// Noise prompts, by weight: each aims at a random embedding drawn from the job's RNG
+    /// (the reference's `--noise_prompt_weights`).
+    #[serde(default)]
+    pub noise_prompts: Vec<f64>,
 }
 
 impl GenerationSpec {
@@ -112,6 +117,7 @@ impl GenerationSpec {
             frame_every: 0,
             chunk: 8,
             init_weight: InitWeight::Off,
+            noise_prompts: Vec::new(),
         }
     }
 }
@@ -226,7 +232,10 @@ impl<'m> Generator<'m> {
                 spec.width, spec.height
             )));
         }
-        if spec.prompts.is_empty() && inputs.image_prompts.is_empty() {
+        if spec.prompts.is_empty()
+            && inputs.image_prompts.is_empty()
+            && spec.noise_prompts.is_empty()
+        {
             return Err(GenerateError::InvalidSpec(
                 "there is nothing to aim for: give a prompt".into(),
             ));
@@ -280,6 +289,17 @@ impl<'m> Generator<'m> {
                 embed,
                 weight: *weight,
                 stop: *stop,
+            });
+        }
+
+        let dim = models.clip.text.projection_dim();
+        for &weight in &spec.noise_prompts {
+            let values: Vec<f32> = (0..dim).map(|_| StandardNormal.sample(&mut rng)).collect();
+            let embed = Tensor::from_vec(values, (1, dim), &Device::Cpu)?.to_device(&device)?;
+            targets.push(PromptTarget {
+                embed,
+                weight,
+                stop: None,
             });
         }
 

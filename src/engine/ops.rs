@@ -339,6 +339,11 @@ impl FrozenLinear {
         Ok(Self::new(weight, bias))
     }
 
+    /// Output features.
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
     fn value(&self, x: &Tensor) -> Result<Tensor> {
         let y = x.broadcast_matmul(&self.weight.t()?)?;
         match &self.bias {
