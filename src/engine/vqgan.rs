@@ -222,6 +222,31 @@ impl Module for AttnBlock {
     }
 }
 
+/// The `mid` stage shared by encoder and decoder: block, attention, block at one width.
+#[derive(Debug, Clone)]
+struct MidBlock {
+    block_1: ResnetBlock,
+    attn_1: AttnBlock,
+    block_2: ResnetBlock,
+}
+
+impl MidBlock {
+    fn new(vb: VarBuilder, cfg: &VqganConfig, c: usize) -> Result<Self> {
+        Ok(Self {
+            block_1: ResnetBlock::new(vb.pp("block_1"), cfg, c, c)?,
+            attn_1: AttnBlock::new(vb.pp("attn_1"), cfg, c)?,
+            block_2: ResnetBlock::new(vb.pp("block_2"), cfg, c, c)?,
+        })
+    }
+}
+
+impl Module for MidBlock {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.block_2
+            .forward(&self.attn_1.forward(&self.block_1.forward(x)?)?)
+    }
+}
+
 /// One decoder level: blocks, optional attention after each, optional upsampling.
 #[derive(Debug, Clone)]
 struct UpLevel {
@@ -235,7 +260,7 @@ struct UpLevel {
 #[derive(Debug, Clone)]
 pub struct Decoder {
     conv_in: FrozenConv2d,
-    mid: (ResnetBlock, AttnBlock, ResnetBlock),
+    mid: MidBlock,
     /// Indexed by level like the checkpoint (`up.0` is the highest resolution and runs last).
     up: Vec<UpLevel>,
     norm_out: FrozenGroupNorm,
@@ -248,12 +273,7 @@ impl Decoder {
         let levels = cfg.ch_mult.len();
         let mut block_in = cfg.ch * cfg.ch_mult[levels - 1];
         let conv_in = FrozenConv2d::load(vb.pp("conv_in"), cfg.z_channels, block_in, 3, 1, 1)?;
-        let vb_mid = vb.pp("mid");
-        let mid = (
-            ResnetBlock::new(vb_mid.pp("block_1"), cfg, block_in, block_in)?,
-            AttnBlock::new(vb_mid.pp("attn_1"), cfg, block_in)?,
-            ResnetBlock::new(vb_mid.pp("block_2"), cfg, block_in, block_in)?,
-        );
+        let mid = MidBlock::new(vb.pp("mid"), cfg, block_in)?;
         // Built in execution order (deepest level first), then stored by level index.
         let mut up = Vec::with_capacity(levels);
         for level in (0..levels).rev() {
@@ -310,9 +330,7 @@ impl Decoder {
 impl Module for Decoder {
     fn forward(&self, z: &Tensor) -> Result<Tensor> {
         let mut h = self.conv_in.forward(z)?;
-        h = self.mid.0.forward(&h)?;
-        h = self.mid.1.forward(&h)?;
-        h = self.mid.2.forward(&h)?;
+        h = self.mid.forward(&h)?;
         for level in self.up.iter().rev() {
             for (j, block) in level.blocks.iter().enumerate() {
                 h = block.forward(&h)?;
@@ -342,7 +360,7 @@ struct DownLevel {
 pub struct Encoder {
     conv_in: FrozenConv2d,
     down: Vec<DownLevel>,
-    mid: (ResnetBlock, AttnBlock, ResnetBlock),
+    mid: MidBlock,
     norm_out: FrozenGroupNorm,
     conv_out: FrozenConv2d,
 }
@@ -390,15 +408,10 @@ impl Encoder {
                 downsample,
             });
         }
-        let vb_mid = vb.pp("mid");
         Ok(Self {
             conv_in,
             down,
-            mid: (
-                ResnetBlock::new(vb_mid.pp("block_1"), cfg, block_in, block_in)?,
-                AttnBlock::new(vb_mid.pp("attn_1"), cfg, block_in)?,
-                ResnetBlock::new(vb_mid.pp("block_2"), cfg, block_in, block_in)?,
-            ),
+            mid: MidBlock::new(vb.pp("mid"), cfg, block_in)?,
             norm_out: FrozenGroupNorm::load(
                 vb.pp("norm_out"),
                 cfg.norm_groups,
@@ -424,9 +437,7 @@ impl Module for Encoder {
                 h = conv.forward(&h.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?)?;
             }
         }
-        h = self.mid.0.forward(&h)?;
-        h = self.mid.1.forward(&h)?;
-        h = self.mid.2.forward(&h)?;
+        h = self.mid.forward(&h)?;
         self.conv_out.forward(&self.norm_out.forward_swish(&h)?)
     }
 }
