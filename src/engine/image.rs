@@ -178,6 +178,46 @@ mod tests {
         assert_eq!(downscale(&img, 8).dimensions(), (8, 4));
     }
 
+    /// CRC-32 (IEEE), for patching PNG chunks in tests.
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn oversized_images_are_refused_before_decoding() {
+        // A valid 1×1 PNG whose header then claims 20000×20000 pixels (400 M > the limit).
+        let mut png = encode_png(&RgbImage::new(1, 1)).unwrap();
+        png[16..20].copy_from_slice(&20_000u32.to_be_bytes());
+        png[20..24].copy_from_slice(&20_000u32.to_be_bytes());
+        let crc = crc32(&png[12..29]);
+        png[29..33].copy_from_slice(&crc.to_be_bytes());
+        match decode(&png) {
+            Err(ImageError::TooLarge {
+                width: 20_000,
+                height: 20_000,
+            }) => {}
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn truncated_images_are_a_clear_error() {
+        let png = encode_png(&RgbImage::from_pixel(64, 64, image::Rgb([9, 9, 9]))).unwrap();
+        let err = decode(&png[..png.len() / 2]).unwrap_err();
+        assert!(matches!(err, ImageError::Decode(_)), "{err}");
+    }
+
     #[test]
     fn garbage_is_a_clear_error() {
         let err = decode(b"definitely not an image").unwrap_err();
