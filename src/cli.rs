@@ -20,9 +20,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::config::{ConfigError, Environment, Settings};
 use crate::engine::clip::{Clip, ClipConfig};
 use crate::engine::generate::{GenerateError, GenerationInputs, GenerationSpec, Generator, Models};
+use crate::engine::random::SeededWeights;
 use crate::engine::tokenizer::ClipTokenizer;
-use crate::engine::vqgan::{VqganConfig, VqganParts};
+use crate::engine::vqgan::{Vqgan, VqganConfig, VqganParts};
 use crate::engine::{self, checkpoint, image};
+use crate::models::ModelInfo;
 use crate::request::{self, ImagineOptions};
 use crate::store::{self, jobs};
 use crate::telemetry::LogFormat;
@@ -280,19 +282,23 @@ pub struct ImagineArgs {
     /// Add a noise prompt with this weight: a random target from the seed (repeatable).
     #[arg(long, value_name = "WEIGHT", allow_negative_numbers = true)]
     pub noise_prompt: Vec<f64>,
-    /// Where to write the PNG [default: vqclip-<seed>.png]. A JSON file with everything needed
-    /// to reproduce the image is written next to it.
+    /// Where to write the PNG [default: vqclip-<seed>.png]. The PNG's text chunks and a JSON
+    /// file next to it hold everything needed to make it again.
     #[arg(long, short)]
     pub out: Option<PathBuf>,
     /// Also write a time-lapse of the run as an animated GIF.
-    #[arg(long, value_name = "PATH")]
-    pub gif: Option<PathBuf>,
+    #[arg(long, visible_alias = "gif", value_name = "PATH")]
+    pub timelapse: Option<PathBuf>,
+    /// Device to run on: cpu (this build has no GPU support yet).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Write each progress preview as a JPEG into this directory.
     #[arg(long, value_name = "DIR")]
     pub previews: Option<PathBuf>,
-    /// Steps between previews [default: generation.preview_every].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    pub preview_every: Option<u32>,
+    /// Steps between previews [default: generation.preview_every]; previews go to --previews,
+    /// or to <out>-steps/ when only this is given.
+    #[arg(long, visible_alias = "preview-every", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub save_every: Option<u32>,
 }
 
 fn parse_pair(text: &str, separators: &[char], example: &str) -> Result<(u32, u32), String> {
@@ -359,6 +365,13 @@ fn imagine_blocking(
     args: ImagineArgs,
     cancel: &AtomicBool,
 ) -> anyhow::Result<()> {
+    if !args.device.eq_ignore_ascii_case("cpu") {
+        anyhow::bail!(
+            "--device {}: this build runs on the CPU only (GPU support comes with the `cuda` and \
+             `metal` build features)",
+            args.device
+        );
+    }
     let device = Device::Cpu;
     let tokenizer = ClipTokenizer::new();
     let options = ImagineOptions {
@@ -376,7 +389,9 @@ fn imagine_blocking(
         &args.prompt,
         &options,
         &settings.generation,
-        settings.models.allow_tiny,
+        // `models.allow_tiny` keeps the test models away from a server's users; on the command
+        // line they are always available.
+        true,
         auto,
         &tokenizer,
     )?;
@@ -384,20 +399,28 @@ fn imagine_blocking(
         eprintln!("note: {note}");
     }
     resolved.spec.noise_prompts = args.noise_prompt.clone();
-    if args.gif.is_some() {
+    if args.timelapse.is_some() {
         // About 50 frames whatever the length.
         resolved.spec.frame_every = (resolved.spec.steps / 50).max(1);
     }
-    match (&args.previews, args.preview_every) {
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("vqclip-{}.png", resolved.spec.seed)));
+    let previews = match (&args.previews, args.save_every) {
+        (Some(dir), _) => Some(dir.clone()),
+        (None, Some(_)) => Some(out.with_file_name(format!(
+            "{}-steps",
+            out.file_stem().unwrap_or_default().to_string_lossy()
+        ))),
+        (None, None) => None,
+    };
+    match (&previews, args.save_every) {
         (None, _) => resolved.spec.preview_every = 0,
         (Some(_), Some(n)) => resolved.spec.preview_every = n,
         (Some(_), None) => {}
     }
 
-    let vqgan_path = weights::resolve(&settings.models, resolved.vqgan)?;
-    let vqgan_path =
-        weights::prepare_for_loading(&vqgan_path, resolved.vqgan, &settings.models.cache_dir)?;
-    let clip_path = weights::resolve(&settings.models, resolved.clip)?;
     let parts = if args.init_image.is_some() {
         VqganParts::Full
     } else {
@@ -408,21 +431,40 @@ fn imagine_blocking(
     let clip_config =
         ClipConfig::preset(resolved.clip.id).context("no architecture for this CLIP")?;
     eprintln!("loading {} and {}…", resolved.vqgan.id, resolved.clip.id);
-    let vqgan = engine::load_vqgan(
-        resolved.vqgan.id,
-        std::slice::from_ref(&vqgan_path),
-        &vqgan_config,
-        parts,
-        &device,
-    )?;
-    let clip_vb = checkpoint::var_builder(std::slice::from_ref(&clip_path), DType::F32, &device)?;
-    let clip = Clip::new(clip_vb, &clip_config).with_context(|| {
-        format!(
-            "the weights in {} do not fit {}",
-            clip_path.display(),
-            resolved.clip.id
-        )
-    })?;
+    let vqgan = match weights_or_seeded(settings, resolved.vqgan)? {
+        Some(path) => {
+            let path =
+                weights::prepare_for_loading(&path, resolved.vqgan, &settings.models.cache_dir)?;
+            engine::load_vqgan(
+                resolved.vqgan.id,
+                std::slice::from_ref(&path),
+                &vqgan_config,
+                parts,
+                &device,
+            )?
+        }
+        None => Vqgan::new(
+            SeededWeights::new(0).var_builder(DType::F32, &device),
+            &vqgan_config,
+            parts,
+        )?,
+    };
+    let clip = match weights_or_seeded(settings, resolved.clip)? {
+        Some(path) => {
+            let vb = checkpoint::var_builder(std::slice::from_ref(&path), DType::F32, &device)?;
+            Clip::new(vb, &clip_config).with_context(|| {
+                format!(
+                    "the weights in {} do not fit {}",
+                    path.display(),
+                    resolved.clip.id
+                )
+            })?
+        }
+        None => Clip::new(
+            SeededWeights::new(1).var_builder(DType::F32, &device),
+            &clip_config,
+        )?,
+    };
     let models = Models {
         vqgan,
         clip,
@@ -439,16 +481,12 @@ fn imagine_blocking(
             image::read(path).with_context(|| format!("image prompt {}", path.display()))?;
         inputs.image_prompts.push((picture, 1.0, None));
     }
-    if let Some(dir) = &args.previews {
+    if let Some(dir) = &previews {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("Failed to create {}", dir.display()))?;
     }
 
     let spec = resolved.spec.clone();
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("vqclip-{}.png", spec.seed)));
     eprintln!(
         "{}x{}, {} steps, {} cutouts, seed {}",
         spec.width, spec.height, spec.steps, spec.cutn, spec.seed
@@ -466,7 +504,7 @@ fn imagine_blocking(
     let output = generator.run(cancel, |p| {
         bar.set_position(u64::from(p.iteration));
         bar.set_message(format!("loss {:.4}", p.loss));
-        if let (Some(dir), Some(preview)) = (&args.previews, &p.preview) {
+        if let (Some(dir), Some(preview)) = (&previews, &p.preview) {
             let path = dir.join(format!("{:05}.jpg", p.iteration - 1));
             if let Err(e) = std::fs::write(&path, &preview.jpeg) {
                 preview_error.get_or_insert(format!("Failed to write {}: {e}", path.display()));
@@ -483,8 +521,21 @@ fn imagine_blocking(
     }
     let seconds = started.elapsed().as_secs_f64();
 
-    std::fs::write(&out, &output.png)
-        .with_context(|| format!("Failed to write {}", out.display()))?;
+    let text = [
+        ("prompt", args.prompt.clone()),
+        ("seed", spec.seed.to_string()),
+        ("steps", spec.steps.to_string()),
+        ("size", format!("{}x{}", spec.width, spec.height)),
+        (
+            "models",
+            format!("{} + {}", resolved.vqgan.id, resolved.clip.id),
+        ),
+        ("software", format!("vqclip {}", env!("CARGO_PKG_VERSION"))),
+        ("vqclip:spec", serde_json::to_string(&spec)?),
+    ];
+    let png =
+        image::encode_png_with_text(&output.image, &text).context("Failed to encode the PNG")?;
+    std::fs::write(&out, png).with_context(|| format!("Failed to write {}", out.display()))?;
     let record = ImagineRecord {
         prompt: &args.prompt,
         spec: &spec,
@@ -500,7 +551,7 @@ fn imagine_blocking(
     let sidecar = out.with_extension("json");
     std::fs::write(&sidecar, serde_json::to_string_pretty(&record)?)
         .with_context(|| format!("Failed to write {}", sidecar.display()))?;
-    if let Some(gif) = &args.gif {
+    if let Some(gif) = &args.timelapse {
         let bytes =
             image::encode_gif(&output.frames, 100).context("Failed to encode the time-lapse")?;
         std::fs::write(gif, bytes).with_context(|| format!("Failed to write {}", gif.display()))?;
@@ -515,6 +566,16 @@ fn imagine_blocking(
         output.final_loss
     );
     Ok(())
+}
+
+/// The weight file of `model`, or `None` for a tiny test model with no file configured, which
+/// then runs on seeded random weights (meaningless pictures, the real pipeline, fully offline).
+fn weights_or_seeded(settings: &Settings, model: &ModelInfo) -> anyhow::Result<Option<PathBuf>> {
+    match weights::resolve(&settings.models, model) {
+        Ok(path) => Ok(Some(path)),
+        Err(weights::WeightsError::NoSource { .. }) if model.tiny => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Longest prompt shown in a listing before it is cut with "…".

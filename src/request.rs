@@ -113,9 +113,14 @@ pub fn resolve(
         ModelKind::Vqgan,
         allow_tiny,
     )?;
+    // The tiny VQGAN only makes sense with the tiny CLIP (and is only ever chosen on purpose).
+    let default_clip = match models::find("tiny_clip") {
+        Some(tiny) if vqgan.tiny => tiny,
+        _ => settings.default_clip,
+    };
     let clip = pick_model(
         options.clip.as_deref(),
-        settings.default_clip,
+        default_clip,
         ModelKind::Clip,
         allow_tiny,
     )?;

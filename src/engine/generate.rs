@@ -240,6 +240,22 @@ impl<'m> Generator<'m> {
                 "there is nothing to aim for: give a prompt".into(),
             ));
         }
+        let weights = spec
+            .prompts
+            .iter()
+            .map(|p| p.weight)
+            .chain(inputs.image_prompts.iter().map(|p| p.1))
+            .chain(spec.noise_prompts.iter().copied());
+        if weights.clone().any(|w| !w.is_finite()) {
+            return Err(GenerateError::InvalidSpec(
+                "a prompt weight is not a finite number".into(),
+            ));
+        }
+        if weights.clone().all(|w| w == 0.0) {
+            return Err(GenerateError::InvalidSpec(
+                "every prompt has weight 0: there is nothing to aim for".into(),
+            ));
+        }
         if spec.steps == 0 || spec.cutn == 0 {
             return Err(GenerateError::InvalidSpec(
                 "steps and cutouts must be at least 1".into(),

@@ -112,6 +112,45 @@ pub fn encode_png(image: &RgbImage) -> std::result::Result<Vec<u8>, image::Image
     Ok(out)
 }
 
+/// Encodes PNG bytes with UTF-8 text chunks (`iTXt`), e.g. the prompt and seed, which image
+/// viewers show and which make a shared file reproducible.
+pub fn encode_png_with_text(
+    image: &RgbImage,
+    text: &[(&str, String)],
+) -> std::result::Result<Vec<u8>, png::EncodingError> {
+    let mut out = Vec::new();
+    let (w, h) = image.dimensions();
+    let mut encoder = png::Encoder::new(&mut out, w, h);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    for (key, value) in text {
+        encoder.add_itxt_chunk((*key).to_owned(), value.clone())?;
+    }
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(image.as_raw())?;
+    writer.finish()?;
+    Ok(out)
+}
+
+/// The UTF-8 text chunks of PNG bytes, as (keyword, text) pairs.
+pub fn png_text(bytes: &[u8]) -> std::result::Result<Vec<(String, String)>, png::DecodingError> {
+    let mut decoder = png::Decoder::new(Cursor::new(bytes));
+    decoder.set_ignore_text_chunk(false);
+    let reader = decoder.read_info()?;
+    let info = reader.info();
+    let mut pairs: Vec<(String, String)> = info
+        .utf8_text
+        .iter()
+        .filter_map(|c| Some((c.keyword.clone(), c.get_text().ok()?)))
+        .collect();
+    pairs.extend(
+        info.uncompressed_latin1_text
+            .iter()
+            .map(|c| (c.keyword.clone(), c.text.clone())),
+    );
+    Ok(pairs)
+}
+
 /// Encodes JPEG bytes at `quality` (1–100).
 pub fn encode_jpeg(
     image: &RgbImage,
@@ -216,6 +255,26 @@ mod tests {
         let png = encode_png(&RgbImage::from_pixel(64, 64, image::Rgb([9, 9, 9]))).unwrap();
         let err = decode(&png[..png.len() / 2]).unwrap_err();
         assert!(matches!(err, ImageError::Decode(_)), "{err}");
+    }
+
+    #[test]
+    fn png_text_chunks_round_trip_unicode() {
+        let img = RgbImage::from_pixel(3, 2, image::Rgb([1, 2, 3]));
+        let text = [
+            ("prompt", "a café at 3:30 ☕ | fog:-0.5".to_owned()),
+            ("seed", u64::MAX.to_string()),
+        ];
+        let png = encode_png_with_text(&img, &text).unwrap();
+        assert_eq!(decode(&png).unwrap(), img);
+        let read = png_text(&png).unwrap();
+        assert!(
+            read.contains(&("prompt".to_owned(), text[0].1.clone())),
+            "{read:?}"
+        );
+        assert!(
+            read.contains(&("seed".to_owned(), "18446744073709551615".to_owned())),
+            "{read:?}"
+        );
     }
 
     #[test]

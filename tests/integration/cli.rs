@@ -371,3 +371,69 @@ fn imagine_explains_bad_requests_and_missing_models() {
         "{stderr}"
     );
 }
+
+#[test]
+fn imagine_runs_the_tiny_models_on_seeded_weights_with_no_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |seed: &str, out: &str| {
+        let prompt = format!("a red apple:1 | green:-0.5 --seed {seed}");
+        vqclip(
+            dir.path(),
+            &[
+                "imagine", &prompt, "--model", "tiny", "--steps", "3", "--size", "32x32", "--cutn",
+                "2", "-o", out,
+            ],
+            &[],
+        )
+    };
+    let a = run("7", "a.png");
+    assert_eq!(a.status.code(), Some(0), "{}", text(&a.stderr));
+    let b = run("7", "b.png");
+    assert_eq!(b.status.code(), Some(0), "{}", text(&b.stderr));
+    let c = run("8", "c.png");
+    assert_eq!(c.status.code(), Some(0), "{}", text(&c.stderr));
+    let read = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
+    assert!(read("a.png") == read("b.png"), "same seed, different bytes");
+    assert!(read("a.png") != read("c.png"), "another seed, same bytes");
+    let chunks = vqclip::engine::image::png_text(&read("a.png")).unwrap();
+    let get = |key: &str| {
+        chunks
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(
+        get("prompt").as_deref(),
+        Some("a red apple:1 | green:-0.5 --seed 7")
+    );
+    assert_eq!(get("seed").as_deref(), Some("7"));
+    assert_eq!(get("models").as_deref(), Some("tiny_vqgan + tiny_clip"));
+    assert!(get("software").is_some_and(|s| s.starts_with("vqclip ")));
+}
+
+#[test]
+fn imagine_refuses_prompts_with_nothing_to_aim_for_and_unknown_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = vqclip(
+        dir.path(),
+        &["imagine", "a:0 | b:0", "--model", "tiny", "--size", "32x32"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("weight 0"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = vqclip(
+        dir.path(),
+        &["imagine", "a fox", "--model", "tiny", "--device", "cuda:0"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("CPU only"),
+        "{}",
+        text(&out.stderr)
+    );
+}
