@@ -12,16 +12,17 @@
 //!   messages. It knows Discord; nothing below it does.
 //! - `jobs` is the per-device scheduler: a fair queue, one OS thread per GPU, progress events,
 //!   cancellation, crash recovery. It knows neither Discord nor how images are made.
-//! - `engine` is the synchronous VQGAN+CLIP optimisation on candle. It knows nothing of tokio,
+//! - [`engine`] is the synchronous VQGAN+CLIP optimisation on candle. It knows nothing of tokio,
 //!   Discord, SQL or the network: it takes weight files and a spec and reports through a
 //!   callback.
 //! - [`store`] is the SQLite database (sqlx, migrations), used by `bot` and `jobs`.
 //! - [`config`] loads and validates the configuration; [`models`] is the catalogue of model
-//!   names and where their weights come from; [`telemetry`] sets up logging; [`cli`] is the
+//!   names and where their weights come from; [`weights`] finds their files; [`request`] turns
+//!   what a user typed into an engine spec; [`telemetry`] sets up logging; [`cli`] is the
 //!   command line the binary runs.
 //!
-//! Modules appear as their issues land: today the configuration, the store, the model catalogue
-//! and the command line exist; `engine`, `jobs` and `bot` follow.
+//! Modules appear as their issues land: the configuration, the store, the catalogue, the
+//! [`engine`] and the command line exist; `jobs` and `bot` follow.
 
 pub mod cli;
 pub mod config;
