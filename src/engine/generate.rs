@@ -143,6 +143,9 @@ pub struct Models {
 /// Inputs that are not part of the stored spec (uploads), given per run.
 #[derive(Debug, Clone, Default)]
 pub struct GenerationInputs {
+    /// Start from this latent `[1, embed_dim, h, w]` (a finished job's, see [`upscale_latent`]
+    /// and [`vary_latent`]); it wins over `init_image`.
+    pub init_latent: Option<Tensor>,
     /// Start from this image (encoded by the VQGAN) instead of random tokens.
     pub init_image: Option<RgbImage>,
     /// Image prompts: the image, its weight and stop.
@@ -269,13 +272,25 @@ impl<'m> Generator<'m> {
         );
 
         // 1. The starting latent.
-        let z_init = match &inputs.init_image {
-            Some(image) => {
+        let z_init = match (&inputs.init_latent, &inputs.init_image) {
+            (Some(z), _) => {
+                let expected = [1, models.vqgan.config().embed_dim, toks_y, toks_x];
+                if z.dims() != expected {
+                    return Err(GenerateError::InvalidSpec(format!(
+                        "the starting latent is {:?}; a {}x{} image needs {expected:?}",
+                        z.dims(),
+                        spec.width,
+                        spec.height
+                    )));
+                }
+                z.detach().to_device(&device)?
+            }
+            (None, Some(image)) => {
                 let resized = img::resize_exact(image, spec.width, spec.height);
                 let pixels = img::rgb_to_tensor(&resized, &device)?;
                 models.vqgan.encode(&pixels)?.quantized.z_q
             }
-            None => {
+            (None, None) => {
                 let n_embed = models.vqgan.config().n_embed as u32;
                 let indices: Vec<u32> = (0..toks_x * toks_y)
                     .map(|_| rng.random_range(0..n_embed))
@@ -434,6 +449,28 @@ impl<'m> Generator<'m> {
         }
         self.finish()
     }
+}
+
+/// The start of an upscale: a finished latent upsampled ×2 (nearest), for a run at twice the
+/// width and height that continues where the first one ended.
+pub fn upscale_latent(latent: &Tensor) -> CandleResult<Tensor> {
+    super::ops::upsample_nearest_2x(&latent.detach())
+}
+
+/// The start of a variation: a finished latent plus `strength`·N(0, 1) noise drawn from `seed`
+/// (deterministic), for a run with the same prompt.
+pub fn vary_latent(latent: &Tensor, seed: u64, strength: f64) -> CandleResult<Tensor> {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let noise: Vec<f32> = (0..latent.elem_count())
+        .map(|_| {
+            let n: f32 = StandardNormal.sample(&mut rng);
+            n * strength as f32
+        })
+        .collect();
+    let noise = Tensor::from_vec(noise, latent.shape(), &Device::Cpu)?
+        .to_dtype(latent.dtype())?
+        .to_device(latent.device())?;
+    latent.detach() + noise
 }
 
 /// Token ids for a text tower whose vocabulary may be smaller than OpenAI's (the tiny test

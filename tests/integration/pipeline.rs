@@ -277,3 +277,71 @@ fn bad_specs_are_refused_with_a_reason() {
         Err(GenerateError::InvalidSpec(_))
     ));
 }
+
+#[test]
+fn upscales_and_variations_continue_from_a_finished_latent() {
+    use vqclip::engine::generate::{upscale_latent, vary_latent};
+    let models = tiny_models();
+    let first = run(&models, spec(4), GenerationInputs::default()).unwrap();
+
+    // Upscale: twice the size, starting from the finished latent.
+    let up = upscale_latent(&first.latent).unwrap();
+    assert_eq!(up.dims(), [1, 16, 12, 16]);
+    let bigger = GenerationSpec {
+        width: 64,
+        height: 48,
+        steps: 2,
+        ..spec(4)
+    };
+    let inputs = GenerationInputs {
+        init_latent: Some(up),
+        ..Default::default()
+    };
+    let upscaled = run(&models, bigger, inputs).unwrap();
+    assert_eq!(upscaled.image.dimensions(), (64, 48));
+
+    // Variation: same size, the finished latent plus seeded noise; deterministic per seed.
+    let a = vary_latent(&first.latent, 1, 0.5).unwrap();
+    let b = vary_latent(&first.latent, 1, 0.5).unwrap();
+    let c = vary_latent(&first.latent, 2, 0.5).unwrap();
+    let diff = |x: &candle_core::Tensor, y: &candle_core::Tensor| {
+        (x - y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    assert_eq!(diff(&a, &b), 0.0);
+    assert!(diff(&a, &c) > 0.0 && diff(&a, &first.latent) > 0.0);
+    let varied = run(
+        &models,
+        spec(4),
+        GenerationInputs {
+            init_latent: Some(a),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(varied.image.dimensions(), (32, 24));
+
+    // A latent of the wrong size is refused with the sizes in the message.
+    let wrong = GenerationInputs {
+        init_latent: Some(first.latent.clone()),
+        ..Default::default()
+    };
+    let err = Generator::new(
+        &models,
+        GenerationSpec {
+            width: 64,
+            height: 48,
+            ..spec(4)
+        },
+        wrong,
+    )
+    .err()
+    .expect("refused");
+    assert!(err.to_string().contains("64x48"), "{err}");
+}
