@@ -284,3 +284,28 @@ fn full_size_architectures_have_the_published_parameter_counts() {
         );
     }
 }
+
+#[test]
+fn clip_presets_have_the_published_parameter_counts() {
+    use vqclip::engine::clip::{Clip, ClipConfig};
+    // Millions of parameters of Hugging Face's CLIPModel for each OpenAI checkpoint (less the
+    // unused logit_scale), which also sets the download size: 4 bytes each in f32.
+    let cases = [
+        (ClipConfig::vit_b32(), 151.3),
+        (ClipConfig::vit_b16(), 149.6),
+        (ClipConfig::vit_l14(), 427.6),
+        (ClipConfig::vit_l14_336(), 427.9),
+    ];
+    for (cfg, expected) in cases {
+        let total = Arc::new(AtomicUsize::new(0));
+        let vb =
+            VarBuilder::from_backend(Box::new(Counting(total.clone())), DType::F32, Device::Cpu);
+        Clip::new(vb, &cfg).unwrap();
+        let got = total.load(Ordering::Relaxed) as f64 / 1e6;
+        assert!(
+            (got - expected).abs() < 0.1,
+            "{:?}: {got:.2} M parameters, expected {expected} M",
+            cfg.vision.patch_size
+        );
+    }
+}
