@@ -67,6 +67,16 @@ pub enum Command {
     /// Look at jobs in the database.
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// See which models vqclip knows and whether their weights are on this machine.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+}
+
+/// `vqclip models …`
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    /// List every known model, where its weights come from, and whether they are here.
+    List,
 }
 
 /// `vqclip config …`
@@ -120,6 +130,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Db(DbCommand::Migrate) => db_migrate(config, &env).await,
         Command::Jobs(JobsCommand::List(args)) => jobs_list(config, &env, &args).await,
         Command::Imagine(args) => imagine(config, &env, *args).await,
+        Command::Models(ModelsCommand::List) => models_list(config, &env),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -576,6 +587,47 @@ fn weights_or_seeded(settings: &Settings, model: &ModelInfo) -> anyhow::Result<O
         Err(weights::WeightsError::NoSource { .. }) if model.tiny => Ok(None),
         Err(e) => Err(e.into()),
     }
+}
+
+fn models_list(config: Option<&Path>, env: &Environment) -> anyhow::Result<()> {
+    let Ok(settings) = load_settings(config, env) else {
+        anyhow::bail!("cannot list models without a valid configuration");
+    };
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(["model", "kind", "source", "here", "about"]);
+    for model in crate::models::CATALOGUE {
+        let source = match settings.models.source(model) {
+            Some(crate::config::ModelSource::Local { path }) => path.display().to_string(),
+            Some(crate::config::ModelSource::Hub {
+                repo,
+                file,
+                revision,
+            }) => {
+                format!("{repo} {file} @ {revision}")
+            }
+            None if model.tiny => "seeded random weights".to_owned(),
+            None => "none configured".to_owned(),
+        };
+        let here = match weights::resolve(&settings.models, model) {
+            Ok(_) => "yes",
+            Err(_) if model.tiny => "built in",
+            Err(weights::WeightsError::NotCached { .. }) => "not downloaded",
+            Err(_) => "no",
+        };
+        table.add_row([
+            model.id,
+            &model.kind.to_string(),
+            &source,
+            here,
+            model.description,
+        ]);
+    }
+    println!("{table}");
+    println!("cache: {}", settings.models.cache_dir.display());
+    Ok(())
 }
 
 /// Longest prompt shown in a listing before it is cut with "…".

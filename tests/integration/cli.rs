@@ -437,3 +437,35 @@ fn imagine_refuses_prompts_with_nothing_to_aim_for_and_unknown_devices() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn models_list_shows_sources_and_what_is_here() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(&dir);
+    let out = vqclip(dir.path(), &["--config", &config, "models", "list"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let listing = text(&out.stdout);
+    let line = |id: &str| {
+        listing
+            .lines()
+            .find(|l| l.contains(id))
+            .unwrap_or_else(|| panic!("{id} missing:\n{listing}"))
+            .to_owned()
+    };
+    assert!(
+        line("imagenet_f16_16384").contains("not downloaded"),
+        "{listing}"
+    );
+    assert!(
+        line("imagenet_f16_16384").contains("Somnai/pytti-vqgan-checkpoints"),
+        "{listing}"
+    );
+    assert!(
+        line("imagenet_f16_1024").contains("none configured"),
+        "{listing}"
+    );
+    assert!(
+        line("tiny_vqgan").contains("yes") && line("tiny_vqgan").contains("tiny_vqgan.ckpt"),
+        "{listing}"
+    );
+}
