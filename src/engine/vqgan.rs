@@ -247,11 +247,53 @@ impl Module for MidBlock {
     }
 }
 
-/// One decoder level: blocks, optional attention after each, optional upsampling.
+/// The residual blocks of one level, each followed by attention where the level has it
+/// (`{up,down}.{level}.block.{j}` and `.attn.{j}`). The first block changes the width.
 #[derive(Debug, Clone)]
-struct UpLevel {
+struct BlockStack {
     blocks: Vec<ResnetBlock>,
     attns: Vec<AttnBlock>,
+}
+
+impl BlockStack {
+    fn new(
+        vb: VarBuilder,
+        cfg: &VqganConfig,
+        level: usize,
+        count: usize,
+        c_in: usize,
+        c_out: usize,
+    ) -> Result<Self> {
+        let mut blocks = Vec::with_capacity(count);
+        let mut attns = Vec::new();
+        for j in 0..count {
+            let c = if j == 0 { c_in } else { c_out };
+            blocks.push(ResnetBlock::new(vb.pp("block").pp(j), cfg, c, c_out)?);
+            if cfg.has_attention(level) {
+                attns.push(AttnBlock::new(vb.pp("attn").pp(j), cfg, c_out)?);
+            }
+        }
+        Ok(Self { blocks, attns })
+    }
+}
+
+impl Module for BlockStack {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.clone();
+        for (j, block) in self.blocks.iter().enumerate() {
+            h = block.forward(&h)?;
+            if let Some(attn) = self.attns.get(j) {
+                h = attn.forward(&h)?;
+            }
+        }
+        Ok(h)
+    }
+}
+
+/// One decoder level: blocks, optional upsampling.
+#[derive(Debug, Clone)]
+struct UpLevel {
+    stack: BlockStack,
     upsample: Option<FrozenConv2d>,
 }
 
@@ -279,20 +321,15 @@ impl Decoder {
         for level in (0..levels).rev() {
             let vb_level = vb.pp("up").pp(level);
             let block_out = cfg.ch * cfg.ch_mult[level];
-            let mut blocks = Vec::new();
-            let mut attns = Vec::new();
-            for j in 0..=cfg.num_res_blocks {
-                blocks.push(ResnetBlock::new(
-                    vb_level.pp("block").pp(j),
-                    cfg,
-                    block_in,
-                    block_out,
-                )?);
-                block_in = block_out;
-                if cfg.has_attention(level) {
-                    attns.push(AttnBlock::new(vb_level.pp("attn").pp(j), cfg, block_in)?);
-                }
-            }
+            let stack = BlockStack::new(
+                vb_level.clone(),
+                cfg,
+                level,
+                cfg.num_res_blocks + 1,
+                block_in,
+                block_out,
+            )?;
+            block_in = block_out;
             let upsample = (level != 0)
                 .then(|| {
                     FrozenConv2d::load(
@@ -305,11 +342,7 @@ impl Decoder {
                     )
                 })
                 .transpose()?;
-            up.push(UpLevel {
-                blocks,
-                attns,
-                upsample,
-            });
+            up.push(UpLevel { stack, upsample });
         }
         up.reverse();
         Ok(Self {
@@ -332,12 +365,7 @@ impl Module for Decoder {
         let mut h = self.conv_in.forward(z)?;
         h = self.mid.forward(&h)?;
         for level in self.up.iter().rev() {
-            for (j, block) in level.blocks.iter().enumerate() {
-                h = block.forward(&h)?;
-                if let Some(attn) = level.attns.get(j) {
-                    h = attn.forward(&h)?;
-                }
-            }
+            h = level.stack.forward(&h)?;
             if let Some(conv) = &level.upsample {
                 h = conv.forward_upsampled(&h)?;
             }
@@ -346,11 +374,10 @@ impl Module for Decoder {
     }
 }
 
-/// One encoder level: blocks, optional attention after each, optional downsampling.
+/// One encoder level: blocks, optional downsampling.
 #[derive(Debug, Clone)]
 struct DownLevel {
-    blocks: Vec<ResnetBlock>,
-    attns: Vec<AttnBlock>,
+    stack: BlockStack,
     downsample: Option<FrozenConv2d>,
 }
 
@@ -375,19 +402,16 @@ impl Encoder {
         for level in 0..levels {
             let vb_level = vb.pp("down").pp(level);
             let block_out = cfg.ch * cfg.ch_mult[level];
-            let mut blocks = Vec::new();
-            let mut attns = Vec::new();
-            for j in 0..cfg.num_res_blocks {
-                blocks.push(ResnetBlock::new(
-                    vb_level.pp("block").pp(j),
-                    cfg,
-                    block_in,
-                    block_out,
-                )?);
+            let stack = BlockStack::new(
+                vb_level.clone(),
+                cfg,
+                level,
+                cfg.num_res_blocks,
+                block_in,
+                block_out,
+            )?;
+            if cfg.num_res_blocks > 0 {
                 block_in = block_out;
-                if cfg.has_attention(level) {
-                    attns.push(AttnBlock::new(vb_level.pp("attn").pp(j), cfg, block_in)?);
-                }
             }
             // taming pads right/bottom by one, then convolves with stride 2 and no padding.
             let downsample = (level != levels - 1)
@@ -402,11 +426,7 @@ impl Encoder {
                     )
                 })
                 .transpose()?;
-            down.push(DownLevel {
-                blocks,
-                attns,
-                downsample,
-            });
+            down.push(DownLevel { stack, downsample });
         }
         Ok(Self {
             conv_in,
@@ -427,12 +447,7 @@ impl Module for Encoder {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = self.conv_in.forward(x)?;
         for level in &self.down {
-            for (j, block) in level.blocks.iter().enumerate() {
-                h = block.forward(&h)?;
-                if let Some(attn) = level.attns.get(j) {
-                    h = attn.forward(&h)?;
-                }
-            }
+            h = level.stack.forward(&h)?;
             if let Some(conv) = &level.downsample {
                 h = conv.forward(&h.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?)?;
             }
