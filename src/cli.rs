@@ -24,6 +24,7 @@ use crate::engine::random::SeededWeights;
 use crate::engine::tokenizer::ClipTokenizer;
 use crate::engine::vqgan::{Vqgan, VqganConfig, VqganParts};
 use crate::engine::{self, checkpoint, image};
+use crate::hub::{BarProgress, Hub, HubError};
 use crate::models::ModelInfo;
 use crate::request::{self, ImagineOptions};
 use crate::store::{self, jobs};
@@ -77,6 +78,22 @@ pub enum Command {
 pub enum ModelsCommand {
     /// List every known model, where its weights come from, and whether they are here.
     List,
+    /// Download models' weights into the cache and check their SHA-256; an interrupted
+    /// download resumes where it stopped.
+    Download(ModelSelection),
+    /// Hash the weights on this machine and compare them with the pinned or published SHA-256.
+    /// Exits 1 if any file differs.
+    Verify(ModelSelection),
+}
+
+/// Which models `vqclip models download|verify` works on.
+#[derive(Debug, Args)]
+pub struct ModelSelection {
+    /// Model ids or aliases [default: the configured default VQGAN and CLIP].
+    pub models: Vec<String>,
+    /// Every model: all that can be downloaded (download) or all that are here (verify).
+    #[arg(long, conflicts_with = "models")]
+    pub all: bool,
 }
 
 /// `vqclip config …`
@@ -131,6 +148,12 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Jobs(JobsCommand::List(args)) => jobs_list(config, &env, &args).await,
         Command::Imagine(args) => imagine(config, &env, *args).await,
         Command::Models(ModelsCommand::List) => models_list(config, &env),
+        Command::Models(ModelsCommand::Download(selection)) => {
+            models_download(config, &env, &selection).await
+        }
+        Command::Models(ModelsCommand::Verify(selection)) => {
+            models_verify(config, &env, &selection)
+        }
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -350,6 +373,10 @@ async fn imagine(
     let Ok(settings) = load_settings(config, env) else {
         anyhow::bail!("cannot generate without a valid configuration");
     };
+    let resolved = resolve_imagine(&settings, &args)?;
+    let hub = Hub::new(&settings.models)?;
+    let vqgan_weights = weights_or_seeded(&hub, resolved.vqgan).await?;
+    let clip_weights = weights_or_seeded(&hub, resolved.clip).await?;
     let cancel = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let worker_cancel = cancel.clone();
@@ -357,7 +384,14 @@ async fn imagine(
     std::thread::Builder::new()
         .name("imagine".into())
         .spawn(move || {
-            let _ = done_tx.send(imagine_blocking(&settings, args, &worker_cancel));
+            let weights = (vqgan_weights, clip_weights);
+            let _ = done_tx.send(imagine_blocking(
+                &settings,
+                args,
+                resolved,
+                weights,
+                &worker_cancel,
+            ));
         })
         .context("Failed to start the generation thread")?;
     tokio::pin!(done_rx);
@@ -371,11 +405,8 @@ async fn imagine(
     }
 }
 
-fn imagine_blocking(
-    settings: &Settings,
-    args: ImagineArgs,
-    cancel: &AtomicBool,
-) -> anyhow::Result<()> {
+/// Checks the device and turns the prompt and flags into a spec, printing the notes.
+fn resolve_imagine(settings: &Settings, args: &ImagineArgs) -> anyhow::Result<request::Resolved> {
     if !args.device.eq_ignore_ascii_case("cpu") {
         anyhow::bail!(
             "--device {}: this build runs on the CPU only (GPU support comes with the `cuda` and \
@@ -383,7 +414,6 @@ fn imagine_blocking(
             args.device
         );
     }
-    let device = Device::Cpu;
     let tokenizer = ClipTokenizer::new();
     let options = ImagineOptions {
         seed: args.seed,
@@ -414,6 +444,18 @@ fn imagine_blocking(
         // About 50 frames whatever the length.
         resolved.spec.frame_every = (resolved.spec.steps / 50).max(1);
     }
+    Ok(resolved)
+}
+
+fn imagine_blocking(
+    settings: &Settings,
+    args: ImagineArgs,
+    mut resolved: request::Resolved,
+    (vqgan_weights, clip_weights): (Option<PathBuf>, Option<PathBuf>),
+    cancel: &AtomicBool,
+) -> anyhow::Result<()> {
+    let device = Device::Cpu;
+    let tokenizer = ClipTokenizer::new();
     let out = args
         .out
         .clone()
@@ -442,7 +484,7 @@ fn imagine_blocking(
     let clip_config =
         ClipConfig::preset(resolved.clip.id).context("no architecture for this CLIP")?;
     eprintln!("loading {} and {}…", resolved.vqgan.id, resolved.clip.id);
-    let vqgan = match weights_or_seeded(settings, resolved.vqgan)? {
+    let vqgan = match vqgan_weights {
         Some(path) => {
             let path =
                 weights::prepare_for_loading(&path, resolved.vqgan, &settings.models.cache_dir)?;
@@ -460,7 +502,7 @@ fn imagine_blocking(
             parts,
         )?,
     };
-    let clip = match weights_or_seeded(settings, resolved.clip)? {
+    let clip = match clip_weights {
         Some(path) => {
             let vb = checkpoint::var_builder(std::slice::from_ref(&path), DType::F32, &device)?;
             Clip::new(vb, &clip_config).with_context(|| {
@@ -579,12 +621,13 @@ fn imagine_blocking(
     Ok(())
 }
 
-/// The weight file of `model`, or `None` for a tiny test model with no file configured, which
-/// then runs on seeded random weights (meaningless pictures, the real pipeline, fully offline).
-fn weights_or_seeded(settings: &Settings, model: &ModelInfo) -> anyhow::Result<Option<PathBuf>> {
-    match weights::resolve(&settings.models, model) {
+/// The weight file of `model`, downloaded on first use, or `None` for a tiny test model with no
+/// file configured, which then runs on seeded random weights (meaningless pictures, the real
+/// pipeline, fully offline).
+async fn weights_or_seeded(hub: &Hub, model: &ModelInfo) -> anyhow::Result<Option<PathBuf>> {
+    match hub.fetch(model, BarProgress::new(model.id)).await {
         Ok(path) => Ok(Some(path)),
-        Err(weights::WeightsError::NoSource { .. }) if model.tiny => Ok(None),
+        Err(HubError::Weights(weights::WeightsError::NoSource { .. })) if model.tiny => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
@@ -605,6 +648,7 @@ fn models_list(config: Option<&Path>, env: &Environment) -> anyhow::Result<()> {
                 repo,
                 file,
                 revision,
+                ..
             }) => {
                 format!("{repo} {file} @ {revision}")
             }
@@ -627,6 +671,124 @@ fn models_list(config: Option<&Path>, env: &Environment) -> anyhow::Result<()> {
     }
     println!("{table}");
     println!("cache: {}", settings.models.cache_dir.display());
+    Ok(())
+}
+
+/// The models a `download`/`verify` selection names: those given, every one for `--all`, or the
+/// configured defaults.
+fn select_models(
+    settings: &Settings,
+    selection: &ModelSelection,
+) -> anyhow::Result<Vec<&'static ModelInfo>> {
+    if selection.all {
+        return Ok(crate::models::CATALOGUE.iter().collect());
+    }
+    if selection.models.is_empty() {
+        return Ok(vec![
+            settings.generation.default_vqgan,
+            settings.generation.default_clip,
+        ]);
+    }
+    selection
+        .models
+        .iter()
+        .map(|name| {
+            crate::models::find(name).with_context(|| {
+                let ids: Vec<&str> = crate::models::CATALOGUE.iter().map(|m| m.id).collect();
+                format!("unknown model {name:?}; known: {}", ids.join(", "))
+            })
+        })
+        .collect()
+}
+
+async fn models_download(
+    config: Option<&Path>,
+    env: &Environment,
+    selection: &ModelSelection,
+) -> anyhow::Result<()> {
+    let Ok(settings) = load_settings(config, env) else {
+        anyhow::bail!("cannot download without a valid configuration");
+    };
+    let hub = Hub::new(&settings.models)?;
+    let mut failed = 0;
+    for model in select_models(&settings, selection)? {
+        let downloadable = matches!(
+            settings.models.source(model),
+            Some(crate::config::ModelSource::Hub { .. })
+        );
+        if selection.all && !downloadable {
+            // `--all` means every model that has somewhere to come from.
+            continue;
+        }
+        match hub.fetch(model, BarProgress::new(model.id)).await {
+            Ok(path) => println!("{}: {}", model.id, path.display()),
+            Err(HubError::Weights(weights::WeightsError::NoSource { .. })) if model.tiny => {
+                println!("{}: seeded random weights, nothing to download", model.id);
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("error: {}: {e}", model.id);
+            }
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} model(s) could not be downloaded");
+    }
+    Ok(())
+}
+
+fn models_verify(
+    config: Option<&Path>,
+    env: &Environment,
+    selection: &ModelSelection,
+) -> anyhow::Result<()> {
+    let Ok(settings) = load_settings(config, env) else {
+        anyhow::bail!("cannot verify without a valid configuration");
+    };
+    let explicit = !selection.all && !selection.models.is_empty();
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(["model", "result", "sha256", "file"]);
+    let (mut bad, mut missing) = (0, 0);
+    for model in select_models(&settings, selection)? {
+        let path = match weights::resolve(&settings.models, model) {
+            Ok(path) => path,
+            Err(e) => {
+                // Only a model asked for by name must be present.
+                if explicit {
+                    missing += 1;
+                    eprintln!("error: {}: {e}", model.id);
+                }
+                continue;
+            }
+        };
+        let pinned = match settings.models.source(model) {
+            Some(crate::config::ModelSource::Hub { sha256, .. }) => sha256.clone(),
+            _ => None,
+        };
+        let v = crate::hub::verify_file(&path, pinned)?;
+        let result = match &v.expected {
+            None => "ok (nothing to compare with)".to_owned(),
+            Some((_, origin)) if v.matches() => format!("ok (matches {origin})"),
+            Some((expected, origin)) => {
+                bad += 1;
+                format!("DIFFERS from {origin}: {expected}")
+            }
+        };
+        table.add_row([model.id, &result, &v.sha256, &path.display().to_string()]);
+    }
+    println!("{table}");
+    if bad > 0 {
+        anyhow::bail!(
+            "{bad} file(s) differ from their published digest: delete them and run `vqclip models \
+             download` again"
+        );
+    }
+    if missing > 0 {
+        anyhow::bail!("{missing} model(s) are not on this machine");
+    }
     Ok(())
 }
 

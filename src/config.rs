@@ -155,14 +155,21 @@ pub struct GenerationSettings {
 }
 
 /// `[models]`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ModelSettings {
     /// Hugging Face Hub cache directory downloads go to and are looked up in.
     pub cache_dir: PathBuf,
     /// Hub (or mirror) base URL.
     pub hub_endpoint: Url,
-    /// Never contact the Hub; only local paths and the cache are used.
+    /// Never contact the Hub; only local paths and the cache are used (`HF_HUB_OFFLINE=1` too).
     pub offline: bool,
+    /// Access token for private or gated repositories, from the `HF_TOKEN` environment variable
+    /// only, so it never sits in a configuration file.
+    #[serde(
+        serialize_with = "serialize_redacted",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub hub_token: Option<SecretString>,
     /// Whether the tiny random-weight test models may be used.
     pub allow_tiny: bool,
     /// Where each model's weights come from, by model id; models with no known source are absent.
@@ -194,6 +201,10 @@ pub enum ModelSource {
         file: String,
         /// Branch, tag or commit.
         revision: String,
+        /// Expected SHA-256 of the file (lowercase hex), pinning its exact content; without it a
+        /// download is checked against the digest the Hub publishes for large files.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
     },
 }
 
@@ -685,6 +696,7 @@ struct RawModelOverride {
     repo: Option<String>,
     file: Option<String>,
     revision: Option<String>,
+    sha256: Option<String>,
 }
 
 /// A list given as a TOML array, a single value, or a comma-separated string (handy in
@@ -1077,6 +1089,14 @@ fn validate_model_name(
     }
 }
 
+/// How `huggingface_hub` reads boolean environment variables such as `HF_HUB_OFFLINE`.
+fn truthy(value: &str) -> bool {
+    matches!(
+        value.trim().to_ascii_lowercase().as_str(),
+        "1" | "on" | "yes" | "true"
+    )
+}
+
 fn validate_models(raw: RawModels, env: &Environment, p: &mut Problems) -> ModelSettings {
     // Same precedence as the huggingface_hub library, so an existing cache is found.
     let cache_dir = if !raw.cache_dir.trim().is_empty() {
@@ -1146,7 +1166,10 @@ fn validate_models(raw: RawModels, env: &Environment, p: &mut Problems) -> Model
     ModelSettings {
         cache_dir,
         hub_endpoint,
-        offline: raw.offline,
+        offline: raw.offline || env.non_empty("HF_HUB_OFFLINE").is_some_and(truthy),
+        hub_token: env
+            .non_empty("HF_TOKEN")
+            .map(|t| SecretString::from(t.trim().to_owned())),
         allow_tiny: raw.allow_tiny,
         sources,
     }
@@ -1159,11 +1182,11 @@ fn resolve_source(
 ) -> Option<ModelSource> {
     let key = |field: &str| format!("models.{}.{field}", model.id);
     if let Some(path) = o.path {
-        if o.repo.is_some() || o.file.is_some() || o.revision.is_some() {
+        if o.repo.is_some() || o.file.is_some() || o.revision.is_some() || o.sha256.is_some() {
             p.add(
                 key("path"),
                 None,
-                "give either path or repo/file/revision, not both",
+                "give either path or repo/file/revision/sha256, not both",
             );
         }
         let path = PathBuf::from(path.trim());
@@ -1217,10 +1240,20 @@ fn resolve_source(
         "\"\"",
         "expected a branch, tag or commit",
     );
+    let sha256 = o.sha256.map(|d| d.trim().to_ascii_lowercase());
+    if let Some(digest) = &sha256 {
+        p.check(
+            digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()),
+            &key("sha256"),
+            format!("{digest:?}"),
+            "expected 64 hexadecimal digits",
+        );
+    }
     Some(ModelSource::Hub {
         repo,
         file,
         revision,
+        sha256,
     })
 }
 
@@ -1270,7 +1303,8 @@ mod tests {
             Some(&ModelSource::Hub {
                 repo: "openai/clip-vit-base-patch32".into(),
                 file: "model.safetensors".into(),
-                revision: "refs/pr/15".into()
+                revision: "refs/pr/15".into(),
+                sha256: None,
             })
         );
         assert_eq!(
@@ -1554,6 +1588,42 @@ mod tests {
         .unwrap();
         assert_eq!(s.models.cache_dir, PathBuf::from("/mine"));
         assert_eq!(s.models.hub_endpoint.as_str(), "http://127.0.0.1:9/");
+        assert!(!s.models.offline);
+        assert!(s.models.hub_token.is_none());
+
+        let s = Settings::from_toml(
+            "",
+            &env(&[("HF_HUB_OFFLINE", "1"), ("HF_TOKEN", "hf_secretvalue")]),
+        )
+        .unwrap();
+        assert!(s.models.offline);
+        assert_eq!(
+            s.models.hub_token.as_ref().map(|t| t.expose_secret()),
+            Some("hf_secretvalue")
+        );
+        let printed = s.to_redacted_toml();
+        assert!(!printed.contains("hf_secretvalue"), "{printed}");
+        assert!(!format!("{s:?}").contains("hf_secretvalue"));
+        let s = Settings::from_toml("", &env(&[("HF_HUB_OFFLINE", "0")])).unwrap();
+        assert!(!s.models.offline);
+    }
+
+    #[test]
+    fn a_pinned_sha256_must_be_a_hex_digest() {
+        let digest = "AB".repeat(32);
+        let s = Settings::from_toml(
+            &format!("[models.vit_b32]\nsha256 = \"{digest}\""),
+            &env(&[]),
+        )
+        .unwrap();
+        match s.models.source(models::find("vit_b32").unwrap()) {
+            Some(ModelSource::Hub { sha256, .. }) => {
+                assert_eq!(sha256.as_deref(), Some("ab".repeat(32).as_str()));
+            }
+            other => panic!("{other:?}"),
+        }
+        let p = single_problem("[models.vit_b32]\nsha256 = \"abc\"");
+        assert_eq!(p.key, "models.vit_b32.sha256");
     }
 
     #[test]

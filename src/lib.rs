@@ -17,7 +17,8 @@
 //!   callback.
 //! - [`store`] is the SQLite database (sqlx, migrations), used by `bot` and `jobs`.
 //! - [`config`] loads and validates the configuration; [`models`] is the catalogue of model
-//!   names and where their weights come from; [`weights`] finds their files; [`request`] turns
+//!   names and where their weights come from; [`weights`] finds their files and [`hub`] downloads
+//!   and checks them; [`request`] turns
 //!   what a user typed into an engine spec; [`telemetry`] sets up logging; [`cli`] is the
 //!   command line the binary runs.
 //!
@@ -27,6 +28,7 @@
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod hub;
 pub mod models;
 pub mod request;
 pub mod store;

@@ -47,8 +47,9 @@ pub enum WeightsError {
     /// The file is not in the Hub cache.
     #[error(
         "{model} is not downloaded: {file} of {repo} (revision {revision}) is not in the cache {cache}. \
-         Fetch it into that cache, e.g. `huggingface-cli download {repo} {file} --revision {revision}` \
-         with HF_HUB_CACHE={cache}, or set [models.{model}] path to a local copy"
+         Run `vqclip models download {model}`, or fetch it into that cache with \
+         `huggingface-cli download {repo} {file} --revision {revision}` and HF_HUB_CACHE={cache}, \
+         or set [models.{model}] path to a local copy"
     )]
     NotCached {
         /// The model id.
@@ -133,6 +134,7 @@ pub fn resolve(settings: &ModelSettings, model: &ModelInfo) -> Result<PathBuf, W
             repo,
             file,
             revision,
+            ..
         }) => cached_file(&settings.cache_dir, repo, revision, file).ok_or_else(|| {
             WeightsError::NotCached {
                 model: model.id.into(),
@@ -158,13 +160,12 @@ pub fn cached_file(cache: &Path, repo: &str, revision: &str, file: &str) -> Opti
     let commit = if is_commit {
         revision.to_owned()
     } else {
-        // Branches live at `refs/<name>`; pull requests are already `refs/pr/<n>`.
-        let reference = if revision.starts_with("refs/") {
-            repo_dir.join(revision)
-        } else {
-            repo_dir.join("refs").join(revision)
-        };
-        std::fs::read_to_string(reference).ok()?.trim().to_owned()
+        // Every ref is a file under `refs/` named by the revision as written, so a pull request
+        // `refs/pr/15` lives at `refs/refs/pr/15` (huggingface_hub and hf-hub agree on this).
+        std::fs::read_to_string(repo_dir.join("refs").join(revision))
+            .ok()?
+            .trim()
+            .to_owned()
     };
     let path = repo_dir.join("snapshots").join(commit).join(file);
     path.is_file().then_some(path)
@@ -207,8 +208,8 @@ mod tests {
         let cache = tempfile::tempdir().unwrap();
         let commit = "0123456789abcdef0123456789abcdef01234567";
         let repo = cache.path().join("models--openai--clip-vit-base-patch32");
-        std::fs::create_dir_all(repo.join("refs/pr")).unwrap();
-        std::fs::write(repo.join("refs/pr/15"), format!("{commit}\n")).unwrap();
+        std::fs::create_dir_all(repo.join("refs/refs/pr")).unwrap();
+        std::fs::write(repo.join("refs/refs/pr/15"), format!("{commit}\n")).unwrap();
         std::fs::create_dir_all(repo.join("snapshots").join(commit)).unwrap();
         std::fs::write(
             repo.join("snapshots")

@@ -362,12 +362,18 @@ fn imagine_explains_bad_requests_and_missing_models() {
         text(&out.stderr)
     );
 
-    // The default models are not downloaded on this machine.
-    let out = vqclip(dir.path(), &["imagine", "a fox"], &[]);
+    // The default models are not downloaded on this machine, and offline nothing fetches them.
+    let out = vqclip(
+        dir.path(),
+        &["imagine", "a fox"],
+        &[("HF_HUB_OFFLINE", "1")],
+    );
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     assert!(
-        stderr.contains("not downloaded") && stderr.contains("Somnai/pytti-vqgan-checkpoints"),
+        stderr.contains("not downloaded")
+            && stderr.contains("Somnai/pytti-vqgan-checkpoints")
+            && stderr.contains("vqclip models download imagenet_f16_16384"),
         "{stderr}"
     );
 }
@@ -467,5 +473,139 @@ fn models_list_shows_sources_and_what_is_here() {
     assert!(
         line("tiny_vqgan").contains("yes") && line("tiny_vqgan").contains("tiny_vqgan.ckpt"),
         "{listing}"
+    );
+}
+
+/// `vqclip ARGS` on a blocking thread, so a fake server in this test's runtime keeps serving.
+async fn vqclip_async(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let dir = dir.to_path_buf();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        vqclip(&dir, &args, &env)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_download_verify_and_imagine_fetch_from_the_hub() {
+    let hub = crate::fake_hub::FakeHub::start().await;
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let clip = std::fs::read(format!("{fixtures}/parity/tiny_clip.safetensors")).unwrap();
+    hub.publish(
+        "vqclip-test/tiny-clip",
+        "main",
+        "model.safetensors",
+        clip.clone(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        &dir,
+        &format!(
+            "[models]\ncache_dir = \"cache\"\nhub_endpoint = \"{}\"\n\
+             [models.tiny_clip]\nrepo = \"vqclip-test/tiny-clip\"\nfile = \"model.safetensors\"\n",
+            hub.url
+        ),
+    );
+
+    // First use: imagine downloads the CLIP it needs, then runs.
+    let out = vqclip_async(
+        dir.path(),
+        &[
+            "--config", &config, "imagine", "a fox", "--model", "tiny", "--steps", "1", "--size",
+            "32x32", "--cutn", "1", "-o", "fox.png",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(dir.path().join("fox.png").is_file());
+    let fetched = hub.answered();
+    assert!(fetched > 0);
+
+    // Already here: download has nothing to fetch and prints where the file is.
+    let out = vqclip_async(
+        dir.path(),
+        &["--config", &config, "models", "download", "tiny_clip"],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("tiny_clip: "),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(hub.answered(), fetched);
+
+    let out = vqclip_async(
+        dir.path(),
+        &["--config", &config, "models", "verify", "tiny_clip"],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("matches the Hub") && stdout.contains(&crate::fake_hub::sha256_hex(&clip)),
+        "{stdout}"
+    );
+
+    // A blob changed on disk no longer verifies.
+    let blob = dir
+        .path()
+        .join("cache/models--vqclip-test--tiny-clip/blobs")
+        .join(crate::fake_hub::sha256_hex(&clip));
+    let mut damaged = clip.clone();
+    damaged[100] ^= 0xff;
+    std::fs::write(&blob, damaged).unwrap();
+    let out = vqclip_async(
+        dir.path(),
+        &["--config", &config, "models", "verify", "tiny_clip"],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stdout).contains("DIFFERS"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stderr).contains("models download"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Unknown names and missing files are errors that say so.
+    let out = vqclip_async(
+        dir.path(),
+        &["--config", &config, "models", "download", "vit_b99"],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("unknown model \"vit_b99\""),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = vqclip_async(
+        dir.path(),
+        &["--config", &config, "models", "download", "vit_b16"],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("HTTP 404"),
+        "{}",
+        text(&out.stderr)
     );
 }

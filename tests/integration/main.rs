@@ -1,10 +1,12 @@
 //! vqclip's integration tests, one binary (faster to link than one per file).
 //!
 //! Everything runs offline: SQLite in temporary directories, the real `vqclip` binary for the
-//! command line. `TEST_LOG=1` prints the code's logs.
+//! command line, a loopback fake Hugging Face Hub for downloads. `TEST_LOG=1` prints the code's logs.
 
 mod cli;
 mod config;
+mod fake_hub;
+mod hub;
 mod parity;
 mod pipeline;
 mod store;
