@@ -140,6 +140,25 @@ pub struct Models {
     pub tokenizer: ClipTokenizer,
 }
 
+impl Models {
+    /// CLIP's embedding `[1, projection_dim]` of a text, tokenized as prompts are (cut to the
+    /// context length, fitted to the model's vocabulary).
+    pub fn embed_text(&self, text: &str) -> CandleResult<Tensor> {
+        let tokens = self.tokenizer.encode(text);
+        let ids = fit_vocabulary(&tokens.ids, self.clip.text.config().eos_token_id);
+        self.clip.text.forward(&ids)
+    }
+
+    /// CLIP's embedding `[1, projection_dim]` of a whole picture, resized to the vision tower's
+    /// input: how CLIP sees the finished image, with no cutouts or augmentation.
+    pub fn embed_image(&self, image: &RgbImage) -> CandleResult<Tensor> {
+        let side = self.clip.vision.config().image_size as u32;
+        let resized = img::resize_exact(image, side, side);
+        let pixels = img::rgb_to_tensor(&resized, self.vqgan.z_min().device())?;
+        self.clip.vision.forward(&normalize(&pixels)?)
+    }
+}
+
 /// Inputs that are not part of the stored spec (uploads), given per run.
 #[derive(Debug, Clone, Default)]
 pub struct GenerationInputs {
@@ -303,10 +322,8 @@ impl<'m> Generator<'m> {
         // 2. Targets: text prompts, then image prompts.
         let mut targets = Vec::new();
         for p in &spec.prompts {
-            let tokens = models.tokenizer.encode(&p.text);
-            let ids = fit_vocabulary(&tokens.ids, models.clip.text.config().eos_token_id);
             targets.push(PromptTarget {
-                embed: models.clip.text.forward(&ids)?,
+                embed: models.embed_text(&p.text)?,
                 weight: p.weight,
                 stop: p.stop,
             });
