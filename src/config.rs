@@ -125,6 +125,22 @@ pub struct SchedulerSettings {
     pub max_queued_per_user: usize,
     /// Most jobs of one user running at once.
     pub max_running_per_user: usize,
+    /// Upscales, variations and reruns of finished jobs jump ahead of fresh requests.
+    pub prioritize_follow_ups: bool,
+    /// How long running jobs may finish after a shutdown signal before they are stopped and
+    /// queued again.
+    pub shutdown_grace_seconds: u64,
+    /// A device that fails this many jobs in a row is taken out of service.
+    pub device_failure_limit: u32,
+    /// Memory for resident models per device, in MiB; the least recently used are unloaded
+    /// beyond it.
+    pub model_cache_mib: u64,
+    /// Least time between two progress updates of one job, in milliseconds (previews and the
+    /// end always go through).
+    pub progress_interval_ms: u64,
+    /// How often a headless worker looks in the database for jobs submitted elsewhere, in
+    /// milliseconds.
+    pub poll_interval_ms: u64,
 }
 
 /// `[generation]`.
@@ -631,6 +647,12 @@ struct RawScheduler {
     queue_capacity: usize,
     max_queued_per_user: usize,
     max_running_per_user: usize,
+    prioritize_follow_ups: bool,
+    shutdown_grace_seconds: u64,
+    device_failure_limit: u32,
+    model_cache_mib: u64,
+    progress_interval_ms: u64,
+    poll_interval_ms: u64,
 }
 
 impl Default for RawScheduler {
@@ -640,6 +662,12 @@ impl Default for RawScheduler {
             queue_capacity: 100,
             max_queued_per_user: 5,
             max_running_per_user: 1,
+            prioritize_follow_ups: true,
+            shutdown_grace_seconds: 30,
+            device_failure_limit: 3,
+            model_cache_mib: 8192,
+            progress_interval_ms: 2000,
+            poll_interval_ms: 1000,
         }
     }
 }
@@ -931,11 +959,41 @@ fn validate_scheduler(raw: RawScheduler, p: &mut Problems) -> SchedulerSettings 
         raw.max_running_per_user,
         "expected at least 1",
     );
+    p.check(
+        raw.device_failure_limit >= 1,
+        "scheduler.device_failure_limit",
+        raw.device_failure_limit,
+        "expected at least 1",
+    );
+    p.check(
+        raw.model_cache_mib >= 1,
+        "scheduler.model_cache_mib",
+        raw.model_cache_mib,
+        "expected at least 1",
+    );
+    p.check(
+        raw.progress_interval_ms >= 100,
+        "scheduler.progress_interval_ms",
+        raw.progress_interval_ms,
+        "expected at least 100",
+    );
+    p.check(
+        raw.poll_interval_ms >= 50,
+        "scheduler.poll_interval_ms",
+        raw.poll_interval_ms,
+        "expected at least 50",
+    );
     SchedulerSettings {
         devices,
         queue_capacity: raw.queue_capacity,
         max_queued_per_user: raw.max_queued_per_user,
         max_running_per_user: raw.max_running_per_user,
+        prioritize_follow_ups: raw.prioritize_follow_ups,
+        shutdown_grace_seconds: raw.shutdown_grace_seconds,
+        device_failure_limit: raw.device_failure_limit,
+        model_cache_mib: raw.model_cache_mib,
+        progress_interval_ms: raw.progress_interval_ms,
+        poll_interval_ms: raw.poll_interval_ms,
     }
 }
 

@@ -10,7 +10,7 @@
 //!
 //! - `bot` (poise on serenity) answers commands, buttons and reactions, and edits progress
 //!   messages. It knows Discord; nothing below it does.
-//! - `jobs` is the per-device scheduler: a fair queue, one OS thread per GPU, progress events,
+//! - [`jobs`] is the per-device scheduler: a fair queue, one OS thread per GPU, progress events,
 //!   cancellation, crash recovery. It knows neither Discord nor how images are made.
 //! - [`engine`] is the synchronous VQGAN+CLIP optimisation on candle. It knows nothing of tokio,
 //!   Discord, SQL or the network: it takes weight files and a spec and reports through a
@@ -22,13 +22,13 @@
 //!   what a user typed into an engine spec; [`telemetry`] sets up logging; [`cli`] is the
 //!   command line the binary runs.
 //!
-//! Modules appear as their issues land: the configuration, the store, the catalogue, the
-//! [`engine`] and the command line exist; `jobs` and `bot` follow.
+//! Modules appear as their issues land: everything above but `bot` exists.
 
 pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod hub;
+pub mod jobs;
 pub mod models;
 pub mod request;
 pub mod store;

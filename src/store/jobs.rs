@@ -528,6 +528,33 @@ pub async fn requeue_running_jobs(pool: &SqlitePool) -> Result<Vec<JobId>, sqlx:
     Ok(ids)
 }
 
+/// Puts one running job back in the queue (it was interrupted by a shutdown); `false` if it was
+/// not running.
+pub async fn requeue_job(pool: &SqlitePool, id: JobId) -> Result<bool, sqlx::Error> {
+    let result = sqlx::query!(
+        "UPDATE jobs SET status = 'queued', device = NULL, started_at = NULL
+         WHERE id = ? AND status = 'running'",
+        id
+    )
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// Jobs cancelled at or after `since` (a scheduler learns of cancels made by other processes).
+pub async fn list_cancelled_since(
+    pool: &SqlitePool,
+    since: Timestamp,
+) -> Result<Vec<JobId>, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"SELECT id AS "id: JobId" FROM jobs
+           WHERE status = 'cancelled' AND finished_at >= ? ORDER BY id"#,
+        since
+    )
+    .fetch_all(pool)
+    .await
+}
+
 /// How many jobs have each status.
 pub async fn count_jobs_by_status(pool: &SqlitePool) -> Result<Vec<(JobStatus, u64)>, sqlx::Error> {
     let rows = sqlx::query!(

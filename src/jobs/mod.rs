@@ -1,0 +1,160 @@
+//! The per-device scheduler: between the bot (or the command line) and the engine.
+//!
+//! - [`queue`]: the fair waiting line (round-robin over users, follow-ups first).
+//! - [`scheduler`]: the [`Scheduler`] handle: submit, cancel, subscribe, snapshot, shutdown;
+//!   every state change goes to SQLite first.
+//! - [`worker`]: one OS thread per device owning its models; runs one job at a time through a
+//!   [`worker::Runner`] (the engine in production, a fake in tests).
+//!
+//! This module knows nothing of Discord. It uses the engine, the store and (for weights) the
+//! hub; the bot talks to it only through [`Scheduler`] and [`JobEvent`]s.
+
+pub mod queue;
+pub mod scheduler;
+pub mod worker;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::generate::GenerationSpec;
+pub use crate::engine::generate::Preview;
+pub use crate::store::JobId;
+pub use queue::Priority;
+pub use scheduler::{Scheduler, SchedulerOptions, Snapshot, SubmitError, Submitted};
+
+/// Everything a job needs besides its table columns, stored as the job's `params` JSON so a job
+/// restarted after a crash runs exactly as submitted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobParams {
+    /// The engine's spec: prompts, size, steps, seed and the rest.
+    pub spec: GenerationSpec,
+    /// Files the job starts from or aims at.
+    #[serde(default)]
+    pub inputs: StoredInputs,
+}
+
+/// Input files of a job, saved under the images directory when it was submitted.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct StoredInputs {
+    /// Start from this image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_image: Option<PathBuf>,
+    /// Aim at these images: path, weight, stop.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_prompts: Vec<(PathBuf, f64, Option<f64>)>,
+    /// Start from a finished job's latent (upscale, variation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<LatentStart>,
+}
+
+/// How a follow-up starts from its parent's final latent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatentStart {
+    /// The parent's saved latent.
+    pub latent: PathBuf,
+    /// Upsample it ×2 (nearest) first: the job is at twice the parent's size.
+    #[serde(default)]
+    pub upscale: bool,
+    /// Add seeded noise of this strength (a variation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise: Option<f64>,
+}
+
+/// What subscribers to a job see, newest last; a subscriber that falls behind skips to the
+/// latest (see [`Scheduler::subscribe`]).
+#[derive(Debug, Clone)]
+pub enum JobEvent {
+    /// Waiting; `position` 1 is next.
+    Queued {
+        /// Place in line.
+        position: usize,
+    },
+    /// A device took it.
+    Started {
+        /// e.g. `cuda:0`, `cpu#1`.
+        device: String,
+    },
+    /// An iteration finished.
+    Progress(ProgressUpdate),
+    /// Done, with the image.
+    Finished(Arc<FinishedJob>),
+    /// Stopped by an error.
+    Failed {
+        /// What went wrong, fit to show the requester.
+        message: String,
+    },
+    /// Stopped by its owner or a moderator.
+    Cancelled,
+}
+
+impl JobEvent {
+    /// Whether nothing follows this event.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            Self::Finished(_) | Self::Failed { .. } | Self::Cancelled
+        )
+    }
+}
+
+/// Where a running job stands.
+#[derive(Debug, Clone)]
+pub struct ProgressUpdate {
+    /// The device running it.
+    pub device: String,
+    /// Iterations done.
+    pub iteration: u32,
+    /// Iterations in all.
+    pub total: u32,
+    /// Total loss of the last iteration.
+    pub loss: f64,
+    /// Time since it started.
+    pub elapsed: Duration,
+    /// Estimated time left.
+    pub eta: Duration,
+    /// The newest preview so far (kept across updates that bring none).
+    pub preview: Option<Arc<Preview>>,
+}
+
+/// A finished job's image and the facts to show with it.
+#[derive(Debug, Clone)]
+pub struct FinishedJob {
+    /// The PNG as written.
+    pub png: Vec<u8>,
+    /// Where it was written.
+    pub path: PathBuf,
+    /// SHA-256 of the PNG, lowercase hex.
+    pub sha256: String,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Total loss at the last step.
+    pub final_loss: f64,
+    /// The device that ran it.
+    pub device: String,
+    /// Time on the device.
+    pub seconds: f64,
+}
+
+/// Who asks to cancel a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Actor {
+    /// Their user id.
+    pub user: u64,
+    /// Moderators may cancel anyone's job.
+    pub moderator: bool,
+}
+
+/// Where a job's image is written.
+pub fn image_path(images: &Path, id: JobId) -> PathBuf {
+    images.join(format!("{}.png", id.0))
+}
+
+/// Where a job's final latent is saved, for its upscales and variations.
+pub fn latent_path(images: &Path, id: JobId) -> PathBuf {
+    images.join(format!("{}.latent.safetensors", id.0))
+}

@@ -1,0 +1,888 @@
+//! The [`Scheduler`] handle: the fair queue, the devices, and every job's state, with SQLite as
+//! the record that survives a crash.
+//!
+//! One tokio task (the collector) receives what workers report, writes it to the database and
+//! publishes it to subscribers; submissions and cancels come through the handle. The in-memory
+//! state sits behind a std `Mutex` held only for short, non-async sections. Each job's
+//! subscribers read a `watch` channel: the latest event, so a slow subscriber skips ahead and
+//! never holds up a worker.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use sqlx::SqlitePool;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
+
+use super::queue::{FairQueue, Priority, Waiting};
+use super::worker::{self, Assignment, FromWorker, Outcome, Runner, StopFlags};
+use super::{Actor, JobEvent, JobId, JobParams, Preview, ProgressUpdate};
+use crate::config::Settings;
+use crate::store::jobs::{self as store_jobs, Job, JobKind, JobOutput, JobStatus, NewJob};
+use crate::store::{Timestamp, users};
+
+/// The scheduler's limits and policies (from `[scheduler]`, `[storage]` and `[generation]`).
+#[derive(Debug, Clone)]
+pub struct SchedulerOptions {
+    /// Most jobs waiting, all users together.
+    pub queue_capacity: usize,
+    /// Most jobs one user may have waiting.
+    pub max_queued_per_user: usize,
+    /// Most jobs of one user running at once.
+    pub max_running_per_user: usize,
+    /// Follow-ups jump ahead of fresh requests.
+    pub prioritize_follow_ups: bool,
+    /// Failures in a row that take a device out of service.
+    pub device_failure_limit: u32,
+    /// Least time between two progress events of one job.
+    pub progress_interval: Duration,
+    /// Largest width × height any device here can hold.
+    pub max_pixels: u64,
+    /// Where images and latents are written.
+    pub images: PathBuf,
+}
+
+impl SchedulerOptions {
+    /// The options the configuration gives.
+    pub fn from_settings(settings: &Settings) -> Self {
+        let s = &settings.scheduler;
+        Self {
+            queue_capacity: s.queue_capacity,
+            max_queued_per_user: s.max_queued_per_user,
+            max_running_per_user: s.max_running_per_user,
+            prioritize_follow_ups: s.prioritize_follow_ups,
+            device_failure_limit: s.device_failure_limit,
+            progress_interval: Duration::from_millis(s.progress_interval_ms),
+            max_pixels: settings.generation.max_pixels,
+            images: settings.storage.images.clone(),
+        }
+    }
+}
+
+/// A device and what runs jobs on it.
+pub struct DeviceSlot {
+    /// How it is shown: `cpu`, `cpu#1`, `cuda:0`.
+    pub label: String,
+    /// The work.
+    pub runner: Box<dyn Runner>,
+}
+
+/// Why a job was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The queue is at `scheduler.queue_capacity`.
+    #[error("the queue is full ({0} jobs waiting); try again when some have finished")]
+    QueueFull(usize),
+    /// The user has `scheduler.max_queued_per_user` jobs waiting.
+    #[error("you already have {0} jobs waiting; wait for one to start or cancel one")]
+    UserQueueFull(usize),
+    /// The user is banned in this guild.
+    #[error("you are banned from using the bot here")]
+    Banned,
+    /// Bigger than any device here can hold.
+    #[error(
+        "{width}x{height} is more than this bot's devices can hold ({max_pixels} pixels at most)"
+    )]
+    TooLarge {
+        /// Requested width.
+        width: u32,
+        /// Requested height.
+        height: u32,
+        /// The limit.
+        max_pixels: u64,
+    },
+    /// Shutting down: nothing new is taken.
+    #[error("the bot is shutting down; try again in a minute")]
+    ShuttingDown,
+    /// The database refused the job.
+    #[error("the job could not be recorded: {0}")]
+    Store(#[from] sqlx::Error),
+}
+
+/// An accepted job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Submitted {
+    /// Its id.
+    pub id: JobId,
+    /// Its place in line; 0 when a device took it at once.
+    pub position: usize,
+}
+
+/// What a cancel did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancelled {
+    /// It was waiting and is gone.
+    Dequeued,
+    /// It is running and stops after its current iteration.
+    Stopping,
+}
+
+/// Why a cancel was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    /// No such job.
+    #[error("there is no job {0}")]
+    NotFound(JobId),
+    /// Only its owner or a moderator may.
+    #[error("only the person who asked for job {0} or a moderator can cancel it")]
+    NotAllowed(JobId),
+    /// It already ended.
+    #[error("job {0} has already {1}")]
+    AlreadyFinished(JobId, JobStatus),
+    /// The database failed.
+    #[error("the job could not be updated: {0}")]
+    Store(#[from] sqlx::Error),
+}
+
+/// A moment's view of the scheduler, for `/queue` and the command line.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Whether new jobs are taken.
+    pub accepting: bool,
+    /// Waiting jobs in the order they will be served: id and user.
+    pub waiting: Vec<(JobId, u64)>,
+    /// Every device.
+    pub devices: Vec<DeviceSnapshot>,
+}
+
+/// One device in a [`Snapshot`].
+#[derive(Debug, Clone)]
+pub struct DeviceSnapshot {
+    /// `cpu`, `cuda:0`, …
+    pub label: String,
+    /// Idle, busy or out of service.
+    pub state: DeviceState,
+    /// Models resident on it.
+    pub resident: Vec<String>,
+}
+
+/// What a device is doing.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeviceState {
+    /// Waiting for work.
+    Idle,
+    /// Running a job.
+    Busy {
+        /// The job.
+        job: JobId,
+        /// Its owner.
+        user: u64,
+        /// Iterations done.
+        iteration: u32,
+        /// Iterations in all.
+        total: u32,
+        /// Iterations per second since it started.
+        rate: f64,
+    },
+    /// Taken out of service after failing jobs in a row.
+    OutOfService {
+        /// The last failure.
+        reason: String,
+    },
+}
+
+/// Progress events of one job at most every `interval`; previews and the last iteration always
+/// pass.
+#[derive(Debug, Clone)]
+pub struct Throttle {
+    interval: Duration,
+    last: Option<Instant>,
+}
+
+impl Throttle {
+    /// A throttle letting one event through per `interval`.
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            last: None,
+        }
+    }
+
+    /// Whether an event at `now` goes through; `important` ones always do.
+    pub fn allow(&mut self, now: Instant, important: bool) -> bool {
+        let due = self
+            .last
+            .is_none_or(|last| now.duration_since(last) >= self.interval);
+        if due || important {
+            self.last = Some(now);
+        }
+        due || important
+    }
+}
+
+/// A cheap, cloneable handle to the scheduler.
+#[derive(Clone)]
+pub struct Scheduler {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    pool: SqlitePool,
+    options: SchedulerOptions,
+    state: Mutex<State>,
+    /// Serialises submissions so caps are checked and the row inserted as one step.
+    submit_gate: tokio::sync::Mutex<()>,
+    /// Woken whenever a job ends (shutdown waits on it).
+    job_ended: Notify,
+}
+
+struct State {
+    accepting: bool,
+    queue: FairQueue,
+    /// What each waiting job needs to run.
+    waiting: HashMap<JobId, Assignment>,
+    running: HashMap<JobId, Running>,
+    devices: Vec<Device>,
+    watchers: HashMap<JobId, watch::Sender<JobEvent>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+struct Device {
+    label: String,
+    jobs: Option<mpsc::Sender<Assignment>>,
+    busy: Option<JobId>,
+    failures: u32,
+    out_of_service: Option<String>,
+    resident: Arc<Mutex<Vec<String>>>,
+}
+
+struct Running {
+    user: u64,
+    device: usize,
+    stop: Arc<StopFlags>,
+    iteration: u32,
+    total: u32,
+    started: Instant,
+    throttle: Throttle,
+    preview: Option<Arc<Preview>>,
+}
+
+/// The priority a stored job gets: follow-ups of a finished job go first.
+fn priority_of(kind: JobKind) -> Priority {
+    match kind {
+        JobKind::Imagine => Priority::Normal,
+        JobKind::Rerun | JobKind::Upscale | JobKind::Variation => Priority::FollowUp,
+    }
+}
+
+impl Scheduler {
+    /// Recovers jobs a crash left behind (running ones are queued again), starts one worker
+    /// thread per device, and begins dispatching.
+    pub async fn start(
+        pool: SqlitePool,
+        options: SchedulerOptions,
+        devices: Vec<DeviceSlot>,
+    ) -> anyhow::Result<Self> {
+        let requeued = store_jobs::requeue_running_jobs(&pool).await?;
+        if !requeued.is_empty() {
+            tracing::warn!(jobs = ?requeued, "jobs left running by the last run are queued again");
+        }
+        let (reports_tx, reports_rx) = mpsc::unbounded_channel();
+        let mut device_states = Vec::new();
+        let mut workers = Vec::new();
+        for (index, slot) in devices.into_iter().enumerate() {
+            let (tx, rx) = mpsc::channel(1);
+            let resident = Arc::new(Mutex::new(Vec::new()));
+            workers.push(worker::spawn(
+                index,
+                slot.label.clone(),
+                slot.runner,
+                options.images.clone(),
+                rx,
+                reports_tx.clone(),
+                resident.clone(),
+            )?);
+            device_states.push(Device {
+                label: slot.label,
+                jobs: Some(tx),
+                busy: None,
+                failures: 0,
+                out_of_service: None,
+                resident,
+            });
+        }
+        drop(reports_tx);
+        let scheduler = Self {
+            shared: Arc::new(Shared {
+                pool,
+                state: Mutex::new(State {
+                    accepting: true,
+                    queue: FairQueue::new(options.prioritize_follow_ups),
+                    waiting: HashMap::new(),
+                    running: HashMap::new(),
+                    devices: device_states,
+                    watchers: HashMap::new(),
+                    workers,
+                }),
+                options,
+                submit_gate: tokio::sync::Mutex::new(()),
+                job_ended: Notify::new(),
+            }),
+        };
+        scheduler.load_queued().await?;
+        let collector = scheduler.clone();
+        tokio::spawn(async move { collector.collect(reports_rx).await });
+        Ok(scheduler)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; carry on with it.
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Adds to the queue every job the database has queued that this scheduler does not know
+    /// yet (at startup, and for jobs submitted by other processes); returns how many.
+    pub async fn load_queued(&self) -> anyhow::Result<usize> {
+        let queued = store_jobs::list_queued_jobs(&self.shared.pool).await?;
+        let mut added = 0;
+        let mut unreadable = Vec::new();
+        {
+            let mut state = self.state();
+            for job in queued {
+                if state.waiting.contains_key(&job.id) || state.running.contains_key(&job.id) {
+                    continue;
+                }
+                match assignment_for(&job) {
+                    Ok(assignment) => {
+                        enqueue(&mut state, &job, assignment);
+                        added += 1;
+                    }
+                    Err(e) => unreadable.push((job.id, e)),
+                }
+            }
+            self.dispatch(&mut state);
+        }
+        for (id, e) in unreadable {
+            tracing::error!(job_id = id.0, error = %e, "a queued job cannot be read; failing it");
+            let message = format!("the job's parameters cannot be read ({e})");
+            store_jobs::mark_job_failed(&self.shared.pool, id, &message).await?;
+        }
+        Ok(added)
+    }
+
+    /// Learns of cancels made in the database by other processes (`vqclip jobs cancel`).
+    pub async fn apply_cancels_since(&self, since: Timestamp) -> anyhow::Result<()> {
+        for id in store_jobs::list_cancelled_since(&self.shared.pool, since).await? {
+            let mut state = self.state();
+            if state.queue.remove(id).is_some() {
+                state.waiting.remove(&id);
+                publish(&mut state, id, JobEvent::Cancelled);
+                state.watchers.remove(&id);
+                update_positions(&mut state);
+            } else if let Some(running) = state.running.get(&id) {
+                running.stop.stop.store(true, Ordering::SeqCst);
+            }
+        }
+        Ok(())
+    }
+
+    /// Records and queues a job after checking the caps; `params` must be what
+    /// `job.params` holds.
+    pub async fn submit(&self, job: NewJob, params: JobParams) -> Result<Submitted, SubmitError> {
+        let options = &self.shared.options;
+        let pixels = u64::from(job.width) * u64::from(job.height);
+        if pixels > options.max_pixels {
+            return Err(SubmitError::TooLarge {
+                width: job.width,
+                height: job.height,
+                max_pixels: options.max_pixels,
+            });
+        }
+        if let Some(guild) = job.guild_id
+            && users::find_ban(&self.shared.pool, guild, job.requester_id)
+                .await?
+                .is_some()
+        {
+            return Err(SubmitError::Banned);
+        }
+        let _gate = self.shared.submit_gate.lock().await;
+        {
+            let state = self.state();
+            if !state.accepting {
+                return Err(SubmitError::ShuttingDown);
+            }
+            if state.queue.len() >= options.queue_capacity {
+                return Err(SubmitError::QueueFull(state.queue.len()));
+            }
+            let mine = state.queue.count_for(job.requester_id);
+            if mine >= options.max_queued_per_user {
+                return Err(SubmitError::UserQueueFull(mine));
+            }
+        }
+        let id = store_jobs::insert_job(&self.shared.pool, &job).await?;
+        let stored = store_jobs::get_job(&self.shared.pool, id)
+            .await?
+            .ok_or(sqlx::Error::RowNotFound)?;
+        let assignment = Assignment {
+            id,
+            user: job.requester_id,
+            prompt: job.prompt.clone(),
+            params,
+            vqgan: job.vqgan_model.clone(),
+            clip: job.clip_model.clone(),
+            stop: Arc::default(),
+        };
+        let mut state = self.state();
+        enqueue(&mut state, &stored, assignment);
+        self.dispatch(&mut state);
+        let position = state
+            .queue
+            .order()
+            .iter()
+            .position(|&w| w == id)
+            .map_or(0, |p| p + 1);
+        tracing::info!(
+            job_id = id.0,
+            user_id = job.requester_id,
+            position,
+            "job queued"
+        );
+        Ok(Submitted { id, position })
+    }
+
+    /// Cancels a waiting or running job on behalf of `actor`.
+    pub async fn cancel(&self, id: JobId, actor: Actor) -> Result<Cancelled, CancelError> {
+        let allowed = |user: u64| actor.moderator || actor.user == user;
+        let held = {
+            let mut state = self.state();
+            if let Some(user) = state_user(&state, id) {
+                if !allowed(user) {
+                    return Err(CancelError::NotAllowed(id));
+                }
+                state.queue.remove(id);
+                state.waiting.remove(&id);
+                publish(&mut state, id, JobEvent::Cancelled);
+                state.watchers.remove(&id);
+                update_positions(&mut state);
+                true
+            } else if let Some(running) = state.running.get(&id) {
+                if !allowed(running.user) {
+                    return Err(CancelError::NotAllowed(id));
+                }
+                running.stop.stop.store(true, Ordering::SeqCst);
+                tracing::info!(job_id = id.0, by = actor.user, "stopping a running job");
+                return Ok(Cancelled::Stopping);
+            } else {
+                false
+            }
+        };
+        if !held {
+            return self.cancel_stored(id, actor).await;
+        }
+        store_jobs::mark_job_cancelled(&self.shared.pool, id).await?;
+        tracing::info!(job_id = id.0, by = actor.user, "queued job cancelled");
+        self.shared.job_ended.notify_waiters();
+        Ok(Cancelled::Dequeued)
+    }
+
+    /// A cancel for a job this scheduler does not hold: finished, unknown, or queued by another
+    /// process and not yet picked up.
+    async fn cancel_stored(&self, id: JobId, actor: Actor) -> Result<Cancelled, CancelError> {
+        let Some(job) = store_jobs::get_job(&self.shared.pool, id).await? else {
+            return Err(CancelError::NotFound(id));
+        };
+        if !(actor.moderator || actor.user == job.requester_id) {
+            return Err(CancelError::NotAllowed(id));
+        }
+        if job.status.is_finished() {
+            return Err(CancelError::AlreadyFinished(id, job.status));
+        }
+        if store_jobs::mark_job_cancelled(&self.shared.pool, id).await? {
+            Ok(if job.status == JobStatus::Running {
+                Cancelled::Stopping
+            } else {
+                Cancelled::Dequeued
+            })
+        } else {
+            Err(CancelError::AlreadyFinished(id, job.status))
+        }
+    }
+
+    /// The latest event of a job this scheduler holds, updated as it moves; `None` for jobs it
+    /// does not hold (finished ones: read the database).
+    pub fn subscribe(&self, id: JobId) -> Option<watch::Receiver<JobEvent>> {
+        self.state().watchers.get(&id).map(watch::Sender::subscribe)
+    }
+
+    /// Queue, devices and current jobs right now.
+    pub fn snapshot(&self) -> Snapshot {
+        let state = self.state();
+        let order = state.queue.order();
+        let waiting = order
+            .iter()
+            .filter_map(|&id| state_user(&state, id).map(|u| (id, u)))
+            .collect();
+        let devices = state
+            .devices
+            .iter()
+            .map(|d| {
+                let resident = d.resident.lock().map(|r| r.clone()).unwrap_or_default();
+                let device_state = if let Some(reason) = &d.out_of_service {
+                    DeviceState::OutOfService {
+                        reason: reason.clone(),
+                    }
+                } else if let Some(job) = d.busy
+                    && let Some(r) = state.running.get(&job)
+                {
+                    let seconds = r.started.elapsed().as_secs_f64();
+                    DeviceState::Busy {
+                        job,
+                        user: r.user,
+                        iteration: r.iteration,
+                        total: r.total,
+                        rate: if seconds > 0.0 {
+                            f64::from(r.iteration) / seconds
+                        } else {
+                            0.0
+                        },
+                    }
+                } else {
+                    DeviceState::Idle
+                };
+                DeviceSnapshot {
+                    label: d.label.clone(),
+                    state: device_state,
+                    resident,
+                }
+            })
+            .collect();
+        Snapshot {
+            accepting: state.accepting,
+            waiting,
+            devices,
+        }
+    }
+
+    /// Stops taking jobs, lets running ones finish for up to `grace`, then stops them and puts
+    /// them back in the queue (they restart on the next start), and ends the worker threads.
+    pub async fn shutdown(&self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        self.state().accepting = false;
+        loop {
+            let ended = self.shared.job_ended.notified();
+            if self.state().running.is_empty() {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                let state = self.state();
+                tracing::warn!(
+                    jobs = state.running.len(),
+                    "grace period over: stopping running jobs and queueing them again"
+                );
+                for running in state.running.values() {
+                    running.stop.interrupt.store(true, Ordering::SeqCst);
+                    running.stop.stop.store(true, Ordering::SeqCst);
+                }
+                break;
+            }
+        }
+        loop {
+            let ended = self.shared.job_ended.notified();
+            if self.state().running.is_empty() {
+                break;
+            }
+            ended.await;
+        }
+        let workers = {
+            let mut state = self.state();
+            for device in &mut state.devices {
+                device.jobs = None;
+            }
+            std::mem::take(&mut state.workers)
+        };
+        let _ = tokio::task::spawn_blocking(move || {
+            for handle in workers {
+                let _ = handle.join();
+            }
+        })
+        .await;
+        tracing::info!("scheduler stopped");
+    }
+
+    /// Hands waiting jobs to free devices: round-robin over users, within each user's running
+    /// cap, preferring a device that already holds the job's models.
+    fn dispatch(&self, state: &mut State) {
+        let max_running = self.shared.options.max_running_per_user;
+        loop {
+            let free: Vec<usize> = (0..state.devices.len())
+                .filter(|&i| {
+                    let d = &state.devices[i];
+                    d.busy.is_none() && d.out_of_service.is_none() && d.jobs.is_some()
+                })
+                .collect();
+            if free.is_empty() {
+                break;
+            }
+            let mut running_per_user: HashMap<u64, usize> = HashMap::new();
+            for r in state.running.values() {
+                *running_per_user.entry(r.user).or_default() += 1;
+            }
+            let Some(next) = state
+                .queue
+                .pop_next(|w| running_per_user.get(&w.user).copied().unwrap_or(0) < max_running)
+            else {
+                break;
+            };
+            let Some(assignment) = state.waiting.remove(&next.id) else {
+                continue;
+            };
+            let has_models = |i: &usize| {
+                state.devices[*i]
+                    .resident
+                    .lock()
+                    .is_ok_and(|r| r.contains(&next.vqgan) && r.contains(&next.clip))
+            };
+            let device = free.iter().copied().find(has_models).unwrap_or(free[0]);
+            let stop = assignment.stop.clone();
+            let total = assignment.params.spec.steps;
+            let sent = state.devices[device]
+                .jobs
+                .as_ref()
+                .is_some_and(|tx| tx.try_send(assignment.clone()).is_ok());
+            if !sent {
+                // The worker is gone (its thread died): keep the job and retire the device.
+                state.devices[device].out_of_service = Some("its worker thread stopped".into());
+                state.waiting.insert(next.id, assignment);
+                state.queue.push(next);
+                continue;
+            }
+            state.devices[device].busy = Some(next.id);
+            state.running.insert(
+                next.id,
+                Running {
+                    user: next.user,
+                    device,
+                    stop,
+                    iteration: 0,
+                    total,
+                    started: Instant::now(),
+                    throttle: Throttle::new(self.shared.options.progress_interval),
+                    preview: None,
+                },
+            );
+            tracing::info!(job_id = next.id.0, user_id = next.user, device = %state.devices[device].label, "job dispatched");
+        }
+        update_positions(state);
+    }
+
+    /// Receives what workers report until every worker is gone.
+    async fn collect(&self, mut reports: mpsc::UnboundedReceiver<FromWorker>) {
+        while let Some(report) = reports.recv().await {
+            if let Err(e) = self.handle(report).await {
+                tracing::error!(error = %e, "cannot record a job's state");
+            }
+        }
+    }
+
+    async fn handle(&self, report: FromWorker) -> Result<(), sqlx::Error> {
+        let pool = &self.shared.pool;
+        match report {
+            FromWorker::Started { device, id } => {
+                let label = self.state().devices[device].label.clone();
+                if !store_jobs::mark_job_running(pool, id, &label).await? {
+                    // Cancelled in the database meanwhile (by another process).
+                    if let Some(r) = self.state().running.get(&id) {
+                        r.stop.stop.store(true, Ordering::SeqCst);
+                    }
+                }
+                let mut state = self.state();
+                publish(&mut state, id, JobEvent::Started { device: label });
+            }
+            FromWorker::Progress { id, progress } => {
+                let update = {
+                    let mut state = self.state();
+                    let State {
+                        running, devices, ..
+                    } = &mut *state;
+                    let Some(r) = running.get_mut(&id) else {
+                        return Ok(());
+                    };
+                    r.iteration = progress.iteration;
+                    r.total = progress.total;
+                    let important =
+                        progress.preview.is_some() || progress.iteration == progress.total;
+                    if let Some(preview) = progress.preview {
+                        r.preview = Some(Arc::new(preview));
+                    }
+                    if !r.throttle.allow(Instant::now(), important) {
+                        return Ok(());
+                    }
+                    let update = ProgressUpdate {
+                        device: devices[r.device].label.clone(),
+                        iteration: progress.iteration,
+                        total: progress.total,
+                        loss: progress.loss,
+                        elapsed: progress.elapsed,
+                        eta: progress.eta,
+                        preview: r.preview.clone(),
+                    };
+                    publish(&mut state, id, JobEvent::Progress(update.clone()));
+                    update
+                };
+                store_jobs::record_job_progress(pool, id, update.iteration).await?;
+            }
+            FromWorker::Done {
+                device,
+                id,
+                outcome,
+            } => {
+                let event = match outcome {
+                    Outcome::Succeeded(finished) => {
+                        let output = JobOutput {
+                            path: finished.path.clone(),
+                            sha256: finished.sha256.clone(),
+                            final_loss: finished.final_loss,
+                        };
+                        store_jobs::mark_job_succeeded(pool, id, &output).await?;
+                        tracing::info!(job_id = id.0, seconds = finished.seconds, "job succeeded");
+                        self.device_result(device, None);
+                        Some(JobEvent::Finished(Arc::new(finished)))
+                    }
+                    Outcome::Failed(message) => {
+                        store_jobs::mark_job_failed(pool, id, &message).await?;
+                        tracing::warn!(job_id = id.0, %message, "job failed");
+                        self.device_result(device, Some(&message));
+                        Some(JobEvent::Failed { message })
+                    }
+                    Outcome::Cancelled => {
+                        store_jobs::mark_job_cancelled(pool, id).await?;
+                        tracing::info!(job_id = id.0, "running job cancelled");
+                        self.device_result(device, None);
+                        Some(JobEvent::Cancelled)
+                    }
+                    Outcome::Interrupted => {
+                        store_jobs::requeue_job(pool, id).await?;
+                        tracing::info!(job_id = id.0, "job interrupted by shutdown; queued again");
+                        None
+                    }
+                };
+                {
+                    let mut state = self.state();
+                    state.running.remove(&id);
+                    state.devices[device].busy = None;
+                    if let Some(event) = event {
+                        publish(&mut state, id, event);
+                    }
+                    state.watchers.remove(&id);
+                    if state.accepting {
+                        self.dispatch(&mut state);
+                    }
+                }
+                self.shared.job_ended.notify_waiters();
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts a device's failures in a row; too many take it out of service.
+    fn device_result(&self, device: usize, failure: Option<&str>) {
+        let limit = self.shared.options.device_failure_limit;
+        let mut state = self.state();
+        let d = &mut state.devices[device];
+        match failure {
+            None => d.failures = 0,
+            Some(message) => {
+                d.failures += 1;
+                if d.failures >= limit && d.out_of_service.is_none() {
+                    tracing::error!(
+                        device = %d.label,
+                        failures = d.failures,
+                        last = message,
+                        "device taken out of service after failing jobs in a row"
+                    );
+                    d.out_of_service = Some(format!(
+                        "{} jobs failed in a row; the last: {message}",
+                        d.failures
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// The owner of a waiting job.
+fn state_user(state: &State, id: JobId) -> Option<u64> {
+    state.waiting.get(&id).map(|a| a.user)
+}
+
+fn enqueue(state: &mut State, job: &Job, assignment: Assignment) {
+    state.queue.push(Waiting {
+        id: job.id,
+        user: job.requester_id,
+        priority: if job.parent.is_some() {
+            priority_of(job.kind)
+        } else {
+            Priority::Normal
+        },
+        vqgan: job.vqgan_model.clone(),
+        clip: job.clip_model.clone(),
+    });
+    state.waiting.insert(job.id, assignment);
+    let (tx, _) = watch::channel(JobEvent::Queued { position: 0 });
+    state.watchers.insert(job.id, tx);
+}
+
+/// Sends the current place in line to every waiting job whose place changed.
+fn update_positions(state: &mut State) {
+    let order = state.queue.order();
+    for (index, id) in order.into_iter().enumerate() {
+        let position = index + 1;
+        if let Some(tx) = state.watchers.get(&id) {
+            tx.send_if_modified(|event| match event {
+                JobEvent::Queued { position: p } if *p == position => false,
+                _ => {
+                    *event = JobEvent::Queued { position };
+                    true
+                }
+            });
+        }
+    }
+}
+
+fn publish(state: &mut State, id: JobId, event: JobEvent) {
+    if let Some(tx) = state.watchers.get(&id) {
+        tx.send_replace(event);
+    }
+}
+
+/// Rebuilds what a stored job needs to run.
+fn assignment_for(job: &Job) -> Result<Assignment, serde_json::Error> {
+    let params: JobParams = serde_json::from_value(job.params.clone())?;
+    Ok(Assignment {
+        id: job.id,
+        user: job.requester_id,
+        prompt: job.prompt.clone(),
+        params,
+        vqgan: job.vqgan_model.clone(),
+        clip: job.clip_model.clone(),
+        stop: Arc::default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_is_throttled_but_previews_and_the_end_go_through() {
+        let mut throttle = Throttle::new(Duration::from_secs(2));
+        let mut passed = Vec::new();
+        // One progress event every 300 ms of (paused, advanced by hand) time, a preview at 10.
+        for iteration in 1..=20u32 {
+            let important = iteration == 10 || iteration == 20;
+            if throttle.allow(Instant::now(), important) {
+                passed.push(iteration);
+            }
+            tokio::time::advance(Duration::from_millis(300)).await;
+        }
+        // 1 passes (first), then every 2 s: 1 at 0 ms, 8 at 2.1 s, 10 (preview) at 2.7 s resets
+        // the clock, 17 at 4.8 s, 20 (the end).
+        assert_eq!(passed, [1, 8, 10, 17, 20]);
+    }
+}

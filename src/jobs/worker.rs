@@ -1,0 +1,529 @@
+//! One OS thread per device: it owns the device and the models resident on it, takes one job at a
+//! time from its channel, runs it, and reports back. A whole job never runs on a tokio thread:
+//! it is long, cannot be aborted from outside, and would hold up the runtime's shutdown.
+//!
+//! The work itself is behind [`Runner`]: [`EngineRunner`] runs the real engine; tests plug in
+//! fakes where the engine is not the point. A panic inside a job is caught here, fails that job,
+//! and leaves the thread ready for the next one.
+
+use std::any::Any;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use super::{FinishedJob, JobId, JobParams};
+use crate::config::ModelSettings;
+use crate::engine::clip::{Clip, ClipConfig};
+use crate::engine::generate::{
+    GenerationInputs, GenerationSpec, Generator, Models, Progress, upscale_latent, vary_latent,
+};
+use crate::engine::random::SeededWeights;
+use crate::engine::tokenizer::ClipTokenizer;
+use crate::engine::vqgan::{Vqgan, VqganConfig, VqganParts};
+use crate::engine::{self, checkpoint, image};
+use crate::hub::{Hub, HubError, LogProgress};
+use crate::models::{self, ModelInfo};
+use crate::weights;
+
+/// A job handed to a worker.
+#[derive(Debug, Clone)]
+pub struct Assignment {
+    /// The job.
+    pub id: JobId,
+    /// Who asked.
+    pub user: u64,
+    /// The prompt as typed (recorded in the PNG).
+    pub prompt: String,
+    /// What to make.
+    pub params: JobParams,
+    /// VQGAN model id.
+    pub vqgan: String,
+    /// CLIP model id.
+    pub clip: String,
+    /// Set to stop the job between iterations.
+    pub stop: Arc<StopFlags>,
+}
+
+/// How a running job is asked to stop.
+#[derive(Debug, Default)]
+pub struct StopFlags {
+    /// Stop at the next iteration.
+    pub stop: AtomicBool,
+    /// The stop is a shutdown, not a cancel: the job goes back in the queue.
+    pub interrupt: AtomicBool,
+}
+
+/// Why a run ended without an image.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunError {
+    /// The stop flag was set.
+    Stopped,
+    /// Something went wrong; the message is fit for the requester.
+    Failed(String),
+}
+
+/// A run's image.
+#[derive(Debug, Clone)]
+pub struct RunOutput {
+    /// The PNG, with its text chunks.
+    pub png: Vec<u8>,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Total loss at the last step.
+    pub final_loss: f64,
+}
+
+/// Runs jobs on one device.
+pub trait Runner: Send + 'static {
+    /// Runs `job`, calling `on_progress` after every iteration and returning
+    /// [`RunError::Stopped`] soon after `stop` is set (within one iteration).
+    fn run(
+        &mut self,
+        job: &Assignment,
+        stop: &AtomicBool,
+        on_progress: &mut dyn FnMut(&Progress),
+    ) -> Result<RunOutput, RunError>;
+
+    /// Model ids resident now (dispatch prefers a device that has a job's models).
+    fn resident(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Drops state a panic may have left half-made.
+    fn reset(&mut self) {}
+}
+
+/// What a worker tells the scheduler.
+#[derive(Debug)]
+pub(crate) enum FromWorker {
+    /// The job began.
+    Started { device: usize, id: JobId },
+    /// An iteration ended.
+    Progress { id: JobId, progress: Progress },
+    /// The job ended.
+    Done {
+        device: usize,
+        id: JobId,
+        outcome: Outcome,
+    },
+}
+
+/// How a job ended on a worker.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Succeeded(FinishedJob),
+    Failed(String),
+    Cancelled,
+    /// Stopped by a shutdown: to be queued again.
+    Interrupted,
+}
+
+/// Starts the worker thread of device `index`, named after `label`.
+pub(crate) fn spawn(
+    index: usize,
+    label: String,
+    mut runner: Box<dyn Runner>,
+    images: PathBuf,
+    mut jobs: mpsc::Receiver<Assignment>,
+    reports: mpsc::UnboundedSender<FromWorker>,
+    resident: Arc<Mutex<Vec<String>>>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("vqclip-{label}"))
+        .spawn(move || {
+            while let Some(job) = jobs.blocking_recv() {
+                let span = tracing::info_span!("job", job_id = job.id.0, device = %label);
+                let _entered = span.enter();
+                let _ = reports.send(FromWorker::Started {
+                    device: index,
+                    id: job.id,
+                });
+                let started = Instant::now();
+                let result = catch_unwind(AssertUnwindSafe(|| {
+                    runner.run(&job, &job.stop.stop, &mut |progress| {
+                        let _ = reports.send(FromWorker::Progress {
+                            id: job.id,
+                            progress: progress.clone(),
+                        });
+                    })
+                }));
+                let outcome = match result {
+                    Ok(Ok(output)) => match save_image(&images, job.id, &output) {
+                        Ok((path, sha256)) => Outcome::Succeeded(FinishedJob {
+                            png: output.png,
+                            path,
+                            sha256,
+                            width: output.width,
+                            height: output.height,
+                            final_loss: output.final_loss,
+                            device: label.clone(),
+                            seconds: started.elapsed().as_secs_f64(),
+                        }),
+                        Err(e) => Outcome::Failed(e),
+                    },
+                    Ok(Err(RunError::Stopped)) if job.stop.interrupt.load(Ordering::SeqCst) => {
+                        Outcome::Interrupted
+                    }
+                    Ok(Err(RunError::Stopped)) => Outcome::Cancelled,
+                    Ok(Err(RunError::Failed(message))) => Outcome::Failed(message),
+                    Err(panic) => {
+                        runner.reset();
+                        let message = panic_message(panic.as_ref());
+                        tracing::error!(%message, "the job panicked");
+                        Outcome::Failed(format!("the job crashed ({message})"))
+                    }
+                };
+                if let Ok(mut list) = resident.lock() {
+                    *list = runner.resident();
+                }
+                let _ = reports.send(FromWorker::Done {
+                    device: index,
+                    id: job.id,
+                    outcome,
+                });
+            }
+            tracing::debug!(device = %label, "worker stopped");
+        })
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_owned())
+}
+
+/// Writes the PNG as `<images>/<id>.png` (through a temporary file, so a crash never leaves a
+/// partial image under the final name) and returns its path and SHA-256.
+fn save_image(images: &Path, id: JobId, output: &RunOutput) -> Result<(PathBuf, String), String> {
+    let path = super::image_path(images, id);
+    let partial = path.with_extension("png.part");
+    std::fs::create_dir_all(images)
+        .and_then(|()| std::fs::write(&partial, &output.png))
+        .and_then(|()| std::fs::rename(&partial, &path))
+        .map_err(|e| format!("cannot write the image to {}: {e}", path.display()))?;
+    let sha256 = Sha256::digest(&output.png)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((path, sha256))
+}
+
+/// The PNG text chunks that make an image reproducible: prompt, seed, steps, size, models,
+/// software version and the whole spec as JSON.
+pub fn png_metadata(
+    prompt: &str,
+    spec: &GenerationSpec,
+    vqgan: &str,
+    clip: &str,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("prompt", prompt.to_owned()),
+        ("seed", spec.seed.to_string()),
+        ("steps", spec.steps.to_string()),
+        ("size", format!("{}x{}", spec.width, spec.height)),
+        ("models", format!("{vqgan} + {clip}")),
+        ("software", format!("vqclip {}", env!("CARGO_PKG_VERSION"))),
+        (
+            "vqclip:spec",
+            serde_json::to_string(spec).unwrap_or_default(),
+        ),
+    ]
+}
+
+/// Loads a VQGAN from `weights`, or on seeded random weights when `weights` is `None` (the tiny
+/// test model with no file configured).
+pub fn load_vqgan(
+    info: &ModelInfo,
+    weights: Option<&Path>,
+    parts: VqganParts,
+    device: &Device,
+) -> anyhow::Result<Vqgan> {
+    let config = VqganConfig::preset(info.id)
+        .ok_or_else(|| anyhow::anyhow!("{} has no VQGAN architecture", info.id))?;
+    Ok(match weights {
+        Some(path) => engine::load_vqgan(info.id, &[path.to_path_buf()], &config, parts, device)?,
+        None => Vqgan::new(
+            SeededWeights::new(0).var_builder(DType::F32, device),
+            &config,
+            parts,
+        )?,
+    })
+}
+
+/// Loads a CLIP from `weights`, or on seeded random weights when `weights` is `None`.
+pub fn load_clip(
+    info: &ModelInfo,
+    weights: Option<&Path>,
+    device: &Device,
+) -> anyhow::Result<Clip> {
+    let config = ClipConfig::preset(info.id)
+        .ok_or_else(|| anyhow::anyhow!("{} has no CLIP architecture", info.id))?;
+    Ok(match weights {
+        Some(path) => {
+            let vb = checkpoint::var_builder(&[path.to_path_buf()], DType::F32, device)?;
+            Clip::new(vb, &config).map_err(|e| {
+                anyhow::anyhow!(
+                    "the weights in {} do not fit {}: {e}",
+                    path.display(),
+                    info.id
+                )
+            })?
+        }
+        None => Clip::new(
+            SeededWeights::new(1).var_builder(DType::F32, device),
+            &config,
+        )?,
+    })
+}
+
+/// A resident model.
+#[derive(Clone)]
+enum Resident {
+    Vqgan(Box<Vqgan>, VqganParts),
+    Clip(Box<Clip>),
+}
+
+struct CacheEntry {
+    id: &'static str,
+    model: Resident,
+    bytes: u64,
+    last_used: u64,
+}
+
+/// The real engine on one device, with its models kept resident up to a memory budget (least
+/// recently used unloaded first).
+pub struct EngineRunner {
+    device: Device,
+    images: PathBuf,
+    settings: ModelSettings,
+    hub: Option<Hub>,
+    runtime: Option<tokio::runtime::Runtime>,
+    cache: Vec<CacheEntry>,
+    budget_bytes: u64,
+    clock: u64,
+}
+
+impl EngineRunner {
+    /// A runner on `device` loading models as `settings` say, keeping up to `budget_mib` MiB
+    /// of them resident, saving final latents under `images`.
+    pub fn new(device: Device, settings: ModelSettings, budget_mib: u64, images: PathBuf) -> Self {
+        Self {
+            device,
+            images,
+            settings,
+            hub: None,
+            runtime: None,
+            cache: Vec::new(),
+            budget_bytes: budget_mib.saturating_mul(1 << 20),
+            clock: 0,
+        }
+    }
+
+    /// The weight file of `info`, downloading it on first use; `None` for a tiny model with
+    /// nothing configured (seeded weights).
+    fn weights(&mut self, info: &ModelInfo) -> Result<Option<PathBuf>, String> {
+        if self.hub.is_none() {
+            self.hub = Some(Hub::new(&self.settings).map_err(|e| e.to_string())?);
+        }
+        if self.runtime.is_none() {
+            self.runtime = Some(
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| format!("cannot start a download runtime: {e}"))?,
+            );
+        }
+        let (Some(hub), Some(runtime)) = (&self.hub, &self.runtime) else {
+            return Err("the download client is missing".into());
+        };
+        match runtime.block_on(hub.fetch(info, LogProgress::new(info.id))) {
+            Ok(path) => weights::prepare_for_loading(&path, info, &self.settings.cache_dir)
+                .map(Some)
+                .map_err(|e| e.to_string()),
+            Err(HubError::Weights(weights::WeightsError::NoSource { .. })) if info.tiny => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn touch(&mut self, index: usize) -> Resident {
+        self.clock += 1;
+        self.cache[index].last_used = self.clock;
+        self.cache[index].model.clone()
+    }
+
+    fn vqgan(&mut self, info: &'static ModelInfo, full: bool) -> Result<Vqgan, String> {
+        let found = self.cache.iter().position(|e| {
+            e.id == info.id
+                && matches!(e.model, Resident::Vqgan(_, parts) if !full || parts == VqganParts::Full)
+        });
+        if let Some(index) = found
+            && let Resident::Vqgan(model, _) = self.touch(index)
+        {
+            return Ok(*model);
+        }
+        let path = self.weights(info)?;
+        let parts = if full {
+            VqganParts::Full
+        } else {
+            VqganParts::DecodeOnly
+        };
+        tracing::info!(model = info.id, ?parts, "loading VQGAN");
+        let model = load_vqgan(info, path.as_deref(), parts, &self.device)
+            .map_err(|e| format!("cannot load {}: {e:#}", info.id))?;
+        // A decoder-only copy is superseded by the full one.
+        self.cache.retain(|e| e.id != info.id);
+        self.insert(
+            info.id,
+            Resident::Vqgan(Box::new(model.clone()), parts),
+            path.as_deref(),
+        );
+        Ok(model)
+    }
+
+    fn clip(&mut self, info: &'static ModelInfo) -> Result<Clip, String> {
+        if let Some(index) = self.cache.iter().position(|e| e.id == info.id)
+            && let Resident::Clip(model) = self.touch(index)
+        {
+            return Ok(*model);
+        }
+        let path = self.weights(info)?;
+        tracing::info!(model = info.id, "loading CLIP");
+        let model = load_clip(info, path.as_deref(), &self.device)
+            .map_err(|e| format!("cannot load {}: {e:#}", info.id))?;
+        self.insert(
+            info.id,
+            Resident::Clip(Box::new(model.clone())),
+            path.as_deref(),
+        );
+        Ok(model)
+    }
+
+    /// Adds a model and unloads the least recently used others while over budget (the newest
+    /// stays even alone over budget: the job needs it).
+    fn insert(&mut self, id: &'static str, model: Resident, path: Option<&Path>) {
+        let bytes = path
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map_or(0, |m| m.len());
+        self.clock += 1;
+        self.cache.push(CacheEntry {
+            id,
+            model,
+            bytes,
+            last_used: self.clock,
+        });
+        while self.cache.iter().map(|e| e.bytes).sum::<u64>() > self.budget_bytes
+            && self.cache.len() > 2
+        {
+            let Some((oldest, _)) = self
+                .cache
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.last_used)
+            else {
+                break;
+            };
+            let gone = self.cache.remove(oldest);
+            tracing::info!(model = gone.id, "unloading least recently used model");
+        }
+    }
+
+    fn inputs(&self, job: &Assignment) -> Result<GenerationInputs, String> {
+        let stored = &job.params.inputs;
+        let mut inputs = GenerationInputs::default();
+        if let Some(path) = &stored.init_image {
+            inputs.init_image =
+                Some(image::read(path).map_err(|e| format!("the init image cannot be read: {e}"))?);
+        }
+        for (path, weight, stop) in &stored.image_prompts {
+            let picture =
+                image::read(path).map_err(|e| format!("an image prompt cannot be read: {e}"))?;
+            inputs.image_prompts.push((picture, *weight, *stop));
+        }
+        if let Some(start) = &stored.start {
+            let tensors = candle_core::safetensors::load(&start.latent, &self.device)
+                .map_err(|e| format!("the parent job's latent cannot be read: {e}"))?;
+            let mut latent: Tensor = tensors
+                .get("latent")
+                .cloned()
+                .ok_or("the parent job's latent file holds no latent")?;
+            if start.upscale {
+                latent = upscale_latent(&latent).map_err(|e| e.to_string())?;
+            }
+            if let Some(strength) = start.noise {
+                latent = vary_latent(&latent, job.params.spec.seed, strength)
+                    .map_err(|e| e.to_string())?;
+            }
+            inputs.init_latent = Some(latent);
+        }
+        Ok(inputs)
+    }
+}
+
+impl Runner for EngineRunner {
+    fn run(
+        &mut self,
+        job: &Assignment,
+        stop: &AtomicBool,
+        on_progress: &mut dyn FnMut(&Progress),
+    ) -> Result<RunOutput, RunError> {
+        let unknown = |id: &str| RunError::Failed(format!("unknown model {id}"));
+        let vqgan_info = models::find(&job.vqgan).ok_or_else(|| unknown(&job.vqgan))?;
+        let clip_info = models::find(&job.clip).ok_or_else(|| unknown(&job.clip))?;
+        let full = job.params.inputs.init_image.is_some();
+        let vqgan = self.vqgan(vqgan_info, full).map_err(RunError::Failed)?;
+        let clip = self.clip(clip_info).map_err(RunError::Failed)?;
+        let inputs = self.inputs(job).map_err(RunError::Failed)?;
+        let models = Models {
+            vqgan,
+            clip,
+            tokenizer: ClipTokenizer::new(),
+        };
+        let failed = |e: crate::engine::generate::GenerateError| RunError::Failed(e.to_string());
+        let mut generator =
+            Generator::new(&models, job.params.spec.clone(), inputs).map_err(failed)?;
+        while !generator.is_done() {
+            if stop.load(Ordering::SeqCst) {
+                return Err(RunError::Stopped);
+            }
+            let progress = generator.step().map_err(failed)?;
+            on_progress(&progress);
+        }
+        let output = generator.finish().map_err(failed)?;
+        // The final latent is what the job's upscales and variations start from.
+        let latent = super::latent_path(&self.images, job.id);
+        let saved = std::fs::create_dir_all(&self.images)
+            .map_err(candle_core::Error::wrap)
+            .and_then(|()| output.latent.save_safetensors("latent", &latent));
+        if let Err(e) = saved {
+            tracing::warn!(error = %e, path = %latent.display(), "cannot save the latent");
+        }
+        let spec = &job.params.spec;
+        let text = png_metadata(&job.prompt, spec, &job.vqgan, &job.clip);
+        let png = image::encode_png_with_text(&output.image, &text)
+            .map_err(|e| RunError::Failed(format!("cannot encode the PNG: {e}")))?;
+        Ok(RunOutput {
+            png,
+            width: output.image.width(),
+            height: output.image.height(),
+            final_loss: output.final_loss,
+        })
+    }
+
+    fn resident(&self) -> Vec<String> {
+        self.cache.iter().map(|e| e.id.to_owned()).collect()
+    }
+
+    fn reset(&mut self) {
+        self.cache.clear();
+    }
+}
