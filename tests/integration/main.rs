@@ -9,6 +9,7 @@ mod fake_hub;
 mod hub;
 mod parity;
 mod pipeline;
+mod scheduler;
 mod store;
 mod support;
 mod vqgan;

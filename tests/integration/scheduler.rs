@@ -1,0 +1,459 @@
+//! The scheduler with fake runners (the engine is not the point here) on a real SQLite
+//! database: fairness, caps and refusals, cancel, panic isolation, two workers, events, restart
+//! recovery.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sqlx::SqlitePool;
+use tempfile::TempDir;
+use vqclip::engine::generate::{GenerationSpec, Progress};
+use vqclip::engine::prompt::WeightedPrompt;
+use vqclip::jobs::scheduler::{CancelError, Cancelled, DeviceSlot, DeviceState};
+use vqclip::jobs::worker::{Assignment, RunError, RunOutput, Runner};
+use vqclip::jobs::{Actor, JobEvent, JobId, JobParams, Scheduler, SchedulerOptions, SubmitError};
+use vqclip::store::jobs::{self, JobKind, JobStatus, NewJob};
+
+use crate::support::test_pool;
+
+/// Runs `steps` iterations of `delay` each, checking the stop flag between them. Prompts steer
+/// it: "panic" panics, "fail" fails, "hang" runs until stopped or `release` is set.
+#[derive(Clone)]
+struct FakeRunner {
+    delay: Duration,
+    started: Arc<Mutex<Vec<JobId>>>,
+    release: Arc<AtomicBool>,
+}
+
+impl FakeRunner {
+    fn new(delay_ms: u64) -> Self {
+        Self {
+            delay: Duration::from_millis(delay_ms),
+            started: Arc::default(),
+            release: Arc::default(),
+        }
+    }
+}
+
+impl Runner for FakeRunner {
+    fn run(
+        &mut self,
+        job: &Assignment,
+        stop: &AtomicBool,
+        on_progress: &mut dyn FnMut(&Progress),
+    ) -> Result<RunOutput, RunError> {
+        self.started.lock().unwrap().push(job.id);
+        match job.prompt.as_str() {
+            "panic" => panic!("a fake out-of-memory"),
+            "fail" => return Err(RunError::Failed("bad weights".into())),
+            _ => {}
+        }
+        let total = job.params.spec.steps;
+        let mut iteration = 0;
+        while iteration < total || job.prompt == "hang" {
+            if stop.load(Ordering::SeqCst) {
+                return Err(RunError::Stopped);
+            }
+            if job.prompt == "hang" && self.release.load(Ordering::SeqCst) {
+                break;
+            }
+            std::thread::sleep(self.delay);
+            iteration = (iteration + 1).min(total);
+            on_progress(&Progress {
+                iteration,
+                total,
+                loss: 1.0 / f64::from(iteration),
+                prompt_losses: vec![],
+                elapsed: self.delay * iteration,
+                eta: self.delay * (total - iteration),
+                preview: None,
+            });
+        }
+        let picture = image::RgbImage::from_pixel(8, 8, image::Rgb([200, 10, 10]));
+        Ok(RunOutput {
+            png: vqclip::engine::image::encode_png(&picture).unwrap(),
+            width: 8,
+            height: 8,
+            final_loss: 0.5,
+        })
+    }
+}
+
+fn options(dir: &TempDir) -> SchedulerOptions {
+    SchedulerOptions {
+        queue_capacity: 10,
+        max_queued_per_user: 5,
+        max_running_per_user: 1,
+        prioritize_follow_ups: true,
+        device_failure_limit: 3,
+        progress_interval: Duration::from_millis(100),
+        max_pixels: 512 * 512,
+        images: dir.path().join("images"),
+    }
+}
+
+fn request(user: u64, prompt: &str, steps: u32) -> (NewJob, JobParams) {
+    let spec = GenerationSpec {
+        steps,
+        ..GenerationSpec::new(
+            vec![WeightedPrompt {
+                text: prompt.into(),
+                weight: 1.0,
+                stop: None,
+            }],
+            64,
+            64,
+            7,
+        )
+    };
+    let params = JobParams {
+        spec,
+        inputs: Default::default(),
+    };
+    let job = NewJob {
+        kind: JobKind::Imagine,
+        parent: None,
+        requester_id: user,
+        guild_id: Some(5),
+        channel_id: None,
+        prompt: prompt.into(),
+        params: serde_json::to_value(&params).unwrap(),
+        seed: 7,
+        width: 64,
+        height: 64,
+        steps,
+        cutn: 4,
+        vqgan_model: "tiny_vqgan".into(),
+        clip_model: "tiny_clip".into(),
+    };
+    (job, params)
+}
+
+fn slots(runners: &[&FakeRunner]) -> Vec<DeviceSlot> {
+    runners
+        .iter()
+        .enumerate()
+        .map(|(i, r)| DeviceSlot {
+            label: format!("cpu#{i}"),
+            runner: Box::new((*r).clone()),
+        })
+        .collect()
+}
+
+async fn submit(s: &Scheduler, user: u64, prompt: &str, steps: u32) -> JobId {
+    let (job, params) = request(user, prompt, steps);
+    s.submit(job, params).await.unwrap().id
+}
+
+/// Waits until `id` has ended in the database and returns its status.
+async fn finished(pool: &SqlitePool, id: JobId) -> JobStatus {
+    for _ in 0..600 {
+        let job = jobs::get_job(pool, id).await.unwrap().unwrap();
+        if job.status.is_finished() {
+            return job.status;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("job {id} did not finish");
+}
+
+async fn wait_until(mut check: impl FnMut() -> bool) {
+    for _ in 0..600 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("condition not reached");
+}
+
+#[tokio::test]
+async fn jobs_are_served_fairly_across_users() {
+    let (dir, pool) = test_pool().await;
+    let runner = FakeRunner::new(5);
+    let s = Scheduler::start(pool.clone(), options(&dir), slots(&[&runner]))
+        .await
+        .unwrap();
+    let first = submit(&s, 1, "hang", 1).await;
+    wait_until(|| runner.started.lock().unwrap().len() == 1).await;
+    let mut ids = vec![first];
+    for (user, prompt) in [(1, "a1"), (1, "a2"), (1, "a3"), (2, "b1"), (3, "c1")] {
+        ids.push(submit(&s, user, prompt, 2).await);
+    }
+    // While the first job runs, the others wait in fair order: B and C before A's second.
+    let order: Vec<JobId> = s.snapshot().waiting.iter().map(|w| w.0).collect();
+    assert_eq!(order, [ids[4], ids[5], ids[1], ids[2], ids[3]]);
+    match s.subscribe(ids[5]).unwrap().borrow().clone() {
+        JobEvent::Queued { position } => assert_eq!(position, 2),
+        other => panic!("{other:?}"),
+    }
+
+    runner.release.store(true, Ordering::SeqCst);
+    for &id in &ids {
+        assert_eq!(finished(&pool, id).await, JobStatus::Succeeded);
+    }
+    let started = runner.started.lock().unwrap().clone();
+    assert_eq!(started, [ids[0], ids[4], ids[5], ids[1], ids[2], ids[3]]);
+    let done = jobs::get_job(&pool, ids[4]).await.unwrap().unwrap();
+    assert_eq!(done.device.as_deref(), Some("cpu#0"));
+    let path = done.output_path.unwrap();
+    assert!(path.is_file(), "{}", path.display());
+    assert_eq!(done.output_sha256.unwrap().len(), 64);
+}
+
+#[tokio::test]
+async fn caps_and_bans_refuse_with_reasons() {
+    let (dir, pool) = test_pool().await;
+    let runner = FakeRunner::new(5);
+    let opts = SchedulerOptions {
+        queue_capacity: 3,
+        max_queued_per_user: 2,
+        ..options(&dir)
+    };
+    let s = Scheduler::start(pool.clone(), opts, slots(&[&runner]))
+        .await
+        .unwrap();
+    submit(&s, 1, "hang", 1).await;
+    wait_until(|| runner.started.lock().unwrap().len() == 1).await;
+    submit(&s, 1, "a", 1).await;
+    submit(&s, 1, "b", 1).await;
+    let (job, params) = request(1, "c", 1);
+    assert!(matches!(
+        s.submit(job, params).await,
+        Err(SubmitError::UserQueueFull(2))
+    ));
+    submit(&s, 2, "d", 1).await;
+    let (job, params) = request(3, "e", 1);
+    let err = s.submit(job, params).await.unwrap_err();
+    assert!(matches!(err, SubmitError::QueueFull(3)), "{err}");
+    assert!(err.to_string().contains("queue is full"));
+
+    vqclip::store::users::ban_user(&pool, 5, 4, 99, Some("spam"))
+        .await
+        .unwrap();
+    let (job, params) = request(4, "f", 1);
+    assert!(matches!(
+        s.submit(job, params).await,
+        Err(SubmitError::Banned)
+    ));
+    let (mut job, params) = request(5, "g", 1);
+    job.width = 1024;
+    job.height = 1024;
+    let err = s.submit(job, params).await.unwrap_err();
+    assert!(err.to_string().contains("1024x1024"), "{err}");
+
+    runner.release.store(true, Ordering::SeqCst);
+    s.shutdown(Duration::from_secs(5)).await;
+    let (job, params) = request(6, "h", 1);
+    assert!(matches!(
+        s.submit(job, params).await,
+        Err(SubmitError::ShuttingDown)
+    ));
+}
+
+#[tokio::test]
+async fn owners_and_moderators_cancel_queued_and_running_jobs() {
+    let (dir, pool) = test_pool().await;
+    let runner = FakeRunner::new(5);
+    let s = Scheduler::start(pool.clone(), options(&dir), slots(&[&runner]))
+        .await
+        .unwrap();
+    let running = submit(&s, 1, "hang", 1).await;
+    wait_until(|| runner.started.lock().unwrap().len() == 1).await;
+    let queued = submit(&s, 2, "waiting", 3).await;
+    let mut events = s.subscribe(running).unwrap();
+
+    let stranger = Actor {
+        user: 3,
+        moderator: false,
+    };
+    assert!(matches!(
+        s.cancel(queued, stranger).await,
+        Err(CancelError::NotAllowed(_))
+    ));
+    let owner = Actor {
+        user: 2,
+        moderator: false,
+    };
+    assert_eq!(s.cancel(queued, owner).await.unwrap(), Cancelled::Dequeued);
+    assert_eq!(
+        jobs::get_job(&pool, queued).await.unwrap().unwrap().status,
+        JobStatus::Cancelled
+    );
+    let moderator = Actor {
+        user: 9,
+        moderator: true,
+    };
+    assert_eq!(
+        s.cancel(running, moderator).await.unwrap(),
+        Cancelled::Stopping
+    );
+    assert_eq!(finished(&pool, running).await, JobStatus::Cancelled);
+    events
+        .wait_for(|e| matches!(e, JobEvent::Cancelled))
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.cancel(running, moderator).await,
+        Err(CancelError::AlreadyFinished(_, JobStatus::Cancelled))
+    ));
+    assert!(matches!(
+        s.cancel(JobId(999), moderator).await,
+        Err(CancelError::NotFound(_))
+    ));
+    assert!(matches!(s.snapshot().devices[0].state, DeviceState::Idle));
+}
+
+#[tokio::test]
+async fn a_panicking_job_fails_alone_and_repeated_failures_retire_the_device() {
+    let (dir, pool) = test_pool().await;
+    let runner = FakeRunner::new(2);
+    let opts = SchedulerOptions {
+        device_failure_limit: 2,
+        ..options(&dir)
+    };
+    let s = Scheduler::start(pool.clone(), opts, slots(&[&runner]))
+        .await
+        .unwrap();
+    let crash = submit(&s, 1, "panic", 2).await;
+    assert_eq!(finished(&pool, crash).await, JobStatus::Failed);
+    let error = jobs::get_job(&pool, crash).await.unwrap().unwrap().error;
+    assert!(
+        error.as_deref().unwrap().contains("a fake out-of-memory"),
+        "{error:?}"
+    );
+    // The worker lives on: the next job succeeds and resets the count.
+    let fine = submit(&s, 2, "fine", 2).await;
+    assert_eq!(finished(&pool, fine).await, JobStatus::Succeeded);
+
+    let a = submit(&s, 3, "fail", 2).await;
+    assert_eq!(finished(&pool, a).await, JobStatus::Failed);
+    let b = submit(&s, 4, "fail", 2).await;
+    assert_eq!(finished(&pool, b).await, JobStatus::Failed);
+    wait_until(|| {
+        matches!(
+            s.snapshot().devices[0].state,
+            DeviceState::OutOfService { .. }
+        )
+    })
+    .await;
+    // Out of service: a new job waits rather than failing.
+    let waits = submit(&s, 5, "fine", 2).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        jobs::get_job(&pool, waits).await.unwrap().unwrap().status,
+        JobStatus::Queued
+    );
+}
+
+#[tokio::test]
+async fn two_cpu_workers_share_one_queue_and_report_progress() {
+    let (dir, pool) = test_pool().await;
+    let a = FakeRunner::new(10);
+    let b = FakeRunner::new(10);
+    let s = Scheduler::start(pool.clone(), options(&dir), slots(&[&a, &b]))
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for user in 1..=6 {
+        ids.push(submit(&s, user, "fine", 5).await);
+    }
+    let mut events = s.subscribe(ids[5]).unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let event = events.borrow_and_update().clone();
+        let last = event.is_final();
+        seen.push(event);
+        if last {
+            break;
+        }
+        events.changed().await.unwrap();
+    }
+    match seen.last().unwrap() {
+        JobEvent::Finished(done) => {
+            assert_eq!((done.width, done.height), (8, 8));
+            assert!(image::load_from_memory(&done.png).is_ok());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(seen.iter().any(|e| matches!(e, JobEvent::Queued { .. })));
+    assert!(
+        seen.iter()
+            .any(|e| matches!(e, JobEvent::Progress(p) if p.total == 5))
+    );
+    let mut devices = std::collections::BTreeSet::new();
+    for &id in &ids {
+        assert_eq!(finished(&pool, id).await, JobStatus::Succeeded);
+        devices.insert(
+            jobs::get_job(&pool, id)
+                .await
+                .unwrap()
+                .unwrap()
+                .device
+                .unwrap(),
+        );
+    }
+    assert_eq!(devices.len(), 2, "both workers ran jobs: {devices:?}");
+    assert!(!a.started.lock().unwrap().is_empty() && !b.started.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_job_left_running_by_a_crash_completes_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("jobs.sqlite");
+    let hung = FakeRunner::new(5);
+    let crashed = {
+        // The first run: its runtime is dropped mid-job, as a crash would end it.
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let pool = vqclip::store::connect(&db).await.unwrap();
+            vqclip::store::migrate(&pool).await.unwrap();
+            let s = Scheduler::start(pool.clone(), options(&dir), slots(&[&hung]))
+                .await
+                .unwrap();
+            let id = submit(&s, 1, "hang", 3).await;
+            wait_until(|| hung.started.lock().unwrap().len() == 1).await;
+            for _ in 0..200 {
+                let job = jobs::get_job(&pool, id).await.unwrap().unwrap();
+                if job.status == JobStatus::Running {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            pool.close().await;
+            id
+        })
+    };
+    // The stranded worker thread of the first run ends on its own; it reports to nobody.
+    hung.release.store(true, Ordering::SeqCst);
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let pool = vqclip::store::connect(&db).await.unwrap();
+        let before = jobs::get_job(&pool, crashed).await.unwrap().unwrap();
+        assert_eq!(before.status, JobStatus::Running);
+        let fresh = FakeRunner::new(5);
+        fresh.release.store(true, Ordering::SeqCst);
+        let _s = Scheduler::start(pool.clone(), options(&dir), slots(&[&fresh]))
+            .await
+            .unwrap();
+        assert_eq!(finished(&pool, crashed).await, JobStatus::Succeeded);
+        assert_eq!(fresh.started.lock().unwrap().as_slice(), [crashed]);
+    });
+}
+
+#[tokio::test]
+async fn shutdown_requeues_what_outlives_the_grace_period() {
+    let (dir, pool) = test_pool().await;
+    let runner = FakeRunner::new(5);
+    let s = Scheduler::start(pool.clone(), options(&dir), slots(&[&runner]))
+        .await
+        .unwrap();
+    let id = submit(&s, 1, "hang", 3).await;
+    wait_until(|| runner.started.lock().unwrap().len() == 1).await;
+    s.shutdown(Duration::from_millis(200)).await;
+    let job = jobs::get_job(&pool, id).await.unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Queued, "interrupted, not lost");
+    assert_eq!(job.device, None);
+}
