@@ -70,6 +70,34 @@ impl<G: InputGradient> CustomOp1 for AttachGradient<G> {
         }
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _input: &candle_core::CudaStorage,
+        _layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let value = self.take_value()?;
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => copy_contiguous(s, layout),
+            _ => candle_core::bail!("{}: the value is not on the GPU like the input", G::NAME),
+        }
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        _input: &candle_core::MetalStorage,
+        _layout: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        let value = self.take_value()?;
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            Storage::Metal(s) => copy_contiguous(s, layout),
+            _ => candle_core::bail!("{}: the value is not on the GPU like the input", G::NAME),
+        }
+    }
+
     fn bwd(&self, input: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(self.rule.input_grad(input, grad_res)?))
     }

@@ -9,6 +9,7 @@
 //! This module knows nothing of Discord. It uses the engine, the store and (for weights) the
 //! hub; the bot talks to it only through [`Scheduler`] and [`JobEvent`]s.
 
+pub mod devices;
 pub mod queue;
 pub mod scheduler;
 pub mod worker;

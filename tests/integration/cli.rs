@@ -609,3 +609,173 @@ async fn models_download_verify_and_imagine_fetch_from_the_hub() {
         text(&out.stderr)
     );
 }
+
+/// `vqclip ARGS` started in the background, with the same clean environment as [`vqclip`].
+fn spawn_vqclip(dir: &Path, args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_vqclip"))
+        .args(args)
+        .current_dir(dir)
+        .env_clear()
+        .env("HOME", dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start vqclip")
+}
+
+/// Statuses of all jobs, by id.
+async fn statuses(db: &Path) -> Vec<(i64, jobs::JobStatus)> {
+    let pool = store::connect(db).await.unwrap();
+    let list = jobs::list_recent_jobs(&pool, None, 100).await.unwrap();
+    pool.close().await;
+    let mut out: Vec<_> = list.iter().map(|j| (j.id.0, j.status)).collect();
+    out.sort_by_key(|(id, _)| *id);
+    out
+}
+
+async fn wait_for_statuses(
+    db: &Path,
+    what: &str,
+    done: impl Fn(&[(i64, jobs::JobStatus)]) -> bool,
+) -> Vec<(i64, jobs::JobStatus)> {
+    for _ in 0..1200 {
+        let now = statuses(db).await;
+        if done(&now) {
+            return now;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}: {:?}", statuses(db).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_job_finishes_everything_after_a_restart() {
+    use jobs::JobStatus::{Running, Succeeded};
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let config = write_config(
+        &dir,
+        &format!(
+            "[storage]\ndatabase = \"db/jobs.sqlite\"\nimages = \"images\"\n\
+             [scheduler]\ndevices = [\"cpu\"]\npoll_interval_ms = 100\nshutdown_grace_seconds = 1\n\
+             [generation]\ndefault_vqgan = \"tiny_vqgan\"\ndefault_clip = \"tiny_clip\"\n\
+             [models]\nallow_tiny = true\n\
+             [models.tiny_vqgan]\npath = \"{fixtures}/ckpt/tiny_vqgan.ckpt\"\n\
+             [models.tiny_clip]\npath = \"{fixtures}/parity/tiny_clip.safetensors\"\n"
+        ),
+    );
+    for user in 1..=5 {
+        let prompt = format!("a lantern number {user} --steps 20 --size 32x32 --cutn 2");
+        let user = user.to_string();
+        let out = vqclip_async(
+            dir.path(),
+            &[
+                "--config", &config, "jobs", "submit", &prompt, "--user", &user,
+            ],
+            &[],
+        )
+        .await;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stdout).contains("queued"),
+            "{}",
+            text(&out.stdout)
+        );
+    }
+    let db = dir.path().join("db/jobs.sqlite");
+
+    let mut first = spawn_vqclip(dir.path(), &["--config", &config, "worker"]);
+    wait_for_statuses(&db, "one job done and one running", |s| {
+        s.iter().any(|(_, st)| *st == Succeeded) && s.iter().any(|(_, st)| *st == Running)
+    })
+    .await;
+    first.kill().unwrap(); // SIGKILL: no chance to clean up
+    first.wait().unwrap();
+    let after_kill = statuses(&db).await;
+    assert!(
+        after_kill.iter().any(|(_, st)| *st == Running),
+        "a job was left running: {after_kill:?}"
+    );
+
+    let mut second = spawn_vqclip(dir.path(), &["--config", &config, "worker"]);
+    let all = wait_for_statuses(&db, "all five succeeded", |s| {
+        s.len() == 5 && s.iter().all(|(_, st)| *st == Succeeded)
+    })
+    .await;
+    for (id, _) in &all {
+        let image = dir.path().join(format!("images/{id}.png"));
+        let bytes = std::fs::read(&image).unwrap_or_else(|e| panic!("{}: {e}", image.display()));
+        let chunks = vqclip::engine::image::png_text(&bytes).unwrap();
+        assert!(
+            chunks
+                .iter()
+                .any(|(k, v)| k == "prompt" && v.starts_with("a lantern number")),
+            "{chunks:?}"
+        );
+    }
+    // A polite stop ends the worker cleanly.
+    let pid = second.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = second.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+
+    let out = vqclip_async(dir.path(), &["--config", &config, "jobs", "show", "1"], &[]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(
+        shown.contains("succeeded") && shown.contains("vqclip imagine") && shown.contains("cpu"),
+        "{shown}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_cancel_and_show_explain_what_they_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        &dir,
+        "[storage]\ndatabase = \"jobs.sqlite\"\n[models]\nallow_tiny = true\n",
+    );
+    let out = vqclip_async(
+        dir.path(),
+        &["--config", &config, "jobs", "submit", "a fox --model tiny"],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = vqclip_async(
+        dir.path(),
+        &["--config", &config, "jobs", "cancel", "1"],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("job 1 cancelled"));
+    let out = vqclip_async(
+        dir.path(),
+        &["--config", &config, "jobs", "cancel", "1"],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("already cancelled"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = vqclip_async(dir.path(), &["--config", &config, "jobs", "show", "7"], &[]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("no job 7"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Without allow_tiny, the test models are refused.
+    let strict = write_config(&dir, "[storage]\ndatabase = \"jobs.sqlite\"\n");
+    let out = vqclip_async(
+        dir.path(),
+        &["--config", &strict, "jobs", "submit", "a fox --model tiny"],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+}

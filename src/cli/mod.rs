@@ -14,22 +14,23 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::{ConfigError, Environment, Settings};
-use crate::engine::clip::{Clip, ClipConfig};
 use crate::engine::generate::{GenerateError, GenerationInputs, GenerationSpec, Generator, Models};
-use crate::engine::random::SeededWeights;
+use crate::engine::image;
 use crate::engine::tokenizer::ClipTokenizer;
-use crate::engine::vqgan::{Vqgan, VqganConfig, VqganParts};
-use crate::engine::{self, checkpoint, image};
+use crate::engine::vqgan::VqganParts;
 use crate::hub::{BarProgress, Hub, HubError};
+use crate::jobs::worker;
 use crate::models::ModelInfo;
 use crate::request::{self, ImagineOptions};
 use crate::store::{self, jobs};
 use crate::telemetry::LogFormat;
 use crate::weights;
+
+mod jobs_cmd;
 
 /// vqclip: VQGAN+CLIP art for Discord communities.
 ///
@@ -68,6 +69,10 @@ pub enum Command {
     /// Look at jobs in the database.
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// Run the scheduler and device workers without Discord: process queued jobs until
+    /// stopped (SIGINT/SIGTERM: running jobs get scheduler.shutdown_grace_seconds, then are
+    /// queued again).
+    Worker,
     /// See which models vqclip knows and whether their weights are on this machine.
     #[command(subcommand)]
     Models(ModelsCommand),
@@ -119,6 +124,18 @@ pub enum DbCommand {
 pub enum JobsCommand {
     /// List recent jobs, newest first.
     List(ListJobs),
+    /// Queue a job in the database for `vqclip worker` (or the bot) to run.
+    Submit(Box<jobs_cmd::SubmitArgs>),
+    /// Everything recorded about one job: what it was, how it went, how to make it again.
+    Show {
+        /// The job's id.
+        id: i64,
+    },
+    /// Cancel a queued or running job (a running worker stops it within one iteration).
+    Cancel {
+        /// The job's id.
+        id: i64,
+    },
 }
 
 /// Options of `vqclip jobs list`.
@@ -146,6 +163,10 @@ pub async fn run(cli: Cli) -> ExitCode {
         }
         Command::Db(DbCommand::Migrate) => db_migrate(config, &env).await,
         Command::Jobs(JobsCommand::List(args)) => jobs_list(config, &env, &args).await,
+        Command::Jobs(JobsCommand::Submit(args)) => jobs_cmd::submit(config, &env, &args).await,
+        Command::Jobs(JobsCommand::Show { id }) => jobs_cmd::show(config, &env, id).await,
+        Command::Jobs(JobsCommand::Cancel { id }) => jobs_cmd::cancel(config, &env, id).await,
+        Command::Worker => jobs_cmd::worker(config, &env).await,
         Command::Imagine(args) => imagine(config, &env, *args).await,
         Command::Models(ModelsCommand::List) => models_list(config, &env),
         Command::Models(ModelsCommand::Download(selection)) => {
@@ -277,12 +298,10 @@ async fn jobs_list(
     Ok(())
 }
 
-/// Options of `vqclip imagine`.
-#[derive(Debug, Args)]
-pub struct ImagineArgs {
-    /// What to draw: `text[:weight[:stop]] | …` (or `a:: b::0.5`), optionally with flags inside
-    /// the quotes: --seed, --steps, --ar W:H, --size WxH, --no TEXT, --cutn, --model.
-    pub prompt: String,
+/// The generation flags `imagine` and `jobs submit` share; each overrides the same flag given
+/// inside the prompt.
+#[derive(Debug, Clone, Args)]
+pub struct RequestFlags {
     /// RNG seed (random when not given; printed either way).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -307,6 +326,33 @@ pub struct ImagineArgs {
     /// Use Crowson's random crops instead of pooled, augmented cutouts.
     #[arg(long)]
     pub crops: bool,
+}
+
+impl RequestFlags {
+    /// As options for the request resolver.
+    pub fn options(&self) -> ImagineOptions {
+        ImagineOptions {
+            seed: self.seed,
+            steps: self.steps,
+            size: self.size,
+            aspect: self.ar,
+            cutn: self.cutn,
+            vqgan: self.model.clone(),
+            clip: self.clip.clone(),
+            crops: self.crops,
+        }
+    }
+}
+
+/// Options of `vqclip imagine`.
+#[derive(Debug, Args)]
+pub struct ImagineArgs {
+    /// What to draw: `text[:weight[:stop]] | …` (or `a:: b::0.5`), optionally with flags inside
+    /// the quotes: --seed, --steps, --ar W:H, --size WxH, --no TEXT, --cutn, --model.
+    pub prompt: String,
+    /// Generation settings.
+    #[command(flatten)]
+    pub request: RequestFlags,
     /// Start from this image instead of random tokens.
     #[arg(long, value_name = "PATH")]
     pub init_image: Option<PathBuf>,
@@ -415,16 +461,7 @@ fn resolve_imagine(settings: &Settings, args: &ImagineArgs) -> anyhow::Result<re
         );
     }
     let tokenizer = ClipTokenizer::new();
-    let options = ImagineOptions {
-        seed: args.seed,
-        steps: args.steps,
-        size: args.size,
-        aspect: args.ar,
-        cutn: args.cutn,
-        vqgan: args.model.clone(),
-        clip: args.clip.clone(),
-        crops: args.crops,
-    };
+    let options = args.request.options();
     let auto = request::auto_side(None);
     let mut resolved = request::resolve(
         &args.prompt,
@@ -479,45 +516,12 @@ fn imagine_blocking(
     } else {
         VqganParts::DecodeOnly
     };
-    let vqgan_config =
-        VqganConfig::preset(resolved.vqgan.id).context("no architecture for this VQGAN")?;
-    let clip_config =
-        ClipConfig::preset(resolved.clip.id).context("no architecture for this CLIP")?;
     eprintln!("loading {} and {}…", resolved.vqgan.id, resolved.clip.id);
-    let vqgan = match vqgan_weights {
-        Some(path) => {
-            let path =
-                weights::prepare_for_loading(&path, resolved.vqgan, &settings.models.cache_dir)?;
-            engine::load_vqgan(
-                resolved.vqgan.id,
-                std::slice::from_ref(&path),
-                &vqgan_config,
-                parts,
-                &device,
-            )?
-        }
-        None => Vqgan::new(
-            SeededWeights::new(0).var_builder(DType::F32, &device),
-            &vqgan_config,
-            parts,
-        )?,
-    };
-    let clip = match clip_weights {
-        Some(path) => {
-            let vb = checkpoint::var_builder(std::slice::from_ref(&path), DType::F32, &device)?;
-            Clip::new(vb, &clip_config).with_context(|| {
-                format!(
-                    "the weights in {} do not fit {}",
-                    path.display(),
-                    resolved.clip.id
-                )
-            })?
-        }
-        None => Clip::new(
-            SeededWeights::new(1).var_builder(DType::F32, &device),
-            &clip_config,
-        )?,
-    };
+    let vqgan_weights = vqgan_weights
+        .map(|path| weights::prepare_for_loading(&path, resolved.vqgan, &settings.models.cache_dir))
+        .transpose()?;
+    let vqgan = worker::load_vqgan(resolved.vqgan, vqgan_weights.as_deref(), parts, &device)?;
+    let clip = worker::load_clip(resolved.clip, clip_weights.as_deref(), &device)?;
     let models = Models {
         vqgan,
         clip,
@@ -574,18 +578,7 @@ fn imagine_blocking(
     }
     let seconds = started.elapsed().as_secs_f64();
 
-    let text = [
-        ("prompt", args.prompt.clone()),
-        ("seed", spec.seed.to_string()),
-        ("steps", spec.steps.to_string()),
-        ("size", format!("{}x{}", spec.width, spec.height)),
-        (
-            "models",
-            format!("{} + {}", resolved.vqgan.id, resolved.clip.id),
-        ),
-        ("software", format!("vqclip {}", env!("CARGO_PKG_VERSION"))),
-        ("vqclip:spec", serde_json::to_string(&spec)?),
-    ];
+    let text = worker::png_metadata(&args.prompt, &spec, resolved.vqgan.id, resolved.clip.id);
     let png =
         image::encode_png_with_text(&output.image, &text).context("Failed to encode the PNG")?;
     std::fs::write(&out, png).with_context(|| format!("Failed to write {}", out.display()))?;

@@ -1,0 +1,286 @@
+//! `vqclip jobs submit|show|cancel` and `vqclip worker`: the queue without Discord.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use sqlx::SqlitePool;
+
+use super::{RequestFlags, load_settings};
+use crate::config::{Environment, Settings};
+use crate::engine::tokenizer::ClipTokenizer;
+use crate::jobs::scheduler::SchedulerOptions;
+use crate::jobs::{JobParams, Scheduler, devices};
+use crate::request;
+use crate::store::jobs::{self, JobKind, JobStatus, NewJob};
+use crate::store::{self, JobId, Timestamp};
+
+/// Options of `vqclip jobs submit`.
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// What to draw, as for `imagine` (flags inside the quotes work too).
+    pub prompt: String,
+    /// Generation settings.
+    #[command(flatten)]
+    pub request: RequestFlags,
+    /// Record the job as this Discord user's (fairness and caps are per user) [default: 0,
+    /// the command line].
+    #[arg(long, default_value_t = 0)]
+    pub user: u64,
+}
+
+/// The configured database, created and migrated when `create`, else required to exist.
+async fn open_database(settings: &Settings, create: bool) -> anyhow::Result<SqlitePool> {
+    let path = &settings.storage.database;
+    // Reading must not conjure an empty database in the wrong directory.
+    if !create && !path.exists() {
+        anyhow::bail!(
+            "no database at {} (storage.database); run `vqclip db migrate` to create one",
+            path.display()
+        );
+    }
+    let pool = store::connect(path).await?;
+    store::migrate(&pool).await?;
+    Ok(pool)
+}
+
+pub(super) async fn submit(
+    config: Option<&Path>,
+    env: &Environment,
+    args: &SubmitArgs,
+) -> anyhow::Result<()> {
+    let Ok(settings) = load_settings(config, env) else {
+        anyhow::bail!("cannot submit without a valid configuration");
+    };
+    let resolved = request::resolve(
+        &args.prompt,
+        &args.request.options(),
+        &settings.generation,
+        settings.models.allow_tiny,
+        request::auto_side(None),
+        &ClipTokenizer::new(),
+    )?;
+    for note in &resolved.notes {
+        eprintln!("note: {note}");
+    }
+    let spec = resolved.spec;
+    let params = JobParams {
+        spec: spec.clone(),
+        inputs: Default::default(),
+    };
+    let job = NewJob {
+        kind: JobKind::Imagine,
+        parent: None,
+        requester_id: args.user,
+        guild_id: None,
+        channel_id: None,
+        prompt: args.prompt.clone(),
+        params: serde_json::to_value(&params)?,
+        seed: spec.seed,
+        width: spec.width,
+        height: spec.height,
+        steps: spec.steps,
+        cutn: spec.cutn,
+        vqgan_model: resolved.vqgan.id.to_owned(),
+        clip_model: resolved.clip.id.to_owned(),
+    };
+    let pool = open_database(&settings, true).await?;
+    let waiting = jobs::count_jobs_by_status(&pool)
+        .await?
+        .into_iter()
+        .find(|(status, _)| *status == JobStatus::Queued)
+        .map_or(0, |(_, n)| n);
+    let capacity = settings.scheduler.queue_capacity as u64;
+    if waiting >= capacity {
+        anyhow::bail!(
+            "the queue is full ({waiting} jobs waiting, scheduler.queue_capacity = {capacity})"
+        );
+    }
+    let id = jobs::insert_job(&pool, &job)
+        .await
+        .context("Failed to record the job")?;
+    pool.close().await;
+    println!(
+        "job {id} queued ({} waiting): {}x{}, {} steps, seed {}, {} + {}",
+        waiting + 1,
+        spec.width,
+        spec.height,
+        spec.steps,
+        spec.seed,
+        job.vqgan_model,
+        job.clip_model
+    );
+    Ok(())
+}
+
+pub(super) async fn show(config: Option<&Path>, env: &Environment, id: i64) -> anyhow::Result<()> {
+    let Ok(settings) = load_settings(config, env) else {
+        anyhow::bail!("cannot read jobs without a valid configuration");
+    };
+    let pool = open_database(&settings, false).await?;
+    let job = jobs::get_job(&pool, JobId(id)).await?;
+    pool.close().await;
+    let Some(job) = job else {
+        anyhow::bail!("there is no job {id}");
+    };
+    let time = |t: Option<Timestamp>| t.map_or_else(|| "-".to_owned(), |t| t.to_string());
+    let mut out = String::new();
+    let mut line = |key: &str, value: String| {
+        let _ = writeln!(out, "{key:>10}  {value}");
+    };
+    line("job", job.id.to_string());
+    line("status", job.status.to_string());
+    if let Some(error) = &job.error {
+        line("error", error.clone());
+    }
+    line("kind", job.kind.to_string());
+    if let Some(parent) = job.parent {
+        line("parent", parent.to_string());
+    }
+    line("requester", job.requester_id.to_string());
+    line("prompt", job.prompt.clone());
+    line("seed", job.seed.to_string());
+    line("size", format!("{}x{}", job.width, job.height));
+    line("steps", format!("{} (done: {})", job.steps, job.iteration));
+    line("cutouts", job.cutn.to_string());
+    line(
+        "models",
+        format!("{} + {}", job.vqgan_model, job.clip_model),
+    );
+    line("device", job.device.clone().unwrap_or_else(|| "-".into()));
+    line("created", time(Some(job.created_at)));
+    line("started", time(job.started_at));
+    line("finished", time(job.finished_at));
+    if let Some(path) = &job.output_path {
+        line("image", path.display().to_string());
+    }
+    if let Some(sha) = &job.output_sha256 {
+        line("sha256", sha.clone());
+    }
+    if let Some(loss) = job.final_loss {
+        line("loss", format!("{loss:.4}"));
+    }
+    line("version", format!("vqclip {}", job.crate_version));
+    line(
+        "again",
+        format!(
+            "vqclip imagine {:?} --seed {} --steps {} --size {}x{} --cutn {} --model {} --clip {}",
+            job.prompt,
+            job.seed,
+            job.steps,
+            job.width,
+            job.height,
+            job.cutn,
+            job.vqgan_model,
+            job.clip_model
+        ),
+    );
+    print!("{out}");
+    Ok(())
+}
+
+pub(super) async fn cancel(
+    config: Option<&Path>,
+    env: &Environment,
+    id: i64,
+) -> anyhow::Result<()> {
+    let Ok(settings) = load_settings(config, env) else {
+        anyhow::bail!("cannot cancel without a valid configuration");
+    };
+    let pool = open_database(&settings, false).await?;
+    let id = JobId(id);
+    let Some(job) = jobs::get_job(&pool, id).await? else {
+        anyhow::bail!("there is no job {id}");
+    };
+    if !jobs::mark_job_cancelled(&pool, id).await? {
+        anyhow::bail!("job {id} has already {}", job.status);
+    }
+    pool.close().await;
+    if job.status == JobStatus::Running {
+        println!("job {id} cancelled; its worker stops it within one iteration");
+    } else {
+        println!("job {id} cancelled");
+    }
+    Ok(())
+}
+
+/// Resolves when the process is asked to stop (Ctrl-C, or SIGTERM on Unix).
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+pub(super) async fn worker(config: Option<&Path>, env: &Environment) -> anyhow::Result<()> {
+    let Ok(settings) = load_settings(config, env) else {
+        anyhow::bail!("cannot run workers without a valid configuration");
+    };
+    let pool = open_database(&settings, true).await?;
+    let slots = devices::engine_slots(&settings)?;
+    let labels: Vec<String> = slots.iter().map(|s| s.label.clone()).collect();
+    let scheduler = Scheduler::start(
+        pool.clone(),
+        SchedulerOptions::from_settings(&settings),
+        slots,
+    )
+    .await?;
+    let snapshot = scheduler.snapshot();
+    eprintln!(
+        "worker: {} on {}; {} jobs waiting; images in {}. Ctrl-C stops.",
+        if labels.len() == 1 {
+            "1 device".to_owned()
+        } else {
+            format!("{} devices", labels.len())
+        },
+        labels.join(", "),
+        snapshot.waiting.len(),
+        settings.storage.images.display()
+    );
+    let poll = Duration::from_millis(settings.scheduler.poll_interval_ms);
+    let mut tick = tokio::time::interval(poll);
+    let mut since = Timestamp::now();
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            _ = tick.tick() => {
+                // Jobs and cancels may come from other processes (`jobs submit`, the bot).
+                let now = Timestamp::now();
+                if let Err(e) = scheduler.load_queued().await {
+                    tracing::error!(error = %e, "cannot read queued jobs");
+                }
+                if let Err(e) = scheduler.apply_cancels_since(since.minus(Duration::from_secs(1))).await {
+                    tracing::error!(error = %e, "cannot read cancelled jobs");
+                }
+                since = now;
+            }
+        }
+    }
+    let grace = Duration::from_secs(settings.scheduler.shutdown_grace_seconds);
+    eprintln!(
+        "stopping: running jobs have {} s to finish, then are queued again",
+        grace.as_secs()
+    );
+    scheduler.shutdown(grace).await;
+    pool.close().await;
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! Turning `scheduler.devices` into candle devices, each with an engine runner.
+
+#[cfg(any(feature = "cuda", feature = "metal"))]
+use anyhow::Context as _;
+use candle_core::Device;
+
+use super::scheduler::DeviceSlot;
+use super::worker::EngineRunner;
+use crate::config::{DeviceSpec, Settings};
+
+/// The devices `specs` name, with their labels (`cpu`, `cpu#1`, `cuda:0`). `auto` is every CUDA
+/// device in a CUDA build (the first Metal device in a Metal build), else the CPU.
+pub fn open(specs: &[DeviceSpec]) -> anyhow::Result<Vec<(String, Device)>> {
+    let cpus = specs.iter().filter(|d| **d == DeviceSpec::Cpu).count();
+    let mut cpu_index = 0;
+    let mut devices = Vec::new();
+    for spec in specs {
+        match *spec {
+            DeviceSpec::Auto => devices.extend(auto()),
+            DeviceSpec::Cpu => {
+                let label = if cpus > 1 {
+                    format!("cpu#{cpu_index}")
+                } else {
+                    "cpu".to_owned()
+                };
+                cpu_index += 1;
+                devices.push((label, Device::Cpu));
+            }
+            DeviceSpec::Cuda(n) => devices.push((format!("cuda:{n}"), cuda(n)?)),
+            DeviceSpec::Metal(n) => devices.push((format!("metal:{n}"), metal(n)?)),
+        }
+    }
+    Ok(devices)
+}
+
+fn auto() -> Vec<(String, Device)> {
+    let mut found = Vec::new();
+    #[cfg(feature = "cuda")]
+    for n in 0..64 {
+        match Device::new_cuda(n) {
+            Ok(device) => found.push((format!("cuda:{n}"), device)),
+            Err(_) => break,
+        }
+    }
+    #[cfg(feature = "metal")]
+    if let Ok(device) = Device::new_metal(0) {
+        found.push(("metal:0".to_owned(), device));
+    }
+    if found.is_empty() {
+        found.push(("cpu".to_owned(), Device::Cpu));
+    }
+    found
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(n: usize) -> anyhow::Result<Device> {
+    Device::new_cuda(n).with_context(|| format!("scheduler.devices: cuda:{n} is not available"))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(n: usize) -> anyhow::Result<Device> {
+    anyhow::bail!(
+        "scheduler.devices: cuda:{n} needs a build with CUDA support (cargo build --release \
+         --features cuda; see the README)"
+    )
+}
+
+#[cfg(feature = "metal")]
+fn metal(n: usize) -> anyhow::Result<Device> {
+    Device::new_metal(n).with_context(|| format!("scheduler.devices: metal:{n} is not available"))
+}
+
+#[cfg(not(feature = "metal"))]
+fn metal(n: usize) -> anyhow::Result<Device> {
+    anyhow::bail!(
+        "scheduler.devices: metal:{n} needs a build with Metal support (cargo build --release \
+         --features metal)"
+    )
+}
+
+/// One engine runner per configured device.
+pub fn engine_slots(settings: &Settings) -> anyhow::Result<Vec<DeviceSlot>> {
+    Ok(open(&settings.scheduler.devices)?
+        .into_iter()
+        .map(|(label, device)| DeviceSlot {
+            label,
+            runner: Box::new(EngineRunner::new(
+                device,
+                settings.models.clone(),
+                settings.scheduler.model_cache_mib,
+                settings.storage.images.clone(),
+            )),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpus_may_repeat_and_get_numbered_labels() {
+        let labels = |specs: &[DeviceSpec]| -> Vec<String> {
+            open(specs).unwrap().into_iter().map(|(l, _)| l).collect()
+        };
+        assert_eq!(labels(&[DeviceSpec::Cpu]), ["cpu"]);
+        assert_eq!(
+            labels(&[DeviceSpec::Cpu, DeviceSpec::Cpu]),
+            ["cpu#0", "cpu#1"]
+        );
+        #[cfg(not(any(feature = "cuda", feature = "metal")))]
+        {
+            assert_eq!(labels(&[DeviceSpec::Auto]), ["cpu"]);
+            let err = open(&[DeviceSpec::Cuda(0)]).unwrap_err().to_string();
+            assert!(
+                err.contains("scheduler.devices") && err.contains("--features cuda"),
+                "{err}"
+            );
+        }
+    }
+}
