@@ -206,6 +206,29 @@ pub(super) async fn cancel(
     Ok(())
 }
 
+/// One line for the log: the queue and what each device is doing.
+fn status_line(snapshot: &crate::jobs::Snapshot) -> String {
+    use crate::jobs::scheduler::DeviceState;
+    let devices: Vec<String> = snapshot
+        .devices
+        .iter()
+        .map(|d| match &d.state {
+            DeviceState::Idle => format!("{} idle", d.label),
+            DeviceState::Busy {
+                job,
+                iteration,
+                total,
+                rate,
+                ..
+            } => format!("{} job {job} {iteration}/{total} ({rate:.2} it/s)", d.label),
+            DeviceState::OutOfService { reason } => {
+                format!("{} OUT OF SERVICE ({reason})", d.label)
+            }
+        })
+        .collect();
+    format!("{} waiting; {}", snapshot.waiting.len(), devices.join("; "))
+}
+
 /// Resolves when the process is asked to stop (Ctrl-C, or SIGTERM on Unix).
 async fn stop_signal() {
     #[cfg(unix)]
@@ -257,6 +280,8 @@ pub(super) async fn worker(config: Option<&Path>, env: &Environment) -> anyhow::
     let poll = Duration::from_millis(settings.scheduler.poll_interval_ms);
     let mut tick = tokio::time::interval(poll);
     let mut since = Timestamp::now();
+    let mut last_shape = String::new();
+    let mut last_log = std::time::Instant::now();
     let stop = stop_signal();
     tokio::pin!(stop);
     loop {
@@ -272,6 +297,20 @@ pub(super) async fn worker(config: Option<&Path>, env: &Environment) -> anyhow::
                     tracing::error!(error = %e, "cannot read cancelled jobs");
                 }
                 since = now;
+                // A line when jobs move, else at most every half minute while busy.
+                let snapshot = scheduler.snapshot();
+                let shape = format!("{:?}", snapshot.waiting)
+                    + &snapshot.devices.iter().map(|d| match &d.state {
+                        crate::jobs::scheduler::DeviceState::Busy { job, .. } => job.to_string(),
+                        other => format!("{other:?}"),
+                    }).collect::<String>();
+                let busy = !snapshot.waiting.is_empty()
+                    || snapshot.devices.iter().any(|d| d.state != crate::jobs::scheduler::DeviceState::Idle);
+                if shape != last_shape || (busy && last_log.elapsed() >= Duration::from_secs(30)) {
+                    tracing::info!(status = %status_line(&snapshot), "scheduler");
+                    last_shape = shape;
+                    last_log = std::time::Instant::now();
+                }
             }
         }
     }

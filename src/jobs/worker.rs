@@ -527,3 +527,39 @@ impl Runner for EngineRunner {
         self.cache.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_model_cache_unloads_the_least_recently_used_beyond_its_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, mib: usize| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, vec![0u8; mib << 20]).unwrap();
+            path
+        };
+        let tiny = models::find("tiny_clip").unwrap();
+        let clip = load_clip(tiny, None, &Device::Cpu).unwrap();
+        let env: crate::config::Environment = [("HOME", dir.path().to_str().unwrap())]
+            .into_iter()
+            .collect();
+        let settings = crate::config::Settings::from_toml("", &env).unwrap().models;
+        // 3 MiB budget, 1 MiB per model.
+        let mut runner = EngineRunner::new(Device::Cpu, settings, 3, dir.path().into());
+        let ids = ["vit_b32", "vit_b16", "vit_l14", "vit_l14_336"];
+        for (i, id) in ids.iter().enumerate() {
+            let path = file(id, 1);
+            runner.insert(id, Resident::Clip(Box::new(clip.clone())), Some(&path));
+            if i == 1 {
+                // Using the first again makes the second the least recently used.
+                let first = runner.cache.iter().position(|e| e.id == ids[0]).unwrap();
+                runner.touch(first);
+            }
+        }
+        assert_eq!(runner.resident(), ["vit_b32", "vit_l14", "vit_l14_336"]);
+        runner.reset();
+        assert!(runner.resident().is_empty());
+    }
+}
