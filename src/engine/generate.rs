@@ -20,7 +20,7 @@ use super::clip::{Clip, normalize};
 use super::cutouts::{CutoutMethod, Cutouts};
 use super::image::{self as img, ImageError};
 use super::loss::PromptTarget;
-use super::optimize::{Guide, InitWeight, Latent};
+use super::optimize::{Guide, InitWeight, Latent, LatentState};
 use super::prompt::WeightedPrompt;
 use super::tokenizer::ClipTokenizer;
 use super::vqgan::Vqgan;
@@ -201,6 +201,74 @@ pub struct Progress {
     pub preview: Option<Preview>,
 }
 
+/// A run's state between iterations (see [`Generator::checkpoint`]), saved as one
+/// safetensors file.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// Iterations done.
+    pub iteration: u32,
+    /// The latent and Adam's state.
+    pub latent: LatentState,
+    /// Where the job's random stream stands.
+    pub rng_word_pos: u128,
+    /// Loss of the last iteration.
+    pub last_loss: f64,
+}
+
+impl Checkpoint {
+    /// Writes the checkpoint to `path` (through a temporary file, so a crash mid-write leaves the
+    /// previous one).
+    pub fn save(&self, path: &std::path::Path) -> CandleResult<()> {
+        let cpu = Device::Cpu;
+        let pos = self.rng_word_pos;
+        // Counters as i64 bit patterns: [iteration, adam steps, rng position high, low].
+        let counters = vec![
+            i64::from(self.iteration),
+            self.latent.steps as i64,
+            (pos >> 64) as u64 as i64,
+            pos as u64 as i64,
+        ];
+        let tensors = std::collections::HashMap::from([
+            ("z".to_owned(), self.latent.z.to_device(&cpu)?),
+            ("m".to_owned(), self.latent.m.to_device(&cpu)?),
+            ("v".to_owned(), self.latent.v.to_device(&cpu)?),
+            ("counters".to_owned(), Tensor::new(counters, &cpu)?),
+            ("last_loss".to_owned(), Tensor::new(&[self.last_loss], &cpu)?),
+        ]);
+        let partial = path.with_extension("part");
+        candle_core::safetensors::save(&tensors, &partial)?;
+        std::fs::rename(&partial, path).map_err(candle_core::Error::wrap)
+    }
+
+    /// Reads a checkpoint written by [`Checkpoint::save`].
+    pub fn load(path: &std::path::Path, device: &Device) -> CandleResult<Self> {
+        let mut tensors = candle_core::safetensors::load(path, device)?;
+        let mut take = |name: &str| {
+            tensors
+                .remove(name)
+                .ok_or_else(|| candle_core::Error::Msg(format!("the checkpoint lacks {name}")))
+        };
+        let (z, m, v) = (take("z")?, take("m")?, take("v")?);
+        let counters = take("counters")?.to_vec1::<i64>()?;
+        let last_loss = take("last_loss")?.to_vec1::<f64>()?;
+        let ([iteration, steps, high, low], [last_loss]) = (counters.as_slice(), last_loss.as_slice())
+        else {
+            candle_core::bail!("the checkpoint's counters are malformed");
+        };
+        Ok(Self {
+            iteration: u32::try_from(*iteration).map_err(candle_core::Error::wrap)?,
+            latent: LatentState {
+                z,
+                m,
+                v,
+                steps: usize::try_from(*steps).map_err(candle_core::Error::wrap)?,
+            },
+            rng_word_pos: (u128::from(*high as u64) << 64) | u128::from(*low as u64),
+            last_loss: *last_loss,
+        })
+    }
+}
+
 /// A finished run.
 #[derive(Debug, Clone)]
 pub struct Output {
@@ -231,6 +299,8 @@ pub struct Generator<'m> {
     latent: Latent,
     rng: ChaCha20Rng,
     iteration: u32,
+    /// The iteration this process started at (after a resume), for the ETA.
+    first_iteration: u32,
     started: Instant,
     frames: Vec<RgbImage>,
     last_loss: f64,
@@ -365,6 +435,7 @@ impl<'m> Generator<'m> {
             latent,
             rng,
             iteration: 0,
+            first_iteration: 0,
             started: Instant::now(),
             frames: Vec::new(),
             last_loss: f64::NAN,
@@ -423,7 +494,7 @@ impl<'m> Generator<'m> {
         self.iteration += 1;
         self.last_loss = report.loss;
         let elapsed = self.started.elapsed();
-        let per_step = elapsed / self.iteration;
+        let per_step = elapsed / (self.iteration - self.first_iteration).max(1);
         Ok(Progress {
             iteration: self.iteration,
             total: self.spec.steps,
@@ -433,6 +504,39 @@ impl<'m> Generator<'m> {
             eta: per_step * (self.spec.steps - self.iteration),
             preview,
         })
+    }
+
+    /// Iterations done so far.
+    pub fn iteration(&self) -> u32 {
+        self.iteration
+    }
+
+    /// Everything needed to continue this run later exactly as if it had not stopped.
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            iteration: self.iteration,
+            latent: self.latent.state(),
+            rng_word_pos: self.rng.get_word_pos(),
+            last_loss: self.last_loss,
+        }
+    }
+
+    /// Continues from a checkpoint of the same job (same spec and inputs): the rest of the run
+    /// is what it would have been uninterrupted. Time-lapse frames from before it are lost.
+    pub fn resume(&mut self, checkpoint: &Checkpoint) -> Result<(), GenerateError> {
+        if checkpoint.iteration > self.spec.steps {
+            return Err(GenerateError::InvalidSpec(format!(
+                "the checkpoint is at step {} of a {}-step job",
+                checkpoint.iteration, self.spec.steps
+            )));
+        }
+        self.latent.restore(&checkpoint.latent)?;
+        self.rng.set_word_pos(checkpoint.rng_word_pos);
+        self.iteration = checkpoint.iteration;
+        self.first_iteration = checkpoint.iteration;
+        self.started = Instant::now();
+        self.last_loss = checkpoint.last_loss;
+        Ok(())
     }
 
     /// Decodes the final latent.

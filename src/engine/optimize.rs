@@ -7,7 +7,6 @@
 //! the decoder to `z` in one backward pass.
 
 use candle_core::{Result, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use super::clip::{ClipVision, normalize};
 use super::cutouts::Cutouts;
@@ -60,11 +59,63 @@ pub struct StepReport {
     pub image: Tensor,
 }
 
+/// Adam as torch implements it (no weight decay), with its moments open so a run can be
+/// checkpointed and resumed exactly.
+struct Adam {
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    m: Tensor,
+    v: Tensor,
+    t: usize,
+}
+
+impl Adam {
+    fn new(like: &Tensor, lr: f64) -> Result<Self> {
+        Ok(Self {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            m: like.zeros_like()?,
+            v: like.zeros_like()?,
+            t: 0,
+        })
+    }
+
+    /// The next parameters after a step with gradient `g`.
+    fn step(&mut self, theta: &Tensor, g: &Tensor) -> Result<Tensor> {
+        self.t += 1;
+        let scale_m = 1.0 / (1.0 - self.beta1.powi(self.t as i32));
+        let scale_v = 1.0 / (1.0 - self.beta2.powi(self.t as i32));
+        self.m = ((&self.m * self.beta1)? + (g * (1.0 - self.beta1))?)?;
+        self.v = ((&self.v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+        let m_hat = (&self.m * scale_m)?;
+        let v_hat = (&self.v * scale_v)?;
+        let update = (m_hat / (v_hat.sqrt()? + self.eps)?)?;
+        theta - (update * self.lr)?
+    }
+}
+
+/// Everything that decides how a latent continues: itself and Adam's state.
+#[derive(Debug, Clone)]
+pub struct LatentState {
+    /// The latent.
+    pub z: Tensor,
+    /// Adam's first moment.
+    pub m: Tensor,
+    /// Adam's second moment.
+    pub v: Tensor,
+    /// Steps taken.
+    pub steps: usize,
+}
+
 /// The trained latent with its optimiser state.
 pub struct Latent {
     z: Var,
     z_init: Tensor,
-    adam: AdamW,
+    adam: Adam,
     z_min: Tensor,
     z_max: Tensor,
     steps_done: usize,
@@ -76,15 +127,7 @@ impl Latent {
     /// per-channel range `z_min..z_max` (`[1, embed_dim, 1, 1]`).
     pub fn new(z_init: &Tensor, z_min: &Tensor, z_max: &Tensor, lr: f64) -> Result<Self> {
         let z = Var::from_tensor(z_init)?;
-        let params = ParamsAdamW {
-            lr,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            // candle's default (0.01) would make this AdamW, not the reference's Adam.
-            weight_decay: 0.0,
-        };
-        let adam = AdamW::new(vec![z.clone()], params)?;
+        let adam = Adam::new(z_init, lr)?;
         Ok(Self {
             z,
             z_init: z_init.detach(),
@@ -98,6 +141,37 @@ impl Latent {
     /// The current latent.
     pub fn z(&self) -> &Tensor {
         self.z.as_tensor()
+    }
+
+    /// The latent and optimiser state, detached, for a checkpoint.
+    pub fn state(&self) -> LatentState {
+        LatentState {
+            z: self.z.as_tensor().detach(),
+            m: self.adam.m.detach(),
+            v: self.adam.v.detach(),
+            steps: self.steps_done,
+        }
+    }
+
+    /// Continues from a checkpointed state of a latent of the same shape.
+    pub fn restore(&mut self, state: &LatentState) -> Result<()> {
+        let shape = self.z.as_tensor().shape().clone();
+        for (name, t) in [("latent", &state.z), ("m", &state.m), ("v", &state.v)] {
+            if t.shape() != &shape {
+                candle_core::bail!(
+                    "the saved {name} is {:?}, this run's latent {:?}",
+                    t.shape(),
+                    shape
+                );
+            }
+        }
+        let device = self.z.as_tensor().device().clone();
+        self.z.set(&state.z.to_device(&device)?)?;
+        self.adam.m = state.m.to_device(&device)?;
+        self.adam.v = state.v.to_device(&device)?;
+        self.adam.t = state.steps;
+        self.steps_done = state.steps;
+        Ok(())
     }
 
     /// Decodes the current latent to an image in [0, 1] without building a graph.
@@ -138,15 +212,12 @@ impl Latent {
             surrogate = (surrogate + term)?;
         }
         let grads = surrogate.backward()?;
-        if grads.get(self.z.as_tensor()).is_none() {
-            // candle skips a Var without a gradient silently; that would be a broken graph.
+        let Some(grad_z) = grads.get(self.z.as_tensor()) else {
             candle_core::bail!("no gradient reached the latent");
-        }
-        self.adam.step(&grads)?;
+        };
+        let stepped = self.adam.step(&self.z.as_tensor().detach(), grad_z)?;
         drop(grads);
-        let clamped = self
-            .z
-            .as_tensor()
+        let clamped = stepped
             .broadcast_maximum(&self.z_min)?
             .broadcast_minimum(&self.z_max)?;
         self.z.set(&clamped)?;
