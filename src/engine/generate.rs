@@ -233,7 +233,10 @@ impl Checkpoint {
             ("m".to_owned(), self.latent.m.to_device(&cpu)?),
             ("v".to_owned(), self.latent.v.to_device(&cpu)?),
             ("counters".to_owned(), Tensor::new(counters, &cpu)?),
-            ("last_loss".to_owned(), Tensor::new(&[self.last_loss], &cpu)?),
+            (
+                "last_loss".to_owned(),
+                Tensor::new(&[self.last_loss], &cpu)?,
+            ),
         ]);
         let partial = path.with_extension("part");
         candle_core::safetensors::save(&tensors, &partial)?;
@@ -251,7 +254,8 @@ impl Checkpoint {
         let (z, m, v) = (take("z")?, take("m")?, take("v")?);
         let counters = take("counters")?.to_vec1::<i64>()?;
         let last_loss = take("last_loss")?.to_vec1::<f64>()?;
-        let ([iteration, steps, high, low], [last_loss]) = (counters.as_slice(), last_loss.as_slice())
+        let ([iteration, steps, high, low], [last_loss]) =
+            (counters.as_slice(), last_loss.as_slice())
         else {
             candle_core::bail!("the checkpoint's counters are malformed");
         };

@@ -159,3 +159,8 @@ pub fn image_path(images: &Path, id: JobId) -> PathBuf {
 pub fn latent_path(images: &Path, id: JobId) -> PathBuf {
     images.join(format!("{}.latent.safetensors", id.0))
 }
+
+/// Where a running job's checkpoint is kept until it ends.
+pub fn resume_path(images: &Path, id: JobId) -> PathBuf {
+    images.join(format!("{}.resume.safetensors", id.0))
+}

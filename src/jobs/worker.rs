@@ -21,7 +21,8 @@ use super::{FinishedJob, JobId, JobParams};
 use crate::config::ModelSettings;
 use crate::engine::clip::{Clip, ClipConfig};
 use crate::engine::generate::{
-    GenerationInputs, GenerationSpec, Generator, Models, Progress, upscale_latent, vary_latent,
+    Checkpoint, GenerateError, GenerationInputs, GenerationSpec, Generator, Models, Progress,
+    upscale_latent, vary_latent,
 };
 use crate::engine::random::SeededWeights;
 use crate::engine::tokenizer::ClipTokenizer;
@@ -30,6 +31,10 @@ use crate::engine::{self, checkpoint, image};
 use crate::hub::{Hub, HubError, LogProgress};
 use crate::models::{self, ModelInfo};
 use crate::weights;
+
+/// A running job saves a checkpoint every this many iterations (and when a shutdown stops it),
+/// so a crash costs at most this much work.
+const CHECKPOINT_EVERY: u32 = 25;
 
 /// A job handed to a worker.
 #[derive(Debug, Clone)]
@@ -84,11 +89,12 @@ pub struct RunOutput {
 /// Runs jobs on one device.
 pub trait Runner: Send + 'static {
     /// Runs `job`, calling `on_progress` after every iteration and returning
-    /// [`RunError::Stopped`] soon after `stop` is set (within one iteration).
+    /// [`RunError::Stopped`] soon after `stop.stop` is set (within one iteration); when
+    /// `stop.interrupt` is set too, the job will run again later and may save where it was.
     fn run(
         &mut self,
         job: &Assignment,
-        stop: &AtomicBool,
+        stop: &StopFlags,
         on_progress: &mut dyn FnMut(&Progress),
     ) -> Result<RunOutput, RunError>;
 
@@ -148,7 +154,7 @@ pub(crate) fn spawn(
                 });
                 let started = Instant::now();
                 let result = catch_unwind(AssertUnwindSafe(|| {
-                    runner.run(&job, &job.stop.stop, &mut |progress| {
+                    runner.run(&job, &job.stop, &mut |progress| {
                         let _ = reports.send(FromWorker::Progress {
                             id: job.id,
                             progress: progress.clone(),
@@ -473,7 +479,7 @@ impl Runner for EngineRunner {
     fn run(
         &mut self,
         job: &Assignment,
-        stop: &AtomicBool,
+        stop: &StopFlags,
         on_progress: &mut dyn FnMut(&Progress),
     ) -> Result<RunOutput, RunError> {
         let unknown = |id: &str| RunError::Failed(format!("unknown model {id}"));
@@ -491,13 +497,50 @@ impl Runner for EngineRunner {
         let failed = |e: crate::engine::generate::GenerateError| RunError::Failed(e.to_string());
         let mut generator =
             Generator::new(&models, job.params.spec.clone(), inputs).map_err(failed)?;
-        while !generator.is_done() {
-            if stop.load(Ordering::SeqCst) {
-                return Err(RunError::Stopped);
-            }
-            let progress = generator.step().map_err(failed)?;
-            on_progress(&progress);
+        let resume = super::resume_path(&self.images, job.id);
+        if let Err(e) = std::fs::create_dir_all(&self.images) {
+            tracing::warn!(error = %e, dir = %self.images.display(), "cannot create the images directory");
         }
+        if resume.is_file() {
+            match Checkpoint::load(&resume, &self.device)
+                .map_err(GenerateError::from)
+                .and_then(|c| generator.resume(&c))
+            {
+                Ok(()) => tracing::info!(
+                    iteration = generator.iteration(),
+                    "resuming from the job's checkpoint"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the job's checkpoint is unusable; starting over")
+                }
+            }
+        }
+        let save = |generator: &Generator| {
+            if let Err(e) = generator.checkpoint().save(&resume) {
+                tracing::warn!(error = %e, path = %resume.display(), "cannot save a checkpoint");
+            }
+        };
+        let result = (|| {
+            while !generator.is_done() {
+                if stop.stop.load(Ordering::SeqCst) {
+                    if stop.interrupt.load(Ordering::SeqCst) {
+                        save(&generator);
+                    }
+                    return Err(RunError::Stopped);
+                }
+                let progress = generator.step().map_err(failed)?;
+                on_progress(&progress);
+                if progress.iteration.is_multiple_of(CHECKPOINT_EVERY) && !generator.is_done() {
+                    save(&generator);
+                }
+            }
+            Ok(())
+        })();
+        let interrupted = stop.interrupt.load(Ordering::SeqCst);
+        if !(interrupted && result == Err(RunError::Stopped)) {
+            let _ = std::fs::remove_file(&resume);
+        }
+        result?;
         let output = generator.finish().map_err(failed)?;
         // The final latent is what the job's upscales and variations start from.
         let latent = super::latent_path(&self.images, job.id);

@@ -454,7 +454,8 @@ fn a_run_resumed_from_a_checkpoint_ends_exactly_as_an_uninterrupted_one() {
 
         let checkpoint = engine::generate::Checkpoint::load(&path, &Device::Cpu).unwrap();
         assert_eq!(checkpoint.iteration, 4);
-        let mut second = Generator::new(&models, spec.clone(), GenerationInputs::default()).unwrap();
+        let mut second =
+            Generator::new(&models, spec.clone(), GenerationInputs::default()).unwrap();
         second.resume(&checkpoint).unwrap();
         let mut iterations = Vec::new();
         while !second.is_done() {

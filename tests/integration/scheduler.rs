@@ -11,7 +11,7 @@ use tempfile::TempDir;
 use vqclip::engine::generate::{GenerationSpec, Progress};
 use vqclip::engine::prompt::WeightedPrompt;
 use vqclip::jobs::scheduler::{CancelError, Cancelled, DeviceSlot, DeviceState};
-use vqclip::jobs::worker::{Assignment, RunError, RunOutput, Runner};
+use vqclip::jobs::worker::{Assignment, RunError, RunOutput, Runner, StopFlags};
 use vqclip::jobs::{Actor, JobEvent, JobId, JobParams, Scheduler, SchedulerOptions, SubmitError};
 use vqclip::store::jobs::{self, JobKind, JobStatus, NewJob};
 
@@ -40,7 +40,7 @@ impl Runner for FakeRunner {
     fn run(
         &mut self,
         job: &Assignment,
-        stop: &AtomicBool,
+        stop: &StopFlags,
         on_progress: &mut dyn FnMut(&Progress),
     ) -> Result<RunOutput, RunError> {
         self.started.lock().unwrap().push(job.id);
@@ -52,7 +52,7 @@ impl Runner for FakeRunner {
         let total = job.params.spec.steps;
         let mut iteration = 0;
         while iteration < total || job.prompt == "hang" {
-            if stop.load(Ordering::SeqCst) {
+            if stop.stop.load(Ordering::SeqCst) {
                 return Err(RunError::Stopped);
             }
             if job.prompt == "hang" && self.release.load(Ordering::SeqCst) {
@@ -456,4 +456,117 @@ async fn shutdown_requeues_what_outlives_the_grace_period() {
     let job = jobs::get_job(&pool, id).await.unwrap().unwrap();
     assert_eq!(job.status, JobStatus::Queued, "interrupted, not lost");
     assert_eq!(job.device, None);
+}
+
+/// Settings that run the tiny fixture models.
+fn tiny_settings(dir: &TempDir) -> vqclip::config::Settings {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let text = format!(
+        "[storage]\nimages = {:?}\n[models]\nallow_tiny = true\ncache_dir = {:?}\n\
+         [models.tiny_vqgan]\npath = \"{fixtures}/ckpt/tiny_vqgan.ckpt\"\n\
+         [models.tiny_clip]\npath = \"{fixtures}/parity/tiny_clip.safetensors\"\n",
+        dir.path().join("images").display().to_string(),
+        dir.path().join("cache").display().to_string(),
+    );
+    vqclip::config::Settings::from_toml(&text, &Default::default()).unwrap()
+}
+
+fn engine_slot(settings: &vqclip::config::Settings) -> Vec<DeviceSlot> {
+    vec![DeviceSlot {
+        label: "cpu".into(),
+        runner: Box::new(vqclip::jobs::worker::EngineRunner::new(
+            candle_core::Device::Cpu,
+            settings.models.clone(),
+            1024,
+            settings.storage.images.clone(),
+        )),
+    }]
+}
+
+fn latent_values(path: &std::path::Path) -> Vec<f32> {
+    let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
+    tensors["latent"].flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_engine_job_resumes_and_ends_as_if_never_stopped() {
+    let tiny = |steps: u32| {
+        let (mut job, mut params) = request(1, "a lighthouse", steps);
+        params.spec.width = 32;
+        params.spec.height = 32;
+        params.spec.cutn = 2;
+        params.spec.preview_every = 0;
+        job.width = 32;
+        job.height = 32;
+        job.cutn = 2;
+        job.params = serde_json::to_value(&params).unwrap();
+        (job, params)
+    };
+
+    // The reference: the same job, never interrupted.
+    let (ref_dir, ref_pool) = test_pool().await;
+    let settings = tiny_settings(&ref_dir);
+    let s = Scheduler::start(
+        ref_pool.clone(),
+        SchedulerOptions::from_settings(&settings),
+        engine_slot(&settings),
+    )
+    .await
+    .unwrap();
+    let (job, params) = tiny(40);
+    let reference = s.submit(job, params).await.unwrap().id;
+    assert_eq!(finished(&ref_pool, reference).await, JobStatus::Succeeded);
+    let reference_latent = latent_values(&vqclip::jobs::latent_path(
+        &settings.storage.images,
+        reference,
+    ));
+
+    let (dir, pool) = test_pool().await;
+    let settings = tiny_settings(&dir);
+    let s = Scheduler::start(
+        pool.clone(),
+        SchedulerOptions::from_settings(&settings),
+        engine_slot(&settings),
+    )
+    .await
+    .unwrap();
+    let (job, params) = tiny(40);
+    let id = s.submit(job, params).await.unwrap().id;
+    let mut events = s.subscribe(id).unwrap();
+    events
+        .wait_for(|e| matches!(e, JobEvent::Progress(p) if p.iteration >= 5))
+        .await
+        .unwrap();
+    s.shutdown(Duration::ZERO).await;
+    let stopped = jobs::get_job(&pool, id).await.unwrap().unwrap();
+    assert_eq!(stopped.status, JobStatus::Queued);
+    let checkpoint = vqclip::jobs::resume_path(&settings.storage.images, id);
+    let saved_at =
+        vqclip::engine::generate::Checkpoint::load(&checkpoint, &candle_core::Device::Cpu)
+            .unwrap()
+            .iteration;
+    assert!(saved_at >= 5, "saved at {saved_at}");
+
+    let s = Scheduler::start(
+        pool.clone(),
+        SchedulerOptions::from_settings(&settings),
+        engine_slot(&settings),
+    )
+    .await
+    .unwrap();
+    let mut events = s.subscribe(id).unwrap();
+    let first = events
+        .wait_for(|e| matches!(e, JobEvent::Progress(_)))
+        .await
+        .unwrap()
+        .clone();
+    match first {
+        JobEvent::Progress(p) => assert!(p.iteration > saved_at, "restarted at {}", p.iteration),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(finished(&pool, id).await, JobStatus::Succeeded);
+    assert!(!checkpoint.exists(), "the checkpoint is removed at the end");
+    let resumed_latent = latent_values(&vqclip::jobs::latent_path(&settings.storage.images, id));
+    assert_eq!(resumed_latent, reference_latent);
+    s.shutdown(Duration::from_secs(1)).await;
 }
