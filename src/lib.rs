@@ -8,7 +8,7 @@
 //!    └──▶ store ◀──┘                 SQLite: jobs, gallery, votes, users, guilds
 //! ```
 //!
-//! - `bot` (poise on serenity) answers commands, buttons and reactions, and edits progress
+//! - [`bot`] (poise on serenity) answers commands, buttons and reactions, and edits progress
 //!   messages. It knows Discord; nothing below it does.
 //! - [`jobs`] is the per-device scheduler: a fair queue, one OS thread per GPU, progress events,
 //!   cancellation, crash recovery. It knows neither Discord nor how images are made.
@@ -22,8 +22,9 @@
 //!   what a user typed into an engine spec; [`telemetry`] sets up logging; [`cli`] is the
 //!   command line the binary runs.
 //!
-//! Modules appear as their issues land: everything above but `bot` exists.
+//! Every module above exists; the bot grows with issue 6.
 
+pub mod bot;
 pub mod cli;
 pub mod config;
 pub mod engine;

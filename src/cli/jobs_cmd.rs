@@ -206,6 +206,51 @@ pub(super) async fn cancel(
     Ok(())
 }
 
+/// Until `stop` resolves: picks up jobs and cancels other processes put in the database, and
+/// logs a status line when jobs move.
+async fn poll_store(
+    scheduler: &Scheduler,
+    settings: &Settings,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let poll = Duration::from_millis(settings.scheduler.poll_interval_ms);
+    let mut tick = tokio::time::interval(poll);
+    let mut since = Timestamp::now();
+    let mut last_shape = String::new();
+    let mut last_log = std::time::Instant::now();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            _ = tick.tick() => {
+                // Jobs and cancels may come from other processes (`jobs submit`, the bot).
+                let now = Timestamp::now();
+                if let Err(e) = scheduler.load_queued().await {
+                    tracing::error!(error = %e, "cannot read queued jobs");
+                }
+                if let Err(e) = scheduler.apply_cancels_since(since.minus(Duration::from_secs(1))).await {
+                    tracing::error!(error = %e, "cannot read cancelled jobs");
+                }
+                since = now;
+                // A line when jobs move, else at most every half minute while busy.
+                let snapshot = scheduler.snapshot();
+                let shape = format!("{:?}", snapshot.waiting)
+                    + &snapshot.devices.iter().map(|d| match &d.state {
+                        crate::jobs::scheduler::DeviceState::Busy { job, .. } => job.to_string(),
+                        other => format!("{other:?}"),
+                    }).collect::<String>();
+                let busy = !snapshot.waiting.is_empty()
+                    || snapshot.devices.iter().any(|d| d.state != crate::jobs::scheduler::DeviceState::Idle);
+                if shape != last_shape || (busy && last_log.elapsed() >= Duration::from_secs(30)) {
+                    tracing::info!(status = %status_line(&snapshot), "scheduler");
+                    last_shape = shape;
+                    last_log = std::time::Instant::now();
+                }
+            }
+        }
+    }
+}
+
 /// One line for the log: the queue and what each device is doing.
 fn status_line(snapshot: &crate::jobs::Snapshot) -> String {
     use crate::jobs::scheduler::DeviceState;
@@ -252,6 +297,54 @@ async fn stop_signal() {
     }
 }
 
+/// `vqclip serve`: the scheduler and its workers, and the bot in front of them.
+pub(super) async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let pool = open_database(&settings, true).await?;
+    let slots = devices::engine_slots(&settings)?;
+    let scheduler = Scheduler::start(
+        pool.clone(),
+        SchedulerOptions::from_settings(&settings),
+        slots,
+    )
+    .await?;
+    let settings = std::sync::Arc::new(settings);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let poller = {
+        let scheduler = scheduler.clone();
+        let settings = settings.clone();
+        let mut stop_rx = stop_rx.clone();
+        tokio::spawn(async move {
+            poll_store(&scheduler, &settings, async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+            })
+            .await;
+        })
+    };
+    let mut bot_stop = stop_rx;
+    let bot = crate::bot::run(
+        settings.clone(),
+        pool.clone(),
+        scheduler.clone(),
+        async move {
+            let _ = bot_stop.wait_for(|stop| *stop).await;
+        },
+    );
+    tokio::pin!(bot);
+    let result = tokio::select! {
+        result = &mut bot => result,
+        () = stop_signal() => {
+            let _ = stop_tx.send(true);
+            bot.await
+        }
+    };
+    let _ = stop_tx.send(true);
+    let _ = poller.await;
+    let grace = Duration::from_secs(settings.scheduler.shutdown_grace_seconds);
+    scheduler.shutdown(grace).await;
+    pool.close().await;
+    result
+}
+
 pub(super) async fn worker(config: Option<&Path>, env: &Environment) -> anyhow::Result<()> {
     let Ok(settings) = load_settings(config, env) else {
         anyhow::bail!("cannot run workers without a valid configuration");
@@ -277,43 +370,7 @@ pub(super) async fn worker(config: Option<&Path>, env: &Environment) -> anyhow::
         snapshot.waiting.len(),
         settings.storage.images.display()
     );
-    let poll = Duration::from_millis(settings.scheduler.poll_interval_ms);
-    let mut tick = tokio::time::interval(poll);
-    let mut since = Timestamp::now();
-    let mut last_shape = String::new();
-    let mut last_log = std::time::Instant::now();
-    let stop = stop_signal();
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            () = &mut stop => break,
-            _ = tick.tick() => {
-                // Jobs and cancels may come from other processes (`jobs submit`, the bot).
-                let now = Timestamp::now();
-                if let Err(e) = scheduler.load_queued().await {
-                    tracing::error!(error = %e, "cannot read queued jobs");
-                }
-                if let Err(e) = scheduler.apply_cancels_since(since.minus(Duration::from_secs(1))).await {
-                    tracing::error!(error = %e, "cannot read cancelled jobs");
-                }
-                since = now;
-                // A line when jobs move, else at most every half minute while busy.
-                let snapshot = scheduler.snapshot();
-                let shape = format!("{:?}", snapshot.waiting)
-                    + &snapshot.devices.iter().map(|d| match &d.state {
-                        crate::jobs::scheduler::DeviceState::Busy { job, .. } => job.to_string(),
-                        other => format!("{other:?}"),
-                    }).collect::<String>();
-                let busy = !snapshot.waiting.is_empty()
-                    || snapshot.devices.iter().any(|d| d.state != crate::jobs::scheduler::DeviceState::Idle);
-                if shape != last_shape || (busy && last_log.elapsed() >= Duration::from_secs(30)) {
-                    tracing::info!(status = %status_line(&snapshot), "scheduler");
-                    last_shape = shape;
-                    last_log = std::time::Instant::now();
-                }
-            }
-        }
-    }
+    poll_store(&scheduler, &settings, stop_signal()).await;
     let grace = Duration::from_secs(settings.scheduler.shutdown_grace_seconds);
     eprintln!(
         "stopping: running jobs have {} s to finish, then are queued again",

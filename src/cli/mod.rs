@@ -1,8 +1,8 @@
 //! The command line: argument definitions (clap) and what each command does.
 //!
 //! Commands print their results on stdout and problems on stderr, and end with an exit code:
-//! 0 on success, 1 when something is wrong (bad configuration, unreadable database), 2 for a
-//! command this build cannot run.
+//! 0 on success, 1 when something is wrong (bad configuration, unreadable database, Discord
+//! unreachable).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -149,15 +149,12 @@ pub struct ListJobs {
     pub status: Option<jobs::JobStatus>,
 }
 
-/// Exit code of a command this build cannot run yet.
-const EXIT_UNAVAILABLE: u8 = 2;
-
 /// Runs one command to completion and says how it ended.
 pub async fn run(cli: Cli) -> ExitCode {
     let env = Environment::from_process();
     let config = cli.config.as_deref();
     let outcome = match cli.command {
-        Command::Serve => return serve(config, &env),
+        Command::Serve => serve(config, &env).await,
         Command::Config(ConfigCommand::Check { path }) => {
             return config_check(path.as_deref().or(config), &env);
         }
@@ -206,21 +203,14 @@ fn load_settings(path: Option<&Path>, env: &Environment) -> Result<Settings, Exi
     })
 }
 
-fn serve(config: Option<&Path>, env: &Environment) -> ExitCode {
-    let settings = match load_settings(config, env) {
-        Ok(s) => s,
-        Err(code) => return code,
+async fn serve(config: Option<&Path>, env: &Environment) -> anyhow::Result<()> {
+    let Ok(settings) = load_settings(config, env) else {
+        anyhow::bail!("cannot start the bot without a valid configuration");
     };
     if let Err(problem) = settings.require_token() {
-        eprintln!("error: {problem}");
-        return ExitCode::FAILURE;
+        anyhow::bail!("{problem}");
     }
-    eprintln!(
-        "error: this build of vqclip {} does not include the Discord bot yet; \
-         `vqclip serve` will run it once it lands. Nothing was started.",
-        env!("CARGO_PKG_VERSION")
-    );
-    ExitCode::from(EXIT_UNAVAILABLE)
+    jobs_cmd::serve(settings).await
 }
 
 fn config_check(path: Option<&Path>, env: &Environment) -> ExitCode {

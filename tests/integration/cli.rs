@@ -105,7 +105,14 @@ fn config_check_without_a_file_prints_defaults() {
 fn the_token_never_appears_in_output() {
     let dir = tempfile::tempdir().unwrap();
     let secret = "MTA5ODc2NTQzMjE.GsEcRt.ThisIsNotARealTokenButLooksLikeOne";
-    let env = [("DISCORD_TOKEN", secret), ("RUST_LOG", "trace")];
+    // A loopback address nothing listens on: `serve` fails fast without the network.
+    let env = [
+        ("DISCORD_TOKEN", secret),
+        ("RUST_LOG", "trace"),
+        ("VQCLIP_DISCORD__API_BASE", "http://127.0.0.1:9"),
+        ("VQCLIP_STORAGE__DATABASE", "db.sqlite"),
+        ("VQCLIP_SCHEDULER__DEVICES", "cpu"),
+    ];
     for args in [&["config", "check", EXAMPLE][..], &["serve"][..]] {
         let out = vqclip(dir.path(), args, &env);
         let all = text(&out.stdout) + &text(&out.stderr);
@@ -126,10 +133,19 @@ fn serve_says_what_is_missing() {
         text(&out.stderr)
     );
 
-    let out = vqclip(dir.path(), &["serve"], &[("DISCORD_TOKEN", "a.b.c")]);
-    assert_eq!(out.status.code(), Some(2));
+    let out = vqclip(
+        dir.path(),
+        &["serve"],
+        &[
+            ("DISCORD_TOKEN", "a.b.c"),
+            ("VQCLIP_DISCORD__API_BASE", "http://127.0.0.1:9"),
+            ("VQCLIP_STORAGE__DATABASE", "db.sqlite"),
+            ("VQCLIP_SCHEDULER__DEVICES", "cpu"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out.stderr).contains("does not include the Discord bot"),
+        text(&out.stderr).contains("Discord"),
         "{}",
         text(&out.stderr)
     );

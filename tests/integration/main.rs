@@ -3,8 +3,10 @@
 //! Everything runs offline: SQLite in temporary directories, the real `vqclip` binary for the
 //! command line, a loopback fake Hugging Face Hub for downloads. `TEST_LOG=1` prints the code's logs.
 
+mod bot;
 mod cli;
 mod config;
+mod fake_discord;
 mod fake_hub;
 mod hub;
 mod parity;

@@ -20,14 +20,14 @@ use crate::support::test_pool;
 /// Runs `steps` iterations of `delay` each, checking the stop flag between them. Prompts steer
 /// it: "panic" panics, "fail" fails, "hang" runs until stopped or `release` is set.
 #[derive(Clone)]
-struct FakeRunner {
+pub(crate) struct FakeRunner {
     delay: Duration,
-    started: Arc<Mutex<Vec<JobId>>>,
-    release: Arc<AtomicBool>,
+    pub(crate) started: Arc<Mutex<Vec<JobId>>>,
+    pub(crate) release: Arc<AtomicBool>,
 }
 
 impl FakeRunner {
-    fn new(delay_ms: u64) -> Self {
+    pub(crate) fn new(delay_ms: u64) -> Self {
         Self {
             delay: Duration::from_millis(delay_ms),
             started: Arc::default(),
@@ -80,7 +80,7 @@ impl Runner for FakeRunner {
     }
 }
 
-fn options(dir: &TempDir) -> SchedulerOptions {
+pub(crate) fn options(dir: &TempDir) -> SchedulerOptions {
     SchedulerOptions {
         queue_capacity: 10,
         max_queued_per_user: 5,
@@ -130,7 +130,7 @@ fn request(user: u64, prompt: &str, steps: u32) -> (NewJob, JobParams) {
     (job, params)
 }
 
-fn slots(runners: &[&FakeRunner]) -> Vec<DeviceSlot> {
+pub(crate) fn slots(runners: &[&FakeRunner]) -> Vec<DeviceSlot> {
     runners
         .iter()
         .enumerate()
@@ -147,7 +147,7 @@ async fn submit(s: &Scheduler, user: u64, prompt: &str, steps: u32) -> JobId {
 }
 
 /// Waits until `id` has ended in the database and returns its status.
-async fn finished(pool: &SqlitePool, id: JobId) -> JobStatus {
+pub(crate) async fn finished(pool: &SqlitePool, id: JobId) -> JobStatus {
     for _ in 0..600 {
         let job = jobs::get_job(pool, id).await.unwrap().unwrap();
         if job.status.is_finished() {

@@ -1,0 +1,261 @@
+//! Slash commands. Each doc comment is the help Discord shows.
+
+use poise::serenity_prelude as serenity;
+
+use super::progress::{self, JobMessage};
+use super::{BotError, Context};
+use crate::jobs::scheduler::{CancelError, DeviceState, SubmitError};
+use crate::jobs::{Actor, JobId, JobParams};
+use crate::request::{self, ImagineOptions};
+use crate::store::jobs::{self as store_jobs, JobKind, NewJob};
+
+/// Every command the bot registers.
+pub fn all() -> Vec<poise::Command<super::Data, BotError>> {
+    vec![imagine(), queue(), cancel(), help()]
+}
+
+/// Quotes user text for a message: no mentions can fire, and it cannot break the layout.
+pub fn quote(text: &str, max: usize) -> String {
+    let cleaned: String = text.chars().filter(|c| *c != '`').collect();
+    let cut: String = cleaned.chars().take(max).collect();
+    if cut.chars().count() < cleaned.chars().count() {
+        format!("`{cut}…`")
+    } else {
+        format!("`{cut}`")
+    }
+}
+
+/// Make a picture from a prompt: `a castle | fog:0.5`, flags like --ar 16:9 --no people --seed 7.
+#[poise::command(slash_command)]
+async fn imagine(
+    ctx: Context<'_>,
+    #[description = "What to draw; `|` separates prompts, `:weight` weighs them"]
+    #[max_length = 1000]
+    prompt: String,
+    #[description = "Random seed (the same seed and settings give the same picture)"] seed: Option<
+        u64,
+    >,
+    #[description = "Optimiser steps (more: finer detail, longer wait)"]
+    #[min = 1]
+    steps: Option<u32>,
+    #[description = "Aspect ratio, e.g. 16:9"] aspect: Option<String>,
+    #[description = "VQGAN model, e.g. imagenet_f16_16384 or wikiart_f16_16384"] model: Option<
+        String,
+    >,
+    #[description = "Cutouts per step (more: better quality, slower)"]
+    #[min = 1]
+    cutouts: Option<u32>,
+) -> Result<(), BotError> {
+    let data = ctx.data();
+    let aspect = match aspect.as_deref().map(parse_aspect).transpose() {
+        Ok(a) => a,
+        Err(e) => return Err(BotError::User(e)),
+    };
+    let options = ImagineOptions {
+        seed,
+        steps,
+        size: None,
+        aspect,
+        cutn: cutouts,
+        vqgan: model,
+        clip: None,
+        crops: false,
+    };
+    let resolved = request::resolve(
+        &prompt,
+        &options,
+        &data.settings.generation,
+        data.settings.models.allow_tiny,
+        request::auto_side(None),
+        &data.tokenizer,
+    )
+    .map_err(|e| BotError::User(e.to_string()))?;
+    let spec = resolved.spec;
+    let params = JobParams {
+        spec: spec.clone(),
+        inputs: Default::default(),
+    };
+    let job = NewJob {
+        kind: JobKind::Imagine,
+        parent: None,
+        requester_id: ctx.author().id.get(),
+        guild_id: ctx.guild_id().map(|g| g.get()),
+        channel_id: Some(ctx.channel_id().get()),
+        prompt: prompt.clone(),
+        params: serde_json::to_value(&params).map_err(anyhow::Error::from)?,
+        seed: spec.seed,
+        width: spec.width,
+        height: spec.height,
+        steps: spec.steps,
+        cutn: spec.cutn,
+        vqgan_model: resolved.vqgan.id.to_owned(),
+        clip_model: resolved.clip.id.to_owned(),
+    };
+    let submitted = match data.scheduler.submit(job, params).await {
+        Ok(s) => s,
+        Err(SubmitError::Store(e)) => return Err(e.into()),
+        Err(refusal) => return Err(BotError::User(refusal.to_string())),
+    };
+    let title = format!("{} — <@{}>", quote(&prompt, 300), ctx.author().id);
+    let mut status = if submitted.position == 0 {
+        "starting".to_owned()
+    } else {
+        format!("queued, #{} in line", submitted.position)
+    };
+    for note in &resolved.notes {
+        status.push_str(&format!("\n-# {note}"));
+    }
+    let reply = poise::CreateReply::default()
+        .content(format!("{title} ({status})"))
+        .allowed_mentions(serenity::CreateAllowedMentions::new());
+    let handle = ctx.send(reply).await?;
+    let message = handle.message().await?;
+    store_jobs::set_job_message(
+        &data.pool,
+        submitted.id,
+        message.channel_id.get(),
+        message.id.get(),
+    )
+    .await?;
+    let token = match ctx {
+        poise::Context::Application(app) => Some(app.interaction.token.clone()),
+        poise::Context::Prefix(_) => None,
+    };
+    let size_limit = match ctx {
+        poise::Context::Application(app) => app.interaction.attachment_size_limit,
+        poise::Context::Prefix(_) => 0,
+    };
+    if let Some(events) = data.scheduler.subscribe(submitted.id) {
+        let target = JobMessage {
+            job: submitted.id,
+            requester: ctx.author().id,
+            title,
+            prompt,
+            channel: message.channel_id,
+            message: message.id,
+            token,
+            issued: tokio::time::Instant::now(),
+            size_limit: progress::size_limit(size_limit),
+            seed: spec.seed,
+            steps: spec.steps,
+            size: (spec.width, spec.height),
+            models: format!("{} + {}", resolved.vqgan.id, resolved.clip.id),
+        };
+        let http = ctx.serenity_context().http.clone();
+        let interval = progress::edit_interval(&data.settings);
+        tokio::spawn(progress::follow(http, target, events, interval));
+    }
+    Ok(())
+}
+
+fn parse_aspect(text: &str) -> Result<(u32, u32), String> {
+    text.split_once(':')
+        .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)))
+        .filter(|&(a, b): &(u32, u32)| a > 0 && b > 0)
+        .ok_or_else(|| format!("aspect {}: expected something like 16:9", quote(text, 20)))
+}
+
+/// The queue: your jobs, how many wait, and what each device is doing.
+#[poise::command(slash_command)]
+async fn queue(ctx: Context<'_>) -> Result<(), BotError> {
+    let snapshot = ctx.data().scheduler.snapshot();
+    let me = ctx.author().id.get();
+    let mut text = format!("**{} waiting**", snapshot.waiting.len());
+    let mine: Vec<String> = snapshot
+        .waiting
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, user))| *user == me)
+        .map(|(i, (id, _))| format!("job {id} (#{})", i + 1))
+        .collect();
+    if !mine.is_empty() {
+        text.push_str(&format!(" — yours: {}", mine.join(", ")));
+    }
+    for device in &snapshot.devices {
+        let line = match &device.state {
+            DeviceState::Idle => "idle".to_owned(),
+            DeviceState::Busy {
+                job,
+                user,
+                iteration,
+                total,
+                rate,
+            } => format!("job {job} for <@{user}>: {iteration}/{total} steps, {rate:.2} steps/s"),
+            DeviceState::OutOfService { reason } => format!("out of service ({reason})"),
+        };
+        text.push_str(&format!("\n`{}` {line}", device.label));
+    }
+    if !snapshot.accepting {
+        text.push_str("\nThe bot is shutting down and takes no new jobs.");
+    }
+    ctx.send(
+        poise::CreateReply::default()
+            .content(text)
+            .ephemeral(true)
+            .allowed_mentions(serenity::CreateAllowedMentions::new()),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Cancel one of your jobs (moderators: anyone's), waiting or running.
+#[poise::command(slash_command)]
+async fn cancel(
+    ctx: Context<'_>,
+    #[description = "The job's number (see /queue)"] job: i64,
+) -> Result<(), BotError> {
+    let moderator = match ctx.author_member().await {
+        Some(member) => member
+            .permissions
+            .is_some_and(|p| p.manage_messages() || p.manage_guild()),
+        None => false,
+    };
+    let actor = Actor {
+        user: ctx.author().id.get(),
+        moderator,
+    };
+    let text = match ctx.data().scheduler.cancel(JobId(job), actor).await {
+        Ok(crate::jobs::scheduler::Cancelled::Dequeued) => format!("Job {job} is cancelled."),
+        Ok(crate::jobs::scheduler::Cancelled::Stopping) => {
+            format!("Job {job} stops after its current step.")
+        }
+        Err(CancelError::Store(e)) => return Err(e.into()),
+        Err(refusal) => return Err(BotError::User(refusal.to_string())),
+    };
+    ctx.send(poise::CreateReply::default().content(text).ephemeral(true))
+        .await?;
+    Ok(())
+}
+
+/// How to use the bot.
+#[poise::command(slash_command)]
+async fn help(ctx: Context<'_>) -> Result<(), BotError> {
+    let text = "\
+**/imagine** `prompt` — make a picture. Several prompts: `a castle | fog:0.5` (a weight after \
+the last colon; negative pushes away). Flags inside the prompt: `--ar 16:9`, `--size 384x256`, \
+`--seed 7`, `--steps 300`, `--cutn 32`, `--no people`, `--model wikiart_f16_16384`.
+**/queue** — what is waiting and running. **/cancel** `job` — stop one of yours.
+The same seed and settings give the same picture.";
+    ctx.send(poise::CreateReply::default().content(text).ephemeral(true))
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoted_text_is_cut_and_cannot_escape_its_code_span() {
+        assert_eq!(quote("a fox", 10), "`a fox`");
+        assert_eq!(quote("a `sly` fox <@1>", 100), "`a sly fox <@1>`");
+        assert_eq!(quote("ééééé", 3), "`ééé…`");
+    }
+
+    #[test]
+    fn aspects_parse_or_explain() {
+        assert_eq!(parse_aspect("16:9"), Ok((16, 9)));
+        assert!(parse_aspect("wide").unwrap_err().contains("16:9"));
+        assert!(parse_aspect("0:1").is_err());
+    }
+}

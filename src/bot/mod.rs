@@ -1,0 +1,184 @@
+//! The Discord bot: poise commands on serenity, talking to the [`Scheduler`].
+//!
+//! - [`commands`]: `/imagine`, `/queue`, `/cancel`, `/help`.
+//! - [`progress`]: one task per job owning its message: throttled edits while it runs (with the
+//!   interaction token while it is fresh, the bot token after), then the result.
+//!
+//! This is the only module that knows Discord. It reaches the engine only through the
+//! scheduler, and the database for job records.
+
+pub mod commands;
+pub mod progress;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use poise::serenity_prelude as serenity;
+use sqlx::SqlitePool;
+
+use crate::config::Settings;
+use crate::engine::tokenizer::ClipTokenizer;
+use crate::jobs::Scheduler;
+
+/// What every command can reach; cheap handles only, nothing mutable of its own.
+pub struct Data {
+    /// The job queue.
+    pub scheduler: Scheduler,
+    /// The database.
+    pub pool: SqlitePool,
+    /// The validated configuration.
+    pub settings: Arc<Settings>,
+    /// Prompt tokenizer (to count and cut prompts before queueing).
+    pub tokenizer: Arc<ClipTokenizer>,
+}
+
+/// A command's error: shown to the user when it is about their request, logged otherwise.
+#[derive(Debug, thiserror::Error)]
+pub enum BotError {
+    /// Something the user can fix; the text is shown to them.
+    #[error("{0}")]
+    User(String),
+    /// Anything else; the user sees only that something went wrong.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<serenity::Error> for BotError {
+    fn from(e: serenity::Error) -> Self {
+        Self::Internal(e.into())
+    }
+}
+
+impl From<sqlx::Error> for BotError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Internal(e.into())
+    }
+}
+
+/// The poise context every command gets.
+pub type Context<'a> = poise::Context<'a, Data, BotError>;
+
+/// The gateway intents the bot needs: guilds, and reactions in guilds and DMs. Slash commands
+/// need none; message content is never read.
+pub fn intents() -> serenity::GatewayIntents {
+    serenity::GatewayIntents::GUILDS
+        | serenity::GatewayIntents::GUILD_MESSAGE_REACTIONS
+        | serenity::GatewayIntents::DIRECT_MESSAGE_REACTIONS
+}
+
+/// The REST client: to Discord, or through `discord.api_base` when it points elsewhere (a
+/// rate-limit proxy, or the fake Discord in tests), which then does the rate limiting.
+pub fn http_client(settings: &Settings) -> anyhow::Result<serenity::Http> {
+    let token = settings
+        .require_token()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    let mut builder = serenity::HttpBuilder::new(secrecy::ExposeSecret::expose_secret(token));
+    let base = settings.discord.api_base.as_str().trim_end_matches('/');
+    if base != "https://discord.com" {
+        // serenity ignores a proxy while its own rate limiter is on.
+        builder = builder.proxy(base).ratelimiter_disabled(true);
+    }
+    Ok(builder.build())
+}
+
+/// Answers errors: the user's own mistakes privately and in full; internal failures in the log,
+/// with only a short apology to the user.
+async fn on_error(error: poise::FrameworkError<'_, Data, BotError>) {
+    match error {
+        poise::FrameworkError::Command { error, ctx, .. } => {
+            let text = match &error {
+                BotError::User(message) => message.clone(),
+                BotError::Internal(e) => {
+                    tracing::error!(command = %ctx.command().name, error = ?e, "command failed");
+                    "Something went wrong on our side; it has been logged.".to_owned()
+                }
+            };
+            let reply = poise::CreateReply::default()
+                .content(text)
+                .ephemeral(true)
+                .allowed_mentions(serenity::CreateAllowedMentions::new());
+            if let Err(e) = ctx.send(reply).await {
+                tracing::warn!(error = %e, "cannot report an error to the user");
+            }
+        }
+        other => {
+            if let Err(e) = poise::builtins::on_error(other).await {
+                tracing::warn!(error = %e, "error while handling an error");
+            }
+        }
+    }
+}
+
+/// Runs the bot until `shutdown` resolves or the gateway connection ends for good.
+pub async fn run(
+    settings: Arc<Settings>,
+    pool: SqlitePool,
+    scheduler: Scheduler,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let http = http_client(&settings)?;
+    // serenity falls back to Discord's real gateway when this call fails, and retries forever:
+    // check first, so a wrong api_base or an unreachable Discord is a clear error instead.
+    let base = settings.discord.api_base.as_str();
+    http.get_gateway()
+        .await
+        .with_context(|| format!("cannot reach Discord at {base} (discord.api_base)"))?;
+    let data = Data {
+        scheduler,
+        pool,
+        settings: settings.clone(),
+        tokenizer: Arc::new(ClipTokenizer::new()),
+    };
+    let guilds: Vec<serenity::GuildId> = settings
+        .discord
+        .guild_ids
+        .iter()
+        .map(|&id| serenity::GuildId::new(id))
+        .collect();
+    let options = poise::FrameworkOptions {
+        commands: commands::all(),
+        on_error: |error| Box::pin(on_error(error)),
+        ..Default::default()
+    };
+    let framework = poise::Framework::builder()
+        .options(options)
+        // Owners come from the application info, which the bot does not need.
+        .initialize_owners(false)
+        .setup(move |ctx, ready, framework| {
+            Box::pin(async move {
+                // `setup` must not fail (poise would then wait forever for its data): a failed
+                // registration is logged and the bot serves the commands already registered.
+                let commands = &framework.options().commands;
+                if guilds.is_empty() {
+                    if let Err(e) = poise::builtins::register_globally(ctx, commands).await {
+                        tracing::error!(error = %e, "cannot register the commands");
+                    }
+                } else {
+                    for guild in &guilds {
+                        if let Err(e) =
+                            poise::builtins::register_in_guild(ctx, commands, *guild).await
+                        {
+                            tracing::error!(guild = %guild, error = %e, "cannot register the commands");
+                        }
+                    }
+                }
+                tracing::info!(user = %ready.user.name, "connected to Discord");
+                Ok(data)
+            })
+        })
+        .build();
+    let mut client = serenity::ClientBuilder::new_with_http(http, intents())
+        .framework(framework)
+        .await
+        .context("Failed to create the Discord client")?;
+    let shards = client.shard_manager.clone();
+    tokio::select! {
+        result = client.start() => result.context("the Discord connection failed")?,
+        () = shutdown => {
+            tracing::info!("disconnecting from Discord");
+            shards.shutdown_all().await;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,343 @@
+//! One task per job owning its Discord message: it reads the job's latest event, edits the
+//! message at most every interval and only when something changed, and at the end posts the
+//! result as a new message (which pings the requester) and turns the progress message into a
+//! stub.
+//!
+//! Interaction tokens die after 15 minutes: edits use the token while it is fresh, then (or at
+//! the first 401 / 50027) the bot token on the channel message, which works for jobs of any
+//! length.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use poise::serenity_prelude as serenity;
+use serenity::Builder as _;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::Settings;
+use crate::engine::image;
+use crate::jobs::{FinishedJob, JobEvent, JobId, Preview};
+
+/// Edit with the interaction token only while it is younger than this (it lasts 15 minutes).
+const TOKEN_FRESH: Duration = Duration::from_secs(13 * 60);
+
+/// Discord's upload limit when an interaction does not say.
+const DEFAULT_SIZE_LIMIT: usize = 10 * 1024 * 1024;
+
+/// Where a job is shown and what to say about it.
+#[derive(Debug, Clone)]
+pub struct JobMessage {
+    /// The job.
+    pub job: JobId,
+    /// Who asked (pinged by the result).
+    pub requester: serenity::UserId,
+    /// The first line: the quoted prompt and the requester's mention.
+    pub title: String,
+    /// The prompt as typed.
+    pub prompt: String,
+    /// The channel of the progress message.
+    pub channel: serenity::ChannelId,
+    /// The progress message.
+    pub message: serenity::MessageId,
+    /// The interaction token, while it may be used.
+    pub token: Option<String>,
+    /// When the interaction was received.
+    pub issued: Instant,
+    /// Largest upload the channel accepts, in bytes.
+    pub size_limit: usize,
+    /// Seed, for the result's embed.
+    pub seed: u64,
+    /// Steps.
+    pub steps: u32,
+    /// Width and height.
+    pub size: (u32, u32),
+    /// "vqgan + clip".
+    pub models: String,
+}
+
+/// The upload limit an interaction reports, or Discord's default when it reports none.
+pub fn size_limit(reported: u32) -> usize {
+    if reported == 0 {
+        DEFAULT_SIZE_LIMIT
+    } else {
+        reported as usize
+    }
+}
+
+/// Least time between two edits of one message.
+pub fn edit_interval(settings: &Settings) -> Duration {
+    Duration::from_millis(settings.scheduler.progress_interval_ms.max(1000))
+}
+
+/// "1 h 2 min", "3 min 4 s", "5 s".
+pub fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match (s / 3600, (s % 3600) / 60, s % 60) {
+        (0, 0, s) => format!("{s} s"),
+        (0, m, s) => format!("{m} min {s} s"),
+        (h, m, _) => format!("{h} h {m} min"),
+    }
+}
+
+/// The progress message's text for an event that is not the end.
+pub fn status_text(title: &str, event: &JobEvent) -> String {
+    let status = match event {
+        JobEvent::Queued { position } => format!("queued, #{position} in line"),
+        JobEvent::Started { device } => format!("starting on {device}"),
+        JobEvent::Progress(p) => format!(
+            "{}% on {}, about {} left",
+            u64::from(p.iteration) * 100 / u64::from(p.total.max(1)),
+            p.device,
+            human_duration(p.eta)
+        ),
+        JobEvent::Finished(_) => "done".to_owned(),
+        JobEvent::Failed { message } => format!("failed: {message}"),
+        JobEvent::Cancelled => "cancelled".to_owned(),
+    };
+    format!("{title} ({status})")
+}
+
+/// Follows a job to its end; see the module documentation.
+pub async fn follow(
+    http: Arc<serenity::Http>,
+    target: JobMessage,
+    mut events: watch::Receiver<JobEvent>,
+    interval: Duration,
+) {
+    let mut editor = Editor {
+        http,
+        target,
+        token_ok: true,
+    };
+    let mut shown_text = String::new();
+    let mut shown_preview: Option<Arc<Preview>> = None;
+    loop {
+        let event = events.borrow_and_update().clone();
+        if event.is_final() {
+            editor.finish(event).await;
+            return;
+        }
+        let text = status_text(&editor.target.title, &event);
+        let preview = match &event {
+            JobEvent::Progress(p) => p.preview.clone(),
+            _ => None,
+        };
+        let new_preview = match (&preview, &shown_preview) {
+            (Some(new), Some(old)) => !Arc::ptr_eq(new, old),
+            (Some(_), None) => true,
+            _ => false,
+        };
+        if text != shown_text || new_preview {
+            editor
+                .edit(
+                    text.clone(),
+                    new_preview.then(|| preview.clone()).flatten(),
+                    false,
+                )
+                .await;
+            shown_text = text;
+            if new_preview {
+                shown_preview = preview;
+            }
+        }
+        tokio::time::sleep(interval).await;
+        if events.changed().await.is_err() {
+            // The scheduler let go of the job: its last event is the end.
+            let last = events.borrow().clone();
+            if last.is_final() {
+                editor.finish(last).await;
+            }
+            return;
+        }
+    }
+}
+
+struct Editor {
+    http: Arc<serenity::Http>,
+    target: JobMessage,
+    /// Cleared at the first refusal of the interaction token.
+    token_ok: bool,
+}
+
+/// Whether Discord refused an interaction token as expired or invalid.
+fn token_refused(error: &serenity::Error) -> bool {
+    match error {
+        serenity::Error::Http(serenity::HttpError::UnsuccessfulRequest(response)) => {
+            response.status_code.as_u16() == 401 || response.error.code == 50027
+        }
+        _ => false,
+    }
+}
+
+impl Editor {
+    /// Edits the progress message: new text, and a new preview (replacing the old) or, with
+    /// `clear`, no image at all.
+    async fn edit(&mut self, text: String, preview: Option<Arc<Preview>>, clear: bool) {
+        let attachments = match (&preview, clear) {
+            (Some(p), _) => Some(serenity::EditAttachments::new().add(
+                serenity::CreateAttachment::bytes(p.jpeg.clone(), "preview.jpg"),
+            )),
+            (None, true) => Some(serenity::EditAttachments::new()),
+            (None, false) => None,
+        };
+        let token = self
+            .target
+            .token
+            .clone()
+            .filter(|_| self.token_ok && self.target.issued.elapsed() < TOKEN_FRESH);
+        if let Some(token) = token {
+            let mut edit = serenity::EditInteractionResponse::new()
+                .content(text.clone())
+                .allowed_mentions(serenity::CreateAllowedMentions::new());
+            if let Some(a) = attachments.clone() {
+                edit = edit.attachments(a);
+            }
+            match edit.execute(&self.http, &token).await {
+                Ok(_) => return,
+                Err(e) if token_refused(&e) => {
+                    tracing::info!(
+                        job_id = self.target.job.0,
+                        "interaction token refused; editing with the bot token"
+                    );
+                    self.token_ok = false;
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = self.target.job.0, error = %e, "cannot edit the progress message");
+                    return;
+                }
+            }
+        }
+        let mut edit = serenity::EditMessage::new()
+            .content(text)
+            .allowed_mentions(serenity::CreateAllowedMentions::new());
+        if let Some(a) = attachments {
+            edit = edit.attachments(a);
+        }
+        if let Err(e) = self
+            .target
+            .channel
+            .edit_message(&self.http, self.target.message, edit)
+            .await
+        {
+            tracing::warn!(job_id = self.target.job.0, error = %e, "cannot edit the progress message");
+        }
+    }
+
+    /// The end: the result as a new message, or the failure in the progress message.
+    async fn finish(&mut self, event: JobEvent) {
+        let text = status_text(&self.target.title, &event);
+        if let JobEvent::Finished(done) = &event {
+            match self.post_result(done).await {
+                Ok(()) => {
+                    self.edit(format!("{} (done ↓)", self.target.title), None, true)
+                        .await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(job_id = self.target.job.0, error = %e, "cannot post the result");
+                    let note = format!(
+                        "{} (done, but the picture could not be posted: {e})",
+                        self.target.title
+                    );
+                    self.edit(note, None, true).await;
+                    return;
+                }
+            }
+        }
+        self.edit(text, None, true).await;
+    }
+
+    async fn post_result(&self, done: &FinishedJob) -> anyhow::Result<()> {
+        let t = &self.target;
+        let (bytes, name) = fit_upload(done, t.job, t.size_limit)?;
+        let embed = serenity::CreateEmbed::new()
+            .description(super::commands::quote(&t.prompt, 1000))
+            .field("Seed", t.seed.to_string(), true)
+            .field("Steps", t.steps.to_string(), true)
+            .field("Size", format!("{}×{}", t.size.0, t.size.1), true)
+            .field("Models", t.models.clone(), true)
+            .field(
+                "Time",
+                human_duration(Duration::from_secs_f64(done.seconds)),
+                true,
+            )
+            .field("Job", t.job.to_string(), true)
+            .image(format!("attachment://{name}"));
+        let message = serenity::CreateMessage::new()
+            .content(format!("{} — done", t.title))
+            .embed(embed)
+            .add_file(serenity::CreateAttachment::bytes(bytes, name))
+            .reference_message((t.channel, t.message))
+            .allowed_mentions(serenity::CreateAllowedMentions::new().users([t.requester]));
+        t.channel.send_message(&self.http, message).await?;
+        Ok(())
+    }
+}
+
+/// The PNG if it fits the upload limit, else a JPEG of it that does.
+fn fit_upload(done: &FinishedJob, job: JobId, limit: usize) -> anyhow::Result<(Vec<u8>, String)> {
+    if done.png.len() <= limit {
+        return Ok((done.png.clone(), format!("vqclip-{job}.png")));
+    }
+    let picture = image::decode(&done.png)?;
+    for quality in [92, 80, 65] {
+        let jpeg = image::encode_jpeg(&picture, quality)?;
+        if jpeg.len() <= limit {
+            return Ok((jpeg, format!("vqclip-{job}.jpg")));
+        }
+    }
+    anyhow::bail!("the image is larger than this channel's upload limit even as a JPEG")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::ProgressUpdate;
+
+    #[test]
+    fn status_lines_say_where_a_job_is() {
+        let title = "`a fox` — <@1>";
+        assert_eq!(
+            status_text(title, &JobEvent::Queued { position: 3 }),
+            "`a fox` — <@1> (queued, #3 in line)"
+        );
+        let progress = JobEvent::Progress(ProgressUpdate {
+            device: "cuda:0".into(),
+            iteration: 50,
+            total: 200,
+            loss: 0.9,
+            elapsed: Duration::from_secs(30),
+            eta: Duration::from_secs(95),
+            preview: None,
+        });
+        assert_eq!(
+            status_text(title, &progress),
+            "`a fox` — <@1> (25% on cuda:0, about 1 min 35 s left)"
+        );
+        assert_eq!(human_duration(Duration::from_secs(3725)), "1 h 2 min");
+    }
+
+    #[test]
+    fn a_result_over_the_upload_limit_becomes_a_jpeg() {
+        let picture = ::image::RgbImage::from_fn(64, 64, |x, y| {
+            ::image::Rgb([(x * 4) as u8, (y * 4) as u8, ((x ^ y) * 4) as u8])
+        });
+        let png = crate::engine::image::encode_png(&picture).unwrap();
+        let done = FinishedJob {
+            png: png.clone(),
+            path: "x.png".into(),
+            sha256: String::new(),
+            width: 64,
+            height: 64,
+            final_loss: 0.0,
+            device: "cpu".into(),
+            seconds: 1.0,
+        };
+        let (bytes, name) = fit_upload(&done, JobId(4), png.len()).unwrap();
+        assert_eq!((bytes, name.as_str()), (png.clone(), "vqclip-4.png"));
+        let (bytes, name) = fit_upload(&done, JobId(4), png.len() - 1).unwrap();
+        assert!(name.ends_with(".jpg") && bytes.len() < png.len());
+        assert!(fit_upload(&done, JobId(4), 10).is_err());
+    }
+}

@@ -1,0 +1,170 @@
+//! The bot end to end against the loopback fake Discord: the real poise/serenity client over
+//! HTTP and WebSocket, the real scheduler and SQLite, a fake runner in place of the engine.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use vqclip::config::{Environment, Settings};
+use vqclip::jobs::Scheduler;
+use vqclip::store::jobs::{self, JobStatus};
+
+use crate::fake_discord::{APP_ID, FakeDiscord, user};
+use crate::scheduler::{FakeRunner, finished, options, slots};
+use crate::support::test_pool;
+
+async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    for _ in 0..500 {
+        if let Some(found) = check() {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A `/imagine` slash command from user 77 in a DM.
+fn imagine(discord: &FakeDiscord, prompt: &str) -> Value {
+    json!({
+        "id": discord.id().to_string(),
+        "application_id": APP_ID.to_string(),
+        "type": 2,
+        "data": { "id": "1", "name": "imagine", "type": 1,
+                  "options": [{ "name": "prompt", "type": 3, "value": prompt }] },
+        "channel_id": "900",
+        "user": user(77, "artist", false),
+        "token": "interaction-token-1",
+        "version": 1,
+        "locale": "en-US",
+        "entitlements": [],
+        "app_permissions": "0",
+        "authorizing_integration_owners": {},
+        "context": 1,
+        "attachment_size_limit": 10485760
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imagine_queues_shows_progress_and_posts_the_result() {
+    let discord = FakeDiscord::start().await;
+    let (dir, pool) = test_pool().await;
+    let env: Environment = [("HOME", dir.path().to_str().unwrap())]
+        .into_iter()
+        .collect();
+    let settings = Settings::from_toml(
+        &format!(
+            "[discord]\ntoken = \"fake.bot.token\"\napi_base = \"{}\"\n\
+             [scheduler]\nprogress_interval_ms = 100\n\
+             [models]\nallow_tiny = true\n\
+             [generation]\ndefault_vqgan = \"tiny_vqgan\"\ndefault_clip = \"tiny_clip\"\n",
+            discord.url
+        ),
+        &env,
+    )
+    .unwrap();
+    // Long enough (8 steps × 250 ms) for a progress edit after the first second.
+    let runner = FakeRunner::new(250);
+    let scheduler = Scheduler::start(pool.clone(), options(&dir), slots(&[&runner]))
+        .await
+        .unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let bot = tokio::spawn(vqclip::bot::run(
+        Arc::new(settings),
+        pool.clone(),
+        scheduler.clone(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    // Connected with only the intents it needs, and its commands registered.
+    let identify = eventually("IDENTIFY", || discord.identified()).await;
+    assert_eq!(
+        identify["intents"].as_u64(),
+        Some(vqclip::bot::intents().bits())
+    );
+    assert!(
+        identify["token"]
+            .as_str()
+            .unwrap()
+            .contains("fake.bot.token")
+    );
+    eventually("command registration", || {
+        discord
+            .log()
+            .iter()
+            .any(|r| r.method == "PUT" && r.path.ends_with("/commands"))
+            .then_some(())
+    })
+    .await;
+
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        imagine(&discord, "a red fox --steps 8"),
+    );
+
+    // Answered at once with a real reply: where the job stands.
+    let callback = eventually("the interaction response", || {
+        discord
+            .log()
+            .into_iter()
+            .find(|r| r.path.ends_with("/callback"))
+    })
+    .await;
+    assert_eq!(callback.json["type"], 4);
+    let first = callback.json["data"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        first.contains("`a red fox --steps 8`") && first.contains("<@77>"),
+        "{first}"
+    );
+    assert_eq!(
+        callback.json["data"]["allowed_mentions"]["parse"],
+        json!([])
+    );
+
+    // The result arrives as a new message with the picture and its facts.
+    let result = eventually("the result message", || {
+        discord
+            .log()
+            .into_iter()
+            .find(|r| r.method == "POST" && r.path == "/channels/900/messages")
+    })
+    .await;
+    assert_eq!(result.files.len(), 1, "{result:?}");
+    assert!(result.files[0].0.ends_with(".png"));
+    let embed = &result.json["embeds"][0];
+    let fields: Vec<&str> = embed["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["Seed", "Steps", "Size", "Models", "Time", "Job"]);
+    assert_eq!(result.json["allowed_mentions"]["users"], json!(["77"]));
+
+    let job = jobs::list_recent_jobs(&pool, None, 1)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(finished(&pool, job.id).await, JobStatus::Succeeded);
+    assert_eq!(job.requester_id, 77);
+    assert_eq!(job.steps, 8);
+    assert!(job.message_id.is_some(), "the job knows its message");
+
+    // The progress message was edited while it ran, then left as a stub without the preview.
+    let edits: Vec<String> = discord
+        .log()
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.path.ends_with("/messages/@original"))
+        .map(|r| r.json["content"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(edits.iter().any(|e| e.contains("% on cpu#0")), "{edits:?}");
+    assert!(edits.last().unwrap().contains("(done ↓)"), "{edits:?}");
+
+    let _ = stop_tx.send(());
+    bot.await.unwrap().unwrap();
+    scheduler.shutdown(Duration::from_secs(1)).await;
+}
