@@ -5,9 +5,9 @@ use poise::serenity_prelude as serenity;
 use super::progress::{self, JobMessage};
 use super::{BotError, Context};
 use crate::jobs::scheduler::{CancelError, DeviceState, SubmitError};
-use crate::jobs::{Actor, JobId, JobParams};
+use crate::jobs::{Actor, JobId, Origin};
 use crate::request::{self, ImagineOptions};
-use crate::store::jobs::{self as store_jobs, JobKind, NewJob};
+use crate::store::jobs as store_jobs;
 
 /// Every command the bot registers.
 pub fn all() -> Vec<poise::Command<super::Data, BotError>> {
@@ -70,27 +70,14 @@ async fn imagine(
         &data.tokenizer,
     )
     .map_err(|e| BotError::User(e.to_string()))?;
-    let spec = resolved.spec;
-    let params = JobParams {
-        spec: spec.clone(),
-        inputs: Default::default(),
+    let origin = Origin {
+        requester: ctx.author().id.get(),
+        guild: ctx.guild_id().map(|g| g.get()),
+        channel: Some(ctx.channel_id().get()),
     };
-    let job = NewJob {
-        kind: JobKind::Imagine,
-        parent: None,
-        requester_id: ctx.author().id.get(),
-        guild_id: ctx.guild_id().map(|g| g.get()),
-        channel_id: Some(ctx.channel_id().get()),
-        prompt: prompt.clone(),
-        params: serde_json::to_value(&params).map_err(anyhow::Error::from)?,
-        seed: spec.seed,
-        width: spec.width,
-        height: spec.height,
-        steps: spec.steps,
-        cutn: spec.cutn,
-        vqgan_model: resolved.vqgan.id.to_owned(),
-        clip_model: resolved.clip.id.to_owned(),
-    };
+    let (job, params) =
+        crate::jobs::imagine_job(&prompt, &resolved, origin).map_err(anyhow::Error::from)?;
+    let spec = resolved.spec.clone();
     let submitted = match data.scheduler.submit(job, params).await {
         Ok(s) => s,
         Err(SubmitError::Store(e)) => return Err(e.into()),
@@ -125,7 +112,8 @@ async fn imagine(
         poise::Context::Application(app) => app.interaction.attachment_size_limit,
         poise::Context::Prefix(_) => 0,
     };
-    if let Some(events) = data.scheduler.subscribe(submitted.id) {
+    {
+        let events = submitted.events;
         let target = JobMessage {
             job: submitted.id,
             requester: ctx.author().id,

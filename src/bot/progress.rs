@@ -83,6 +83,8 @@ pub fn human_duration(d: Duration) -> String {
 /// The progress message's text for an event that is not the end.
 pub fn status_text(title: &str, event: &JobEvent) -> String {
     let status = match event {
+        // Position 0: a device took it; its Started event is on the way.
+        JobEvent::Queued { position: 0 } => "starting".to_owned(),
         JobEvent::Queued { position } => format!("queued, #{position} in line"),
         JobEvent::Started { device } => format!("starting on {device}"),
         JobEvent::Progress(p) => format!(

@@ -12,9 +12,9 @@ use super::{RequestFlags, load_settings};
 use crate::config::{Environment, Settings};
 use crate::engine::tokenizer::ClipTokenizer;
 use crate::jobs::scheduler::SchedulerOptions;
-use crate::jobs::{JobParams, Scheduler, devices};
+use crate::jobs::{Origin, Scheduler, devices};
 use crate::request;
-use crate::store::jobs::{self, JobKind, JobStatus, NewJob};
+use crate::store::jobs::{self, JobStatus};
 use crate::store::{self, JobId, Timestamp};
 
 /// Options of `vqclip jobs submit`.
@@ -65,27 +65,13 @@ pub(super) async fn submit(
     for note in &resolved.notes {
         eprintln!("note: {note}");
     }
-    let spec = resolved.spec;
-    let params = JobParams {
-        spec: spec.clone(),
-        inputs: Default::default(),
+    let origin = Origin {
+        requester: args.user,
+        guild: None,
+        channel: None,
     };
-    let job = NewJob {
-        kind: JobKind::Imagine,
-        parent: None,
-        requester_id: args.user,
-        guild_id: None,
-        channel_id: None,
-        prompt: args.prompt.clone(),
-        params: serde_json::to_value(&params)?,
-        seed: spec.seed,
-        width: spec.width,
-        height: spec.height,
-        steps: spec.steps,
-        cutn: spec.cutn,
-        vqgan_model: resolved.vqgan.id.to_owned(),
-        clip_model: resolved.clip.id.to_owned(),
-    };
+    let (job, _) = crate::jobs::imagine_job(&args.prompt, &resolved, origin)?;
+    let spec = &resolved.spec;
     let pool = open_database(&settings, true).await?;
     let waiting = jobs::count_jobs_by_status(&pool)
         .await?

@@ -150,6 +150,47 @@ pub struct Actor {
     pub moderator: bool,
 }
 
+/// Who asked for a job and where.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    /// The Discord user (0 for the command line).
+    pub requester: u64,
+    /// The guild, if any.
+    pub guild: Option<u64>,
+    /// The channel, if any.
+    pub channel: Option<u64>,
+}
+
+/// A fresh `/imagine` job for a resolved request: its row and the parameters it stores.
+pub fn imagine_job(
+    prompt: &str,
+    resolved: &crate::request::Resolved,
+    origin: Origin,
+) -> Result<(crate::store::jobs::NewJob, JobParams), serde_json::Error> {
+    let spec = &resolved.spec;
+    let params = JobParams {
+        spec: spec.clone(),
+        inputs: StoredInputs::default(),
+    };
+    let job = crate::store::jobs::NewJob {
+        kind: crate::store::jobs::JobKind::Imagine,
+        parent: None,
+        requester_id: origin.requester,
+        guild_id: origin.guild,
+        channel_id: origin.channel,
+        prompt: prompt.to_owned(),
+        params: serde_json::to_value(&params)?,
+        seed: spec.seed,
+        width: spec.width,
+        height: spec.height,
+        steps: spec.steps,
+        cutn: spec.cutn,
+        vqgan_model: resolved.vqgan.id.to_owned(),
+        clip_model: resolved.clip.id.to_owned(),
+    };
+    Ok((job, params))
+}
+
 /// Where a job's image is written.
 pub fn image_path(images: &Path, id: JobId) -> PathBuf {
     images.join(format!("{}.png", id.0))

@@ -103,12 +103,14 @@ pub enum SubmitError {
 }
 
 /// An accepted job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Submitted {
     /// Its id.
     pub id: JobId,
     /// Its place in line; 0 when a device took it at once.
     pub position: usize,
+    /// Its events from the start, so even a job that ends at once is seen ending.
+    pub events: watch::Receiver<JobEvent>,
 }
 
 /// What a cancel did.
@@ -339,6 +341,9 @@ impl Scheduler {
     /// Adds to the queue every job the database has queued that this scheduler does not know
     /// yet (at startup, and for jobs submitted by other processes); returns how many.
     pub async fn load_queued(&self) -> anyhow::Result<usize> {
+        // With the submit gate held, a job being submitted here is either fully in memory or
+        // not yet in the database: never picked up twice.
+        let _gate = self.shared.submit_gate.lock().await;
         let queued = store_jobs::list_queued_jobs(&self.shared.pool).await?;
         let mut added = 0;
         let mut unreadable = Vec::new();
@@ -419,17 +424,14 @@ impl Scheduler {
         let stored = store_jobs::get_job(&self.shared.pool, id)
             .await?
             .ok_or(sqlx::Error::RowNotFound)?;
-        let assignment = Assignment {
-            id,
-            user: job.requester_id,
-            prompt: job.prompt.clone(),
-            params,
-            vqgan: job.vqgan_model.clone(),
-            clip: job.clip_model.clone(),
-            stop: Arc::default(),
-        };
+        let assignment = assignment_with(&stored, params);
         let mut state = self.state();
         enqueue(&mut state, &stored, assignment);
+        let events = state
+            .watchers
+            .get(&id)
+            .map(watch::Sender::subscribe)
+            .ok_or(sqlx::Error::RowNotFound)?;
         self.dispatch(&mut state);
         let position = state
             .queue
@@ -443,7 +445,11 @@ impl Scheduler {
             position,
             "job queued"
         );
-        Ok(Submitted { id, position })
+        Ok(Submitted {
+            id,
+            position,
+            events,
+        })
     }
 
     /// Cancels a waiting or running job on behalf of `actor`.
@@ -853,8 +859,15 @@ fn publish(state: &mut State, id: JobId, event: JobEvent) {
 
 /// Rebuilds what a stored job needs to run.
 fn assignment_for(job: &Job) -> Result<Assignment, serde_json::Error> {
-    let params: JobParams = serde_json::from_value(job.params.clone())?;
-    Ok(Assignment {
+    Ok(assignment_with(
+        job,
+        serde_json::from_value(job.params.clone())?,
+    ))
+}
+
+/// A stored job and its parameters as a worker's assignment.
+fn assignment_with(job: &Job, params: JobParams) -> Assignment {
+    Assignment {
         id: job.id,
         user: job.requester_id,
         prompt: job.prompt.clone(),
@@ -862,7 +875,7 @@ fn assignment_for(job: &Job) -> Result<Assignment, serde_json::Error> {
         vqgan: job.vqgan_model.clone(),
         clip: job.clip_model.clone(),
         stop: Arc::default(),
-    })
+    }
 }
 
 #[cfg(test)]

@@ -327,7 +327,16 @@ async fn a_panicking_job_fails_alone_and_repeated_failures_retire_the_device() {
     let fine = submit(&s, 2, "fine", 2).await;
     assert_eq!(finished(&pool, fine).await, JobStatus::Succeeded);
 
-    let a = submit(&s, 3, "fail", 2).await;
+    // A job that fails at once is still seen failing by whoever submitted it.
+    let (job, params) = request(3, "fail", 2);
+    let submitted = s.submit(job, params).await.unwrap();
+    let mut events = submitted.events;
+    let last = events.wait_for(JobEvent::is_final).await.unwrap().clone();
+    assert!(
+        matches!(&last, JobEvent::Failed { message } if message == "bad weights"),
+        "{last:?}"
+    );
+    let a = submitted.id;
     assert_eq!(finished(&pool, a).await, JobStatus::Failed);
     let b = submit(&s, 4, "fail", 2).await;
     assert_eq!(finished(&pool, b).await, JobStatus::Failed);
