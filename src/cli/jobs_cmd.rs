@@ -32,7 +32,7 @@ pub struct SubmitArgs {
 }
 
 /// The configured database, created and migrated when `create`, else required to exist.
-async fn open_database(settings: &Settings, create: bool) -> anyhow::Result<SqlitePool> {
+pub(super) async fn open_database(settings: &Settings, create: bool) -> anyhow::Result<SqlitePool> {
     let path = &settings.storage.database;
     // Reading must not conjure an empty database in the wrong directory.
     if !create && !path.exists() {

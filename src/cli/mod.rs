@@ -263,16 +263,7 @@ async fn jobs_list(
     let Ok(settings) = load_settings(config, env) else {
         anyhow::bail!("cannot read jobs without a valid configuration");
     };
-    let path = &settings.storage.database;
-    // Listing must not conjure an empty database in the wrong directory.
-    if !path.exists() {
-        anyhow::bail!(
-            "no database at {} (storage.database); run `vqclip db migrate` to create one",
-            path.display()
-        );
-    }
-    let pool = store::connect(path).await?;
-    store::migrate(&pool).await?;
+    let pool = jobs_cmd::open_database(&settings, false).await?;
     let recent = jobs::list_recent_jobs(&pool, args.status, args.limit)
         .await
         .context("Failed to read jobs")?;

@@ -492,6 +492,16 @@ fn engine_slot(settings: &vqclip::config::Settings) -> Vec<DeviceSlot> {
     }]
 }
 
+async fn start_engine(pool: &SqlitePool, settings: &vqclip::config::Settings) -> Scheduler {
+    Scheduler::start(
+        pool.clone(),
+        SchedulerOptions::from_settings(settings),
+        engine_slot(settings),
+    )
+    .await
+    .unwrap()
+}
+
 fn latent_values(path: &std::path::Path) -> Vec<f32> {
     let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
     tensors["latent"].flatten_all().unwrap().to_vec1().unwrap()
@@ -515,13 +525,7 @@ async fn an_interrupted_engine_job_resumes_and_ends_as_if_never_stopped() {
     // The reference: the same job, never interrupted.
     let (ref_dir, ref_pool) = test_pool().await;
     let settings = tiny_settings(&ref_dir);
-    let s = Scheduler::start(
-        ref_pool.clone(),
-        SchedulerOptions::from_settings(&settings),
-        engine_slot(&settings),
-    )
-    .await
-    .unwrap();
+    let s = start_engine(&ref_pool, &settings).await;
     let (job, params) = tiny(40);
     let reference = s.submit(job, params).await.unwrap().id;
     assert_eq!(finished(&ref_pool, reference).await, JobStatus::Succeeded);
@@ -532,13 +536,7 @@ async fn an_interrupted_engine_job_resumes_and_ends_as_if_never_stopped() {
 
     let (dir, pool) = test_pool().await;
     let settings = tiny_settings(&dir);
-    let s = Scheduler::start(
-        pool.clone(),
-        SchedulerOptions::from_settings(&settings),
-        engine_slot(&settings),
-    )
-    .await
-    .unwrap();
+    let s = start_engine(&pool, &settings).await;
     let (job, params) = tiny(40);
     let id = s.submit(job, params).await.unwrap().id;
     let mut events = s.subscribe(id).unwrap();
@@ -556,13 +554,7 @@ async fn an_interrupted_engine_job_resumes_and_ends_as_if_never_stopped() {
             .iteration;
     assert!(saved_at >= 5, "saved at {saved_at}");
 
-    let s = Scheduler::start(
-        pool.clone(),
-        SchedulerOptions::from_settings(&settings),
-        engine_slot(&settings),
-    )
-    .await
-    .unwrap();
+    let s = start_engine(&pool, &settings).await;
     let mut events = s.subscribe(id).unwrap();
     let first = events
         .wait_for(|e| matches!(e, JobEvent::Progress(_)))
