@@ -103,6 +103,8 @@ pub struct DiscordSettings {
     pub api_base: Url,
     /// Guilds where commands are registered instantly; empty means global registration.
     pub guild_ids: Vec<u64>,
+    /// Words and phrases (lower-case) that make the bot refuse a prompt.
+    pub banned_words: Vec<String>,
 }
 
 /// `[storage]`.
@@ -612,6 +614,7 @@ struct RawDiscord {
     token: Option<String>,
     api_base: String,
     guild_ids: ListOrCsv,
+    banned_words: ListOrCsv,
 }
 
 impl Default for RawDiscord {
@@ -620,6 +623,7 @@ impl Default for RawDiscord {
             token: None,
             api_base: "https://discord.com".into(),
             guild_ids: ListOrCsv::default(),
+            banned_words: ListOrCsv::default(),
         }
     }
 }
@@ -869,10 +873,24 @@ fn validate_discord(raw: RawDiscord, p: &mut Problems) -> DiscordSettings {
             ),
         }
     }
+    let mut banned_words = Vec::new();
+    for (i, word) in raw.banned_words.0.iter().enumerate() {
+        match word {
+            Scalar::Text(w) if !w.trim().is_empty() => {
+                banned_words.push(w.trim().to_lowercase());
+            }
+            other => p.add(
+                format!("discord.banned_words[{i}]"),
+                Some(other.to_string()),
+                "expected a word or phrase",
+            ),
+        }
+    }
     DiscordSettings {
         token: token.map(|t| SecretString::from(t.trim().to_owned())),
         api_base: api_base.unwrap_or_else(|| Url::parse("https://discord.com").expect("valid URL")),
         guild_ids,
+        banned_words,
     }
 }
 
@@ -1664,6 +1682,20 @@ mod tests {
         assert!(!format!("{s:?}").contains("hf_secretvalue"));
         let s = Settings::from_toml("", &env(&[("HF_HUB_OFFLINE", "0")])).unwrap();
         assert!(!s.models.offline);
+    }
+
+    #[test]
+    fn banned_words_are_lower_cased_and_blank_ones_refused() {
+        let s = Settings::from_toml(
+            "[discord]\nbanned_words = [\"Gore\", \"Red Fox\"]",
+            &env(&[]),
+        )
+        .unwrap();
+        assert_eq!(s.discord.banned_words, ["gore", "red fox"]);
+        let s = Settings::from_toml("", &env(&[("VQCLIP_DISCORD__BANNED_WORDS", "a,b")])).unwrap();
+        assert_eq!(s.discord.banned_words, ["a", "b"]);
+        let p = single_problem("[discord]\nbanned_words = [\"ok\", \" \"]");
+        assert_eq!(p.key, "discord.banned_words[1]");
     }
 
     #[test]

@@ -47,6 +47,12 @@ async fn imagine(
     cutouts: Option<u32>,
 ) -> Result<(), BotError> {
     let data = ctx.data();
+    if let Some(word) = banned_word(&prompt, &data.settings.discord.banned_words) {
+        return Err(BotError::User(format!(
+            "This server does not accept prompts with {}.",
+            quote(word, 50)
+        )));
+    }
     let aspect = match aspect.as_deref().map(parse_aspect).transpose() {
         Ok(a) => a,
         Err(e) => return Err(BotError::User(e)),
@@ -134,6 +140,26 @@ async fn imagine(
         tokio::spawn(progress::follow(http, target, events, interval));
     }
     Ok(())
+}
+
+/// The first banned word or phrase the prompt contains as whole words, in any case.
+pub fn banned_word<'a>(prompt: &str, banned: &'a [String]) -> Option<&'a str> {
+    let words: Vec<String> = prompt
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    banned
+        .iter()
+        .find(|phrase| {
+            let parts: Vec<String> = phrase
+                .split(|c: char| !c.is_alphanumeric())
+                .filter(|w| !w.is_empty())
+                .map(str::to_lowercase)
+                .collect();
+            !parts.is_empty() && words.windows(parts.len()).any(|w| w == parts.as_slice())
+        })
+        .map(String::as_str)
 }
 
 fn parse_aspect(text: &str) -> Result<(u32, u32), String> {
@@ -238,6 +264,16 @@ mod tests {
         assert_eq!(quote("a fox", 10), "`a fox`");
         assert_eq!(quote("a `sly` fox <@1>", 100), "`a sly fox <@1>`");
         assert_eq!(quote("ééééé", 3), "`ééé…`");
+    }
+
+    #[test]
+    fn banned_words_match_whole_words_in_any_case() {
+        let banned = vec!["gore".to_owned(), "red fox".to_owned()];
+        assert_eq!(banned_word("Lots of GORE!", &banned), Some("gore"));
+        assert_eq!(banned_word("a gorey story", &banned), None);
+        assert_eq!(banned_word("a Red  Fox at dawn", &banned), Some("red fox"));
+        assert_eq!(banned_word("a red dawn fox", &banned), None);
+        assert_eq!(banned_word("anything", &[]), None);
     }
 
     #[test]

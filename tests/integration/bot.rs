@@ -54,6 +54,7 @@ async fn imagine_queues_shows_progress_and_posts_the_result() {
     let settings = Settings::from_toml(
         &format!(
             "[discord]\ntoken = \"fake.bot.token\"\napi_base = \"{}\"\n\
+             banned_words = [\"gore\"]\n\
              [scheduler]\nprogress_interval_ms = 100\n\
              [models]\nallow_tiny = true\n\
              [generation]\ndefault_vqgan = \"tiny_vqgan\"\ndefault_clip = \"tiny_clip\"\n",
@@ -163,6 +164,28 @@ async fn imagine_queues_shows_progress_and_posts_the_result() {
         .collect();
     assert!(edits.iter().any(|e| e.contains("% on cpu#0")), "{edits:?}");
     assert!(edits.last().unwrap().contains("(done ↓)"), "{edits:?}");
+
+    // A banned word is refused privately, and nothing is queued.
+    let refused = imagine(&discord, "so much GORE");
+    let refused_id = refused["id"].as_str().unwrap().to_owned();
+    discord.dispatch("INTERACTION_CREATE", refused);
+    let answer = eventually("the refusal", || {
+        discord
+            .log()
+            .into_iter()
+            .find(|r| r.path.starts_with(&format!("/interactions/{refused_id}/")))
+    })
+    .await;
+    assert_eq!(answer.json["data"]["flags"], 64, "ephemeral: {answer:?}");
+    let text = answer.json["data"]["content"].as_str().unwrap();
+    assert!(
+        text.contains("does not accept") && text.contains("gore"),
+        "{text}"
+    );
+    assert_eq!(
+        jobs::list_recent_jobs(&pool, None, 10).await.unwrap().len(),
+        1
+    );
 
     let _ = stop_tx.send(());
     bot.await.unwrap().unwrap();
