@@ -8,19 +8,19 @@
 //!    └──▶ store ◀──┘                 SQLite: jobs, gallery, votes, users, guilds
 //! ```
 //!
-//! - [`bot`] (poise on serenity) answers commands, buttons and reactions, and edits progress
-//!   messages. It knows Discord; nothing below it does.
-//! - [`jobs`] is the per-device scheduler: a fair queue, one OS thread per GPU, progress events,
-//!   cancellation, crash recovery. It knows neither Discord nor how images are made.
+//! - [`bot`] (poise on serenity) answers commands (buttons and reactions to come), and edits
+//!   progress messages. It knows Discord; nothing below it does.
+//! - [`jobs`] is the per-device scheduler: a fair queue, one OS thread per device driving the
+//!   engine, progress events, cancellation, checkpoints and crash recovery. It knows nothing of
+//!   Discord.
 //! - [`engine`] is the synchronous VQGAN+CLIP optimisation on candle. It knows nothing of tokio,
 //!   Discord, SQL or the network: it takes weight files and a spec and reports through a
 //!   callback.
 //! - [`store`] is the SQLite database (sqlx, migrations), used by `bot` and `jobs`.
 //! - [`config`] loads and validates the configuration; [`models`] is the catalogue of model
-//!   names and where their weights come from; [`weights`] finds their files and [`hub`] downloads
-//!   and checks them; [`request`] turns
-//!   what a user typed into an engine spec; [`telemetry`] sets up logging; [`cli`] is the
-//!   command line the binary runs.
+//!   names and where their weights come from; [`weights`] finds their files and [`hub`]
+//!   downloads and checks them; [`request`] turns what a user typed into an engine spec;
+//!   [`telemetry`] sets up logging; [`cli`] is the command line the binary runs.
 //!
 //! Every module above exists; the bot grows with issue 6.
 
