@@ -11,7 +11,7 @@ use crate::store::jobs as store_jobs;
 
 /// Every command the bot registers.
 pub fn all() -> Vec<poise::Command<super::Data, BotError>> {
-    vec![imagine(), queue(), cancel(), help()]
+    vec![imagine(), queue(), cancel(), job(), history(), help()]
 }
 
 /// Quotes user text for a message: no mentions can fire, and it cannot break the layout.
@@ -241,6 +241,75 @@ async fn cancel(
     Ok(())
 }
 
+/// Everything recorded about a job: prompt, seed, settings, models, how it went.
+#[poise::command(slash_command)]
+async fn job(
+    ctx: Context<'_>,
+    #[description = "The job's number"] id: i64,
+) -> Result<(), BotError> {
+    let Some(job) = store_jobs::get_job(&ctx.data().pool, JobId(id)).await? else {
+        return Err(BotError::User(format!("There is no job {id}.")));
+    };
+    let mut embed = serenity::CreateEmbed::new().title(format!("Job {id}"));
+    for (label, value) in crate::jobs::describe(&job) {
+        // Paths and hashes of this machine mean nothing in Discord.
+        if matches!(label, "job" | "image" | "sha256" | "requester") {
+            continue;
+        }
+        let value = match label {
+            "prompt" | "again" | "error" => quote(&value, 1000),
+            _ => value,
+        };
+        embed = embed.field(label, value, !matches!(label, "prompt" | "again" | "error"));
+    }
+    embed = embed.field("requested by", format!("<@{}>", job.requester_id), true);
+    ctx.send(
+        poise::CreateReply::default()
+            .embed(embed)
+            .allowed_mentions(serenity::CreateAllowedMentions::new()),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Recent jobs with their prompts and seeds: yours, or another user's.
+#[poise::command(slash_command)]
+async fn history(
+    ctx: Context<'_>,
+    #[description = "Whose jobs (default: yours)"] user: Option<serenity::User>,
+) -> Result<(), BotError> {
+    let who = user.as_ref().map_or(ctx.author().id, |u| u.id);
+    let jobs = store_jobs::list_jobs_by_requester(&ctx.data().pool, who.get(), 10).await?;
+    let text = if jobs.is_empty() {
+        format!("No jobs from <@{who}> yet.")
+    } else {
+        let lines: Vec<String> = jobs
+            .iter()
+            .map(|j| {
+                format!(
+                    "**{}** {} — {} (seed {}, {}x{}, {} steps)",
+                    j.id,
+                    j.status,
+                    quote(&j.prompt, 120),
+                    j.seed,
+                    j.width,
+                    j.height,
+                    j.steps
+                )
+            })
+            .collect();
+        format!("Recent jobs of <@{who}>:\n{}", lines.join("\n"))
+    };
+    ctx.send(
+        poise::CreateReply::default()
+            .content(text)
+            .ephemeral(true)
+            .allowed_mentions(serenity::CreateAllowedMentions::new()),
+    )
+    .await?;
+    Ok(())
+}
+
 /// How to use the bot.
 #[poise::command(slash_command)]
 async fn help(ctx: Context<'_>) -> Result<(), BotError> {
@@ -249,6 +318,7 @@ async fn help(ctx: Context<'_>) -> Result<(), BotError> {
 the last colon; negative pushes away). Flags inside the prompt: `--ar 16:9`, `--size 384x256`, \
 `--seed 7`, `--steps 300`, `--cutn 32`, `--no people`, `--model wikiart_f16_16384`.
 **/queue** — what is waiting and running. **/cancel** `job` — stop one of yours.
+**/job** `id` — everything needed to make a picture again. **/history** — recent prompts and seeds.
 The same seed and settings give the same picture.";
     ctx.send(poise::CreateReply::default().content(text).ephemeral(true))
         .await?;

@@ -111,58 +111,10 @@ pub(super) async fn show(config: Option<&Path>, env: &Environment, id: i64) -> a
     let Some(job) = job else {
         anyhow::bail!("there is no job {id}");
     };
-    let time = |t: Option<Timestamp>| t.map_or_else(|| "-".to_owned(), |t| t.to_string());
     let mut out = String::new();
-    let mut line = |key: &str, value: String| {
+    for (key, value) in crate::jobs::describe(&job) {
         let _ = writeln!(out, "{key:>10}  {value}");
-    };
-    line("job", job.id.to_string());
-    line("status", job.status.to_string());
-    if let Some(error) = &job.error {
-        line("error", error.clone());
     }
-    line("kind", job.kind.to_string());
-    if let Some(parent) = job.parent {
-        line("parent", parent.to_string());
-    }
-    line("requester", job.requester_id.to_string());
-    line("prompt", job.prompt.clone());
-    line("seed", job.seed.to_string());
-    line("size", format!("{}x{}", job.width, job.height));
-    line("steps", format!("{} (done: {})", job.steps, job.iteration));
-    line("cutouts", job.cutn.to_string());
-    line(
-        "models",
-        format!("{} + {}", job.vqgan_model, job.clip_model),
-    );
-    line("device", job.device.clone().unwrap_or_else(|| "-".into()));
-    line("created", time(Some(job.created_at)));
-    line("started", time(job.started_at));
-    line("finished", time(job.finished_at));
-    if let Some(path) = &job.output_path {
-        line("image", path.display().to_string());
-    }
-    if let Some(sha) = &job.output_sha256 {
-        line("sha256", sha.clone());
-    }
-    if let Some(loss) = job.final_loss {
-        line("loss", format!("{loss:.4}"));
-    }
-    line("version", format!("vqclip {}", job.crate_version));
-    line(
-        "again",
-        format!(
-            "vqclip imagine {:?} --seed {} --steps {} --size {}x{} --cutn {} --model {} --clip {}",
-            job.prompt,
-            job.seed,
-            job.steps,
-            job.width,
-            job.height,
-            job.cutn,
-            job.vqgan_model,
-            job.clip_model
-        ),
-    );
     print!("{out}");
     Ok(())
 }

@@ -191,6 +191,65 @@ pub fn imagine_job(
     Ok((job, params))
 }
 
+/// Everything recorded about a job, as (label, value) lines for `jobs show` and `/job`: what it
+/// was, how it went, and the command that makes it again.
+pub fn describe(job: &crate::store::jobs::Job) -> Vec<(&'static str, String)> {
+    let time =
+        |t: Option<crate::store::Timestamp>| t.map_or_else(|| "-".to_owned(), |t| t.to_string());
+    let mut lines = vec![
+        ("job", job.id.to_string()),
+        ("status", job.status.to_string()),
+    ];
+    if let Some(error) = &job.error {
+        lines.push(("error", error.clone()));
+    }
+    lines.push(("kind", job.kind.to_string()));
+    if let Some(parent) = job.parent {
+        lines.push(("parent", parent.to_string()));
+    }
+    lines.extend([
+        ("requester", job.requester_id.to_string()),
+        ("prompt", job.prompt.clone()),
+        ("seed", job.seed.to_string()),
+        ("size", format!("{}x{}", job.width, job.height)),
+        ("steps", format!("{} (done: {})", job.steps, job.iteration)),
+        ("cutouts", job.cutn.to_string()),
+        (
+            "models",
+            format!("{} + {}", job.vqgan_model, job.clip_model),
+        ),
+        ("device", job.device.clone().unwrap_or_else(|| "-".into())),
+        ("created", time(Some(job.created_at))),
+        ("started", time(job.started_at)),
+        ("finished", time(job.finished_at)),
+    ]);
+    if let Some(path) = &job.output_path {
+        lines.push(("image", path.display().to_string()));
+    }
+    if let Some(sha) = &job.output_sha256 {
+        lines.push(("sha256", sha.clone()));
+    }
+    if let Some(loss) = job.final_loss {
+        lines.push(("loss", format!("{loss:.4}")));
+    }
+    lines.push(("version", format!("vqclip {}", job.crate_version)));
+    lines.push((
+        "again",
+        format!(
+            "vqclip imagine {:?} --seed {} --steps {} --size {}x{} --cutn {} --model {} --clip {}",
+            job.prompt,
+            job.seed,
+            job.steps,
+            job.width,
+            job.height,
+            job.cutn,
+            job.vqgan_model,
+            job.clip_model
+        ),
+    ));
+    lines
+}
+
 /// Where a job's image is written.
 pub fn image_path(images: &Path, id: JobId) -> PathBuf {
     images.join(format!("{}.png", id.0))

@@ -25,12 +25,20 @@ async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
 
 /// A `/imagine` slash command from user 77 in a DM.
 fn imagine(discord: &FakeDiscord, prompt: &str) -> Value {
+    command(
+        discord,
+        "imagine",
+        json!([{ "name": "prompt", "type": 3, "value": prompt }]),
+    )
+}
+
+/// A slash command `name` with `options` from user 77 in a DM.
+fn command(discord: &FakeDiscord, name: &str, options: Value) -> Value {
     json!({
         "id": discord.id().to_string(),
         "application_id": APP_ID.to_string(),
         "type": 2,
-        "data": { "id": "1", "name": "imagine", "type": 1,
-                  "options": [{ "name": "prompt", "type": 3, "value": prompt }] },
+        "data": { "id": "1", "name": name, "type": 1, "options": options },
         "channel_id": "900",
         "user": user(77, "artist", false),
         "token": "interaction-token-1",
@@ -164,6 +172,48 @@ async fn imagine_queues_shows_progress_and_posts_the_result() {
         .collect();
     assert!(edits.iter().any(|e| e.contains("% on cpu#0")), "{edits:?}");
     assert!(edits.last().unwrap().contains("(done ↓)"), "{edits:?}");
+
+    // /job shows how to make it again; /history lists it.
+    let answer = |payload: Value| {
+        let id = payload["id"].as_str().unwrap().to_owned();
+        discord.dispatch("INTERACTION_CREATE", payload);
+        let discord = discord.clone();
+        async move {
+            eventually("an answer", || {
+                discord
+                    .log()
+                    .into_iter()
+                    .find(|r| r.path.starts_with(&format!("/interactions/{id}/")))
+            })
+            .await
+        }
+    };
+    let shown = answer(command(
+        &discord,
+        "job",
+        json!([{ "name": "id", "type": 4, "value": job.id.0 }]),
+    ))
+    .await;
+    let fields = shown.json["data"]["embeds"][0]["fields"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let field = |name: &str| {
+        fields
+            .iter()
+            .find(|f| f["name"] == name)
+            .map(|f| f["value"].as_str().unwrap().to_owned())
+            .unwrap_or_else(|| panic!("no {name} in {fields:?}"))
+    };
+    assert_eq!(field("status"), "succeeded");
+    assert_eq!(field("seed"), job.seed.to_string());
+    assert!(field("again").contains("vqclip imagine"), "{fields:?}");
+    let listed = answer(command(&discord, "history", json!([]))).await;
+    let text = listed.json["data"]["content"].as_str().unwrap();
+    assert!(
+        text.contains(&format!("**{}** succeeded", job.id)) && text.contains("a red fox"),
+        "{text}"
+    );
 
     // A banned word is refused privately, and nothing is queued.
     let refused = imagine(&discord, "so much GORE");
