@@ -164,6 +164,13 @@ pub async fn run(
                     }
                 }
                 tracing::info!(user = %ready.user.name, "connected to Discord");
+                // Jobs from before a restart keep their messages updating.
+                let interval = progress::edit_interval(&data.settings);
+                match progress::resume_all(&ctx.http, &data.pool, &data.scheduler, interval).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(jobs = n, "following the messages of earlier jobs again"),
+                    Err(e) => tracing::error!(error = %e, "cannot read the jobs of earlier runs"),
+                }
                 Ok(data)
             })
         })

@@ -56,6 +56,50 @@ pub struct JobMessage {
     pub models: String,
 }
 
+/// Picks up the messages of jobs that were waiting or running when the bot last stopped: their
+/// interaction tokens are gone, so these edit with the bot token. Returns how many.
+pub async fn resume_all(
+    http: &Arc<serenity::Http>,
+    pool: &sqlx::SqlitePool,
+    scheduler: &crate::jobs::Scheduler,
+    interval: Duration,
+) -> Result<usize, sqlx::Error> {
+    use crate::store::jobs::{JobStatus, list_recent_jobs};
+    let mut resumed = 0;
+    let mut jobs = list_recent_jobs(pool, Some(JobStatus::Running), 10_000).await?;
+    jobs.extend(list_recent_jobs(pool, Some(JobStatus::Queued), 10_000).await?);
+    for job in jobs {
+        let (Some(channel), Some(message)) = (job.channel_id, job.message_id) else {
+            continue;
+        };
+        let Some(events) = scheduler.subscribe(job.id) else {
+            continue;
+        };
+        let target = JobMessage {
+            job: job.id,
+            requester: serenity::UserId::new(job.requester_id.max(1)),
+            title: format!(
+                "{} — <@{}>",
+                super::commands::quote(&job.prompt, 300),
+                job.requester_id
+            ),
+            prompt: job.prompt.clone(),
+            channel: serenity::ChannelId::new(channel.max(1)),
+            message: serenity::MessageId::new(message.max(1)),
+            token: None,
+            issued: Instant::now(),
+            size_limit: DEFAULT_SIZE_LIMIT,
+            seed: job.seed,
+            steps: job.steps,
+            size: (job.width, job.height),
+            models: format!("{} + {}", job.vqgan_model, job.clip_model),
+        };
+        tokio::spawn(follow(http.clone(), target, events, interval));
+        resumed += 1;
+    }
+    Ok(resumed)
+}
+
 /// The upload limit an interaction reports, or Discord's default when it reports none.
 pub fn size_limit(reported: u32) -> usize {
     if reported == 0 {

@@ -241,3 +241,70 @@ async fn imagine_queues_shows_progress_and_posts_the_result() {
     bot.await.unwrap().unwrap();
     scheduler.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_earlier_jobs_keep_their_messages_updating() {
+    let discord = FakeDiscord::start().await;
+    let (dir, pool) = test_pool().await;
+    // A job from before the restart: queued, with its message in channel 900.
+    let (job, _) = crate::scheduler::request(77, "hang", 4);
+    let id = jobs::insert_job(&pool, &job).await.unwrap();
+    jobs::set_job_message(&pool, id, 900, 555).await.unwrap();
+
+    let env: Environment = [("HOME", dir.path().to_str().unwrap())]
+        .into_iter()
+        .collect();
+    let settings = Settings::from_toml(
+        &format!(
+            "[discord]\ntoken = \"fake.bot.token\"\napi_base = \"{}\"\n\
+             [scheduler]\nprogress_interval_ms = 100\n",
+            discord.url
+        ),
+        &env,
+    )
+    .unwrap();
+    let runner = FakeRunner::new(100);
+    let scheduler = Scheduler::start(pool.clone(), options(&dir), slots(&[&runner]))
+        .await
+        .unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let bot = tokio::spawn(vqclip::bot::run(
+        Arc::new(settings),
+        pool.clone(),
+        scheduler.clone(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    // No interaction token survives a restart: the bot edits its own message by channel.
+    let edit = eventually("a progress edit of the old message", || {
+        discord.log().into_iter().find(|r| {
+            r.method == "PATCH"
+                && r.path == "/channels/900/messages/555"
+                && r.json["content"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("% on cpu#0")
+        })
+    })
+    .await;
+    assert!(edit.json["content"].as_str().unwrap().contains("<@77>"));
+    runner
+        .release
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(finished(&pool, id).await, JobStatus::Succeeded);
+    let result = eventually("the result", || {
+        discord
+            .log()
+            .into_iter()
+            .find(|r| r.method == "POST" && r.path == "/channels/900/messages")
+    })
+    .await;
+    assert_eq!(result.files.len(), 1);
+    assert_eq!(result.json["message_reference"]["message_id"], "555");
+
+    let _ = stop_tx.send(());
+    bot.await.unwrap().unwrap();
+    scheduler.shutdown(Duration::from_secs(1)).await;
+}

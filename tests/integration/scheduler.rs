@@ -93,7 +93,7 @@ pub(crate) fn options(dir: &TempDir) -> SchedulerOptions {
     }
 }
 
-fn request(user: u64, prompt: &str, steps: u32) -> (NewJob, JobParams) {
+pub(crate) fn request(user: u64, prompt: &str, steps: u32) -> (NewJob, JobParams) {
     let spec = GenerationSpec {
         steps,
         ..GenerationSpec::new(
