@@ -3,7 +3,7 @@
 use poise::serenity_prelude as serenity;
 
 use super::progress::{self, JobMessage};
-use super::{BotError, Context};
+use super::{BotError, Context, private_reply};
 use crate::jobs::scheduler::{CancelError, DeviceState, SubmitError};
 use crate::jobs::{Actor, JobId, Origin};
 use crate::request::{self, ImagineOptions};
@@ -202,13 +202,7 @@ async fn queue(ctx: Context<'_>) -> Result<(), BotError> {
     if !snapshot.accepting {
         text.push_str("\nThe bot is shutting down and takes no new jobs.");
     }
-    ctx.send(
-        poise::CreateReply::default()
-            .content(text)
-            .ephemeral(true)
-            .allowed_mentions(serenity::CreateAllowedMentions::new()),
-    )
-    .await?;
+    ctx.send(private_reply(text)).await?;
     Ok(())
 }
 
@@ -236,8 +230,7 @@ async fn cancel(
         Err(CancelError::Store(e)) => return Err(e.into()),
         Err(refusal) => return Err(BotError::User(refusal.to_string())),
     };
-    ctx.send(poise::CreateReply::default().content(text).ephemeral(true))
-        .await?;
+    ctx.send(private_reply(text)).await?;
     Ok(())
 }
 
@@ -300,13 +293,7 @@ async fn history(
             .collect();
         format!("Recent jobs of <@{who}>:\n{}", lines.join("\n"))
     };
-    ctx.send(
-        poise::CreateReply::default()
-            .content(text)
-            .ephemeral(true)
-            .allowed_mentions(serenity::CreateAllowedMentions::new()),
-    )
-    .await?;
+    ctx.send(private_reply(text)).await?;
     Ok(())
 }
 
@@ -320,8 +307,7 @@ the last colon; negative pushes away). Flags inside the prompt: `--ar 16:9`, `--
 **/queue** — what is waiting and running. **/cancel** `job` — stop one of yours.
 **/job** `id` — everything needed to make a picture again. **/history** — recent prompts and seeds.
 The same seed and settings give the same picture.";
-    ctx.send(poise::CreateReply::default().content(text).ephemeral(true))
-        .await?;
+    ctx.send(private_reply(text)).await?;
     Ok(())
 }
 

@@ -82,6 +82,14 @@ pub fn http_client(settings: &Settings) -> anyhow::Result<serenity::Http> {
     Ok(builder.build())
 }
 
+/// A reply only the requester sees, with every mention disabled.
+pub fn private_reply(text: impl Into<String>) -> poise::CreateReply {
+    poise::CreateReply::default()
+        .content(text)
+        .ephemeral(true)
+        .allowed_mentions(serenity::CreateAllowedMentions::new())
+}
+
 /// Answers errors: the user's own mistakes privately and in full; internal failures in the log,
 /// with only a short apology to the user.
 async fn on_error(error: poise::FrameworkError<'_, Data, BotError>) {
@@ -94,11 +102,7 @@ async fn on_error(error: poise::FrameworkError<'_, Data, BotError>) {
                     "Something went wrong on our side; it has been logged.".to_owned()
                 }
             };
-            let reply = poise::CreateReply::default()
-                .content(text)
-                .ephemeral(true)
-                .allowed_mentions(serenity::CreateAllowedMentions::new());
-            if let Err(e) = ctx.send(reply).await {
+            if let Err(e) = ctx.send(private_reply(text)).await {
                 tracing::warn!(error = %e, "cannot report an error to the user");
             }
         }
