@@ -105,6 +105,10 @@ pub struct DiscordSettings {
     pub guild_ids: Vec<u64>,
     /// Words and phrases (lower-case) that make the bot refuse a prompt.
     pub banned_words: Vec<String>,
+    /// Jobs one user may start per hour (0: no limit).
+    pub jobs_per_hour: u32,
+    /// Whether anyone may rerun, upscale or vary a job (otherwise its requester and moderators).
+    pub anyone_can_follow_up: bool,
 }
 
 /// `[storage]`.
@@ -146,7 +150,7 @@ pub struct SchedulerSettings {
 }
 
 /// `[generation]`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct GenerationSettings {
     /// Size used when a request names none.
     pub default_size: SizeSetting,
@@ -615,6 +619,8 @@ struct RawDiscord {
     api_base: String,
     guild_ids: ListOrCsv,
     banned_words: ListOrCsv,
+    jobs_per_hour: u32,
+    anyone_can_follow_up: bool,
 }
 
 impl Default for RawDiscord {
@@ -624,6 +630,8 @@ impl Default for RawDiscord {
             api_base: "https://discord.com".into(),
             guild_ids: ListOrCsv::default(),
             banned_words: ListOrCsv::default(),
+            jobs_per_hour: 30,
+            anyone_can_follow_up: false,
         }
     }
 }
@@ -891,6 +899,8 @@ fn validate_discord(raw: RawDiscord, p: &mut Problems) -> DiscordSettings {
         api_base: api_base.unwrap_or_else(|| Url::parse("https://discord.com").expect("valid URL")),
         guild_ids,
         banned_words,
+        jobs_per_hour: raw.jobs_per_hour,
+        anyone_can_follow_up: raw.anyone_can_follow_up,
     }
 }
 

@@ -2,16 +2,30 @@
 
 use poise::serenity_prelude as serenity;
 
-use super::progress::{self, JobMessage};
+use sha2::Digest as _;
+
+use super::actions::{cancel_button, check_rate, opening_text, submit, track};
+use super::progress;
 use super::{BotError, Context, private_reply};
-use crate::jobs::scheduler::{CancelError, DeviceState, SubmitError};
+use crate::jobs::scheduler::{CancelError, DeviceState};
 use crate::jobs::{Actor, JobId, Origin};
 use crate::request::{self, ImagineOptions};
 use crate::store::jobs as store_jobs;
+use crate::store::users;
 
 /// Every command the bot registers.
 pub fn all() -> Vec<poise::Command<super::Data, BotError>> {
-    vec![imagine(), queue(), cancel(), job(), history(), help()]
+    vec![
+        imagine(),
+        queue(),
+        cancel(),
+        job(),
+        history(),
+        super::gallery::gallery(),
+        super::admin::settings(),
+        super::admin::admin(),
+        help(),
+    ]
 }
 
 /// Quotes user text for a message: no mentions can fire, and it cannot break the layout.
@@ -25,8 +39,12 @@ pub fn quote(text: &str, max: usize) -> String {
     }
 }
 
+/// Largest attachment `/imagine` accepts.
+const MAX_ATTACHMENT_BYTES: u32 = 8 * 1024 * 1024;
+
 /// Make a picture from a prompt: `a castle | fog:0.5`, flags like --ar 16:9 --no people --seed 7.
 #[poise::command(slash_command)]
+#[allow(clippy::too_many_arguments)] // one per slash-command option
 async fn imagine(
     ctx: Context<'_>,
     #[description = "What to draw; `|` separates prompts, `:weight` weighs them"]
@@ -41,6 +59,12 @@ async fn imagine(
     #[description = "Aspect ratio, e.g. 16:9"] aspect: Option<String>,
     #[description = "VQGAN model, e.g. imagenet_f16_16384 or wikiart_f16_16384"] model: Option<
         String,
+    >,
+    #[description = "Start from this picture instead of noise"] init_image: Option<
+        serenity::Attachment,
+    >,
+    #[description = "Aim at this picture as well as the text"] image_prompt: Option<
+        serenity::Attachment,
     >,
     #[description = "Cutouts per step (more: better quality, slower)"]
     #[min = 1]
@@ -57,6 +81,7 @@ async fn imagine(
         Ok(a) => a,
         Err(e) => return Err(BotError::User(e)),
     };
+    check_rate(data, ctx.author().id.get()).await?;
     let options = ImagineOptions {
         seed,
         steps,
@@ -67,79 +92,116 @@ async fn imagine(
         clip: None,
         crops: false,
     };
+    let mine = users::get_user_settings(&data.pool, ctx.author().id.get()).await?;
+    let defaults = super::admin::user_defaults(
+        &data.settings.generation,
+        mine.as_ref(),
+        data.settings.models.allow_tiny,
+    );
     let resolved = request::resolve(
         &prompt,
         &options,
-        &data.settings.generation,
+        &defaults,
         data.settings.models.allow_tiny,
         request::auto_side(None),
         &data.tokenizer,
     )
     .map_err(|e| BotError::User(e.to_string()))?;
+    // Attachments are checked before anything is queued: a bad one loses nothing.
+    let images = &data.settings.storage.images;
+    let init_image = match &init_image {
+        Some(a) => Some(save_attachment(a, "init_image", images).await?),
+        None => None,
+    };
+    let image_prompt = match &image_prompt {
+        Some(a) => Some(save_attachment(a, "image_prompt", images).await?),
+        None => None,
+    };
     let origin = Origin {
         requester: ctx.author().id.get(),
         guild: ctx.guild_id().map(|g| g.get()),
         channel: Some(ctx.channel_id().get()),
     };
-    let (job, params) =
+    let (mut job, mut params) =
         crate::jobs::imagine_job(&prompt, &resolved, origin).map_err(anyhow::Error::from)?;
-    let spec = resolved.spec.clone();
-    let submitted = match data.scheduler.submit(job, params).await {
-        Ok(s) => s,
-        Err(SubmitError::Store(e)) => return Err(e.into()),
-        Err(refusal) => return Err(BotError::User(refusal.to_string())),
-    };
-    let title = format!("{} — <@{}>", quote(&prompt, 300), ctx.author().id);
-    let mut status = if submitted.position == 0 {
-        "starting".to_owned()
-    } else {
-        format!("queued, #{} in line", submitted.position)
-    };
-    for note in &resolved.notes {
-        status.push_str(&format!("\n-# {note}"));
-    }
+    params.inputs.init_image = init_image;
+    params.inputs.image_prompts = image_prompt.into_iter().map(|p| (p, 1.0, None)).collect();
+    job.params = serde_json::to_value(&params).map_err(anyhow::Error::from)?;
+    let submitted = submit(data, job, params).await?;
+    let stored = store_jobs::get_job(&data.pool, submitted.id)
+        .await?
+        .ok_or(sqlx::Error::RowNotFound)?;
+    let text = opening_text(
+        &progress::title(&stored),
+        submitted.position,
+        &resolved.notes,
+    );
     let reply = poise::CreateReply::default()
-        .content(format!("{title} ({status})"))
+        .content(text)
+        .components(cancel_button(stored.id))
         .allowed_mentions(serenity::CreateAllowedMentions::new());
     let handle = ctx.send(reply).await?;
     let message = handle.message().await?;
-    store_jobs::set_job_message(
-        &data.pool,
-        submitted.id,
-        message.channel_id.get(),
-        message.id.get(),
-    )
-    .await?;
-    let token = match ctx {
-        poise::Context::Application(app) => Some(app.interaction.token.clone()),
-        poise::Context::Prefix(_) => None,
+    let (token, size_limit) = match ctx {
+        poise::Context::Application(app) => (
+            Some(app.interaction.token.clone()),
+            app.interaction.attachment_size_limit,
+        ),
+        poise::Context::Prefix(_) => (None, 0),
     };
-    let size_limit = match ctx {
-        poise::Context::Application(app) => app.interaction.attachment_size_limit,
-        poise::Context::Prefix(_) => 0,
-    };
-    {
-        let events = submitted.events;
-        let target = JobMessage {
-            job: submitted.id,
-            requester: ctx.author().id,
-            title,
-            prompt,
-            channel: message.channel_id,
-            message: message.id,
-            token,
-            issued: tokio::time::Instant::now(),
-            size_limit: progress::size_limit(size_limit),
-            seed: spec.seed,
-            steps: spec.steps,
-            size: (spec.width, spec.height),
-            models: format!("{} + {}", resolved.vqgan.id, resolved.clip.id),
-        };
-        let http = ctx.serenity_context().http.clone();
-        let interval = progress::edit_interval(&data.settings);
-        tokio::spawn(progress::follow(http, target, events, interval));
+    let http = ctx.serenity_context().http.clone();
+    track(data, http, submitted, &message, token, size_limit).await
+}
+
+/// Checks, decodes and saves an attached picture under `images/inputs/` (named by its
+/// content, so the same picture is stored once); `option` names it in messages.
+async fn save_attachment(
+    attachment: &serenity::Attachment,
+    option: &str,
+    images: &std::path::Path,
+) -> Result<std::path::PathBuf, BotError> {
+    if attachment.size > MAX_ATTACHMENT_BYTES {
+        return Err(BotError::User(format!(
+            "{option} is {:.1} MiB; the limit is {} MiB.",
+            f64::from(attachment.size) / 1_048_576.0,
+            MAX_ATTACHMENT_BYTES >> 20
+        )));
     }
-    Ok(())
+    let bytes = attachment.download().await.map_err(|e| {
+        tracing::warn!(error = %e, "cannot download an attachment");
+        BotError::User(format!(
+            "{option} could not be downloaded from Discord; try again."
+        ))
+    })?;
+    if bytes.len() > MAX_ATTACHMENT_BYTES as usize {
+        return Err(BotError::User(format!(
+            "{option} is larger than {} MiB.",
+            MAX_ATTACHMENT_BYTES >> 20
+        )));
+    }
+    let picture = crate::engine::image::decode(&bytes).map_err(|e| {
+        BotError::User(format!(
+            "{option} is not a picture we can read (PNG, JPEG, WebP or GIF): {e}"
+        ))
+    })?;
+    let png = crate::engine::image::encode_png(&picture).map_err(anyhow::Error::from)?;
+    let digest = sha2::Sha256::digest(&png);
+    let name: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let dir = images.join("inputs");
+    let path = dir.join(format!("{name}.png"));
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(anyhow::Error::from)?;
+    if !path.is_file() {
+        let part = dir.join(format!("{name}.png.part"));
+        tokio::fs::write(&part, &png)
+            .await
+            .map_err(anyhow::Error::from)?;
+        tokio::fs::rename(&part, &path)
+            .await
+            .map_err(anyhow::Error::from)?;
+    }
+    Ok(path)
 }
 
 /// The first banned word or phrase the prompt contains as whole words, in any case.
@@ -199,6 +261,11 @@ async fn queue(ctx: Context<'_>) -> Result<(), BotError> {
         };
         text.push_str(&format!("\n`{}` {line}", device.label));
     }
+    if let Some(guild) = ctx.guild_id()
+        && snapshot.paused.contains(&guild.get())
+    {
+        text.push_str("\nThis server's queue is paused by its moderators (/admin resume).");
+    }
     if !snapshot.accepting {
         text.push_str("\nThe bot is shutting down and takes no new jobs.");
     }
@@ -212,15 +279,9 @@ async fn cancel(
     ctx: Context<'_>,
     #[description = "The job's number (see /queue)"] job: i64,
 ) -> Result<(), BotError> {
-    let moderator = match ctx.author_member().await {
-        Some(member) => member
-            .permissions
-            .is_some_and(|p| p.manage_messages() || p.manage_guild()),
-        None => false,
-    };
     let actor = Actor {
         user: ctx.author().id.get(),
-        moderator,
+        moderator: super::admin::is_moderator_here(ctx).await,
     };
     let text = match ctx.data().scheduler.cancel(JobId(job), actor).await {
         Ok(crate::jobs::scheduler::Cancelled::Dequeued) => format!("Job {job} is cancelled."),
@@ -303,9 +364,15 @@ async fn help(ctx: Context<'_>) -> Result<(), BotError> {
     let text = "\
 **/imagine** `prompt` — make a picture. Several prompts: `a castle | fog:0.5` (a weight after \
 the last colon; negative pushes away). Flags inside the prompt: `--ar 16:9`, `--size 384x256`, \
-`--seed 7`, `--steps 300`, `--cutn 32`, `--no people`, `--model wikiart_f16_16384`.
+`--seed 7`, `--steps 300`, `--cutn 32`, `--no people`, `--model wikiart_f16_16384`. Attach an \
+`init_image` to start from a picture, an `image_prompt` to aim at one.
+Under a finished picture: 🔁 **Rerun** (new seed), ⬆️ **Upscale 2×**, 🔀 **Variation**, \
+🎞️ **Time-lapse**; ❌ **Cancel** while it runs. Reacting with 🔁 ⬆️ 🔀 (or ❌) does the same.
 **/queue** — what is waiting and running. **/cancel** `job` — stop one of yours.
 **/job** `id` — everything needed to make a picture again. **/history** — recent prompts and seeds.
+**/gallery** `recent|top|user|search` — this server's gallery; vote with ⭐ on its posts.
+**/settings** — your default size, steps, model, and whether you are mentioned when done.
+**/admin** (Manage Server) — gallery channel, ban/unban, pause/resume, remove a post.
 The same seed and settings give the same picture.";
     ctx.send(private_reply(text)).await?;
     Ok(())

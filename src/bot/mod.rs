@@ -1,13 +1,20 @@
 //! The Discord bot: poise commands on serenity, talking to the [`Scheduler`].
 //!
-//! - [`commands`]: `/imagine`, `/queue`, `/cancel`, `/help`.
+//! - [`commands`]: `/imagine`, `/queue`, `/cancel`, `/job`, `/history`, `/help`.
 //! - [`progress`]: one task per job owning its message: throttled edits while it runs (with the
-//!   interaction token while it is fresh, the bot token after), then the result.
+//!   interaction token while it is fresh, the bot token after), then the result with buttons.
+//! - [`actions`]: the buttons and reactions (rerun, upscale, variation, time-lapse, cancel),
+//!   answered from the database so they survive restarts.
+//! - [`gallery`]: posting finished pictures to a guild's gallery channel, ⭐ votes, `/gallery`.
+//! - [`admin`]: `/settings` (per-user defaults) and `/admin` (moderators).
 //!
 //! This is the only module that knows Discord. It reaches the engine only through the
 //! scheduler, and the database for job records.
 
+pub mod actions;
+pub mod admin;
 pub mod commands;
+pub mod gallery;
 pub mod progress;
 
 use std::future::Future;
@@ -114,6 +121,27 @@ async fn on_error(error: poise::FrameworkError<'_, Data, BotError>) {
     }
 }
 
+/// Everything that is not a slash command: button presses and reactions.
+async fn on_event(
+    framework: poise::FrameworkContext<'_, Data, BotError>,
+    event: &serenity::FullEvent,
+) -> Result<(), BotError> {
+    let ctx = framework.serenity_context;
+    let data = framework.user_data;
+    match event {
+        serenity::FullEvent::InteractionCreate {
+            interaction: serenity::Interaction::Component(press),
+        } => actions::on_component(ctx, data, press).await,
+        serenity::FullEvent::ReactionAdd { add_reaction } => {
+            actions::on_reaction_add(ctx, data, framework.bot_id(), add_reaction).await
+        }
+        serenity::FullEvent::ReactionRemove { removed_reaction } => {
+            actions::on_reaction_remove(data, removed_reaction).await
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Runs the bot until `shutdown` resolves or the gateway connection ends for good.
 pub async fn run(
     settings: Arc<Settings>,
@@ -143,6 +171,7 @@ pub async fn run(
     let options = poise::FrameworkOptions {
         commands: commands::all(),
         on_error: |error| Box::pin(on_error(error)),
+        event_handler: |framework, event| Box::pin(on_event(framework, event)),
         ..Default::default()
     };
     let framework = poise::Framework::builder()
@@ -170,7 +199,8 @@ pub async fn run(
                 tracing::info!(user = %ready.user.name, "connected to Discord");
                 // Jobs from before a restart keep their messages updating.
                 let interval = progress::edit_interval(&data.settings);
-                match progress::resume_all(&ctx.http, &data.pool, &data.scheduler, interval).await {
+                match progress::resume_all(&ctx.http, &data.pool, &data.scheduler, interval).await
+                {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(jobs = n, "following the messages of earlier jobs again"),
                     Err(e) => tracing::error!(error = %e, "cannot read the jobs of earlier runs"),

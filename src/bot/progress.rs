@@ -15,9 +15,15 @@ use serenity::Builder as _;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use sqlx::SqlitePool;
+
+use super::actions;
+use super::commands::quote;
 use crate::config::Settings;
 use crate::engine::image;
 use crate::jobs::{FinishedJob, JobEvent, JobId, Preview};
+use crate::store::jobs::{Job, JobKind, set_job_result};
+use crate::store::users;
 
 /// Edit with the interaction token only while it is younger than this (it lasts 15 minutes).
 const TOKEN_FRESH: Duration = Duration::from_secs(13 * 60);
@@ -54,13 +60,68 @@ pub struct JobMessage {
     pub size: (u32, u32),
     /// "vqgan + clip".
     pub models: String,
+    /// Mention the requester when the result is posted.
+    pub ping: bool,
+}
+
+impl JobMessage {
+    /// The message `message` in `channel` showing stored job `job`; `token` is the interaction's
+    /// while it is fresh.
+    pub fn for_job(
+        job: &Job,
+        channel: serenity::ChannelId,
+        message: serenity::MessageId,
+        token: Option<String>,
+        size_limit: usize,
+        ping: bool,
+    ) -> Self {
+        Self {
+            job: job.id,
+            requester: serenity::UserId::new(job.requester_id.max(1)),
+            title: title(job),
+            prompt: job.prompt.clone(),
+            channel,
+            message,
+            token,
+            issued: Instant::now(),
+            size_limit,
+            seed: job.seed,
+            steps: job.steps,
+            size: (job.width, job.height),
+            models: format!("{} + {}", job.vqgan_model, job.clip_model),
+            ping,
+        }
+    }
+}
+
+/// A job message's first line: the quoted prompt, who asked, and what a follow-up follows.
+pub fn title(job: &Job) -> String {
+    let base = format!("{} — <@{}>", quote(&job.prompt, 300), job.requester_id);
+    match (job.kind, job.parent) {
+        (JobKind::Rerun, Some(p)) => format!("🔁 {base} · rerun of job {p}"),
+        (JobKind::Upscale, Some(p)) => format!("⬆️ {base} · upscale of job {p}"),
+        (JobKind::Variation, Some(p)) => format!("🔀 {base} · variation of job {p}"),
+        _ => base,
+    }
+}
+
+/// Whether a user wants to be mentioned when their job is done (yes unless they said no).
+pub async fn wants_ping(pool: &SqlitePool, user: u64) -> bool {
+    match users::get_user_settings(pool, user).await {
+        Ok(Some(s)) => s.ping_on_completion,
+        Ok(None) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read user settings");
+            true
+        }
+    }
 }
 
 /// Picks up the messages of jobs that were waiting or running when the bot last stopped: their
 /// interaction tokens are gone, so these edit with the bot token. Returns how many.
 pub async fn resume_all(
     http: &Arc<serenity::Http>,
-    pool: &sqlx::SqlitePool,
+    pool: &SqlitePool,
     scheduler: &crate::jobs::Scheduler,
     interval: Duration,
 ) -> Result<usize, sqlx::Error> {
@@ -75,26 +136,15 @@ pub async fn resume_all(
         let Some(events) = scheduler.subscribe(job.id) else {
             continue;
         };
-        let target = JobMessage {
-            job: job.id,
-            requester: serenity::UserId::new(job.requester_id.max(1)),
-            title: format!(
-                "{} — <@{}>",
-                super::commands::quote(&job.prompt, 300),
-                job.requester_id
-            ),
-            prompt: job.prompt.clone(),
-            channel: serenity::ChannelId::new(channel.max(1)),
-            message: serenity::MessageId::new(message.max(1)),
-            token: None,
-            issued: Instant::now(),
-            size_limit: DEFAULT_SIZE_LIMIT,
-            seed: job.seed,
-            steps: job.steps,
-            size: (job.width, job.height),
-            models: format!("{} + {}", job.vqgan_model, job.clip_model),
-        };
-        tokio::spawn(follow(http.clone(), target, events, interval));
+        let target = JobMessage::for_job(
+            &job,
+            serenity::ChannelId::new(channel.max(1)),
+            serenity::MessageId::new(message.max(1)),
+            None,
+            DEFAULT_SIZE_LIMIT,
+            wants_ping(pool, job.requester_id).await,
+        );
+        tokio::spawn(follow(http.clone(), pool.clone(), target, events, interval));
         resumed += 1;
     }
     Ok(resumed)
@@ -147,14 +197,18 @@ pub fn status_text(title: &str, event: &JobEvent) -> String {
 /// Follows a job to its end; see the module documentation.
 pub async fn follow(
     http: Arc<serenity::Http>,
+    pool: SqlitePool,
     target: JobMessage,
     mut events: watch::Receiver<JobEvent>,
     interval: Duration,
 ) {
     let mut editor = Editor {
         http,
+        pool,
         target,
         token_ok: true,
+        backoff: Duration::ZERO,
+        not_before: Instant::now(),
     };
     let mut shown_text = String::new();
     let mut shown_preview: Option<Arc<Preview>> = None;
@@ -174,14 +228,11 @@ pub async fn follow(
             (Some(_), None) => true,
             _ => false,
         };
-        if text != shown_text || new_preview {
-            editor
-                .edit(
-                    text.clone(),
-                    new_preview.then(|| preview.clone()).flatten(),
-                    false,
-                )
-                .await;
+        if (text != shown_text || new_preview)
+            && editor
+                .edit(&text, new_preview.then(|| preview.clone()).flatten(), false)
+                .await
+        {
             shown_text = text;
             if new_preview {
                 shown_preview = preview;
@@ -201,9 +252,32 @@ pub async fn follow(
 
 struct Editor {
     http: Arc<serenity::Http>,
+    pool: SqlitePool,
     target: JobMessage,
     /// Cleared at the first refusal of the interaction token.
     token_ok: bool,
+    /// Wait before the next request after a 429 (doubles while they go on).
+    backoff: Duration,
+    /// No request before this.
+    not_before: Instant,
+}
+
+/// First wait after a 429. serenity keeps no `Retry-After` when requests go through
+/// `discord.api_base` (its own limiter, which reads the header, is off then), so the wait is
+/// at least this, doubling up to [`MAX_BACKOFF`]; Discord's per-message limits are a few
+/// seconds.
+const FIRST_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Longest wait after repeated 429s.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Whether Discord answered 429 Too Many Requests.
+fn rate_limited(error: &serenity::Error) -> bool {
+    matches!(
+        error,
+        serenity::Error::Http(serenity::HttpError::UnsuccessfulRequest(r))
+            if r.status_code.as_u16() == 429
+    )
 }
 
 /// Whether Discord refused an interaction token as expired or invalid.
@@ -218,9 +292,59 @@ fn token_refused(error: &serenity::Error) -> bool {
 
 impl Editor {
     /// Edits the progress message: new text, and a new preview (replacing the old) or, with
-    /// `clear`, no image at all.
-    async fn edit(&mut self, text: String, preview: Option<Arc<Preview>>, clear: bool) {
-        let attachments = match (&preview, clear) {
+    /// `last`, no image and no buttons. Returns whether it was done: a progress edit is skipped
+    /// while rate limited (the next carries newer news), the last one waits its turn.
+    async fn edit(&mut self, text: &str, preview: Option<Arc<Preview>>, last: bool) -> bool {
+        let tries = if last { 5 } else { 1 };
+        for _ in 0..tries {
+            if !self.wait_turn(last).await {
+                return false;
+            }
+            match self.try_edit(text, preview.as_deref(), last).await {
+                Ok(()) => {
+                    self.backoff = Duration::ZERO;
+                    return true;
+                }
+                Err(e) if rate_limited(&e) => self.slow_down(),
+                Err(e) => {
+                    tracing::warn!(job_id = self.target.job.0, error = %e, "cannot edit the progress message");
+                    return false;
+                }
+            }
+        }
+        false
+    }
+
+    /// Waits out a rate limit; `false` (without waiting) when `must` is not set.
+    async fn wait_turn(&self, must: bool) -> bool {
+        if Instant::now() >= self.not_before {
+            true
+        } else if must {
+            tokio::time::sleep_until(self.not_before).await;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn slow_down(&mut self) {
+        self.backoff = (self.backoff * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF);
+        tracing::warn!(
+            job_id = self.target.job.0,
+            wait_s = self.backoff.as_secs(),
+            "Discord is rate limiting this message; slowing down"
+        );
+        // A progress edit skipped now is retried after the wait by the next event.
+        self.not_before = Instant::now() + self.backoff;
+    }
+
+    async fn try_edit(
+        &mut self,
+        text: &str,
+        preview: Option<&Preview>,
+        last: bool,
+    ) -> Result<(), serenity::Error> {
+        let attachments = match (preview, last) {
             (Some(p), _) => Some(serenity::EditAttachments::new().add(
                 serenity::CreateAttachment::bytes(p.jpeg.clone(), "preview.jpg"),
             )),
@@ -234,13 +358,16 @@ impl Editor {
             .filter(|_| self.token_ok && self.target.issued.elapsed() < TOKEN_FRESH);
         if let Some(token) = token {
             let mut edit = serenity::EditInteractionResponse::new()
-                .content(text.clone())
+                .content(text)
                 .allowed_mentions(serenity::CreateAllowedMentions::new());
             if let Some(a) = attachments.clone() {
                 edit = edit.attachments(a);
             }
+            if last {
+                edit = edit.components(Vec::new());
+            }
             match edit.execute(&self.http, &token).await {
-                Ok(_) => return,
+                Ok(_) => return Ok(()),
                 Err(e) if token_refused(&e) => {
                     tracing::info!(
                         job_id = self.target.job.0,
@@ -248,10 +375,7 @@ impl Editor {
                     );
                     self.token_ok = false;
                 }
-                Err(e) => {
-                    tracing::warn!(job_id = self.target.job.0, error = %e, "cannot edit the progress message");
-                    return;
-                }
+                Err(e) => return Err(e),
             }
         }
         let mut edit = serenity::EditMessage::new()
@@ -260,45 +384,64 @@ impl Editor {
         if let Some(a) = attachments {
             edit = edit.attachments(a);
         }
-        if let Err(e) = self
-            .target
+        if last {
+            edit = edit.components(Vec::new());
+        }
+        self.target
             .channel
             .edit_message(&self.http, self.target.message, edit)
             .await
-        {
-            tracing::warn!(job_id = self.target.job.0, error = %e, "cannot edit the progress message");
-        }
+            .map(|_| ())
     }
 
-    /// The end: the result as a new message, or the failure in the progress message.
+    /// The end: the result as a new message (then the gallery), or the failure in the progress
+    /// message.
     async fn finish(&mut self, event: JobEvent) {
         let text = status_text(&self.target.title, &event);
-        if let JobEvent::Finished(done) = &event {
-            match self.post_result(done).await {
-                Ok(()) => {
-                    self.edit(format!("{} (done ↓)", self.target.title), None, true)
-                        .await;
-                    return;
+        let JobEvent::Finished(done) = &event else {
+            self.edit(&text, None, true).await;
+            return;
+        };
+        let posted = match fit_upload(done, self.target.job, self.target.size_limit) {
+            Ok(upload) => self.post_result(done, &upload).await.map(|m| (m, upload)),
+            Err(e) => Err(e),
+        };
+        match posted {
+            Ok((message, upload)) => {
+                let title = format!("{} (done ↓)", self.target.title);
+                self.edit(&title, None, true).await;
+                let job = self.target.job;
+                if let Err(e) =
+                    set_job_result(&self.pool, job, message.channel_id.get(), message.id.get())
+                        .await
+                {
+                    tracing::error!(job_id = job.0, error = %e, "cannot record the result message");
                 }
-                Err(e) => {
-                    tracing::error!(job_id = self.target.job.0, error = %e, "cannot post the result");
-                    let note = format!(
-                        "{} (done, but the picture could not be posted: {e})",
-                        self.target.title
-                    );
-                    self.edit(note, None, true).await;
-                    return;
+                if let Err(e) =
+                    super::gallery::post(&self.http, &self.pool, job, &upload, &message).await
+                {
+                    tracing::error!(job_id = job.0, error = %e, "cannot post to the gallery");
                 }
             }
+            Err(e) => {
+                tracing::error!(job_id = self.target.job.0, error = %e, "cannot post the result");
+                let note = format!(
+                    "{} (done, but the picture could not be posted: {e})",
+                    self.target.title
+                );
+                self.edit(&note, None, true).await;
+            }
         }
-        self.edit(text, None, true).await;
     }
 
-    async fn post_result(&self, done: &FinishedJob) -> anyhow::Result<()> {
+    async fn post_result(
+        &mut self,
+        done: &FinishedJob,
+        (bytes, name): &(Vec<u8>, String),
+    ) -> anyhow::Result<serenity::Message> {
         let t = &self.target;
-        let (bytes, name) = fit_upload(done, t.job, t.size_limit)?;
         let embed = serenity::CreateEmbed::new()
-            .description(super::commands::quote(&t.prompt, 1000))
+            .description(quote(&t.prompt, 1000))
             .field("Seed", t.seed.to_string(), true)
             .field("Steps", t.steps.to_string(), true)
             .field("Size", format!("{}×{}", t.size.0, t.size.1), true)
@@ -310,14 +453,38 @@ impl Editor {
             )
             .field("Job", t.job.to_string(), true)
             .image(format!("attachment://{name}"));
+        let mentions = if t.ping {
+            serenity::CreateAllowedMentions::new().users([t.requester])
+        } else {
+            serenity::CreateAllowedMentions::new()
+        };
         let message = serenity::CreateMessage::new()
             .content(format!("{} — done", t.title))
             .embed(embed)
-            .add_file(serenity::CreateAttachment::bytes(bytes, name))
+            .add_file(serenity::CreateAttachment::bytes(
+                bytes.clone(),
+                name.clone(),
+            ))
+            .components(actions::result_buttons(t.job))
             .reference_message((t.channel, t.message))
-            .allowed_mentions(serenity::CreateAllowedMentions::new().users([t.requester]));
-        t.channel.send_message(&self.http, message).await?;
-        Ok(())
+            .allowed_mentions(mentions);
+        let mut tries = 0;
+        loop {
+            self.wait_turn(true).await;
+            match self
+                .target
+                .channel
+                .send_message(&self.http, message.clone())
+                .await
+            {
+                Ok(posted) => return Ok(posted),
+                Err(e) if rate_limited(&e) && tries < 4 => {
+                    tries += 1;
+                    self.slow_down();
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
 

@@ -167,7 +167,9 @@ pub fn imagine_job(
     resolved: &crate::request::Resolved,
     origin: Origin,
 ) -> Result<(crate::store::jobs::NewJob, JobParams), serde_json::Error> {
-    let spec = &resolved.spec;
+    let mut spec = resolved.spec.clone();
+    // Frames for the 🎞️ time-lapse: about 50 per run, whatever its length.
+    spec.frame_every = (spec.steps / TIMELAPSE_FRAMES).max(1);
     let params = JobParams {
         spec: spec.clone(),
         inputs: StoredInputs::default(),
@@ -187,6 +189,115 @@ pub fn imagine_job(
         cutn: spec.cutn,
         vqgan_model: resolved.vqgan.id.to_owned(),
         clip_model: resolved.clip.id.to_owned(),
+    };
+    Ok((job, params))
+}
+
+/// Time-lapse frames a job records, about.
+const TIMELAPSE_FRAMES: u32 = 50;
+
+/// Strength of the noise a variation adds to its parent's latent.
+pub const VARIATION_NOISE: f64 = 0.5;
+
+/// What a button or reaction asks of a finished job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FollowUp {
+    /// The same request with a new seed.
+    Rerun,
+    /// Twice the width and height, continuing from the job's final latent.
+    Upscale,
+    /// The job's final latent with noise, optimised again with a new seed.
+    Variation,
+}
+
+/// Why a follow-up cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowUpError {
+    /// The parent has no picture (yet).
+    #[error("job {0} has no finished picture to start from")]
+    NotFinished(JobId),
+    /// The parent's latent file is gone (deleted, or made by another machine).
+    #[error("the final state of job {0} is no longer stored; use 🔁 Rerun instead")]
+    NoLatent(JobId),
+    /// The parent's stored parameters do not parse (made by an incompatible version).
+    #[error("job {0} was made by an incompatible version of vqclip")]
+    Unreadable(JobId),
+}
+
+impl FollowUp {
+    /// The kind of job it makes.
+    pub fn kind(self) -> crate::store::jobs::JobKind {
+        use crate::store::jobs::JobKind;
+        match self {
+            Self::Rerun => JobKind::Rerun,
+            Self::Upscale => JobKind::Upscale,
+            Self::Variation => JobKind::Variation,
+        }
+    }
+}
+
+/// A follow-up job of `parent` for `origin`: a rerun with `seed`; an upscale (same seed, twice
+/// the size, half the steps, from the parent's latent); a variation (`seed`, from the parent's
+/// latent plus noise, half the steps). Its prompt and models are the parent's.
+pub fn follow_up_job(
+    parent: &crate::store::jobs::Job,
+    what: FollowUp,
+    seed: u64,
+    origin: Origin,
+    images: &Path,
+) -> Result<(crate::store::jobs::NewJob, JobParams), FollowUpError> {
+    use crate::store::jobs::JobStatus;
+    let mut params: JobParams = serde_json::from_value(parent.params.clone())
+        .map_err(|_| FollowUpError::Unreadable(parent.id))?;
+    let latent = latent_path(images, parent.id);
+    if what != FollowUp::Rerun {
+        if parent.status != JobStatus::Succeeded {
+            return Err(FollowUpError::NotFinished(parent.id));
+        }
+        if !latent.is_file() {
+            return Err(FollowUpError::NoLatent(parent.id));
+        }
+    }
+    let spec = &mut params.spec;
+    match what {
+        FollowUp::Rerun => spec.seed = seed,
+        FollowUp::Upscale => {
+            spec.width *= 2;
+            spec.height *= 2;
+            spec.steps = (spec.steps / 2).max(1);
+            params.inputs.start = Some(LatentStart {
+                latent,
+                upscale: true,
+                noise: None,
+            });
+        }
+        FollowUp::Variation => {
+            spec.seed = seed;
+            spec.steps = (spec.steps / 2).max(1);
+            params.inputs.start = Some(LatentStart {
+                latent,
+                upscale: false,
+                noise: Some(VARIATION_NOISE),
+            });
+        }
+    }
+    spec.frame_every = (spec.steps / TIMELAPSE_FRAMES).max(1);
+    let spec = &params.spec;
+    let job = crate::store::jobs::NewJob {
+        kind: what.kind(),
+        parent: Some(parent.id),
+        requester_id: origin.requester,
+        guild_id: origin.guild,
+        channel_id: origin.channel,
+        prompt: parent.prompt.clone(),
+        params: serde_json::to_value(&params).map_err(|_| FollowUpError::Unreadable(parent.id))?,
+        seed: spec.seed,
+        width: spec.width,
+        height: spec.height,
+        steps: spec.steps,
+        cutn: spec.cutn,
+        vqgan_model: parent.vqgan_model.clone(),
+        clip_model: parent.clip_model.clone(),
     };
     Ok((job, params))
 }
@@ -253,6 +364,11 @@ pub fn describe(job: &crate::store::jobs::Job) -> Vec<(&'static str, String)> {
 /// Where a job's image is written.
 pub fn image_path(images: &Path, id: JobId) -> PathBuf {
     images.join(format!("{}.png", id.0))
+}
+
+/// Where a job's time-lapse (animated GIF) is written.
+pub fn timelapse_path(images: &Path, id: JobId) -> PathBuf {
+    images.join(format!("{}.gif", id.0))
 }
 
 /// Where a job's final latent is saved, for its upscales and variations.

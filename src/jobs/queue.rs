@@ -24,6 +24,8 @@ pub struct Waiting {
     pub id: JobId,
     /// Who asked (fairness is per user).
     pub user: u64,
+    /// The guild it was asked in (a paused guild's jobs wait).
+    pub guild: Option<u64>,
     /// Which line it is in.
     pub priority: Priority,
     /// The VQGAN model id it needs.
@@ -137,6 +139,7 @@ mod tests {
         Waiting {
             id: JobId(id),
             user,
+            guild: None,
             priority,
             vqgan: "tiny_vqgan".into(),
             clip: "tiny_clip".into(),

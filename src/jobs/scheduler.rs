@@ -7,7 +7,7 @@
 //! subscribers read a `watch` channel: the latest event, so a slow subscriber skips ahead and
 //! never holds up a worker.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,7 +22,7 @@ use super::worker::{self, Assignment, FromWorker, Outcome, Runner, StopFlags};
 use super::{Actor, JobEvent, JobId, JobParams, Preview, ProgressUpdate};
 use crate::config::Settings;
 use crate::store::jobs::{self as store_jobs, Job, JobKind, JobOutput, JobStatus, NewJob};
-use crate::store::{Timestamp, users};
+use crate::store::{Timestamp, guilds, users};
 
 /// The scheduler's limits and policies (from `[scheduler]`, `[storage]` and `[generation]`).
 #[derive(Debug, Clone)]
@@ -146,6 +146,8 @@ pub struct Snapshot {
     pub accepting: bool,
     /// Waiting jobs in the order they will be served: id and user.
     pub waiting: Vec<(JobId, u64)>,
+    /// Guilds whose jobs wait until a moderator resumes them.
+    pub paused: Vec<u64>,
     /// Every device.
     pub devices: Vec<DeviceSnapshot>,
 }
@@ -239,6 +241,8 @@ struct State {
     running: HashMap<JobId, Running>,
     devices: Vec<Device>,
     watchers: HashMap<JobId, watch::Sender<JobEvent>>,
+    /// Guilds whose jobs are held back.
+    paused: HashSet<u64>,
     workers: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -307,6 +311,10 @@ impl Scheduler {
             });
         }
         drop(reports_tx);
+        let paused = guilds::list_paused_guilds(&pool)
+            .await?
+            .into_iter()
+            .collect();
         let scheduler = Self {
             shared: Arc::new(Shared {
                 pool,
@@ -317,6 +325,7 @@ impl Scheduler {
                     running: HashMap::new(),
                     devices: device_states,
                     watchers: HashMap::new(),
+                    paused,
                     workers,
                 }),
                 options,
@@ -510,6 +519,21 @@ impl Scheduler {
         }
     }
 
+    /// Holds back (or lets go again) the waiting jobs of a guild; running jobs carry on. Kept in
+    /// the database, so a pause survives restarts.
+    pub async fn set_paused(&self, guild: u64, paused: bool) -> Result<(), sqlx::Error> {
+        guilds::set_guild_paused(&self.shared.pool, guild, paused).await?;
+        let mut state = self.state();
+        if paused {
+            state.paused.insert(guild);
+        } else {
+            state.paused.remove(&guild);
+            self.dispatch(&mut state);
+        }
+        tracing::info!(guild_id = guild, paused, "guild queue paused or resumed");
+        Ok(())
+    }
+
     /// The latest event of a job this scheduler holds, updated as it moves; `None` for jobs it
     /// does not hold (finished ones: read the database).
     pub fn subscribe(&self, id: JobId) -> Option<watch::Receiver<JobEvent>> {
@@ -558,9 +582,12 @@ impl Scheduler {
                 }
             })
             .collect();
+        let mut paused: Vec<u64> = state.paused.iter().copied().collect();
+        paused.sort_unstable();
         Snapshot {
             accepting: state.accepting,
             waiting,
+            paused,
             devices,
         }
     }
@@ -629,10 +656,11 @@ impl Scheduler {
             for r in state.running.values() {
                 *running_per_user.entry(r.user).or_default() += 1;
             }
-            let Some(next) = state
-                .queue
-                .pop_next(|w| running_per_user.get(&w.user).copied().unwrap_or(0) < max_running)
-            else {
+            let paused = &state.paused;
+            let Some(next) = state.queue.pop_next(|w| {
+                running_per_user.get(&w.user).copied().unwrap_or(0) < max_running
+                    && w.guild.is_none_or(|g| !paused.contains(&g))
+            }) else {
                 break;
             };
             let Some(assignment) = state.waiting.remove(&next.id) else {
@@ -821,6 +849,7 @@ fn enqueue(state: &mut State, job: &Job, assignment: Assignment) {
     state.queue.push(Waiting {
         id: job.id,
         user: job.requester_id,
+        guild: job.guild_id,
         priority: if job.parent.is_some() {
             priority_of(job.kind)
         } else {

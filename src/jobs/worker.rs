@@ -36,6 +36,9 @@ use crate::weights;
 /// so a crash costs at most this much work.
 const CHECKPOINT_EVERY: u32 = 25;
 
+/// Time per frame of a time-lapse GIF.
+const TIMELAPSE_DELAY_MS: u32 = 100;
+
 /// A job handed to a worker.
 #[derive(Debug, Clone)]
 pub struct Assignment {
@@ -549,6 +552,15 @@ impl Runner for EngineRunner {
             .and_then(|()| output.latent.save_safetensors("latent", &latent));
         if let Err(e) = saved {
             tracing::warn!(error = %e, path = %latent.display(), "cannot save the latent");
+        }
+        if !output.frames.is_empty() {
+            let gif = super::timelapse_path(&self.images, job.id);
+            let written = image::encode_gif(&output.frames, TIMELAPSE_DELAY_MS)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| std::fs::write(&gif, bytes).map_err(|e| e.to_string()));
+            if let Err(e) = written {
+                tracing::warn!(error = %e, path = %gif.display(), "cannot write the time-lapse");
+            }
         }
         let spec = &job.params.spec;
         let text = png_metadata(&job.prompt, spec, &job.vqgan, &job.clip);

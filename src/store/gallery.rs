@@ -249,3 +249,94 @@ pub async fn count_votes(pool: &SqlitePool, post: PostId, emoji: &str) -> Result
     .await?;
     Ok(u64::try_from(count).unwrap_or(0))
 }
+
+/// Which posts a gallery page shows, and in which order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GalleryQuery {
+    /// The guild whose gallery it is.
+    pub guild_id: u64,
+    /// Most votes first (else newest first).
+    pub by_votes: bool,
+    /// Only posts since then.
+    pub since: Option<Timestamp>,
+    /// Only this user's jobs.
+    pub author: Option<u64>,
+    /// Only prompts containing this text (any case).
+    pub text: Option<String>,
+}
+
+/// A post with what a gallery listing shows about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GalleryEntry {
+    /// The post.
+    pub post: GalleryPost,
+    /// Its ⭐ votes.
+    pub votes: u64,
+    /// The job's prompt.
+    pub prompt: String,
+    /// Who asked for it.
+    pub author: u64,
+    /// Its seed.
+    pub seed: u64,
+}
+
+/// One page of a guild's gallery: `limit` entries after skipping `offset`.
+pub async fn list_gallery(
+    pool: &SqlitePool,
+    query: &GalleryQuery,
+    limit: u32,
+    offset: u32,
+) -> Result<Vec<GalleryEntry>, sqlx::Error> {
+    let guild_id = u64_to_sql(query.guild_id);
+    let author = query.author.map(u64_to_sql);
+    // LIKE with the user's text taken literally.
+    let pattern = query.text.as_ref().map(|t| {
+        let escaped = t
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        format!("%{escaped}%")
+    });
+    let rows = sqlx::query!(
+        r#"SELECT p.id AS "id!: PostId", p.job_id AS "job_id!: JobId", p.guild_id AS "guild_id!",
+                  p.channel_id AS "channel_id!", p.message_id AS "message_id!",
+                  p.posted_at AS "posted_at!: Timestamp", COUNT(v.user_id) AS "votes!: i64",
+                  j.prompt AS "prompt!", j.requester_id AS "requester_id!", j.seed AS "seed!"
+           FROM gallery_posts p
+           JOIN jobs j ON j.id = p.job_id
+           LEFT JOIN votes v ON v.post_id = p.id AND v.emoji = ?1
+           WHERE p.guild_id = ?2 AND (?3 IS NULL OR p.posted_at >= ?3)
+             AND (?4 IS NULL OR j.requester_id = ?4)
+             AND (?5 IS NULL OR j.prompt LIKE ?5 ESCAPE '\')
+           GROUP BY p.id
+           ORDER BY CASE WHEN ?6 THEN COUNT(v.user_id) ELSE 0 END DESC, p.posted_at DESC, p.id DESC
+           LIMIT ?7 OFFSET ?8"#,
+        STAR,
+        guild_id,
+        query.since,
+        author,
+        pattern,
+        query.by_votes,
+        limit,
+        offset
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| GalleryEntry {
+            post: GalleryPost::from(PostRow {
+                id: r.id,
+                job_id: r.job_id,
+                guild_id: r.guild_id,
+                channel_id: r.channel_id,
+                message_id: r.message_id,
+                posted_at: r.posted_at,
+            }),
+            votes: u64::try_from(r.votes).unwrap_or(0),
+            prompt: r.prompt,
+            author: u64_from_sql(r.requester_id),
+            seed: u64_from_sql(r.seed),
+        })
+        .collect())
+}

@@ -11,6 +11,8 @@ pub struct GuildSettings {
     pub guild_id: u64,
     /// Channel finished images are posted to; `None` turns the gallery off.
     pub gallery_channel_id: Option<u64>,
+    /// Its jobs wait in the queue until a moderator resumes it.
+    pub paused: bool,
     /// When a moderator last changed anything.
     pub updated_at: Timestamp,
 }
@@ -22,7 +24,8 @@ pub async fn get_guild_settings(
 ) -> Result<Option<GuildSettings>, sqlx::Error> {
     let key = u64_to_sql(guild_id);
     let row = sqlx::query!(
-        r#"SELECT gallery_channel_id, updated_at AS "updated_at: Timestamp"
+        r#"SELECT gallery_channel_id, paused AS "paused: bool",
+                  updated_at AS "updated_at: Timestamp"
            FROM guild_settings WHERE guild_id = ?"#,
         key
     )
@@ -31,6 +34,7 @@ pub async fn get_guild_settings(
     Ok(row.map(|r| GuildSettings {
         guild_id,
         gallery_channel_id: r.gallery_channel_id.map(u64_from_sql),
+        paused: r.paused,
         updated_at: r.updated_at,
     }))
 }
@@ -55,4 +59,33 @@ pub async fn set_gallery_channel(
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// Pauses or resumes a guild's queue.
+pub async fn set_guild_paused(
+    pool: &SqlitePool,
+    guild_id: u64,
+    paused: bool,
+) -> Result<(), sqlx::Error> {
+    let guild_id = u64_to_sql(guild_id);
+    let now = Timestamp::now();
+    sqlx::query!(
+        "INSERT INTO guild_settings (guild_id, paused, updated_at) VALUES (?, ?, ?)
+         ON CONFLICT (guild_id) DO UPDATE SET
+             paused = excluded.paused, updated_at = excluded.updated_at",
+        guild_id,
+        paused,
+        now
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Guilds whose queue is paused.
+pub async fn list_paused_guilds(pool: &SqlitePool) -> Result<Vec<u64>, sqlx::Error> {
+    let rows = sqlx::query_scalar!("SELECT guild_id FROM guild_settings WHERE paused = 1")
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.into_iter().map(u64_from_sql).collect())
 }

@@ -568,3 +568,75 @@ pub async fn count_jobs_by_status(pool: &SqlitePool) -> Result<Vec<(JobStatus, u
         .map(|r| (r.status, u64::try_from(r.count).unwrap_or(0)))
         .collect())
 }
+
+/// Records the message that carries a finished job's picture (reactions on it act on the job).
+pub async fn set_job_result(
+    pool: &SqlitePool,
+    id: JobId,
+    channel_id: u64,
+    message_id: u64,
+) -> Result<(), sqlx::Error> {
+    let channel_id = u64_to_sql(channel_id);
+    let message_id = u64_to_sql(message_id);
+    let now = Timestamp::now();
+    sqlx::query!(
+        "INSERT INTO job_results (job_id, channel_id, message_id, posted_at) VALUES (?, ?, ?, ?)
+         ON CONFLICT (job_id) DO UPDATE SET
+             channel_id = excluded.channel_id, message_id = excluded.message_id,
+             posted_at = excluded.posted_at",
+        id,
+        channel_id,
+        message_id,
+        now
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The channel and message carrying a finished job's picture.
+pub async fn get_job_result(
+    pool: &SqlitePool,
+    id: JobId,
+) -> Result<Option<(u64, u64)>, sqlx::Error> {
+    let row = sqlx::query!(
+        "SELECT channel_id, message_id FROM job_results WHERE job_id = ?",
+        id
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|r| (u64_from_sql(r.channel_id), u64_from_sql(r.message_id))))
+}
+
+/// The job whose picture message is `message_id`.
+pub async fn find_job_by_result_message(
+    pool: &SqlitePool,
+    message_id: u64,
+) -> Result<Option<Job>, sqlx::Error> {
+    let message_id = u64_to_sql(message_id);
+    select_jobs!(
+        "WHERE id = (SELECT job_id FROM job_results WHERE message_id = ?)",
+        message_id
+    )
+    .fetch_optional(pool)
+    .await?
+    .map(Job::try_from)
+    .transpose()
+}
+
+/// How many jobs `requester` submitted since `since` (per-user rate limits).
+pub async fn count_jobs_since(
+    pool: &SqlitePool,
+    requester: u64,
+    since: Timestamp,
+) -> Result<u64, sqlx::Error> {
+    let requester = u64_to_sql(requester);
+    let count = sqlx::query_scalar!(
+        r#"SELECT COUNT(*) AS "count!: i64" FROM jobs WHERE requester_id = ? AND created_at >= ?"#,
+        requester,
+        since
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(u64::try_from(count).unwrap_or(0))
+}

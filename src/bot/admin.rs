@@ -1,0 +1,362 @@
+//! `/settings` (each user's defaults) and `/admin` (a guild's moderators: gallery channel, bans,
+//! pausing the queue, taking down gallery posts).
+
+use poise::serenity_prelude as serenity;
+
+use super::actions::is_moderator;
+use super::{BotError, Context, private_reply};
+use crate::config::GenerationSettings;
+use crate::jobs::JobId;
+use crate::models::{self, ModelKind};
+use crate::store::gallery as store_gallery;
+use crate::store::{guilds, users};
+
+/// Your defaults for /imagine: size, steps, model, and whether to be pinged when a picture is done.
+#[poise::command(slash_command)]
+pub(super) async fn settings(
+    ctx: Context<'_>,
+    #[description = "Default size, e.g. 384x256"] size: Option<String>,
+    #[description = "Default optimiser steps"]
+    #[min = 1]
+    steps: Option<u32>,
+    #[description = "Default VQGAN model"] model: Option<String>,
+    #[description = "Mention me when my picture is done"] ping: Option<bool>,
+    #[description = "Forget my defaults"] reset: Option<bool>,
+) -> Result<(), BotError> {
+    let data = ctx.data();
+    let user = ctx.author().id.get();
+    let saved = users::get_user_settings(&data.pool, user).await?;
+    let mut s = saved.clone().unwrap_or(users::UserSettings {
+        user_id: user,
+        ping_on_completion: true,
+        ..Default::default()
+    });
+    if reset == Some(true) {
+        s = users::UserSettings {
+            user_id: user,
+            ping_on_completion: true,
+            ..Default::default()
+        };
+    }
+    let generation = &data.settings.generation;
+    if let Some(size) = &size {
+        let (w, h) = parse_size(size, generation).map_err(BotError::User)?;
+        s.width = Some(w);
+        s.height = Some(h);
+    }
+    if let Some(steps) = steps {
+        if steps > generation.max_steps {
+            return Err(BotError::User(format!(
+                "{steps} steps is more than this server allows ({} at most).",
+                generation.max_steps
+            )));
+        }
+        s.steps = Some(steps);
+    }
+    if let Some(model) = &model {
+        s.vqgan_model =
+            Some(check_model(model, data.settings.models.allow_tiny).map_err(BotError::User)?);
+    }
+    if let Some(ping) = ping {
+        s.ping_on_completion = ping;
+    }
+    if Some(&s) != saved.as_ref() {
+        users::save_user_settings(&data.pool, &s).await?;
+    }
+    ctx.send(private_reply(describe_settings(&s, generation)))
+        .await?;
+    Ok(())
+}
+
+/// "384x256" within the server's limits.
+pub fn parse_size(text: &str, generation: &GenerationSettings) -> Result<(u32, u32), String> {
+    let parsed = text
+        .trim()
+        .split_once(['x', 'X', '×'])
+        .and_then(|(w, h)| Some((w.trim().parse::<u32>().ok()?, h.trim().parse::<u32>().ok()?)))
+        .filter(|&(w, h)| w > 0 && h > 0);
+    let Some((w, h)) = parsed else {
+        return Err(format!(
+            "size {}: expected width x height, e.g. 384x256",
+            super::commands::quote(text, 20)
+        ));
+    };
+    if w.max(h) > generation.max_side || u64::from(w) * u64::from(h) > generation.max_pixels {
+        return Err(format!(
+            "{w}x{h} is larger than this server allows (sides up to {}, {} pixels in all).",
+            generation.max_side, generation.max_pixels
+        ));
+    }
+    Ok((w, h))
+}
+
+/// A VQGAN model id this server offers.
+pub fn check_model(name: &str, allow_tiny: bool) -> Result<String, String> {
+    match models::find(name) {
+        Some(m) if m.kind == ModelKind::Vqgan && (!m.tiny || allow_tiny) => Ok(m.id.to_owned()),
+        _ => Err(format!(
+            "Unknown model {}; choose one of: {}.",
+            super::commands::quote(name, 40),
+            models::ids_of(ModelKind::Vqgan)
+                .into_iter()
+                .filter(|id| allow_tiny || !models::find(id).is_some_and(|m| m.tiny))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// The generation defaults for a user: the server's, with theirs on top (clamped to the
+/// server's current limits, which may have changed since they saved them).
+pub fn user_defaults(
+    server: &GenerationSettings,
+    user: Option<&users::UserSettings>,
+    allow_tiny: bool,
+) -> GenerationSettings {
+    let mut g = server.clone();
+    let Some(u) = user else {
+        return g;
+    };
+    if let (Some(w), Some(h)) = (u.width, u.height)
+        && w.max(h) <= g.max_side
+        && u64::from(w) * u64::from(h) <= g.max_pixels
+    {
+        g.default_size = crate::config::SizeSetting::Fixed {
+            width: w,
+            height: h,
+        };
+    }
+    if let Some(steps) = u.steps {
+        g.default_steps = steps.min(g.max_steps);
+    }
+    if let Some(model) = u
+        .vqgan_model
+        .as_deref()
+        .and_then(models::find)
+        .filter(|m| m.kind == ModelKind::Vqgan && (!m.tiny || allow_tiny))
+    {
+        g.default_vqgan = model;
+    }
+    g
+}
+
+fn describe_settings(s: &users::UserSettings, server: &GenerationSettings) -> String {
+    let size = match (s.width, s.height) {
+        (Some(w), Some(h)) => format!("{w}x{h}"),
+        _ => "server default".to_owned(),
+    };
+    let steps = s.steps.map_or_else(
+        || format!("server default ({})", server.default_steps),
+        |n| n.to_string(),
+    );
+    let model = s
+        .vqgan_model
+        .clone()
+        .unwrap_or_else(|| format!("server default ({})", server.default_vqgan.id));
+    format!(
+        "Your defaults — size: {size}, steps: {steps}, model: {model}, \
+         mention when done: {}.",
+        if s.ping_on_completion { "yes" } else { "no" }
+    )
+}
+
+/// Checks that the caller may moderate here (Manage Server), returning the guild.
+async fn moderator_guild(ctx: Context<'_>) -> Result<serenity::GuildId, BotError> {
+    let Some(guild) = ctx.guild_id() else {
+        return Err(BotError::User("/admin works in a server.".into()));
+    };
+    let allowed = match ctx.author_member().await {
+        Some(member) => member.permissions.is_some_and(|p| p.manage_guild()),
+        None => false,
+    };
+    if !allowed {
+        return Err(BotError::User(
+            "Only members with Manage Server can use /admin.".into(),
+        ));
+    }
+    Ok(guild)
+}
+
+/// Moderation: the gallery channel, bans, pausing the queue, gallery posts.
+#[poise::command(
+    slash_command,
+    guild_only,
+    default_member_permissions = "MANAGE_GUILD",
+    subcommands("gallery", "ban", "unban", "pause", "resume", "remove")
+)]
+pub(super) async fn admin(_ctx: Context<'_>) -> Result<(), BotError> {
+    // Discord only ever invokes the subcommands.
+    Ok(())
+}
+
+/// Set (or turn off) the channel finished pictures are posted to.
+#[poise::command(slash_command, guild_only)]
+async fn gallery(
+    ctx: Context<'_>,
+    #[description = "The gallery channel (leave out to turn the gallery off)"]
+    #[channel_types("Text")]
+    channel: Option<serenity::GuildChannel>,
+) -> Result<(), BotError> {
+    let guild = moderator_guild(ctx).await?;
+    let id = channel.as_ref().map(|c| c.id.get());
+    guilds::set_gallery_channel(&ctx.data().pool, guild.get(), id).await?;
+    let text = match id {
+        Some(id) => format!("Finished pictures will be posted to <#{id}>, with a ⭐ to vote."),
+        None => "The gallery is off.".to_owned(),
+    };
+    ctx.send(private_reply(text)).await?;
+    Ok(())
+}
+
+/// Stop someone from using the bot in this server.
+#[poise::command(slash_command, guild_only)]
+async fn ban(
+    ctx: Context<'_>,
+    #[description = "Who"] user: serenity::User,
+    #[description = "Why (kept in the bot's records)"]
+    #[max_length = 300]
+    reason: Option<String>,
+) -> Result<(), BotError> {
+    let guild = moderator_guild(ctx).await?;
+    users::ban_user(
+        &ctx.data().pool,
+        guild.get(),
+        user.id.get(),
+        ctx.author().id.get(),
+        reason.as_deref(),
+    )
+    .await?;
+    ctx.send(private_reply(format!(
+        "<@{}> can no longer use the bot here. Their waiting jobs are not cancelled; use /cancel for those.",
+        user.id
+    )))
+    .await?;
+    Ok(())
+}
+
+/// Let a banned user use the bot again.
+#[poise::command(slash_command, guild_only)]
+async fn unban(
+    ctx: Context<'_>,
+    #[description = "Who"] user: serenity::User,
+) -> Result<(), BotError> {
+    let guild = moderator_guild(ctx).await?;
+    let text = if users::unban_user(&ctx.data().pool, guild.get(), user.id.get()).await? {
+        format!("<@{}> can use the bot here again.", user.id)
+    } else {
+        format!("<@{}> was not banned here.", user.id)
+    };
+    ctx.send(private_reply(text)).await?;
+    Ok(())
+}
+
+/// Hold this server's waiting jobs (running ones finish); new requests still queue.
+#[poise::command(slash_command, guild_only)]
+async fn pause(ctx: Context<'_>) -> Result<(), BotError> {
+    let guild = moderator_guild(ctx).await?;
+    ctx.data().scheduler.set_paused(guild.get(), true).await?;
+    ctx.send(private_reply(
+        "This server's queue is paused: waiting jobs stay queued until /admin resume.",
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Let this server's waiting jobs run again.
+#[poise::command(slash_command, guild_only)]
+async fn resume(ctx: Context<'_>) -> Result<(), BotError> {
+    let guild = moderator_guild(ctx).await?;
+    ctx.data().scheduler.set_paused(guild.get(), false).await?;
+    ctx.send(private_reply("This server's queue runs again."))
+        .await?;
+    Ok(())
+}
+
+/// Take a job's picture out of the gallery (its votes go with it).
+#[poise::command(slash_command, guild_only)]
+async fn remove(
+    ctx: Context<'_>,
+    #[description = "The job's number"] job: i64,
+) -> Result<(), BotError> {
+    let guild = moderator_guild(ctx).await?;
+    let pool = &ctx.data().pool;
+    let Some(post) = store_gallery::find_gallery_post_by_job(pool, JobId(job), guild.get()).await?
+    else {
+        return Err(BotError::User(format!(
+            "Job {job} is not in this server's gallery."
+        )));
+    };
+    let channel = serenity::ChannelId::new(post.channel_id);
+    let message = serenity::MessageId::new(post.message_id);
+    if let Err(e) = channel.delete_message(ctx.http(), message).await {
+        // Already deleted by hand, or the channel is gone: the record goes anyway.
+        tracing::warn!(job_id = job, error = %e, "cannot delete a gallery message");
+    }
+    store_gallery::delete_gallery_post(pool, post.id).await?;
+    ctx.send(private_reply(format!("Job {job} is out of the gallery.")))
+        .await?;
+    Ok(())
+}
+
+/// Whether someone may cancel others' jobs here: Manage Messages or Manage Server.
+pub async fn is_moderator_here(ctx: Context<'_>) -> bool {
+    match ctx.author_member().await {
+        Some(member) => is_moderator(member.permissions),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Environment, Settings};
+
+    fn generation() -> GenerationSettings {
+        let env: Environment = [("HOME", "/nonexistent")].into_iter().collect();
+        Settings::from_toml("[models]\nallow_tiny = true\n", &env)
+            .unwrap()
+            .generation
+    }
+
+    #[test]
+    fn sizes_parse_within_the_servers_limits() {
+        let g = generation();
+        assert_eq!(parse_size("384x256", &g), Ok((384, 256)));
+        assert_eq!(parse_size(" 300 × 200 ", &g), Ok((300, 200)));
+        assert!(parse_size("big", &g).unwrap_err().contains("384x256"));
+        let too_big = format!("{}x16", g.max_side + 1);
+        assert!(parse_size(&too_big, &g).unwrap_err().contains("larger"));
+    }
+
+    #[test]
+    fn a_users_defaults_apply_within_the_servers_limits() {
+        let server = generation();
+        let mine = users::UserSettings {
+            user_id: 1,
+            width: Some(128),
+            height: Some(64),
+            steps: Some(server.max_steps + 100),
+            vqgan_model: Some("tiny_vqgan".into()),
+            clip_model: None,
+            ping_on_completion: false,
+        };
+        let g = user_defaults(&server, Some(&mine), true);
+        assert_eq!(
+            g.default_size,
+            crate::config::SizeSetting::Fixed {
+                width: 128,
+                height: 64
+            }
+        );
+        assert_eq!(g.default_steps, server.max_steps);
+        assert_eq!(g.default_vqgan.id, "tiny_vqgan");
+        // Tiny models only where the server allows them.
+        let g = user_defaults(&server, Some(&mine), false);
+        assert_eq!(g.default_vqgan.id, server.default_vqgan.id);
+        assert_eq!(
+            user_defaults(&server, None, true).default_steps,
+            server.default_steps
+        );
+        assert!(check_model("nope", false).unwrap_err().contains("imagenet"));
+    }
+}
