@@ -195,10 +195,10 @@ async fn gallery(
     ctx: Context<'_>,
     #[description = "The gallery channel (leave out to turn the gallery off)"]
     #[channel_types("Text")]
-    channel: Option<serenity::GuildChannel>,
+    channel: Option<serenity::ChannelId>,
 ) -> Result<(), BotError> {
     let guild = moderator_guild(ctx).await?;
-    let id = channel.as_ref().map(|c| c.id.get());
+    let id = channel.map(serenity::ChannelId::get);
     guilds::set_gallery_channel(&ctx.data().pool, guild.get(), id).await?;
     let text = match id {
         Some(id) => format!("Finished pictures will be posted to <#{id}>, with a ⭐ to vote."),

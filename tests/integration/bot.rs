@@ -41,7 +41,7 @@ fn command(discord: &FakeDiscord, name: &str, options: Value) -> Value {
         "data": { "id": "1", "name": name, "type": 1, "options": options },
         "channel_id": "900",
         "user": user(77, "artist", false),
-        "token": "interaction-token-1",
+        "token": format!("token-{}", discord.id()),
         "version": 1,
         "locale": "en-US",
         "entitlements": [],

@@ -1,9 +1,16 @@
 //! A loopback Discord for the bot's tests: the REST routes the bot uses and a gateway that says
 //! HELLO, answers IDENTIFY with READY, acknowledges heartbeats and delivers injected dispatches.
-//! Every REST request is logged (method, path, JSON body or multipart parts) for assertions.
+//! Every REST request is logged (method, path, JSON body or multipart parts, time) for
+//! assertions.
+//!
+//! Faults, as Discord produces them: [`FakeDiscord::rate_limit`] answers the next requests to a
+//! path with 429 and `Retry-After`; [`FakeDiscord::expire_tokens_after`] makes interaction
+//! tokens older than a (simulated 15-minute) lifetime answer 401 with code 50027.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -29,7 +36,14 @@ pub struct Request_ {
     pub json: Value,
     /// Names of uploaded files with their sizes.
     pub files: Vec<(String, usize)>,
+    /// When it arrived.
+    pub at: Instant,
+    /// The status it was answered with.
+    pub status: u16,
 }
+
+/// Pending 429s: path fragment, how many left, Retry-After seconds.
+type RateLimits = Vec<(String, usize, f64)>;
 
 struct Shared {
     log: Mutex<Vec<Request_>>,
@@ -37,6 +51,12 @@ struct Shared {
     identified: Mutex<Option<Value>>,
     next_id: AtomicU64,
     url: String,
+    /// Interaction token → (message id of its original response, when it was answered).
+    originals: Mutex<HashMap<String, (u64, Instant)>>,
+    rate_limits: Mutex<RateLimits>,
+    token_lifetime: Mutex<Option<Duration>>,
+    /// Files served under `/attachments/<name>`.
+    attachments: Mutex<HashMap<String, Vec<u8>>>,
 }
 
 /// A running fake Discord.
@@ -58,6 +78,10 @@ impl FakeDiscord {
             identified: Mutex::default(),
             next_id: AtomicU64::new(1_300_000_000_000_000_000),
             url: url.clone(),
+            originals: Mutex::default(),
+            rate_limits: Mutex::default(),
+            token_lifetime: Mutex::default(),
+            attachments: Mutex::default(),
         });
         let app = Router::new()
             .route("/ws", get(gateway))
@@ -89,6 +113,32 @@ impl FakeDiscord {
     pub fn id(&self) -> u64 {
         self.shared.next_id.fetch_add(1, Ordering::SeqCst)
     }
+
+    /// Answers the next `count` requests whose path contains `path` with 429 Too Many Requests
+    /// and `Retry-After: retry_after` (seconds), as Discord does.
+    pub fn rate_limit(&self, path: &str, count: usize, retry_after: f64) {
+        self.shared
+            .rate_limits
+            .lock()
+            .unwrap()
+            .push((path.to_owned(), count, retry_after));
+    }
+
+    /// From now on, interaction tokens answered longer ago than `lifetime` are refused with
+    /// 401 / 50027 (Discord's 15 minutes, shortened).
+    pub fn expire_tokens_after(&self, lifetime: Duration) {
+        *self.shared.token_lifetime.lock().unwrap() = Some(lifetime);
+    }
+
+    /// Serves `bytes` as an attachment; returns its URL.
+    pub fn attach(&self, name: &str, bytes: Vec<u8>) -> String {
+        self.shared
+            .attachments
+            .lock()
+            .unwrap()
+            .insert(name.to_owned(), bytes);
+        format!("{}/attachments/{name}", self.url)
+    }
 }
 
 /// A user object.
@@ -97,7 +147,8 @@ pub fn user(id: u64, name: &str, bot: bool) -> Value {
             "global_name": name, "avatar": null, "bot": bot })
 }
 
-fn message(id: u64, channel: &str, content: &Value) -> Value {
+/// A message object by the bot.
+pub fn message(id: u64, channel: &str, content: &Value) -> Value {
     json!({
         "id": id.to_string(), "channel_id": channel, "author": user(APP_ID, "vqclip", true),
         "content": content.as_str().unwrap_or(""), "timestamp": "2026-11-26T00:00:00.000000+00:00",
@@ -153,12 +204,9 @@ async fn session(mut socket: WebSocket, shared: Arc<Shared>) {
 }
 
 async fn rest(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    // Paths arrive percent-encoded (reaction emoji); the log and routes use them decoded.
     let method = request.method().clone();
-    let path = request
-        .uri()
-        .path()
-        .trim_start_matches("/api/v10")
-        .to_owned();
+    let path = percent_decode(request.uri().path().trim_start_matches("/api/v10"));
     let is_multipart = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -186,39 +234,119 @@ async fn rest(State(shared): State<Arc<Shared>>, request: Request) -> Response {
         let body = Bytes::from_request(request, &()).await.unwrap_or_default();
         json = serde_json::from_slice(&body).unwrap_or(Value::Null);
     }
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let response = answer(&shared, &method, &parts, &json);
     shared.log.lock().unwrap().push(Request_ {
         method: method.clone(),
         path: path.clone(),
         json: json.clone(),
         files,
+        at: Instant::now(),
+        status: response.status().as_u16(),
     });
-    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    response
+}
+
+fn error(status: StatusCode, code: u64, message: &str) -> Response {
+    (
+        status,
+        axum::Json(json!({ "code": code, "message": message })),
+    )
+        .into_response()
+}
+
+fn answer(shared: &Shared, method: &Method, parts: &[&str], json: &Value) -> Response {
+    let path = parts.join("/");
+    {
+        let mut limits = shared.rate_limits.lock().unwrap();
+        if let Some(limit) = limits
+            .iter_mut()
+            .find(|(fragment, left, _)| *left > 0 && path.contains(fragment.as_str()))
+        {
+            limit.1 -= 1;
+            let retry = limit.2;
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", format!("{}", retry.ceil() as u64))],
+                axum::Json(json!({ "message": "You are being rate limited.",
+                                   "retry_after": retry, "global": false })),
+            )
+                .into_response();
+        }
+    }
+    if let ["webhooks", _, token, ..] = parts {
+        let lifetime = *shared.token_lifetime.lock().unwrap();
+        let answered = shared.originals.lock().unwrap().get(*token).map(|o| o.1);
+        if let (Some(lifetime), Some(at)) = (lifetime, answered)
+            && at.elapsed() > lifetime
+        {
+            return error(StatusCode::UNAUTHORIZED, 50027, "Invalid Webhook Token");
+        }
+    }
     let ws = shared.url.replace("http", "ws") + "/ws";
     let new_id = || shared.next_id.fetch_add(1, Ordering::SeqCst);
-    let body = match (method.as_str(), parts.as_slice()) {
+    let body = match (method.as_str(), parts) {
         ("GET", ["gateway"]) => json!({ "url": ws }),
         ("GET", ["gateway", "bot"]) => json!({ "url": ws, "shards": 1, "session_start_limit":
             { "total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1 } }),
         ("PUT", ["applications", _, "commands"])
         | ("PUT", ["applications", _, "guilds", _, "commands"]) => json!([]),
-        ("POST", ["interactions", _, _, "callback"]) => {
+        ("GET", ["attachments", name]) => {
+            return match shared.attachments.lock().unwrap().get(*name) {
+                Some(bytes) => bytes.clone().into_response(),
+                None => StatusCode::NOT_FOUND.into_response(),
+            };
+        }
+        ("POST", ["interactions", _, token, "callback"]) => {
+            // A message response becomes the interaction's original message, in the
+            // interaction's channel (900 unless the test's interaction says otherwise).
+            if matches!(json["type"].as_u64(), Some(4 | 5)) {
+                shared
+                    .originals
+                    .lock()
+                    .unwrap()
+                    .insert((*token).to_owned(), (new_id(), Instant::now()));
+            }
             return StatusCode::NO_CONTENT.into_response();
         }
-        (_, ["webhooks", _, _, "messages", "@original"]) => {
-            // The original reply lives in the DM channel 900.
-            message(1_200_000_000_000_000_000, "900", &json["content"])
+        (_, ["webhooks", _, token, "messages", "@original"]) => {
+            let Some((id, _)) = shared.originals.lock().unwrap().get(*token).copied() else {
+                return error(StatusCode::NOT_FOUND, 10008, "Unknown Message");
+            };
+            message(id, "900", &json["content"])
         }
         ("POST", ["channels", channel, "messages"]) => message(new_id(), channel, &json["content"]),
         ("PATCH", ["channels", channel, "messages", id]) => {
             message(id.parse().unwrap_or(0), channel, &json["content"])
         }
-        _ => {
-            return (
-                StatusCode::NOT_FOUND,
-                axum::Json(json!({ "code": 0, "message": "404: Not Found" })),
-            )
-                .into_response();
+        ("DELETE", ["channels", _, "messages", _])
+        | ("PUT", ["channels", _, "messages", _, "reactions", _, "@me"]) => {
+            return StatusCode::NO_CONTENT.into_response();
         }
+        _ => return error(StatusCode::NOT_FOUND, 0, "404: Not Found"),
     };
     axum::Json(body).into_response()
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

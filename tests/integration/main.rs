@@ -4,6 +4,7 @@
 //! command line, a loopback fake Hugging Face Hub for downloads. `TEST_LOG=1` prints the code's logs.
 
 mod bot;
+mod bot_actions;
 mod cli;
 mod config;
 mod fake_discord;

@@ -1,0 +1,708 @@
+//! The bot's buttons, reactions, gallery, moderation and fault handling, end to end against the
+//! loopback fake Discord: the real poise/serenity client, scheduler and SQLite; the real engine
+//! with the tiny models where pictures matter, a fake runner where only timing does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sqlx::SqlitePool;
+use tempfile::TempDir;
+use vqclip::config::{Environment, Settings};
+use vqclip::jobs::scheduler::DeviceSlot;
+use vqclip::jobs::{JobId, Scheduler};
+use vqclip::store::jobs::{self, JobKind, JobStatus};
+use vqclip::store::{gallery, guilds};
+
+use crate::fake_discord::{APP_ID, FakeDiscord, Request_, message, user};
+use crate::scheduler::{FakeRunner, finished, options, slots};
+use crate::support::test_pool;
+
+const GUILD: u64 = 1_500_000_000_000_000_001;
+const GALLERY: u64 = 1_500_000_000_000_000_002;
+/// Manage Server.
+const MODERATOR: &str = "32";
+const MEMBER: &str = "0";
+
+async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    for _ in 0..750 {
+        if let Some(found) = check() {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A running bot and what it talks to.
+struct Bot {
+    discord: FakeDiscord,
+    dir: TempDir,
+    pool: SqlitePool,
+    scheduler: Scheduler,
+    settings: Arc<Settings>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Bot {
+    /// Starts the bot with `extra` configuration; `engine` picks the real tiny engine over a
+    /// fake runner that sleeps `delay_ms` per step.
+    async fn start(extra: &str, engine: bool, delay_ms: u64) -> (Self, FakeRunner) {
+        let discord = FakeDiscord::start().await;
+        let (dir, pool) = test_pool().await;
+        let env: Environment = [("HOME", dir.path().to_str().unwrap())]
+            .into_iter()
+            .collect();
+        let settings = Settings::from_toml(
+            &format!(
+                "[discord]\ntoken = \"fake.bot.token\"\napi_base = \"{}\"\n{extra}\n\
+                 [storage]\nimages = \"{}\"\n\
+                 [scheduler]\nprogress_interval_ms = 100\n\
+                 [models]\nallow_tiny = true\n\
+                 [generation]\ndefault_vqgan = \"tiny_vqgan\"\ndefault_clip = \"tiny_clip\"\n",
+                discord.url,
+                dir.path().join("images").display()
+            ),
+            &env,
+        )
+        .unwrap();
+        let runner = FakeRunner::new(delay_ms);
+        let devices = if engine {
+            vec![DeviceSlot {
+                label: "cpu#0".into(),
+                runner: Box::new(vqclip::jobs::worker::EngineRunner::new(
+                    candle_core::Device::Cpu,
+                    settings.models.clone(),
+                    1024,
+                    settings.storage.images.clone(),
+                )),
+            }]
+        } else {
+            slots(&[&runner])
+        };
+        let mut scheduler_options = options(&dir);
+        scheduler_options.images = settings.storage.images.clone();
+        let scheduler = Scheduler::start(pool.clone(), scheduler_options, devices)
+            .await
+            .unwrap();
+        let mut bot = Self {
+            discord,
+            dir,
+            pool,
+            scheduler,
+            settings: Arc::new(settings),
+            stop: None,
+            task: None,
+        };
+        bot.connect().await;
+        (bot, runner)
+    }
+
+    /// (Re)connects the bot and waits for its command registration.
+    async fn connect(&mut self) {
+        let registered = self.count(|r| r.method == "PUT" && r.path.ends_with("/commands"));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        self.task = Some(tokio::spawn(vqclip::bot::run(
+            self.settings.clone(),
+            self.pool.clone(),
+            self.scheduler.clone(),
+            async move {
+                let _ = stop_rx.await;
+            },
+        )));
+        self.stop = Some(stop_tx);
+        let discord = self.discord.clone();
+        eventually("command registration", || {
+            (discord
+                .log()
+                .iter()
+                .filter(|r| r.method == "PUT" && r.path.ends_with("/commands"))
+                .count()
+                > registered)
+                .then_some(())
+        })
+        .await;
+    }
+
+    async fn disconnect(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    async fn stop(mut self) {
+        self.disconnect().await;
+        self.scheduler.shutdown(Duration::from_secs(1)).await;
+    }
+
+    fn count(&self, what: impl Fn(&Request_) -> bool) -> usize {
+        self.discord.log().iter().filter(|r| what(r)).count()
+    }
+
+    /// Dispatches an interaction and returns its response callback.
+    async fn interact(&self, payload: Value) -> Request_ {
+        let id = payload["id"].as_str().unwrap().to_owned();
+        self.discord.dispatch("INTERACTION_CREATE", payload);
+        eventually("the interaction's response", || {
+            self.discord
+                .log()
+                .into_iter()
+                .find(|r| r.path.starts_with(&format!("/interactions/{id}/")))
+        })
+        .await
+    }
+
+    /// A slash command by `user` (with `permissions`) in the guild's channel 900.
+    fn command(&self, user_id: u64, permissions: &str, name: &str, options: Value) -> Value {
+        json!({
+            "id": self.discord.id().to_string(),
+            "application_id": APP_ID.to_string(),
+            "type": 2,
+            "data": { "id": "1", "name": name, "type": 1, "options": options,
+                      "resolved": {
+                          "channels": { GALLERY.to_string(): {
+                              "id": GALLERY.to_string(), "type": 0, "name": "gallery",
+                              "permissions": "0" } },
+                          "attachments": self.attachments() } },
+            "guild_id": GUILD.to_string(),
+            "channel_id": "900",
+            "member": member(user_id, permissions),
+            "token": format!("token-{}", self.discord.id()),
+            "version": 1,
+            "locale": "en-US",
+            "entitlements": [],
+            "app_permissions": "0",
+            "authorizing_integration_owners": {},
+            "context": 0,
+            "attachment_size_limit": 10485760
+        })
+    }
+
+    fn attachments(&self) -> Value {
+        let picture = image::RgbImage::from_fn(48, 32, |x, y| {
+            image::Rgb([(x * 5) as u8, (y * 7) as u8, 128])
+        });
+        let png = vqclip::engine::image::encode_png(&picture).unwrap();
+        let good = self.discord.attach("start.png", png.clone());
+        let bad = self
+            .discord
+            .attach("notes.png", b"not a picture at all".to_vec());
+        json!({
+            "11": { "id": "11", "filename": "start.png", "size": png.len(), "url": good,
+                    "proxy_url": good, "content_type": "image/png" },
+            "12": { "id": "12", "filename": "notes.png", "size": 20, "url": bad,
+                    "proxy_url": bad, "content_type": "image/png" },
+            "13": { "id": "13", "filename": "huge.png", "size": 9 << 20, "url": good,
+                    "proxy_url": good, "content_type": "image/png" }
+        })
+    }
+
+    fn imagine(&self, user_id: u64, prompt: &str) -> Value {
+        self.command(
+            user_id,
+            MEMBER,
+            "imagine",
+            json!([{ "name": "prompt", "type": 3, "value": prompt }]),
+        )
+    }
+
+    /// A button press by `user` on message `message_id`.
+    fn press(&self, user_id: u64, permissions: &str, custom_id: &str, message_id: u64) -> Value {
+        json!({
+            "id": self.discord.id().to_string(),
+            "application_id": APP_ID.to_string(),
+            "type": 3,
+            "data": { "custom_id": custom_id, "component_type": 2 },
+            "guild_id": GUILD.to_string(),
+            "channel_id": "900",
+            "member": member(user_id, permissions),
+            "message": message(message_id, "900", &json!("")),
+            "token": format!("token-{}", self.discord.id()),
+            "version": 1,
+            "locale": "en-US",
+            "entitlements": [],
+            "app_permissions": "0",
+            "authorizing_integration_owners": {},
+            "context": 0,
+            "attachment_size_limit": 10485760
+        })
+    }
+
+    /// `user` reacts with `emoji` to `message_id` in `channel`.
+    fn react(&self, user_id: u64, channel: u64, message_id: u64, emoji: &str) {
+        self.discord.dispatch(
+            "MESSAGE_REACTION_ADD",
+            json!({
+                "user_id": user_id.to_string(), "channel_id": channel.to_string(),
+                "message_id": message_id.to_string(), "guild_id": GUILD.to_string(),
+                "member": member(user_id, MEMBER),
+                "emoji": { "id": null, "name": emoji },
+                "burst": false, "burst_colors": [], "type": 0
+            }),
+        );
+    }
+
+    /// The posted result message of `job` (channel, message) once recorded.
+    async fn result_of(&self, job: JobId) -> (u64, u64) {
+        assert_eq!(finished(&self.pool, job).await, JobStatus::Succeeded);
+        for _ in 0..500 {
+            if let Some(found) = jobs::get_job_result(&self.pool, job).await.unwrap() {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no result message for job {job}");
+    }
+
+    async fn job(&self, id: i64) -> jobs::Job {
+        jobs::get_job(&self.pool, JobId(id)).await.unwrap().unwrap()
+    }
+
+    async fn job_count(&self) -> usize {
+        jobs::list_recent_jobs(&self.pool, None, 100)
+            .await
+            .unwrap()
+            .len()
+    }
+}
+
+fn member(user_id: u64, permissions: &str) -> Value {
+    json!({ "user": user(user_id, &format!("user{user_id}"), false), "roles": [],
+            "joined_at": "2026-01-01T00:00:00.000000+00:00", "deaf": false, "mute": false,
+            "flags": 0, "pending": false, "permissions": permissions })
+}
+
+fn custom_ids(components: &Value) -> Vec<String> {
+    components
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|row| row["components"].as_array().cloned().unwrap_or_default())
+        .map(|b| b["custom_id"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn text(r: &Request_) -> String {
+    let content = if r.json["data"].is_object() {
+        &r.json["data"]["content"]
+    } else {
+        &r.json["content"]
+    };
+    content.as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buttons_and_reactions_rerun_upscale_and_vary_even_after_a_restart() {
+    let (mut bot, _) = Bot::start("", true, 0).await;
+
+    // /imagine with the tiny model: a cancel button while it runs, then the picture with its
+    // buttons.
+    let opened = bot.interact(bot.imagine(77, "a red fox --steps 6")).await;
+    assert_eq!(
+        custom_ids(&opened.json["data"]["components"]),
+        ["vq:cancel:1"]
+    );
+    let (channel, result) = bot.result_of(JobId(1)).await;
+    let posted = eventually("the result message", || {
+        bot.discord.log().into_iter().find(|r| {
+            r.method == "POST" && r.path == "/channels/900/messages" && !r.files.is_empty()
+        })
+    })
+    .await;
+    assert_eq!(
+        custom_ids(&posted.json["components"]),
+        ["vq:rerun:1", "vq:upscale:1", "vq:vary:1", "vq:gif:1"]
+    );
+    let last_edit = eventually("the stub", || {
+        bot.discord.log().into_iter().rev().find(|r| {
+            r.method == "PATCH" && r.path.ends_with("/@original") && text(r).contains("done ↓")
+        })
+    })
+    .await;
+    assert_eq!(last_edit.json["components"], json!([]), "no cancel button");
+    let first = bot.job(1).await;
+    assert_eq!((first.width, first.height), (64, 64));
+
+    // 🎞️: the run's time-lapse, for anyone.
+    let gif = bot
+        .interact(bot.press(88, MEMBER, "vq:gif:1", result))
+        .await;
+    assert_eq!(gif.json["type"], 4);
+    assert_eq!(gif.files.len(), 1, "{gif:?}");
+    assert!(gif.files[0].0.ends_with(".gif"));
+
+    // 🔁 by someone else is refused privately; nothing is queued.
+    let refused = bot
+        .interact(bot.press(88, MEMBER, "vq:rerun:1", result))
+        .await;
+    assert_eq!(refused.json["data"]["flags"], 64);
+    assert!(text(&refused).contains("Only the person"), "{refused:?}");
+    assert_eq!(bot.job_count().await, 1);
+
+    // 🔁 by its owner: a new job with a new seed, answered in its own message.
+    let rerun = bot
+        .interact(bot.press(77, MEMBER, "vq:rerun:1", result))
+        .await;
+    assert!(text(&rerun).contains("rerun of job 1"), "{rerun:?}");
+    let second = bot.job(2).await;
+    assert_eq!(
+        (second.kind, second.parent, second.prompt.as_str()),
+        (JobKind::Rerun, Some(JobId(1)), "a red fox --steps 6")
+    );
+    assert_ne!(second.seed, first.seed);
+    bot.result_of(JobId(2)).await;
+
+    // ⬆️ by reaction on the result: twice the size, from job 1's final latent.
+    bot.react(77, channel, result, "⬆️");
+    let opening = eventually("the upscale's message", || {
+        bot.discord
+            .log()
+            .into_iter()
+            .find(|r| r.method == "POST" && text(r).contains("upscale of job 1"))
+    })
+    .await;
+    assert_eq!(
+        opening.json["message_reference"]["message_id"],
+        result.to_string()
+    );
+    bot.result_of(JobId(3)).await;
+    let upscaled = bot.job(3).await;
+    assert_eq!(upscaled.kind, JobKind::Upscale);
+    let png = std::fs::read(upscaled.output_path.unwrap()).unwrap();
+    let picture = vqclip::engine::image::decode(&png).unwrap();
+    assert_eq!(picture.dimensions(), (128, 128));
+
+    // A restart: the old message's buttons still work (everything is in the database).
+    bot.disconnect().await;
+    bot.connect().await;
+    let vary = bot
+        .interact(bot.press(77, MEMBER, "vq:vary:1", result))
+        .await;
+    assert!(text(&vary).contains("variation of job 1"), "{vary:?}");
+    bot.result_of(JobId(4)).await;
+    let variation = bot.job(4).await;
+    assert_eq!(
+        (variation.kind, variation.width, variation.steps),
+        (JobKind::Variation, 64, 3)
+    );
+    bot.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_by_button_and_by_reaction() {
+    let (bot, _) = Bot::start("", false, 30).await;
+    bot.interact(bot.imagine(77, "hang")).await;
+    wait_running(&bot.pool, 1).await;
+    let message = bot.job(1).await.message_id.unwrap();
+
+    let refused = bot
+        .interact(bot.press(88, MEMBER, "vq:cancel:1", message))
+        .await;
+    assert!(text(&refused).contains("Only the person"), "{refused:?}");
+    let stopped = bot
+        .interact(bot.press(77, MEMBER, "vq:cancel:1", message))
+        .await;
+    assert!(text(&stopped).contains("stops after its current step"));
+    assert_eq!(finished(&bot.pool, JobId(1)).await, JobStatus::Cancelled);
+    let stub = eventually("the cancelled message", || {
+        bot.discord.log().into_iter().find(|r| {
+            r.method == "PATCH" && r.path.ends_with("/@original") && text(r).contains("cancelled")
+        })
+    })
+    .await;
+    assert_eq!(stub.json["components"], json!([]));
+
+    // A moderator may cancel anyone's job; ❌ on the progress message does the same.
+    bot.interact(bot.imagine(77, "hang")).await;
+    wait_running(&bot.pool, 2).await;
+    let message = bot.job(2).await.message_id.unwrap();
+    bot.react(77, 900, message, "❌");
+    assert_eq!(finished(&bot.pool, JobId(2)).await, JobStatus::Cancelled);
+    bot.interact(bot.imagine(77, "hang")).await;
+    wait_running(&bot.pool, 3).await;
+    let message = bot.job(3).await.message_id.unwrap();
+    bot.interact(bot.press(99, MODERATOR, "vq:cancel:3", message))
+        .await;
+    assert_eq!(finished(&bot.pool, JobId(3)).await, JobStatus::Cancelled);
+    bot.stop().await;
+}
+
+async fn wait_running(pool: &SqlitePool, id: i64) {
+    for _ in 0..500 {
+        let job = jobs::get_job(pool, JobId(id)).await.unwrap();
+        if job.is_some_and(|j| j.status == JobStatus::Running && j.message_id.is_some()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("job {id} did not start");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gallery_posts_votes_rankings_and_moderation() {
+    let (bot, _) = Bot::start("", false, 5).await;
+    let admin = |user_id: u64, permissions: &str, sub: &str, options: Value| {
+        bot.command(
+            user_id,
+            permissions,
+            "admin",
+            json!([{ "name": sub, "type": 1, "options": options }]),
+        )
+    };
+    let channel_option = json!([{ "name": "channel", "type": 7, "value": GALLERY.to_string() }]);
+
+    // Only moderators set the gallery channel.
+    let refused = bot
+        .interact(admin(77, MEMBER, "gallery", channel_option.clone()))
+        .await;
+    assert!(text(&refused).contains("Manage Server"), "{refused:?}");
+    let set = bot
+        .interact(admin(99, MODERATOR, "gallery", channel_option))
+        .await;
+    assert!(text(&set).contains(&format!("<#{GALLERY}>")), "{set:?}");
+    let settings = guilds::get_guild_settings(&bot.pool, GUILD)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(settings.gallery_channel_id, Some(GALLERY));
+
+    // A finished job is posted to the gallery with a ⭐ to vote with.
+    bot.interact(bot.imagine(77, "a lighthouse")).await;
+    let (result_channel, result) = bot.result_of(JobId(1)).await;
+    let post = eventually("the gallery post", || {
+        bot.discord
+            .log()
+            .into_iter()
+            .find(|r| r.method == "POST" && r.path == format!("/channels/{GALLERY}/messages"))
+    })
+    .await;
+    assert_eq!(post.files.len(), 1);
+    let embed = &post.json["embeds"][0];
+    assert!(
+        embed["description"]
+            .as_str()
+            .unwrap()
+            .contains("a lighthouse")
+    );
+    let link = format!("https://discord.com/channels/{GUILD}/{result_channel}/{result}");
+    assert!(embed.to_string().contains(&link), "{embed}");
+    assert_eq!(post.json["allowed_mentions"]["parse"], json!([]));
+    let stored = eventually("the post record", || {
+        let pool = bot.pool.clone();
+        futures_now(async move {
+            gallery::find_gallery_post_by_job(&pool, JobId(1), GUILD)
+                .await
+                .unwrap()
+        })
+    })
+    .await;
+    eventually("the bot's ⭐", || {
+        (bot.count(|r| {
+            r.method == "PUT"
+                && r.path
+                    == format!(
+                        "/channels/{GALLERY}/messages/{}/reactions/⭐/@me",
+                        stored.message_id
+                    )
+        }) == 1)
+            .then_some(())
+    })
+    .await;
+
+    // ⭐ from two people count; the bot's own does not.
+    bot.react(APP_ID, GALLERY, stored.message_id, "⭐");
+    bot.react(88, GALLERY, stored.message_id, "⭐");
+    bot.react(89, GALLERY, stored.message_id, "⭐");
+    eventually("two votes", || {
+        let pool = bot.pool.clone();
+        futures_now(async move {
+            let n = gallery::count_votes(&pool, stored.id, gallery::STAR)
+                .await
+                .unwrap();
+            (n == 2).then_some(())
+        })
+    })
+    .await;
+
+    // Older, unvoted posts make a second page.
+    for i in 0..5 {
+        let id = jobs::insert_job(&bot.pool, &crate::support::sample_job(70 + i, "older"))
+            .await
+            .unwrap();
+        gallery::insert_gallery_post(&bot.pool, id, GUILD, GALLERY, 1000 + i)
+            .await
+            .unwrap();
+    }
+    let top = bot
+        .interact(bot.command(
+            88,
+            MEMBER,
+            "gallery",
+            json!([{ "name": "top", "type": 1, "options":
+                     [{ "name": "period", "type": 4, "value": 2 }] }]),
+        ))
+        .await;
+    let page = &top.json["data"]["embeds"][0];
+    assert_eq!(page["fields"][0]["name"], "#1 · ⭐ 2 · job 1", "{page}");
+    assert_eq!(page["fields"].as_array().unwrap().len(), 5);
+    assert_eq!(
+        custom_ids(&top.json["data"]["components"]),
+        ["vqg:0:ta", "vqg:1:ta"]
+    );
+    let next = bot.interact(bot.press(88, MEMBER, "vqg:1:ta", 1)).await;
+    assert_eq!(next.json["type"], 7, "the listing is updated in place");
+    let page = &next.json["data"]["embeds"][0];
+    assert!(page["title"].as_str().unwrap().contains("page 2"), "{page}");
+    assert_eq!(page["fields"].as_array().unwrap().len(), 1);
+
+    // A moderator takes the post down: the message is deleted and its votes go.
+    let removed = bot
+        .interact(admin(
+            99,
+            MODERATOR,
+            "remove",
+            json!([{ "name": "job", "type": 4, "value": 1 }]),
+        ))
+        .await;
+    assert!(text(&removed).contains("out of the gallery"), "{removed:?}");
+    assert_eq!(
+        bot.count(|r| r.method == "DELETE"
+            && r.path == format!("/channels/{GALLERY}/messages/{}", stored.message_id)),
+        1
+    );
+    assert!(
+        gallery::find_gallery_post_by_job(&bot.pool, JobId(1), GUILD)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Pause holds the guild's queue; resume lets it run.
+    bot.interact(admin(99, MODERATOR, "pause", json!([]))).await;
+    bot.interact(bot.imagine(77, "held back")).await;
+    let held = eventually("the held job", || {
+        let pool = bot.pool.clone();
+        futures_now(async move {
+            jobs::list_recent_jobs(&pool, None, 1)
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|j| j.prompt == "held back")
+        })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(bot.job(held.id.0).await.status, JobStatus::Queued);
+    bot.interact(admin(99, MODERATOR, "resume", json!([])))
+        .await;
+    assert_eq!(finished(&bot.pool, held.id).await, JobStatus::Succeeded);
+    bot.stop().await;
+}
+
+/// Runs a short future to completion from a synchronous `eventually` check.
+fn futures_now<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(future))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_tokens_and_rate_limits_do_not_stop_a_job() {
+    let (bot, _) = Bot::start("", false, 300).await;
+    // Tokens die after a second here (Discord's 15 minutes); the first bot-token edit of the
+    // message is rate limited for 3 s (longer than the bot's 1 s between edits).
+    bot.discord.expire_tokens_after(Duration::from_secs(1));
+    bot.discord.rate_limit("channels/900/messages/", 1, 3.0);
+    bot.interact(bot.imagine(77, "a long night --steps 12"))
+        .await;
+    assert_eq!(finished(&bot.pool, JobId(1)).await, JobStatus::Succeeded);
+    let message = bot.job(1).await.message_id.unwrap();
+    let stub = format!("/channels/900/messages/{message}");
+    eventually("the final edit by channel", || {
+        bot.discord
+            .log()
+            .into_iter()
+            .find(|r| r.method == "PATCH" && r.path == stub && text(r).contains("done ↓"))
+    })
+    .await;
+    eventually("the result", || {
+        bot.discord
+            .log()
+            .into_iter()
+            .find(|r| r.method == "POST" && r.path == "/channels/900/messages")
+    })
+    .await;
+    let log = bot.discord.log();
+    // The expired token was refused once; no webhook edit was tried after that.
+    let refused = log
+        .iter()
+        .position(|r| r.path.contains("/webhooks/") && r.status == 401)
+        .expect("a refused token");
+    assert!(
+        !log[refused + 1..]
+            .iter()
+            .any(|r| r.path.contains("/webhooks/"))
+    );
+    // After the 429, nothing touched the message before Retry-After had passed.
+    let limited = log
+        .iter()
+        .find(|r| r.path == stub && r.status == 429)
+        .expect("a 429");
+    let next = log
+        .iter()
+        .filter(|r| r.path == stub && r.at > limited.at)
+        .map(|r| r.at)
+        .min()
+        .expect("an edit after the 429");
+    assert!(
+        next - limited.at >= Duration::from_secs(3),
+        "{:?}",
+        next - limited.at
+    );
+    bot.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attachments_are_checked_and_kept_and_users_are_rate_limited() {
+    let (bot, _) = Bot::start("jobs_per_hour = 2", true, 0).await;
+    let with = |name: &str, id: &str| {
+        bot.command(
+            77,
+            MEMBER,
+            "imagine",
+            json!([{ "name": "prompt", "type": 3, "value": "a harbour --steps 2" },
+                   { "name": name, "type": 11, "value": id }]),
+        )
+    };
+    // Not a picture, or too large: refused privately, nothing queued.
+    let bad = bot.interact(with("init_image", "12")).await;
+    assert_eq!(bad.json["data"]["flags"], 64);
+    assert!(
+        text(&bad).contains("init_image is not a picture"),
+        "{bad:?}"
+    );
+    let huge = bot.interact(with("image_prompt", "13")).await;
+    assert!(text(&huge).contains("the limit is 8 MiB"), "{huge:?}");
+    assert_eq!(bot.job_count().await, 0);
+
+    // A good one is stored under images/inputs and the job starts from it.
+    bot.interact(with("init_image", "11")).await;
+    assert_eq!(finished(&bot.pool, JobId(1)).await, JobStatus::Succeeded);
+    let params: vqclip::jobs::JobParams = serde_json::from_value(bot.job(1).await.params).unwrap();
+    let init = params.inputs.init_image.expect("an init image");
+    assert!(init.starts_with(bot.dir.path().join("images").join("inputs")));
+    assert_eq!(
+        vqclip::engine::image::read(&init).unwrap().dimensions(),
+        (48, 32)
+    );
+    bot.interact(with("image_prompt", "11")).await;
+    assert_eq!(finished(&bot.pool, JobId(2)).await, JobStatus::Succeeded);
+
+    // The third job within the hour is refused.
+    let limited = bot.interact(bot.imagine(77, "one more")).await;
+    assert!(text(&limited).contains("allows 2"), "{limited:?}");
+    assert_eq!(bot.job_count().await, 2);
+    bot.stop().await;
+}
