@@ -178,7 +178,11 @@ pub async fn run(cli: Cli) -> ExitCode {
         Err(e) => {
             tracing::debug!(error.cause_chain = ?e, "command failed");
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<SetupError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -203,12 +207,17 @@ fn load_settings(path: Option<&Path>, env: &Environment) -> Result<Settings, Exi
     })
 }
 
+/// A setup problem the operator must fix before the command can run (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SetupError(String);
+
 async fn serve(config: Option<&Path>, env: &Environment) -> anyhow::Result<()> {
     let Ok(settings) = load_settings(config, env) else {
-        anyhow::bail!("cannot start the bot without a valid configuration");
+        return Err(SetupError("cannot start the bot without a valid configuration".into()).into());
     };
     if let Err(problem) = settings.require_token() {
-        anyhow::bail!("{problem}");
+        return Err(SetupError(problem.to_string()).into());
     }
     jobs_cmd::serve(settings).await
 }

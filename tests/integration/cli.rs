@@ -126,9 +126,9 @@ fn the_token_never_appears_in_output() {
 fn serve_says_what_is_missing() {
     let dir = tempfile::tempdir().unwrap();
     let out = vqclip(dir.path(), &["serve"], &[]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(
-        text(&out.stderr).contains("DISCORD_TOKEN"),
+        text(&out.stderr).contains("DISCORD_TOKEN") && text(&out.stderr).contains("discord.token"),
         "{}",
         text(&out.stderr)
     );
