@@ -107,50 +107,85 @@ async fn imagine(
         &data.tokenizer,
     )
     .map_err(|e| BotError::User(e.to_string()))?;
-    // Attachments are checked before anything is queued: a bad one loses nothing.
-    let images = &data.settings.storage.images;
-    let init_image = match &init_image {
-        Some(a) => Some(save_attachment(a, "init_image", images).await?),
-        None => None,
-    };
-    let image_prompt = match &image_prompt {
-        Some(a) => Some(save_attachment(a, "image_prompt", images).await?),
-        None => None,
-    };
-    let origin = Origin {
-        requester: ctx.author().id.get(),
-        guild: ctx.guild_id().map(|g| g.get()),
-        channel: Some(ctx.channel_id().get()),
-    };
-    let (mut job, mut params) =
-        crate::jobs::imagine_job(&prompt, &resolved, origin).map_err(anyhow::Error::from)?;
-    params.inputs.init_image = init_image;
-    params.inputs.image_prompts = image_prompt.into_iter().map(|p| (p, 1.0, None)).collect();
-    job.params = serde_json::to_value(&params).map_err(anyhow::Error::from)?;
-    let submitted = submit(data, job, params).await?;
-    let stored = store_jobs::get_job(&data.pool, submitted.id)
-        .await?
-        .ok_or(sqlx::Error::RowNotFound)?;
-    let text = opening_text(
-        &progress::title(&stored),
-        submitted.position,
-        &resolved.notes,
-    );
+    // Attachments are checked before anything is queued: a bad one loses nothing. Fetching
+    // them may take longer than the 3 s Discord waits for an answer, so acknowledge first (the
+    // answer then replaces the "thinking…" message, publicly).
+    let deferred = init_image.is_some() || image_prompt.is_some();
+    if deferred {
+        ctx.defer().await?;
+    }
+    let queued = async {
+        let images = &data.settings.storage.images;
+        let init_image = match &init_image {
+            Some(a) => Some(save_attachment(a, "init_image", images).await?),
+            None => None,
+        };
+        let image_prompt = match &image_prompt {
+            Some(a) => Some(save_attachment(a, "image_prompt", images).await?),
+            None => None,
+        };
+        let origin = Origin {
+            requester: ctx.author().id.get(),
+            guild: ctx.guild_id().map(|g| g.get()),
+            channel: Some(ctx.channel_id().get()),
+        };
+        let (mut job, mut params) =
+            crate::jobs::imagine_job(&prompt, &resolved, origin).map_err(anyhow::Error::from)?;
+        params.inputs.init_image = init_image;
+        params.inputs.image_prompts = image_prompt.into_iter().map(|p| (p, 1.0, None)).collect();
+        job.params = serde_json::to_value(&params).map_err(anyhow::Error::from)?;
+        let submitted = submit(data, job, params).await?;
+        let stored = store_jobs::get_job(&data.pool, submitted.id)
+            .await?
+            .ok_or(sqlx::Error::RowNotFound)?;
+        let text = opening_text(
+            &progress::title(&stored),
+            submitted.position,
+            &resolved.notes,
+        );
+        let message = announce(ctx, deferred, text, cancel_button(stored.id)).await?;
+        let (token, size_limit) = match ctx {
+            poise::Context::Application(app) => (
+                Some(app.interaction.token.clone()),
+                app.interaction.attachment_size_limit,
+            ),
+            poise::Context::Prefix(_) => (None, 0),
+        };
+        let http = ctx.serenity_context().http.clone();
+        track(data, http, submitted, &message, token, size_limit).await
+    }
+    .await;
+    match queued {
+        // After a deferral the refusal replaces the "thinking…" message.
+        Err(BotError::User(text)) if deferred => {
+            announce(ctx, true, text, Vec::new()).await?;
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// The command's answer as a real message: a new reply, or (after a deferral) the deferred
+/// response edited; mentions disabled either way.
+async fn announce(
+    ctx: Context<'_>,
+    deferred: bool,
+    text: String,
+    components: Vec<serenity::CreateActionRow>,
+) -> Result<serenity::Message, BotError> {
+    if deferred && let poise::Context::Application(app) = ctx {
+        let edit = serenity::EditInteractionResponse::new()
+            .content(text)
+            .components(components)
+            .allowed_mentions(serenity::CreateAllowedMentions::new());
+        return Ok(app.interaction.edit_response(ctx.http(), edit).await?);
+    }
     let reply = poise::CreateReply::default()
         .content(text)
-        .components(cancel_button(stored.id))
+        .components(components)
         .allowed_mentions(serenity::CreateAllowedMentions::new());
     let handle = ctx.send(reply).await?;
-    let message = handle.message().await?;
-    let (token, size_limit) = match ctx {
-        poise::Context::Application(app) => (
-            Some(app.interaction.token.clone()),
-            app.interaction.attachment_size_limit,
-        ),
-        poise::Context::Prefix(_) => (None, 0),
-    };
-    let http = ctx.serenity_context().http.clone();
-    track(data, http, submitted, &message, token, size_limit).await
+    Ok(handle.message().await?.into_owned())
 }
 
 /// Checks, decodes and saves an attached picture under `images/inputs/` (named by its

@@ -182,9 +182,10 @@ pub fn status_text(title: &str, event: &JobEvent) -> String {
         JobEvent::Queued { position } => format!("queued, #{position} in line"),
         JobEvent::Started { device } => format!("starting on {device}"),
         JobEvent::Progress(p) => format!(
-            "{}% on {}, about {} left",
+            "{}% on {}, loss {:.3}, about {} left",
             u64::from(p.iteration) * 100 / u64::from(p.total.max(1)),
             p.device,
+            p.loss,
             human_duration(p.eta)
         ),
         JobEvent::Finished(_) => "done".to_owned(),
@@ -526,7 +527,7 @@ mod tests {
         });
         assert_eq!(
             status_text(title, &progress),
-            "`a fox` — <@1> (25% on cuda:0, about 1 min 35 s left)"
+            "`a fox` — <@1> (25% on cuda:0, loss 0.900, about 1 min 35 s left)"
         );
         assert_eq!(human_duration(Duration::from_secs(3725)), "1 h 2 min");
     }

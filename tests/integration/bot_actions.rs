@@ -676,14 +676,28 @@ async fn attachments_are_checked_and_kept_and_users_are_rate_limited() {
                    { "name": name, "type": 11, "value": id }]),
         )
     };
-    // Not a picture, or too large: refused privately, nothing queued.
-    let bad = bot.interact(with("init_image", "12")).await;
-    assert_eq!(bad.json["data"]["flags"], 64);
+    // Attachments take time to fetch: the command is acknowledged first (type 5), and the
+    // answer replaces the acknowledgement. Not a picture, or too large: refused, nothing queued.
+    let answer = |payload: Value| {
+        let token = payload["token"].as_str().unwrap().to_owned();
+        let bot = &bot;
+        async move {
+            let ack = bot.interact(payload).await;
+            assert_eq!(ack.json["type"], 5, "{ack:?}");
+            eventually("the answer", || {
+                bot.discord.log().into_iter().find(|r| {
+                    r.method == "PATCH" && r.path.contains(&token) && r.path.ends_with("/@original")
+                })
+            })
+            .await
+        }
+    };
+    let bad = answer(with("init_image", "12")).await;
     assert!(
         text(&bad).contains("init_image is not a picture"),
         "{bad:?}"
     );
-    let huge = bot.interact(with("image_prompt", "13")).await;
+    let huge = answer(with("image_prompt", "13")).await;
     assert!(text(&huge).contains("the limit is 8 MiB"), "{huge:?}");
     assert_eq!(bot.job_count().await, 0);
 
