@@ -60,7 +60,8 @@ impl Bot {
                  [storage]\nimages = \"{}\"\n\
                  [scheduler]\nprogress_interval_ms = 100\n\
                  [models]\nallow_tiny = true\n\
-                 [generation]\ndefault_vqgan = \"tiny_vqgan\"\ndefault_clip = \"tiny_clip\"\n",
+                 [generation]\ndefault_vqgan = \"tiny_vqgan\"\ndefault_clip = \"tiny_clip\"\n\
+                 preview_every = 2\n",
                 discord.url,
                 dir.path().join("images").display()
             ),
@@ -301,7 +302,7 @@ async fn buttons_and_reactions_rerun_upscale_and_vary_even_after_a_restart() {
 
     // /imagine with the tiny model: a cancel button while it runs, then the picture with its
     // buttons.
-    let opened = bot.interact(bot.imagine(77, "a red fox --steps 6")).await;
+    let opened = bot.interact(bot.imagine(77, "a red fox --steps 10")).await;
     assert_eq!(
         custom_ids(&opened.json["data"]["components"]),
         ["vq:cancel:1"]
@@ -326,6 +327,13 @@ async fn buttons_and_reactions_rerun_upscale_and_vary_even_after_a_restart() {
     assert_eq!(last_edit.json["components"], json!([]), "no cancel button");
     let first = bot.job(1).await;
     assert_eq!((first.width, first.height), (64, 64));
+    // Previews replaced the image of the progress message while it ran.
+    assert!(
+        bot.count(|r| r.method == "PATCH"
+            && r.path.ends_with("/@original")
+            && r.files.iter().any(|(name, _)| name == "preview.jpg"))
+            >= 1
+    );
 
     // 🎞️: the run's time-lapse, for anyone.
     let gif = bot
@@ -351,7 +359,7 @@ async fn buttons_and_reactions_rerun_upscale_and_vary_even_after_a_restart() {
     let second = bot.job(2).await;
     assert_eq!(
         (second.kind, second.parent, second.prompt.as_str()),
-        (JobKind::Rerun, Some(JobId(1)), "a red fox --steps 6")
+        (JobKind::Rerun, Some(JobId(1)), "a red fox --steps 10")
     );
     assert_ne!(second.seed, first.seed);
     bot.result_of(JobId(2)).await;
@@ -387,7 +395,7 @@ async fn buttons_and_reactions_rerun_upscale_and_vary_even_after_a_restart() {
     let variation = bot.job(4).await;
     assert_eq!(
         (variation.kind, variation.width, variation.steps),
-        (JobKind::Variation, 64, 3)
+        (JobKind::Variation, 64, 5)
     );
     bot.stop().await;
 }

@@ -3,8 +3,10 @@
 //! Every REST request is logged (method, path, JSON body or multipart parts, time) for
 //! assertions.
 //!
-//! Faults, as Discord produces them: [`FakeDiscord::rate_limit`] answers the next requests to a
-//! path with 429 and `Retry-After`; [`FakeDiscord::expire_tokens_after`] makes interaction
+//! Discord's rules, enforced: an interaction answered more than 3 s after its dispatch gets 404
+//! with code 10062; a file over 10 MiB gets 413; a dispatch the IDENTIFY intents exclude is
+//! never delivered. Faults on demand: [`FakeDiscord::rate_limit`] answers the next requests to
+//! a path with 429 and `Retry-After`; [`FakeDiscord::expire_tokens_after`] makes interaction
 //! tokens older than a (simulated 15-minute) lifetime answer 401 with code 50027.
 
 use std::collections::HashMap;
@@ -57,6 +59,31 @@ struct Shared {
     token_lifetime: Mutex<Option<Duration>>,
     /// Files served under `/attachments/<name>`.
     attachments: Mutex<HashMap<String, Vec<u8>>>,
+    /// Interaction id → when it was dispatched.
+    dispatched: Mutex<HashMap<String, Instant>>,
+}
+
+/// Discord's upload limit per file.
+const UPLOAD_LIMIT: usize = 10 * 1024 * 1024;
+
+/// Time Discord waits for an interaction's first response.
+const ACK_WINDOW: Duration = Duration::from_secs(3);
+
+/// Whether a connection that identified with `intents` receives `event`.
+fn wanted(intents: u64, event: &Value) -> bool {
+    const GUILD_MESSAGE_REACTIONS: u64 = 1 << 10;
+    const DIRECT_MESSAGE_REACTIONS: u64 = 1 << 13;
+    match event["t"].as_str() {
+        Some(t) if t.starts_with("MESSAGE_REACTION_") => {
+            let needed = if event["d"]["guild_id"].is_null() {
+                DIRECT_MESSAGE_REACTIONS
+            } else {
+                GUILD_MESSAGE_REACTIONS
+            };
+            intents & needed != 0
+        }
+        _ => true,
+    }
 }
 
 /// A running fake Discord.
@@ -82,6 +109,7 @@ impl FakeDiscord {
             rate_limits: Mutex::default(),
             token_lifetime: Mutex::default(),
             attachments: Mutex::default(),
+            dispatched: Mutex::default(),
         });
         let app = Router::new()
             .route("/ws", get(gateway))
@@ -103,6 +131,15 @@ impl FakeDiscord {
 
     /// Sends a gateway dispatch (`t`, `d`) to connected clients.
     pub fn dispatch(&self, event: &str, data: Value) {
+        if event == "INTERACTION_CREATE"
+            && let Some(id) = data["id"].as_str()
+        {
+            self.shared
+                .dispatched
+                .lock()
+                .unwrap()
+                .insert(id.to_owned(), Instant::now());
+        }
         let _ = self
             .shared
             .dispatches
@@ -195,6 +232,11 @@ async fn session(mut socket: WebSocket, shared: Arc<Shared>) {
             }
             event = dispatches.recv() => {
                 let Ok(event) = event else { return };
+                let intents = shared.identified.lock().unwrap().as_ref()
+                    .and_then(|i| i["intents"].as_u64()).unwrap_or(0);
+                if !wanted(intents, &event) {
+                    continue;
+                }
                 if socket.send(Message::Text(event.to_string().into())).await.is_err() {
                     return;
                 }
@@ -235,7 +277,15 @@ async fn rest(State(shared): State<Arc<Shared>>, request: Request) -> Response {
         json = serde_json::from_slice(&body).unwrap_or(Value::Null);
     }
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let response = answer(&shared, &method, &parts, &json);
+    let response = if files.iter().any(|(_, size)| *size > UPLOAD_LIMIT) {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            40005,
+            "Request entity too large",
+        )
+    } else {
+        answer(&shared, &method, &parts, &json)
+    };
     shared.log.lock().unwrap().push(Request_ {
         method: method.clone(),
         path: path.clone(),
@@ -297,7 +347,11 @@ fn answer(shared: &Shared, method: &Method, parts: &[&str], json: &Value) -> Res
                 None => StatusCode::NOT_FOUND.into_response(),
             };
         }
-        ("POST", ["interactions", _, token, "callback"]) => {
+        ("POST", ["interactions", id, token, "callback"]) => {
+            let dispatched = shared.dispatched.lock().unwrap().get(*id).copied();
+            if dispatched.is_some_and(|at| at.elapsed() > ACK_WINDOW) {
+                return error(StatusCode::NOT_FOUND, 10062, "Unknown interaction");
+            }
             // A message response becomes the interaction's original message, in the
             // interaction's channel (900 unless the test's interaction says otherwise).
             if matches!(json["type"].as_u64(), Some(4 | 5)) {
