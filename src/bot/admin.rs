@@ -19,7 +19,9 @@ pub(super) async fn settings(
     #[description = "Default optimiser steps"]
     #[min = 1]
     steps: Option<u32>,
-    #[description = "Default VQGAN model"] model: Option<String>,
+    #[description = "Default VQGAN model"]
+    #[autocomplete = "super::commands::complete_model"]
+    model: Option<String>,
     #[description = "Mention me when my picture is done"] ping: Option<bool>,
     #[description = "Forget my defaults"] reset: Option<bool>,
 ) -> Result<(), BotError> {

@@ -56,10 +56,15 @@ async fn imagine(
     #[description = "Optimiser steps (more: finer detail, longer wait)"]
     #[min = 1]
     steps: Option<u32>,
-    #[description = "Aspect ratio, e.g. 16:9"] aspect: Option<String>,
-    #[description = "VQGAN model, e.g. imagenet_f16_16384 or wikiart_f16_16384"] model: Option<
+    #[description = "Size in pixels, e.g. 384x256 (instead of an aspect ratio)"] size: Option<
         String,
     >,
+    #[description = "Aspect ratio, e.g. 16:9"]
+    #[autocomplete = "complete_aspect"]
+    aspect: Option<String>,
+    #[description = "VQGAN model, e.g. imagenet_f16_16384 or wikiart_f16_16384"]
+    #[autocomplete = "complete_model"]
+    model: Option<String>,
     #[description = "Start from this picture instead of noise"] init_image: Option<
         serenity::Attachment,
     >,
@@ -81,11 +86,17 @@ async fn imagine(
         Ok(a) => a,
         Err(e) => return Err(BotError::User(e)),
     };
+    let size = match size.as_deref() {
+        Some(text) => Some(
+            super::admin::parse_size(text, &data.settings.generation).map_err(BotError::User)?,
+        ),
+        None => None,
+    };
     check_rate(data, ctx.author().id.get()).await?;
     let options = ImagineOptions {
         seed,
         steps,
-        size: None,
+        size,
         aspect,
         cutn: cutouts,
         vqgan: model,
@@ -237,6 +248,41 @@ async fn save_attachment(
             .map_err(anyhow::Error::from)?;
     }
     Ok(path)
+}
+
+/// Aspect ratios offered while typing.
+const ASPECTS: [&str; 8] = ["1:1", "4:3", "3:2", "16:9", "21:9", "3:4", "2:3", "9:16"];
+
+async fn complete_aspect(_ctx: Context<'_>, partial: &str) -> serenity::CreateAutocompleteResponse {
+    let choices = ASPECTS
+        .iter()
+        .filter(|a| a.starts_with(partial.trim()))
+        .map(|&a| serenity::AutocompleteChoice::from(a))
+        .collect();
+    serenity::CreateAutocompleteResponse::new().set_choices(choices)
+}
+
+/// The VQGAN models this server offers whose id contains `partial` (at most 25, Discord's
+/// limit).
+pub fn model_choices(partial: &str, allow_tiny: bool) -> Vec<&'static str> {
+    let partial = partial.trim().to_lowercase();
+    crate::models::ids_of(crate::models::ModelKind::Vqgan)
+        .into_iter()
+        .filter(|id| allow_tiny || !crate::models::find(id).is_some_and(|m| m.tiny))
+        .filter(|id| id.contains(&partial))
+        .take(25)
+        .collect()
+}
+
+pub(super) async fn complete_model(
+    ctx: Context<'_>,
+    partial: &str,
+) -> serenity::CreateAutocompleteResponse {
+    let choices = model_choices(partial, ctx.data().settings.models.allow_tiny)
+        .into_iter()
+        .map(serenity::AutocompleteChoice::from)
+        .collect();
+    serenity::CreateAutocompleteResponse::new().set_choices(choices)
 }
 
 /// The first banned word or phrase the prompt contains as whole words, in any case.
@@ -432,6 +478,18 @@ mod tests {
         assert_eq!(banned_word("a Red  Fox at dawn", &banned), Some("red fox"));
         assert_eq!(banned_word("a red dawn fox", &banned), None);
         assert_eq!(banned_word("anything", &[]), None);
+    }
+
+    #[test]
+    fn model_choices_follow_what_is_typed_and_what_the_server_allows() {
+        assert!(model_choices("wiki", false).contains(&"wikiart_f16_16384"));
+        assert!(
+            model_choices("", false)
+                .iter()
+                .all(|id| !id.starts_with("tiny"))
+        );
+        assert_eq!(model_choices("tiny", true), ["tiny_vqgan"]);
+        assert!(model_choices("no such model", true).is_empty());
     }
 
     #[test]

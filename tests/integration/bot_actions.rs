@@ -722,6 +722,22 @@ async fn attachments_are_checked_and_kept_and_users_are_rate_limited() {
     bot.interact(with("image_prompt", "11")).await;
     assert_eq!(finished(&bot.pool, JobId(2)).await, JobStatus::Succeeded);
 
+    // Typing a model name offers the matching ones (autocomplete, type 8 answer).
+    let mut typing = bot.command(
+        77,
+        MEMBER,
+        "imagine",
+        json!([{ "name": "prompt", "type": 3, "value": "x" },
+               { "name": "model", "type": 3, "value": "wik", "focused": true }]),
+    );
+    typing["type"] = json!(4);
+    let offered = bot.interact(typing).await;
+    assert_eq!(offered.json["type"], 8);
+    assert_eq!(
+        offered.json["data"]["choices"][0]["value"],
+        "wikiart_f16_16384"
+    );
+
     // The third job within the hour is refused.
     let limited = bot.interact(bot.imagine(77, "one more")).await;
     assert!(text(&limited).contains("allows 2"), "{limited:?}");
