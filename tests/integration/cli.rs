@@ -162,7 +162,7 @@ fn db_migrate_creates_the_database_from_nothing() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(db.is_file());
     assert!(
-        text(&out.stdout).contains("applied migration 1"),
+        text(&out.stdout).contains("applied migrations 1, 2 (schema version 2)"),
         "{}",
         text(&out.stdout)
     );

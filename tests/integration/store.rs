@@ -48,6 +48,7 @@ async fn migrations_create_every_table_in_an_empty_database() {
         [
             "gallery_posts",
             "guild_settings",
+            "job_results",
             "jobs",
             "user_bans",
             "user_settings",
@@ -578,4 +579,137 @@ async fn guild_gallery_channel_is_set_and_cleared() {
             .gallery_channel_id,
         None
     );
+}
+
+#[tokio::test]
+async fn pausing_a_guild_keeps_its_gallery_channel() {
+    let (_dir, pool) = test_pool().await;
+    guilds::set_gallery_channel(&pool, 5, Some(9))
+        .await
+        .unwrap();
+    guilds::set_guild_paused(&pool, 5, true).await.unwrap();
+    guilds::set_guild_paused(&pool, 6, true).await.unwrap();
+    let s = guilds::get_guild_settings(&pool, 5).await.unwrap().unwrap();
+    assert_eq!((s.gallery_channel_id, s.paused), (Some(9), true));
+    let mut paused = guilds::list_paused_guilds(&pool).await.unwrap();
+    paused.sort_unstable();
+    assert_eq!(paused, [5, 6]);
+    guilds::set_guild_paused(&pool, 5, false).await.unwrap();
+    assert_eq!(guilds::list_paused_guilds(&pool).await.unwrap(), [6]);
+}
+
+#[tokio::test]
+async fn result_messages_find_their_job_and_jobs_are_counted_per_hour() {
+    let (_dir, pool) = test_pool().await;
+    let a = jobs::insert_job(&pool, &sample_job(7, "a")).await.unwrap();
+    let b = jobs::insert_job(&pool, &sample_job(7, "b")).await.unwrap();
+    jobs::insert_job(&pool, &sample_job(8, "c")).await.unwrap();
+    assert_eq!(jobs::get_job_result(&pool, a).await.unwrap(), None);
+    jobs::set_job_result(&pool, a, 900, u64::MAX).await.unwrap();
+    assert_eq!(
+        jobs::get_job_result(&pool, a).await.unwrap(),
+        Some((900, u64::MAX))
+    );
+    let found = jobs::find_job_by_result_message(&pool, u64::MAX)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.id, a);
+    assert!(
+        jobs::find_job_by_result_message(&pool, 1)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // The same message cannot carry two jobs' results.
+    assert!(jobs::set_job_result(&pool, b, 900, u64::MAX).await.is_err());
+
+    let hour_ago = Timestamp::now().minus(Duration::from_secs(3600));
+    assert_eq!(jobs::count_jobs_since(&pool, 7, hour_ago).await.unwrap(), 2);
+    assert_eq!(jobs::count_jobs_since(&pool, 9, hour_ago).await.unwrap(), 0);
+    let future = Timestamp::from_millis(Timestamp::now().as_millis() + 60_000);
+    assert_eq!(jobs::count_jobs_since(&pool, 7, future).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn gallery_listings_filter_by_author_and_text_and_rank_by_votes() {
+    let (_dir, pool) = test_pool().await;
+    let mut posts = Vec::new();
+    for (i, (user, prompt)) in [(1, "a red fox"), (2, "100% fox_like"), (1, "a blue whale")]
+        .into_iter()
+        .enumerate()
+    {
+        let job = jobs::insert_job(&pool, &sample_job(user, prompt))
+            .await
+            .unwrap();
+        posts.push(
+            gallery::insert_gallery_post(&pool, job, 5, 9, 100 + i as u64)
+                .await
+                .unwrap(),
+        );
+    }
+    for voter in [10, 11] {
+        gallery::add_vote(&pool, posts[1], voter, STAR)
+            .await
+            .unwrap();
+    }
+    gallery::add_vote(&pool, posts[2], 10, STAR).await.unwrap();
+    let list = |query: gallery::GalleryQuery| {
+        let pool = pool.clone();
+        async move {
+            gallery::list_gallery(&pool, &query, 10, 0)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| (e.prompt, e.votes))
+                .collect::<Vec<_>>()
+        }
+    };
+    let base = gallery::GalleryQuery {
+        guild_id: 5,
+        by_votes: false,
+        since: None,
+        author: None,
+        text: None,
+    };
+    let newest = list(base.clone()).await;
+    assert_eq!(newest.len(), 3);
+    let top = list(gallery::GalleryQuery {
+        by_votes: true,
+        ..base.clone()
+    })
+    .await;
+    assert_eq!(
+        top,
+        [
+            ("100% fox_like".to_owned(), 2),
+            ("a blue whale".to_owned(), 1),
+            ("a red fox".to_owned(), 0)
+        ]
+    );
+    let mine = list(gallery::GalleryQuery {
+        author: Some(1),
+        ..base.clone()
+    })
+    .await;
+    assert_eq!(mine.len(), 2);
+    // Search text is literal: % and _ match only themselves; case does not matter.
+    let found = list(gallery::GalleryQuery {
+        text: Some("0% FOX_".into()),
+        ..base.clone()
+    })
+    .await;
+    assert_eq!(found, [("100% fox_like".to_owned(), 2)]);
+    let none = list(gallery::GalleryQuery {
+        text: Some("d_f".into()),
+        ..base.clone()
+    })
+    .await;
+    assert!(none.is_empty(), "{none:?}");
+    let other_guild = list(gallery::GalleryQuery {
+        guild_id: 6,
+        ..base
+    })
+    .await;
+    assert!(other_guild.is_empty());
 }
