@@ -24,6 +24,7 @@
 //!
 //! Every module above exists; the bot grows with issue 6.
 
+pub mod bench;
 pub mod bot;
 pub mod cli;
 pub mod config;

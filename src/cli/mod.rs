@@ -56,6 +56,8 @@ pub struct Cli {
 /// The top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Time one optimisation step with full-size random-weight models (the reference's work).
+    Bench(BenchArgs),
     /// Run the Discord bot.
     Serve,
     /// Make one image from a prompt on this machine (CPU), with a progress bar.
@@ -138,6 +140,45 @@ pub enum JobsCommand {
     },
 }
 
+/// Options of `vqclip bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Output size, WxH (multiples of 16).
+    #[arg(long, default_value = "256x256", value_parser = parse_bench_size)]
+    pub size: (u32, u32),
+    /// Cutouts per iteration.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub cutn: u32,
+    /// Timed iterations.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub iters: u32,
+    /// Untimed iterations first.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: u32,
+    /// Cutouts per CLIP pass (default: all at once, as the reference).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub chunk: Option<u32>,
+    /// Where to run: cpu, cuda:N, metal:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: crate::config::DeviceSpec,
+    /// VQGAN preset.
+    #[arg(long, default_value = "imagenet_f16_16384")]
+    pub model: String,
+    /// CLIP preset.
+    #[arg(long, default_value = "vit_b32")]
+    pub clip: String,
+    /// One JSON line instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_bench_size(text: &str) -> Result<(u32, u32), String> {
+    text.split_once(['x', 'X'])
+        .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)))
+        .filter(|&(w, h): &(u32, u32)| w > 0 && h > 0)
+        .ok_or_else(|| format!("{text:?}: expected WxH, e.g. 256x256"))
+}
+
 /// Options of `vqclip jobs list`.
 #[derive(Debug, Args)]
 pub struct ListJobs {
@@ -155,6 +196,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     let config = cli.config.as_deref();
     let outcome = match cli.command {
         Command::Serve => serve(config, &env).await,
+        Command::Bench(args) => bench(&args),
         Command::Config(ConfigCommand::Check { path }) => {
             return config_check(path.as_deref().or(config), &env);
         }
@@ -205,6 +247,32 @@ fn load_settings(path: Option<&Path>, env: &Environment) -> Result<Settings, Exi
         }
         ExitCode::FAILURE
     })
+}
+
+fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    let (label, device) = crate::jobs::devices::open(std::slice::from_ref(&args.device))?
+        .into_iter()
+        .next()
+        .context("no device")?;
+    let options = crate::bench::BenchOptions {
+        width: args.size.0,
+        height: args.size.1,
+        cutn: args.cutn,
+        iters: args.iters,
+        warmup: args.warmup,
+        chunk: args.chunk,
+        vqgan: args.model.clone(),
+        clip: args.clip.clone(),
+        device,
+        device_label: label,
+    };
+    let report = crate::bench::run(&options)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", report.summary());
+    }
+    Ok(())
 }
 
 /// A setup problem the operator must fix before the command can run (exit code 2).

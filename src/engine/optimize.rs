@@ -6,13 +6,14 @@
 //! backward, accumulating the gradient at the image; finally that gradient goes back through
 //! the decoder to `z` in one backward pass.
 
-use candle_core::{Result, Tensor, Var};
+use std::time::{Duration, Instant};
 
 use super::clip::{ClipVision, normalize};
 use super::cutouts::Cutouts;
 use super::loss::{PromptTarget, prompt_loss};
 use super::ops::clamp_with_grad;
 use super::vqgan::Vqgan;
+use candle_core::{Result, Tensor, Var};
 
 /// The frozen models and prompts that guide a run.
 pub struct Guide<'a> {
@@ -57,6 +58,31 @@ pub struct StepReport {
     pub prompt_losses: Vec<f64>,
     /// The image the step scored, `[1, 3, H, W]` in [0, 1] (detached).
     pub image: Tensor,
+    /// Where the step's time went.
+    pub times: StepTimes,
+}
+
+/// Wall-clock time of one step's phases (the device is synchronised at each boundary, so on a
+/// GPU they are exact at the price of a little overlap).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct StepTimes {
+    /// Quantise, decode, clamp: the image from the latent.
+    pub synth_fwd: Duration,
+    /// Cutouts, CLIP's image tower and the prompt losses.
+    pub clip_fwd: Duration,
+    /// Gradients: through CLIP to the image, then through the decoder to the latent.
+    pub backward: Duration,
+    /// Adam and the clamp of the latent to the codebook's range.
+    pub optimiser: Duration,
+}
+
+/// Time since `*mark` after the device has finished its queued work; moves the mark.
+fn lap(device: &candle_core::Device, mark: &mut Instant) -> Result<Duration> {
+    device.synchronize()?;
+    let now = Instant::now();
+    let spent = now - *mark;
+    *mark = now;
+    Ok(spent)
 }
 
 /// Adam as torch implements it (no weight decay), with its moments open so a run can be
@@ -200,10 +226,18 @@ impl Latent {
     /// One iteration: quantise → decode → cutouts → CLIP → loss (+ init term) → backward →
     /// Adam → clamp. The report's losses list the prompts, then the init term when it is on.
     pub fn step(&mut self, guide: &Guide, cutouts: &dyn Cutouts) -> Result<StepReport> {
+        let device = self.z.as_tensor().device().clone();
+        let mut times = StepTimes::default();
+        let mut mark = Instant::now();
         let z_q = guide.vqgan.quantizer().quantize(self.z.as_tensor())?.z_q;
         let decoded = guide.vqgan.decode(&z_q)?;
         let image = clamp_with_grad(&((decoded + 1.0)? / 2.0)?, 0.0, 1.0)?;
-        let (grad_image, mut prompt_losses) = clip_gradient(guide, cutouts, &image.detach())?;
+        times.synth_fwd = lap(&device, &mut mark)?;
+        let (grad_image, mut prompt_losses, clip_times) =
+            clip_gradient(guide, cutouts, &image.detach())?;
+        times.clip_fwd = clip_times.clip_fwd;
+        times.backward = clip_times.backward;
+        mark = Instant::now();
         let mut surrogate = (&image * grad_image)?.sum_all()?;
         if let Some(term) = self.init_term(guide.init_weight)? {
             prompt_losses.push(f64::from(
@@ -215,6 +249,7 @@ impl Latent {
         let Some(grad_z) = grads.get(self.z.as_tensor()) else {
             candle_core::bail!("no gradient reached the latent");
         };
+        times.backward += lap(&device, &mut mark)?;
         let stepped = self.adam.step(&self.z.as_tensor().detach(), grad_z)?;
         drop(grads);
         let clamped = stepped
@@ -222,10 +257,12 @@ impl Latent {
             .broadcast_minimum(&self.z_max)?;
         self.z.set(&clamped)?;
         self.steps_done += 1;
+        times.optimiser = lap(&device, &mut mark)?;
         Ok(StepReport {
             loss: prompt_losses.iter().sum(),
             prompt_losses,
             image: image.detach(),
+            times,
         })
     }
 }
@@ -236,7 +273,10 @@ pub fn clip_gradient(
     guide: &Guide,
     cutouts: &dyn Cutouts,
     image: &Tensor,
-) -> Result<(Tensor, Vec<f64>)> {
+) -> Result<(Tensor, Vec<f64>, StepTimes)> {
+    let device = image.device().clone();
+    let mut times = StepTimes::default();
+    let mut mark = Instant::now();
     let image = Var::from_tensor(image)?;
     let n = cutouts.count();
     let mut prompt_losses = vec![0.0; guide.prompts.len()];
@@ -258,6 +298,7 @@ pub fn clip_gradient(
         let Some(total) = total else {
             candle_core::bail!("a step needs at least one prompt");
         };
+        times.clip_fwd += lap(&device, &mut mark)?;
         let mut grads = total.backward()?;
         let g = grads
             .remove(image.as_tensor())
@@ -266,10 +307,11 @@ pub fn clip_gradient(
             Some(acc) => (acc + g)?,
             None => g,
         });
+        times.backward += lap(&device, &mut mark)?;
     }
     let grad_image = match grad_image {
         Some(g) => g,
         None => candle_core::bail!("a step needs at least one cutout"),
     };
-    Ok((grad_image, prompt_losses))
+    Ok((grad_image, prompt_losses, times))
 }

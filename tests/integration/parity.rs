@@ -508,7 +508,7 @@ fn run_step(case: &Case, c: &mut Checker) -> anyhow::Result<()> {
         chunk: 2,
         init_weight: InitWeight::Off,
     };
-    let (grad_image, _) = clip_gradient(&guide, &boxes, &image.detach())?;
+    let (grad_image, _, _) = clip_gradient(&guide, &boxes, &image.detach())?;
     c.check("grad_image", &grad_image)?;
     // When the case stores the image gradient, chain exactly that one (it isolates the VQGAN);
     // otherwise ours.

@@ -1,0 +1,312 @@
+//! `vqclip bench`: the time and memory of one VQGAN+CLIP optimisation step, doing the same work
+//! as the PyTorch reference's `bench.py` (`../shared/reference/`), so the two compare as a ratio
+//! on the same machine.
+//!
+//! One iteration, as the reference defines it:
+//! 1. `z` `[1, 256, H/16, W/16]` starts `U[0, 2)` from a seeded generator; Adam (lr 0.1) on `z`
+//!    only, every weight frozen (input gradients only).
+//! 2. Quantise `z` to the nearest codebook row (straight-through), `post_quant_conv`, decoder,
+//!    `(x + 1) / 2`, clamp-with-gradient to [0, 1]  — *synth forward*.
+//! 3. `cutn` cutouts at boxes drawn once with Crowson's sampler (`cut_pow` 1), each adaptive
+//!    average pooled to CLIP's side, CLIP's normalisation; the image tower and projection;
+//!    spherical-distance loss to a fixed text embedding, mean over cutouts — *CLIP forward*.
+//! 4. Backward through CLIP to the image and through the decoder to `z` — *backward*.
+//! 5. Adam, then the clamp of `z` to the codebook's per-channel range — *optimiser*.
+//!
+//! Models are full size with seeded random weights (no download); no augmentation or noise, so
+//! every iteration does the same work. CLIP sees the cutouts `chunk` at a time (default: all at
+//! once, as the reference does).
+
+use std::time::Instant;
+
+use anyhow::Context as _;
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng as _;
+use rand_chacha::ChaCha20Rng;
+use serde::Serialize;
+
+use crate::engine::clip::{Clip, ClipConfig};
+use crate::engine::cutouts::{CutoutMethod, FixedBoxes, StepCutouts};
+use crate::engine::generate::Models;
+use crate::engine::loss::PromptTarget;
+use crate::engine::optimize::{Guide, InitWeight, Latent, StepTimes};
+use crate::engine::random::SeededWeights;
+use crate::engine::tokenizer::ClipTokenizer;
+use crate::engine::vqgan::{Vqgan, VqganConfig, VqganParts};
+
+/// The prompt whose text embedding the cutouts are pulled towards.
+const PROMPT: &str = "a watercolour lighthouse in a storm";
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Output width in pixels (a multiple of 16).
+    pub width: u32,
+    /// Output height in pixels.
+    pub height: u32,
+    /// Cutouts per iteration.
+    pub cutn: u32,
+    /// Timed iterations.
+    pub iters: u32,
+    /// Untimed iterations first.
+    pub warmup: u32,
+    /// Cutouts per CLIP pass; `None`: all at once.
+    pub chunk: Option<u32>,
+    /// VQGAN preset.
+    pub vqgan: String,
+    /// CLIP preset.
+    pub clip: String,
+    /// Where to run.
+    pub device: Device,
+    /// Label of the device for the report (`cpu`, `cuda:0`).
+    pub device_label: String,
+}
+
+/// Phase times of one iteration, in seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct PhaseSeconds {
+    /// Quantise + decode + clamp.
+    pub synth_fwd: f64,
+    /// Cutouts + CLIP image tower + loss.
+    pub clip_fwd: f64,
+    /// Through CLIP and the decoder to `z`.
+    pub backward: f64,
+    /// Adam and the clamp.
+    pub optimiser: f64,
+}
+
+impl From<StepTimes> for PhaseSeconds {
+    fn from(t: StepTimes) -> Self {
+        Self {
+            synth_fwd: t.synth_fwd.as_secs_f64(),
+            clip_fwd: t.clip_fwd.as_secs_f64(),
+            backward: t.backward.as_secs_f64(),
+            optimiser: t.optimiser.as_secs_f64(),
+        }
+    }
+}
+
+/// What a run measured; one JSON line with `--json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Always `"vqclip"` (the reference says `"reference"`).
+    pub implementation: &'static str,
+    /// `cpu`, `cuda:0`, …
+    pub device: String,
+    /// Output width.
+    pub width: u32,
+    /// Output height.
+    pub height: u32,
+    /// Cutouts per iteration.
+    pub cutn: u32,
+    /// Cutouts per CLIP pass.
+    pub chunk: u32,
+    /// Timed iterations.
+    pub iters: u32,
+    /// Median seconds per iteration.
+    pub median_s: f64,
+    /// Fastest iteration.
+    pub min_s: f64,
+    /// Slowest iteration.
+    pub max_s: f64,
+    /// Median of each phase over the timed iterations.
+    pub median_parts_s: PhaseSeconds,
+    /// Every timed iteration's seconds.
+    pub iter_s: Vec<f64>,
+    /// Peak resident memory of this process (`VmHWM`), MiB; `None` where unknown.
+    pub peak_rss_mib: Option<f64>,
+    /// Threads candle's CPU kernels use.
+    pub threads: usize,
+}
+
+/// Builds the models and runs the iterations.
+pub fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
+    let device = &options.device;
+    let vqgan_cfg = VqganConfig::preset(&options.vqgan)
+        .with_context(|| format!("unknown VQGAN {:?}", options.vqgan))?;
+    let clip_cfg = ClipConfig::preset(&options.clip)
+        .with_context(|| format!("unknown CLIP {:?}", options.clip))?;
+    let factor = vqgan_cfg.downsample_factor() as u32;
+    anyhow::ensure!(
+        options.width.is_multiple_of(factor)
+            && options.height.is_multiple_of(factor)
+            && options.width > 0,
+        "the size must be a multiple of {factor} pixels"
+    );
+    anyhow::ensure!(
+        options.cutn > 0 && options.iters > 0,
+        "cutn and iters must be at least 1"
+    );
+    let vqgan = Vqgan::new(
+        SeededWeights::new(0).var_builder(DType::F32, device),
+        &vqgan_cfg,
+        VqganParts::DecodeOnly,
+    )?;
+    let clip = Clip::new(
+        SeededWeights::new(1).var_builder(DType::F32, device),
+        &clip_cfg,
+    )?;
+    let models = Models {
+        vqgan,
+        clip,
+        tokenizer: ClipTokenizer::new(),
+    };
+    let target = PromptTarget {
+        embed: models.embed_text(PROMPT)?,
+        weight: 1.0,
+        stop: None,
+    };
+    let Models { vqgan, clip, .. } = models;
+
+    let mut rng = ChaCha20Rng::seed_from_u64(0);
+    let (toks_x, toks_y) = (
+        (options.width / factor) as usize,
+        (options.height / factor) as usize,
+    );
+    let z_init = Tensor::rand(0f32, 2f32, (1, vqgan_cfg.embed_dim, toks_y, toks_x), device)?;
+    let side = clip.vision.config().image_size;
+    let StepCutouts::Crops { boxes, .. } = CutoutMethod::Crops { cut_pow: 1.0 }.draw(
+        &mut rng,
+        options.width as usize,
+        options.height as usize,
+        options.cutn as usize,
+        side,
+    ) else {
+        anyhow::bail!("Crowson's sampler drew no boxes");
+    };
+    let cutouts = FixedBoxes { boxes, side };
+    let mut latent = Latent::new(&z_init, vqgan.z_min(), vqgan.z_max(), 0.1)?;
+    let chunk = options.chunk.unwrap_or(options.cutn).clamp(1, options.cutn);
+    let targets = [target];
+    let guide = Guide {
+        vqgan: &vqgan,
+        clip: &clip.vision,
+        prompts: &targets,
+        chunk: chunk as usize,
+        init_weight: InitWeight::Off,
+    };
+    for _ in 0..options.warmup {
+        latent.step(&guide, &cutouts)?;
+    }
+    let mut iter_s = Vec::new();
+    let mut parts = Vec::new();
+    for _ in 0..options.iters {
+        let started = Instant::now();
+        let report = latent.step(&guide, &cutouts)?;
+        device.synchronize()?;
+        iter_s.push(started.elapsed().as_secs_f64());
+        parts.push(PhaseSeconds::from(report.times));
+    }
+    let phase = |f: fn(&PhaseSeconds) -> f64| median(&parts.iter().map(f).collect::<Vec<_>>());
+    Ok(BenchReport {
+        implementation: "vqclip",
+        device: options.device_label.clone(),
+        width: options.width,
+        height: options.height,
+        cutn: options.cutn,
+        chunk,
+        iters: options.iters,
+        median_s: median(&iter_s),
+        min_s: iter_s.iter().copied().fold(f64::INFINITY, f64::min),
+        max_s: iter_s.iter().copied().fold(0.0, f64::max),
+        median_parts_s: PhaseSeconds {
+            synth_fwd: phase(|p| p.synth_fwd),
+            clip_fwd: phase(|p| p.clip_fwd),
+            backward: phase(|p| p.backward),
+            optimiser: phase(|p| p.optimiser),
+        },
+        iter_s,
+        peak_rss_mib: peak_rss_mib(),
+        threads: candle_core::utils::get_num_threads(),
+    })
+}
+
+/// The middle value (the mean of the two middle ones for an even count).
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// This process's peak resident memory (Linux `VmHWM`), in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+impl BenchReport {
+    /// A human-readable summary.
+    pub fn summary(&self) -> String {
+        let p = &self.median_parts_s;
+        format!(
+            "{}x{} cutn {} (chunk {}) on {} ({} threads): {:.2} s/iter median of {} \
+             (min {:.2}, max {:.2}); synth fwd {:.2} s, CLIP fwd {:.2} s, backward {:.2} s, \
+             optimiser {:.3} s; peak RSS {}",
+            self.width,
+            self.height,
+            self.cutn,
+            self.chunk,
+            self.device,
+            self.threads,
+            self.median_s,
+            self.iters,
+            self.min_s,
+            self.max_s,
+            p.synth_fwd,
+            p.clip_fwd,
+            p.backward,
+            p.optimiser,
+            self.peak_rss_mib
+                .map_or_else(|| "unknown".to_owned(), |m| format!("{m:.0} MiB")),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&[]), 0.0);
+    }
+
+    #[test]
+    fn the_tiny_models_run_and_every_phase_is_timed() {
+        let report = run(&BenchOptions {
+            width: 64,
+            height: 64,
+            cutn: 4,
+            iters: 2,
+            warmup: 1,
+            chunk: Some(2),
+            vqgan: "tiny".into(),
+            clip: "tiny".into(),
+            device: Device::Cpu,
+            device_label: "cpu".into(),
+        })
+        .unwrap();
+        assert_eq!((report.iters, report.iter_s.len(), report.chunk), (2, 2, 2));
+        let p = report.median_parts_s;
+        assert!(p.synth_fwd > 0.0 && p.clip_fwd > 0.0 && p.backward > 0.0 && p.optimiser > 0.0);
+        // The phases are the iteration, less only the bookkeeping between them.
+        let sum = p.synth_fwd + p.clip_fwd + p.backward + p.optimiser;
+        assert!(sum <= report.max_s * 1.01, "{sum} vs {}", report.max_s);
+        assert!(report.peak_rss_mib.is_some_and(|m| m > 1.0));
+        let json = serde_json::to_string(&report).unwrap();
+        assert!(json.contains("\"median_parts_s\""), "{json}");
+    }
+}
