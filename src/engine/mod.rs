@@ -14,6 +14,7 @@
 //! - [`generate`]: the generation API: spec in, progress and previews out, cancellable.
 //! - [`image`]: tensors ↔ images ↔ PNG/JPEG/GIF bytes.
 //! - [`prompt`]: the prompt language (weights, stops, flags).
+//! - [`conv`]: stride-1 convolution on the CPU as matrix products over shifted views.
 //! - [`ops`]: operations with hand-written gradients (input-gradient-only convolution, linear,
 //!   GroupNorm and LayerNorm, clamp-with-grad, asin, an accumulating nearest upsample).
 //! - [`checkpoint`]: reading safetensors and Lightning `.ckpt` weight files.
@@ -23,6 +24,7 @@
 pub mod augment;
 pub mod checkpoint;
 pub mod clip;
+pub mod conv;
 pub mod cutouts;
 pub mod generate;
 pub mod image;

@@ -133,9 +133,7 @@ impl FrozenConv2d {
         padding: usize,
         stride: usize,
     ) -> Result<Self> {
-        let bias = bias
-            .map(|b| b.reshape((1, b.elem_count(), 1, 1)))
-            .transpose()?;
+        let bias = bias.map(|b| b.flatten_all()).transpose()?;
         Ok(Self {
             weight,
             bias,
@@ -158,10 +156,24 @@ impl FrozenConv2d {
         Self::new(weight, Some(bias), padding, stride)
     }
 
-    fn value(&self, x: &Tensor) -> Result<Tensor> {
+    fn value(&self, x: &Tensor, upsample: bool) -> Result<Tensor> {
+        if self.stride == 1 {
+            return super::conv::conv2d(
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                self.padding,
+                upsample,
+            );
+        }
+        let x = if upsample {
+            upsample_nearest_2x(x)?
+        } else {
+            x.clone()
+        };
         let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
             None => Ok(y),
         }
     }
@@ -183,7 +195,7 @@ impl InputGradient for ConvInputGrad {
     fn input_grad(&self, _input: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
         let k = self.weight.dim(2)?;
         let flipped = self.weight.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
-        let grad = grad_out.conv2d(&flipped, k - 1 - self.padding, 1, 1, 1)?;
+        let grad = super::conv::conv2d(grad_out, &flipped, None, k - 1 - self.padding, false)?;
         if !self.upsampled {
             return Ok(grad);
         }
@@ -201,21 +213,14 @@ impl FrozenConv2d {
     }
 
     fn forward_impl(&self, x: &Tensor, upsampled: bool) -> Result<Tensor> {
-        let input = |x: &Tensor| {
-            if upsampled {
-                upsample_nearest_2x(x)
-            } else {
-                Ok(x.clone())
-            }
-        };
         if !x.track_op() {
-            return self.value(&input(x)?);
+            return self.value(x, upsampled);
         }
         if self.stride != 1 {
             // Only the encoder downsamples, and the encoder never needs a gradient.
             candle_core::bail!("FrozenConv2d: the input gradient is implemented for stride 1 only");
         }
-        let value = self.value(&input(&x.detach())?)?;
+        let value = self.value(&x.detach(), upsampled)?;
         let rule = ConvInputGrad {
             weight: self.weight.clone(),
             padding: self.padding,

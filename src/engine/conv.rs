@@ -1,0 +1,322 @@
+//! Stride-1 2-D convolution on the CPU as k² accumulated matrix products over shifted views of
+//! the zero-padded input ("shift and GEMM").
+//!
+//! candle's CPU `conv2d` builds an im2col matrix (k² copies of the input: 300 MB for a 3×3
+//! convolution of 128 channels at 256²), multiplies, then copies the result into place; it reaches
+//! about a third of the machine's matrix-product speed. Here the padded input is laid out once,
+//! and for each kernel offset `(dy, dx)` the product `W[:, :, dy, dx] · X_shifted` is accumulated
+//! into a "wide" output whose rows keep the padded width: shifting by `dy·Wp + dx` in the
+//! flattened padded image is then a plain pointer offset, so every product is one call of the
+//! GEMM kernel on strided views, with nothing copied. The k−1 extra columns per row are discarded
+//! at the end, when the bias is added.
+//!
+//! Anything else (other devices or dtypes, strides, mismatched shapes) goes to candle.
+
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
+
+/// `x` `[n, c_in, h, w]` (upsampled ×2 nearest first when `upsample`) convolved with `weight`
+/// `[c_out, c_in, k, k]`, stride 1, zero `padding`, plus `bias` `[c_out]`: PyTorch's `conv2d`.
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    upsample: bool,
+) -> Result<Tensor> {
+    let fast = matches!(x.device(), Device::Cpu)
+        && x.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && bias.is_none_or(|b| b.dtype() == DType::F32);
+    if !fast {
+        return candle_conv(x, weight, bias, padding, upsample);
+    }
+    let (n, c_in, h, w) = x.dims4()?;
+    let (c_out, c_in_w, kh, kw) = weight.dims4()?;
+    let (h, w) = if upsample { (2 * h, 2 * w) } else { (h, w) };
+    if c_in != c_in_w || kh != kw || h + 2 * padding < kh || w + 2 * padding < kw {
+        // candle says what is wrong with the shapes.
+        return candle_conv(x, weight, bias, padding, upsample);
+    }
+    let k = kh;
+    let shape = Shape2 {
+        c_in,
+        c_out,
+        k,
+        h,
+        w,
+        hp: h + 2 * padding,
+        wp: w + 2 * padding,
+        padding,
+    };
+    let x = x.contiguous()?;
+    let weight = weight.contiguous()?;
+    let bias = bias.map(|b| b.contiguous()).transpose()?;
+    let out = {
+        let (x_storage, x_layout) = x.storage_and_layout();
+        let (w_storage, w_layout) = weight.storage_and_layout();
+        let x_data = cpu_f32(&x_storage, x_layout)?;
+        let w_data = cpu_f32(&w_storage, w_layout)?;
+        let bias_guard = bias.as_ref().map(|b| b.storage_and_layout());
+        let bias_data = match &bias_guard {
+            Some((storage, layout)) => Some(cpu_f32(storage, layout)?),
+            None => None,
+        };
+        run(&shape, n, x_data, w_data, bias_data, upsample)
+    };
+    let (ho, wo) = (shape.hp - k + 1, shape.wp - k + 1);
+    Tensor::from_vec(out, (n, c_out, ho, wo), &Device::Cpu)
+}
+
+fn candle_conv(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    upsample: bool,
+) -> Result<Tensor> {
+    let x = if upsample {
+        super::ops::upsample_nearest_2x(x)?
+    } else {
+        x.clone()
+    };
+    let y = x.conv2d(weight, padding, 1, 1, 1)?;
+    match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+        None => Ok(y),
+    }
+}
+
+/// The contiguous f32 data of a CPU tensor, from its first element.
+fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+    let Storage::Cpu(CpuStorage::F32(data)) = storage else {
+        candle_core::bail!("conv2d: expected f32 data on the CPU");
+    };
+    let start = layout.start_offset();
+    Ok(&data[start..start + layout.shape().elem_count()])
+}
+
+/// Sizes of one convolution: channels, kernel side, input (after any upsampling) and padded
+/// input sides.
+struct Shape2 {
+    c_in: usize,
+    c_out: usize,
+    k: usize,
+    h: usize,
+    w: usize,
+    hp: usize,
+    wp: usize,
+    padding: usize,
+}
+
+fn run(
+    s: &Shape2,
+    n: usize,
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    upsample: bool,
+) -> Vec<f32> {
+    let (ho, wo) = (s.hp - s.k + 1, s.wp - s.k + 1);
+    let (k, ci) = (s.k, s.c_in);
+    // The kernel as k matrices [c_out, k·c_in], one per kernel row dy, column (dx, c) at
+    // dx·c_in + c: in the channels-last padded input, the k taps of a row are k·c_in
+    // consecutive values, so one product covers a whole kernel row.
+    let row_len = k * ci;
+    let mut w_rows = vec![0f32; k * s.c_out * row_len];
+    for o in 0..s.c_out {
+        for c in 0..ci {
+            for dy in 0..k {
+                for dx in 0..k {
+                    w_rows[(dy * s.c_out + o) * row_len + dx * ci + c] =
+                        weight[((o * ci + c) * k + dy) * k + dx];
+                }
+            }
+        }
+    }
+    // Channels last, padded, with k positions of zeros past the end: the garbage columns of
+    // the last row read that far.
+    let mut padded = vec![0f32; (s.hp * s.wp + k) * ci];
+    let mut wide = vec![0f32; s.c_out * ho * s.wp];
+    let mut out = vec![0f32; n * s.c_out * ho * wo];
+    let (in_h, in_w) = if upsample {
+        (s.h / 2, s.w / 2)
+    } else {
+        (s.h, s.w)
+    };
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    for image in 0..n {
+        let src = &x[image * ci * in_h * in_w..(image + 1) * ci * in_h * in_w];
+        for y in 0..s.h {
+            let sy = if upsample { y / 2 } else { y };
+            let row = &mut padded[((y + s.padding) * s.wp + s.padding) * ci..][..s.w * ci];
+            for c in 0..ci {
+                let from = &src[(c * in_h + sy) * in_w..][..in_w];
+                for xx in 0..s.w {
+                    let sx = if upsample { xx / 2 } else { xx };
+                    row[xx * ci + c] = from[sx];
+                }
+            }
+        }
+        for dy in 0..k {
+            // SAFETY: `wide` is c_out × (ho·wp), written with row stride ho·wp and column
+            // stride 1. The kernel row is c_out × k·c_in inside `w_rows`. The right-hand side
+            // is k·c_in × (ho·wp), element (r, j) read from `padded` at dy·wp·c_in + r + j·c_in;
+            // the largest, dy·wp·c_in + k·c_in − 1 + (ho·wp − 1)·c_in ≤ (hp·wp + k − 1)·c_in − 1
+            // (as ho + k − 1 = hp), is inside `padded`, (hp·wp + k)·c_in long. The three
+            // buffers do not overlap.
+            #[allow(unsafe_code)]
+            unsafe {
+                gemm::gemm(
+                    s.c_out,
+                    ho * s.wp,
+                    row_len,
+                    wide.as_mut_ptr(),
+                    1,
+                    (ho * s.wp) as isize,
+                    dy > 0,
+                    w_rows[dy * s.c_out * row_len..].as_ptr(),
+                    1,
+                    row_len as isize,
+                    padded[dy * s.wp * ci..].as_ptr(),
+                    ci as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+            }
+        }
+        let dst = &mut out[image * s.c_out * ho * wo..(image + 1) * s.c_out * ho * wo];
+        for o in 0..s.c_out {
+            let b = bias.map_or(0.0, |b| b[o]);
+            for y in 0..ho {
+                let from = &wide[(o * ho + y) * s.wp..][..wo];
+                let to = &mut dst[(o * ho + y) * wo..][..wo];
+                for (d, v) in to.iter_mut().zip(from) {
+                    *d = v + b;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seeded(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn matches_candle_for_every_kernel_padding_and_upsampling() {
+        for (n, c_in, c_out, h, w, k, padding, upsample) in [
+            (1, 5, 7, 9, 11, 3, 1, false),
+            (2, 3, 4, 6, 5, 3, 1, true),
+            (1, 4, 6, 7, 7, 1, 0, false),
+            (2, 6, 3, 8, 6, 3, 2, false),
+            (1, 2, 3, 5, 4, 3, 0, false),
+            (1, 3, 2, 4, 9, 5, 2, true),
+        ] {
+            let x = seeded(&[n, c_in, h, w], 1);
+            let weight = seeded(&[c_out, c_in, k, k], 2);
+            let bias = seeded(&[c_out], 3);
+            let ours = conv2d(&x, &weight, Some(&bias), padding, upsample).unwrap();
+            let input = if upsample {
+                super::super::ops::upsample_nearest_2x(&x).unwrap()
+            } else {
+                x.clone()
+            };
+            let stock = input
+                .conv2d(&weight, padding, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, c_out, 1, 1)).unwrap())
+                .unwrap();
+            assert_eq!(ours.dims(), stock.dims());
+            let diff = max_diff(&ours, &stock);
+            assert!(
+                diff < 1e-4,
+                "k {k} padding {padding} upsample {upsample}: {diff}"
+            );
+        }
+    }
+
+    #[test]
+    fn strided_views_are_read_correctly() {
+        // A transposed (non-contiguous) input and no bias.
+        let x = seeded(&[1, 4, 6, 5], 4).transpose(2, 3).unwrap();
+        let weight = seeded(&[2, 4, 3, 3], 5);
+        let ours = conv2d(&x, &weight, None, 1, false).unwrap();
+        let stock = x.conv2d(&weight, 1, 1, 1, 1).unwrap();
+        assert!(max_diff(&ours, &stock) < 1e-4);
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    /// `cargo test --release --lib conv_speed -- --ignored --nocapture`: GFLOP/s of the
+    /// decoder's largest convolution, ours against candle's.
+    #[test]
+    #[ignore = "a timing, not a check; run by hand"]
+    fn conv_speed() {
+        let x = Tensor::randn(0f32, 1.0, (1, 128, 256, 256), &Device::Cpu).unwrap();
+        let w = Tensor::randn(0f32, 0.05, (128, 128, 3, 3), &Device::Cpu).unwrap();
+        let flop = 2.0 * 9.0 * 128.0 * 128.0 * 65536.0;
+        for (name, f) in [
+            (
+                "shift-gemm",
+                Box::new(|| conv2d(&x, &w, None, 1, false).unwrap()) as Box<dyn Fn() -> Tensor>,
+            ),
+            ("candle", Box::new(|| x.conv2d(&w, 1, 1, 1, 1).unwrap())),
+            (
+                "matmul 4096",
+                Box::new(|| {
+                    let a = Tensor::randn(0f32, 1.0, (4096, 4096), &Device::Cpu).unwrap();
+                    let t = std::time::Instant::now();
+                    let _ = a.matmul(&a).unwrap();
+                    println!(
+                        "  matmul 4096²: {:.1} GFLOP/s",
+                        2.0 * 4096f64.powi(3) / t.elapsed().as_secs_f64() / 1e9
+                    );
+                    a
+                }),
+            ),
+        ] {
+            f();
+            let t = std::time::Instant::now();
+            for _ in 0..3 {
+                f();
+            }
+            let s = t.elapsed().as_secs_f64() / 3.0;
+            println!("{name}: {s:.3} s, {:.1} GFLOP/s", flop / s / 1e9);
+        }
+    }
+}
