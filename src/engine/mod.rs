@@ -15,6 +15,7 @@
 //! - [`image`]: tensors ↔ images ↔ PNG/JPEG/GIF bytes.
 //! - [`prompt`]: the prompt language (weights, stops, flags).
 //! - [`conv`]: stride-1 convolution on the CPU as matrix products over shifted views.
+//! - [`norm`]: GroupNorm (+ swish) and its input gradient as single CPU kernels.
 //! - [`ops`]: operations with hand-written gradients (input-gradient-only convolution, linear,
 //!   GroupNorm and LayerNorm, clamp-with-grad, asin, an accumulating nearest upsample).
 //! - [`checkpoint`]: reading safetensors and Lightning `.ckpt` weight files.
@@ -29,6 +30,7 @@ pub mod cutouts;
 pub mod generate;
 pub mod image;
 pub mod loss;
+pub mod norm;
 pub mod ops;
 pub mod optimize;
 pub mod prompt;

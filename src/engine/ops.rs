@@ -297,6 +297,11 @@ impl InputGradient for GroupNormInputGrad {
     // With swish after the norm, g is first multiplied by swish'(y) = σ(y)·(1 + y·(1 − σ(y))),
     // y = x̂·γ + β, recomputed here rather than kept from the forward pass.
     fn input_grad(&self, input: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
+        if let Some(grad) =
+            super::norm::input_grad(&input.detach(), grad_out, &self.norm.params(self.swish))?
+        {
+            return Ok(grad);
+        }
         let (n, c, h, w) = input.dims4()?;
         let groups = (n, self.norm.num_groups, (c / self.norm.num_groups) * h * w);
         let (x_hat, inv_std) = self.norm.normalized(&input.detach())?;
@@ -323,15 +328,35 @@ impl FrozenGroupNorm {
         self.forward_impl(x, true)
     }
 
+    fn params(&self, swish: bool) -> super::norm::GroupNormParams<'_> {
+        super::norm::GroupNormParams {
+            gamma: &self.weight,
+            beta: &self.bias,
+            groups: self.num_groups,
+            eps: self.eps,
+            swish,
+        }
+    }
+
+    /// The value: the CPU kernel where it applies, else composed from candle ops.
+    fn value(&self, x: &Tensor, swish: bool) -> Result<Tensor> {
+        if let Some(y) = super::norm::forward(x, &self.params(swish))? {
+            return Ok(y);
+        }
+        self.composed_value(x, swish)
+    }
+
+    fn composed_value(&self, x: &Tensor, swish: bool) -> Result<Tensor> {
+        let y = self.affine(&self.normalized(x)?.0)?;
+        if swish {
+            &y * candle_nn::ops::sigmoid(&y)?
+        } else {
+            Ok(y)
+        }
+    }
+
     fn forward_impl(&self, x: &Tensor, swish: bool) -> Result<Tensor> {
-        let value = {
-            let y = self.affine(&self.normalized(&x.detach())?.0)?;
-            if swish {
-                (&y * candle_nn::ops::sigmoid(&y)?)?
-            } else {
-                y
-            }
-        };
+        let value = self.value(&x.detach(), swish)?;
         let rule = GroupNormInputGrad {
             norm: self.clone(),
             swish,
@@ -680,6 +705,46 @@ mod tests {
         let vb = candle_nn::VarBuilder::from_tensors(map, DType::F64, &Device::Cpu);
         let norm = FrozenGroupNorm::load(vb, 2, 4, 1e-6).unwrap();
         check_gradient(&x, |t| norm.forward(t), &seeded(&[2, 4, 3, 3], 13));
+    }
+
+    #[test]
+    fn group_norm_cpu_kernels_match_the_composed_maths() {
+        let load = |dtype| {
+            let mut map = std::collections::HashMap::new();
+            map.insert("weight".to_owned(), (seeded(&[8], 31) + 1.0).unwrap());
+            map.insert("bias".to_owned(), seeded(&[8], 32));
+            let vb = candle_nn::VarBuilder::from_tensors(map, dtype, &Device::Cpu);
+            FrozenGroupNorm::load(vb, 4, 8, 1e-6).unwrap()
+        };
+        let (n32, n64) = (load(DType::F32), load(DType::F64));
+        let x64 = (seeded(&[2, 8, 5, 3], 30) * 3.0).unwrap();
+        let g64 = seeded(&[2, 8, 5, 3], 33);
+        let (x32, g32) = (
+            x64.to_dtype(DType::F32).unwrap(),
+            g64.to_dtype(DType::F32).unwrap(),
+        );
+        for swish in [false, true] {
+            // f64 takes the composed path, f32 the kernel.
+            let kernel = super::super::norm::forward(&x32, &n32.params(swish))
+                .unwrap()
+                .expect("the f32 kernel applies");
+            assert!(
+                super::super::norm::forward(&x64, &n64.params(swish))
+                    .unwrap()
+                    .is_none()
+            );
+            let composed = n64.composed_value(&x64, swish).unwrap();
+            let diff = max_diff(&kernel.to_dtype(DType::F64).unwrap(), &composed);
+            assert!(diff < 1e-5, "forward, swish {swish}: {diff}");
+            let rule = |norm: &FrozenGroupNorm| GroupNormInputGrad {
+                norm: norm.clone(),
+                swish,
+            };
+            let kernel = rule(&n32).input_grad(&x32, &g32).unwrap();
+            let composed = rule(&n64).input_grad(&x64, &g64).unwrap();
+            let diff = max_diff(&kernel.to_dtype(DType::F64).unwrap(), &composed);
+            assert!(diff < 1e-4, "input gradient, swish {swish}: {diff}");
+        }
     }
 
     #[test]
