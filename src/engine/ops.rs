@@ -469,6 +469,24 @@ impl FrozenLayerNorm {
         })
     }
 
+    /// A LayerNorm over the last dimension is a one-group GroupNorm of `[rows, dim, 1, 1]` with
+    /// a per-"channel" affine: the same CPU kernels serve both.
+    fn as_group_norm(&self) -> super::norm::GroupNormParams<'_> {
+        super::norm::GroupNormParams {
+            gamma: &self.weight,
+            beta: &self.bias,
+            groups: 1,
+            eps: self.eps,
+            swish: false,
+        }
+    }
+
+    /// `x` `[…, dim]` as `[rows, dim, 1, 1]`.
+    fn rows(x: &Tensor) -> Result<Tensor> {
+        let dim = x.dim(D::Minus1)?;
+        x.reshape((x.elem_count() / dim.max(1), dim, 1, 1))
+    }
+
     /// `(x̂, 1/σ)` with `x̂` shaped like `x` and `1/σ` with a trailing 1.
     fn normalized(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let mean = x.mean_keepdim(D::Minus1)?;
@@ -487,6 +505,12 @@ impl InputGradient for LayerNormInputGrad {
     const NAME: &'static str = "layer-norm-input-grad";
 
     fn input_grad(&self, input: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
+        let rows = FrozenLayerNorm::rows(&input.detach())?;
+        let grad_rows = FrozenLayerNorm::rows(grad_out)?;
+        if let Some(grad) = super::norm::input_grad(&rows, &grad_rows, &self.norm.as_group_norm())?
+        {
+            return grad.reshape(input.shape());
+        }
         let (x_hat, inv_std) = self.norm.normalized(&input.detach())?;
         let g_hat = grad_out.broadcast_mul(&self.norm.weight)?;
         normalization_input_grad(&x_hat, &inv_std, &g_hat)
@@ -495,10 +519,16 @@ impl InputGradient for LayerNormInputGrad {
 
 impl Module for FrozenLayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (x_hat, _) = self.normalized(&x.detach())?;
-        let value = x_hat
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)?;
+        let detached = x.detach();
+        let value = match super::norm::forward(&Self::rows(&detached)?, &self.as_group_norm())? {
+            Some(y) => y.reshape(x.shape())?,
+            None => {
+                let (x_hat, _) = self.normalized(&detached)?;
+                x_hat
+                    .broadcast_mul(&self.weight)?
+                    .broadcast_add(&self.bias)?
+            }
+        };
         with_gradient(x, value, LayerNormInputGrad { norm: self.clone() })
     }
 }
@@ -705,6 +735,30 @@ mod tests {
         let vb = candle_nn::VarBuilder::from_tensors(map, DType::F64, &Device::Cpu);
         let norm = FrozenGroupNorm::load(vb, 2, 4, 1e-6).unwrap();
         check_gradient(&x, |t| norm.forward(t), &seeded(&[2, 4, 3, 3], 13));
+    }
+
+    #[test]
+    fn layer_norm_cpu_kernels_match_the_composed_maths() {
+        let load = |dtype| {
+            let mut map = std::collections::HashMap::new();
+            map.insert("weight".to_owned(), (seeded(&[6], 41) + 1.0).unwrap());
+            map.insert("bias".to_owned(), seeded(&[6], 42));
+            let vb = candle_nn::VarBuilder::from_tensors(map, dtype, &Device::Cpu);
+            FrozenLayerNorm::load(vb, 6, 1e-5).unwrap()
+        };
+        let (n32, n64) = (load(DType::F32), load(DType::F64));
+        let x64 = (seeded(&[2, 3, 6], 43) * 2.0).unwrap();
+        let g64 = seeded(&[2, 3, 6], 44);
+        let x32 = x64.to_dtype(DType::F32).unwrap();
+        let (kernel, composed) = (n32.forward(&x32).unwrap(), n64.forward(&x64).unwrap());
+        assert_eq!(kernel.dims(), [2, 3, 6]);
+        assert!(max_diff(&kernel.to_dtype(DType::F64).unwrap(), &composed) < 1e-5);
+        let rule = |norm: &FrozenLayerNorm| LayerNormInputGrad { norm: norm.clone() };
+        let kernel = rule(&n32)
+            .input_grad(&x32, &g64.to_dtype(DType::F32).unwrap())
+            .unwrap();
+        let composed = rule(&n64).input_grad(&x64, &g64).unwrap();
+        assert!(max_diff(&kernel.to_dtype(DType::F64).unwrap(), &composed) < 1e-4);
     }
 
     #[test]
