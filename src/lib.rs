@@ -8,8 +8,8 @@
 //!    └──▶ store ◀──┘                 SQLite: jobs, gallery, votes, users, guilds
 //! ```
 //!
-//! - [`bot`] (poise on serenity) answers commands (buttons and reactions to come), and edits
-//!   progress messages. It knows Discord; nothing below it does.
+//! - [`bot`] (poise on serenity) answers commands, buttons and reactions, edits progress
+//!   messages, posts results and the gallery. It knows Discord; nothing below it does.
 //! - [`jobs`] is the per-device scheduler: a fair queue, one OS thread per device driving the
 //!   engine, progress events, cancellation, checkpoints and crash recovery. It knows nothing of
 //!   Discord.
@@ -20,9 +20,8 @@
 //! - [`config`] loads and validates the configuration; [`models`] is the catalogue of model
 //!   names and where their weights come from; [`weights`] finds their files and [`hub`]
 //!   downloads and checks them; [`request`] turns what a user typed into an engine spec;
-//!   [`telemetry`] sets up logging; [`cli`] is the command line the binary runs.
-//!
-//! Every module above exists; the bot grows with issue 6.
+//!   [`telemetry`] sets up logging; [`cli`] is the command line the binary runs; [`bench`]
+//!   times one optimisation step the way the PyTorch reference does.
 
 pub mod bench;
 pub mod bot;
@@ -31,6 +30,7 @@ pub mod config;
 pub mod engine;
 pub mod hub;
 pub mod jobs;
+pub mod memory;
 pub mod models;
 pub mod request;
 pub mod store;

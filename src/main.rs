@@ -9,6 +9,7 @@ use vqclip::telemetry;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    vqclip::memory::tune_allocator();
     let cli = Cli::parse();
     if let Err(e) = telemetry::init(cli.log_format) {
         eprintln!("error: {e:#}");

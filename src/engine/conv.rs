@@ -134,9 +134,13 @@ fn run(
         }
     }
     // Channels last, padded, with k positions of zeros past the end: the garbage columns of
-    // the last row read that far.
-    let mut padded = vec![0f32; (s.hp * s.wp + k) * ci];
-    let mut wide = vec![0f32; s.c_out * ho * s.wp];
+    // the last row read that far. Both work buffers are kept per thread between calls: at the
+    // decoder's full resolution they are tens of megabytes, which the allocator would otherwise
+    // map, fault in and zero afresh for every convolution.
+    let (mut padded, mut wide) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    padded.clear();
+    padded.resize((s.hp * s.wp + k) * ci, 0.0);
+    wide.resize(s.c_out * ho * s.wp, 0.0);
     let mut out = vec![0f32; n * s.c_out * ho * wo];
     let (in_h, in_w) = if upsample {
         (s.h / 2, s.w / 2)
@@ -206,7 +210,14 @@ fn run(
             }
         }
     }
+    SCRATCH.with(|s| *s.borrow_mut() = (padded, wide));
     out
+}
+
+thread_local! {
+    /// The padded input and wide output buffers of the last convolution on this thread.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 #[cfg(test)]
