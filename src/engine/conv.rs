@@ -224,24 +224,12 @@ thread_local! {
 mod tests {
     use super::*;
 
-    fn seeded(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
+    use crate::engine::ops::tests::max_diff;
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
+    /// A seeded f32 tensor (the fast path is f32 only).
+    fn seeded(shape: &[usize], seed: u64) -> Tensor {
+        crate::engine::ops::tests::seeded(shape, seed)
+            .to_dtype(DType::F32)
             .unwrap()
     }
 

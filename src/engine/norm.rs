@@ -60,22 +60,25 @@ fn slice<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
     Ok(&data[start..start + layout.shape().elem_count()])
 }
 
+/// γ and β as vectors, channels per group, and values per channel.
+fn layout(x: &Tensor, p: &GroupNormParams) -> Result<(Vec<f32>, Vec<f32>, usize, usize)> {
+    let (_, c, h, w) = x.dims4()?;
+    let gamma = p.gamma.flatten_all()?.to_vec1::<f32>()?;
+    let beta = p.beta.flatten_all()?.to_vec1::<f32>()?;
+    Ok((gamma, beta, c / p.groups, h * w))
+}
+
 /// `swish?(γ·norm(x) + β)`; `None` where the kernel does not apply.
 pub fn forward(x: &Tensor, p: &GroupNormParams) -> Result<Option<Tensor>> {
     let Some(mut data) = host_data(x)? else {
         return Ok(None);
     };
-    let (_, c, h, w) = x.dims4()?;
-    let (gamma, beta) = (
-        p.gamma.flatten_all()?.to_vec1::<f32>()?,
-        p.beta.flatten_all()?.to_vec1::<f32>()?,
-    );
-    let per_group = c / p.groups;
-    let block = per_group * h * w;
+    let (gamma, beta, per_group, plane) = layout(x, p)?;
+    let block = per_group * plane;
     data.par_chunks_mut(block).enumerate().for_each(|(i, out)| {
         let (mean, inv_std) = stats(out, p.eps);
         let first = (i % p.groups) * per_group;
-        for (k, channel) in out.chunks_mut(h * w).enumerate() {
+        for (k, channel) in out.chunks_mut(plane).enumerate() {
             let scale = gamma[first + k] * inv_std;
             let shift = beta[first + k] - mean * scale;
             for v in channel {
@@ -93,13 +96,8 @@ pub fn input_grad(x: &Tensor, grad_out: &Tensor, p: &GroupNormParams) -> Result<
     let (Some(x_data), Some(mut g)) = (host_data(x)?, host_data(grad_out)?) else {
         return Ok(None);
     };
-    let (_, c, h, w) = x.dims4()?;
-    let (gamma, beta) = (
-        p.gamma.flatten_all()?.to_vec1::<f32>()?,
-        p.beta.flatten_all()?.to_vec1::<f32>()?,
-    );
-    let per_group = c / p.groups;
-    let block = per_group * h * w;
+    let (gamma, beta, per_group, plane) = layout(x, p)?;
+    let block = per_group * plane;
     g.par_chunks_mut(block)
         .zip(x_data.par_chunks(block))
         .enumerate()
@@ -108,7 +106,7 @@ pub fn input_grad(x: &Tensor, grad_out: &Tensor, p: &GroupNormParams) -> Result<
             let first = (i % p.groups) * per_group;
             // ĝ = γ·g (times swish′(y) first), and the two means the formula needs.
             let (mut sum_g, mut sum_gx) = (0f64, 0f64);
-            for (k, (gc, xc)) in g.chunks_mut(h * w).zip(x.chunks(h * w)).enumerate() {
+            for (k, (gc, xc)) in g.chunks_mut(plane).zip(x.chunks(plane)).enumerate() {
                 let (gm, bt) = (gamma[first + k], beta[first + k]);
                 for (gv, &xv) in gc.iter_mut().zip(xc) {
                     let x_hat = (xv - mean) * inv_std;

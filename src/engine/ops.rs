@@ -646,11 +646,12 @@ pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
 
-    fn seeded(shape: &[usize], seed: u64) -> Tensor {
+    /// A seeded `U(-1, 1)` f64 tensor.
+    pub(crate) fn seeded(shape: &[usize], seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let n: usize = shape.iter().product();
@@ -829,8 +830,10 @@ mod tests {
         assert!(max_diff(&conv.forward_upsampled(&x).unwrap(), &separate) < 1e-12);
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
+    /// Largest absolute difference, compared in f64.
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        (f64(a) - f64(b))
             .unwrap()
             .abs()
             .unwrap()

@@ -30,15 +30,6 @@ pub struct GalleryPost {
     pub posted_at: Timestamp,
 }
 
-/// A post with its number of votes, for rankings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RankedPost {
-    /// The post.
-    pub post: GalleryPost,
-    /// Votes with the ranking's emoji.
-    pub votes: u64,
-}
-
 struct PostRow {
     id: PostId,
     job_id: JobId,
@@ -142,51 +133,6 @@ pub async fn list_recent_gallery_posts(
     .fetch_all(pool)
     .await?;
     Ok(rows.into_iter().map(GalleryPost::from).collect())
-}
-
-/// A guild's posts since `since` (all time when `None`) ranked by `emoji` votes, most first;
-/// ties go to the newer post.
-pub async fn list_top_gallery_posts(
-    pool: &SqlitePool,
-    guild_id: u64,
-    emoji: &str,
-    since: Option<Timestamp>,
-    limit: u32,
-    offset: u32,
-) -> Result<Vec<RankedPost>, sqlx::Error> {
-    let guild_id = u64_to_sql(guild_id);
-    let rows = sqlx::query!(
-        r#"SELECT p.id AS "id!: PostId", p.job_id AS "job_id!: JobId", p.guild_id AS "guild_id!",
-                  p.channel_id AS "channel_id!", p.message_id AS "message_id!",
-                  p.posted_at AS "posted_at!: Timestamp", COUNT(v.user_id) AS "votes!: i64"
-           FROM gallery_posts p
-           LEFT JOIN votes v ON v.post_id = p.id AND v.emoji = ?1
-           WHERE p.guild_id = ?2 AND (?3 IS NULL OR p.posted_at >= ?3)
-           GROUP BY p.id
-           ORDER BY COUNT(v.user_id) DESC, p.posted_at DESC, p.id DESC
-           LIMIT ?4 OFFSET ?5"#,
-        emoji,
-        guild_id,
-        since,
-        limit,
-        offset
-    )
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| RankedPost {
-            post: GalleryPost::from(PostRow {
-                id: r.id,
-                job_id: r.job_id,
-                guild_id: r.guild_id,
-                channel_id: r.channel_id,
-                message_id: r.message_id,
-                posted_at: r.posted_at,
-            }),
-            votes: u64::try_from(r.votes).unwrap_or(0),
-        })
-        .collect())
 }
 
 /// Removes a post (and its votes), e.g. when a moderator takes it down; `false` if absent.

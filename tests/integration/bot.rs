@@ -13,8 +13,9 @@ use crate::fake_discord::{APP_ID, FakeDiscord, user};
 use crate::scheduler::{FakeRunner, finished, options, slots};
 use crate::support::test_pool;
 
-async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    for _ in 0..500 {
+/// Waits (up to 30 s) until `check` finds something.
+pub(crate) async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    for _ in 0..1500 {
         if let Some(found) = check() {
             return found;
         }

@@ -14,6 +14,7 @@ use vqclip::jobs::{JobId, Scheduler};
 use vqclip::store::jobs::{self, JobKind, JobStatus};
 use vqclip::store::{gallery, guilds};
 
+use crate::bot::eventually;
 use crate::fake_discord::{APP_ID, FakeDiscord, Request_, message, user};
 use crate::scheduler::{FakeRunner, finished, options, slots};
 use crate::support::test_pool;
@@ -23,16 +24,6 @@ const GALLERY: u64 = 1_500_000_000_000_000_002;
 /// Manage Server.
 const MODERATOR: &str = "32";
 const MEMBER: &str = "0";
-
-async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    for _ in 0..750 {
-        if let Some(found) = check() {
-            return found;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
 
 /// A running bot and what it talks to.
 struct Bot {
@@ -157,18 +148,14 @@ impl Bot {
         .await
     }
 
-    /// A slash command by `user` (with `permissions`) in the guild's channel 900.
-    fn command(&self, user_id: u64, permissions: &str, name: &str, options: Value) -> Value {
+    /// An interaction of `kind` with `data` by `user` (with `permissions`) in the guild's
+    /// channel 900.
+    fn interaction(&self, kind: u64, data: Value, user_id: u64, permissions: &str) -> Value {
         json!({
             "id": self.discord.id().to_string(),
             "application_id": APP_ID.to_string(),
-            "type": 2,
-            "data": { "id": "1", "name": name, "type": 1, "options": options,
-                      "resolved": {
-                          "channels": { GALLERY.to_string(): {
-                              "id": GALLERY.to_string(), "type": 0, "name": "gallery",
-                              "permissions": "0" } },
-                          "attachments": self.attachments() } },
+            "type": kind,
+            "data": data,
             "guild_id": GUILD.to_string(),
             "channel_id": "900",
             "member": member(user_id, permissions),
@@ -181,6 +168,17 @@ impl Bot {
             "context": 0,
             "attachment_size_limit": 10485760
         })
+    }
+
+    /// A slash command by `user` (with `permissions`).
+    fn command(&self, user_id: u64, permissions: &str, name: &str, options: Value) -> Value {
+        let data = json!({ "id": "1", "name": name, "type": 1, "options": options,
+            "resolved": {
+                "channels": { GALLERY.to_string(): {
+                    "id": GALLERY.to_string(), "type": 0, "name": "gallery",
+                    "permissions": "0" } },
+                "attachments": self.attachments() } });
+        self.interaction(2, data, user_id, permissions)
     }
 
     fn attachments(&self) -> Value {
@@ -213,24 +211,10 @@ impl Bot {
 
     /// A button press by `user` on message `message_id`.
     fn press(&self, user_id: u64, permissions: &str, custom_id: &str, message_id: u64) -> Value {
-        json!({
-            "id": self.discord.id().to_string(),
-            "application_id": APP_ID.to_string(),
-            "type": 3,
-            "data": { "custom_id": custom_id, "component_type": 2 },
-            "guild_id": GUILD.to_string(),
-            "channel_id": "900",
-            "member": member(user_id, permissions),
-            "message": message(message_id, "900", &json!("")),
-            "token": format!("token-{}", self.discord.id()),
-            "version": 1,
-            "locale": "en-US",
-            "entitlements": [],
-            "app_permissions": "0",
-            "authorizing_integration_owners": {},
-            "context": 0,
-            "attachment_size_limit": 10485760
-        })
+        let data = json!({ "custom_id": custom_id, "component_type": 2 });
+        let mut payload = self.interaction(3, data, user_id, permissions);
+        payload["message"] = message(message_id, "900", &json!(""));
+        payload
     }
 
     /// `user` reacts with `emoji` to `message_id` in `channel`.
@@ -250,7 +234,7 @@ impl Bot {
     /// The posted result message of `job` (channel, message) once recorded.
     async fn result_of(&self, job: JobId) -> (u64, u64) {
         assert_eq!(finished(&self.pool, job).await, JobStatus::Succeeded);
-        for _ in 0..500 {
+        for _ in 0..1500 {
             if let Some(found) = jobs::get_job_result(&self.pool, job).await.unwrap() {
                 return found;
             }
@@ -302,7 +286,7 @@ async fn buttons_and_reactions_rerun_upscale_and_vary_even_after_a_restart() {
 
     // /imagine with the tiny model: a cancel button while it runs, then the picture with its
     // buttons.
-    let opened = bot.interact(bot.imagine(77, "a red fox --steps 10")).await;
+    let opened = bot.interact(bot.imagine(77, "a red fox --steps 8")).await;
     assert_eq!(
         custom_ids(&opened.json["data"]["components"]),
         ["vq:cancel:1"]
@@ -359,7 +343,7 @@ async fn buttons_and_reactions_rerun_upscale_and_vary_even_after_a_restart() {
     let second = bot.job(2).await;
     assert_eq!(
         (second.kind, second.parent, second.prompt.as_str()),
-        (JobKind::Rerun, Some(JobId(1)), "a red fox --steps 10")
+        (JobKind::Rerun, Some(JobId(1)), "a red fox --steps 8")
     );
     assert_ne!(second.seed, first.seed);
     bot.result_of(JobId(2)).await;
@@ -395,7 +379,7 @@ async fn buttons_and_reactions_rerun_upscale_and_vary_even_after_a_restart() {
     let variation = bot.job(4).await;
     assert_eq!(
         (variation.kind, variation.width, variation.steps),
-        (JobKind::Variation, 64, 5)
+        (JobKind::Variation, 64, 4)
     );
     bot.stop().await;
 }
@@ -440,7 +424,7 @@ async fn cancel_by_button_and_by_reaction() {
 }
 
 async fn wait_running(pool: &SqlitePool, id: i64) {
-    for _ in 0..500 {
+    for _ in 0..1500 {
         let job = jobs::get_job(pool, JobId(id)).await.unwrap();
         if job.is_some_and(|j| j.status == JobStatus::Running && j.message_id.is_some()) {
             return;

@@ -147,8 +147,9 @@ async fn submit(s: &Scheduler, user: u64, prompt: &str, steps: u32) -> JobId {
 }
 
 /// Waits until `id` has ended in the database and returns its status.
+/// Waits (up to a minute: debug builds on a busy machine are slow) for a job to end.
 pub(crate) async fn finished(pool: &SqlitePool, id: JobId) -> JobStatus {
-    for _ in 0..600 {
+    for _ in 0..3000 {
         let job = jobs::get_job(pool, id).await.unwrap().unwrap();
         if job.status.is_finished() {
             return job.status;

@@ -430,12 +430,19 @@ async fn gallery_posts_and_votes_round_trip_and_rank() {
         0
     );
 
-    let top = gallery::list_top_gallery_posts(&pool, guild, STAR, None, 10, 0)
+    let query = |since: Option<Timestamp>| gallery::GalleryQuery {
+        guild_id: guild,
+        by_votes: true,
+        since,
+        author: None,
+        text: None,
+    };
+    let top = gallery::list_gallery(&pool, &query(None), 10, 0)
         .await
         .unwrap();
     let ranking: Vec<_> = top.iter().map(|r| (r.post.id, r.votes)).collect();
     assert_eq!(ranking, [(posts[1], 2), (posts[2], 1), (posts[0], 0)]);
-    let page2 = gallery::list_top_gallery_posts(&pool, guild, STAR, None, 2, 2)
+    let page2 = gallery::list_gallery(&pool, &query(None), 2, 2)
         .await
         .unwrap();
     assert_eq!(
@@ -444,14 +451,14 @@ async fn gallery_posts_and_votes_round_trip_and_rank() {
     );
     let since_later = Timestamp::from_millis(Timestamp::now().as_millis() + 60_000);
     assert!(
-        gallery::list_top_gallery_posts(&pool, guild, STAR, Some(since_later), 10, 0)
+        gallery::list_gallery(&pool, &query(Some(since_later)), 10, 0)
             .await
             .unwrap()
             .is_empty()
     );
     let last_day = Timestamp::now().minus(Duration::from_secs(86_400));
     assert_eq!(
-        gallery::list_top_gallery_posts(&pool, guild, STAR, Some(last_day), 10, 0)
+        gallery::list_gallery(&pool, &query(Some(last_day)), 10, 0)
             .await
             .unwrap()
             .len(),
