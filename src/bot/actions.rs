@@ -140,7 +140,7 @@ pub async fn submit_follow_up(
     what: FollowUp,
     actor: Actor,
     channel: u64,
-) -> Result<Submitted, BotError> {
+) -> Result<(Submitted, Job), BotError> {
     let allowed = data.settings.discord.anyone_can_follow_up
         || actor.moderator
         || actor.user == parent.requester_id;
@@ -167,17 +167,21 @@ pub async fn submit_follow_up(
     submit(data, job, params).await
 }
 
-/// Submits a job, turning refusals into messages for the user.
+/// Submits a job, turning refusals into messages for the user; returns it as stored.
 pub async fn submit(
     data: &Data,
     job: store_jobs::NewJob,
     params: crate::jobs::JobParams,
-) -> Result<Submitted, BotError> {
-    match data.scheduler.submit(job, params).await {
-        Ok(s) => Ok(s),
-        Err(SubmitError::Store(e)) => Err(e.into()),
-        Err(refusal) => Err(BotError::User(capitalise(&refusal.to_string()))),
-    }
+) -> Result<(Submitted, Job), BotError> {
+    let submitted = match data.scheduler.submit(job, params).await {
+        Ok(s) => s,
+        Err(SubmitError::Store(e)) => return Err(e.into()),
+        Err(refusal) => return Err(BotError::User(capitalise(&refusal.to_string()))),
+    };
+    let stored = store_jobs::get_job(&data.pool, submitted.id)
+        .await?
+        .ok_or(sqlx::Error::RowNotFound)?;
+    Ok((submitted, stored))
 }
 
 /// "the queue…" → "The queue…".
@@ -194,6 +198,7 @@ pub async fn track(
     data: &Data,
     http: Arc<serenity::Http>,
     submitted: Submitted,
+    job: &Job,
     message: &serenity::Message,
     token: Option<String>,
     size_limit: u32,
@@ -205,11 +210,8 @@ pub async fn track(
         message.id.get(),
     )
     .await?;
-    let job = store_jobs::get_job(&data.pool, submitted.id)
-        .await?
-        .ok_or(sqlx::Error::RowNotFound)?;
     let target = JobMessage::for_job(
-        &job,
+        job,
         message.channel_id,
         message.id,
         token,
@@ -332,10 +334,8 @@ async fn follow_up_by_button(
     let Some(parent) = store_jobs::get_job(&data.pool, parent).await? else {
         return Err(BotError::User(format!("There is no job {parent}.")));
     };
-    let submitted = submit_follow_up(data, &parent, what, actor, press.channel_id.get()).await?;
-    let job = store_jobs::get_job(&data.pool, submitted.id)
-        .await?
-        .ok_or(sqlx::Error::RowNotFound)?;
+    let (submitted, job) =
+        submit_follow_up(data, &parent, what, actor, press.channel_id.get()).await?;
     let text = opening_text(&progress::title(&job), submitted.position, &[]);
     let response = serenity::CreateInteractionResponseMessage::new()
         .content(text)
@@ -352,6 +352,7 @@ async fn follow_up_by_button(
         data,
         ctx.http.clone(),
         submitted,
+        &job,
         &message,
         Some(press.token.clone()),
         press.attachment_size_limit,
@@ -466,10 +467,8 @@ async fn follow_up_by_reaction(
     what: FollowUp,
     actor: Actor,
 ) -> Result<(), BotError> {
-    let submitted = submit_follow_up(data, parent, what, actor, reaction.channel_id.get()).await?;
-    let job = store_jobs::get_job(&data.pool, submitted.id)
-        .await?
-        .ok_or(sqlx::Error::RowNotFound)?;
+    let (submitted, job) =
+        submit_follow_up(data, parent, what, actor, reaction.channel_id.get()).await?;
     let text = opening_text(&progress::title(&job), submitted.position, &[]);
     let opening = serenity::CreateMessage::new()
         .content(text)
@@ -477,7 +476,7 @@ async fn follow_up_by_reaction(
         .reference_message((reaction.channel_id, reaction.message_id))
         .allowed_mentions(serenity::CreateAllowedMentions::new());
     let message = reaction.channel_id.send_message(&ctx.http, opening).await?;
-    track(data, ctx.http.clone(), submitted, &message, None, 0).await
+    track(data, ctx.http.clone(), submitted, &job, &message, None, 0).await
 }
 
 #[cfg(test)]

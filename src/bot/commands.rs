@@ -145,10 +145,7 @@ async fn imagine(
         params.inputs.init_image = init_image;
         params.inputs.image_prompts = image_prompt.into_iter().map(|p| (p, 1.0, None)).collect();
         job.params = serde_json::to_value(&params).map_err(anyhow::Error::from)?;
-        let submitted = submit(data, job, params).await?;
-        let stored = store_jobs::get_job(&data.pool, submitted.id)
-            .await?
-            .ok_or(sqlx::Error::RowNotFound)?;
+        let (submitted, stored) = submit(data, job, params).await?;
         let text = opening_text(
             &progress::title(&stored),
             submitted.position,
@@ -163,7 +160,7 @@ async fn imagine(
             poise::Context::Prefix(_) => (None, 0),
         };
         let http = ctx.serenity_context().http.clone();
-        track(data, http, submitted, &message, token, size_limit).await
+        track(data, http, submitted, &stored, &message, token, size_limit).await
     }
     .await;
     match queued {
