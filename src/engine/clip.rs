@@ -7,10 +7,12 @@
 //! this one uses the input-gradient-only ops of [`super::ops`] and the composed softmax. Both
 //! towers share the encoder layer; the text tower never needs a gradient.
 
-use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
+use candle_core::{IndexOp, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::ops::{FrozenLayerNorm, FrozenLinear, add_constant, scale_shift};
+use super::ops::{
+    FrozenLayerNorm, FrozenLinear, add_constant, quick_gelu, scale_shift, self_attention,
+};
 
 /// The vision tower's shape.
 #[derive(Debug, Clone, PartialEq)]
@@ -173,56 +175,34 @@ impl ClipConfig {
     }
 }
 
-/// `x · σ(1.702·x)`, OpenAI's GELU approximation (not erf or tanh GELU).
-fn quick_gelu(x: &Tensor) -> Result<Tensor> {
-    x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
-}
-
-/// Multi-head self-attention (`self_attn.{q,k,v,out}_proj`).
+/// Multi-head self-attention (`self_attn.{q,k,v,out}_proj`), the three input projections
+/// fused into one `[3h, h]` product.
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: FrozenLinear,
-    k_proj: FrozenLinear,
-    v_proj: FrozenLinear,
+    qkv_proj: FrozenLinear,
     out_proj: FrozenLinear,
     num_heads: usize,
 }
 
 impl Attention {
     fn new(vb: VarBuilder, hidden: usize, num_heads: usize) -> Result<Self> {
-        let linear = |name| FrozenLinear::load(vb.pp(name), hidden, hidden, true);
+        let (mut weights, mut biases) = (Vec::new(), Vec::new());
+        for name in ["q_proj", "k_proj", "v_proj"] {
+            weights.push(vb.pp(name).get((hidden, hidden), "weight")?);
+            biases.push(vb.pp(name).get(hidden, "bias")?);
+        }
         Ok(Self {
-            q_proj: linear("q_proj")?,
-            k_proj: linear("k_proj")?,
-            v_proj: linear("v_proj")?,
-            out_proj: linear("out_proj")?,
+            qkv_proj: FrozenLinear::new(Tensor::cat(&weights, 0)?, Some(Tensor::cat(&biases, 0)?)),
+            out_proj: FrozenLinear::load(vb.pp("out_proj"), hidden, hidden, true)?,
             num_heads,
         })
     }
 
-    /// `x` `[b, n, hidden]`; `mask` `[n, n]` added to the scores (the text tower's causal mask).
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (b, n, hidden) = x.dims3()?;
-        let head_dim = hidden / self.num_heads;
-        let heads = |t: Tensor| {
-            t.reshape((b, n, self.num_heads, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = heads((self.q_proj.forward(x)? * (head_dim as f64).powf(-0.5))?)?;
-        let k = heads(self.k_proj.forward(x)?)?;
-        let v = heads(self.v_proj.forward(x)?)?;
-        let mut scores = q.matmul(&k.t()?)?;
-        if let Some(mask) = mask {
-            scores = scores.broadcast_add(mask)?;
-        }
-        // The composed softmax: candle's fused softmax_last_dim has no backward.
-        let weights = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let out = weights
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, n, hidden))?;
-        self.out_proj.forward(&out)
+    /// `x` `[b, n, hidden]`; `causal`: the text tower's mask (position i sees positions ≤ i).
+    fn forward(&self, x: &Tensor, causal: bool) -> Result<Tensor> {
+        let qkv = self.qkv_proj.forward(x)?;
+        self.out_proj
+            .forward(&self_attention(&qkv, self.num_heads, causal)?)
     }
 }
 
@@ -253,10 +233,10 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, causal: bool) -> Result<Tensor> {
         let x = (x + self
             .self_attn
-            .forward(&self.layer_norm1.forward(x)?, mask)?)?;
+            .forward(&self.layer_norm1.forward(x)?, causal)?)?;
         let mlp = self.fc2.forward(&quick_gelu(
             &self.fc1.forward(&self.layer_norm2.forward(&x)?)?,
         )?)?;
@@ -366,7 +346,7 @@ impl ClipVision {
         let x = add_constant(&x, &self.position_embedding.unsqueeze(0)?)?;
         let mut x = self.pre_layrnorm.forward(&x)?;
         for layer in &self.layers {
-            x = layer.forward(&x, None)?;
+            x = layer.forward(&x, false)?;
         }
         let pooled = self
             .post_layernorm
@@ -452,9 +432,8 @@ impl ClipText {
         let x =
             (self.token_embedding.index_select(&ids_t, 0)? + self.position_embedding.i(..n)?)?;
         let mut x = x.unsqueeze(0)?;
-        let mask = causal_mask(n, device, x.dtype())?;
         for layer in &self.layers {
-            x = layer.forward(&x, Some(&mask))?;
+            x = layer.forward(&x, true)?;
         }
         // The causal mask means padding after the end token cannot change the pooled row.
         let pooled = self
@@ -462,14 +441,6 @@ impl ClipText {
             .forward(&x.i((.., eos, ..))?.contiguous()?)?;
         self.text_projection.forward(&pooled)
     }
-}
-
-/// `[n, n]`: 0 on and below the diagonal, −∞ above (a position sees itself and earlier ones).
-fn causal_mask(n: usize, device: &Device, dtype: DType) -> Result<Tensor> {
-    let values: Vec<f32> = (0..n)
-        .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(values, (n, n), device)?.to_dtype(dtype)
 }
 
 /// Both towers of a CLIP model.

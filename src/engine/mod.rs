@@ -16,18 +16,22 @@
 //! - [`prompt`]: the prompt language (weights, stops, flags).
 //! - [`conv`]: stride-1 convolution on the CPU as matrix products over shifted views.
 //! - [`norm`]: GroupNorm (+ swish) and its input gradient as single CPU kernels.
+//! - `attention`, `host`: self-attention and QuickGELU as CPU kernels; the shared plumbing of
+//!   the CPU kernels (in-place data access, a checked front end to the `gemm` crate).
 //! - [`ops`]: operations with hand-written gradients (input-gradient-only convolution, linear,
 //!   GroupNorm and LayerNorm, clamp-with-grad, asin, an accumulating nearest upsample).
 //! - [`checkpoint`]: reading safetensors and Lightning `.ckpt` weight files.
 //! - [`random`]: seeded random weights for tests and benchmarks.
 //! - [`tokenizer`]: OpenAI CLIP's BPE tokenizer, offline.
 
+pub(crate) mod attention;
 pub mod augment;
 pub mod checkpoint;
 pub mod clip;
 pub mod conv;
 pub mod cutouts;
 pub mod generate;
+pub(crate) mod host;
 pub mod image;
 pub mod loss;
 pub mod norm;

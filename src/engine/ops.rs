@@ -14,6 +14,9 @@ use std::sync::Mutex;
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{CpuStorage, CustomOp1, D, Layout, Module, Result, Shape, Storage, Tensor};
 
+use super::attention::{self, AttentionShape};
+use super::host::{self, HostValue, is_host_f32, with_f32};
+
 /// The gradient rule of one custom op: given the op's input and the gradient arriving at its
 /// output, the gradient with respect to the input.
 trait InputGradient: Send + Sync + 'static {
@@ -30,7 +33,14 @@ trait InputGradient: Send + Sync + 'static {
 /// so the graph keeps one tensor per op, not two.
 struct AttachGradient<G> {
     rule: G,
-    value: Mutex<Option<Tensor>>,
+    value: Mutex<Option<Computed>>,
+}
+
+/// A value handed to [`AttachGradient`]: a tensor (copied into the op's result), or data computed
+/// by a CPU kernel (moved into it, no copy).
+enum Computed {
+    Tensor(Tensor),
+    Host(HostValue),
 }
 
 /// Copies `storage` laid out as `layout` into a fresh contiguous storage on the same device.
@@ -47,7 +57,7 @@ where
 }
 
 impl<G: InputGradient> AttachGradient<G> {
-    fn take_value(&self) -> Result<Tensor> {
+    fn take_value(&self) -> Result<Computed> {
         self.value
             .lock()
             .map_err(|_| candle_core::Error::Msg(format!("{}: poisoned lock", G::NAME)))?
@@ -62,7 +72,10 @@ impl<G: InputGradient> CustomOp1 for AttachGradient<G> {
     }
 
     fn cpu_fwd(&self, _input: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let value = self.take_value()?;
+        let value = match self.take_value()? {
+            Computed::Host(host) => return Ok((CpuStorage::F32(host.data), host.shape)),
+            Computed::Tensor(value) => value,
+        };
         let (storage, layout) = value.storage_and_layout();
         match &*storage {
             Storage::Cpu(s) => copy_contiguous(s, layout),
@@ -76,7 +89,9 @@ impl<G: InputGradient> CustomOp1 for AttachGradient<G> {
         _input: &candle_core::CudaStorage,
         _layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let value = self.take_value()?;
+        let Computed::Tensor(value) = self.take_value()? else {
+            candle_core::bail!("{}: a host value for a GPU input", G::NAME);
+        };
         let (storage, layout) = value.storage_and_layout();
         match &*storage {
             Storage::Cuda(s) => copy_contiguous(s, layout),
@@ -90,7 +105,9 @@ impl<G: InputGradient> CustomOp1 for AttachGradient<G> {
         _input: &candle_core::MetalStorage,
         _layout: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
-        let value = self.take_value()?;
+        let Computed::Tensor(value) = self.take_value()? else {
+            candle_core::bail!("{}: a host value for a GPU input", G::NAME);
+        };
         let (storage, layout) = value.storage_and_layout();
         match &*storage {
             Storage::Metal(s) => copy_contiguous(s, layout),
@@ -111,7 +128,23 @@ fn with_gradient<G: InputGradient>(input: &Tensor, value: Tensor, rule: G) -> Re
     }
     input.apply_op1(AttachGradient {
         rule,
-        value: Mutex::new(Some(value)),
+        value: Mutex::new(Some(Computed::Tensor(value))),
+    })
+}
+
+/// [`with_gradient`] for a value computed by a CPU kernel from `input.detach()`: the data moves
+/// into the graph node instead of being copied.
+fn with_gradient_host<G: InputGradient>(
+    input: &Tensor,
+    value: HostValue,
+    rule: G,
+) -> Result<Tensor> {
+    if !input.track_op() {
+        return value.into_tensor();
+    }
+    input.apply_op1(AttachGradient {
+        rule,
+        value: Mutex::new(Some(Computed::Host(value))),
     })
 }
 
@@ -403,12 +436,29 @@ impl FrozenLinear {
     }
 
     fn value(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        let y = rows_matmul(x, &self.weight.t()?)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
     }
+}
+
+/// `x` `[…, k]` times `w` `[k, n]` as one `[rows, k]·[k, n]` product, shaped `[…, n]`.
+///
+/// `broadcast_matmul` would run one small GEMM per leading index (candle loops over the batch),
+/// packing the whole weight again for each: for CLIP's `[32, 50, 768]` activations that is 32
+/// products of 50 rows instead of one of 1600.
+fn rows_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let Some((&k, lead)) = dims.split_last() else {
+        candle_core::bail!("linear: a scalar input");
+    };
+    let rows: usize = lead.iter().product();
+    let y = x.reshape((rows, k))?.matmul(w)?;
+    let mut shape = lead.to_vec();
+    shape.push(w.dim(1)?);
+    y.reshape(shape)
 }
 
 struct LinearInputGrad {
@@ -419,23 +469,77 @@ impl InputGradient for LinearInputGrad {
     const NAME: &'static str = "linear-input-grad";
 
     fn input_grad(&self, _input: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
-        grad_out.broadcast_matmul(&self.weight)
+        if !(is_host_f32(grad_out) && is_host_f32(&self.weight)) {
+            return rows_matmul(grad_out, &self.weight);
+        }
+        let (n, k) = self.weight.dims2()?;
+        let rows = grad_out.elem_count() / n.max(1);
+        let data = with_f32(grad_out, |g| {
+            with_f32(&self.weight, |w| {
+                let mut dx = vec![0f32; rows * k];
+                host::matmul(
+                    &mut dx,
+                    false,
+                    host::MatRef::row_major(g, rows, n),
+                    host::MatRef::row_major(w, n, k),
+                );
+                dx
+            })
+        })??;
+        let mut shape = grad_out.dims().to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = k;
+        }
+        Tensor::from_vec(data, shape, grad_out.device())
+    }
+}
+
+impl FrozenLinear {
+    /// The CPU kernel's value (bias fused into the product), or `None` where it does not apply.
+    fn host_value(&self, x: &Tensor) -> Result<Option<HostValue>> {
+        let host = is_host_f32(x)
+            && is_host_f32(&self.weight)
+            && self.bias.as_ref().is_none_or(is_host_f32);
+        if !host {
+            return Ok(None);
+        }
+        let (n, k) = self.weight.dims2()?;
+        let dims = x.dims();
+        if dims.last() != Some(&k) {
+            // candle names the mismatch.
+            return Ok(None);
+        }
+        let rows = x.elem_count() / k.max(1);
+        let data = with_f32(x, |x| {
+            with_f32(&self.weight, |w| match &self.bias {
+                Some(b) => with_f32(b, |b| host::linear(x, rows, w, n, Some(b))),
+                None => Ok(host::linear(x, rows, w, n, None)),
+            })
+        })???;
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = n;
+        }
+        Ok(Some(HostValue {
+            data,
+            shape: shape.into(),
+        }))
     }
 }
 
 impl Module for FrozenLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let rule = || LinearInputGrad {
+            weight: self.weight.clone(),
+        };
+        if let Some(value) = self.host_value(&x.detach())? {
+            return with_gradient_host(x, value, rule());
+        }
         if !x.track_op() {
             return self.value(x);
         }
         let value = self.value(&x.detach())?;
-        with_gradient(
-            x,
-            value,
-            LinearInputGrad {
-                weight: self.weight.clone(),
-            },
-        )
+        with_gradient(x, value, rule())
     }
 }
 
@@ -645,6 +749,119 @@ pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
         .reshape((n, c, 2 * h, 2 * w))
 }
 
+struct QuickGeluGrad;
+
+impl InputGradient for QuickGeluGrad {
+    const NAME: &'static str = "quick-gelu";
+
+    // d/dx x·σ(αx) = σ + α·x·σ·(1 − σ), σ = σ(αx)
+    fn input_grad(&self, input: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
+        let x = input.detach();
+        if is_host_f32(&x) && is_host_f32(grad_out) {
+            let data = with_f32(&x, |x| {
+                with_f32(grad_out, |g| attention::quick_gelu_grad(x, g))
+            })??;
+            return Tensor::from_vec(data, x.shape(), x.device());
+        }
+        let ax = (&x * f64::from(attention::GELU_ALPHA))?;
+        let s = candle_nn::ops::sigmoid(&ax)?;
+        let slope = (&s + (ax * &s)?.mul(&s.affine(-1.0, 1.0)?)?)?;
+        grad_out * slope
+    }
+}
+
+/// OpenAI's GELU approximation `x·σ(1.702·x)` (not erf or tanh GELU), one pass each way.
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    let detached = x.detach();
+    if is_host_f32(&detached) {
+        let data = with_f32(&detached, attention::quick_gelu)?;
+        let value = HostValue {
+            data,
+            shape: x.shape().clone(),
+        };
+        return with_gradient_host(x, value, QuickGeluGrad);
+    }
+    let value =
+        (&detached * candle_nn::ops::sigmoid(&(&detached * f64::from(attention::GELU_ALPHA))?)?)?;
+    with_gradient(x, value, QuickGeluGrad)
+}
+
+struct AttentionGrad {
+    shape: AttentionShape,
+}
+
+impl InputGradient for AttentionGrad {
+    const NAME: &'static str = "self-attention";
+
+    fn input_grad(&self, input: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
+        let qkv = input.detach();
+        if !(is_host_f32(&qkv) && is_host_f32(grad_out)) {
+            candle_core::bail!("self-attention: the kernel's gradient needs f32 data on the CPU");
+        }
+        let data = with_f32(&qkv, |q| {
+            with_f32(grad_out, |g| attention::backward(q, g, &self.shape))
+        })??;
+        Tensor::from_vec(data, qkv.shape(), qkv.device())
+    }
+}
+
+/// Multi-head self-attention `softmax(q·kᵀ/√d)·v` of `qkv` `[b, n, 3·h]` (each row `q | k | v`,
+/// each of those `heads` × `h/heads`), giving `[b, n, h]` with the heads side by side. `causal`:
+/// position `i` sees positions `≤ i` only.
+///
+/// On the CPU one kernel per direction ([`super::attention`]); elsewhere composed from candle
+/// ops (with the composed softmax, which has a backward).
+pub fn self_attention(qkv: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+    let (b, n, three_h) = qkv.dims3()?;
+    let h = three_h / 3;
+    if heads == 0 || three_h % 3 != 0 || h % heads != 0 {
+        candle_core::bail!("self-attention: width {three_h} is not 3 × {heads} heads");
+    }
+    let shape = AttentionShape {
+        batch: b,
+        n,
+        heads,
+        head_dim: h / heads,
+        causal,
+    };
+    let detached = qkv.detach();
+    if is_host_f32(&detached) {
+        let data = with_f32(&detached, |q| attention::forward(q, &shape))?;
+        let value = HostValue {
+            data,
+            shape: (b, n, h).into(),
+        };
+        return with_gradient_host(qkv, value, AttentionGrad { shape });
+    }
+    let split = |which: usize| {
+        qkv.narrow(2, which * h, h)?
+            .reshape((b, n, heads, shape.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let q = (split(0)? * f64::from(shape.head_dim as f32).powf(-0.5))?;
+    let mut scores = q.matmul(&split(1)?.t()?)?;
+    if causal {
+        scores = scores.broadcast_add(&causal_mask(n, qkv.device(), qkv.dtype())?)?;
+    }
+    candle_nn::ops::softmax(&scores, D::Minus1)?
+        .matmul(&split(2)?)?
+        .transpose(1, 2)?
+        .reshape((b, n, h))
+}
+
+/// `[n, n]`: 0 on and below the diagonal, −∞ above (a position sees itself and earlier ones).
+fn causal_mask(
+    n: usize,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+) -> Result<Tensor> {
+    let values: Vec<f32> = (0..n)
+        .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(values, (n, n), device)?.to_dtype(dtype)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -849,6 +1066,96 @@ pub(crate) mod tests {
             .map(|(k, t)| ((*k).to_owned(), t.clone()))
             .collect();
         candle_nn::VarBuilder::from_tensors(map, DType::F64, &Device::Cpu)
+    }
+
+    /// `op`'s value and input gradient for the f32 (CPU kernel) and f64 (composed) copies of
+    /// `x`, compared.
+    fn kernel_matches_composed(
+        x: &Tensor,
+        op: impl Fn(&Tensor) -> Result<Tensor>,
+        probe: &Tensor,
+        tol: f64,
+    ) {
+        let run = |dtype: DType| {
+            let var = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+            let y = op(var.as_tensor()).unwrap();
+            let loss = (&y * probe.to_dtype(dtype).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let grad = loss.backward().unwrap().remove(&var).expect("a gradient");
+            (y, grad)
+        };
+        let (y32, g32) = run(DType::F32);
+        let (y64, g64) = run(DType::F64);
+        assert!(
+            max_diff(&y32, &y64) < tol,
+            "value: {}",
+            max_diff(&y32, &y64)
+        );
+        assert!(
+            max_diff(&g32, &g64) < tol,
+            "gradient: {}",
+            max_diff(&g32, &g64)
+        );
+    }
+
+    #[test]
+    fn attention_and_quick_gelu_kernels_match_the_composed_ops() {
+        // [b = 3, n = 5, 3 × (2 heads × 8)], large enough values that the softmax is not flat.
+        let qkv = (seeded(&[3, 5, 48], 50) * 2.0).unwrap();
+        let probe = seeded(&[3, 5, 16], 51);
+        for causal in [false, true] {
+            kernel_matches_composed(&qkv, |t| self_attention(t, 2, causal), &probe, 1e-5);
+        }
+        let x = (seeded(&[4, 37], 52) * 4.0).unwrap();
+        kernel_matches_composed(&x, quick_gelu, &seeded(&[4, 37], 53), 1e-5);
+        let linear = FrozenLinear::new(seeded(&[6, 37], 54), Some(seeded(&[6], 55)));
+        let linear32 = FrozenLinear::new(
+            seeded(&[6, 37], 54).to_dtype(DType::F32).unwrap(),
+            Some(seeded(&[6], 55).to_dtype(DType::F32).unwrap()),
+        );
+        kernel_matches_composed(
+            &x,
+            |t| match t.dtype() {
+                DType::F32 => linear32.forward(t),
+                _ => linear.forward(t),
+            },
+            &seeded(&[4, 6], 56),
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn composed_attention_and_quick_gelu_gradients_match_finite_differences() {
+        let qkv = seeded(&[2, 3, 12], 60);
+        for causal in [false, true] {
+            check_gradient(
+                &qkv,
+                |t| self_attention(t, 2, causal),
+                &seeded(&[2, 3, 4], 61),
+            );
+        }
+        check_gradient(&seeded(&[3, 4], 62), quick_gelu, &seeded(&[3, 4], 63));
+    }
+
+    #[test]
+    fn causal_attention_ignores_later_positions() {
+        let qkv = seeded(&[1, 4, 12], 64).to_dtype(DType::F32).unwrap();
+        let full = self_attention(&qkv, 2, true).unwrap();
+        // Changing the last position's q, k and v leaves the first three outputs alone.
+        let changed = Tensor::cat(
+            &[
+                qkv.narrow(1, 0, 3).unwrap(),
+                (qkv.narrow(1, 3, 1).unwrap() + 5.0).unwrap(),
+            ],
+            1,
+        )
+        .unwrap();
+        let other = self_attention(&changed, 2, true).unwrap();
+        let first = |t: &Tensor| t.narrow(1, 0, 3).unwrap();
+        assert!(max_diff(&first(&full), &first(&other)) < 1e-7);
+        assert!(max_diff(&full, &other) > 1e-3);
     }
 
     #[test]

@@ -1,0 +1,261 @@
+//! Shared plumbing of the CPU kernels: reading a tensor's f32 data in place, a value computed on
+//! the host, and a bounds-checked front end to the `gemm` crate's matrix product.
+
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor};
+
+/// Whether the CPU kernels handle `t`: f32 data on the CPU.
+pub(crate) fn is_host_f32(t: &Tensor) -> bool {
+    matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
+}
+
+/// The contiguous f32 data of a CPU tensor laid out as `layout`, from its first element.
+pub(crate) fn f32_slice<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+    let Storage::Cpu(CpuStorage::F32(data)) = storage else {
+        candle_core::bail!("expected f32 data on the CPU");
+    };
+    if !layout.is_contiguous() {
+        candle_core::bail!("expected contiguous data");
+    }
+    let start = layout.start_offset();
+    Ok(&data[start..start + layout.shape().elem_count()])
+}
+
+/// Runs `f` on the f32 data of `t` (made contiguous first if it is not), without copying a
+/// contiguous tensor.
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    Ok(f(f32_slice(&storage, layout)?))
+}
+
+/// A value computed on the host: data in row-major order and its shape.
+pub(crate) struct HostValue {
+    /// The elements, row-major.
+    pub data: Vec<f32>,
+    /// The shape they fill.
+    pub shape: Shape,
+}
+
+impl HostValue {
+    /// As a CPU tensor (no copy).
+    pub fn into_tensor(self) -> Result<Tensor> {
+        Tensor::from_vec(self.data, self.shape, &Device::Cpu)
+    }
+}
+
+/// The thread setting for `gemm`: candle's thread count (`RAYON_NUM_THREADS` or the cores).
+pub(crate) fn parallelism() -> gemm::Parallelism {
+    match candle_core::utils::get_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        threads => gemm::Parallelism::Rayon(threads),
+    }
+}
+
+/// A read-only strided matrix view: element `(r, c)` is `data[r·row_stride + c·col_stride]`.
+#[derive(Clone, Copy)]
+pub(crate) struct MatRef<'a> {
+    /// The backing data.
+    pub data: &'a [f32],
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// Distance between rows.
+    pub row_stride: usize,
+    /// Distance between columns.
+    pub col_stride: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A row-major `rows × cols` matrix.
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of this view (no copy).
+    pub fn t(self) -> Self {
+        Self {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
+    }
+
+    /// Whether every element of the view lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
+                < self.data.len()
+    }
+}
+
+/// `dst = lhs · rhs` (or `dst += lhs · rhs` when `accumulate`), `dst` row-major
+/// `lhs.rows × rhs.cols`, through the `gemm` crate (the kernel candle's CPU matmul uses).
+///
+/// # Panics
+/// When the shapes disagree or a view reaches past its data: callers build the views from
+/// shapes they have checked, so this is a bug, never bad input.
+pub(crate) fn matmul(dst: &mut [f32], accumulate: bool, lhs: MatRef, rhs: MatRef) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert_eq!(rhs.rows, k, "matmul: inner dimensions differ");
+    assert_eq!(dst.len(), m * n, "matmul: destination size");
+    assert!(
+        lhs.in_bounds() && rhs.in_bounds(),
+        "matmul: view out of bounds"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: `dst` is m × n row-major (length checked above) and exclusively borrowed; every
+    // element the kernel reads through `lhs` and `rhs` is inside their slices (in_bounds), which
+    // are shared borrows and so cannot overlap `dst`.
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        );
+    }
+}
+
+/// `x · Wᵀ + b` for `x` `[rows, k]` and `weight` `[n, k]` (PyTorch's `nn.Linear`): the bias is
+/// written first and the product accumulated onto it, so there is no separate bias pass.
+pub(crate) fn linear(
+    x: &[f32],
+    rows: usize,
+    weight: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let k = weight.len().checked_div(n).unwrap_or(0);
+    let mut out = match bias {
+        Some(b) => {
+            let mut out = Vec::with_capacity(rows * n);
+            for _ in 0..rows {
+                out.extend_from_slice(b);
+            }
+            out
+        }
+        None => vec![0.0; rows * n],
+    };
+    matmul(
+        &mut out,
+        bias.is_some(),
+        MatRef::row_major(x, rows, k),
+        MatRef::row_major(weight, n, k).t(),
+    );
+    out
+}
+
+/// 8-lane dot product (the lanes let the compiler vectorise the sum).
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `y += a · x`.
+pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matmul_matches_a_naive_product_for_transposed_and_accumulated_views() {
+        let (m, k, n) = (5, 7, 3);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
+        // b is stored n × k and used transposed.
+        let mut dst = vec![1.0; m * n];
+        matmul(
+            &mut dst,
+            true,
+            MatRef::row_major(&a, m, k),
+            MatRef::row_major(&b, n, k).t(),
+        );
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = 1.0 + (0..k).map(|r| a[i * k + r] * b[j * k + r]).sum::<f32>();
+                assert!((dst[i * n + j] - want).abs() < 1e-5, "({i}, {j})");
+            }
+        }
+    }
+
+    #[test]
+    fn linear_adds_the_bias_once() {
+        let x = [1.0, 2.0, 3.0, 4.0];
+        let w = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
+        let out = linear(&x, 2, &w, 3, Some(&[10.0, 20.0, 30.0]));
+        assert_eq!(out, vec![11.0, 22.0, 33.0, 13.0, 24.0, 37.0]);
+    }
+
+    #[test]
+    fn dot_covers_the_tail() {
+        let a: Vec<f32> = (0..19).map(|i| i as f32).collect();
+        let want: f32 = a.iter().map(|v| v * v).sum();
+        assert_eq!(dot(&a, &a), want);
+    }
+
+    #[test]
+    #[should_panic(expected = "out of bounds")]
+    fn views_past_their_data_are_refused() {
+        let a = [0f32; 4];
+        let mut dst = [0f32; 4];
+        let wide = MatRef {
+            data: &a,
+            rows: 2,
+            cols: 2,
+            row_stride: 3,
+            col_stride: 1,
+        };
+        matmul(&mut dst, false, wide, MatRef::row_major(&a, 2, 2));
+    }
+}
