@@ -12,7 +12,9 @@
 //!
 //! Anything else (other devices or dtypes, strides, mismatched shapes) goes to candle.
 
-use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
+use candle_core::{Result, Tensor};
+
+use super::host::{HostValue, f32_slice, is_host_f32};
 
 /// `x` `[n, c_in, h, w]` (upsampled ×2 nearest first when `upsample`) convolved with `weight`
 /// `[c_out, c_in, k, k]`, stride 1, zero `padding`, plus `bias` `[c_out]`: PyTorch's `conv2d`.
@@ -23,19 +25,30 @@ pub fn conv2d(
     padding: usize,
     upsample: bool,
 ) -> Result<Tensor> {
-    let fast = matches!(x.device(), Device::Cpu)
-        && x.dtype() == DType::F32
-        && weight.dtype() == DType::F32
-        && bias.is_none_or(|b| b.dtype() == DType::F32);
+    match conv2d_host(x, weight, bias, padding, upsample)? {
+        Some(host) => host.into_tensor(),
+        None => candle_conv(x, weight, bias, padding, upsample),
+    }
+}
+
+/// [`conv2d`] by the CPU kernel, or `None` where it does not apply (other devices or dtypes,
+/// mismatched shapes: candle then says what is wrong).
+pub(crate) fn conv2d_host(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    upsample: bool,
+) -> Result<Option<HostValue>> {
+    let fast = is_host_f32(x) && is_host_f32(weight) && bias.is_none_or(is_host_f32);
     if !fast {
-        return candle_conv(x, weight, bias, padding, upsample);
+        return Ok(None);
     }
     let (n, c_in, h, w) = x.dims4()?;
     let (c_out, c_in_w, kh, kw) = weight.dims4()?;
     let (h, w) = if upsample { (2 * h, 2 * w) } else { (h, w) };
     if c_in != c_in_w || kh != kw || h + 2 * padding < kh || w + 2 * padding < kw {
-        // candle says what is wrong with the shapes.
-        return candle_conv(x, weight, bias, padding, upsample);
+        return Ok(None);
     }
     let k = kh;
     let shape = Shape2 {
@@ -54,17 +67,20 @@ pub fn conv2d(
     let out = {
         let (x_storage, x_layout) = x.storage_and_layout();
         let (w_storage, w_layout) = weight.storage_and_layout();
-        let x_data = cpu_f32(&x_storage, x_layout)?;
-        let w_data = cpu_f32(&w_storage, w_layout)?;
+        let x_data = f32_slice(&x_storage, x_layout)?;
+        let w_data = f32_slice(&w_storage, w_layout)?;
         let bias_guard = bias.as_ref().map(|b| b.storage_and_layout());
         let bias_data = match &bias_guard {
-            Some((storage, layout)) => Some(cpu_f32(storage, layout)?),
+            Some((storage, layout)) => Some(f32_slice(storage, layout)?),
             None => None,
         };
         run(&shape, n, x_data, w_data, bias_data, upsample)
     };
     let (ho, wo) = (shape.hp - k + 1, shape.wp - k + 1);
-    Tensor::from_vec(out, (n, c_out, ho, wo), &Device::Cpu)
+    Ok(Some(HostValue {
+        data: out,
+        shape: (n, c_out, ho, wo).into(),
+    }))
 }
 
 fn candle_conv(
@@ -84,15 +100,6 @@ fn candle_conv(
         Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
         None => Ok(y),
     }
-}
-
-/// The contiguous f32 data of a CPU tensor, from its first element.
-fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
-    let Storage::Cpu(CpuStorage::F32(data)) = storage else {
-        candle_core::bail!("conv2d: expected f32 data on the CPU");
-    };
-    let start = layout.start_offset();
-    Ok(&data[start..start + layout.shape().elem_count()])
 }
 
 /// Sizes of one convolution: channels, kernel side, input (after any upsampling) and padded
@@ -223,6 +230,7 @@ thread_local! {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
 
     use crate::engine::ops::tests::max_diff;
 
@@ -280,6 +288,7 @@ mod tests {
 #[cfg(test)]
 mod timing {
     use super::*;
+    use candle_core::Device;
 
     /// `cargo test --release --lib conv_speed -- --ignored --nocapture`: GFLOP/s of the
     /// decoder's largest convolution, ours against candle's.

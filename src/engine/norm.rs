@@ -8,8 +8,10 @@
 //!
 //! Other devices and dtypes return `None`: the caller composes the same maths from candle ops.
 
-use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
+use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
+
+use super::host::{HostValue, f32_slice, is_host_f32, with_f32};
 
 /// The GroupNorm's constants: per-channel scale and shift, groups, epsilon.
 pub struct GroupNormParams<'a> {
@@ -41,23 +43,9 @@ fn stats(block: &[f32], eps: f64) -> (f32, f32) {
     (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
 }
 
-/// Checks the case the kernels handle and reads the data: CPU, f32, `[n, c, h, w]`.
-fn host_data(x: &Tensor) -> Result<Option<Vec<f32>>> {
-    if !matches!(x.device(), Device::Cpu) || x.dtype() != DType::F32 || x.rank() != 4 {
-        return Ok(None);
-    }
-    let x = x.contiguous()?;
-    let (storage, layout) = x.storage_and_layout();
-    let data = slice(&storage, layout)?.to_vec();
-    Ok(Some(data))
-}
-
-fn slice<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
-    let Storage::Cpu(CpuStorage::F32(data)) = storage else {
-        candle_core::bail!("group norm: expected f32 data on the CPU");
-    };
-    let start = layout.start_offset();
-    Ok(&data[start..start + layout.shape().elem_count()])
+/// Whether the kernels handle `x`: CPU, f32, `[n, c, h, w]`.
+fn applies(x: &Tensor) -> bool {
+    is_host_f32(x) && x.rank() == 4
 }
 
 /// γ and β as vectors, channels per group, and values per channel.
@@ -69,10 +57,11 @@ fn layout(x: &Tensor, p: &GroupNormParams) -> Result<(Vec<f32>, Vec<f32>, usize,
 }
 
 /// `swish?(γ·norm(x) + β)`; `None` where the kernel does not apply.
-pub fn forward(x: &Tensor, p: &GroupNormParams) -> Result<Option<Tensor>> {
-    let Some(mut data) = host_data(x)? else {
+pub(crate) fn forward(x: &Tensor, p: &GroupNormParams) -> Result<Option<HostValue>> {
+    if !applies(x) {
         return Ok(None);
-    };
+    }
+    let mut data = with_f32(x, <[f32]>::to_vec)?;
     let (gamma, beta, per_group, plane) = layout(x, p)?;
     let block = per_group * plane;
     data.par_chunks_mut(block).enumerate().for_each(|(i, out)| {
@@ -87,16 +76,23 @@ pub fn forward(x: &Tensor, p: &GroupNormParams) -> Result<Option<Tensor>> {
             }
         }
     });
-    Tensor::from_vec(data, x.shape(), &Device::Cpu).map(Some)
+    Ok(Some(HostValue {
+        data,
+        shape: x.shape().clone(),
+    }))
 }
 
 /// d loss / d x of [`forward`], given `x` and the gradient at the output; `None` where the kernel
 /// does not apply.
 pub fn input_grad(x: &Tensor, grad_out: &Tensor, p: &GroupNormParams) -> Result<Option<Tensor>> {
-    let (Some(x_data), Some(mut g)) = (host_data(x)?, host_data(grad_out)?) else {
+    if !(applies(x) && applies(grad_out)) {
         return Ok(None);
-    };
-    let (gamma, beta, per_group, plane) = layout(x, p)?;
+    }
+    let mut g = with_f32(grad_out, <[f32]>::to_vec)?;
+    let x = x.contiguous()?;
+    let (x_storage, x_layout) = x.storage_and_layout();
+    let x_data = f32_slice(&x_storage, x_layout)?;
+    let (gamma, beta, per_group, plane) = layout(&x, p)?;
     let block = per_group * plane;
     g.par_chunks_mut(block)
         .zip(x_data.par_chunks(block))

@@ -43,6 +43,27 @@ enum Computed {
     Host(HostValue),
 }
 
+impl From<Tensor> for Computed {
+    fn from(value: Tensor) -> Self {
+        Self::Tensor(value)
+    }
+}
+
+impl From<HostValue> for Computed {
+    fn from(value: HostValue) -> Self {
+        Self::Host(value)
+    }
+}
+
+impl Computed {
+    fn into_tensor(self) -> Result<Tensor> {
+        match self {
+            Self::Tensor(t) => Ok(t),
+            Self::Host(host) => host.into_tensor(),
+        }
+    }
+}
+
 /// Copies `storage` laid out as `layout` into a fresh contiguous storage on the same device.
 fn copy_contiguous<S>(storage: &S, layout: &Layout) -> Result<(S, Shape)>
 where
@@ -121,30 +142,20 @@ impl<G: InputGradient> CustomOp1 for AttachGradient<G> {
 }
 
 /// `value` (computed from `input.detach()`) as a node of `input`'s graph whose backward is
-/// `rule`. When `input` carries no graph, `value` is returned as it is.
-fn with_gradient<G: InputGradient>(input: &Tensor, value: Tensor, rule: G) -> Result<Tensor> {
-    if !input.track_op() {
-        return Ok(value);
-    }
-    input.apply_op1(AttachGradient {
-        rule,
-        value: Mutex::new(Some(Computed::Tensor(value))),
-    })
-}
-
-/// [`with_gradient`] for a value computed by a CPU kernel from `input.detach()`: the data moves
-/// into the graph node instead of being copied.
-fn with_gradient_host<G: InputGradient>(
+/// `rule`. When `input` carries no graph, `value` is returned as it is. A [`HostValue`] (a CPU
+/// kernel's result) moves into the node; a tensor is copied once.
+fn with_gradient<G: InputGradient>(
     input: &Tensor,
-    value: HostValue,
+    value: impl Into<Computed>,
     rule: G,
 ) -> Result<Tensor> {
+    let value = value.into();
     if !input.track_op() {
         return value.into_tensor();
     }
     input.apply_op1(AttachGradient {
         rule,
-        value: Mutex::new(Some(Computed::Host(value))),
+        value: Mutex::new(Some(value)),
     })
 }
 
@@ -189,7 +200,18 @@ impl FrozenConv2d {
         Self::new(weight, Some(bias), padding, stride)
     }
 
-    fn value(&self, x: &Tensor, upsample: bool) -> Result<Tensor> {
+    fn value(&self, x: &Tensor, upsample: bool) -> Result<Computed> {
+        if self.stride == 1
+            && let Some(host) = super::conv::conv2d_host(
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                self.padding,
+                upsample,
+            )?
+        {
+            return Ok(host.into());
+        }
         if self.stride == 1 {
             return super::conv::conv2d(
                 x,
@@ -197,7 +219,8 @@ impl FrozenConv2d {
                 self.bias.as_ref(),
                 self.padding,
                 upsample,
-            );
+            )
+            .map(Computed::from);
         }
         let x = if upsample {
             upsample_nearest_2x(x)?
@@ -209,6 +232,7 @@ impl FrozenConv2d {
             Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
             None => Ok(y),
         }
+        .map(Computed::from)
     }
 }
 
@@ -247,7 +271,7 @@ impl FrozenConv2d {
 
     fn forward_impl(&self, x: &Tensor, upsampled: bool) -> Result<Tensor> {
         if !x.track_op() {
-            return self.value(x, upsampled);
+            return self.value(x, upsampled)?.into_tensor();
         }
         if self.stride != 1 {
             // Only the encoder downsamples, and the encoder never needs a gradient.
@@ -372,11 +396,11 @@ impl FrozenGroupNorm {
     }
 
     /// The value: the CPU kernel where it applies, else composed from candle ops.
-    fn value(&self, x: &Tensor, swish: bool) -> Result<Tensor> {
+    fn value(&self, x: &Tensor, swish: bool) -> Result<Computed> {
         if let Some(y) = super::norm::forward(x, &self.params(swish))? {
-            return Ok(y);
+            return Ok(y.into());
         }
-        self.composed_value(x, swish)
+        self.composed_value(x, swish).map(Computed::from)
     }
 
     fn composed_value(&self, x: &Tensor, swish: bool) -> Result<Tensor> {
@@ -533,7 +557,7 @@ impl Module for FrozenLinear {
             weight: self.weight.clone(),
         };
         if let Some(value) = self.host_value(&x.detach())? {
-            return with_gradient_host(x, value, rule());
+            return with_gradient(x, value, rule());
         }
         if !x.track_op() {
             return self.value(x);
@@ -624,15 +648,21 @@ impl InputGradient for LayerNormInputGrad {
 impl Module for FrozenLayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let detached = x.detach();
-        let value = match super::norm::forward(&Self::rows(&detached)?, &self.as_group_norm())? {
-            Some(y) => y.reshape(x.shape())?,
-            None => {
-                let (x_hat, _) = self.normalized(&detached)?;
-                x_hat
-                    .broadcast_mul(&self.weight)?
-                    .broadcast_add(&self.bias)?
-            }
-        };
+        let value: Computed =
+            match super::norm::forward(&Self::rows(&detached)?, &self.as_group_norm())? {
+                Some(y) => HostValue {
+                    data: y.data,
+                    shape: x.shape().clone(),
+                }
+                .into(),
+                None => {
+                    let (x_hat, _) = self.normalized(&detached)?;
+                    x_hat
+                        .broadcast_mul(&self.weight)?
+                        .broadcast_add(&self.bias)?
+                        .into()
+                }
+            };
         with_gradient(x, value, LayerNormInputGrad { norm: self.clone() })
     }
 }
@@ -779,7 +809,7 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
             data,
             shape: x.shape().clone(),
         };
-        return with_gradient_host(x, value, QuickGeluGrad);
+        return with_gradient(x, value, QuickGeluGrad);
     }
     let value =
         (&detached * candle_nn::ops::sigmoid(&(&detached * f64::from(attention::GELU_ALPHA))?)?)?;
@@ -831,7 +861,7 @@ pub fn self_attention(qkv: &Tensor, heads: usize, causal: bool) -> Result<Tensor
             data,
             shape: (b, n, h).into(),
         };
-        return with_gradient_host(qkv, value, AttentionGrad { shape });
+        return with_gradient(qkv, value, AttentionGrad { shape });
     }
     let split = |which: usize| {
         qkv.narrow(2, which * h, h)?
@@ -999,7 +1029,9 @@ pub(crate) mod tests {
             // f64 takes the composed path, f32 the kernel.
             let kernel = super::super::norm::forward(&x32, &n32.params(swish))
                 .unwrap()
-                .expect("the f32 kernel applies");
+                .expect("the f32 kernel applies")
+                .into_tensor()
+                .unwrap();
             assert!(
                 super::super::norm::forward(&x64, &n64.params(swish))
                     .unwrap()
