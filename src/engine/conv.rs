@@ -13,8 +13,9 @@
 //! Anything else (other devices or dtypes, strides, mismatched shapes) goes to candle.
 
 use candle_core::{Result, Tensor};
+use rayon::prelude::*;
 
-use super::host::{HostValue, f32_slice, is_host_f32};
+use super::host::{HostValue, f32_slice, is_host_f32, with_f32};
 
 /// `x` `[n, c_in, h, w]` (upsampled ×2 nearest first when `upsample`) convolved with `weight`
 /// `[c_out, c_in, k, k]`, stride 1, zero `padding`, plus `bias` `[c_out]`: PyTorch's `conv2d`.
@@ -145,8 +146,8 @@ fn run(
     // decoder's full resolution they are tens of megabytes, which the allocator would otherwise
     // map, fault in and zero afresh for every convolution.
     let (mut padded, mut wide) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    padded.clear();
     padded.resize((s.hp * s.wp + k) * ci, 0.0);
+    zero_border(&mut padded, s);
     wide.resize(s.c_out * ho * s.wp, 0.0);
     let mut out = vec![0f32; n * s.c_out * ho * wo];
     let (in_h, in_w) = if upsample {
@@ -162,17 +163,27 @@ fn run(
     };
     for image in 0..n {
         let src = &x[image * ci * in_h * in_w..(image + 1) * ci * in_h * in_w];
-        for y in 0..s.h {
-            let sy = if upsample { y / 2 } else { y };
-            let row = &mut padded[((y + s.padding) * s.wp + s.padding) * ci..][..s.w * ci];
-            for c in 0..ci {
-                let from = &src[(c * in_h + sy) * in_w..][..in_w];
-                for xx in 0..s.w {
-                    let sx = if upsample { xx / 2 } else { xx };
-                    row[xx * ci + c] = from[sx];
+        // The transposition to channels last, one padded row per task.
+        let interior = &mut padded[s.padding * s.wp * ci..(s.hp - s.padding) * s.wp * ci];
+        interior
+            .par_chunks_mut(s.wp * ci)
+            .enumerate()
+            .for_each(|(y, row)| {
+                let sy = if upsample { y / 2 } else { y };
+                let row = &mut row[s.padding * ci..][..s.w * ci];
+                // In tiles of 16 pixels, so that the tile being written (16·c_in values) stays
+                // in L1 while every channel's plane is read a cache line at a time.
+                for x0 in (0..s.w).step_by(16) {
+                    let x1 = (x0 + 16).min(s.w);
+                    for c in 0..ci {
+                        let from = &src[(c * in_h + sy) * in_w..][..in_w];
+                        for xx in x0..x1 {
+                            let sx = if upsample { xx / 2 } else { xx };
+                            row[xx * ci + c] = from[sx];
+                        }
+                    }
                 }
-            }
-        }
+            });
         for dy in 0..k {
             // SAFETY: `wide` is c_out × (ho·wp), written with row stride ho·wp and column
             // stride 1. The kernel row is c_out × k·c_in inside `w_rows`. The right-hand side
@@ -205,20 +216,69 @@ fn run(
                 );
             }
         }
-        let dst = &mut out[image * s.c_out * ho * wo..(image + 1) * s.c_out * ho * wo];
-        for o in 0..s.c_out {
-            let b = bias.map_or(0.0, |b| b[o]);
-            for y in 0..ho {
-                let from = &wide[(o * ho + y) * s.wp..][..wo];
-                let to = &mut dst[(o * ho + y) * wo..][..wo];
-                for (d, v) in to.iter_mut().zip(from) {
-                    *d = v + b;
+        // Drop the k − 1 garbage columns per row and add the bias, one output channel per task.
+        let image_out = &mut out[image * s.c_out * ho * wo..(image + 1) * s.c_out * ho * wo];
+        image_out
+            .par_chunks_mut(ho * wo)
+            .enumerate()
+            .for_each(|(o, plane)| {
+                let b = bias.map_or(0.0, |b| b[o]);
+                for (y, to) in plane.chunks_mut(wo).enumerate() {
+                    let from = &wide[(o * ho + y) * s.wp..][..wo];
+                    for (d, v) in to.iter_mut().zip(from) {
+                        *d = v + b;
+                    }
                 }
-            }
-        }
+            });
     }
     SCRATCH.with(|s| *s.borrow_mut() = (padded, wide));
     out
+}
+
+/// The sum of each 2×2 block of `x` `[n, c, 2h, 2w]`, giving `[n, c, h, w]` (the gradient of a
+/// nearest ×2 upsampling), one plane per task; `None` off the CPU or for odd sides.
+pub(crate) fn sum_2x2(x: &Tensor) -> Result<Option<HostValue>> {
+    let (n, c, h2, w2) = x.dims4()?;
+    if !is_host_f32(x) || h2 % 2 != 0 || w2 % 2 != 0 {
+        return Ok(None);
+    }
+    let (h, w) = (h2 / 2, w2 / 2);
+    let mut out = vec![0f32; n * c * h * w];
+    if out.is_empty() {
+        return Ok(None);
+    }
+    with_f32(x, |data| {
+        out.par_chunks_mut(h * w)
+            .zip(data.par_chunks(h2 * w2))
+            .for_each(|(to, from)| {
+                for (y, row) in to.chunks_mut(w).enumerate() {
+                    let (top, bottom) =
+                        (&from[2 * y * w2..][..w2], &from[(2 * y + 1) * w2..][..w2]);
+                    for (x, v) in row.iter_mut().enumerate() {
+                        *v = top[2 * x] + top[2 * x + 1] + bottom[2 * x] + bottom[2 * x + 1];
+                    }
+                }
+            });
+    })?;
+    Ok(Some(HostValue {
+        data: out,
+        shape: (n, c, h, w).into(),
+    }))
+}
+
+/// Zeroes everything of the channels-last padded buffer that the image copy does not write: the
+/// padding rows and columns and the tail. (The buffer is reused, so it holds the last call's
+/// data; zeroing only the border saves a full pass.)
+fn zero_border(padded: &mut [f32], s: &Shape2) {
+    let (ci, p) = (s.c_in, s.padding);
+    let row = s.wp * ci;
+    padded[..p * row].fill(0.0);
+    padded[(s.hp - p) * row..].fill(0.0);
+    for y in p..s.hp - p {
+        let r = &mut padded[y * row..(y + 1) * row];
+        r[..p * ci].fill(0.0);
+        r[(p + s.w) * ci..].fill(0.0);
+    }
 }
 
 thread_local! {
@@ -272,6 +332,26 @@ mod tests {
                 "k {k} padding {padding} upsample {upsample}: {diff}"
             );
         }
+    }
+
+    #[test]
+    fn block_sums_match_candle() {
+        let x = seeded(&[2, 3, 6, 8], 90);
+        let ours = sum_2x2(&x)
+            .unwrap()
+            .expect("f32 on the CPU")
+            .into_tensor()
+            .unwrap();
+        let candle = x
+            .reshape((2, 3, 3, 2, 4, 2))
+            .unwrap()
+            .sum(5)
+            .unwrap()
+            .sum(3)
+            .unwrap();
+        assert_eq!(ours.dims(), [2, 3, 3, 4]);
+        assert!(max_diff(&ours, &candle) < 1e-6);
+        assert!(sum_2x2(&seeded(&[1, 1, 3, 4], 91)).unwrap().is_none());
     }
 
     #[test]

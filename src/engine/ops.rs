@@ -257,6 +257,9 @@ impl InputGradient for ConvInputGrad {
             return Ok(grad);
         }
         // Each input pixel fed a 2×2 block: sum the block's gradients.
+        if let Some(pooled) = super::conv::sum_2x2(&grad)? {
+            return pooled.into_tensor();
+        }
         let (n, c, h2, w2) = grad.dims4()?;
         grad.reshape((n, c, h2 / 2, 2, w2 / 2, 2))?.sum(5)?.sum(3)
     }
