@@ -20,7 +20,6 @@ pub fn tune_allocator() {
             libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX);
             libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
             libc::mallopt(libc::M_TOP_PAD, 256 << 20);
-            libc::mallopt(libc::M_MMAP_MAX, 0);
         }
     }
 }

@@ -250,10 +250,7 @@ fn load_settings(path: Option<&Path>, env: &Environment) -> Result<Settings, Exi
 }
 
 fn bench(args: &BenchArgs) -> anyhow::Result<()> {
-    let (label, device) = crate::jobs::devices::open(std::slice::from_ref(&args.device))?
-        .into_iter()
-        .next()
-        .context("no device")?;
+    let (label, device) = crate::jobs::devices::open_flag(&args.device)?;
     let options = crate::bench::BenchOptions {
         width: args.size.0,
         height: args.size.1,
@@ -427,9 +424,9 @@ pub struct ImagineArgs {
     /// Also write a time-lapse of the run as an animated GIF.
     #[arg(long, visible_alias = "gif", value_name = "PATH")]
     pub timelapse: Option<PathBuf>,
-    /// Device to run on: cpu (this build has no GPU support yet).
+    /// Where to run: cpu, cuda:N (a `cuda` build), metal:N (a `metal` build).
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: crate::config::DeviceSpec,
     /// Write each progress preview as a JPEG into this directory.
     #[arg(long, value_name = "DIR")]
     pub previews: Option<PathBuf>,
@@ -478,6 +475,8 @@ async fn imagine(
         anyhow::bail!("cannot generate without a valid configuration");
     };
     let resolved = resolve_imagine(&settings, &args)?;
+    // Before any download: a device this build or machine lacks fails at once.
+    let device = crate::jobs::devices::open_flag(&args.device)?;
     let hub = Hub::new(&settings.models)?;
     let vqgan_weights = weights_or_seeded(&hub, resolved.vqgan).await?;
     let clip_weights = weights_or_seeded(&hub, resolved.clip).await?;
@@ -494,6 +493,7 @@ async fn imagine(
                 args,
                 resolved,
                 weights,
+                device,
                 &worker_cancel,
             ));
         })
@@ -511,13 +511,6 @@ async fn imagine(
 
 /// Checks the device and turns the prompt and flags into a spec, printing the notes.
 fn resolve_imagine(settings: &Settings, args: &ImagineArgs) -> anyhow::Result<request::Resolved> {
-    if !args.device.eq_ignore_ascii_case("cpu") {
-        anyhow::bail!(
-            "--device {}: this build runs on the CPU only (GPU support comes with the `cuda` and \
-             `metal` build features)",
-            args.device
-        );
-    }
     let tokenizer = ClipTokenizer::new();
     let options = args.request.options();
     let auto = request::auto_side(None);
@@ -547,9 +540,9 @@ fn imagine_blocking(
     args: ImagineArgs,
     mut resolved: request::Resolved,
     (vqgan_weights, clip_weights): (Option<PathBuf>, Option<PathBuf>),
+    (device_label, device): (String, Device),
     cancel: &AtomicBool,
 ) -> anyhow::Result<()> {
-    let device = Device::Cpu;
     let tokenizer = ClipTokenizer::new();
     let out = args
         .out
@@ -645,7 +638,7 @@ fn imagine_blocking(
         spec: &spec,
         vqgan: resolved.vqgan.id,
         clip: resolved.clip.id,
-        device: "cpu",
+        device: &device_label,
         vqclip_version: env!("CARGO_PKG_VERSION"),
         init_image: args.init_image.as_deref(),
         image_prompts: &args.image_prompt,

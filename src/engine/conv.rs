@@ -16,6 +16,7 @@ use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use super::host::{HostValue, f32_slice, is_host_f32, with_f32};
+use super::winograd::ConvShape;
 
 /// `x` `[n, c_in, h, w]` (upsampled ×2 nearest first when `upsample`) convolved with `weight`
 /// `[c_out, c_in, k, k]`, stride 1, zero `padding`, plus `bias` `[c_out]`: PyTorch's `conv2d`.
@@ -40,6 +41,18 @@ pub(crate) fn conv2d_host(
     bias: Option<&Tensor>,
     padding: usize,
     upsample: bool,
+) -> Result<Option<HostValue>> {
+    conv2d_host_with(x, weight, bias, padding, upsample, winograd_enabled())
+}
+
+/// [`conv2d_host`], choosing the kernel for 3×3 convolutions.
+fn conv2d_host_with(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    upsample: bool,
+    winograd: bool,
 ) -> Result<Option<HostValue>> {
     let fast = is_host_f32(x) && is_host_f32(weight) && bias.is_none_or(is_host_f32);
     if !fast {
@@ -75,7 +88,19 @@ pub(crate) fn conv2d_host(
             Some((storage, layout)) => Some(f32_slice(storage, layout)?),
             None => None,
         };
-        run(&shape, n, x_data, w_data, bias_data, upsample)
+        if k == 3 && winograd {
+            let wino = ConvShape {
+                c_in,
+                c_out,
+                h,
+                w,
+                padding,
+                upsample,
+            };
+            super::winograd::conv3x3(&wino, n, x_data, w_data, bias_data)
+        } else {
+            run(&shape, n, x_data, w_data, bias_data, upsample)
+        }
     };
     let (ho, wo) = (shape.hp - k + 1, shape.wp - k + 1);
     Ok(Some(HostValue {
@@ -101,6 +126,13 @@ fn candle_conv(
         Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
         None => Ok(y),
     }
+}
+
+/// Whether 3×3 convolutions use Winograd's F(2×2, 3×3) (the default) rather than the direct
+/// shift-and-GEMM kernel: `VQCLIP_WINOGRAD=0` turns it off, to measure the difference.
+fn winograd_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("VQCLIP_WINOGRAD").map_or(true, |v| v != "0"))
 }
 
 /// Sizes of one convolution: channels, kernel side, input (after any upsampling) and padded
@@ -305,6 +337,9 @@ mod tests {
     fn matches_candle_for_every_kernel_padding_and_upsampling() {
         for (n, c_in, c_out, h, w, k, padding, upsample) in [
             (1, 5, 7, 9, 11, 3, 1, false),
+            // Several bands of Winograd tiles, odd output sides, upsampled.
+            (1, 3, 4, 70, 73, 3, 1, false),
+            (2, 2, 3, 33, 35, 3, 1, true),
             (2, 3, 4, 6, 5, 3, 1, true),
             (1, 4, 6, 7, 7, 1, 0, false),
             (2, 6, 3, 8, 6, 3, 2, false),
@@ -314,23 +349,32 @@ mod tests {
             let x = seeded(&[n, c_in, h, w], 1);
             let weight = seeded(&[c_out, c_in, k, k], 2);
             let bias = seeded(&[c_out], 3);
+            let stock = |input: &Tensor| {
+                input
+                    .conv2d(&weight, padding, 1, 1, 1)
+                    .unwrap()
+                    .broadcast_add(&bias.reshape((1, c_out, 1, 1)).unwrap())
+                    .unwrap()
+            };
             let ours = conv2d(&x, &weight, Some(&bias), padding, upsample).unwrap();
             let input = if upsample {
                 super::super::ops::upsample_nearest_2x(&x).unwrap()
             } else {
                 x.clone()
             };
-            let stock = input
-                .conv2d(&weight, padding, 1, 1, 1)
-                .unwrap()
-                .broadcast_add(&bias.reshape((1, c_out, 1, 1)).unwrap())
-                .unwrap();
-            assert_eq!(ours.dims(), stock.dims());
-            let diff = max_diff(&ours, &stock);
-            assert!(
-                diff < 1e-4,
-                "k {k} padding {padding} upsample {upsample}: {diff}"
-            );
+            let stock = stock(&input);
+            // Both CPU kernels: Winograd (3×3 only) and shift-and-GEMM.
+            let direct =
+                conv2d_host_with(&x, &weight, Some(&bias), padding, upsample, false).unwrap();
+            let direct = direct.expect("f32 on the CPU").into_tensor().unwrap();
+            for (name, ours) in [("default", ours), ("direct", direct)] {
+                assert_eq!(ours.dims(), stock.dims());
+                let diff = max_diff(&ours, &stock);
+                assert!(
+                    diff < 1e-4,
+                    "{name}: k {k} padding {padding} upsample {upsample}: {diff}"
+                );
+            }
         }
     }
 
@@ -380,8 +424,18 @@ mod timing {
         let flop = 2.0 * 9.0 * 128.0 * 128.0 * 65536.0;
         for (name, f) in [
             (
-                "shift-gemm",
+                "winograd (direct-equivalent GFLOP/s)",
                 Box::new(|| conv2d(&x, &w, None, 1, false).unwrap()) as Box<dyn Fn() -> Tensor>,
+            ),
+            (
+                "shift-gemm",
+                Box::new(|| {
+                    conv2d_host_with(&x, &w, None, 1, false, false)
+                        .unwrap()
+                        .unwrap()
+                        .into_tensor()
+                        .unwrap()
+                }),
             ),
             ("candle", Box::new(|| x.conv2d(&w, 1, 1, 1, 1).unwrap())),
             (

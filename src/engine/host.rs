@@ -105,6 +105,17 @@ impl<'a> MatRef<'a> {
 /// When the shapes disagree or a view reaches past its data: callers build the views from
 /// shapes they have checked, so this is a bug, never bad input.
 pub(crate) fn matmul(dst: &mut [f32], accumulate: bool, lhs: MatRef, rhs: MatRef) {
+    matmul_with(parallelism(), dst, accumulate, lhs, rhs);
+}
+
+/// [`matmul`] with the given thread setting (`None` inside tasks that already run in parallel).
+pub(crate) fn matmul_with(
+    parallelism: gemm::Parallelism,
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: MatRef,
+    rhs: MatRef,
+) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(rhs.rows, k, "matmul: inner dimensions differ");
     assert_eq!(dst.len(), m * n, "matmul: destination size");
@@ -145,7 +156,7 @@ pub(crate) fn matmul(dst: &mut [f32], accumulate: bool, lhs: MatRef, rhs: MatRef
             false,
             false,
             false,
-            parallelism(),
+            parallelism,
         );
     }
 }

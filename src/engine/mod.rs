@@ -14,7 +14,8 @@
 //! - [`generate`]: the generation API: spec in, progress and previews out, cancellable.
 //! - [`image`]: tensors ↔ images ↔ PNG/JPEG/GIF bytes.
 //! - [`prompt`]: the prompt language (weights, stops, flags).
-//! - [`conv`]: stride-1 convolution on the CPU as matrix products over shifted views.
+//! - [`conv`]: stride-1 convolution on the CPU as matrix products over shifted views;
+//!   `winograd`: 3×3 convolutions by Winograd's F(2×2, 3×3).
 //! - [`norm`]: GroupNorm (+ swish) and its input gradient as single CPU kernels.
 //! - `attention`, `host`: self-attention and QuickGELU as CPU kernels; the shared plumbing of
 //!   the CPU kernels (in-place data access, a checked front end to the `gemm` crate).
@@ -41,6 +42,7 @@ pub mod prompt;
 pub mod random;
 pub mod tokenizer;
 pub mod vqgan;
+pub(crate) mod winograd;
 
 use std::path::PathBuf;
 

@@ -54,33 +54,43 @@ fn auto() -> Vec<(String, Device)> {
 
 #[cfg(feature = "cuda")]
 fn cuda(n: usize) -> anyhow::Result<Device> {
-    Device::new_cuda(n).with_context(|| format!("scheduler.devices: cuda:{n} is not available"))
+    Device::new_cuda(n).with_context(|| format!("cuda:{n} is not available"))
 }
 
 #[cfg(not(feature = "cuda"))]
 fn cuda(n: usize) -> anyhow::Result<Device> {
     anyhow::bail!(
-        "scheduler.devices: cuda:{n} needs a build with CUDA support (cargo build --release \
+        "cuda:{n} needs a build with CUDA support (cargo build --release \
          --features cuda; see the README)"
     )
 }
 
 #[cfg(feature = "metal")]
 fn metal(n: usize) -> anyhow::Result<Device> {
-    Device::new_metal(n).with_context(|| format!("scheduler.devices: metal:{n} is not available"))
+    Device::new_metal(n).with_context(|| format!("metal:{n} is not available"))
 }
 
 #[cfg(not(feature = "metal"))]
 fn metal(n: usize) -> anyhow::Result<Device> {
     anyhow::bail!(
-        "scheduler.devices: metal:{n} needs a build with Metal support (cargo build --release \
+        "metal:{n} needs a build with Metal support (cargo build --release \
          --features metal)"
     )
 }
 
+/// The one device a command-line `--device` names, as `(label, device)`.
+pub fn open_flag(spec: &DeviceSpec) -> anyhow::Result<(String, Device)> {
+    open(std::slice::from_ref(spec))
+        .map_err(|e| anyhow::anyhow!("--device: {e:#}"))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("--device: no device found"))
+}
+
 /// One engine runner per configured device.
 pub fn engine_slots(settings: &Settings) -> anyhow::Result<Vec<DeviceSlot>> {
-    Ok(open(&settings.scheduler.devices)?
+    Ok(open(&settings.scheduler.devices)
+        .map_err(|e| anyhow::anyhow!("scheduler.devices: {e:#}"))?
         .into_iter()
         .map(|(label, device)| DeviceSlot {
             label,
@@ -113,7 +123,7 @@ mod tests {
             assert_eq!(labels(&[DeviceSpec::Auto]), ["cpu"]);
             let err = open(&[DeviceSpec::Cuda(0)]).unwrap_err().to_string();
             assert!(
-                err.contains("scheduler.devices") && err.contains("--features cuda"),
+                err.contains("cuda:0") && err.contains("--features cuda"),
                 "{err}"
             );
         }

@@ -454,7 +454,7 @@ fn imagine_refuses_prompts_with_nothing_to_aim_for_and_unknown_devices() {
     );
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out.stderr).contains("CPU only"),
+        text(&out.stderr).contains("--device: cuda:0 needs a build with CUDA support"),
         "{}",
         text(&out.stderr)
     );
