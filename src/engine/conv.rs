@@ -15,7 +15,7 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::host::{HostValue, f32_slice, is_host_f32, with_f32};
+use super::host::{HostValue, MatRef, f32_slice, is_host_f32, matmul, with_f32};
 use super::winograd::ConvShape;
 
 /// `x` `[n, c_in, h, w]` (upsampled ×2 nearest first when `upsample`) convolved with `weight`
@@ -187,12 +187,6 @@ fn run(
     } else {
         (s.h, s.w)
     };
-    let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     for image in 0..n {
         let src = &x[image * ci * in_h * in_w..(image + 1) * ci * in_h * in_w];
         // The transposition to channels last, one padded row per task.
@@ -217,36 +211,25 @@ fn run(
                 }
             });
         for dy in 0..k {
-            // SAFETY: `wide` is c_out × (ho·wp), written with row stride ho·wp and column
-            // stride 1. The kernel row is c_out × k·c_in inside `w_rows`. The right-hand side
-            // is k·c_in × (ho·wp), element (r, j) read from `padded` at dy·wp·c_in + r + j·c_in;
-            // the largest, dy·wp·c_in + k·c_in − 1 + (ho·wp − 1)·c_in ≤ (hp·wp + k − 1)·c_in − 1
-            // (as ho + k − 1 = hp), is inside `padded`, (hp·wp + k)·c_in long. The three
-            // buffers do not overlap.
-            #[allow(unsafe_code)]
-            unsafe {
-                gemm::gemm(
+            // The right-hand side is k·c_in × (ho·wp), element (r, j) read from `padded` at
+            // dy·wp·c_in + r + j·c_in: the shifted, overlapping view described above.
+            let shifted = MatRef {
+                data: &padded[dy * s.wp * ci..],
+                rows: row_len,
+                cols: ho * s.wp,
+                row_stride: 1,
+                col_stride: ci,
+            };
+            matmul(
+                &mut wide,
+                dy > 0,
+                MatRef::row_major(
+                    &w_rows[dy * s.c_out * row_len..][..s.c_out * row_len],
                     s.c_out,
-                    ho * s.wp,
                     row_len,
-                    wide.as_mut_ptr(),
-                    1,
-                    (ho * s.wp) as isize,
-                    dy > 0,
-                    w_rows[dy * s.c_out * row_len..].as_ptr(),
-                    1,
-                    row_len as isize,
-                    padded[dy * s.wp * ci..].as_ptr(),
-                    ci as isize,
-                    1,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism,
-                );
-            }
+                ),
+                shifted,
+            );
         }
         // Drop the k − 1 garbage columns per row and add the bias, one output channel per task.
         let image_out = &mut out[image * s.c_out * ho * wo..(image + 1) * s.c_out * ho * wo];
