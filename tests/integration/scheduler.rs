@@ -147,11 +147,12 @@ async fn submit(s: &Scheduler, user: u64, prompt: &str, steps: u32) -> JobId {
 }
 
 /// Waits until `id` has ended in the database and returns its status.
-/// Waits (up to a minute: debug builds on a busy machine are slow) for a job to end.
+/// Waits (up to a minute: debug builds on a busy machine are slow) for a job to end; a job the
+/// bot has not stored yet (commands with attachments are deferred) counts as not ended.
 pub(crate) async fn finished(pool: &SqlitePool, id: JobId) -> JobStatus {
     for _ in 0..3000 {
-        let job = jobs::get_job(pool, id).await.unwrap().unwrap();
-        if job.status.is_finished() {
+        let job = jobs::get_job(pool, id).await.unwrap();
+        if let Some(job) = job.filter(|job| job.status.is_finished()) {
             return job.status;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
