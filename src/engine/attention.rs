@@ -12,7 +12,7 @@
 
 use rayon::prelude::*;
 
-use super::host::{axpy, dot};
+use super::host::{axpy, dot, sigmoid};
 
 /// Sizes of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -143,10 +143,6 @@ pub(crate) fn backward(qkv: &[f32], grad_out: &[f32], s: &AttentionShape) -> Vec
 
 /// The QuickGELU slope constant: `x·σ(1.702·x)`.
 pub(crate) const GELU_ALPHA: f32 = 1.702;
-
-fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + (-v).exp())
-}
 
 /// `x·σ(1.702·x)` element-wise, in parallel.
 pub(crate) fn quick_gelu(x: &[f32]) -> Vec<f32> {

@@ -190,6 +190,11 @@ pub(crate) fn linear(
     out
 }
 
+/// The logistic function `1 / (1 + e^−v)`.
+pub(crate) fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
 /// 8-lane dot product (the lanes let the compiler vectorise the sum).
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];

@@ -11,7 +11,7 @@
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
-use super::host::{HostValue, f32_slice, is_host_f32, with_f32};
+use super::host::{HostValue, f32_slice, is_host_f32, sigmoid, with_f32};
 
 /// The GroupNorm's constants: per-channel scale and shift, groups, epsilon.
 pub struct GroupNormParams<'a> {
@@ -25,10 +25,6 @@ pub struct GroupNormParams<'a> {
     pub eps: f64,
     /// Apply swish (`y·σ(y)`) after the affine.
     pub swish: bool,
-}
-
-fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + (-v).exp())
 }
 
 /// `Σ f(v)` over `block`: f32 sums in 8 lanes (which the compiler vectorises) over runs of 1024
