@@ -18,9 +18,13 @@ use serde::{Deserialize, Serialize, Serializer};
 use url::Url;
 
 use crate::models::{self, ModelInfo, ModelKind};
+pub use crate::store::Location;
 
 /// Prefix of environment variables that override configuration keys (`VQCLIP_SCHEDULER__DEVICES`).
 pub const ENV_PREFIX: &str = "VQCLIP_";
+
+/// `storage.database` when the configuration says nothing.
+const DEFAULT_DATABASE: &str = "./data/vqclip.sqlite";
 
 /// Separator between the section and key parts of an override variable's name.
 const ENV_SEPARATOR: &str = "__";
@@ -114,8 +118,9 @@ pub struct DiscordSettings {
 /// `[storage]`.
 #[derive(Debug, Serialize)]
 pub struct StorageSettings {
-    /// SQLite database file; created with its directory when missing.
-    pub database: PathBuf,
+    /// The database: an SQLite file (created with its directory when missing) or a PostgreSQL
+    /// server shared by several hosts (`postgres://USER:PASSWORD@HOST/DB`).
+    pub database: Location,
     /// Directory where finished images and saved latents are written.
     pub images: PathBuf,
 }
@@ -646,7 +651,7 @@ struct RawStorage {
 impl Default for RawStorage {
     fn default() -> Self {
         Self {
-            database: "./data/vqclip.sqlite".into(),
+            database: DEFAULT_DATABASE.into(),
             images: "./data/images".into(),
         }
     }
@@ -919,12 +924,19 @@ fn parse_http_url(raw: &str, key: &str, p: &mut Problems) -> Option<Url> {
 }
 
 fn validate_storage(raw: RawStorage, p: &mut Problems) -> StorageSettings {
-    p.check(
-        !raw.database.trim().is_empty(),
-        "storage.database",
-        "\"\"",
-        "expected a file path",
-    );
+    let database = match Location::parse(&raw.database) {
+        Ok(location) => location,
+        Err(problem) => {
+            // A URL may carry a password: it is not repeated in the message.
+            let shown = (!raw.database.contains("://")).then(|| format!("{:?}", raw.database));
+            p.add(
+                "storage.database",
+                shown,
+                format!("an SQLite file path or a postgres:// URL; this one {problem}"),
+            );
+            Location::Sqlite(PathBuf::from(DEFAULT_DATABASE))
+        }
+    };
     p.check(
         !raw.images.trim().is_empty(),
         "storage.images",
@@ -932,7 +944,7 @@ fn validate_storage(raw: RawStorage, p: &mut Problems) -> StorageSettings {
         "expected a directory path",
     );
     StorageSettings {
-        database: PathBuf::from(raw.database.trim()),
+        database,
         images: PathBuf::from(raw.images.trim()),
     }
 }
@@ -1373,7 +1385,10 @@ mod tests {
         let s = Settings::from_toml("", &env(&[])).unwrap();
         assert!(s.discord.token.is_none());
         assert_eq!(s.discord.api_base.as_str(), "https://discord.com/");
-        assert_eq!(s.storage.database, PathBuf::from("./data/vqclip.sqlite"));
+        assert_eq!(
+            s.storage.database,
+            Location::Sqlite(PathBuf::from("./data/vqclip.sqlite"))
+        );
         assert_eq!(s.scheduler.devices, vec![DeviceSpec::Auto]);
         assert_eq!(s.generation.default_size, SizeSetting::Auto);
         assert_eq!(s.generation.default_steps, 500);
@@ -1445,6 +1460,11 @@ mod tests {
             ("[discord]\nguild_ids = [0]", "discord.guild_ids[0]"),
             ("[discord]\nguild_ids = [\"12a\"]", "discord.guild_ids[0]"),
             ("[storage]\ndatabase = \" \"", "storage.database"),
+            ("[storage]\ndatabase = \"mysql://h/db\"", "storage.database"),
+            (
+                "[storage]\ndatabase = \"postgres://u:pw@/db\"",
+                "storage.database",
+            ),
             ("[storage]\nimages = \"\"", "storage.images"),
             (
                 "[scheduler]\nqueue_capacity = 0",
@@ -1587,7 +1607,7 @@ mod tests {
         assert_eq!(s.discord.guild_ids, vec![1, 2]);
         assert_eq!(
             s.storage.database,
-            PathBuf::from("/var/lib/vqclip/db.sqlite")
+            Location::Sqlite(PathBuf::from("/var/lib/vqclip/db.sqlite"))
         );
         match s.models.source(models::find("vit_b16").unwrap()) {
             Some(ModelSource::Hub { revision, .. }) => assert_eq!(revision, "abc123"),

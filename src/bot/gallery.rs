@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
+use crate::store::Store;
 use poise::serenity_prelude as serenity;
-use sqlx::SqlitePool;
 
 use super::commands::quote;
 use super::{BotError, Context, Data};
@@ -26,7 +26,7 @@ const MAX_SEARCH_BYTES: usize = 80;
 /// DMs, and guilds without a gallery channel, are not posted.
 pub async fn post(
     http: &serenity::Http,
-    pool: &SqlitePool,
+    pool: &Store,
     job: JobId,
     (bytes, name): &(Vec<u8>, String),
     result: &serenity::Message,
@@ -192,7 +192,7 @@ pub fn search_text(text: &str) -> String {
 
 /// The embed and ◀ ▶ buttons of a page of `guild`'s gallery.
 pub async fn render(
-    pool: &SqlitePool,
+    pool: &Store,
     guild: u64,
     page: &Page,
 ) -> Result<(serenity::CreateEmbed, Vec<serenity::CreateActionRow>), sqlx::Error> {

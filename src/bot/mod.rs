@@ -20,9 +20,9 @@ pub mod progress;
 use std::future::Future;
 use std::sync::Arc;
 
+use crate::store::Store;
 use anyhow::Context as _;
 use poise::serenity_prelude as serenity;
-use sqlx::SqlitePool;
 
 use crate::config::Settings;
 use crate::engine::tokenizer::ClipTokenizer;
@@ -33,7 +33,7 @@ pub struct Data {
     /// The job queue.
     pub scheduler: Scheduler,
     /// The database.
-    pub pool: SqlitePool,
+    pub pool: Store,
     /// The validated configuration.
     pub settings: Arc<Settings>,
     /// Prompt tokenizer (to count and cut prompts before queueing).
@@ -145,7 +145,7 @@ async fn on_event(
 /// Runs the bot until `shutdown` resolves or the gateway connection ends for good.
 pub async fn run(
     settings: Arc<Settings>,
-    pool: SqlitePool,
+    pool: Store,
     scheduler: Scheduler,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {

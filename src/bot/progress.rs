@@ -15,7 +15,7 @@ use serenity::Builder as _;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use sqlx::SqlitePool;
+use crate::store::Store;
 
 use super::actions;
 use super::commands::quote;
@@ -106,7 +106,7 @@ pub fn title(job: &Job) -> String {
 }
 
 /// Whether a user wants to be mentioned when their job is done (yes unless they said no).
-pub async fn wants_ping(pool: &SqlitePool, user: u64) -> bool {
+pub async fn wants_ping(pool: &Store, user: u64) -> bool {
     match users::get_user_settings(pool, user).await {
         Ok(Some(s)) => s.ping_on_completion,
         Ok(None) => true,
@@ -121,7 +121,7 @@ pub async fn wants_ping(pool: &SqlitePool, user: u64) -> bool {
 /// interaction tokens are gone, so these edit with the bot token. Returns how many.
 pub async fn resume_all(
     http: &Arc<serenity::Http>,
-    pool: &SqlitePool,
+    pool: &Store,
     scheduler: &crate::jobs::Scheduler,
     interval: Duration,
 ) -> Result<usize, sqlx::Error> {
@@ -198,7 +198,7 @@ pub fn status_text(title: &str, event: &JobEvent) -> String {
 /// Follows a job to its end; see the module documentation.
 pub async fn follow(
     http: Arc<serenity::Http>,
-    pool: SqlitePool,
+    pool: Store,
     target: JobMessage,
     mut events: watch::Receiver<JobEvent>,
     interval: Duration,
@@ -253,7 +253,7 @@ pub async fn follow(
 
 struct Editor {
     http: Arc<serenity::Http>,
-    pool: SqlitePool,
+    pool: Store,
     target: JobMessage,
     /// Cleared at the first refusal of the interaction token.
     token_ok: bool,

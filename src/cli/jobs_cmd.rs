@@ -4,9 +4,9 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::store::Store;
 use anyhow::Context as _;
 use clap::Args;
-use sqlx::SqlitePool;
 
 use super::{RequestFlags, load_settings};
 use crate::config::{Environment, Settings};
@@ -32,16 +32,19 @@ pub struct SubmitArgs {
 }
 
 /// The configured database, created and migrated when `create`, else required to exist.
-pub(super) async fn open_database(settings: &Settings, create: bool) -> anyhow::Result<SqlitePool> {
-    let path = &settings.storage.database;
+pub(super) async fn open_database(settings: &Settings, create: bool) -> anyhow::Result<Store> {
+    let location = &settings.storage.database;
     // Reading must not conjure an empty database in the wrong directory.
-    if !create && !path.exists() {
+    if let Some(path) = location.sqlite_path()
+        && !create
+        && !path.exists()
+    {
         anyhow::bail!(
             "no database at {} (storage.database); run `vqclip db migrate` to create one",
             path.display()
         );
     }
-    let pool = store::connect(path).await?;
+    let pool = store::connect(location).await?;
     store::migrate(&pool).await?;
     Ok(pool)
 }

@@ -306,22 +306,18 @@ async fn db_migrate(config: Option<&Path>, env: &Environment) -> anyhow::Result<
     let Ok(settings) = load_settings(config, env) else {
         anyhow::bail!("cannot migrate without a valid configuration");
     };
-    let path = &settings.storage.database;
-    let pool = store::connect(path).await?;
+    let location = &settings.storage.database;
+    let pool = store::connect(location).await?;
     let applied = store::migrate(&pool).await?;
     let versions = store::applied_versions(&pool).await?;
     pool.close().await;
     let current = versions.last().copied().unwrap_or(0);
     if applied.is_empty() {
-        println!(
-            "{}: already up to date (schema version {current})",
-            path.display()
-        );
+        println!("{location}: already up to date (schema version {current})");
     } else {
         let list: Vec<String> = applied.iter().map(ToString::to_string).collect();
         println!(
-            "{}: applied migration{} {} (schema version {current})",
-            path.display(),
+            "{location}: applied migration{} {} (schema version {current})",
             if applied.len() == 1 { "" } else { "s" },
             list.join(", ")
         );

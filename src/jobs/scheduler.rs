@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use sqlx::SqlitePool;
+use crate::store::Store;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
@@ -224,7 +224,7 @@ pub struct Scheduler {
 }
 
 struct Shared {
-    pool: SqlitePool,
+    pool: Store,
     options: SchedulerOptions,
     state: Mutex<State>,
     /// Serialises submissions so caps are checked and the row inserted as one step.
@@ -278,7 +278,7 @@ impl Scheduler {
     /// Recovers jobs a crash left behind (running ones are queued again), starts one worker
     /// thread per device, and begins dispatching.
     pub async fn start(
-        pool: SqlitePool,
+        pool: Store,
         options: SchedulerOptions,
         devices: Vec<DeviceSlot>,
     ) -> anyhow::Result<Self> {

@@ -1,7 +1,7 @@
 //! Queries on the community gallery: posts of finished jobs in a guild's gallery channel, and the
 //! votes (reactions) people leave on them.
 
-use sqlx::SqlitePool;
+use super::Store;
 
 use super::{JobId, Timestamp, u64_from_sql, u64_to_sql};
 
@@ -30,6 +30,7 @@ pub struct GalleryPost {
     pub posted_at: Timestamp,
 }
 
+#[derive(sqlx::FromRow)]
 struct PostRow {
     id: PostId,
     job_id: JobId,
@@ -52,22 +53,20 @@ impl From<PostRow> for GalleryPost {
     }
 }
 
-/// `SELECT`s whole post rows; the argument is the rest of the statement after `FROM gallery_posts`.
+/// The statement that `SELECT`s whole post rows; the argument is the rest of it after
+/// `FROM gallery_posts`.
 macro_rules! select_posts {
-    ($tail:literal $(, $arg:expr)* $(,)?) => {
-        sqlx::query_as!(
-            PostRow,
-            r#"SELECT id AS "id: PostId", job_id AS "job_id: JobId", guild_id, channel_id,
-                      message_id, posted_at AS "posted_at: Timestamp"
-               FROM gallery_posts "# + $tail
-            $(, $arg)*
+    ($tail:literal) => {
+        concat!(
+            "SELECT id, job_id, guild_id, channel_id, message_id, posted_at FROM gallery_posts ",
+            $tail
         )
     };
 }
 
 /// Records that `job` was posted as `message_id` in a guild's gallery channel.
 pub async fn insert_gallery_post(
-    pool: &SqlitePool,
+    db: &Store,
     job: JobId,
     guild_id: u64,
     channel_id: u64,
@@ -77,121 +76,123 @@ pub async fn insert_gallery_post(
     let channel_id = u64_to_sql(channel_id);
     let message_id = u64_to_sql(message_id);
     let now = Timestamp::now();
-    let result = sqlx::query!(
+    sqlx::query_scalar::<_, PostId>(
         "INSERT INTO gallery_posts (job_id, guild_id, channel_id, message_id, posted_at)
-         VALUES (?, ?, ?, ?, ?)",
-        job,
-        guild_id,
-        channel_id,
-        message_id,
-        now
+         VALUES ($1, $2, $3, $4, $5) RETURNING id",
     )
-    .execute(pool)
-    .await?;
-    Ok(PostId(result.last_insert_rowid()))
+    .bind(job)
+    .bind(guild_id)
+    .bind(channel_id)
+    .bind(message_id)
+    .bind(now)
+    .fetch_one(db.pool())
+    .await
 }
 
 /// The post shown by gallery message `message_id` (reactions arrive with only a message id).
 pub async fn find_gallery_post_by_message(
-    pool: &SqlitePool,
+    db: &Store,
     message_id: u64,
 ) -> Result<Option<GalleryPost>, sqlx::Error> {
     let message_id = u64_to_sql(message_id);
-    let row = select_posts!("WHERE message_id = ?", message_id)
-        .fetch_optional(pool)
+    let row = sqlx::query_as::<_, PostRow>(select_posts!("WHERE message_id = $1"))
+        .bind(message_id)
+        .fetch_optional(db.pool())
         .await?;
     Ok(row.map(GalleryPost::from))
 }
 
 /// The post of `job` in a guild's gallery, if it was posted there.
 pub async fn find_gallery_post_by_job(
-    pool: &SqlitePool,
+    db: &Store,
     job: JobId,
     guild_id: u64,
 ) -> Result<Option<GalleryPost>, sqlx::Error> {
     let guild_id = u64_to_sql(guild_id);
-    let row = select_posts!("WHERE job_id = ? AND guild_id = ?", job, guild_id)
-        .fetch_optional(pool)
+    let row = sqlx::query_as::<_, PostRow>(select_posts!("WHERE job_id = $1 AND guild_id = $2"))
+        .bind(job)
+        .bind(guild_id)
+        .fetch_optional(db.pool())
         .await?;
     Ok(row.map(GalleryPost::from))
 }
 
 /// A guild's most recent posts, newest first, one page at a time.
 pub async fn list_recent_gallery_posts(
-    pool: &SqlitePool,
+    db: &Store,
     guild_id: u64,
     limit: u32,
     offset: u32,
 ) -> Result<Vec<GalleryPost>, sqlx::Error> {
     let guild_id = u64_to_sql(guild_id);
-    let rows = select_posts!(
-        "WHERE guild_id = ? ORDER BY posted_at DESC, id DESC LIMIT ? OFFSET ?",
-        guild_id,
-        limit,
-        offset
-    )
-    .fetch_all(pool)
+    let rows = sqlx::query_as::<_, PostRow>(select_posts!(
+        "WHERE guild_id = $1 ORDER BY posted_at DESC, id DESC LIMIT $2 OFFSET $3"
+    ))
+    .bind(guild_id)
+    .bind(i64::from(limit))
+    .bind(i64::from(offset))
+    .fetch_all(db.pool())
     .await?;
     Ok(rows.into_iter().map(GalleryPost::from).collect())
 }
 
 /// Removes a post (and its votes), e.g. when a moderator takes it down; `false` if absent.
-pub async fn delete_gallery_post(pool: &SqlitePool, id: PostId) -> Result<bool, sqlx::Error> {
-    let result = sqlx::query!("DELETE FROM gallery_posts WHERE id = ?", id)
-        .execute(pool)
+pub async fn delete_gallery_post(db: &Store, id: PostId) -> Result<bool, sqlx::Error> {
+    let result = sqlx::query("DELETE FROM gallery_posts WHERE id = $1")
+        .bind(id)
+        .execute(db.pool())
         .await?;
     Ok(result.rows_affected() == 1)
 }
 
 /// Records `user_id`'s `emoji` vote on a post; `false` if that vote was already there.
 pub async fn add_vote(
-    pool: &SqlitePool,
+    db: &Store,
     post: PostId,
     user_id: u64,
     emoji: &str,
 ) -> Result<bool, sqlx::Error> {
     let user_id = u64_to_sql(user_id);
     let now = Timestamp::now();
-    let result = sqlx::query!(
-        "INSERT INTO votes (post_id, user_id, emoji, voted_at) VALUES (?, ?, ?, ?)
+    let result = sqlx::query(
+        "INSERT INTO votes (post_id, user_id, emoji, voted_at) VALUES ($1, $2, $3, $4)
          ON CONFLICT (post_id, user_id, emoji) DO NOTHING",
-        post,
-        user_id,
-        emoji,
-        now
     )
-    .execute(pool)
+    .bind(post)
+    .bind(user_id)
+    .bind(emoji)
+    .bind(now)
+    .execute(db.pool())
     .await?;
     Ok(result.rows_affected() == 1)
 }
 
 /// Withdraws `user_id`'s `emoji` vote on a post (the reaction was removed); `false` if absent.
 pub async fn remove_vote(
-    pool: &SqlitePool,
+    db: &Store,
     post: PostId,
     user_id: u64,
     emoji: &str,
 ) -> Result<bool, sqlx::Error> {
     let user_id = u64_to_sql(user_id);
-    let result = sqlx::query!(
-        "DELETE FROM votes WHERE post_id = ? AND user_id = ? AND emoji = ?",
-        post,
-        user_id,
-        emoji
-    )
-    .execute(pool)
-    .await?;
+    let result =
+        sqlx::query("DELETE FROM votes WHERE post_id = $1 AND user_id = $2 AND emoji = $3")
+            .bind(post)
+            .bind(user_id)
+            .bind(emoji)
+            .execute(db.pool())
+            .await?;
     Ok(result.rows_affected() == 1)
 }
 
 /// How many people voted `emoji` on a post.
-pub async fn count_votes(pool: &SqlitePool, post: PostId, emoji: &str) -> Result<u64, sqlx::Error> {
-    let count = sqlx::query_scalar!(
-        r#"SELECT COUNT(*) AS "count!: i64" FROM votes WHERE post_id = ? AND emoji = ?"#,
-        post,
-        emoji
+pub async fn count_votes(db: &Store, post: PostId, emoji: &str) -> Result<u64, sqlx::Error> {
+    let count: i64 = sqlx::query_scalar(
+        r#"SELECT COUNT(*) AS count FROM votes WHERE post_id = $1 AND emoji = $2"#,
     )
-    .fetch_one(pool)
+    .bind(post)
+    .bind(emoji)
+    .fetch_one(db.pool())
     .await?;
     Ok(u64::try_from(count).unwrap_or(0))
 }
@@ -226,59 +227,64 @@ pub struct GalleryEntry {
     pub seed: u64,
 }
 
+/// A gallery listing row as the database returns it.
+#[derive(sqlx::FromRow)]
+struct GalleryRow {
+    #[sqlx(flatten)]
+    post: PostRow,
+    votes: i64,
+    prompt: String,
+    requester_id: i64,
+    seed: i64,
+}
+
 /// One page of a guild's gallery: `limit` entries after skipping `offset`.
 pub async fn list_gallery(
-    pool: &SqlitePool,
+    db: &Store,
     query: &GalleryQuery,
     limit: u32,
     offset: u32,
 ) -> Result<Vec<GalleryEntry>, sqlx::Error> {
     let guild_id = u64_to_sql(query.guild_id);
     let author = query.author.map(u64_to_sql);
-    // LIKE with the user's text taken literally.
+    // LIKE with the user's text taken literally, in any case. Both sides are lowercased because
+    // LIKE ignores ASCII case on SQLite but not on PostgreSQL.
     let pattern = query.text.as_ref().map(|t| {
         let escaped = t
+            .to_lowercase()
             .replace('\\', "\\\\")
             .replace('%', "\\%")
             .replace('_', "\\_");
         format!("%{escaped}%")
     });
-    let rows = sqlx::query!(
-        r#"SELECT p.id AS "id!: PostId", p.job_id AS "job_id!: JobId", p.guild_id AS "guild_id!",
-                  p.channel_id AS "channel_id!", p.message_id AS "message_id!",
-                  p.posted_at AS "posted_at!: Timestamp", COUNT(v.user_id) AS "votes!: i64",
-                  j.prompt AS "prompt!", j.requester_id AS "requester_id!", j.seed AS "seed!"
-           FROM gallery_posts p
-           JOIN jobs j ON j.id = p.job_id
-           LEFT JOIN votes v ON v.post_id = p.id AND v.emoji = ?1
-           WHERE p.guild_id = ?2 AND (?3 IS NULL OR p.posted_at >= ?3)
-             AND (?4 IS NULL OR j.requester_id = ?4)
-             AND (?5 IS NULL OR j.prompt LIKE ?5 ESCAPE '\')
-           GROUP BY p.id
-           ORDER BY CASE WHEN ?6 THEN COUNT(v.user_id) ELSE 0 END DESC, p.posted_at DESC, p.id DESC
-           LIMIT ?7 OFFSET ?8"#,
-        STAR,
-        guild_id,
-        query.since,
-        author,
-        pattern,
-        query.by_votes,
-        limit,
-        offset
+    let rows: Vec<GalleryRow> = sqlx::query_as(
+        r"SELECT p.id, p.job_id, p.guild_id, p.channel_id, p.message_id, p.posted_at,
+                 COUNT(v.user_id) AS votes, j.prompt, j.requester_id, j.seed
+          FROM gallery_posts p
+          JOIN jobs j ON j.id = p.job_id
+          LEFT JOIN votes v ON v.post_id = p.id AND v.emoji = $1
+          WHERE p.guild_id = $2 AND ($3 IS NULL OR p.posted_at >= $3)
+            AND ($4 IS NULL OR j.requester_id = $4)
+            AND ($5 IS NULL OR LOWER(j.prompt) LIKE $5 ESCAPE '\')
+          GROUP BY p.id, j.id
+          ORDER BY CASE WHEN $6 = 1 THEN COUNT(v.user_id) ELSE 0 END DESC,
+                   p.posted_at DESC, p.id DESC
+          LIMIT $7 OFFSET $8",
     )
-    .fetch_all(pool)
+    .bind(STAR)
+    .bind(guild_id)
+    .bind(query.since)
+    .bind(author)
+    .bind(pattern)
+    .bind(i64::from(query.by_votes))
+    .bind(i64::from(limit))
+    .bind(i64::from(offset))
+    .fetch_all(db.pool())
     .await?;
     Ok(rows
         .into_iter()
         .map(|r| GalleryEntry {
-            post: GalleryPost::from(PostRow {
-                id: r.id,
-                job_id: r.job_id,
-                guild_id: r.guild_id,
-                channel_id: r.channel_id,
-                message_id: r.message_id,
-                posted_at: r.posted_at,
-            }),
+            post: GalleryPost::from(r.post),
             votes: u64::try_from(r.votes).unwrap_or(0),
             prompt: r.prompt,
             author: u64_from_sql(r.requester_id),

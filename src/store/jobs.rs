@@ -8,13 +8,12 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use sqlx::SqlitePool;
+use super::Store;
 
 use super::{JobId, Timestamp, decode_error, u32_column, u64_from_sql, u64_to_sql};
 
 /// Why a job exists.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type)]
-#[sqlx(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum JobKind {
     /// A fresh `/imagine`.
     Imagine,
@@ -27,8 +26,7 @@ pub enum JobKind {
 }
 
 /// Where a job is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type)]
-#[sqlx(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum JobStatus {
     /// Waiting for a device.
     Queued,
@@ -101,6 +99,20 @@ impl JobKind {
         }
     }
 }
+
+impl FromStr for JobKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Self::Imagine, Self::Rerun, Self::Upscale, Self::Variation]
+            .into_iter()
+            .find(|kind| kind.as_str() == s)
+            .ok_or_else(|| format!("unknown job kind {s:?}"))
+    }
+}
+
+super::text_column!(JobKind);
+super::text_column!(JobStatus);
 
 impl fmt::Display for JobKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -211,7 +223,8 @@ pub struct JobOutput {
     pub final_loss: f64,
 }
 
-/// A `jobs` row exactly as SQLite returns it.
+/// A `jobs` row exactly as the database returns it.
+#[derive(sqlx::FromRow)]
 struct JobRow {
     id: JobId,
     kind: JobKind,
@@ -278,20 +291,17 @@ impl TryFrom<JobRow> for Job {
     }
 }
 
-/// `SELECT`s whole job rows; the argument is the rest of the statement after `FROM jobs`.
-/// (sqlx's macros accept literals joined by `+`, so the column list is written once.)
+/// The statement that `SELECT`s whole job rows; the argument is the rest of it after `FROM jobs`.
+/// (A macro, so each statement stays one `&'static str`.)
 macro_rules! select_jobs {
-    ($tail:literal $(, $arg:expr)* $(,)?) => {
-        sqlx::query_as!(
-            JobRow,
-            r#"SELECT id AS "id: JobId", kind AS "kind: JobKind", parent_id AS "parent_id: JobId",
-                requester_id, guild_id, channel_id, message_id, prompt, params, seed,
-                width, height, steps, cutn, vqgan_model, clip_model, crate_version, device,
-                status AS "status: JobStatus", error, iteration,
-                created_at AS "created_at: Timestamp", started_at AS "started_at: Timestamp",
-                finished_at AS "finished_at: Timestamp", output_path, output_sha256, final_loss
-               FROM jobs "# + $tail
-            $(, $arg)*
+    ($tail:literal) => {
+        concat!(
+            "SELECT id, kind, parent_id, requester_id, guild_id, channel_id, message_id, prompt,
+                    params, seed, width, height, steps, cutn, vqgan_model, clip_model,
+                    crate_version, device, status, error, iteration, created_at, started_at,
+                    finished_at, output_path, output_sha256, final_loss
+             FROM jobs ",
+            $tail
         )
     };
 }
@@ -301,7 +311,7 @@ fn into_jobs(rows: Vec<JobRow>) -> Result<Vec<Job>, sqlx::Error> {
 }
 
 /// Records a new queued job and returns its id.
-pub async fn insert_job(pool: &SqlitePool, job: &NewJob) -> Result<JobId, sqlx::Error> {
+pub async fn insert_job(db: &Store, job: &NewJob) -> Result<JobId, sqlx::Error> {
     let requester_id = u64_to_sql(job.requester_id);
     let guild_id = job.guild_id.map(u64_to_sql);
     let channel_id = job.channel_id.map(u64_to_sql);
@@ -309,37 +319,38 @@ pub async fn insert_job(pool: &SqlitePool, job: &NewJob) -> Result<JobId, sqlx::
     let seed = u64_to_sql(job.seed);
     let version = env!("CARGO_PKG_VERSION");
     let now = Timestamp::now();
-    let result = sqlx::query!(
+    sqlx::query_scalar::<_, JobId>(
         "INSERT INTO jobs (kind, parent_id, requester_id, guild_id, channel_id, prompt, params,
                            seed, width, height, steps, cutn, vqgan_model, clip_model,
                            crate_version, status, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
-        job.kind,
-        job.parent,
-        requester_id,
-        guild_id,
-        channel_id,
-        job.prompt,
-        params,
-        seed,
-        job.width,
-        job.height,
-        job.steps,
-        job.cutn,
-        job.vqgan_model,
-        job.clip_model,
-        version,
-        now,
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 'queued', $16)
+         RETURNING id",
     )
-    .execute(pool)
-    .await?;
-    Ok(JobId(result.last_insert_rowid()))
+    .bind(job.kind)
+    .bind(job.parent)
+    .bind(requester_id)
+    .bind(guild_id)
+    .bind(channel_id)
+    .bind(job.prompt.as_str())
+    .bind(params)
+    .bind(seed)
+    .bind(i64::from(job.width))
+    .bind(i64::from(job.height))
+    .bind(i64::from(job.steps))
+    .bind(i64::from(job.cutn))
+    .bind(job.vqgan_model.as_str())
+    .bind(job.clip_model.as_str())
+    .bind(version)
+    .bind(now)
+    .fetch_one(db.pool())
+    .await
 }
 
 /// Loads one job.
-pub async fn get_job(pool: &SqlitePool, id: JobId) -> Result<Option<Job>, sqlx::Error> {
-    select_jobs!("WHERE id = ?", id)
-        .fetch_optional(pool)
+pub async fn get_job(db: &Store, id: JobId) -> Result<Option<Job>, sqlx::Error> {
+    sqlx::query_as::<_, JobRow>(select_jobs!("WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(db.pool())
         .await?
         .map(Job::try_from)
         .transpose()
@@ -347,53 +358,51 @@ pub async fn get_job(pool: &SqlitePool, id: JobId) -> Result<Option<Job>, sqlx::
 
 /// The most recent jobs, newest first, optionally only those with `status`.
 pub async fn list_recent_jobs(
-    pool: &SqlitePool,
+    db: &Store,
     status: Option<JobStatus>,
     limit: u32,
 ) -> Result<Vec<Job>, sqlx::Error> {
-    let rows = select_jobs!(
-        "WHERE ?1 IS NULL OR status = ?1 ORDER BY id DESC LIMIT ?2",
-        status,
-        limit
-    )
-    .fetch_all(pool)
+    let rows = sqlx::query_as::<_, JobRow>(select_jobs!(
+        "WHERE $1 IS NULL OR status = $1 ORDER BY id DESC LIMIT $2"
+    ))
+    .bind(status)
+    .bind(i64::from(limit))
+    .fetch_all(db.pool())
     .await?;
     into_jobs(rows)
 }
 
 /// One user's most recent jobs, newest first (for `/history`).
 pub async fn list_jobs_by_requester(
-    pool: &SqlitePool,
+    db: &Store,
     requester_id: u64,
     limit: u32,
 ) -> Result<Vec<Job>, sqlx::Error> {
     let requester_id = u64_to_sql(requester_id);
-    let rows = select_jobs!(
-        "WHERE requester_id = ? ORDER BY id DESC LIMIT ?",
-        requester_id,
-        limit
-    )
-    .fetch_all(pool)
+    let rows = sqlx::query_as::<_, JobRow>(select_jobs!(
+        "WHERE requester_id = $1 ORDER BY id DESC LIMIT $2"
+    ))
+    .bind(requester_id)
+    .bind(i64::from(limit))
+    .fetch_all(db.pool())
     .await?;
     into_jobs(rows)
 }
 
 /// Jobs waiting for a device, oldest first (to rebuild the queue at startup).
-pub async fn list_queued_jobs(pool: &SqlitePool) -> Result<Vec<Job>, sqlx::Error> {
-    let rows = select_jobs!("WHERE status = 'queued' ORDER BY id")
-        .fetch_all(pool)
+pub async fn list_queued_jobs(db: &Store) -> Result<Vec<Job>, sqlx::Error> {
+    let rows = sqlx::query_as::<_, JobRow>(select_jobs!("WHERE status = 'queued' ORDER BY id"))
+        .fetch_all(db.pool())
         .await?;
     into_jobs(rows)
 }
 
 /// The job whose status message is `message_id` (reactions arrive with only a message id).
-pub async fn find_job_by_message(
-    pool: &SqlitePool,
-    message_id: u64,
-) -> Result<Option<Job>, sqlx::Error> {
+pub async fn find_job_by_message(db: &Store, message_id: u64) -> Result<Option<Job>, sqlx::Error> {
     let message_id = u64_to_sql(message_id);
-    select_jobs!("WHERE message_id = ?", message_id)
-        .fetch_optional(pool)
+    sqlx::query_as::<_, JobRow>(select_jobs!("WHERE message_id = $1"))
+        .bind(message_id)
+        .fetch_optional(db.pool())
         .await?
         .map(Job::try_from)
         .transpose()
@@ -401,126 +410,113 @@ pub async fn find_job_by_message(
 
 /// Records the channel and message that show the job.
 pub async fn set_job_message(
-    pool: &SqlitePool,
+    db: &Store,
     id: JobId,
     channel_id: u64,
     message_id: u64,
 ) -> Result<bool, sqlx::Error> {
     let channel_id = u64_to_sql(channel_id);
     let message_id = u64_to_sql(message_id);
-    let result = sqlx::query!(
-        "UPDATE jobs SET channel_id = ?, message_id = ? WHERE id = ?",
-        channel_id,
-        message_id,
-        id
-    )
-    .execute(pool)
-    .await?;
+    let result = sqlx::query("UPDATE jobs SET channel_id = $1, message_id = $2 WHERE id = $3")
+        .bind(channel_id)
+        .bind(message_id)
+        .bind(id)
+        .execute(db.pool())
+        .await?;
     Ok(result.rows_affected() == 1)
 }
 
 /// Moves a queued job to running on `device`; `false` if it was not queued.
-pub async fn mark_job_running(
-    pool: &SqlitePool,
-    id: JobId,
-    device: &str,
-) -> Result<bool, sqlx::Error> {
+pub async fn mark_job_running(db: &Store, id: JobId, device: &str) -> Result<bool, sqlx::Error> {
     let now = Timestamp::now();
-    let result = sqlx::query!(
-        "UPDATE jobs SET status = 'running', device = ?, started_at = ?, iteration = 0
-         WHERE id = ? AND status = 'queued'",
-        device,
-        now,
-        id
+    let result = sqlx::query(
+        "UPDATE jobs SET status = 'running', device = $1, started_at = $2, iteration = 0
+         WHERE id = $3 AND status = 'queued'",
     )
-    .execute(pool)
+    .bind(device)
+    .bind(now)
+    .bind(id)
+    .execute(db.pool())
     .await?;
     Ok(result.rows_affected() == 1)
 }
 
 /// Records the last completed step of a running job; `false` if it is not running.
 pub async fn record_job_progress(
-    pool: &SqlitePool,
+    db: &Store,
     id: JobId,
     iteration: u32,
 ) -> Result<bool, sqlx::Error> {
-    let result = sqlx::query!(
-        "UPDATE jobs SET iteration = ? WHERE id = ? AND status = 'running'",
-        iteration,
-        id
-    )
-    .execute(pool)
-    .await?;
+    let result = sqlx::query("UPDATE jobs SET iteration = $1 WHERE id = $2 AND status = 'running'")
+        .bind(i64::from(iteration))
+        .bind(id)
+        .execute(db.pool())
+        .await?;
     Ok(result.rows_affected() == 1)
 }
 
 /// Finishes a running job with its image; `false` if it was not running.
 pub async fn mark_job_succeeded(
-    pool: &SqlitePool,
+    db: &Store,
     id: JobId,
     output: &JobOutput,
 ) -> Result<bool, sqlx::Error> {
     let now = Timestamp::now();
     let path = output.path.to_string_lossy();
-    let result = sqlx::query!(
-        "UPDATE jobs SET status = 'succeeded', finished_at = ?, iteration = steps,
-                         output_path = ?, output_sha256 = ?, final_loss = ?
-         WHERE id = ? AND status = 'running'",
-        now,
-        path,
-        output.sha256,
-        output.final_loss,
-        id
+    let result = sqlx::query(
+        "UPDATE jobs SET status = 'succeeded', finished_at = $1, iteration = steps,
+                         output_path = $2, output_sha256 = $3, final_loss = $4
+         WHERE id = $5 AND status = 'running'",
     )
-    .execute(pool)
+    .bind(now)
+    .bind(&*path)
+    .bind(output.sha256.as_str())
+    .bind(output.final_loss)
+    .bind(id)
+    .execute(db.pool())
     .await?;
     Ok(result.rows_affected() == 1)
 }
 
 /// Finishes a queued or running job with an error message; `false` if it had already finished.
-pub async fn mark_job_failed(
-    pool: &SqlitePool,
-    id: JobId,
-    error: &str,
-) -> Result<bool, sqlx::Error> {
+pub async fn mark_job_failed(db: &Store, id: JobId, error: &str) -> Result<bool, sqlx::Error> {
     let now = Timestamp::now();
-    let result = sqlx::query!(
-        "UPDATE jobs SET status = 'failed', finished_at = ?, error = ?
-         WHERE id = ? AND status IN ('queued', 'running')",
-        now,
-        error,
-        id
+    let result = sqlx::query(
+        "UPDATE jobs SET status = 'failed', finished_at = $1, error = $2
+         WHERE id = $3 AND status IN ('queued', 'running')",
     )
-    .execute(pool)
+    .bind(now)
+    .bind(error)
+    .bind(id)
+    .execute(db.pool())
     .await?;
     Ok(result.rows_affected() == 1)
 }
 
 /// Cancels a queued or running job; `false` if it had already finished.
-pub async fn mark_job_cancelled(pool: &SqlitePool, id: JobId) -> Result<bool, sqlx::Error> {
+pub async fn mark_job_cancelled(db: &Store, id: JobId) -> Result<bool, sqlx::Error> {
     let now = Timestamp::now();
-    let result = sqlx::query!(
-        "UPDATE jobs SET status = 'cancelled', finished_at = ?
-         WHERE id = ? AND status IN ('queued', 'running')",
-        now,
-        id
+    let result = sqlx::query(
+        "UPDATE jobs SET status = 'cancelled', finished_at = $1
+         WHERE id = $2 AND status IN ('queued', 'running')",
     )
-    .execute(pool)
+    .bind(now)
+    .bind(id)
+    .execute(db.pool())
     .await?;
     Ok(result.rows_affected() == 1)
 }
 
 /// Puts every job left running (by a crash or a shutdown) back in the queue; returns their ids.
-pub async fn requeue_running_jobs(pool: &SqlitePool) -> Result<Vec<JobId>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let ids = sqlx::query_scalar!(
-        r#"SELECT id AS "id: JobId" FROM jobs WHERE status = 'running' ORDER BY id"#
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    sqlx::query!(
+pub async fn requeue_running_jobs(db: &Store) -> Result<Vec<JobId>, sqlx::Error> {
+    let mut tx = db.pool().begin().await?;
+    let ids: Vec<JobId> =
+        sqlx::query_scalar("SELECT id FROM jobs WHERE status = 'running' ORDER BY id")
+            .fetch_all(&mut *tx)
+            .await?;
+    sqlx::query(
         "UPDATE jobs SET status = 'queued', device = NULL, started_at = NULL
-         WHERE status = 'running'"
+         WHERE status = 'running'",
     )
     .execute(&mut *tx)
     .await?;
@@ -530,48 +526,43 @@ pub async fn requeue_running_jobs(pool: &SqlitePool) -> Result<Vec<JobId>, sqlx:
 
 /// Puts one running job back in the queue (it was interrupted by a shutdown); `false` if it was
 /// not running.
-pub async fn requeue_job(pool: &SqlitePool, id: JobId) -> Result<bool, sqlx::Error> {
-    let result = sqlx::query!(
+pub async fn requeue_job(db: &Store, id: JobId) -> Result<bool, sqlx::Error> {
+    let result = sqlx::query(
         "UPDATE jobs SET status = 'queued', device = NULL, started_at = NULL
-         WHERE id = ? AND status = 'running'",
-        id
+         WHERE id = $1 AND status = 'running'",
     )
-    .execute(pool)
+    .bind(id)
+    .execute(db.pool())
     .await?;
     Ok(result.rows_affected() == 1)
 }
 
 /// Jobs cancelled at or after `since` (a scheduler learns of cancels made by other processes).
-pub async fn list_cancelled_since(
-    pool: &SqlitePool,
-    since: Timestamp,
-) -> Result<Vec<JobId>, sqlx::Error> {
-    sqlx::query_scalar!(
-        r#"SELECT id AS "id: JobId" FROM jobs
-           WHERE status = 'cancelled' AND finished_at >= ? ORDER BY id"#,
-        since
+pub async fn list_cancelled_since(db: &Store, since: Timestamp) -> Result<Vec<JobId>, sqlx::Error> {
+    sqlx::query_scalar::<_, JobId>(
+        r#"SELECT id FROM jobs
+           WHERE status = 'cancelled' AND finished_at >= $1 ORDER BY id"#,
     )
-    .fetch_all(pool)
+    .bind(since)
+    .fetch_all(db.pool())
     .await
 }
 
 /// How many jobs have each status.
-pub async fn count_jobs_by_status(pool: &SqlitePool) -> Result<Vec<(JobStatus, u64)>, sqlx::Error> {
-    let rows = sqlx::query!(
-        r#"SELECT status AS "status: JobStatus", COUNT(*) AS "count!: i64"
-           FROM jobs GROUP BY status ORDER BY status"#
-    )
-    .fetch_all(pool)
-    .await?;
+pub async fn count_jobs_by_status(db: &Store) -> Result<Vec<(JobStatus, u64)>, sqlx::Error> {
+    let rows: Vec<(JobStatus, i64)> =
+        sqlx::query_as("SELECT status, COUNT(*) FROM jobs GROUP BY status ORDER BY status")
+            .fetch_all(db.pool())
+            .await?;
     Ok(rows
         .into_iter()
-        .map(|r| (r.status, u64::try_from(r.count).unwrap_or(0)))
+        .map(|(status, count)| (status, u64::try_from(count).unwrap_or(0)))
         .collect())
 }
 
 /// Records the message that carries a finished job's picture (reactions on it act on the job).
 pub async fn set_job_result(
-    pool: &SqlitePool,
+    db: &Store,
     id: JobId,
     channel_id: u64,
     message_id: u64,
@@ -579,46 +570,37 @@ pub async fn set_job_result(
     let channel_id = u64_to_sql(channel_id);
     let message_id = u64_to_sql(message_id);
     let now = Timestamp::now();
-    sqlx::query!(
-        "INSERT INTO job_results (job_id, channel_id, message_id, posted_at) VALUES (?, ?, ?, ?)
+    sqlx::query("INSERT INTO job_results (job_id, channel_id, message_id, posted_at) VALUES ($1, $2, $3, $4)
          ON CONFLICT (job_id) DO UPDATE SET
              channel_id = excluded.channel_id, message_id = excluded.message_id,
-             posted_at = excluded.posted_at",
-        id,
-        channel_id,
-        message_id,
-        now
-    )
-    .execute(pool)
+             posted_at = excluded.posted_at").bind(id).bind(channel_id).bind(message_id).bind(now)
+    .execute(db.pool())
     .await?;
     Ok(())
 }
 
 /// The channel and message carrying a finished job's picture.
-pub async fn get_job_result(
-    pool: &SqlitePool,
-    id: JobId,
-) -> Result<Option<(u64, u64)>, sqlx::Error> {
-    let row = sqlx::query!(
-        "SELECT channel_id, message_id FROM job_results WHERE job_id = ?",
-        id
+pub async fn get_job_result(db: &Store, id: JobId) -> Result<Option<(u64, u64)>, sqlx::Error> {
+    let row = sqlx::query_as::<_, (i64, i64)>(
+        "SELECT channel_id, message_id FROM job_results WHERE job_id = $1",
     )
-    .fetch_optional(pool)
+    .bind(id)
+    .fetch_optional(db.pool())
     .await?;
-    Ok(row.map(|r| (u64_from_sql(r.channel_id), u64_from_sql(r.message_id))))
+    Ok(row.map(|(channel, message)| (u64_from_sql(channel), u64_from_sql(message))))
 }
 
 /// The job whose picture message is `message_id`.
 pub async fn find_job_by_result_message(
-    pool: &SqlitePool,
+    db: &Store,
     message_id: u64,
 ) -> Result<Option<Job>, sqlx::Error> {
     let message_id = u64_to_sql(message_id);
-    select_jobs!(
-        "WHERE id = (SELECT job_id FROM job_results WHERE message_id = ?)",
-        message_id
-    )
-    .fetch_optional(pool)
+    sqlx::query_as::<_, JobRow>(select_jobs!(
+        "WHERE id = (SELECT job_id FROM job_results WHERE message_id = $1)"
+    ))
+    .bind(message_id)
+    .fetch_optional(db.pool())
     .await?
     .map(Job::try_from)
     .transpose()
@@ -626,17 +608,17 @@ pub async fn find_job_by_result_message(
 
 /// How many jobs `requester` submitted since `since` (per-user rate limits).
 pub async fn count_jobs_since(
-    pool: &SqlitePool,
+    db: &Store,
     requester: u64,
     since: Timestamp,
 ) -> Result<u64, sqlx::Error> {
     let requester = u64_to_sql(requester);
-    let count = sqlx::query_scalar!(
-        r#"SELECT COUNT(*) AS "count!: i64" FROM jobs WHERE requester_id = ? AND created_at >= ?"#,
-        requester,
-        since
+    let count: i64 = sqlx::query_scalar(
+        r#"SELECT COUNT(*) AS count FROM jobs WHERE requester_id = $1 AND created_at >= $2"#,
     )
-    .fetch_one(pool)
+    .bind(requester)
+    .bind(since)
+    .fetch_one(db.pool())
     .await?;
     Ok(u64::try_from(count).unwrap_or(0))
 }

@@ -1,6 +1,6 @@
 //! Queries on per-user state: `/settings` defaults and per-guild bans.
 
-use sqlx::SqlitePool;
+use super::Store;
 
 use super::{Timestamp, decode_error, u64_from_sql, u64_to_sql};
 
@@ -38,6 +38,17 @@ pub struct Ban {
     pub banned_at: Timestamp,
 }
 
+/// A `user_settings` row as the database returns it.
+#[derive(sqlx::FromRow)]
+struct UserSettingsRow {
+    width: Option<i64>,
+    height: Option<i64>,
+    steps: Option<i64>,
+    vqgan_model: Option<String>,
+    clip_model: Option<String>,
+    ping_on_completion: i64,
+}
+
 fn optional_u32(column: &str, value: Option<i64>) -> Result<Option<u32>, sqlx::Error> {
     value
         .map(|v| u32::try_from(v).map_err(|_| decode_error(column, format!("{v} is not a u32"))))
@@ -46,19 +57,18 @@ fn optional_u32(column: &str, value: Option<i64>) -> Result<Option<u32>, sqlx::E
 
 /// A user's saved defaults, if they ever saved any.
 pub async fn get_user_settings(
-    pool: &SqlitePool,
+    db: &Store,
     user_id: u64,
 ) -> Result<Option<UserSettings>, sqlx::Error> {
     let key = u64_to_sql(user_id);
-    let Some(r) = sqlx::query!(
-        r#"SELECT width, height, steps, vqgan_model, clip_model,
-                  ping_on_completion AS "ping_on_completion: bool"
-           FROM user_settings WHERE user_id = ?"#,
-        key
+    let row: Option<UserSettingsRow> = sqlx::query_as(
+        "SELECT width, height, steps, vqgan_model, clip_model, ping_on_completion
+         FROM user_settings WHERE user_id = $1",
     )
-    .fetch_optional(pool)
-    .await?
-    else {
+    .bind(key)
+    .fetch_optional(db.pool())
+    .await?;
+    let Some(r) = row else {
         return Ok(None);
     };
     Ok(Some(UserSettings {
@@ -68,39 +78,29 @@ pub async fn get_user_settings(
         steps: optional_u32("steps", r.steps)?,
         vqgan_model: r.vqgan_model,
         clip_model: r.clip_model,
-        ping_on_completion: r.ping_on_completion,
+        ping_on_completion: r.ping_on_completion != 0,
     }))
 }
 
 /// Saves a user's defaults, replacing any saved before.
-pub async fn save_user_settings(pool: &SqlitePool, s: &UserSettings) -> Result<(), sqlx::Error> {
+pub async fn save_user_settings(db: &Store, s: &UserSettings) -> Result<(), sqlx::Error> {
     let user_id = u64_to_sql(s.user_id);
     let now = Timestamp::now();
-    sqlx::query!(
-        "INSERT INTO user_settings
+    sqlx::query("INSERT INTO user_settings
              (user_id, width, height, steps, vqgan_model, clip_model, ping_on_completion, updated_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
          ON CONFLICT (user_id) DO UPDATE SET
              width = excluded.width, height = excluded.height, steps = excluded.steps,
              vqgan_model = excluded.vqgan_model, clip_model = excluded.clip_model,
-             ping_on_completion = excluded.ping_on_completion, updated_at = excluded.updated_at",
-        user_id,
-        s.width,
-        s.height,
-        s.steps,
-        s.vqgan_model,
-        s.clip_model,
-        s.ping_on_completion,
-        now
-    )
-    .execute(pool)
+             ping_on_completion = excluded.ping_on_completion, updated_at = excluded.updated_at").bind(user_id).bind(s.width.map(i64::from)).bind(s.height.map(i64::from)).bind(s.steps.map(i64::from)).bind(s.vqgan_model.as_deref()).bind(s.clip_model.as_deref()).bind(i64::from(s.ping_on_completion)).bind(now)
+    .execute(db.pool())
     .await?;
     Ok(())
 }
 
 /// Bans a user in a guild; `false` if they were already banned there (the first ban is kept).
 pub async fn ban_user(
-    pool: &SqlitePool,
+    db: &Store,
     guild_id: u64,
     user_id: u64,
     banned_by: u64,
@@ -110,82 +110,71 @@ pub async fn ban_user(
     let user_id = u64_to_sql(user_id);
     let banned_by = u64_to_sql(banned_by);
     let now = Timestamp::now();
-    let result = sqlx::query!(
+    let result = sqlx::query(
         "INSERT INTO user_bans (guild_id, user_id, banned_by, reason, banned_at)
-         VALUES (?, ?, ?, ?, ?)
+         VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (guild_id, user_id) DO NOTHING",
-        guild_id,
-        user_id,
-        banned_by,
-        reason,
-        now
     )
-    .execute(pool)
+    .bind(guild_id)
+    .bind(user_id)
+    .bind(banned_by)
+    .bind(reason)
+    .bind(now)
+    .execute(db.pool())
     .await?;
     Ok(result.rows_affected() == 1)
 }
 
 /// Lifts a user's ban in a guild; `false` if they were not banned.
-pub async fn unban_user(
-    pool: &SqlitePool,
-    guild_id: u64,
-    user_id: u64,
-) -> Result<bool, sqlx::Error> {
+pub async fn unban_user(db: &Store, guild_id: u64, user_id: u64) -> Result<bool, sqlx::Error> {
     let guild_id = u64_to_sql(guild_id);
     let user_id = u64_to_sql(user_id);
-    let result = sqlx::query!(
-        "DELETE FROM user_bans WHERE guild_id = ? AND user_id = ?",
-        guild_id,
-        user_id
-    )
-    .execute(pool)
-    .await?;
+    let result = sqlx::query("DELETE FROM user_bans WHERE guild_id = $1 AND user_id = $2")
+        .bind(guild_id)
+        .bind(user_id)
+        .execute(db.pool())
+        .await?;
     Ok(result.rows_affected() == 1)
 }
 
 /// The ban on a user in a guild, if any.
-pub async fn find_ban(
-    pool: &SqlitePool,
-    guild_id: u64,
-    user_id: u64,
-) -> Result<Option<Ban>, sqlx::Error> {
+pub async fn find_ban(db: &Store, guild_id: u64, user_id: u64) -> Result<Option<Ban>, sqlx::Error> {
     let guild_key = u64_to_sql(guild_id);
     let user_key = u64_to_sql(user_id);
-    let row = sqlx::query!(
-        r#"SELECT banned_by, reason, banned_at AS "banned_at: Timestamp"
-           FROM user_bans WHERE guild_id = ? AND user_id = ?"#,
-        guild_key,
-        user_key
+    let row: Option<(i64, Option<String>, Timestamp)> = sqlx::query_as(
+        "SELECT banned_by, reason, banned_at FROM user_bans WHERE guild_id = $1 AND user_id = $2",
     )
-    .fetch_optional(pool)
+    .bind(guild_key)
+    .bind(user_key)
+    .fetch_optional(db.pool())
     .await?;
-    Ok(row.map(|r| Ban {
+    Ok(row.map(|(banned_by, reason, banned_at)| Ban {
         guild_id,
         user_id,
-        banned_by: u64_from_sql(r.banned_by),
-        reason: r.reason,
-        banned_at: r.banned_at,
+        banned_by: u64_from_sql(banned_by),
+        reason,
+        banned_at,
     }))
 }
 
 /// Every ban in a guild, most recent first.
-pub async fn list_bans(pool: &SqlitePool, guild_id: u64) -> Result<Vec<Ban>, sqlx::Error> {
+pub async fn list_bans(db: &Store, guild_id: u64) -> Result<Vec<Ban>, sqlx::Error> {
     let guild_key = u64_to_sql(guild_id);
-    let rows = sqlx::query!(
-        r#"SELECT user_id, banned_by, reason, banned_at AS "banned_at: Timestamp"
-           FROM user_bans WHERE guild_id = ? ORDER BY banned_at DESC, user_id"#,
-        guild_key
+    let rows: Vec<(i64, i64, Option<String>, Timestamp)> = sqlx::query_as(
+        "SELECT user_id, banned_by, reason, banned_at
+         FROM user_bans WHERE guild_id = $1 ORDER BY banned_at DESC, user_id",
     )
-    .fetch_all(pool)
+    .bind(guild_key)
+    .fetch_all(db.pool())
     .await?;
     Ok(rows
         .into_iter()
-        .map(|r| Ban {
+        .map(|(user_id, banned_by, reason, banned_at)| Ban {
             guild_id,
-            user_id: u64_from_sql(r.user_id),
-            banned_by: u64_from_sql(r.banned_by),
-            reason: r.reason,
-            banned_at: r.banned_at,
+            user_id: u64_from_sql(user_id),
+            banned_by: u64_from_sql(banned_by),
+            reason,
+            banned_at,
         })
         .collect())
 }

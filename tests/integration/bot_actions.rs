@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use sqlx::SqlitePool;
 use tempfile::TempDir;
 use vqclip::config::{Environment, Settings};
 use vqclip::jobs::scheduler::DeviceSlot;
 use vqclip::jobs::{JobId, Scheduler};
+use vqclip::store::Store;
 use vqclip::store::jobs::{self, JobKind, JobStatus};
 use vqclip::store::{gallery, guilds};
 
@@ -29,7 +29,7 @@ const MEMBER: &str = "0";
 struct Bot {
     discord: FakeDiscord,
     dir: TempDir,
-    pool: SqlitePool,
+    pool: Store,
     scheduler: Scheduler,
     settings: Arc<Settings>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -423,7 +423,7 @@ async fn cancel_by_button_and_by_reaction() {
     bot.stop().await;
 }
 
-async fn wait_running(pool: &SqlitePool, id: i64) {
+async fn wait_running(pool: &Store, id: i64) {
     for _ in 0..1500 {
         let job = jobs::get_job(pool, JobId(id)).await.unwrap();
         if job.is_some_and(|j| j.status == JobStatus::Running && j.message_id.is_some()) {

@@ -192,7 +192,9 @@ async fn jobs_list_shows_recent_jobs_as_a_table() {
     );
     assert!(!db.exists(), "listing does not create a database");
 
-    let pool = store::connect(&db).await.unwrap();
+    let pool = store::connect(&store::Location::Sqlite(db.clone()))
+        .await
+        .unwrap();
     store::migrate(&pool).await.unwrap();
     let mut job = sample_job(321, "a watercolour lighthouse in a storm");
     job.seed = u64::MAX;
@@ -641,7 +643,9 @@ fn spawn_vqclip(dir: &Path, args: &[&str]) -> std::process::Child {
 
 /// Statuses of all jobs, by id.
 async fn statuses(db: &Path) -> Vec<(i64, jobs::JobStatus)> {
-    let pool = store::connect(db).await.unwrap();
+    let pool = store::connect(&store::Location::Sqlite(db.to_path_buf()))
+        .await
+        .unwrap();
     let list = jobs::list_recent_jobs(&pool, None, 100).await.unwrap();
     pool.close().await;
     let mut out: Vec<_> = list.iter().map(|j| (j.id.0, j.status)).collect();
@@ -654,7 +658,9 @@ async fn wait_for_statuses(
     what: &str,
     done: impl Fn(&[(i64, jobs::JobStatus)]) -> bool,
 ) -> Vec<(i64, jobs::JobStatus)> {
-    for _ in 0..1200 {
+    // Generous: on a loaded 2-core machine a debug-built worker takes seconds per tiny job (one
+    // CI run timed out at 60 s with two jobs left).
+    for _ in 0..4800 {
         let now = statuses(db).await;
         if done(&now) {
             return now;

@@ -1,6 +1,7 @@
 //! vqclip's integration tests, one binary (faster to link than one per file).
 //!
-//! Everything runs offline: SQLite in temporary directories, the real `vqclip` binary for the
+//! Everything runs offline: SQLite in temporary directories, PostgreSQL on loopback (started
+//! from the installed server programs when `VQCLIP_TEST_POSTGRES_URL` names none), the real `vqclip` binary for the
 //! command line, a loopback fake Hugging Face Hub for downloads. `TEST_LOG=1` prints the code's logs.
 
 mod bot;
@@ -12,6 +13,7 @@ mod fake_hub;
 mod hub;
 mod parity;
 mod pipeline;
+mod postgres;
 mod scheduler;
 mod store;
 mod support;

@@ -6,13 +6,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sqlx::SqlitePool;
 use tempfile::TempDir;
 use vqclip::engine::generate::{GenerationSpec, Progress};
 use vqclip::engine::prompt::WeightedPrompt;
 use vqclip::jobs::scheduler::{CancelError, Cancelled, DeviceSlot, DeviceState};
 use vqclip::jobs::worker::{Assignment, RunError, RunOutput, Runner, StopFlags};
 use vqclip::jobs::{Actor, JobEvent, JobId, JobParams, Scheduler, SchedulerOptions, SubmitError};
+use vqclip::store::Store;
 use vqclip::store::jobs::{self, JobKind, JobStatus, NewJob};
 
 use crate::support::test_pool;
@@ -149,7 +149,7 @@ async fn submit(s: &Scheduler, user: u64, prompt: &str, steps: u32) -> JobId {
 /// Waits until `id` has ended in the database and returns its status.
 /// Waits (up to a minute: debug builds on a busy machine are slow) for a job to end; a job the
 /// bot has not stored yet (commands with attachments are deferred) counts as not ended.
-pub(crate) async fn finished(pool: &SqlitePool, id: JobId) -> JobStatus {
+pub(crate) async fn finished(pool: &Store, id: JobId) -> JobStatus {
     for _ in 0..3000 {
         let job = jobs::get_job(pool, id).await.unwrap();
         if let Some(job) = job.filter(|job| job.status.is_finished()) {
@@ -418,7 +418,9 @@ fn a_job_left_running_by_a_crash_completes_after_a_restart() {
         // The first run: its runtime is dropped mid-job, as a crash would end it.
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async {
-            let pool = vqclip::store::connect(&db).await.unwrap();
+            let pool = vqclip::store::connect(&vqclip::store::Location::Sqlite(db.clone()))
+                .await
+                .unwrap();
             vqclip::store::migrate(&pool).await.unwrap();
             let s = Scheduler::start(pool.clone(), options(&dir), slots(&[&hung]))
                 .await
@@ -441,7 +443,9 @@ fn a_job_left_running_by_a_crash_completes_after_a_restart() {
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let pool = vqclip::store::connect(&db).await.unwrap();
+        let pool = vqclip::store::connect(&vqclip::store::Location::Sqlite(db.clone()))
+            .await
+            .unwrap();
         let before = jobs::get_job(&pool, crashed).await.unwrap().unwrap();
         assert_eq!(before.status, JobStatus::Running);
         let fresh = FakeRunner::new(5);
@@ -494,7 +498,7 @@ fn engine_slot(settings: &vqclip::config::Settings) -> Vec<DeviceSlot> {
     }]
 }
 
-async fn start_engine(pool: &SqlitePool, settings: &vqclip::config::Settings) -> Scheduler {
+async fn start_engine(pool: &Store, settings: &vqclip::config::Settings) -> Scheduler {
     Scheduler::start(
         pool.clone(),
         SchedulerOptions::from_settings(settings),

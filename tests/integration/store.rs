@@ -1,24 +1,37 @@
-//! The SQLite store: migrations, every query's round trip, concurrency, u64 mapping.
+//! The store on both backends: migrations, every query's round trip, concurrency, u64 mapping.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use vqclip::store::{
-    self, JobId, Timestamp,
+    self, Backend, JobId, Location, Timestamp,
     gallery::{self, STAR},
     guilds,
     jobs::{self, JobKind, JobOutput, JobStatus},
     users::{self, UserSettings},
 };
 
-use crate::support::{sample_job, test_pool};
+use crate::support::{on_both_backends, sample_job, test_pool};
+
+/// Every table of the schema (besides sqlx's own), by name.
+const TABLES: [&str; 7] = [
+    "gallery_posts",
+    "guild_settings",
+    "job_results",
+    "jobs",
+    "user_bans",
+    "user_settings",
+    "votes",
+];
 
 #[tokio::test]
 async fn migrations_create_every_table_in_an_empty_database() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nested/dir/new.sqlite");
-    let pool = store::connect(&path).await.unwrap();
+    let pool = store::connect(&Location::Sqlite(path.clone()))
+        .await
+        .unwrap();
     assert!(
         path.exists(),
         "connect creates the file and its directories"
@@ -30,7 +43,7 @@ async fn migrations_create_every_table_in_an_empty_database() {
 
     let applied = store::migrate(&pool).await.unwrap();
 
-    let expected: Vec<i64> = store::MIGRATOR.iter().map(|m| m.version).collect();
+    let expected: Vec<i64> = store::SQLITE_MIGRATOR.iter().map(|m| m.version).collect();
     assert_eq!(applied, expected);
     assert!(
         store::migrate(&pool).await.unwrap().is_empty(),
@@ -40,36 +53,51 @@ async fn migrations_create_every_table_in_an_empty_database() {
         "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE '\\_%' ESCAPE '\\'
          AND name NOT LIKE 'sqlite%' ORDER BY name",
     )
-    .fetch_all(&pool)
+    .fetch_all(pool.pool())
     .await
     .unwrap();
+    assert_eq!(tables, TABLES);
+}
+
+#[tokio::test]
+async fn postgres_migrations_create_the_same_tables_at_the_same_versions() {
+    let url = crate::postgres::new_database().await;
+    let pool = store::connect(&Location::Postgres(url)).await.unwrap();
+    assert_eq!(pool.backend(), Backend::Postgres);
     assert_eq!(
-        tables,
-        [
-            "gallery_posts",
-            "guild_settings",
-            "job_results",
-            "jobs",
-            "user_bans",
-            "user_settings",
-            "votes"
-        ]
+        store::applied_versions(&pool).await.unwrap(),
+        Vec::<i64>::new()
     );
+
+    let applied = store::migrate(&pool).await.unwrap();
+
+    let sqlite: Vec<i64> = store::SQLITE_MIGRATOR.iter().map(|m| m.version).collect();
+    assert_eq!(applied, sqlite, "one version line for both backends");
+    assert!(store::migrate(&pool).await.unwrap().is_empty());
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::TEXT FROM information_schema.tables
+         WHERE table_schema = current_schema() AND table_name NOT LIKE '\\_%' ESCAPE '\\'
+         ORDER BY table_name",
+    )
+    .fetch_all(pool.pool())
+    .await
+    .unwrap();
+    assert_eq!(tables, TABLES);
 }
 
 #[tokio::test]
 async fn connections_use_wal_foreign_keys_and_a_busy_timeout() {
     let (_dir, pool) = test_pool().await;
     let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
-        .fetch_one(&pool)
+        .fetch_one(pool.pool())
         .await
         .unwrap();
     let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
-        .fetch_one(&pool)
+        .fetch_one(pool.pool())
         .await
         .unwrap();
     let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
-        .fetch_one(&pool)
+        .fetch_one(pool.pool())
         .await
         .unwrap();
     assert_eq!(mode, "wal");
@@ -77,646 +105,618 @@ async fn connections_use_wal_foreign_keys_and_a_busy_timeout() {
     assert!(busy >= 1000, "busy_timeout = {busy} ms");
 }
 
-#[tokio::test]
-async fn a_job_round_trips_every_field() {
-    let (_dir, pool) = test_pool().await;
-    let mut new = sample_job(u64::MAX, "a castle at 3:30 pm | fog:0.5");
-    new.seed = u64::MAX;
-    new.guild_id = Some(u64::MAX - 1);
-    new.channel_id = Some(1 << 63);
-    let before = Timestamp::now();
+on_both_backends! {
+    async fn a_job_round_trips_every_field(pool) {
+        let mut new = sample_job(u64::MAX, "a castle at 3:30 pm | fog:0.5");
+        new.seed = u64::MAX;
+        new.guild_id = Some(u64::MAX - 1);
+        new.channel_id = Some(1 << 63);
+        let before = Timestamp::now();
 
-    let id = jobs::insert_job(&pool, &new).await.unwrap();
-    let job = jobs::get_job(&pool, id).await.unwrap().expect("job exists");
-
-    assert_eq!(job.id, id);
-    assert_eq!(job.kind, JobKind::Imagine);
-    assert_eq!(job.parent, None);
-    assert_eq!(job.requester_id, u64::MAX);
-    assert_eq!(job.guild_id, Some(u64::MAX - 1));
-    assert_eq!(job.channel_id, Some(1 << 63));
-    assert_eq!(job.message_id, None);
-    assert_eq!(job.prompt, new.prompt);
-    assert_eq!(job.params, new.params);
-    assert_eq!(job.seed, u64::MAX);
-    assert_eq!(
-        (job.width, job.height, job.steps, job.cutn),
-        (256, 256, 300, 32)
-    );
-    assert_eq!(job.vqgan_model, "imagenet_f16_16384");
-    assert_eq!(job.clip_model, "vit_b32");
-    assert_eq!(job.crate_version, env!("CARGO_PKG_VERSION"));
-    assert_eq!(job.status, JobStatus::Queued);
-    assert_eq!((job.device, job.error, job.iteration), (None, None, 0));
-    assert!(job.created_at >= before && job.created_at <= Timestamp::now());
-    assert_eq!((job.started_at, job.finished_at), (None, None));
-    assert_eq!(
-        (job.output_path, job.output_sha256, job.final_loss),
-        (None, None, None)
-    );
-    assert_eq!(jobs::get_job(&pool, JobId(id.0 + 1)).await.unwrap(), None);
-}
-
-#[tokio::test]
-async fn u64_seeds_round_trip_across_the_whole_range() {
-    let (_dir, pool) = test_pool().await;
-    for seed in [0, 1, i64::MAX as u64, 1 << 63, u64::MAX - 1, u64::MAX] {
-        let mut new = sample_job(7, "seed test");
-        new.seed = seed;
         let id = jobs::insert_job(&pool, &new).await.unwrap();
-        assert_eq!(jobs::get_job(&pool, id).await.unwrap().unwrap().seed, seed);
-    }
-    // The documented mapping: u64::MAX is stored as -1.
-    let stored: i64 = sqlx::query_scalar("SELECT seed FROM jobs ORDER BY id DESC LIMIT 1")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(stored, -1);
-}
+        let job = jobs::get_job(&pool, id).await.unwrap().expect("job exists");
 
-#[tokio::test]
-async fn a_successful_job_records_each_step_of_its_life() {
-    let (_dir, pool) = test_pool().await;
-    let id = jobs::insert_job(&pool, &sample_job(1, "lighthouse"))
-        .await
-        .unwrap();
-
-    assert!(jobs::set_job_message(&pool, id, 555, 777).await.unwrap());
-    assert_eq!(
-        jobs::find_job_by_message(&pool, 777)
-            .await
-            .unwrap()
-            .map(|j| j.id),
-        Some(id)
-    );
-    assert_eq!(jobs::find_job_by_message(&pool, 778).await.unwrap(), None);
-
-    assert!(
-        !jobs::record_job_progress(&pool, id, 5).await.unwrap(),
-        "not running yet"
-    );
-    assert!(jobs::mark_job_running(&pool, id, "cuda:1").await.unwrap());
-    assert!(
-        !jobs::mark_job_running(&pool, id, "cuda:0").await.unwrap(),
-        "already running"
-    );
-    assert!(jobs::record_job_progress(&pool, id, 150).await.unwrap());
-    let running = jobs::get_job(&pool, id).await.unwrap().unwrap();
-    assert_eq!(running.status, JobStatus::Running);
-    assert_eq!(running.device.as_deref(), Some("cuda:1"));
-    assert_eq!(running.iteration, 150);
-    assert!(running.started_at.is_some());
-    assert_eq!(running.channel_id, Some(555));
-
-    let output = JobOutput {
-        path: PathBuf::from("data/images/1.png"),
-        sha256: "ab".repeat(32),
-        final_loss: 0.8125,
-    };
-    assert!(jobs::mark_job_succeeded(&pool, id, &output).await.unwrap());
-    assert!(
-        !jobs::mark_job_failed(&pool, id, "late error")
-            .await
-            .unwrap(),
-        "finished jobs stay"
-    );
-    assert!(!jobs::mark_job_cancelled(&pool, id).await.unwrap());
-
-    let done = jobs::get_job(&pool, id).await.unwrap().unwrap();
-    assert_eq!(done.status, JobStatus::Succeeded);
-    assert_eq!(done.iteration, done.steps);
-    assert_eq!(done.output_path, Some(output.path));
-    assert_eq!(done.output_sha256, Some(output.sha256));
-    assert_eq!(done.final_loss, Some(0.8125));
-    assert_eq!(done.error, None);
-    assert!(done.finished_at.unwrap() >= done.started_at.unwrap());
-}
-
-#[tokio::test]
-async fn failed_and_cancelled_jobs_keep_their_reason() {
-    let (_dir, pool) = test_pool().await;
-    let failed = jobs::insert_job(&pool, &sample_job(1, "a")).await.unwrap();
-    let cancelled = jobs::insert_job(&pool, &sample_job(1, "b")).await.unwrap();
-    jobs::mark_job_running(&pool, failed, "cpu").await.unwrap();
-
-    assert!(
-        jobs::mark_job_failed(&pool, failed, "CUDA out of memory")
-            .await
-            .unwrap()
-    );
-    assert!(jobs::mark_job_cancelled(&pool, cancelled).await.unwrap());
-    assert!(
-        !jobs::mark_job_running(&pool, cancelled, "cpu")
-            .await
-            .unwrap()
-    );
-    let output = JobOutput {
-        path: "x.png".into(),
-        sha256: "0".repeat(64),
-        final_loss: 1.0,
-    };
-    assert!(
-        !jobs::mark_job_succeeded(&pool, failed, &output)
-            .await
-            .unwrap()
-    );
-
-    let failed = jobs::get_job(&pool, failed).await.unwrap().unwrap();
-    assert_eq!(failed.status, JobStatus::Failed);
-    assert_eq!(failed.error.as_deref(), Some("CUDA out of memory"));
-    assert!(failed.finished_at.is_some());
-    let cancelled = jobs::get_job(&pool, cancelled).await.unwrap().unwrap();
-    assert_eq!(cancelled.status, JobStatus::Cancelled);
-    assert!(cancelled.finished_at.is_some());
-}
-
-#[tokio::test]
-async fn listings_filter_order_and_count() {
-    let (_dir, pool) = test_pool().await;
-    let mut ids = Vec::new();
-    for (i, user) in [10, 20, 10, 10, 20].into_iter().enumerate() {
-        ids.push(
-            jobs::insert_job(&pool, &sample_job(user, &format!("prompt {i}")))
-                .await
-                .unwrap(),
+        assert_eq!(job.id, id);
+        assert_eq!(job.kind, JobKind::Imagine);
+        assert_eq!(job.parent, None);
+        assert_eq!(job.requester_id, u64::MAX);
+        assert_eq!(job.guild_id, Some(u64::MAX - 1));
+        assert_eq!(job.channel_id, Some(1 << 63));
+        assert_eq!(job.message_id, None);
+        assert_eq!(job.prompt, new.prompt);
+        assert_eq!(job.params, new.params);
+        assert_eq!(job.seed, u64::MAX);
+        assert_eq!(
+            (job.width, job.height, job.steps, job.cutn),
+            (256, 256, 300, 32)
         );
+        assert_eq!(job.vqgan_model, "imagenet_f16_16384");
+        assert_eq!(job.clip_model, "vit_b32");
+        assert_eq!(job.crate_version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(job.status, JobStatus::Queued);
+        assert_eq!((job.device, job.error, job.iteration), (None, None, 0));
+        assert!(job.created_at >= before && job.created_at <= Timestamp::now());
+        assert_eq!((job.started_at, job.finished_at), (None, None));
+        assert_eq!(
+            (job.output_path, job.output_sha256, job.final_loss),
+            (None, None, None)
+        );
+        assert_eq!(jobs::get_job(&pool, JobId(id.0 + 1)).await.unwrap(), None);
     }
-    jobs::mark_job_running(&pool, ids[1], "cpu").await.unwrap();
-    jobs::mark_job_cancelled(&pool, ids[2]).await.unwrap();
 
-    let recent: Vec<JobId> = jobs::list_recent_jobs(&pool, None, 3)
-        .await
-        .unwrap()
-        .iter()
-        .map(|j| j.id)
-        .collect();
-    assert_eq!(recent, [ids[4], ids[3], ids[2]]);
-    let queued: Vec<JobId> = jobs::list_recent_jobs(&pool, Some(JobStatus::Queued), 10)
-        .await
-        .unwrap()
-        .iter()
-        .map(|j| j.id)
-        .collect();
-    assert_eq!(queued, [ids[4], ids[3], ids[0]]);
-    let user10: Vec<JobId> = jobs::list_jobs_by_requester(&pool, 10, 10)
-        .await
-        .unwrap()
-        .iter()
-        .map(|j| j.id)
-        .collect();
-    assert_eq!(user10, [ids[3], ids[2], ids[0]]);
-    let oldest_first: Vec<JobId> = jobs::list_queued_jobs(&pool)
-        .await
-        .unwrap()
-        .iter()
-        .map(|j| j.id)
-        .collect();
-    assert_eq!(oldest_first, [ids[0], ids[3], ids[4]]);
-    let counts = jobs::count_jobs_by_status(&pool).await.unwrap();
-    assert!(counts.contains(&(JobStatus::Queued, 3)), "{counts:?}");
-    assert!(counts.contains(&(JobStatus::Running, 1)), "{counts:?}");
-    assert!(counts.contains(&(JobStatus::Cancelled, 1)), "{counts:?}");
-}
-
-#[tokio::test]
-async fn running_jobs_are_requeued_after_a_crash() {
-    let (_dir, pool) = test_pool().await;
-    let a = jobs::insert_job(&pool, &sample_job(1, "a")).await.unwrap();
-    let b = jobs::insert_job(&pool, &sample_job(1, "b")).await.unwrap();
-    let c = jobs::insert_job(&pool, &sample_job(1, "c")).await.unwrap();
-    jobs::mark_job_running(&pool, a, "cuda:0").await.unwrap();
-    jobs::mark_job_running(&pool, c, "cuda:1").await.unwrap();
-
-    let requeued = jobs::requeue_running_jobs(&pool).await.unwrap();
-
-    assert_eq!(requeued, [a, c]);
-    let queued: Vec<JobId> = jobs::list_queued_jobs(&pool)
-        .await
-        .unwrap()
-        .iter()
-        .map(|j| j.id)
-        .collect();
-    assert_eq!(queued, [a, b, c]);
-    let a = jobs::get_job(&pool, a).await.unwrap().unwrap();
-    assert_eq!((a.device, a.started_at), (None, None));
-}
-
-#[tokio::test]
-async fn follow_up_jobs_must_name_an_existing_parent() {
-    let (_dir, pool) = test_pool().await;
-    let parent = jobs::insert_job(&pool, &sample_job(1, "parent"))
-        .await
-        .unwrap();
-    let mut upscale = sample_job(1, "parent");
-    upscale.kind = JobKind::Upscale;
-    upscale.parent = Some(parent);
-    let child = jobs::insert_job(&pool, &upscale).await.unwrap();
-    let child = jobs::get_job(&pool, child).await.unwrap().unwrap();
-    assert_eq!((child.kind, child.parent), (JobKind::Upscale, Some(parent)));
-
-    upscale.parent = Some(JobId(9_999));
-    assert!(
-        jobs::insert_job(&pool, &upscale).await.is_err(),
-        "foreign keys are enforced"
-    );
-}
-
-#[tokio::test]
-async fn eight_concurrent_writers_lose_nothing() {
-    let (_dir, pool) = test_pool().await;
-    const WRITERS: u64 = 8;
-    const JOBS_EACH: u64 = 25;
-
-    let tasks: Vec<_> = (0..WRITERS)
-        .map(|writer| {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                let mut ids = Vec::new();
-                for n in 0..JOBS_EACH {
-                    let mut job = sample_job(writer, &format!("writer {writer} job {n}"));
-                    job.seed = u64::MAX - n;
-                    let id = jobs::insert_job(&pool, &job).await.unwrap();
-                    jobs::mark_job_running(&pool, id, "cpu").await.unwrap();
-                    jobs::record_job_progress(&pool, id, 1).await.unwrap();
-                    ids.push(id);
-                }
-                ids
-            })
-        })
-        .collect();
-    let mut all = HashSet::new();
-    for task in tasks {
-        for id in task.await.unwrap() {
-            assert!(all.insert(id), "id {id} handed out twice");
+    async fn u64_seeds_round_trip_across_the_whole_range(pool) {
+        for seed in [0, 1, i64::MAX as u64, 1 << 63, u64::MAX - 1, u64::MAX] {
+            let mut new = sample_job(7, "seed test");
+            new.seed = seed;
+            let id = jobs::insert_job(&pool, &new).await.unwrap();
+            assert_eq!(jobs::get_job(&pool, id).await.unwrap().unwrap().seed, seed);
         }
-    }
-
-    assert_eq!(all.len() as u64, WRITERS * JOBS_EACH);
-    for writer in 0..WRITERS {
-        let theirs = jobs::list_jobs_by_requester(&pool, writer, 1000)
+        // The documented mapping: u64::MAX is stored as -1.
+        let stored: i64 = sqlx::query_scalar("SELECT seed FROM jobs ORDER BY id DESC LIMIT 1")
+            .fetch_one(pool.pool())
             .await
             .unwrap();
-        assert_eq!(theirs.len() as u64, JOBS_EACH, "writer {writer}");
-        assert!(
-            theirs
-                .iter()
-                .all(|j| j.status == JobStatus::Running && j.iteration == 1)
-        );
+        assert_eq!(stored, -1);
     }
-}
 
-#[tokio::test]
-async fn gallery_posts_and_votes_round_trip_and_rank() {
-    let (_dir, pool) = test_pool().await;
-    let guild = 900;
-    let mut posts = Vec::new();
-    for n in 0..3 {
-        let job = jobs::insert_job(&pool, &sample_job(1, &format!("art {n}")))
+    async fn a_successful_job_records_each_step_of_its_life(pool) {
+        let id = jobs::insert_job(&pool, &sample_job(1, "lighthouse"))
             .await
             .unwrap();
-        posts.push(
-            gallery::insert_gallery_post(&pool, job, guild, 901, 1000 + n)
-                .await
-                .unwrap(),
-        );
-    }
-    let other_job = jobs::insert_job(&pool, &sample_job(1, "elsewhere"))
-        .await
-        .unwrap();
-    gallery::insert_gallery_post(&pool, other_job, 999, 991, 2000)
-        .await
-        .unwrap();
 
-    let found = gallery::find_gallery_post_by_message(&pool, 1001)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        (found.id, found.guild_id, found.channel_id, found.message_id),
-        (posts[1], guild, 901, 1001)
-    );
-    let by_job = gallery::find_gallery_post_by_job(&pool, found.job_id, guild)
-        .await
-        .unwrap();
-    assert_eq!(by_job, Some(found.clone()));
-    assert_eq!(
-        gallery::find_gallery_post_by_job(&pool, found.job_id, 999)
-            .await
-            .unwrap(),
-        None
-    );
-    assert!(
-        gallery::insert_gallery_post(&pool, found.job_id, guild, 901, 3000)
-            .await
-            .is_err(),
-        "a job is posted once per guild"
-    );
-
-    // Votes: two stars on post 1, one on post 2, a non-star on post 0.
-    assert!(gallery::add_vote(&pool, posts[1], 50, STAR).await.unwrap());
-    assert!(
-        !gallery::add_vote(&pool, posts[1], 50, STAR).await.unwrap(),
-        "one star per user"
-    );
-    assert!(gallery::add_vote(&pool, posts[1], 51, STAR).await.unwrap());
-    assert!(gallery::add_vote(&pool, posts[2], 50, STAR).await.unwrap());
-    assert!(gallery::add_vote(&pool, posts[0], 50, "🔥").await.unwrap());
-    assert_eq!(
-        gallery::count_votes(&pool, posts[1], STAR).await.unwrap(),
-        2
-    );
-    assert_eq!(
-        gallery::count_votes(&pool, posts[0], STAR).await.unwrap(),
-        0
-    );
-
-    let query = |since: Option<Timestamp>| gallery::GalleryQuery {
-        guild_id: guild,
-        by_votes: true,
-        since,
-        author: None,
-        text: None,
-    };
-    let top = gallery::list_gallery(&pool, &query(None), 10, 0)
-        .await
-        .unwrap();
-    let ranking: Vec<_> = top.iter().map(|r| (r.post.id, r.votes)).collect();
-    assert_eq!(ranking, [(posts[1], 2), (posts[2], 1), (posts[0], 0)]);
-    let page2 = gallery::list_gallery(&pool, &query(None), 2, 2)
-        .await
-        .unwrap();
-    assert_eq!(
-        page2.iter().map(|r| r.post.id).collect::<Vec<_>>(),
-        [posts[0]]
-    );
-    let since_later = Timestamp::from_millis(Timestamp::now().as_millis() + 60_000);
-    assert!(
-        gallery::list_gallery(&pool, &query(Some(since_later)), 10, 0)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    let last_day = Timestamp::now().minus(Duration::from_secs(86_400));
-    assert_eq!(
-        gallery::list_gallery(&pool, &query(Some(last_day)), 10, 0)
-            .await
-            .unwrap()
-            .len(),
-        3
-    );
-
-    let recent = gallery::list_recent_gallery_posts(&pool, guild, 10, 0)
-        .await
-        .unwrap();
-    assert_eq!(
-        recent.iter().map(|p| p.id).collect::<Vec<_>>(),
-        [posts[2], posts[1], posts[0]]
-    );
-
-    assert!(
-        gallery::remove_vote(&pool, posts[1], 51, STAR)
-            .await
-            .unwrap()
-    );
-    assert!(
-        !gallery::remove_vote(&pool, posts[1], 51, STAR)
-            .await
-            .unwrap()
-    );
-    assert_eq!(
-        gallery::count_votes(&pool, posts[1], STAR).await.unwrap(),
-        1
-    );
-
-    assert!(gallery::delete_gallery_post(&pool, posts[1]).await.unwrap());
-    assert!(!gallery::delete_gallery_post(&pool, posts[1]).await.unwrap());
-    assert_eq!(
-        gallery::count_votes(&pool, posts[1], STAR).await.unwrap(),
-        0,
-        "votes go with the post"
-    );
-}
-
-#[tokio::test]
-async fn user_settings_save_and_replace() {
-    let (_dir, pool) = test_pool().await;
-    assert_eq!(
-        users::get_user_settings(&pool, u64::MAX).await.unwrap(),
-        None
-    );
-    let mut mine = UserSettings {
-        user_id: u64::MAX,
-        width: Some(384),
-        height: Some(256),
-        steps: None,
-        vqgan_model: Some("wikiart_f16_16384".into()),
-        clip_model: None,
-        ping_on_completion: true,
-    };
-    users::save_user_settings(&pool, &mine).await.unwrap();
-    assert_eq!(
-        users::get_user_settings(&pool, u64::MAX).await.unwrap(),
-        Some(mine.clone())
-    );
-
-    mine.steps = Some(200);
-    mine.width = None;
-    mine.ping_on_completion = false;
-    users::save_user_settings(&pool, &mine).await.unwrap();
-    assert_eq!(
-        users::get_user_settings(&pool, u64::MAX).await.unwrap(),
-        Some(mine)
-    );
-}
-
-#[tokio::test]
-async fn bans_are_per_guild() {
-    let (_dir, pool) = test_pool().await;
-    assert!(
-        users::ban_user(&pool, 1, 42, 7, Some("spam"))
-            .await
-            .unwrap()
-    );
-    assert!(
-        !users::ban_user(&pool, 1, 42, 8, None).await.unwrap(),
-        "first ban kept"
-    );
-    assert!(users::ban_user(&pool, 1, 43, 7, None).await.unwrap());
-
-    let ban = users::find_ban(&pool, 1, 42)
-        .await
-        .unwrap()
-        .expect("banned in guild 1");
-    assert_eq!((ban.guild_id, ban.user_id, ban.banned_by), (1, 42, 7));
-    assert_eq!(ban.reason.as_deref(), Some("spam"));
-    assert_eq!(
-        users::find_ban(&pool, 2, 42).await.unwrap(),
-        None,
-        "not in guild 2"
-    );
-    let mut banned: Vec<u64> = users::list_bans(&pool, 1)
-        .await
-        .unwrap()
-        .iter()
-        .map(|b| b.user_id)
-        .collect();
-    banned.sort_unstable();
-    assert_eq!(banned, [42, 43]);
-
-    assert!(users::unban_user(&pool, 1, 42).await.unwrap());
-    assert!(!users::unban_user(&pool, 1, 42).await.unwrap());
-    assert_eq!(users::find_ban(&pool, 1, 42).await.unwrap(), None);
-}
-
-#[tokio::test]
-async fn guild_gallery_channel_is_set_and_cleared() {
-    let (_dir, pool) = test_pool().await;
-    assert_eq!(guilds::get_guild_settings(&pool, 5).await.unwrap(), None);
-    guilds::set_gallery_channel(&pool, 5, Some(u64::MAX))
-        .await
-        .unwrap();
-    let set = guilds::get_guild_settings(&pool, 5).await.unwrap().unwrap();
-    assert_eq!((set.guild_id, set.gallery_channel_id), (5, Some(u64::MAX)));
-    guilds::set_gallery_channel(&pool, 5, None).await.unwrap();
-    assert_eq!(
-        guilds::get_guild_settings(&pool, 5)
-            .await
-            .unwrap()
-            .unwrap()
-            .gallery_channel_id,
-        None
-    );
-}
-
-#[tokio::test]
-async fn pausing_a_guild_keeps_its_gallery_channel() {
-    let (_dir, pool) = test_pool().await;
-    guilds::set_gallery_channel(&pool, 5, Some(9))
-        .await
-        .unwrap();
-    guilds::set_guild_paused(&pool, 5, true).await.unwrap();
-    guilds::set_guild_paused(&pool, 6, true).await.unwrap();
-    let s = guilds::get_guild_settings(&pool, 5).await.unwrap().unwrap();
-    assert_eq!((s.gallery_channel_id, s.paused), (Some(9), true));
-    let mut paused = guilds::list_paused_guilds(&pool).await.unwrap();
-    paused.sort_unstable();
-    assert_eq!(paused, [5, 6]);
-    guilds::set_guild_paused(&pool, 5, false).await.unwrap();
-    assert_eq!(guilds::list_paused_guilds(&pool).await.unwrap(), [6]);
-}
-
-#[tokio::test]
-async fn result_messages_find_their_job_and_jobs_are_counted_per_hour() {
-    let (_dir, pool) = test_pool().await;
-    let a = jobs::insert_job(&pool, &sample_job(7, "a")).await.unwrap();
-    let b = jobs::insert_job(&pool, &sample_job(7, "b")).await.unwrap();
-    jobs::insert_job(&pool, &sample_job(8, "c")).await.unwrap();
-    assert_eq!(jobs::get_job_result(&pool, a).await.unwrap(), None);
-    jobs::set_job_result(&pool, a, 900, u64::MAX).await.unwrap();
-    assert_eq!(
-        jobs::get_job_result(&pool, a).await.unwrap(),
-        Some((900, u64::MAX))
-    );
-    let found = jobs::find_job_by_result_message(&pool, u64::MAX)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(found.id, a);
-    assert!(
-        jobs::find_job_by_result_message(&pool, 1)
-            .await
-            .unwrap()
-            .is_none()
-    );
-    // The same message cannot carry two jobs' results.
-    assert!(jobs::set_job_result(&pool, b, 900, u64::MAX).await.is_err());
-
-    let hour_ago = Timestamp::now().minus(Duration::from_secs(3600));
-    assert_eq!(jobs::count_jobs_since(&pool, 7, hour_ago).await.unwrap(), 2);
-    assert_eq!(jobs::count_jobs_since(&pool, 9, hour_ago).await.unwrap(), 0);
-    let future = Timestamp::from_millis(Timestamp::now().as_millis() + 60_000);
-    assert_eq!(jobs::count_jobs_since(&pool, 7, future).await.unwrap(), 0);
-}
-
-#[tokio::test]
-async fn gallery_listings_filter_by_author_and_text_and_rank_by_votes() {
-    let (_dir, pool) = test_pool().await;
-    let mut posts = Vec::new();
-    for (i, (user, prompt)) in [(1, "a red fox"), (2, "100% fox_like"), (1, "a blue whale")]
-        .into_iter()
-        .enumerate()
-    {
-        let job = jobs::insert_job(&pool, &sample_job(user, prompt))
-            .await
-            .unwrap();
-        posts.push(
-            gallery::insert_gallery_post(&pool, job, 5, 9, 100 + i as u64)
-                .await
-                .unwrap(),
-        );
-    }
-    for voter in [10, 11] {
-        gallery::add_vote(&pool, posts[1], voter, STAR)
-            .await
-            .unwrap();
-    }
-    gallery::add_vote(&pool, posts[2], 10, STAR).await.unwrap();
-    let list = |query: gallery::GalleryQuery| {
-        let pool = pool.clone();
-        async move {
-            gallery::list_gallery(&pool, &query, 10, 0)
+        assert!(jobs::set_job_message(&pool, id, 555, 777).await.unwrap());
+        assert_eq!(
+            jobs::find_job_by_message(&pool, 777)
                 .await
                 .unwrap()
-                .into_iter()
-                .map(|e| (e.prompt, e.votes))
-                .collect::<Vec<_>>()
+                .map(|j| j.id),
+            Some(id)
+        );
+        assert_eq!(jobs::find_job_by_message(&pool, 778).await.unwrap(), None);
+
+        assert!(
+            !jobs::record_job_progress(&pool, id, 5).await.unwrap(),
+            "not running yet"
+        );
+        assert!(jobs::mark_job_running(&pool, id, "cuda:1").await.unwrap());
+        assert!(
+            !jobs::mark_job_running(&pool, id, "cuda:0").await.unwrap(),
+            "already running"
+        );
+        assert!(jobs::record_job_progress(&pool, id, 150).await.unwrap());
+        let running = jobs::get_job(&pool, id).await.unwrap().unwrap();
+        assert_eq!(running.status, JobStatus::Running);
+        assert_eq!(running.device.as_deref(), Some("cuda:1"));
+        assert_eq!(running.iteration, 150);
+        assert!(running.started_at.is_some());
+        assert_eq!(running.channel_id, Some(555));
+
+        let output = JobOutput {
+            path: PathBuf::from("data/images/1.png"),
+            sha256: "ab".repeat(32),
+            final_loss: 0.8125,
+        };
+        assert!(jobs::mark_job_succeeded(&pool, id, &output).await.unwrap());
+        assert!(
+            !jobs::mark_job_failed(&pool, id, "late error")
+                .await
+                .unwrap(),
+            "finished jobs stay"
+        );
+        assert!(!jobs::mark_job_cancelled(&pool, id).await.unwrap());
+
+        let done = jobs::get_job(&pool, id).await.unwrap().unwrap();
+        assert_eq!(done.status, JobStatus::Succeeded);
+        assert_eq!(done.iteration, done.steps);
+        assert_eq!(done.output_path, Some(output.path));
+        assert_eq!(done.output_sha256, Some(output.sha256));
+        assert_eq!(done.final_loss, Some(0.8125));
+        assert_eq!(done.error, None);
+        assert!(done.finished_at.unwrap() >= done.started_at.unwrap());
+    }
+
+    async fn failed_and_cancelled_jobs_keep_their_reason(pool) {
+        let failed = jobs::insert_job(&pool, &sample_job(1, "a")).await.unwrap();
+        let cancelled = jobs::insert_job(&pool, &sample_job(1, "b")).await.unwrap();
+        jobs::mark_job_running(&pool, failed, "cpu").await.unwrap();
+
+        assert!(
+            jobs::mark_job_failed(&pool, failed, "CUDA out of memory")
+                .await
+                .unwrap()
+        );
+        assert!(jobs::mark_job_cancelled(&pool, cancelled).await.unwrap());
+        assert!(
+            !jobs::mark_job_running(&pool, cancelled, "cpu")
+                .await
+                .unwrap()
+        );
+        let output = JobOutput {
+            path: "x.png".into(),
+            sha256: "0".repeat(64),
+            final_loss: 1.0,
+        };
+        assert!(
+            !jobs::mark_job_succeeded(&pool, failed, &output)
+                .await
+                .unwrap()
+        );
+
+        let failed = jobs::get_job(&pool, failed).await.unwrap().unwrap();
+        assert_eq!(failed.status, JobStatus::Failed);
+        assert_eq!(failed.error.as_deref(), Some("CUDA out of memory"));
+        assert!(failed.finished_at.is_some());
+        let cancelled = jobs::get_job(&pool, cancelled).await.unwrap().unwrap();
+        assert_eq!(cancelled.status, JobStatus::Cancelled);
+        assert!(cancelled.finished_at.is_some());
+    }
+
+    async fn listings_filter_order_and_count(pool) {
+        let mut ids = Vec::new();
+        for (i, user) in [10, 20, 10, 10, 20].into_iter().enumerate() {
+            ids.push(
+                jobs::insert_job(&pool, &sample_job(user, &format!("prompt {i}")))
+                    .await
+                    .unwrap(),
+            );
         }
-    };
-    let base = gallery::GalleryQuery {
-        guild_id: 5,
-        by_votes: false,
-        since: None,
-        author: None,
-        text: None,
-    };
-    let newest = list(base.clone()).await;
-    assert_eq!(newest.len(), 3);
-    let top = list(gallery::GalleryQuery {
-        by_votes: true,
-        ..base.clone()
-    })
-    .await;
-    assert_eq!(
-        top,
-        [
-            ("100% fox_like".to_owned(), 2),
-            ("a blue whale".to_owned(), 1),
-            ("a red fox".to_owned(), 0)
-        ]
-    );
-    let mine = list(gallery::GalleryQuery {
-        author: Some(1),
-        ..base.clone()
-    })
-    .await;
-    assert_eq!(mine.len(), 2);
-    // Search text is literal: % and _ match only themselves; case does not matter.
-    let found = list(gallery::GalleryQuery {
-        text: Some("0% FOX_".into()),
-        ..base.clone()
-    })
-    .await;
-    assert_eq!(found, [("100% fox_like".to_owned(), 2)]);
-    let none = list(gallery::GalleryQuery {
-        text: Some("d_f".into()),
-        ..base.clone()
-    })
-    .await;
-    assert!(none.is_empty(), "{none:?}");
-    let other_guild = list(gallery::GalleryQuery {
-        guild_id: 6,
-        ..base
-    })
-    .await;
-    assert!(other_guild.is_empty());
+        jobs::mark_job_running(&pool, ids[1], "cpu").await.unwrap();
+        jobs::mark_job_cancelled(&pool, ids[2]).await.unwrap();
+
+        let recent: Vec<JobId> = jobs::list_recent_jobs(&pool, None, 3)
+            .await
+            .unwrap()
+            .iter()
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(recent, [ids[4], ids[3], ids[2]]);
+        let queued: Vec<JobId> = jobs::list_recent_jobs(&pool, Some(JobStatus::Queued), 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(queued, [ids[4], ids[3], ids[0]]);
+        let user10: Vec<JobId> = jobs::list_jobs_by_requester(&pool, 10, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(user10, [ids[3], ids[2], ids[0]]);
+        let oldest_first: Vec<JobId> = jobs::list_queued_jobs(&pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(oldest_first, [ids[0], ids[3], ids[4]]);
+        let counts = jobs::count_jobs_by_status(&pool).await.unwrap();
+        assert!(counts.contains(&(JobStatus::Queued, 3)), "{counts:?}");
+        assert!(counts.contains(&(JobStatus::Running, 1)), "{counts:?}");
+        assert!(counts.contains(&(JobStatus::Cancelled, 1)), "{counts:?}");
+    }
+
+    async fn running_jobs_are_requeued_after_a_crash(pool) {
+        let a = jobs::insert_job(&pool, &sample_job(1, "a")).await.unwrap();
+        let b = jobs::insert_job(&pool, &sample_job(1, "b")).await.unwrap();
+        let c = jobs::insert_job(&pool, &sample_job(1, "c")).await.unwrap();
+        jobs::mark_job_running(&pool, a, "cuda:0").await.unwrap();
+        jobs::mark_job_running(&pool, c, "cuda:1").await.unwrap();
+
+        let requeued = jobs::requeue_running_jobs(&pool).await.unwrap();
+
+        assert_eq!(requeued, [a, c]);
+        let queued: Vec<JobId> = jobs::list_queued_jobs(&pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(queued, [a, b, c]);
+        let a = jobs::get_job(&pool, a).await.unwrap().unwrap();
+        assert_eq!((a.device, a.started_at), (None, None));
+    }
+
+    async fn follow_up_jobs_must_name_an_existing_parent(pool) {
+        let parent = jobs::insert_job(&pool, &sample_job(1, "parent"))
+            .await
+            .unwrap();
+        let mut upscale = sample_job(1, "parent");
+        upscale.kind = JobKind::Upscale;
+        upscale.parent = Some(parent);
+        let child = jobs::insert_job(&pool, &upscale).await.unwrap();
+        let child = jobs::get_job(&pool, child).await.unwrap().unwrap();
+        assert_eq!((child.kind, child.parent), (JobKind::Upscale, Some(parent)));
+
+        upscale.parent = Some(JobId(9_999));
+        assert!(
+            jobs::insert_job(&pool, &upscale).await.is_err(),
+            "foreign keys are enforced"
+        );
+    }
+
+    async fn eight_concurrent_writers_lose_nothing(pool) {
+        const WRITERS: u64 = 8;
+        const JOBS_EACH: u64 = 25;
+
+        let tasks: Vec<_> = (0..WRITERS)
+            .map(|writer| {
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    let mut ids = Vec::new();
+                    for n in 0..JOBS_EACH {
+                        let mut job = sample_job(writer, &format!("writer {writer} job {n}"));
+                        job.seed = u64::MAX - n;
+                        let id = jobs::insert_job(&pool, &job).await.unwrap();
+                        jobs::mark_job_running(&pool, id, "cpu").await.unwrap();
+                        jobs::record_job_progress(&pool, id, 1).await.unwrap();
+                        ids.push(id);
+                    }
+                    ids
+                })
+            })
+            .collect();
+        let mut all = HashSet::new();
+        for task in tasks {
+            for id in task.await.unwrap() {
+                assert!(all.insert(id), "id {id} handed out twice");
+            }
+        }
+
+        assert_eq!(all.len() as u64, WRITERS * JOBS_EACH);
+        for writer in 0..WRITERS {
+            let theirs = jobs::list_jobs_by_requester(&pool, writer, 1000)
+                .await
+                .unwrap();
+            assert_eq!(theirs.len() as u64, JOBS_EACH, "writer {writer}");
+            assert!(
+                theirs
+                    .iter()
+                    .all(|j| j.status == JobStatus::Running && j.iteration == 1)
+            );
+        }
+    }
+
+    async fn gallery_posts_and_votes_round_trip_and_rank(pool) {
+        let guild = 900;
+        let mut posts = Vec::new();
+        for n in 0..3 {
+            let job = jobs::insert_job(&pool, &sample_job(1, &format!("art {n}")))
+                .await
+                .unwrap();
+            posts.push(
+                gallery::insert_gallery_post(&pool, job, guild, 901, 1000 + n)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let other_job = jobs::insert_job(&pool, &sample_job(1, "elsewhere"))
+            .await
+            .unwrap();
+        gallery::insert_gallery_post(&pool, other_job, 999, 991, 2000)
+            .await
+            .unwrap();
+
+        let found = gallery::find_gallery_post_by_message(&pool, 1001)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (found.id, found.guild_id, found.channel_id, found.message_id),
+            (posts[1], guild, 901, 1001)
+        );
+        let by_job = gallery::find_gallery_post_by_job(&pool, found.job_id, guild)
+            .await
+            .unwrap();
+        assert_eq!(by_job, Some(found.clone()));
+        assert_eq!(
+            gallery::find_gallery_post_by_job(&pool, found.job_id, 999)
+                .await
+                .unwrap(),
+            None
+        );
+        assert!(
+            gallery::insert_gallery_post(&pool, found.job_id, guild, 901, 3000)
+                .await
+                .is_err(),
+            "a job is posted once per guild"
+        );
+
+        // Votes: two stars on post 1, one on post 2, a non-star on post 0.
+        assert!(gallery::add_vote(&pool, posts[1], 50, STAR).await.unwrap());
+        assert!(
+            !gallery::add_vote(&pool, posts[1], 50, STAR).await.unwrap(),
+            "one star per user"
+        );
+        assert!(gallery::add_vote(&pool, posts[1], 51, STAR).await.unwrap());
+        assert!(gallery::add_vote(&pool, posts[2], 50, STAR).await.unwrap());
+        assert!(gallery::add_vote(&pool, posts[0], 50, "🔥").await.unwrap());
+        assert_eq!(
+            gallery::count_votes(&pool, posts[1], STAR).await.unwrap(),
+            2
+        );
+        assert_eq!(
+            gallery::count_votes(&pool, posts[0], STAR).await.unwrap(),
+            0
+        );
+
+        let query = |since: Option<Timestamp>| gallery::GalleryQuery {
+            guild_id: guild,
+            by_votes: true,
+            since,
+            author: None,
+            text: None,
+        };
+        let top = gallery::list_gallery(&pool, &query(None), 10, 0)
+            .await
+            .unwrap();
+        let ranking: Vec<_> = top.iter().map(|r| (r.post.id, r.votes)).collect();
+        assert_eq!(ranking, [(posts[1], 2), (posts[2], 1), (posts[0], 0)]);
+        let page2 = gallery::list_gallery(&pool, &query(None), 2, 2)
+            .await
+            .unwrap();
+        assert_eq!(
+            page2.iter().map(|r| r.post.id).collect::<Vec<_>>(),
+            [posts[0]]
+        );
+        let since_later = Timestamp::from_millis(Timestamp::now().as_millis() + 60_000);
+        assert!(
+            gallery::list_gallery(&pool, &query(Some(since_later)), 10, 0)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let last_day = Timestamp::now().minus(Duration::from_secs(86_400));
+        assert_eq!(
+            gallery::list_gallery(&pool, &query(Some(last_day)), 10, 0)
+                .await
+                .unwrap()
+                .len(),
+            3
+        );
+
+        let recent = gallery::list_recent_gallery_posts(&pool, guild, 10, 0)
+            .await
+            .unwrap();
+        assert_eq!(
+            recent.iter().map(|p| p.id).collect::<Vec<_>>(),
+            [posts[2], posts[1], posts[0]]
+        );
+
+        assert!(
+            gallery::remove_vote(&pool, posts[1], 51, STAR)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !gallery::remove_vote(&pool, posts[1], 51, STAR)
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            gallery::count_votes(&pool, posts[1], STAR).await.unwrap(),
+            1
+        );
+
+        assert!(gallery::delete_gallery_post(&pool, posts[1]).await.unwrap());
+        assert!(!gallery::delete_gallery_post(&pool, posts[1]).await.unwrap());
+        assert_eq!(
+            gallery::count_votes(&pool, posts[1], STAR).await.unwrap(),
+            0,
+            "votes go with the post"
+        );
+    }
+
+    async fn user_settings_save_and_replace(pool) {
+        assert_eq!(
+            users::get_user_settings(&pool, u64::MAX).await.unwrap(),
+            None
+        );
+        let mut mine = UserSettings {
+            user_id: u64::MAX,
+            width: Some(384),
+            height: Some(256),
+            steps: None,
+            vqgan_model: Some("wikiart_f16_16384".into()),
+            clip_model: None,
+            ping_on_completion: true,
+        };
+        users::save_user_settings(&pool, &mine).await.unwrap();
+        assert_eq!(
+            users::get_user_settings(&pool, u64::MAX).await.unwrap(),
+            Some(mine.clone())
+        );
+
+        mine.steps = Some(200);
+        mine.width = None;
+        mine.ping_on_completion = false;
+        users::save_user_settings(&pool, &mine).await.unwrap();
+        assert_eq!(
+            users::get_user_settings(&pool, u64::MAX).await.unwrap(),
+            Some(mine)
+        );
+    }
+
+    async fn bans_are_per_guild(pool) {
+        assert!(
+            users::ban_user(&pool, 1, 42, 7, Some("spam"))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !users::ban_user(&pool, 1, 42, 8, None).await.unwrap(),
+            "first ban kept"
+        );
+        assert!(users::ban_user(&pool, 1, 43, 7, None).await.unwrap());
+
+        let ban = users::find_ban(&pool, 1, 42)
+            .await
+            .unwrap()
+            .expect("banned in guild 1");
+        assert_eq!((ban.guild_id, ban.user_id, ban.banned_by), (1, 42, 7));
+        assert_eq!(ban.reason.as_deref(), Some("spam"));
+        assert_eq!(
+            users::find_ban(&pool, 2, 42).await.unwrap(),
+            None,
+            "not in guild 2"
+        );
+        let mut banned: Vec<u64> = users::list_bans(&pool, 1)
+            .await
+            .unwrap()
+            .iter()
+            .map(|b| b.user_id)
+            .collect();
+        banned.sort_unstable();
+        assert_eq!(banned, [42, 43]);
+
+        assert!(users::unban_user(&pool, 1, 42).await.unwrap());
+        assert!(!users::unban_user(&pool, 1, 42).await.unwrap());
+        assert_eq!(users::find_ban(&pool, 1, 42).await.unwrap(), None);
+    }
+
+    async fn guild_gallery_channel_is_set_and_cleared(pool) {
+        assert_eq!(guilds::get_guild_settings(&pool, 5).await.unwrap(), None);
+        guilds::set_gallery_channel(&pool, 5, Some(u64::MAX))
+            .await
+            .unwrap();
+        let set = guilds::get_guild_settings(&pool, 5).await.unwrap().unwrap();
+        assert_eq!((set.guild_id, set.gallery_channel_id), (5, Some(u64::MAX)));
+        guilds::set_gallery_channel(&pool, 5, None).await.unwrap();
+        assert_eq!(
+            guilds::get_guild_settings(&pool, 5)
+                .await
+                .unwrap()
+                .unwrap()
+                .gallery_channel_id,
+            None
+        );
+    }
+
+    async fn pausing_a_guild_keeps_its_gallery_channel(pool) {
+        guilds::set_gallery_channel(&pool, 5, Some(9))
+            .await
+            .unwrap();
+        guilds::set_guild_paused(&pool, 5, true).await.unwrap();
+        guilds::set_guild_paused(&pool, 6, true).await.unwrap();
+        let s = guilds::get_guild_settings(&pool, 5).await.unwrap().unwrap();
+        assert_eq!((s.gallery_channel_id, s.paused), (Some(9), true));
+        let mut paused = guilds::list_paused_guilds(&pool).await.unwrap();
+        paused.sort_unstable();
+        assert_eq!(paused, [5, 6]);
+        guilds::set_guild_paused(&pool, 5, false).await.unwrap();
+        assert_eq!(guilds::list_paused_guilds(&pool).await.unwrap(), [6]);
+    }
+
+    async fn result_messages_find_their_job_and_jobs_are_counted_per_hour(pool) {
+        let a = jobs::insert_job(&pool, &sample_job(7, "a")).await.unwrap();
+        let b = jobs::insert_job(&pool, &sample_job(7, "b")).await.unwrap();
+        jobs::insert_job(&pool, &sample_job(8, "c")).await.unwrap();
+        assert_eq!(jobs::get_job_result(&pool, a).await.unwrap(), None);
+        jobs::set_job_result(&pool, a, 900, u64::MAX).await.unwrap();
+        assert_eq!(
+            jobs::get_job_result(&pool, a).await.unwrap(),
+            Some((900, u64::MAX))
+        );
+        let found = jobs::find_job_by_result_message(&pool, u64::MAX)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(found.id, a);
+        assert!(
+            jobs::find_job_by_result_message(&pool, 1)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // The same message cannot carry two jobs' results.
+        assert!(jobs::set_job_result(&pool, b, 900, u64::MAX).await.is_err());
+
+        let hour_ago = Timestamp::now().minus(Duration::from_secs(3600));
+        assert_eq!(jobs::count_jobs_since(&pool, 7, hour_ago).await.unwrap(), 2);
+        assert_eq!(jobs::count_jobs_since(&pool, 9, hour_ago).await.unwrap(), 0);
+        let future = Timestamp::from_millis(Timestamp::now().as_millis() + 60_000);
+        assert_eq!(jobs::count_jobs_since(&pool, 7, future).await.unwrap(), 0);
+    }
+
+    async fn gallery_listings_filter_by_author_and_text_and_rank_by_votes(pool) {
+        let mut posts = Vec::new();
+        for (i, (user, prompt)) in [(1, "a red fox"), (2, "100% fox_like"), (1, "a blue whale")]
+            .into_iter()
+            .enumerate()
+        {
+            let job = jobs::insert_job(&pool, &sample_job(user, prompt))
+                .await
+                .unwrap();
+            posts.push(
+                gallery::insert_gallery_post(&pool, job, 5, 9, 100 + i as u64)
+                    .await
+                    .unwrap(),
+            );
+        }
+        for voter in [10, 11] {
+            gallery::add_vote(&pool, posts[1], voter, STAR)
+                .await
+                .unwrap();
+        }
+        gallery::add_vote(&pool, posts[2], 10, STAR).await.unwrap();
+        let list = |query: gallery::GalleryQuery| {
+            let pool = pool.clone();
+            async move {
+                gallery::list_gallery(&pool, &query, 10, 0)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|e| (e.prompt, e.votes))
+                    .collect::<Vec<_>>()
+            }
+        };
+        let base = gallery::GalleryQuery {
+            guild_id: 5,
+            by_votes: false,
+            since: None,
+            author: None,
+            text: None,
+        };
+        let newest = list(base.clone()).await;
+        assert_eq!(newest.len(), 3);
+        let top = list(gallery::GalleryQuery {
+            by_votes: true,
+            ..base.clone()
+        })
+        .await;
+        assert_eq!(
+            top,
+            [
+                ("100% fox_like".to_owned(), 2),
+                ("a blue whale".to_owned(), 1),
+                ("a red fox".to_owned(), 0)
+            ]
+        );
+        let mine = list(gallery::GalleryQuery {
+            author: Some(1),
+            ..base.clone()
+        })
+        .await;
+        assert_eq!(mine.len(), 2);
+        // Search text is literal: % and _ match only themselves; case does not matter.
+        let found = list(gallery::GalleryQuery {
+            text: Some("0% FOX_".into()),
+            ..base.clone()
+        })
+        .await;
+        assert_eq!(found, [("100% fox_like".to_owned(), 2)]);
+        let none = list(gallery::GalleryQuery {
+            text: Some("d_f".into()),
+            ..base.clone()
+        })
+        .await;
+        assert!(none.is_empty(), "{none:?}");
+        let other_guild = list(gallery::GalleryQuery {
+            guild_id: 6,
+            ..base
+        })
+        .await;
+        assert!(other_guild.is_empty());
+    }
 }

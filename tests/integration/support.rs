@@ -1,22 +1,74 @@
 //! Shared helpers: temporary migrated databases and sample jobs.
 
-use sqlx::SqlitePool;
 use tempfile::TempDir;
 use vqclip::store::{
-    self,
+    self, Backend, Location, Store,
     jobs::{JobKind, NewJob},
 };
 
-/// A migrated database in a fresh temporary directory (deleted when the `TempDir` drops).
-pub async fn test_pool() -> (TempDir, SqlitePool) {
+/// What keeps a test database alive: an SQLite file's directory, or nothing (a PostgreSQL test
+/// database lives as long as the test server).
+pub struct DbGuard {
+    _dir: Option<TempDir>,
+}
+
+/// A migrated SQLite database in a fresh temporary directory (deleted when the `TempDir` drops).
+pub async fn test_pool() -> (TempDir, Store) {
     init_test_log();
     let dir = tempfile::tempdir().expect("temporary directory");
-    let pool = store::connect(&dir.path().join("test.sqlite"))
-        .await
-        .expect("open database");
-    store::migrate(&pool).await.expect("migrate");
-    (dir, pool)
+    let location = Location::Sqlite(dir.path().join("test.sqlite"));
+    let db = store::connect(&location).await.expect("open database");
+    store::migrate(&db).await.expect("migrate");
+    (dir, db)
 }
+
+/// A fresh migrated database on `backend`: an SQLite file, or a new database on the test
+/// PostgreSQL server (see `postgres.rs`).
+pub async fn test_db(backend: Backend) -> (DbGuard, Store) {
+    match backend {
+        Backend::Sqlite => {
+            let (dir, db) = test_pool().await;
+            (DbGuard { _dir: Some(dir) }, db)
+        }
+        Backend::Postgres => {
+            init_test_log();
+            let location = Location::Postgres(crate::postgres::new_database().await);
+            let db = store::connect(&location).await.expect("open database");
+            store::migrate(&db).await.expect("migrate");
+            (DbGuard { _dir: None }, db)
+        }
+    }
+}
+
+/// Runs each test body on both backends: `mod NAME { fn sqlite(); fn postgres(); }`, the body
+/// getting a fresh migrated [`Store`] named as given.
+macro_rules! on_both_backends {
+    ($(async fn $name:ident($db:ident) $body:block)*) => {
+        $(
+            mod $name {
+                #[allow(unused_imports)]
+                use super::*;
+
+                async fn run($db: vqclip::store::Store) $body
+
+                #[tokio::test]
+                async fn sqlite() {
+                    let (_guard, db) =
+                        crate::support::test_db(vqclip::store::Backend::Sqlite).await;
+                    run(db).await;
+                }
+
+                #[tokio::test]
+                async fn postgres() {
+                    let (_guard, db) =
+                        crate::support::test_db(vqclip::store::Backend::Postgres).await;
+                    run(db).await;
+                }
+            }
+        )*
+    };
+}
+pub(crate) use on_both_backends;
 
 /// A plausible `/imagine` job for `requester`.
 pub fn sample_job(requester: u64, prompt: &str) -> NewJob {
