@@ -152,6 +152,10 @@ pub struct SchedulerSettings {
     /// How often a headless worker looks in the database for jobs submitted elsewhere, in
     /// milliseconds.
     pub poll_interval_ms: u64,
+    /// How long a job a worker claimed from the shared queue stays its without a renewal, in
+    /// seconds. Workers renew three times per lease; a dead worker's jobs go back to the queue
+    /// this long after its last renewal.
+    pub lease_seconds: u64,
 }
 
 /// `[generation]`.
@@ -670,6 +674,7 @@ struct RawScheduler {
     model_cache_mib: u64,
     progress_interval_ms: u64,
     poll_interval_ms: u64,
+    lease_seconds: u64,
 }
 
 impl Default for RawScheduler {
@@ -685,6 +690,7 @@ impl Default for RawScheduler {
             model_cache_mib: 8192,
             progress_interval_ms: 2000,
             poll_interval_ms: 1000,
+            lease_seconds: 30,
         }
     }
 }
@@ -1023,6 +1029,12 @@ fn validate_scheduler(raw: RawScheduler, p: &mut Problems) -> SchedulerSettings 
         raw.poll_interval_ms,
         "expected at least 50",
     );
+    p.check(
+        (1..=3600).contains(&raw.lease_seconds),
+        "scheduler.lease_seconds",
+        raw.lease_seconds,
+        "expected 1 to 3600",
+    );
     SchedulerSettings {
         devices,
         queue_capacity: raw.queue_capacity,
@@ -1034,6 +1046,7 @@ fn validate_scheduler(raw: RawScheduler, p: &mut Problems) -> SchedulerSettings 
         model_cache_mib: raw.model_cache_mib,
         progress_interval_ms: raw.progress_interval_ms,
         poll_interval_ms: raw.poll_interval_ms,
+        lease_seconds: raw.lease_seconds,
     }
 }
 

@@ -11,8 +11,9 @@ use clap::Args;
 use super::{RequestFlags, load_settings};
 use crate::config::{Environment, Settings};
 use crate::engine::tokenizer::ClipTokenizer;
-use crate::jobs::scheduler::SchedulerOptions;
+use crate::jobs::scheduler::{ClaimOptions, SchedulerOptions};
 use crate::jobs::{Origin, Scheduler, devices};
+use crate::models::ModelKind;
 use crate::request;
 use crate::store::jobs::{self, JobStatus};
 use crate::store::{self, JobId, Timestamp};
@@ -286,6 +287,72 @@ pub(super) async fn serve(settings: Settings) -> anyhow::Result<()> {
     result
 }
 
+/// `vqclip workers`: one line per worker heard from in the last `hours`.
+pub(super) async fn workers(
+    config: Option<&Path>,
+    env: &Environment,
+    hours: u64,
+) -> anyhow::Result<()> {
+    use crate::store::workers::{WorkerState, list_workers};
+    let Ok(settings) = load_settings(config, env) else {
+        anyhow::bail!("cannot list workers without a valid configuration");
+    };
+    let pool = open_database(&settings, false).await?;
+    let now = Timestamp::now();
+    let since = now.minus(Duration::from_secs(hours.saturating_mul(3600)));
+    let list = list_workers(&pool, since)
+        .await
+        .context("Failed to read workers")?;
+    pool.close().await;
+    // A worker renews three times per lease: one full lease without a heartbeat means it is gone.
+    let lost_after = Duration::from_secs(settings.scheduler.lease_seconds);
+    if list.is_empty() {
+        println!("no workers heard from in the last {hours} h");
+        return Ok(());
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<8} {:<16} {:<28} {:<16} {:<14} {:>10}",
+        "STATE", "HOST", "WORKER", "DEVICES", "JOBS", "HEARTBEAT"
+    );
+    for w in &list {
+        let state = match w.state(now, lost_after) {
+            WorkerState::Live => "live",
+            WorkerState::Lost => "LOST",
+            WorkerState::Stopped => "stopped",
+        };
+        let jobs: Vec<String> = w.running.iter().map(|id| format!("#{id}")).collect();
+        let age = (now.as_millis() - w.heartbeat_at.as_millis()).max(0) / 1000;
+        let _ = writeln!(
+            out,
+            "{state:<8} {:<16} {:<28} {:<16} {:<14} {:>9}s",
+            w.host,
+            w.id,
+            w.devices.join(","),
+            if jobs.is_empty() {
+                "-".to_owned()
+            } else {
+                jobs.join(",")
+            },
+            age
+        );
+    }
+    print!("{out}");
+    Ok(())
+}
+
+/// The ids of the models of `kind` this host can load: those with weights configured or on the
+/// Hub, and the tiny test models when allowed.
+fn runnable_models(settings: &Settings, kind: ModelKind) -> Vec<String> {
+    crate::models::ids_of(kind)
+        .into_iter()
+        .filter_map(crate::models::find)
+        .filter(|m| settings.models.source(m).is_some() || (m.tiny && settings.models.allow_tiny))
+        .map(|m| m.id.to_owned())
+        .collect()
+}
+
 pub(super) async fn worker(config: Option<&Path>, env: &Environment) -> anyhow::Result<()> {
     let Ok(settings) = load_settings(config, env) else {
         anyhow::bail!("cannot run workers without a valid configuration");
@@ -293,22 +360,25 @@ pub(super) async fn worker(config: Option<&Path>, env: &Environment) -> anyhow::
     let pool = open_database(&settings, true).await?;
     let slots = devices::engine_slots(&settings)?;
     let labels: Vec<String> = slots.iter().map(|s| s.label.clone()).collect();
-    let scheduler = Scheduler::start(
-        pool.clone(),
-        SchedulerOptions::from_settings(&settings),
-        slots,
-    )
-    .await?;
-    let snapshot = scheduler.snapshot();
+    let mut options = SchedulerOptions::from_settings(&settings);
+    let mut claims =
+        ClaimOptions::for_this_process(Duration::from_secs(settings.scheduler.lease_seconds));
+    claims.vqgan_models = Some(runnable_models(&settings, ModelKind::Vqgan));
+    claims.clip_models = Some(runnable_models(&settings, ModelKind::Clip));
+    let worker_id = claims.worker_id.clone();
+    options.claims = Some(claims);
+    let scheduler = Scheduler::start(pool.clone(), options, slots).await?;
     eprintln!(
-        "worker: {} on {}; {} jobs waiting; images in {}. Ctrl-C stops.",
+        "worker {worker_id}: {} on {}, taking jobs from the {} queue at {}; images in {}. \
+         Ctrl-C stops.",
         if labels.len() == 1 {
             "1 device".to_owned()
         } else {
             format!("{} devices", labels.len())
         },
         labels.join(", "),
-        snapshot.waiting.len(),
+        pool.backend(),
+        pool.location(),
         settings.storage.images.display()
     );
     poll_store(&scheduler, &settings, stop_signal()).await;

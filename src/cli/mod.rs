@@ -71,10 +71,18 @@ pub enum Command {
     /// Look at jobs in the database.
     #[command(subcommand)]
     Jobs(JobsCommand),
-    /// Run the scheduler and device workers without Discord: process queued jobs until
-    /// stopped (SIGINT/SIGTERM: running jobs get scheduler.shutdown_grace_seconds, then are
-    /// queued again).
+    /// Run this host's devices as a worker on the shared queue in the database (SQLite or
+    /// PostgreSQL), without Discord: claim queued jobs under leases and run them until stopped
+    /// (SIGINT/SIGTERM: running jobs get scheduler.shutdown_grace_seconds, then are queued
+    /// again). Any number of workers, on any number of hosts, may share one database.
     Worker,
+    /// List the workers that share the database: host, devices, current jobs, last heartbeat;
+    /// a worker that stopped heartbeating is shown as lost.
+    Workers {
+        /// Also list workers last heard from this many hours ago or earlier.
+        #[arg(long, default_value_t = 24)]
+        hours: u64,
+    },
     /// See which models vqclip knows and whether their weights are on this machine.
     #[command(subcommand)]
     Models(ModelsCommand),
@@ -206,6 +214,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Jobs(JobsCommand::Show { id }) => jobs_cmd::show(config, &env, id).await,
         Command::Jobs(JobsCommand::Cancel { id }) => jobs_cmd::cancel(config, &env, id).await,
         Command::Worker => jobs_cmd::worker(config, &env).await,
+        Command::Workers { hours } => jobs_cmd::workers(config, &env, hours).await,
         Command::Imagine(args) => imagine(config, &env, *args).await,
         Command::Models(ModelsCommand::List) => models_list(config, &env),
         Command::Models(ModelsCommand::Download(selection)) => {

@@ -22,7 +22,7 @@ use super::worker::{self, Assignment, FromWorker, Outcome, Runner, StopFlags};
 use super::{Actor, JobEvent, JobId, JobParams, Preview, ProgressUpdate};
 use crate::config::Settings;
 use crate::store::jobs::{self as store_jobs, Job, JobKind, JobOutput, JobStatus, NewJob};
-use crate::store::{Timestamp, guilds, users};
+use crate::store::{Timestamp, guilds, users, workers};
 
 /// The scheduler's limits and policies (from `[scheduler]`, `[storage]` and `[generation]`).
 #[derive(Debug, Clone)]
@@ -43,6 +43,59 @@ pub struct SchedulerOptions {
     pub max_pixels: u64,
     /// Where images and latents are written.
     pub images: PathBuf,
+    /// Take jobs from the shared queue in the database (`vqclip worker`) instead of holding the
+    /// queue in memory.
+    pub claims: Option<ClaimOptions>,
+}
+
+/// How a worker process takes jobs from the shared queue (see [`crate::store::workers`]).
+#[derive(Debug, Clone)]
+pub struct ClaimOptions {
+    /// This process's id in `workers` and on the jobs it claims.
+    pub worker_id: String,
+    /// The host it runs on.
+    pub host: String,
+    /// How long a claimed job stays this worker's without a renewal.
+    pub lease: Duration,
+    /// The VQGAN and CLIP models it can run (`None`: any).
+    pub vqgan_models: Option<Vec<String>>,
+    /// See `vqgan_models`.
+    pub clip_models: Option<Vec<String>>,
+}
+
+impl ClaimOptions {
+    /// A new worker identity on this host: `HOST-PID-MILLIS`, unique across restarts.
+    pub fn for_this_process(lease: Duration) -> Self {
+        let host = host_name();
+        Self {
+            worker_id: format!(
+                "{host}-{}-{}",
+                std::process::id(),
+                Timestamp::now().as_millis()
+            ),
+            host,
+            lease,
+            vqgan_models: None,
+            clip_models: None,
+        }
+    }
+
+    /// How often leases are renewed and expired ones collected: three times per lease, so one
+    /// late or failed renewal does not lose a job.
+    pub fn heartbeat(&self) -> Duration {
+        (self.lease / 3).max(Duration::from_millis(100))
+    }
+}
+
+/// This machine's name (the kernel's host name), for `vqclip workers`.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .or_else(|| std::env::var("COMPUTERNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 impl SchedulerOptions {
@@ -58,6 +111,7 @@ impl SchedulerOptions {
             progress_interval: Duration::from_millis(s.progress_interval_ms),
             max_pixels: settings.generation.max_pixels,
             images: settings.storage.images.clone(),
+            claims: None,
         }
     }
 }
@@ -231,6 +285,10 @@ struct Shared {
     submit_gate: tokio::sync::Mutex<()>,
     /// Woken whenever a job ends (shutdown waits on it).
     job_ended: Notify,
+    /// One claim round at a time, so two rounds never claim for the same free device.
+    claim_gate: tokio::sync::Mutex<()>,
+    /// Set when shutdown is complete (the lease keeper stops).
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 struct State {
@@ -264,6 +322,9 @@ struct Running {
     started: Instant,
     throttle: Throttle,
     preview: Option<Arc<Preview>>,
+    /// The database says the job is no longer this scheduler's (cancelled elsewhere, or its
+    /// lease ran out and another worker took it): stop it and record nothing.
+    lost: bool,
 }
 
 /// The priority a stored job gets: follow-ups of a finished job go first.
@@ -282,9 +343,17 @@ impl Scheduler {
         options: SchedulerOptions,
         devices: Vec<DeviceSlot>,
     ) -> anyhow::Result<Self> {
-        let requeued = store_jobs::requeue_running_jobs(&pool).await?;
+        let requeued = match &options.claims {
+            // Other workers may be running their jobs right now: only expired leases go back.
+            Some(claims) => {
+                let labels: Vec<String> = devices.iter().map(|d| d.label.clone()).collect();
+                workers::register_worker(&pool, &claims.worker_id, &claims.host, &labels).await?;
+                workers::requeue_expired_leases(&pool).await?
+            }
+            None => store_jobs::requeue_running_jobs(&pool).await?,
+        };
         if !requeued.is_empty() {
-            tracing::warn!(jobs = ?requeued, "jobs left running by the last run are queued again");
+            tracing::warn!(jobs = ?requeued, "jobs left running by a stopped run are queued again");
         }
         let (reports_tx, reports_rx) = mpsc::unbounded_channel();
         let mut device_states = Vec::new();
@@ -331,11 +400,17 @@ impl Scheduler {
                 options,
                 submit_gate: tokio::sync::Mutex::new(()),
                 job_ended: Notify::new(),
+                claim_gate: tokio::sync::Mutex::new(()),
+                stopped: std::sync::atomic::AtomicBool::new(false),
             }),
         };
-        scheduler.load_queued().await?;
         let collector = scheduler.clone();
         tokio::spawn(async move { collector.collect(reports_rx).await });
+        if scheduler.shared.options.claims.is_some() {
+            let keeper = scheduler.clone();
+            tokio::spawn(async move { keeper.keep_leases().await });
+        }
+        scheduler.load_queued().await?;
         Ok(scheduler)
     }
 
@@ -349,7 +424,12 @@ impl Scheduler {
 
     /// Adds to the queue every job the database has queued that this scheduler does not know
     /// yet (at startup, and for jobs submitted by other processes); returns how many.
+    ///
+    /// A worker on the shared queue claims jobs for its free devices instead.
     pub async fn load_queued(&self) -> anyhow::Result<usize> {
+        if self.shared.options.claims.is_some() {
+            return Ok(self.claim_for_free_devices().await?);
+        }
         // With the submit gate held, a job being submitted here is either fully in memory or
         // not yet in the database: never picked up twice.
         let _gate = self.shared.submit_gate.lock().await;
@@ -375,7 +455,7 @@ impl Scheduler {
         for (id, e) in unreadable {
             tracing::error!(job_id = id.0, error = %e, "a queued job cannot be read; failing it");
             let message = format!("the job's parameters cannot be read ({e})");
-            store_jobs::mark_job_failed(&self.shared.pool, id, &message).await?;
+            store_jobs::mark_job_failed(&self.shared.pool, id, None, &message).await?;
         }
         Ok(added)
     }
@@ -635,6 +715,12 @@ impl Scheduler {
             }
         })
         .await;
+        self.shared.stopped.store(true, Ordering::SeqCst);
+        if let Some(claims) = &self.shared.options.claims
+            && let Err(e) = workers::stop_worker(&self.shared.pool, &claims.worker_id).await
+        {
+            tracing::error!(error = %e, "cannot record the worker's stop");
+        }
         tracing::info!("scheduler stopped");
     }
 
@@ -643,12 +729,7 @@ impl Scheduler {
     fn dispatch(&self, state: &mut State) {
         let max_running = self.shared.options.max_running_per_user;
         loop {
-            let free: Vec<usize> = (0..state.devices.len())
-                .filter(|&i| {
-                    let d = &state.devices[i];
-                    d.busy.is_none() && d.out_of_service.is_none() && d.jobs.is_some()
-                })
-                .collect();
+            let free = Self::free_devices(state);
             if free.is_empty() {
                 break;
             }
@@ -673,36 +754,174 @@ impl Scheduler {
                     .is_ok_and(|r| r.contains(&next.vqgan) && r.contains(&next.clip))
             };
             let device = free.iter().copied().find(has_models).unwrap_or(free[0]);
-            let stop = assignment.stop.clone();
-            let total = assignment.params.spec.steps;
-            let sent = state.devices[device]
-                .jobs
-                .as_ref()
-                .is_some_and(|tx| tx.try_send(assignment.clone()).is_ok());
-            if !sent {
-                // The worker is gone (its thread died): keep the job and retire the device.
-                state.devices[device].out_of_service = Some("its worker thread stopped".into());
+            if let Some(assignment) = self.hand_to_device(state, device, assignment) {
                 state.waiting.insert(next.id, assignment);
                 state.queue.push(next);
-                continue;
             }
-            state.devices[device].busy = Some(next.id);
-            state.running.insert(
-                next.id,
-                Running {
-                    user: next.user,
-                    device,
-                    stop,
-                    iteration: 0,
-                    total,
-                    started: Instant::now(),
-                    throttle: Throttle::new(self.shared.options.progress_interval),
-                    preview: None,
-                },
-            );
-            tracing::info!(job_id = next.id.0, user_id = next.user, device = %state.devices[device].label, "job dispatched");
         }
         update_positions(state);
+    }
+
+    /// Gives a job to a free device; gives it back (`Some`) if the device's worker thread is
+    /// gone, and retires the device.
+    fn hand_to_device(
+        &self,
+        state: &mut State,
+        device: usize,
+        assignment: Assignment,
+    ) -> Option<Assignment> {
+        let (id, user) = (assignment.id, assignment.user);
+        let stop = assignment.stop.clone();
+        let total = assignment.params.spec.steps;
+        let sent = state.devices[device]
+            .jobs
+            .as_ref()
+            .is_some_and(|tx| tx.try_send(assignment.clone()).is_ok());
+        if !sent {
+            state.devices[device].out_of_service = Some("its worker thread stopped".into());
+            return Some(assignment);
+        }
+        state.devices[device].busy = Some(id);
+        state.running.insert(
+            id,
+            Running {
+                user,
+                device,
+                stop,
+                iteration: 0,
+                total,
+                started: Instant::now(),
+                throttle: Throttle::new(self.shared.options.progress_interval),
+                preview: None,
+                lost: false,
+            },
+        );
+        tracing::info!(job_id = id.0, user_id = user, device = %state.devices[device].label, "job dispatched");
+        None
+    }
+
+    /// Free devices that can take a job.
+    fn free_devices(state: &State) -> Vec<usize> {
+        (0..state.devices.len())
+            .filter(|&i| {
+                let d = &state.devices[i];
+                d.busy.is_none() && d.out_of_service.is_none() && d.jobs.is_some()
+            })
+            .collect()
+    }
+
+    /// Claims a job from the shared queue for each free device; returns how many it claimed.
+    async fn claim_for_free_devices(&self) -> Result<usize, sqlx::Error> {
+        let Some(claims) = &self.shared.options.claims else {
+            return Ok(0);
+        };
+        let _gate = self.shared.claim_gate.lock().await;
+        let filter = workers::ClaimFilter {
+            vqgan_models: claims.vqgan_models.clone(),
+            clip_models: claims.clip_models.clone(),
+            max_running_per_user: self.shared.options.max_running_per_user,
+            prioritize_follow_ups: self.shared.options.prioritize_follow_ups,
+        };
+        let mut claimed = 0;
+        loop {
+            let device = {
+                let state = self.state();
+                if !state.accepting {
+                    break;
+                }
+                match Self::free_devices(&state).first() {
+                    Some(&device) => (device, state.devices[device].label.clone()),
+                    None => break,
+                }
+            };
+            let pool = &self.shared.pool;
+            let Some(job) =
+                workers::claim_next_job(pool, &claims.worker_id, &device.1, claims.lease, &filter)
+                    .await?
+            else {
+                break;
+            };
+            claimed += 1;
+            let assignment = match assignment_for(&job) {
+                Ok(assignment) => assignment,
+                Err(e) => {
+                    tracing::error!(job_id = job.id.0, error = %e, "a claimed job cannot be read; failing it");
+                    let message = format!("the job's parameters cannot be read ({e})");
+                    store_jobs::mark_job_failed(pool, job.id, Some(&claims.worker_id), &message)
+                        .await?;
+                    continue;
+                }
+            };
+            let returned = {
+                let mut state = self.state();
+                let (tx, _) = watch::channel(JobEvent::Queued { position: 0 });
+                state.watchers.insert(job.id, tx);
+                let returned = self
+                    .hand_to_device(&mut state, device.0, assignment)
+                    .is_some();
+                if returned {
+                    state.watchers.remove(&job.id);
+                }
+                returned
+            };
+            if returned {
+                store_jobs::requeue_job(pool, job.id, Some(&claims.worker_id)).await?;
+            }
+        }
+        Ok(claimed)
+    }
+
+    /// A worker's heartbeat, until shutdown completes: renews the leases of its jobs (stopping
+    /// those it no longer holds), returns expired leases of dead workers to the queue, and claims
+    /// work for free devices.
+    async fn keep_leases(&self) {
+        let Some(claims) = &self.shared.options.claims else {
+            return;
+        };
+        let pool = &self.shared.pool;
+        let mut tick = tokio::time::interval(claims.heartbeat());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !self.shared.stopped.load(Ordering::SeqCst) {
+            tick.tick().await;
+            match workers::renew_leases(pool, &claims.worker_id, claims.lease).await {
+                Ok(held) => {
+                    let mut state = self.state();
+                    for (id, running) in &mut state.running {
+                        if !held.contains(id) && !running.lost {
+                            tracing::warn!(
+                                job_id = id.0,
+                                "the job is no longer this worker's (cancelled, or its lease ran out); stopping it"
+                            );
+                            running.lost = true;
+                            running.stop.stop.store(true, Ordering::SeqCst);
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot renew job leases"),
+            }
+            if let Err(e) = workers::heartbeat_worker(pool, &claims.worker_id).await {
+                tracing::error!(error = %e, "cannot record the worker's heartbeat");
+            }
+            match workers::requeue_expired_leases(pool).await {
+                Ok(ids) if !ids.is_empty() => {
+                    tracing::warn!(jobs = ?ids, "jobs of a lost worker are queued again");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "cannot requeue expired leases"),
+            }
+            if let Err(e) = self.claim_for_free_devices().await {
+                tracing::error!(error = %e, "cannot claim jobs");
+            }
+        }
+    }
+
+    /// This scheduler's worker id on claimed jobs; `None` on a single-host queue.
+    fn worker_id(&self) -> Option<&str> {
+        self.shared
+            .options
+            .claims
+            .as_ref()
+            .map(|c| c.worker_id.as_str())
     }
 
     /// Receives what workers report until every worker is gone.
@@ -719,9 +938,13 @@ impl Scheduler {
         match report {
             FromWorker::Started { device, id } => {
                 let label = self.state().devices[device].label.clone();
-                if !store_jobs::mark_job_running(pool, id, &label).await? {
-                    // Cancelled in the database meanwhile (by another process).
-                    if let Some(r) = self.state().running.get(&id) {
+                // A claimed job is running in the database already.
+                if self.worker_id().is_none()
+                    && !store_jobs::mark_job_running(pool, id, &label).await?
+                {
+                    // Cancelled in the database meanwhile, or taken by another process.
+                    if let Some(r) = self.state().running.get_mut(&id) {
+                        r.lost = true;
                         r.stop.stop.store(true, Ordering::SeqCst);
                     }
                 }
@@ -766,20 +989,30 @@ impl Scheduler {
                 id,
                 outcome,
             } => {
+                let worker = self.worker_id();
+                let lost = self.state().running.get(&id).is_some_and(|r| r.lost);
                 let event = match outcome {
+                    // Not ours any more: whatever this run did, the database's record stands.
+                    _ if lost => {
+                        tracing::info!(job_id = id.0, "a job this scheduler lost has stopped");
+                        self.device_result(device, None);
+                        let job = store_jobs::get_job(pool, id).await?;
+                        job.filter(|j| j.status == JobStatus::Cancelled)
+                            .map(|_| JobEvent::Cancelled)
+                    }
                     Outcome::Succeeded(finished) => {
                         let output = JobOutput {
                             path: finished.path.clone(),
                             sha256: finished.sha256.clone(),
                             final_loss: finished.final_loss,
                         };
-                        store_jobs::mark_job_succeeded(pool, id, &output).await?;
+                        store_jobs::mark_job_succeeded(pool, id, worker, &output).await?;
                         tracing::info!(job_id = id.0, seconds = finished.seconds, "job succeeded");
                         self.device_result(device, None);
                         Some(JobEvent::Finished(Arc::new(finished)))
                     }
                     Outcome::Failed(message) => {
-                        store_jobs::mark_job_failed(pool, id, &message).await?;
+                        store_jobs::mark_job_failed(pool, id, worker, &message).await?;
                         tracing::warn!(job_id = id.0, %message, "job failed");
                         self.device_result(device, Some(&message));
                         Some(JobEvent::Failed { message })
@@ -791,7 +1024,7 @@ impl Scheduler {
                         Some(JobEvent::Cancelled)
                     }
                     Outcome::Interrupted => {
-                        store_jobs::requeue_job(pool, id).await?;
+                        store_jobs::requeue_job(pool, id, worker).await?;
                         tracing::info!(job_id = id.0, "job interrupted by shutdown; queued again");
                         None
                     }
@@ -809,6 +1042,14 @@ impl Scheduler {
                     }
                 }
                 self.shared.job_ended.notify_waiters();
+                if self.shared.options.claims.is_some() {
+                    let claimer = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = claimer.claim_for_free_devices().await {
+                            tracing::error!(error = %e, "cannot claim jobs");
+                        }
+                    });
+                }
             }
         }
         Ok(())

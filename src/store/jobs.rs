@@ -210,6 +210,11 @@ pub struct Job {
     pub output_sha256: Option<String>,
     /// Total loss at the last step.
     pub final_loss: Option<f64>,
+    /// The worker process running it (or that ran it last), when a worker claimed it; see
+    /// [`super::workers`].
+    pub worker: Option<String>,
+    /// Times a worker claimed it: more than one means a worker died under it.
+    pub attempts: u32,
 }
 
 /// The result of a successful job.
@@ -253,6 +258,8 @@ struct JobRow {
     output_path: Option<String>,
     output_sha256: Option<String>,
     final_loss: Option<f64>,
+    worker_id: Option<String>,
+    attempts: i64,
 }
 
 impl TryFrom<JobRow> for Job {
@@ -287,6 +294,8 @@ impl TryFrom<JobRow> for Job {
             output_path: r.output_path.map(PathBuf::from),
             output_sha256: r.output_sha256,
             final_loss: r.final_loss,
+            worker: r.worker_id,
+            attempts: u32_column("attempts", r.attempts)?,
         })
     }
 }
@@ -299,7 +308,7 @@ macro_rules! select_jobs {
             "SELECT id, kind, parent_id, requester_id, guild_id, channel_id, message_id, prompt,
                     params, seed, width, height, steps, cutn, vqgan_model, clip_model,
                     crate_version, device, status, error, iteration, created_at, started_at,
-                    finished_at, output_path, output_sha256, final_loss
+                    finished_at, output_path, output_sha256, final_loss, worker_id, attempts
              FROM jobs ",
             $tail
         )
@@ -455,39 +464,52 @@ pub async fn record_job_progress(
     Ok(result.rows_affected() == 1)
 }
 
-/// Finishes a running job with its image; `false` if it was not running.
+/// Finishes a running job with its image; `false` if it was not running under `worker` (`None`:
+/// a single-host scheduler's job, which has no worker). A worker whose lease ran out cannot
+/// record a result over the run that replaced it.
 pub async fn mark_job_succeeded(
     db: &Store,
     id: JobId,
+    worker: Option<&str>,
     output: &JobOutput,
 ) -> Result<bool, sqlx::Error> {
     let now = Timestamp::now();
     let path = output.path.to_string_lossy();
     let result = sqlx::query(
         "UPDATE jobs SET status = 'succeeded', finished_at = $1, iteration = steps,
-                         output_path = $2, output_sha256 = $3, final_loss = $4
-         WHERE id = $5 AND status = 'running'",
+                         output_path = $2, output_sha256 = $3, final_loss = $4,
+                         lease_expires_at = NULL
+         WHERE id = $5 AND status = 'running' AND worker_id IS NOT DISTINCT FROM $6",
     )
     .bind(now)
     .bind(&*path)
     .bind(output.sha256.as_str())
     .bind(output.final_loss)
     .bind(id)
+    .bind(worker)
     .execute(db.pool())
     .await?;
     Ok(result.rows_affected() == 1)
 }
 
-/// Finishes a queued or running job with an error message; `false` if it had already finished.
-pub async fn mark_job_failed(db: &Store, id: JobId, error: &str) -> Result<bool, sqlx::Error> {
+/// Finishes a queued job, or one running under `worker`, with an error message; `false` if it
+/// had already finished (or runs under another worker).
+pub async fn mark_job_failed(
+    db: &Store,
+    id: JobId,
+    worker: Option<&str>,
+    error: &str,
+) -> Result<bool, sqlx::Error> {
     let now = Timestamp::now();
     let result = sqlx::query(
-        "UPDATE jobs SET status = 'failed', finished_at = $1, error = $2
-         WHERE id = $3 AND status IN ('queued', 'running')",
+        "UPDATE jobs SET status = 'failed', finished_at = $1, error = $2, lease_expires_at = NULL
+         WHERE id = $3 AND (status = 'queued'
+                            OR (status = 'running' AND worker_id IS NOT DISTINCT FROM $4))",
     )
     .bind(now)
     .bind(error)
     .bind(id)
+    .bind(worker)
     .execute(db.pool())
     .await?;
     Ok(result.rows_affected() == 1)
@@ -497,7 +519,7 @@ pub async fn mark_job_failed(db: &Store, id: JobId, error: &str) -> Result<bool,
 pub async fn mark_job_cancelled(db: &Store, id: JobId) -> Result<bool, sqlx::Error> {
     let now = Timestamp::now();
     let result = sqlx::query(
-        "UPDATE jobs SET status = 'cancelled', finished_at = $1
+        "UPDATE jobs SET status = 'cancelled', finished_at = $1, lease_expires_at = NULL
          WHERE id = $2 AND status IN ('queued', 'running')",
     )
     .bind(now)
@@ -507,31 +529,33 @@ pub async fn mark_job_cancelled(db: &Store, id: JobId) -> Result<bool, sqlx::Err
     Ok(result.rows_affected() == 1)
 }
 
-/// Puts every job left running (by a crash or a shutdown) back in the queue; returns their ids.
+/// Puts every job a single-host scheduler left running (by a crash or a shutdown) back in the
+/// queue; returns their ids. Jobs claimed by workers ([`super::workers`]) are left to their
+/// leases: their workers may well be alive on other hosts.
 pub async fn requeue_running_jobs(db: &Store) -> Result<Vec<JobId>, sqlx::Error> {
-    let mut tx = db.pool().begin().await?;
-    let ids: Vec<JobId> =
-        sqlx::query_scalar("SELECT id FROM jobs WHERE status = 'running' ORDER BY id")
-            .fetch_all(&mut *tx)
-            .await?;
-    sqlx::query(
+    sqlx::query_scalar(
         "UPDATE jobs SET status = 'queued', device = NULL, started_at = NULL
-         WHERE status = 'running'",
+         WHERE status = 'running' AND worker_id IS NULL
+         RETURNING id",
     )
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(ids)
+    .fetch_all(db.pool())
+    .await
+    .map(|mut ids: Vec<JobId>| {
+        ids.sort();
+        ids
+    })
 }
 
 /// Puts one running job back in the queue (it was interrupted by a shutdown); `false` if it was
-/// not running.
-pub async fn requeue_job(db: &Store, id: JobId) -> Result<bool, sqlx::Error> {
+/// not running under `worker`.
+pub async fn requeue_job(db: &Store, id: JobId, worker: Option<&str>) -> Result<bool, sqlx::Error> {
     let result = sqlx::query(
-        "UPDATE jobs SET status = 'queued', device = NULL, started_at = NULL
-         WHERE id = $1 AND status = 'running'",
+        "UPDATE jobs SET status = 'queued', device = NULL, started_at = NULL, worker_id = NULL,
+                         lease_expires_at = NULL
+         WHERE id = $1 AND status = 'running' AND worker_id IS NOT DISTINCT FROM $2",
     )
     .bind(id)
+    .bind(worker)
     .execute(db.pool())
     .await?;
     Ok(result.rows_affected() == 1)

@@ -53,6 +53,7 @@ pub mod gallery;
 pub mod guilds;
 pub mod jobs;
 pub mod users;
+pub mod workers;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -162,7 +162,7 @@ fn db_migrate_creates_the_database_from_nothing() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(db.is_file());
     assert!(
-        text(&out.stdout).contains("applied migrations 1, 2 (schema version 2)"),
+        text(&out.stdout).contains("applied migrations 1, 2, 3 (schema version 3)"),
         "{}",
         text(&out.stdout)
     );
@@ -680,6 +680,7 @@ async fn a_worker_killed_mid_job_finishes_everything_after_a_restart() {
         &format!(
             "[storage]\ndatabase = \"db/jobs.sqlite\"\nimages = \"images\"\n\
              [scheduler]\ndevices = [\"cpu\"]\npoll_interval_ms = 100\nshutdown_grace_seconds = 1\n\
+             lease_seconds = 2\n\
              [generation]\ndefault_vqgan = \"tiny_vqgan\"\ndefault_clip = \"tiny_clip\"\n\
              [models]\nallow_tiny = true\n\
              [models.tiny_vqgan]\npath = \"{fixtures}/ckpt/tiny_vqgan.ckpt\"\n\

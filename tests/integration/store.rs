@@ -10,12 +10,13 @@ use vqclip::store::{
     guilds,
     jobs::{self, JobKind, JobOutput, JobStatus},
     users::{self, UserSettings},
+    workers,
 };
 
 use crate::support::{on_both_backends, sample_job, test_pool};
 
 /// Every table of the schema (besides sqlx's own), by name.
-const TABLES: [&str; 7] = [
+const TABLES: [&str; 8] = [
     "gallery_posts",
     "guild_settings",
     "job_results",
@@ -23,6 +24,7 @@ const TABLES: [&str; 7] = [
     "user_bans",
     "user_settings",
     "votes",
+    "workers",
 ];
 
 #[tokio::test]
@@ -196,9 +198,9 @@ on_both_backends! {
             sha256: "ab".repeat(32),
             final_loss: 0.8125,
         };
-        assert!(jobs::mark_job_succeeded(&pool, id, &output).await.unwrap());
+        assert!(jobs::mark_job_succeeded(&pool, id, None, &output).await.unwrap());
         assert!(
-            !jobs::mark_job_failed(&pool, id, "late error")
+            !jobs::mark_job_failed(&pool, id, None, "late error")
                 .await
                 .unwrap(),
             "finished jobs stay"
@@ -221,7 +223,7 @@ on_both_backends! {
         jobs::mark_job_running(&pool, failed, "cpu").await.unwrap();
 
         assert!(
-            jobs::mark_job_failed(&pool, failed, "CUDA out of memory")
+            jobs::mark_job_failed(&pool, failed, None, "CUDA out of memory")
                 .await
                 .unwrap()
         );
@@ -237,7 +239,7 @@ on_both_backends! {
             final_loss: 1.0,
         };
         assert!(
-            !jobs::mark_job_succeeded(&pool, failed, &output)
+            !jobs::mark_job_succeeded(&pool, failed, None, &output)
                 .await
                 .unwrap()
         );
@@ -718,5 +720,236 @@ on_both_backends! {
         })
         .await;
         assert!(other_guild.is_empty());
+    }
+}
+
+/// Claims under `worker` until nothing is left, returning the requesters in claim order.
+async fn claim_all(pool: &store::Store, worker: &str, filter: &workers::ClaimFilter) -> Vec<u64> {
+    let mut order = Vec::new();
+    while let Some(job) = workers::claim_next_job(pool, worker, "cpu", LEASE, filter)
+        .await
+        .unwrap()
+    {
+        assert_eq!(job.status, JobStatus::Running);
+        assert_eq!(job.worker.as_deref(), Some(worker));
+        order.push(job.requester_id);
+        // Finish it at once, so the running cap never holds anyone back.
+        let output = JobOutput {
+            path: "x.png".into(),
+            sha256: "0".repeat(64),
+            final_loss: 0.0,
+        };
+        assert!(
+            jobs::mark_job_succeeded(pool, job.id, Some(worker), &output)
+                .await
+                .unwrap()
+        );
+    }
+    order
+}
+
+const LEASE: Duration = Duration::from_secs(60);
+
+fn any_model() -> workers::ClaimFilter {
+    workers::ClaimFilter {
+        vqgan_models: None,
+        clip_models: None,
+        max_running_per_user: 1,
+        prioritize_follow_ups: true,
+    }
+}
+
+on_both_backends! {
+    async fn claims_take_turns_between_users_and_put_follow_ups_first(pool) {
+        // User 1 queues three jobs before users 2 and 3 queue one each.
+        for (user, prompt) in [(1, "a"), (1, "b"), (1, "c"), (2, "d"), (3, "e")] {
+            jobs::insert_job(&pool, &sample_job(user, prompt)).await.unwrap();
+        }
+        let first = claim_all(&pool, "w1", &any_model()).await;
+        // Round-robin over users, each user's jobs in order: as the single-host queue.
+        assert_eq!(first, [1, 2, 3, 1, 1]);
+
+        // A follow-up of user 3 jumps ahead of user 4's fresh job, but only when configured.
+        let parent = jobs::list_jobs_by_requester(&pool, 3, 1).await.unwrap()[0].id;
+        jobs::insert_job(&pool, &sample_job(4, "fresh")).await.unwrap();
+        let mut upscale = sample_job(3, "e");
+        upscale.kind = JobKind::Upscale;
+        upscale.parent = Some(parent);
+        jobs::insert_job(&pool, &upscale).await.unwrap();
+        assert_eq!(claim_all(&pool, "w1", &any_model()).await, [3, 4]);
+        jobs::insert_job(&pool, &sample_job(5, "fresh")).await.unwrap();
+        jobs::insert_job(&pool, &upscale).await.unwrap();
+        let in_order = workers::ClaimFilter { prioritize_follow_ups: false, ..any_model() };
+        assert_eq!(claim_all(&pool, "w1", &in_order).await, [5, 3]);
+    }
+
+    async fn claims_skip_models_paused_guilds_and_users_at_their_cap(pool) {
+        let mut other_model = sample_job(1, "needs vqgan b");
+        other_model.vqgan_model = "gumbel_f8_8192".into();
+        let other = jobs::insert_job(&pool, &other_model).await.unwrap();
+        let mut paused = sample_job(2, "paused guild");
+        paused.guild_id = Some(77);
+        jobs::insert_job(&pool, &paused).await.unwrap();
+        guilds::set_guild_paused(&pool, 77, true).await.unwrap();
+        let a1 = jobs::insert_job(&pool, &sample_job(3, "a1")).await.unwrap();
+        let a2 = jobs::insert_job(&pool, &sample_job(3, "a2")).await.unwrap();
+        let only_imagenet = workers::ClaimFilter {
+            vqgan_models: Some(vec!["imagenet_f16_16384".into()]),
+            clip_models: Some(vec!["vit_b32".into(), "vit_b16".into()]),
+            ..any_model()
+        };
+
+        let got = workers::claim_next_job(&pool, "w1", "cuda:0", LEASE, &only_imagenet)
+            .await
+            .unwrap()
+            .map(|j| j.id);
+        assert_eq!(got, Some(a1));
+        // User 3 is at the cap of one running job; the rest is filtered or paused.
+        let none = workers::claim_next_job(&pool, "w1", "cuda:1", LEASE, &only_imagenet)
+            .await
+            .unwrap();
+        assert_eq!(none.map(|j| j.id), None);
+        let nothing = workers::ClaimFilter { vqgan_models: Some(Vec::new()), ..any_model() };
+        assert!(workers::claim_next_job(&pool, "w1", "cpu", LEASE, &nothing).await.unwrap().is_none());
+        // A worker that has the other model takes it.
+        let got = workers::claim_next_job(&pool, "w2", "cpu", LEASE, &any_model())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((got.id, got.device.as_deref(), got.attempts), (other, Some("cpu"), 1));
+        guilds::set_guild_paused(&pool, 77, false).await.unwrap();
+        let got = workers::claim_next_job(&pool, "w2", "cpu", LEASE, &any_model())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.requester_id, 2);
+        assert_eq!(jobs::get_job(&pool, a2).await.unwrap().unwrap().status, JobStatus::Queued);
+    }
+
+    async fn expired_leases_requeue_and_only_the_owner_records_a_result(pool) {
+        let id = jobs::insert_job(&pool, &sample_job(1, "lease")).await.unwrap();
+        let short = Duration::from_millis(300);
+        let job = workers::claim_next_job(&pool, "dead", "cuda:0", short, &any_model())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(job.id, id);
+        assert_eq!(workers::renew_leases(&pool, "dead", short).await.unwrap(), [id]);
+        assert!(workers::requeue_expired_leases(&pool).await.unwrap().is_empty(), "not expired yet");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(workers::requeue_expired_leases(&pool).await.unwrap(), [id]);
+        let queued = jobs::get_job(&pool, id).await.unwrap().unwrap();
+        assert_eq!((queued.status, queued.worker, queued.device), (JobStatus::Queued, None, None));
+
+        let again = workers::claim_next_job(&pool, "alive", "cuda:1", LEASE, &any_model())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((again.id, again.attempts), (id, 2));
+        // The dead worker comes back: it holds nothing, and cannot record over the new run.
+        assert!(workers::renew_leases(&pool, "dead", LEASE).await.unwrap().is_empty());
+        let output = JobOutput { path: "x.png".into(), sha256: "1".repeat(64), final_loss: 1.0 };
+        assert!(!jobs::mark_job_succeeded(&pool, id, Some("dead"), &output).await.unwrap());
+        assert!(!jobs::mark_job_failed(&pool, id, Some("dead"), "late").await.unwrap());
+        assert!(!jobs::requeue_job(&pool, id, Some("dead")).await.unwrap());
+        assert!(!jobs::mark_job_succeeded(&pool, id, None, &output).await.unwrap());
+        assert!(jobs::mark_job_succeeded(&pool, id, Some("alive"), &output).await.unwrap());
+        assert!(!jobs::mark_job_succeeded(&pool, id, Some("alive"), &output).await.unwrap(), "one result");
+        let done = jobs::get_job(&pool, id).await.unwrap().unwrap();
+        assert_eq!((done.status, done.worker.as_deref()), (JobStatus::Succeeded, Some("alive")));
+        // A single-host restart leaves claimed jobs to their leases.
+        let other = jobs::insert_job(&pool, &sample_job(2, "claimed")).await.unwrap();
+        workers::claim_next_job(&pool, "alive", "cpu", LEASE, &any_model()).await.unwrap();
+        assert!(jobs::requeue_running_jobs(&pool).await.unwrap().is_empty());
+        assert_eq!(jobs::get_job(&pool, other).await.unwrap().unwrap().status, JobStatus::Running);
+    }
+
+    async fn workers_register_heartbeat_stop_and_list_their_jobs(pool) {
+        let devices = vec!["cuda:0".to_owned(), "cuda:1".to_owned()];
+        workers::register_worker(&pool, "gpu1-10-1", "gpu1", &devices).await.unwrap();
+        workers::register_worker(&pool, "gpu2-20-1", "gpu2", &devices[..1]).await.unwrap();
+        let id = jobs::insert_job(&pool, &sample_job(1, "x")).await.unwrap();
+        workers::claim_next_job(&pool, "gpu2-20-1", "cuda:0", LEASE, &any_model()).await.unwrap();
+        assert!(workers::heartbeat_worker(&pool, "gpu1-10-1").await.unwrap());
+        assert!(!workers::heartbeat_worker(&pool, "nobody").await.unwrap());
+        workers::stop_worker(&pool, "gpu1-10-1").await.unwrap();
+
+        let list = workers::list_workers(&pool, Timestamp::from_millis(0)).await.unwrap();
+        assert_eq!(list.len(), 2);
+        assert_eq!((list[0].host.as_str(), list[0].devices.clone()), ("gpu1", devices.clone()));
+        assert_eq!(list[1].running, [id]);
+        assert_eq!(list[1].pid, std::process::id());
+        let now = Timestamp::now();
+        assert_eq!(list[0].state(now, LEASE), workers::WorkerState::Stopped);
+        assert_eq!(list[1].state(now, LEASE), workers::WorkerState::Live);
+        let later = Timestamp::from_millis(now.as_millis() + 61_000);
+        assert_eq!(list[1].state(later, LEASE), workers::WorkerState::Lost);
+        let recent = workers::list_workers(&pool, Timestamp::from_millis(now.as_millis() + 1000)).await.unwrap();
+        assert!(recent.is_empty());
+    }
+
+    async fn concurrent_claimers_never_take_the_same_job(pool) {
+        const JOBS: u64 = 60;
+        for n in 0..JOBS {
+            jobs::insert_job(&pool, &sample_job(n % 6, &format!("job {n}"))).await.unwrap();
+        }
+        let filter = workers::ClaimFilter { max_running_per_user: 1000, ..any_model() };
+        let tasks: Vec<_> = (0..8)
+            .map(|w| {
+                let pool = pool.clone();
+                let filter = filter.clone();
+                tokio::spawn(async move {
+                    let name = format!("w{w}");
+                    let mut got = Vec::new();
+                    while let Some(job) = workers::claim_next_job(&pool, &name, "cpu", LEASE, &filter)
+                        .await
+                        .unwrap()
+                    {
+                        got.push((job.id, name.clone()));
+                    }
+                    got
+                })
+            })
+            .collect();
+        let mut seen = HashSet::new();
+        for task in tasks {
+            for (id, worker) in task.await.unwrap() {
+                assert!(seen.insert(id), "job {id} claimed twice");
+                let job = jobs::get_job(&pool, id).await.unwrap().unwrap();
+                assert_eq!((job.worker, job.attempts), (Some(worker), 1));
+            }
+        }
+        assert_eq!(seen.len() as u64, JOBS);
+    }
+}
+
+on_both_backends! {
+    async fn concurrent_claimers_respect_the_running_cap(pool) {
+        for n in 0..24 {
+            jobs::insert_job(&pool, &sample_job(n % 6, &format!("job {n}"))).await.unwrap();
+        }
+        let tasks: Vec<_> = (0..8)
+            .map(|w| {
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    while let Some(job) =
+                        workers::claim_next_job(&pool, &format!("w{w}"), "cpu", LEASE, &any_model())
+                            .await
+                            .unwrap()
+                    {
+                        got.push(job.requester_id);
+                    }
+                    got
+                })
+            })
+            .collect();
+        let mut users = Vec::new();
+        for task in tasks {
+            users.extend(task.await.unwrap());
+        }
+        users.sort_unstable();
+        // One running job per user, however the claims interleave.
+        assert_eq!(users, [0, 1, 2, 3, 4, 5]);
     }
 }
