@@ -802,3 +802,164 @@ async fn jobs_cancel_and_show_explain_what_they_did() {
     .await;
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// Every job in a PostgreSQL database, oldest first.
+async fn all_jobs(db: &store::Store) -> Vec<jobs::Job> {
+    let mut list = jobs::list_recent_jobs(db, None, 1000).await.unwrap();
+    list.reverse();
+    list
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_on_postgres_run_thirty_jobs_exactly_once_across_a_sigkill() {
+    use jobs::JobStatus::{Running, Succeeded};
+    let url = crate::postgres::new_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let config = write_config(
+        &dir,
+        &format!(
+            "[storage]\ndatabase = \"{url}\"\nimages = \"images\"\n\
+             [scheduler]\ndevices = [\"cpu\"]\npoll_interval_ms = 100\nshutdown_grace_seconds = 1\n\
+             lease_seconds = 4\n\
+             [generation]\ndefault_vqgan = \"tiny_vqgan\"\ndefault_clip = \"tiny_clip\"\n\
+             [models]\nallow_tiny = true\n\
+             [models.tiny_vqgan]\npath = \"{fixtures}/ckpt/tiny_vqgan.ckpt\"\n\
+             [models.tiny_clip]\npath = \"{fixtures}/parity/tiny_clip.safetensors\"\n"
+        ),
+    );
+    // Three users queue ten jobs each, one user after the other: fairness has to interleave them.
+    for user in 1..=3 {
+        for n in 0..10 {
+            let prompt = format!("lantern {user}.{n} --steps 6 --size 32x32 --cutn 2");
+            let user = user.to_string();
+            let out = vqclip_async(
+                dir.path(),
+                &[
+                    "--config", &config, "jobs", "submit", &prompt, "--user", &user,
+                ],
+                &[],
+            )
+            .await;
+            assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        }
+    }
+    let db = store::connect(&store::Location::Postgres(url.clone()))
+        .await
+        .unwrap();
+    assert_eq!(all_jobs(&db).await.len(), 30);
+
+    let mut workers: Vec<_> = (0..3)
+        .map(|_| spawn_vqclip(dir.path(), &["--config", &config, "worker"]))
+        .collect();
+    // Kill the second worker (SIGKILL: no goodbye, its lease just stops being renewed) while it
+    // runs a job, once some jobs are done.
+    let victim = workers[1].id();
+    let marker = format!("-{victim}-");
+    let mut killed_job = None;
+    for _ in 0..4800 {
+        let list = all_jobs(&db).await;
+        let done = list.iter().filter(|j| j.status == Succeeded).count();
+        if let Some(job) = list.iter().find(|j| {
+            j.status == Running && j.worker.as_deref().is_some_and(|w| w.contains(&marker))
+        }) && done >= 3
+        {
+            killed_job = Some(job.id);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let killed_at = store::Timestamp::now();
+    workers[1].kill().unwrap();
+    workers[1].wait().unwrap();
+    let killed_job = killed_job.expect("the second worker ran a job");
+    let victim_id = jobs::get_job(&db, killed_job)
+        .await
+        .unwrap()
+        .unwrap()
+        .worker
+        .unwrap();
+
+    let mut finished = Vec::new();
+    for _ in 0..4800 {
+        finished = all_jobs(&db).await;
+        if finished.iter().all(|j| j.status == Succeeded) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let statuses: Vec<_> = finished.iter().map(|j| (j.id.0, j.status)).collect();
+    assert!(
+        finished.iter().all(|j| j.status == Succeeded),
+        "not all succeeded: {statuses:?}"
+    );
+    for job in &finished {
+        assert!(dir.path().join(format!("images/{}.png", job.id)).is_file());
+        if job.id == killed_job {
+            assert_ne!(job.worker.as_deref(), Some(victim_id.as_str()));
+            assert_eq!(
+                job.attempts, 2,
+                "the killed worker's job ran again elsewhere"
+            );
+        } else {
+            assert_eq!(job.attempts, 1, "job {} ran once", job.id);
+        }
+    }
+    // Fairness: until the kill (after it, the killed job's owner waits for its lease, at their
+    // cap of one running job), users took turns: no one got ahead by more than one job. And
+    // every user's jobs ran in the order they were queued.
+    let mut order: Vec<_> = finished.iter().filter(|j| j.id != killed_job).collect();
+    order.sort_by_key(|j| j.started_at);
+    let mut served = [0i32; 3];
+    for job in order.iter().filter(|j| j.started_at.unwrap() <= killed_at) {
+        served[usize::try_from(job.requester_id).unwrap() - 1] += 1;
+        let spread = served.iter().max().unwrap() - served.iter().min().unwrap();
+        assert!(spread <= 1, "unfair before the kill: {served:?}");
+    }
+    for user in 1..=3 {
+        let ids: Vec<i64> = order
+            .iter()
+            .filter(|j| j.requester_id == user)
+            .map(|j| j.id.0)
+            .collect();
+        assert!(ids.is_sorted(), "user {user}'s jobs out of order: {ids:?}");
+    }
+
+    // The killed worker shows as lost (its last heartbeat is older than a lease), the others as
+    // live; a polite stop shows as stopped.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let out = vqclip_async(dir.path(), &["--config", &config, "workers"], &[]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let listing = text(&out.stdout);
+    let line_of = |id: &str| {
+        listing
+            .lines()
+            .find(|l| l.contains(id))
+            .unwrap_or_else(|| panic!("{id} missing from {listing}"))
+            .to_owned()
+    };
+    assert!(line_of(&victim_id).starts_with("LOST"), "{listing}");
+    assert_eq!(
+        listing.lines().filter(|l| l.starts_with("live")).count(),
+        2,
+        "{listing}"
+    );
+    for (i, worker) in workers.iter_mut().enumerate() {
+        if i == 1 {
+            continue;
+        }
+        Command::new("kill")
+            .args(["-TERM", &worker.id().to_string()])
+            .status()
+            .unwrap();
+        assert_eq!(worker.wait().unwrap().code(), Some(0));
+    }
+    let out = vqclip_async(dir.path(), &["--config", &config, "workers"], &[]).await;
+    let listing = text(&out.stdout);
+    assert_eq!(
+        listing.lines().filter(|l| l.starts_with("stopped")).count(),
+        2,
+        "{listing}"
+    );
+    db.close().await;
+}
