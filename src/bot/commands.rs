@@ -309,7 +309,55 @@ fn parse_aspect(text: &str) -> Result<(u32, u32), String> {
         .ok_or_else(|| format!("aspect {}: expected something like 16:9", quote(text, 20)))
 }
 
-/// The queue: your jobs, how many wait, and what each device is doing.
+/// Workers heard from this long ago are still listed (as lost).
+const WORKERS_SHOWN_FOR: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// `/queue`'s lines for the worker processes that share the database (`vqclip worker` on this or
+/// other hosts), one per host with its devices and jobs; empty when there are none.
+async fn workers_section(data: &crate::bot::Data) -> Result<String, BotError> {
+    use crate::store::workers::{WorkerState, list_workers};
+    let now = crate::store::Timestamp::now();
+    let workers = list_workers(&data.pool, now.minus(WORKERS_SHOWN_FOR)).await?;
+    let lost_after = std::time::Duration::from_secs(data.settings.scheduler.lease_seconds);
+    let mut hosts: Vec<(String, Vec<String>)> = Vec::new();
+    for w in &workers {
+        let line = match w.state(now, lost_after) {
+            WorkerState::Stopped => continue,
+            WorkerState::Lost => {
+                let ago = (now.as_millis() - w.heartbeat_at.as_millis()).max(0) / 1000;
+                format!("lost (no heartbeat for {ago} s; its jobs go back to the queue)")
+            }
+            WorkerState::Live => {
+                let devices: Vec<String> = w.devices.iter().map(|d| format!("`{d}`")).collect();
+                let jobs: Vec<String> = w.running.iter().map(|id| format!("job {id}")).collect();
+                format!(
+                    "{} — {}",
+                    devices.join(", "),
+                    if jobs.is_empty() {
+                        "idle".to_owned()
+                    } else {
+                        jobs.join(", ")
+                    }
+                )
+            }
+        };
+        match hosts.iter_mut().find(|(host, _)| *host == w.host) {
+            Some((_, lines)) => lines.push(line),
+            None => hosts.push((w.host.clone(), vec![line])),
+        }
+    }
+    if hosts.is_empty() {
+        return Ok(String::new());
+    }
+    let mut text = String::from("\n**Workers**");
+    for (host, lines) in hosts {
+        text.push_str(&format!("\n{host}: {}", lines.join("; ")));
+    }
+    Ok(text)
+}
+
+/// The queue: your jobs, how many wait, what each device here is doing, and the workers on
+/// other hosts.
 #[poise::command(slash_command)]
 async fn queue(ctx: Context<'_>) -> Result<(), BotError> {
     let snapshot = ctx.data().scheduler.snapshot();
@@ -339,6 +387,7 @@ async fn queue(ctx: Context<'_>) -> Result<(), BotError> {
         };
         text.push_str(&format!("\n`{}` {line}", device.label));
     }
+    text.push_str(&workers_section(ctx.data()).await?);
     if let Some(guild) = ctx.guild_id()
         && snapshot.paused.contains(&guild.get())
     {

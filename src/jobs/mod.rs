@@ -330,6 +330,14 @@ pub fn describe(job: &crate::store::jobs::Job) -> Vec<(&'static str, String)> {
             format!("{} + {}", job.vqgan_model, job.clip_model),
         ),
         ("device", job.device.clone().unwrap_or_else(|| "-".into())),
+        (
+            "worker",
+            match (&job.worker, job.attempts) {
+                (Some(worker), 1) => worker.clone(),
+                (Some(worker), n) => format!("{worker} (attempt {n}: earlier workers were lost)"),
+                (None, _) => "-".into(),
+            },
+        ),
         ("created", time(Some(job.created_at))),
         ("started", time(job.started_at)),
         ("finished", time(job.finished_at)),

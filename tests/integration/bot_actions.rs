@@ -420,6 +420,55 @@ async fn cancel_by_button_and_by_reaction() {
     bot.interact(bot.press(99, MODERATOR, "vq:cancel:3", message))
         .await;
     assert_eq!(finished(&bot.pool, JobId(3)).await, JobStatus::Cancelled);
+
+    // /queue lists the workers on other hosts: devices and jobs of live ones, lost ones as lost.
+    use vqclip::store::workers;
+    let devices = ["cuda:0".to_owned(), "cuda:1".to_owned()];
+    workers::register_worker(&bot.pool, "gpu7-1-1", "gpu7", &devices)
+        .await
+        .unwrap();
+    workers::register_worker(&bot.pool, "gpu8-1-1", "gpu8", &devices[..1])
+        .await
+        .unwrap();
+    workers::register_worker(&bot.pool, "gpu9-1-1", "gpu9", &devices[..1])
+        .await
+        .unwrap();
+    workers::stop_worker(&bot.pool, "gpu9-1-1").await.unwrap();
+    let remote = jobs::insert_job(&bot.pool, &crate::support::sample_job(5, "remote"))
+        .await
+        .unwrap();
+    let filter = workers::ClaimFilter {
+        vqgan_models: None,
+        clip_models: None,
+        max_running_per_user: 1,
+        prioritize_follow_ups: true,
+    };
+    let lease = Duration::from_secs(600);
+    let claimed = workers::claim_next_job(&bot.pool, "gpu7-1-1", "cuda:1", lease, &filter)
+        .await
+        .unwrap();
+    assert_eq!(claimed.map(|j| j.id), Some(remote));
+    // gpu8 last beat two minutes ago: longer than a lease (30 s).
+    let old = vqclip::store::Timestamp::now().minus(Duration::from_secs(120));
+    sqlx::query("UPDATE workers SET heartbeat_at = $1 WHERE id = 'gpu8-1-1'")
+        .bind(old)
+        .execute(bot.pool.pool())
+        .await
+        .unwrap();
+    let queue = text(
+        &bot.interact(bot.command(77, MEMBER, "queue", json!([])))
+            .await,
+    );
+    assert!(queue.contains("**Workers**"), "{queue}");
+    assert!(
+        queue.contains(&format!("gpu7: `cuda:0`, `cuda:1` — job {remote}")),
+        "{queue}"
+    );
+    assert!(queue.contains("gpu8: lost (no heartbeat for 12"), "{queue}");
+    assert!(
+        !queue.contains("gpu9"),
+        "stopped workers are not listed: {queue}"
+    );
     bot.stop().await;
 }
 
