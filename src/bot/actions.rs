@@ -156,14 +156,15 @@ pub async fn submit_follow_up(
         guild: parent.guild_id,
         channel: Some(channel),
     };
-    let (job, params) = crate::jobs::follow_up_job(
-        parent,
-        what,
-        rand::random(),
-        origin,
-        &data.settings.storage.images,
-    )
-    .map_err(|e| BotError::User(capitalise(&e.to_string())))?;
+    // The parent's latent is on this host when it ran here, in the database when a worker
+    // elsewhere ran it (that worker fetches it from there).
+    let images = &data.settings.storage.images;
+    let latent_kept = crate::jobs::latent_path(images, parent.id).is_file()
+        || crate::store::events::has_job_file(&data.pool, parent.id, crate::store::events::LATENT)
+            .await?;
+    let (job, params) =
+        crate::jobs::follow_up_job(parent, what, rand::random(), origin, images, latent_kept)
+            .map_err(|e| BotError::User(capitalise(&e.to_string())))?;
     submit(data, job, params).await
 }
 
@@ -303,14 +304,18 @@ async fn cancel(data: &Data, job: JobId, actor: Actor) -> Result<String, BotErro
 
 async fn timelapse(data: &Data, job: JobId, size_limit: u32) -> Result<Reply, BotError> {
     let path = crate::jobs::timelapse_path(&data.settings.storage.images, job);
+    // Here when this host ran the job; in the database when a worker elsewhere did.
     let bytes = match tokio::fs::read(&path).await {
-        Ok(bytes) => bytes,
+        Ok(bytes) => Some(bytes),
         Err(_) => {
-            return Err(BotError::User(format!(
-                "There is no time-lapse of job {job} (it was made before time-lapses were kept, \
-                 or on another machine)."
-            )));
+            crate::store::events::get_job_file(&data.pool, job, crate::store::events::TIMELAPSE)
+                .await?
         }
+    };
+    let Some(bytes) = bytes else {
+        return Err(BotError::User(format!(
+            "There is no time-lapse of job {job} (it was made before time-lapses were kept)."
+        )));
     };
     if bytes.len() > progress::size_limit(size_limit) {
         return Err(BotError::User(format!(

@@ -240,15 +240,26 @@ async fn stop_signal() {
 }
 
 /// `vqclip serve`: the scheduler and its workers, and the bot in front of them.
+///
+/// On PostgreSQL, or with no devices of its own (`scheduler.devices = []`), the bot works on the
+/// shared queue: it queues requests in the database for every worker (its own devices, if any,
+/// are one more), and follows their progress there.
 pub(super) async fn serve(settings: Settings) -> anyhow::Result<()> {
     let pool = open_database(&settings, true).await?;
     let slots = devices::engine_slots(&settings)?;
-    let scheduler = Scheduler::start(
-        pool.clone(),
-        SchedulerOptions::from_settings(&settings),
-        slots,
-    )
-    .await?;
+    let mut options = SchedulerOptions::from_settings(&settings);
+    if pool.backend() == store::Backend::Postgres || slots.is_empty() {
+        let mut claims = worker_claims(&settings);
+        claims.follow = Some(Duration::from_millis(settings.scheduler.poll_interval_ms));
+        tracing::info!(
+            backend = %pool.backend(),
+            devices = slots.len(),
+            worker = %claims.worker_id,
+            "serving the shared queue: jobs run on any vqclip worker"
+        );
+        options.claims = Some(claims);
+    }
+    let scheduler = Scheduler::start(pool.clone(), options, slots).await?;
     let settings = std::sync::Arc::new(settings);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let poller = {
@@ -342,6 +353,15 @@ pub(super) async fn workers(
     Ok(())
 }
 
+/// This process's identity and capabilities on the shared queue.
+fn worker_claims(settings: &Settings) -> ClaimOptions {
+    let mut claims =
+        ClaimOptions::for_this_process(Duration::from_secs(settings.scheduler.lease_seconds));
+    claims.vqgan_models = Some(runnable_models(settings, ModelKind::Vqgan));
+    claims.clip_models = Some(runnable_models(settings, ModelKind::Clip));
+    claims
+}
+
 /// The ids of the models of `kind` this host can load: those with weights configured or on the
 /// Hub, and the tiny test models when allowed.
 fn runnable_models(settings: &Settings, kind: ModelKind) -> Vec<String> {
@@ -359,12 +379,13 @@ pub(super) async fn worker(config: Option<&Path>, env: &Environment) -> anyhow::
     };
     let pool = open_database(&settings, true).await?;
     let slots = devices::engine_slots(&settings)?;
+    anyhow::ensure!(
+        !slots.is_empty(),
+        "a worker needs devices: scheduler.devices is empty (set it, e.g. [\"auto\"])"
+    );
     let labels: Vec<String> = slots.iter().map(|s| s.label.clone()).collect();
     let mut options = SchedulerOptions::from_settings(&settings);
-    let mut claims =
-        ClaimOptions::for_this_process(Duration::from_secs(settings.scheduler.lease_seconds));
-    claims.vqgan_models = Some(runnable_models(&settings, ModelKind::Vqgan));
-    claims.clip_models = Some(runnable_models(&settings, ModelKind::Clip));
+    let claims = worker_claims(&settings);
     let worker_id = claims.worker_id.clone();
     options.claims = Some(claims);
     let scheduler = Scheduler::start(pool.clone(), options, slots).await?;

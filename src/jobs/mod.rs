@@ -238,13 +238,16 @@ impl FollowUp {
 
 /// A follow-up job of `parent` for `origin`: a rerun with `seed`; an upscale (same seed, twice
 /// the size, half the steps, from the parent's latent); a variation (`seed`, from the parent's
-/// latent plus noise, half the steps). Its prompt and models are the parent's.
+/// latent plus noise, half the steps). Its prompt and models are the parent's. `latent_kept`
+/// says whether the parent's final latent exists (at [`latent_path`] under `images`, or in the
+/// database for a worker to fetch).
 pub fn follow_up_job(
     parent: &crate::store::jobs::Job,
     what: FollowUp,
     seed: u64,
     origin: Origin,
     images: &Path,
+    latent_kept: bool,
 ) -> Result<(crate::store::jobs::NewJob, JobParams), FollowUpError> {
     use crate::store::jobs::JobStatus;
     let mut params: JobParams = serde_json::from_value(parent.params.clone())
@@ -254,7 +257,7 @@ pub fn follow_up_job(
         if parent.status != JobStatus::Succeeded {
             return Err(FollowUpError::NotFinished(parent.id));
         }
-        if !latent.is_file() {
+        if !latent_kept {
             return Err(FollowUpError::NoLatent(parent.id));
         }
     }

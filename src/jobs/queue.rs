@@ -57,6 +57,13 @@ impl FairQueue {
         }
     }
 
+    /// Records that `user` was last served at `at` (any increasing clock, e.g. milliseconds),
+    /// for a queue rebuilt from the database; later serves count as after every seeded one.
+    pub fn seed_served(&mut self, user: u64, at: u64) {
+        self.served.insert(user, at);
+        self.clock = self.clock.max(at);
+    }
+
     /// Jobs waiting.
     pub fn len(&self) -> usize {
         self.jobs.len()

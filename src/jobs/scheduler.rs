@@ -22,7 +22,7 @@ use super::worker::{self, Assignment, FromWorker, Outcome, Runner, StopFlags};
 use super::{Actor, JobEvent, JobId, JobParams, Preview, ProgressUpdate};
 use crate::config::Settings;
 use crate::store::jobs::{self as store_jobs, Job, JobKind, JobOutput, JobStatus, NewJob};
-use crate::store::{Timestamp, guilds, users, workers};
+use crate::store::{Timestamp, events, guilds, users, workers};
 
 /// The scheduler's limits and policies (from `[scheduler]`, `[storage]` and `[generation]`).
 #[derive(Debug, Clone)]
@@ -61,6 +61,9 @@ pub struct ClaimOptions {
     pub vqgan_models: Option<Vec<String>>,
     /// See `vqgan_models`.
     pub clip_models: Option<Vec<String>>,
+    /// Follow jobs run elsewhere (the bot): their events come from the database, woken by
+    /// PostgreSQL notifications, at least every `poll`.
+    pub follow: Option<Duration>,
 }
 
 impl ClaimOptions {
@@ -77,6 +80,7 @@ impl ClaimOptions {
             lease,
             vqgan_models: None,
             clip_models: None,
+            follow: None,
         }
     }
 
@@ -287,6 +291,8 @@ struct Shared {
     job_ended: Notify,
     /// One claim round at a time, so two rounds never claim for the same free device.
     claim_gate: tokio::sync::Mutex<()>,
+    /// Wakes the follower (a new job to follow).
+    follow_now: Notify,
     /// Set when shutdown is complete (the lease keeper stops).
     stopped: std::sync::atomic::AtomicBool,
 }
@@ -301,7 +307,20 @@ struct State {
     watchers: HashMap<JobId, watch::Sender<JobEvent>>,
     /// Guilds whose jobs are held back.
     paused: HashSet<u64>,
+    /// On the shared queue: the waiting jobs in the database, in the order they will be served,
+    /// with their users (refreshed by the follower).
+    shared_waiting: Vec<(JobId, u64)>,
+    /// On the shared queue: what was last published of each job followed from the database.
+    followed: HashMap<JobId, Followed>,
     workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// What a follower last published of a job run elsewhere.
+#[derive(Default)]
+struct Followed {
+    /// Status, iteration and preview iteration when last published.
+    seen: Option<(JobStatus, u32, Option<u32>)>,
+    preview: Option<Arc<Preview>>,
 }
 
 struct Device {
@@ -325,6 +344,33 @@ struct Running {
     /// The database says the job is no longer this scheduler's (cancelled elsewhere, or its
     /// lease ran out and another worker took it): stop it and record nothing.
     lost: bool,
+    /// The iteration of `preview`.
+    preview_iteration: Option<u32>,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Writes a fetched file, creating its directory; logs and answers `false` on failure.
+async fn write_file(path: &std::path::Path, bytes: &[u8]) -> bool {
+    if let Some(dir) = path.parent() {
+        let _ = tokio::fs::create_dir_all(dir).await;
+    }
+    match tokio::fs::write(path, bytes).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write a fetched input");
+            false
+        }
+    }
+}
+
+/// The name an input file is stored under with its job: `input/` and its file name.
+fn input_name(path: &std::path::Path) -> Option<String> {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .map(|n| format!("input/{n}"))
 }
 
 /// The priority a stored job gets: follow-ups of a finished job go first.
@@ -396,19 +442,26 @@ impl Scheduler {
                     watchers: HashMap::new(),
                     paused,
                     workers,
+                    shared_waiting: Vec::new(),
+                    followed: HashMap::new(),
                 }),
                 options,
                 submit_gate: tokio::sync::Mutex::new(()),
                 job_ended: Notify::new(),
                 claim_gate: tokio::sync::Mutex::new(()),
+                follow_now: Notify::new(),
                 stopped: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         let collector = scheduler.clone();
         tokio::spawn(async move { collector.collect(reports_rx).await });
-        if scheduler.shared.options.claims.is_some() {
+        if let Some(claims) = &scheduler.shared.options.claims {
             let keeper = scheduler.clone();
             tokio::spawn(async move { keeper.keep_leases().await });
+            if let Some(poll) = claims.follow {
+                let follower = scheduler.clone();
+                tokio::spawn(async move { follower.follow(poll).await });
+            }
         }
         scheduler.load_queued().await?;
         Ok(scheduler)
@@ -496,6 +549,9 @@ impl Scheduler {
             return Err(SubmitError::Banned);
         }
         let _gate = self.shared.submit_gate.lock().await;
+        if self.shared.options.claims.is_some() {
+            return self.submit_shared(job, params).await;
+        }
         {
             let state = self.state();
             if !state.accepting {
@@ -533,6 +589,67 @@ impl Scheduler {
             user_id = job.requester_id,
             position,
             "job queued"
+        );
+        Ok(Submitted {
+            id,
+            position,
+            events,
+        })
+    }
+
+    /// Submits to the shared queue: caps checked against the database, the job queued there for
+    /// any worker, its input files stored with it, and followed from the database.
+    async fn submit_shared(
+        &self,
+        job: NewJob,
+        params: JobParams,
+    ) -> Result<Submitted, SubmitError> {
+        let options = &self.shared.options;
+        let pool = &self.shared.pool;
+        if !self.state().accepting {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let (total, mine) = workers::count_queued(pool, job.requester_id).await?;
+        let (total, mine) = (
+            usize::try_from(total).unwrap_or(usize::MAX),
+            usize::try_from(mine).unwrap_or(usize::MAX),
+        );
+        if total >= options.queue_capacity {
+            return Err(SubmitError::QueueFull(total));
+        }
+        if mine >= options.max_queued_per_user {
+            return Err(SubmitError::UserQueueFull(mine));
+        }
+        let id = store_jobs::insert_job(pool, &job).await?;
+        // Workers elsewhere read the attachments from the database.
+        let inputs = params
+            .inputs
+            .init_image
+            .iter()
+            .chain(params.inputs.image_prompts.iter().map(|(path, _, _)| path));
+        for path in inputs {
+            if let (Ok(bytes), Some(name)) = (tokio::fs::read(path).await, input_name(path)) {
+                events::put_job_file(pool, id, &name, &bytes).await?;
+            }
+        }
+        let events = {
+            let mut state = self.state();
+            let (tx, rx) = watch::channel(JobEvent::Queued { position: 0 });
+            state.watchers.insert(id, tx);
+            rx
+        };
+        self.refresh_followed().await?;
+        let position = self
+            .state()
+            .shared_waiting
+            .iter()
+            .position(|&(w, _)| w == id)
+            .map_or(0, |p| p + 1);
+        tracing::info!(
+            job_id = id.0,
+            user_id = job.requester_id,
+            position,
+            "job queued for the workers"
         );
         Ok(Submitted {
             id,
@@ -616,18 +733,37 @@ impl Scheduler {
 
     /// The latest event of a job this scheduler holds, updated as it moves; `None` for jobs it
     /// does not hold (finished ones: read the database).
+    ///
+    /// On the shared queue every job can be followed: the follower reads it from the database
+    /// (a finished one gets its final event at once).
     pub fn subscribe(&self, id: JobId) -> Option<watch::Receiver<JobEvent>> {
-        self.state().watchers.get(&id).map(watch::Sender::subscribe)
+        let follows = self
+            .shared
+            .options
+            .claims
+            .as_ref()
+            .is_some_and(|c| c.follow.is_some());
+        let mut state = self.state();
+        if follows && !state.watchers.contains_key(&id) {
+            let (tx, _) = watch::channel(JobEvent::Queued { position: 0 });
+            state.watchers.insert(id, tx);
+            self.shared.follow_now.notify_one();
+        }
+        state.watchers.get(&id).map(watch::Sender::subscribe)
     }
 
     /// Queue, devices and current jobs right now.
     pub fn snapshot(&self) -> Snapshot {
         let state = self.state();
         let order = state.queue.order();
-        let waiting = order
-            .iter()
-            .filter_map(|&id| state_user(&state, id).map(|u| (id, u)))
-            .collect();
+        let waiting = if self.shared.options.claims.is_some() {
+            state.shared_waiting.clone()
+        } else {
+            order
+                .iter()
+                .filter_map(|&id| state_user(&state, id).map(|u| (id, u)))
+                .collect()
+        };
         let devices = state
             .devices
             .iter()
@@ -794,6 +930,7 @@ impl Scheduler {
                 throttle: Throttle::new(self.shared.options.progress_interval),
                 preview: None,
                 lost: false,
+                preview_iteration: None,
             },
         );
         tracing::info!(job_id = id.0, user_id = user, device = %state.devices[device].label, "job dispatched");
@@ -843,7 +980,10 @@ impl Scheduler {
             };
             claimed += 1;
             let assignment = match assignment_for(&job) {
-                Ok(assignment) => assignment,
+                Ok(mut assignment) => {
+                    self.localize_inputs(&job, &mut assignment.params).await?;
+                    assignment
+                }
                 Err(e) => {
                     tracing::error!(job_id = job.id.0, error = %e, "a claimed job cannot be read; failing it");
                     let message = format!("the job's parameters cannot be read ({e})");
@@ -854,12 +994,17 @@ impl Scheduler {
             };
             let returned = {
                 let mut state = self.state();
-                let (tx, _) = watch::channel(JobEvent::Queued { position: 0 });
-                state.watchers.insert(job.id, tx);
+                // A job this process follows (the bot's own) keeps its subscribers.
+                let followed = state.followed.remove(&job.id).is_some()
+                    || state.watchers.contains_key(&job.id);
+                state
+                    .watchers
+                    .entry(job.id)
+                    .or_insert_with(|| watch::channel(JobEvent::Queued { position: 0 }).0);
                 let returned = self
                     .hand_to_device(&mut state, device.0, assignment)
                     .is_some();
-                if returned {
+                if returned && !followed {
                     state.watchers.remove(&job.id);
                 }
                 returned
@@ -915,6 +1060,271 @@ impl Scheduler {
         }
     }
 
+    /// Follows jobs run elsewhere until shutdown: wakes on PostgreSQL notifications, on new
+    /// subscriptions, and every `poll`, and publishes what the database says.
+    async fn follow(&self, poll: Duration) {
+        let mut listener = match events::Listener::connect(&self.shared.pool).await {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for job notifications; polling only");
+                None
+            }
+        };
+        let mut tick = tokio::time::interval(poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !self.shared.stopped.load(Ordering::SeqCst) {
+            let heard = async {
+                match listener.as_mut() {
+                    Some(l) => l.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = heard => {}
+                () = self.shared.follow_now.notified() => {}
+            }
+            if let Err(e) = self.refresh_followed().await {
+                tracing::error!(error = %e, "cannot follow jobs in the database");
+            }
+        }
+    }
+
+    /// Rebuilds the shared queue's order and publishes the news of every followed job that does
+    /// not run here.
+    async fn refresh_followed(&self) -> Result<(), sqlx::Error> {
+        let pool = &self.shared.pool;
+        let queued = store_jobs::list_queued_jobs(pool).await?;
+        let mut line = FairQueue::new(self.shared.options.prioritize_follow_ups);
+        for (user, at) in workers::last_served(pool).await? {
+            line.seed_served(user, u64::try_from(at.as_millis()).unwrap_or(0).max(1));
+        }
+        for job in &queued {
+            line.push(Waiting {
+                id: job.id,
+                user: job.requester_id,
+                guild: job.guild_id,
+                priority: if job.parent.is_some() {
+                    priority_of(job.kind)
+                } else {
+                    Priority::Normal
+                },
+                vqgan: job.vqgan_model.clone(),
+                clip: job.clip_model.clone(),
+            });
+        }
+        let users: HashMap<JobId, u64> = queued.iter().map(|j| (j.id, j.requester_id)).collect();
+        let order: Vec<(JobId, u64)> = line
+            .order()
+            .into_iter()
+            .filter_map(|id| users.get(&id).map(|&u| (id, u)))
+            .collect();
+        let followed: Vec<JobId> = {
+            let mut state = self.state();
+            state.shared_waiting.clone_from(&order);
+            let State {
+                watchers, running, ..
+            } = &*state;
+            watchers
+                .keys()
+                .filter(|id| !running.contains_key(id))
+                .copied()
+                .collect()
+        };
+        for id in followed {
+            let Some(job) = store_jobs::get_job(pool, id).await? else {
+                continue;
+            };
+            let position = order
+                .iter()
+                .position(|&(w, _)| w == id)
+                .map_or(0, |p| p + 1);
+            self.publish_followed(&job, position).await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes a followed job's state if it changed since last time.
+    async fn publish_followed(&self, job: &Job, position: usize) -> Result<(), sqlx::Error> {
+        let pool = &self.shared.pool;
+        let progress = match job.status {
+            JobStatus::Running => events::get_progress(pool, job.id).await?,
+            _ => None,
+        };
+        let preview_iteration = progress.and_then(|p| p.preview_iteration);
+        let seen = (
+            job.status,
+            if job.status == JobStatus::Queued {
+                u32::try_from(position).unwrap_or(u32::MAX)
+            } else {
+                job.iteration
+            },
+            preview_iteration,
+        );
+        let (unchanged, old_preview) = {
+            let state = self.state();
+            let followed = state.followed.get(&job.id);
+            (
+                followed.is_some_and(|f| f.seen == Some(seen)),
+                followed.and_then(|f| f.preview.clone()),
+            )
+        };
+        if unchanged {
+            return Ok(());
+        }
+        let device = job.device.clone().unwrap_or_default();
+        let mut preview = old_preview;
+        let event = match job.status {
+            JobStatus::Queued => JobEvent::Queued { position },
+            JobStatus::Running => match progress {
+                None => JobEvent::Started { device },
+                Some(p) => {
+                    if preview_iteration.is_some()
+                        && let Some(jpeg) =
+                            events::get_job_file(pool, job.id, events::PREVIEW).await?
+                    {
+                        let (width, height) = p.preview_size.unwrap_or((job.width, job.height));
+                        preview = Some(Arc::new(Preview {
+                            jpeg,
+                            width,
+                            height,
+                        }));
+                    }
+                    JobEvent::Progress(ProgressUpdate {
+                        device,
+                        iteration: job.iteration,
+                        total: job.steps,
+                        loss: p.loss,
+                        elapsed: Duration::from_millis(p.elapsed_ms),
+                        eta: Duration::from_millis(p.eta_ms),
+                        preview: preview.clone(),
+                    })
+                }
+            },
+            JobStatus::Succeeded => {
+                let png = match events::get_job_file(pool, job.id, events::IMAGE).await? {
+                    Some(png) => png,
+                    // Run on this host by a single-host scheduler of old: the file is here.
+                    None => match &job.output_path {
+                        Some(path) => tokio::fs::read(path).await.unwrap_or_default(),
+                        None => Vec::new(),
+                    },
+                };
+                let seconds = match (job.started_at, job.finished_at) {
+                    (Some(a), Some(b)) => (b.as_millis() - a.as_millis()) as f64 / 1000.0,
+                    _ => 0.0,
+                };
+                JobEvent::Finished(Arc::new(super::FinishedJob {
+                    png,
+                    path: job
+                        .output_path
+                        .clone()
+                        .unwrap_or_else(|| super::image_path(&self.shared.options.images, job.id)),
+                    sha256: job.output_sha256.clone().unwrap_or_default(),
+                    width: job.width,
+                    height: job.height,
+                    final_loss: job.final_loss.unwrap_or(f64::NAN),
+                    device,
+                    seconds,
+                }))
+            }
+            JobStatus::Failed => JobEvent::Failed {
+                message: job.error.clone().unwrap_or_else(|| "the job failed".into()),
+            },
+            JobStatus::Cancelled => JobEvent::Cancelled,
+        };
+        let mut state = self.state();
+        let last = event.is_final();
+        publish(&mut state, job.id, event);
+        if last {
+            state.watchers.remove(&job.id);
+            state.followed.remove(&job.id);
+        } else {
+            state.followed.insert(
+                job.id,
+                Followed {
+                    seen: Some(seen),
+                    preview,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Fetches the inputs a claimed job names that are not on this host — its parent's latent,
+    /// attachments a bot elsewhere saved — from the database into this host's images directory,
+    /// and points the job at them. One missing everywhere is left for the run to report.
+    async fn localize_inputs(&self, job: &Job, params: &mut JobParams) -> Result<(), sqlx::Error> {
+        let pool = &self.shared.pool;
+        let images = &self.shared.options.images;
+        if let Some(start) = params.inputs.start.as_mut()
+            && !start.latent.exists()
+            && let Some(parent) = job.parent
+            && let Some(bytes) = events::get_job_file(pool, parent, events::LATENT).await?
+        {
+            let local = super::latent_path(images, parent);
+            if write_file(&local, &bytes).await {
+                start.latent = local;
+            }
+        }
+        let inputs = params.inputs.init_image.iter_mut().chain(
+            params
+                .inputs
+                .image_prompts
+                .iter_mut()
+                .map(|(path, _, _)| path),
+        );
+        for path in inputs {
+            if path.exists() {
+                continue;
+            }
+            let Some(name) = input_name(path) else {
+                continue;
+            };
+            if let Some(bytes) = events::get_job_file(pool, job.id, &name).await? {
+                let local = images.join(format!("inputs/{}/{}", job.id, &name["input/".len()..]));
+                if write_file(&local, &bytes).await {
+                    *path = local;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells other hosts that a claimed job changed (nothing on a single-host queue).
+    async fn announce(&self, id: JobId) {
+        if self.worker_id().is_some()
+            && let Err(e) = events::notify(&self.shared.pool, id).await
+        {
+            tracing::warn!(job_id = id.0, error = %e, "cannot announce a job's change");
+        }
+    }
+
+    /// Stores a finished job's image, latent and time-lapse in the database, for a bot and
+    /// follow-up jobs on other hosts, before the job is recorded as succeeded.
+    async fn upload_results(
+        &self,
+        id: JobId,
+        finished: &super::FinishedJob,
+    ) -> Result<(), sqlx::Error> {
+        let pool = &self.shared.pool;
+        events::put_job_file(pool, id, events::IMAGE, &finished.png).await?;
+        let images = &self.shared.options.images;
+        for (name, path) in [
+            (events::LATENT, super::latent_path(images, id)),
+            (events::TIMELAPSE, super::timelapse_path(images, id)),
+        ] {
+            match tokio::fs::read(&path).await {
+                Ok(bytes) => events::put_job_file(pool, id, name, &bytes).await?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(job_id = id.0, path = %path.display(), error = %e, "cannot read a job's file to share it")
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// This scheduler's worker id on claimed jobs; `None` on a single-host queue.
     fn worker_id(&self) -> Option<&str> {
         self.shared
@@ -948,8 +1358,8 @@ impl Scheduler {
                         r.stop.stop.store(true, Ordering::SeqCst);
                     }
                 }
-                let mut state = self.state();
-                publish(&mut state, id, JobEvent::Started { device: label });
+                publish(&mut self.state(), id, JobEvent::Started { device: label });
+                self.announce(id).await;
             }
             FromWorker::Progress { id, progress } => {
                 let update = {
@@ -964,8 +1374,10 @@ impl Scheduler {
                     r.total = progress.total;
                     let important =
                         progress.preview.is_some() || progress.iteration == progress.total;
+                    let fresh_preview = progress.preview.is_some();
                     if let Some(preview) = progress.preview {
                         r.preview = Some(Arc::new(preview));
+                        r.preview_iteration = Some(progress.iteration);
                     }
                     if !r.throttle.allow(Instant::now(), important) {
                         return Ok(());
@@ -979,10 +1391,29 @@ impl Scheduler {
                         eta: progress.eta,
                         preview: r.preview.clone(),
                     };
+                    let preview_iteration = r.preview_iteration;
                     publish(&mut state, id, JobEvent::Progress(update.clone()));
-                    update
+                    (update, fresh_preview, preview_iteration)
                 };
-                store_jobs::record_job_progress(pool, id, update.iteration).await?;
+                let (update, fresh_preview, preview_iteration) = update;
+                if self.worker_id().is_none() {
+                    store_jobs::record_job_progress(pool, id, update.iteration).await?;
+                } else {
+                    // Followers on other hosts read the progress, and the preview, from here.
+                    if fresh_preview && let Some(preview) = &update.preview {
+                        events::put_job_file(pool, id, events::PREVIEW, &preview.jpeg).await?;
+                    }
+                    let details = events::ProgressDetails {
+                        loss: update.loss,
+                        elapsed_ms: millis(update.elapsed),
+                        eta_ms: millis(update.eta),
+                        preview_iteration,
+                        preview_size: update.preview.as_ref().map(|p| (p.width, p.height)),
+                    };
+                    let worker = self.worker_id();
+                    events::record_progress(pool, id, worker, update.iteration, &details).await?;
+                    self.announce(id).await;
+                }
             }
             FromWorker::Done {
                 device,
@@ -1001,6 +1432,9 @@ impl Scheduler {
                             .map(|_| JobEvent::Cancelled)
                     }
                     Outcome::Succeeded(finished) => {
+                        if worker.is_some() {
+                            self.upload_results(id, &finished).await?;
+                        }
                         let output = JobOutput {
                             path: finished.path.clone(),
                             sha256: finished.sha256.clone(),
@@ -1042,6 +1476,7 @@ impl Scheduler {
                     }
                 }
                 self.shared.job_ended.notify_waiters();
+                self.announce(id).await;
                 if self.shared.options.claims.is_some() {
                     let claimer = self.clone();
                     tokio::spawn(async move {

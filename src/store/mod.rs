@@ -49,6 +49,7 @@ macro_rules! text_column {
 }
 pub(crate) use text_column;
 
+pub mod events;
 pub mod gallery;
 pub mod guilds;
 pub mod jobs;

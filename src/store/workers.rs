@@ -322,3 +322,37 @@ pub async fn list_workers(db: &Store, since: Timestamp) -> Result<Vec<WorkerInfo
         })
         .collect()
 }
+
+/// When each user with a queued job was last served (the latest start among their jobs), for
+/// rebuilding the shared queue's order; users never served are absent.
+pub async fn last_served(db: &Store) -> Result<Vec<(u64, Timestamp)>, sqlx::Error> {
+    let rows: Vec<(i64, Timestamp)> = sqlx::query_as(
+        "SELECT requester_id, MAX(started_at) FROM jobs
+         WHERE started_at IS NOT NULL
+           AND requester_id IN (SELECT requester_id FROM jobs WHERE status = 'queued')
+         GROUP BY requester_id",
+    )
+    .fetch_all(db.pool())
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(user, at)| (super::u64_from_sql(user), at))
+        .collect())
+}
+
+/// Jobs queued in all, and those of `user`.
+pub async fn count_queued(db: &Store, user: u64) -> Result<(u64, u64), sqlx::Error> {
+    let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")
+        .fetch_one(db.pool())
+        .await?;
+    let mine: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND requester_id = $1",
+    )
+    .bind(super::u64_to_sql(user))
+    .fetch_one(db.pool())
+    .await?;
+    Ok((
+        u64::try_from(total).unwrap_or(0),
+        u64::try_from(mine).unwrap_or(0),
+    ))
+}

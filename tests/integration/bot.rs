@@ -13,9 +13,10 @@ use crate::fake_discord::{APP_ID, FakeDiscord, user};
 use crate::scheduler::{FakeRunner, finished, options, slots};
 use crate::support::test_pool;
 
-/// Waits (up to 30 s) until `check` finds something.
+/// Waits (up to 120 s: debug-built engines on a busy 2-core machine are slow) until `check`
+/// finds something.
 pub(crate) async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    for _ in 0..1500 {
+    for _ in 0..6000 {
         if let Some(found) = check() {
             return found;
         }

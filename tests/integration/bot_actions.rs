@@ -91,6 +91,73 @@ impl Bot {
         (bot, runner)
     }
 
+    /// Starts a front-end bot on PostgreSQL with no devices of its own, and a worker as on
+    /// another host: its own pool and images directory, the real tiny engine, sharing nothing
+    /// with the bot but the database.
+    async fn start_front_end() -> (Self, Scheduler, TempDir) {
+        use vqclip::jobs::scheduler::ClaimOptions;
+        let discord = FakeDiscord::start().await;
+        let (_guard, pool) = crate::support::test_db(vqclip::store::Backend::Postgres).await;
+        let dir = tempfile::tempdir().unwrap();
+        let env: Environment = [("HOME", dir.path().to_str().unwrap())]
+            .into_iter()
+            .collect();
+        let settings = Settings::from_toml(
+            &format!(
+                "[discord]\ntoken = \"fake.bot.token\"\napi_base = \"{}\"\n\
+                 [storage]\nimages = \"{}\"\n\
+                 [scheduler]\ndevices = []\nprogress_interval_ms = 100\n\
+                 [models]\nallow_tiny = true\n\
+                 [generation]\ndefault_vqgan = \"tiny_vqgan\"\ndefault_clip = \"tiny_clip\"\n\
+                 preview_every = 2\n",
+                discord.url,
+                dir.path().join("images").display()
+            ),
+            &env,
+        )
+        .unwrap();
+        let mut front = options(&dir);
+        front.images = settings.storage.images.clone();
+        let mut claims = ClaimOptions::for_this_process(Duration::from_secs(10));
+        claims.follow = Some(Duration::from_millis(100));
+        front.claims = Some(claims);
+        let scheduler = Scheduler::start(pool.clone(), front, Vec::new())
+            .await
+            .unwrap();
+
+        let elsewhere = tempfile::tempdir().unwrap();
+        let remote_pool = vqclip::store::connect(pool.location()).await.unwrap();
+        let mut remote = options(&elsewhere);
+        remote.images = elsewhere.path().join("images");
+        let mut claims = ClaimOptions::for_this_process(Duration::from_secs(10));
+        claims.host = "gpu-elsewhere".into();
+        claims.worker_id = "gpu-elsewhere-1".into();
+        remote.claims = Some(claims);
+        let device = DeviceSlot {
+            label: "cuda:7".into(),
+            runner: Box::new(vqclip::jobs::worker::EngineRunner::new(
+                candle_core::Device::Cpu,
+                settings.models.clone(),
+                1024,
+                remote.images.clone(),
+            )),
+        };
+        let worker = Scheduler::start(remote_pool, remote, vec![device])
+            .await
+            .unwrap();
+        let mut bot = Self {
+            discord,
+            dir,
+            pool,
+            scheduler,
+            settings: Arc::new(settings),
+            stop: None,
+            task: None,
+        };
+        bot.connect().await;
+        (bot, worker, elsewhere)
+    }
+
     /// (Re)connects the bot and waits for its command registration.
     async fn connect(&mut self) {
         let registered = self.count(|r| r.method == "PUT" && r.path.ends_with("/commands"));
@@ -469,6 +536,60 @@ async fn cancel_by_button_and_by_reaction() {
         !queue.contains("gpu9"),
         "stopped workers are not listed: {queue}"
     );
+    bot.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_front_end_bot_follows_jobs_a_worker_elsewhere_runs() {
+    let (bot, worker, elsewhere) = Bot::start_front_end().await;
+
+    let opened = bot.interact(bot.imagine(77, "a red fox --steps 8")).await;
+    assert!(text(&opened).contains("a red fox"), "{opened:?}");
+    // The remote worker claims it; the bot learns of every step from the database.
+    let posted = eventually("the result message", || {
+        bot.discord.log().into_iter().find(|r| {
+            r.method == "POST" && r.path == "/channels/900/messages" && !r.files.is_empty()
+        })
+    })
+    .await;
+    assert!(posted.files[0].0.ends_with(".png"), "{posted:?}");
+    let job = bot.job(1).await;
+    assert_eq!(job.status, JobStatus::Succeeded);
+    assert_eq!(job.worker.as_deref(), Some("gpu-elsewhere-1"));
+    // The picture the bot posted is the one the worker made, which only the worker's disk has.
+    let made = std::fs::read(elsewhere.path().join("images/1.png")).unwrap();
+    assert_eq!(posted.files[0].1, made.len());
+    assert!(!bot.dir.path().join("images/1.png").exists());
+    let edits: Vec<String> = bot
+        .discord
+        .log()
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.path.ends_with("/messages/@original"))
+        .map(text)
+        .collect();
+    assert!(edits.iter().any(|e| e.contains("% on cuda:7")), "{edits:?}");
+    assert!(
+        bot.count(|r| r.method == "PATCH"
+            && r.path.ends_with("/@original")
+            && r.files.iter().any(|(name, _)| name == "preview.jpg"))
+            >= 1,
+        "previews travel through the database"
+    );
+
+    // 🎞️ and ⬆️ work on the remote job: the time-lapse and the latent come from the database.
+    let (_, result) = bot.result_of(JobId(1)).await;
+    let gif = bot
+        .interact(bot.press(88, MEMBER, "vq:gif:1", result))
+        .await;
+    assert_eq!(gif.files.len(), 1, "{gif:?}");
+    bot.interact(bot.press(77, MEMBER, "vq:upscale:1", result))
+        .await;
+    assert_eq!(finished(&bot.pool, JobId(2)).await, JobStatus::Succeeded);
+    let upscale = bot.job(2).await;
+    assert_eq!((upscale.kind, upscale.width), (JobKind::Upscale, 128));
+    assert!(elsewhere.path().join("images/2.png").is_file());
+
+    worker.shutdown(Duration::from_secs(1)).await;
     bot.stop().await;
 }
 

@@ -16,9 +16,10 @@ use vqclip::store::{
 use crate::support::{on_both_backends, sample_job, test_pool};
 
 /// Every table of the schema (besides sqlx's own), by name.
-const TABLES: [&str; 8] = [
+const TABLES: [&str; 9] = [
     "gallery_posts",
     "guild_settings",
+    "job_files",
     "job_results",
     "jobs",
     "user_bans",

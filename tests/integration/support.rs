@@ -92,9 +92,12 @@ pub fn sample_job(requester: u64, prompt: &str) -> NewJob {
 
 /// Prints the code's logs when `TEST_LOG` is set; silent otherwise.
 fn init_test_log() {
-    if std::env::var_os("TEST_LOG").is_some() {
+    if let Some(filter) = std::env::var_os("TEST_LOG") {
+        // `TEST_LOG=1`: everything at debug; otherwise a filter, e.g. `TEST_LOG=vqclip=debug`.
+        let filter = filter.to_string_lossy();
+        let filter = if filter == "1" { "debug" } else { &filter };
         let _ = tracing_subscriber::fmt()
-            .with_env_filter("debug")
+            .with_env_filter(filter)
             .with_test_writer()
             .try_init();
     }

@@ -1,0 +1,169 @@
+//! What crosses hosts besides job rows: the files a job produces (its image, latent, time-lapse,
+//! latest preview), its latest progress, and wake-ups.
+//!
+//! The database is the source of truth; a wake-up only says "look again". On PostgreSQL a worker
+//! sends `NOTIFY vqclip_jobs, '<job id>'` after each change it records and the bot `LISTEN`s, so
+//! progress reaches it at once without polling storms; SQLite has no notifications (its processes
+//! share one host) and followers poll. A lost notification costs one poll interval, never a job.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Backend, JobId, Store, Timestamp};
+
+/// The notification channel job changes are announced on.
+pub const CHANNEL: &str = "vqclip_jobs";
+
+/// A job's image, as the bot posts it.
+pub const IMAGE: &str = "image.png";
+/// A job's final latent, which its upscales and variations start from.
+pub const LATENT: &str = "latent.safetensors";
+/// A job's time-lapse.
+pub const TIMELAPSE: &str = "timelapse.gif";
+/// A running job's latest preview (JPEG).
+pub const PREVIEW: &str = "preview.jpg";
+
+/// Stores (or replaces) one of a job's files.
+pub async fn put_job_file(
+    db: &Store,
+    job: JobId,
+    name: &str,
+    bytes: &[u8],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO job_files (job_id, name, bytes, updated_at) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (job_id, name) DO UPDATE SET
+             bytes = excluded.bytes, updated_at = excluded.updated_at",
+    )
+    .bind(job)
+    .bind(name)
+    .bind(bytes.to_vec())
+    .bind(Timestamp::now())
+    .execute(db.pool())
+    .await?;
+    Ok(())
+}
+
+/// One of a job's files, if stored.
+pub async fn get_job_file(
+    db: &Store,
+    job: JobId,
+    name: &str,
+) -> Result<Option<Vec<u8>>, sqlx::Error> {
+    sqlx::query_scalar("SELECT bytes FROM job_files WHERE job_id = $1 AND name = $2")
+        .bind(job)
+        .bind(name)
+        .fetch_optional(db.pool())
+        .await
+}
+
+/// Whether one of a job's files is stored.
+pub async fn has_job_file(db: &Store, job: JobId, name: &str) -> Result<bool, sqlx::Error> {
+    let found: Option<i64> =
+        sqlx::query_scalar("SELECT 1 FROM job_files WHERE job_id = $1 AND name = $2")
+            .bind(job)
+            .bind(name)
+            .fetch_optional(db.pool())
+            .await?;
+    Ok(found.is_some())
+}
+
+/// A running job's latest progress beyond its iteration (stored as JSON in `jobs.progress`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ProgressDetails {
+    /// Total loss of the last iteration.
+    pub loss: f64,
+    /// Milliseconds since the job started on its device.
+    pub elapsed_ms: u64,
+    /// Estimated milliseconds left.
+    pub eta_ms: u64,
+    /// The iteration of the latest preview stored as [`PREVIEW`], if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_iteration: Option<u32>,
+    /// Width and height of that preview.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_size: Option<(u32, u32)>,
+}
+
+/// Records a running job's progress: its iteration and details; `false` if it is not running
+/// under `worker`.
+pub async fn record_progress(
+    db: &Store,
+    id: JobId,
+    worker: Option<&str>,
+    iteration: u32,
+    details: &ProgressDetails,
+) -> Result<bool, sqlx::Error> {
+    let json = serde_json::to_string(details).unwrap_or_else(|_| "{}".into());
+    let result = sqlx::query(
+        "UPDATE jobs SET iteration = $1, progress = $2
+         WHERE id = $3 AND status = 'running' AND worker_id IS NOT DISTINCT FROM $4",
+    )
+    .bind(i64::from(iteration))
+    .bind(json)
+    .bind(id)
+    .bind(worker)
+    .execute(db.pool())
+    .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// A running job's latest progress details, if any were recorded.
+pub async fn get_progress(db: &Store, id: JobId) -> Result<Option<ProgressDetails>, sqlx::Error> {
+    let text: Option<Option<String>> =
+        sqlx::query_scalar("SELECT progress FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(db.pool())
+            .await?;
+    text.flatten()
+        .map(|t| serde_json::from_str(&t).map_err(|e| super::decode_error("progress", e)))
+        .transpose()
+}
+
+/// Announces that `job` changed (PostgreSQL; nothing on SQLite, whose followers poll).
+pub async fn notify(db: &Store, job: JobId) -> Result<(), sqlx::Error> {
+    if db.backend() == Backend::Postgres {
+        sqlx::query("SELECT 1 FROM (SELECT pg_notify($1, $2)) AS sent")
+            .bind(CHANNEL)
+            .bind(job.0.to_string())
+            .execute(db.pool())
+            .await?;
+    }
+    Ok(())
+}
+
+/// Receives the announcements of [`notify`]: on PostgreSQL a `LISTEN`ing connection of its own.
+pub struct Listener {
+    inner: Option<sqlx::postgres::PgListener>,
+}
+
+impl Listener {
+    /// Listens on `db`'s server; on SQLite a listener that never hears anything.
+    pub async fn connect(db: &Store) -> Result<Self, sqlx::Error> {
+        let inner = match db.location() {
+            super::Location::Postgres(url) => {
+                let mut listener = sqlx::postgres::PgListener::connect(url.as_str()).await?;
+                listener.listen(CHANNEL).await?;
+                Some(listener)
+            }
+            super::Location::Sqlite(_) => None,
+        };
+        Ok(Self { inner })
+    }
+
+    /// The next announced job; waits forever on SQLite. After a lost connection it reconnects
+    /// and answers `None` (notifications may have been missed: look at everything again).
+    pub async fn next(&mut self) -> Option<JobId> {
+        let Some(listener) = self.inner.as_mut() else {
+            return std::future::pending().await;
+        };
+        match listener.try_recv().await {
+            Ok(Some(note)) => note.payload().parse().ok().map(JobId),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "lost the database's job notifications; reconnecting");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                None
+            }
+        }
+    }
+}
