@@ -348,6 +348,9 @@ struct Running {
     preview_iteration: Option<u32>,
 }
 
+/// How long the follower gathers wake-ups before it reads the database.
+const FOLLOW_DEBOUNCE: Duration = Duration::from_millis(50);
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -1084,6 +1087,8 @@ impl Scheduler {
                 _ = heard => {}
                 () = self.shared.follow_now.notified() => {}
             }
+            // Many workers reporting at once wake this often: one refresh covers a burst.
+            tokio::time::sleep(FOLLOW_DEBOUNCE).await;
             if let Err(e) = self.refresh_followed().await {
                 tracing::error!(error = %e, "cannot follow jobs in the database");
             }
