@@ -1105,18 +1105,7 @@ impl Scheduler {
             line.seed_served(user, u64::try_from(at.as_millis()).unwrap_or(0).max(1));
         }
         for job in &queued {
-            line.push(Waiting {
-                id: job.id,
-                user: job.requester_id,
-                guild: job.guild_id,
-                priority: if job.parent.is_some() {
-                    priority_of(job.kind)
-                } else {
-                    Priority::Normal
-                },
-                vqgan: job.vqgan_model.clone(),
-                clip: job.clip_model.clone(),
-            });
+            line.push(waiting_of(job));
         }
         let users: HashMap<JobId, u64> = queued.iter().map(|j| (j.id, j.requester_id)).collect();
         let order: Vec<(JobId, u64)> = line
@@ -1526,8 +1515,9 @@ fn state_user(state: &State, id: JobId) -> Option<u64> {
     state.waiting.get(&id).map(|a| a.user)
 }
 
-fn enqueue(state: &mut State, job: &Job, assignment: Assignment) {
-    state.queue.push(Waiting {
+/// A stored job as the waiting line sees it.
+fn waiting_of(job: &Job) -> Waiting {
+    Waiting {
         id: job.id,
         user: job.requester_id,
         guild: job.guild_id,
@@ -1538,7 +1528,11 @@ fn enqueue(state: &mut State, job: &Job, assignment: Assignment) {
         },
         vqgan: job.vqgan_model.clone(),
         clip: job.clip_model.clone(),
-    });
+    }
+}
+
+fn enqueue(state: &mut State, job: &Job, assignment: Assignment) {
+    state.queue.push(waiting_of(job));
     state.waiting.insert(job.id, assignment);
     let (tx, _) = watch::channel(JobEvent::Queued { position: 0 });
     state.watchers.insert(job.id, tx);

@@ -25,6 +25,28 @@ const GALLERY: u64 = 1_500_000_000_000_000_002;
 const MODERATOR: &str = "32";
 const MEMBER: &str = "0";
 
+/// The bot's configuration for these tests: the fake Discord, images under `dir`, the tiny
+/// models; `discord` and `scheduler` add keys to those sections.
+fn bot_settings(fake: &FakeDiscord, dir: &TempDir, discord: &str, scheduler: &str) -> Settings {
+    let env: Environment = [("HOME", dir.path().to_str().unwrap())]
+        .into_iter()
+        .collect();
+    Settings::from_toml(
+        &format!(
+            "[discord]\ntoken = \"fake.bot.token\"\napi_base = \"{}\"\n{discord}\n\
+             [storage]\nimages = \"{}\"\n\
+             [scheduler]\nprogress_interval_ms = 100\n{scheduler}\
+             [models]\nallow_tiny = true\n\
+             [generation]\ndefault_vqgan = \"tiny_vqgan\"\ndefault_clip = \"tiny_clip\"\n\
+             preview_every = 2\n",
+            fake.url,
+            dir.path().join("images").display()
+        ),
+        &env,
+    )
+    .unwrap()
+}
+
 /// A running bot and what it talks to.
 struct Bot {
     discord: FakeDiscord,
@@ -42,23 +64,7 @@ impl Bot {
     async fn start(extra: &str, engine: bool, delay_ms: u64) -> (Self, FakeRunner) {
         let discord = FakeDiscord::start().await;
         let (dir, pool) = test_pool().await;
-        let env: Environment = [("HOME", dir.path().to_str().unwrap())]
-            .into_iter()
-            .collect();
-        let settings = Settings::from_toml(
-            &format!(
-                "[discord]\ntoken = \"fake.bot.token\"\napi_base = \"{}\"\n{extra}\n\
-                 [storage]\nimages = \"{}\"\n\
-                 [scheduler]\nprogress_interval_ms = 100\n\
-                 [models]\nallow_tiny = true\n\
-                 [generation]\ndefault_vqgan = \"tiny_vqgan\"\ndefault_clip = \"tiny_clip\"\n\
-                 preview_every = 2\n",
-                discord.url,
-                dir.path().join("images").display()
-            ),
-            &env,
-        )
-        .unwrap();
+        let settings = bot_settings(&discord, &dir, extra, "");
         let runner = FakeRunner::new(delay_ms);
         let devices = if engine {
             vec![DeviceSlot {
@@ -78,16 +84,7 @@ impl Bot {
         let scheduler = Scheduler::start(pool.clone(), scheduler_options, devices)
             .await
             .unwrap();
-        let mut bot = Self {
-            discord,
-            dir,
-            pool,
-            scheduler,
-            settings: Arc::new(settings),
-            stop: None,
-            task: None,
-        };
-        bot.connect().await;
+        let bot = Self::launch(discord, dir, pool, scheduler, settings).await;
         (bot, runner)
     }
 
@@ -99,23 +96,7 @@ impl Bot {
         let discord = FakeDiscord::start().await;
         let (_guard, pool) = crate::support::test_db(vqclip::store::Backend::Postgres).await;
         let dir = tempfile::tempdir().unwrap();
-        let env: Environment = [("HOME", dir.path().to_str().unwrap())]
-            .into_iter()
-            .collect();
-        let settings = Settings::from_toml(
-            &format!(
-                "[discord]\ntoken = \"fake.bot.token\"\napi_base = \"{}\"\n\
-                 [storage]\nimages = \"{}\"\n\
-                 [scheduler]\ndevices = []\nprogress_interval_ms = 100\n\
-                 [models]\nallow_tiny = true\n\
-                 [generation]\ndefault_vqgan = \"tiny_vqgan\"\ndefault_clip = \"tiny_clip\"\n\
-                 preview_every = 2\n",
-                discord.url,
-                dir.path().join("images").display()
-            ),
-            &env,
-        )
-        .unwrap();
+        let settings = bot_settings(&discord, &dir, "", "devices = []\n");
         let mut front = options(&dir);
         front.images = settings.storage.images.clone();
         let mut claims = ClaimOptions::for_this_process(Duration::from_secs(10));
@@ -145,6 +126,18 @@ impl Bot {
         let worker = Scheduler::start(remote_pool, remote, vec![device])
             .await
             .unwrap();
+        let bot = Self::launch(discord, dir, pool, scheduler, settings).await;
+        (bot, worker, elsewhere)
+    }
+
+    /// Connects a bot with these parts.
+    async fn launch(
+        discord: FakeDiscord,
+        dir: TempDir,
+        pool: Store,
+        scheduler: Scheduler,
+        settings: Settings,
+    ) -> Self {
         let mut bot = Self {
             discord,
             dir,
@@ -155,7 +148,7 @@ impl Bot {
             task: None,
         };
         bot.connect().await;
-        (bot, worker, elsewhere)
+        bot
     }
 
     /// (Re)connects the bot and waits for its command registration.

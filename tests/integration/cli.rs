@@ -641,6 +641,24 @@ fn spawn_vqclip(dir: &Path, args: &[&str]) -> std::process::Child {
         .expect("start vqclip")
 }
 
+/// A configuration for `vqclip worker` tests: one CPU device, the tiny models from the fixtures,
+/// quick polls, short leases.
+fn worker_config(dir: &TempDir, database: &str, lease_seconds: u64) -> String {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    write_config(
+        dir,
+        &format!(
+            "[storage]\ndatabase = \"{database}\"\nimages = \"images\"\n\
+             [scheduler]\ndevices = [\"cpu\"]\npoll_interval_ms = 100\nshutdown_grace_seconds = 1\n\
+             lease_seconds = {lease_seconds}\n\
+             [generation]\ndefault_vqgan = \"tiny_vqgan\"\ndefault_clip = \"tiny_clip\"\n\
+             [models]\nallow_tiny = true\n\
+             [models.tiny_vqgan]\npath = \"{fixtures}/ckpt/tiny_vqgan.ckpt\"\n\
+             [models.tiny_clip]\npath = \"{fixtures}/parity/tiny_clip.safetensors\"\n"
+        ),
+    )
+}
+
 /// Statuses of all jobs, by id.
 async fn statuses(db: &Path) -> Vec<(i64, jobs::JobStatus)> {
     let pool = store::connect(&store::Location::Sqlite(db.to_path_buf()))
@@ -674,19 +692,7 @@ async fn wait_for_statuses(
 async fn a_worker_killed_mid_job_finishes_everything_after_a_restart() {
     use jobs::JobStatus::{Running, Succeeded};
     let dir = tempfile::tempdir().unwrap();
-    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-    let config = write_config(
-        &dir,
-        &format!(
-            "[storage]\ndatabase = \"db/jobs.sqlite\"\nimages = \"images\"\n\
-             [scheduler]\ndevices = [\"cpu\"]\npoll_interval_ms = 100\nshutdown_grace_seconds = 1\n\
-             lease_seconds = 2\n\
-             [generation]\ndefault_vqgan = \"tiny_vqgan\"\ndefault_clip = \"tiny_clip\"\n\
-             [models]\nallow_tiny = true\n\
-             [models.tiny_vqgan]\npath = \"{fixtures}/ckpt/tiny_vqgan.ckpt\"\n\
-             [models.tiny_clip]\npath = \"{fixtures}/parity/tiny_clip.safetensors\"\n"
-        ),
-    );
+    let config = worker_config(&dir, "db/jobs.sqlite", 2);
     for user in 1..=5 {
         let prompt = format!("a lantern number {user} --steps 20 --size 32x32 --cutn 2");
         let user = user.to_string();
@@ -815,19 +821,7 @@ async fn three_workers_on_postgres_run_thirty_jobs_exactly_once_across_a_sigkill
     use jobs::JobStatus::{Running, Succeeded};
     let url = crate::postgres::new_database().await;
     let dir = tempfile::tempdir().unwrap();
-    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-    let config = write_config(
-        &dir,
-        &format!(
-            "[storage]\ndatabase = \"{url}\"\nimages = \"images\"\n\
-             [scheduler]\ndevices = [\"cpu\"]\npoll_interval_ms = 100\nshutdown_grace_seconds = 1\n\
-             lease_seconds = 4\n\
-             [generation]\ndefault_vqgan = \"tiny_vqgan\"\ndefault_clip = \"tiny_clip\"\n\
-             [models]\nallow_tiny = true\n\
-             [models.tiny_vqgan]\npath = \"{fixtures}/ckpt/tiny_vqgan.ckpt\"\n\
-             [models.tiny_clip]\npath = \"{fixtures}/parity/tiny_clip.safetensors\"\n"
-        ),
-    );
+    let config = worker_config(&dir, url.as_str(), 4);
     // Three users queue ten jobs each, one user after the other: fairness has to interleave them.
     for user in 1..=3 {
         for n in 0..10 {
