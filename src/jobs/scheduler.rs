@@ -1127,6 +1127,10 @@ impl Scheduler {
         };
         for id in followed {
             let Some(job) = store_jobs::get_job(pool, id).await? else {
+                // Asked about a job that does not exist: nothing will ever come.
+                let mut state = self.state();
+                state.watchers.remove(&id);
+                state.followed.remove(&id);
                 continue;
             };
             let position = order

@@ -551,7 +551,7 @@ pub async fn requeue_running_jobs(db: &Store) -> Result<Vec<JobId>, sqlx::Error>
 pub async fn requeue_job(db: &Store, id: JobId, worker: Option<&str>) -> Result<bool, sqlx::Error> {
     let result = sqlx::query(
         "UPDATE jobs SET status = 'queued', device = NULL, started_at = NULL, worker_id = NULL,
-                         lease_expires_at = NULL
+                         lease_expires_at = NULL, progress = NULL
          WHERE id = $1 AND status = 'running' AND worker_id IS NOT DISTINCT FROM $2",
     )
     .bind(id)

@@ -71,7 +71,8 @@ fn claim_sql(backend: Backend, vqgan: usize, clip: usize) -> String {
     };
     format!(
         "UPDATE jobs SET status = 'running', worker_id = $1, device = $2, started_at = {now},
-                         iteration = 0, lease_expires_at = {now} + $3, attempts = attempts + 1
+                         iteration = 0, progress = NULL, lease_expires_at = {now} + $3,
+                         attempts = attempts + 1
          WHERE status = 'queued' AND id = (
              SELECT j.id FROM jobs j
              WHERE j.status = 'queued' {vqgan_filter} {clip_filter}
@@ -165,7 +166,7 @@ pub async fn renew_leases(
 pub async fn requeue_expired_leases(db: &Store) -> Result<Vec<JobId>, sqlx::Error> {
     let sql = format!(
         "UPDATE jobs SET status = 'queued', device = NULL, started_at = NULL, worker_id = NULL,
-                         lease_expires_at = NULL
+                         lease_expires_at = NULL, progress = NULL
          WHERE status = 'running' AND lease_expires_at < {}
          RETURNING id",
         db.backend().now_millis_sql()

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use vqclip::store::{
-    self, Backend, JobId, Location, Timestamp,
+    self, Backend, JobId, Location, Timestamp, events,
     gallery::{self, STAR},
     guilds,
     jobs::{self, JobKind, JobOutput, JobStatus},
@@ -836,11 +836,29 @@ on_both_backends! {
             .unwrap();
         assert_eq!(job.id, id);
         assert_eq!(workers::renew_leases(&pool, "dead", short).await.unwrap(), [id]);
+        let details = events::ProgressDetails {
+            loss: 1.5,
+            elapsed_ms: 1200,
+            eta_ms: 800,
+            preview_iteration: Some(3),
+            preview_size: Some((64, 48)),
+        };
+        assert!(events::record_progress(&pool, id, Some("dead"), 3, &details).await.unwrap());
+        assert!(!events::record_progress(&pool, id, Some("other"), 4, &details).await.unwrap());
+        assert_eq!(events::get_progress(&pool, id).await.unwrap(), Some(details));
+        events::put_job_file(&pool, id, events::PREVIEW, b"jpeg").await.unwrap();
+        assert!(events::has_job_file(&pool, id, events::PREVIEW).await.unwrap());
+        assert_eq!(
+            events::get_job_file(&pool, id, events::PREVIEW).await.unwrap().as_deref(),
+            Some(&b"jpeg"[..])
+        );
+        assert_eq!(events::get_job_file(&pool, id, events::IMAGE).await.unwrap(), None);
         assert!(workers::requeue_expired_leases(&pool).await.unwrap().is_empty(), "not expired yet");
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(workers::requeue_expired_leases(&pool).await.unwrap(), [id]);
         let queued = jobs::get_job(&pool, id).await.unwrap().unwrap();
         assert_eq!((queued.status, queued.worker, queued.device), (JobStatus::Queued, None, None));
+        assert_eq!(events::get_progress(&pool, id).await.unwrap(), None, "a new run starts afresh");
 
         let again = workers::claim_next_job(&pool, "alive", "cuda:1", LEASE, &any_model())
             .await
@@ -953,4 +971,21 @@ on_both_backends! {
         // One running job per user, however the claims interleave.
         assert_eq!(users, [0, 1, 2, 3, 4, 5]);
     }
+}
+
+#[tokio::test]
+async fn job_announcements_reach_listeners_on_postgres_and_sqlite_followers_poll() {
+    let (_guard, db) = crate::support::test_db(Backend::Postgres).await;
+    let mut listener = events::Listener::connect(&db).await.unwrap();
+    events::notify(&db, JobId(42)).await.unwrap();
+    let heard = tokio::time::timeout(Duration::from_secs(10), listener.next())
+        .await
+        .expect("the announcement arrives");
+    assert_eq!(heard, Some(JobId(42)));
+
+    let (_dir, db) = test_pool().await;
+    let mut listener = events::Listener::connect(&db).await.unwrap();
+    events::notify(&db, JobId(42)).await.unwrap();
+    let heard = tokio::time::timeout(Duration::from_millis(200), listener.next()).await;
+    assert!(heard.is_err(), "SQLite has no notifications");
 }
