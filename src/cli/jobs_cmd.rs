@@ -91,6 +91,10 @@ pub(super) async fn submit(
     let id = jobs::insert_job(&pool, &job)
         .await
         .context("Failed to record the job")?;
+    // Idle workers on PostgreSQL claim it now; the rest find it at their next poll.
+    if let Err(e) = store::events::notify_queued(&pool, id).await {
+        tracing::warn!(job_id = id.0, error = %e, "cannot announce the queued job");
+    }
     pool.close().await;
     println!(
         "job {id} queued ({} waiting): {}x{}, {} steps, seed {}, {} + {}",
@@ -152,9 +156,19 @@ pub(super) async fn cancel(
 /// logs a status line when jobs move.
 async fn poll_store(
     scheduler: &Scheduler,
+    pool: &Store,
     settings: &Settings,
     stop: impl std::future::Future<Output = ()>,
 ) {
+    // On PostgreSQL new work is announced: claim it at once rather than at the next tick.
+    let mut queued =
+        match store::events::Listener::connect(pool, store::events::QUEUE_CHANNEL).await {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for queued jobs; polling only");
+                None
+            }
+        };
     let poll = Duration::from_millis(settings.scheduler.poll_interval_ms);
     let mut tick = tokio::time::interval(poll);
     let mut since = Timestamp::now();
@@ -162,8 +176,19 @@ async fn poll_store(
     let mut last_log = std::time::Instant::now();
     tokio::pin!(stop);
     loop {
+        let announced = async {
+            match queued.as_mut() {
+                Some(listener) => listener.next().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = &mut stop => break,
+            _ = announced => {
+                if let Err(e) = scheduler.load_queued().await {
+                    tracing::error!(error = %e, "cannot claim queued jobs");
+                }
+            }
             _ = tick.tick() => {
                 // Jobs and cancels may come from other processes (`jobs submit`, the bot).
                 let now = Timestamp::now();
@@ -265,9 +290,10 @@ pub(super) async fn serve(settings: Settings) -> anyhow::Result<()> {
     let poller = {
         let scheduler = scheduler.clone();
         let settings = settings.clone();
+        let pool = pool.clone();
         let mut stop_rx = stop_rx.clone();
         tokio::spawn(async move {
-            poll_store(&scheduler, &settings, async move {
+            poll_store(&scheduler, &pool, &settings, async move {
                 let _ = stop_rx.wait_for(|stop| *stop).await;
             })
             .await;
@@ -402,7 +428,7 @@ pub(super) async fn worker(config: Option<&Path>, env: &Environment) -> anyhow::
         pool.location(),
         settings.storage.images.display()
     );
-    poll_store(&scheduler, &settings, stop_signal()).await;
+    poll_store(&scheduler, &pool, &settings, stop_signal()).await;
     let grace = Duration::from_secs(settings.scheduler.shutdown_grace_seconds);
     eprintln!(
         "stopping: running jobs have {} s to finish, then are queued again",

@@ -641,6 +641,9 @@ impl Scheduler {
             state.watchers.insert(id, tx);
             rx
         };
+        if let Err(e) = events::notify_queued(pool, id).await {
+            tracing::warn!(job_id = id.0, error = %e, "cannot announce a queued job; workers find it at their next poll");
+        }
         self.refresh_followed().await?;
         let position = self
             .state()
@@ -1053,6 +1056,11 @@ impl Scheduler {
             match workers::requeue_expired_leases(pool).await {
                 Ok(ids) if !ids.is_empty() => {
                     tracing::warn!(jobs = ?ids, "jobs of a lost worker are queued again");
+                    for id in ids {
+                        if let Err(e) = events::notify_queued(pool, id).await {
+                            tracing::warn!(job_id = id.0, error = %e, "cannot announce a requeued job");
+                        }
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => tracing::error!(error = %e, "cannot requeue expired leases"),
@@ -1066,7 +1074,8 @@ impl Scheduler {
     /// Follows jobs run elsewhere until shutdown: wakes on PostgreSQL notifications, on new
     /// subscriptions, and every `poll`, and publishes what the database says.
     async fn follow(&self, poll: Duration) {
-        let mut listener = match events::Listener::connect(&self.shared.pool).await {
+        let mut listener = match events::Listener::connect(&self.shared.pool, events::CHANNEL).await
+        {
             Ok(listener) => Some(listener),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot listen for job notifications; polling only");

@@ -10,8 +10,12 @@ use serde::{Deserialize, Serialize};
 
 use super::{Backend, JobId, Store, Timestamp};
 
-/// The notification channel job changes are announced on.
+/// The notification channel job changes are announced on (the payload is the job's id).
 pub const CHANNEL: &str = "vqclip_jobs";
+
+/// The notification channel new work is announced on (a job queued, or queued again), so idle
+/// workers claim it at once instead of at their next poll.
+pub const QUEUE_CHANNEL: &str = "vqclip_queue";
 
 /// A job's image, as the bot posts it.
 pub const IMAGE: &str = "image.png";
@@ -121,10 +125,19 @@ pub async fn get_progress(db: &Store, id: JobId) -> Result<Option<ProgressDetail
 
 /// Announces that `job` changed (PostgreSQL; nothing on SQLite, whose followers poll).
 pub async fn notify(db: &Store, job: JobId) -> Result<(), sqlx::Error> {
+    send(db, CHANNEL, &job.0.to_string()).await
+}
+
+/// Announces that work is waiting for a worker (PostgreSQL; nothing on SQLite).
+pub async fn notify_queued(db: &Store, job: JobId) -> Result<(), sqlx::Error> {
+    send(db, QUEUE_CHANNEL, &job.0.to_string()).await
+}
+
+async fn send(db: &Store, channel: &str, payload: &str) -> Result<(), sqlx::Error> {
     if db.backend() == Backend::Postgres {
         sqlx::query("SELECT 1 FROM (SELECT pg_notify($1, $2)) AS sent")
-            .bind(CHANNEL)
-            .bind(job.0.to_string())
+            .bind(channel)
+            .bind(payload)
             .execute(db.pool())
             .await?;
     }
@@ -137,12 +150,13 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Listens on `db`'s server; on SQLite a listener that never hears anything.
-    pub async fn connect(db: &Store) -> Result<Self, sqlx::Error> {
+    /// Listens to `channel` ([`CHANNEL`], [`QUEUE_CHANNEL`]) on `db`'s server; on SQLite a
+    /// listener that never hears anything.
+    pub async fn connect(db: &Store, channel: &str) -> Result<Self, sqlx::Error> {
         let inner = match db.location() {
             super::Location::Postgres(url) => {
                 let mut listener = sqlx::postgres::PgListener::connect(url.as_str()).await?;
-                listener.listen(CHANNEL).await?;
+                listener.listen(channel).await?;
                 Some(listener)
             }
             super::Location::Sqlite(_) => None,

@@ -976,15 +976,27 @@ on_both_backends! {
 #[tokio::test]
 async fn job_announcements_reach_listeners_on_postgres_and_sqlite_followers_poll() {
     let (_guard, db) = crate::support::test_db(Backend::Postgres).await;
-    let mut listener = events::Listener::connect(&db).await.unwrap();
+    let mut listener = events::Listener::connect(&db, events::CHANNEL)
+        .await
+        .unwrap();
+    let mut queue = events::Listener::connect(&db, events::QUEUE_CHANNEL)
+        .await
+        .unwrap();
     events::notify(&db, JobId(42)).await.unwrap();
+    events::notify_queued(&db, JobId(43)).await.unwrap();
     let heard = tokio::time::timeout(Duration::from_secs(10), listener.next())
         .await
         .expect("the announcement arrives");
-    assert_eq!(heard, Some(JobId(42)));
+    assert_eq!(heard, Some(JobId(42)), "each channel hears only its own");
+    let heard = tokio::time::timeout(Duration::from_secs(10), queue.next())
+        .await
+        .expect("the announcement arrives");
+    assert_eq!(heard, Some(JobId(43)));
 
     let (_dir, db) = test_pool().await;
-    let mut listener = events::Listener::connect(&db).await.unwrap();
+    let mut listener = events::Listener::connect(&db, events::CHANNEL)
+        .await
+        .unwrap();
     events::notify(&db, JobId(42)).await.unwrap();
     let heard = tokio::time::timeout(Duration::from_millis(200), listener.next()).await;
     assert!(heard.is_err(), "SQLite has no notifications");
