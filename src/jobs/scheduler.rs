@@ -1168,12 +1168,13 @@ impl Scheduler {
             },
             preview_iteration,
         );
-        let (unchanged, old_preview) = {
+        let (unchanged, old_preview, shown_preview) = {
             let state = self.state();
             let followed = state.followed.get(&job.id);
             (
                 followed.is_some_and(|f| f.seen == Some(seen)),
                 followed.and_then(|f| f.preview.clone()),
+                followed.and_then(|f| f.seen).and_then(|(_, _, p)| p),
             )
         };
         if unchanged {
@@ -1186,7 +1187,9 @@ impl Scheduler {
             JobStatus::Running => match progress {
                 None => JobEvent::Started { device },
                 Some(p) => {
+                    // The preview is read only when a newer one was stored.
                     if preview_iteration.is_some()
+                        && preview_iteration != shown_preview
                         && let Some(jpeg) =
                             events::get_job_file(pool, job.id, events::PREVIEW).await?
                     {

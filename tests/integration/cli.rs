@@ -659,6 +659,21 @@ fn worker_config(dir: &TempDir, database: &str, lease_seconds: u64) -> String {
     )
 }
 
+/// `vqclip jobs submit PROMPT --user USER`, which must succeed; returns what it printed.
+async fn submit_as(dir: &TempDir, config: &str, prompt: &str, user: u64) -> String {
+    let user = user.to_string();
+    let out = vqclip_async(
+        dir.path(),
+        &[
+            "--config", config, "jobs", "submit", prompt, "--user", &user,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    text(&out.stdout)
+}
+
 /// Statuses of all jobs, by id.
 async fn statuses(db: &Path) -> Vec<(i64, jobs::JobStatus)> {
     let pool = store::connect(&store::Location::Sqlite(db.to_path_buf()))
@@ -695,21 +710,8 @@ async fn a_worker_killed_mid_job_finishes_everything_after_a_restart() {
     let config = worker_config(&dir, "db/jobs.sqlite", 2);
     for user in 1..=5 {
         let prompt = format!("a lantern number {user} --steps 20 --size 32x32 --cutn 2");
-        let user = user.to_string();
-        let out = vqclip_async(
-            dir.path(),
-            &[
-                "--config", &config, "jobs", "submit", &prompt, "--user", &user,
-            ],
-            &[],
-        )
-        .await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-        assert!(
-            text(&out.stdout).contains("queued"),
-            "{}",
-            text(&out.stdout)
-        );
+        let out = submit_as(&dir, &config, &prompt, user).await;
+        assert!(out.contains("queued"), "{out}");
     }
     let db = dir.path().join("db/jobs.sqlite");
 
@@ -826,16 +828,7 @@ async fn three_workers_on_postgres_run_thirty_jobs_exactly_once_across_a_sigkill
     for user in 1..=3 {
         for n in 0..10 {
             let prompt = format!("lantern {user}.{n} --steps 6 --size 32x32 --cutn 2");
-            let user = user.to_string();
-            let out = vqclip_async(
-                dir.path(),
-                &[
-                    "--config", &config, "jobs", "submit", &prompt, "--user", &user,
-                ],
-                &[],
-            )
-            .await;
-            assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+            submit_as(&dir, &config, &prompt, user).await;
         }
     }
     let db = store::connect(&store::Location::Postgres(url.clone()))
