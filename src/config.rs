@@ -143,6 +143,9 @@ pub struct SchedulerSettings {
     pub shutdown_grace_seconds: u64,
     /// A device that fails this many jobs in a row is taken out of service.
     pub device_failure_limit: u32,
+    /// A job whose process died under it (an abort, an OOM kill, SIGKILL) this many times fails
+    /// instead of going back to the queue; a graceful shutdown does not count.
+    pub max_attempts: u32,
     /// Memory for resident models per device, in MiB; the least recently used are unloaded
     /// beyond it.
     pub model_cache_mib: u64,
@@ -671,6 +674,7 @@ struct RawScheduler {
     prioritize_follow_ups: bool,
     shutdown_grace_seconds: u64,
     device_failure_limit: u32,
+    max_attempts: u32,
     model_cache_mib: u64,
     progress_interval_ms: u64,
     poll_interval_ms: u64,
@@ -687,6 +691,7 @@ impl Default for RawScheduler {
             prioritize_follow_ups: true,
             shutdown_grace_seconds: 30,
             device_failure_limit: 3,
+            max_attempts: 3,
             model_cache_mib: 8192,
             progress_interval_ms: 2000,
             poll_interval_ms: 1000,
@@ -828,6 +833,15 @@ impl Problems<'_> {
     }
 
     /// Records a problem unless `ok`; returns `ok`.
+    /// Checks `low <= value <= high`, naming both bounds.
+    fn check_range<T>(&mut self, key: &str, value: T, low: T, high: T)
+    where
+        T: Copy + PartialOrd + fmt::Display,
+    {
+        let expected = format!("expected {low} to {high}");
+        self.check((low..=high).contains(&value), key, value, &expected);
+    }
+
     fn check(&mut self, ok: bool, key: &str, value: impl fmt::Display, expected: &str) -> bool {
         if !ok {
             self.add(key, Some(value.to_string()), expected);
@@ -982,52 +996,56 @@ fn validate_scheduler(raw: RawScheduler, p: &mut Problems) -> SchedulerSettings 
             "\"auto\" already means every device; list it alone or list devices explicitly",
         );
     }
-    p.check(
-        raw.queue_capacity >= 1,
+    // Every number has an upper bound too: a huge one (a typo, a pasted u64) must not pass
+    // `config check` and then overflow a clock or an allocation at run time.
+    p.check_range(
         "scheduler.queue_capacity",
         raw.queue_capacity,
-        "expected at least 1",
+        1,
+        MAX_QUEUE_CAPACITY,
     );
     p.check_at_most(
         ("scheduler.max_queued_per_user", raw.max_queued_per_user),
         ("scheduler.queue_capacity", raw.queue_capacity),
     );
-    p.check(
-        raw.max_running_per_user >= 1,
+    p.check_range(
         "scheduler.max_running_per_user",
         raw.max_running_per_user,
-        "expected at least 1",
+        1,
+        1000,
     );
-    p.check(
-        raw.device_failure_limit >= 1,
+    p.check_range(
+        "scheduler.shutdown_grace_seconds",
+        raw.shutdown_grace_seconds,
+        0,
+        86_400,
+    );
+    p.check_range(
         "scheduler.device_failure_limit",
         raw.device_failure_limit,
-        "expected at least 1",
+        1,
+        1000,
     );
-    p.check(
-        raw.model_cache_mib >= 1,
+    p.check_range("scheduler.max_attempts", raw.max_attempts, 1, 100);
+    p.check_range(
         "scheduler.model_cache_mib",
         raw.model_cache_mib,
-        "expected at least 1",
+        1,
+        16 * 1024 * 1024,
     );
-    p.check(
-        raw.progress_interval_ms >= 100,
+    p.check_range(
         "scheduler.progress_interval_ms",
         raw.progress_interval_ms,
-        "expected at least 100",
+        100,
+        3_600_000,
     );
-    p.check(
-        raw.poll_interval_ms >= 50,
+    p.check_range(
         "scheduler.poll_interval_ms",
         raw.poll_interval_ms,
-        "expected at least 50",
+        50,
+        3_600_000,
     );
-    p.check(
-        (1..=3600).contains(&raw.lease_seconds),
-        "scheduler.lease_seconds",
-        raw.lease_seconds,
-        "expected 1 to 3600",
-    );
+    p.check_range("scheduler.lease_seconds", raw.lease_seconds, 1, 3600);
     SchedulerSettings {
         devices,
         queue_capacity: raw.queue_capacity,
@@ -1036,6 +1054,7 @@ fn validate_scheduler(raw: RawScheduler, p: &mut Problems) -> SchedulerSettings 
         prioritize_follow_ups: raw.prioritize_follow_ups,
         shutdown_grace_seconds: raw.shutdown_grace_seconds,
         device_failure_limit: raw.device_failure_limit,
+        max_attempts: raw.max_attempts,
         model_cache_mib: raw.model_cache_mib,
         progress_interval_ms: raw.progress_interval_ms,
         poll_interval_ms: raw.poll_interval_ms,
@@ -1048,18 +1067,19 @@ fn validate_generation(
     allow_tiny: bool,
     p: &mut Problems,
 ) -> GenerationSettings {
+    use crate::engine::generate::limits;
     let min_pixels = u64::from(MIN_SIDE * MIN_SIDE);
-    p.check(
-        raw.max_side >= MIN_SIDE,
+    p.check_range(
         "generation.max_side",
         raw.max_side,
-        &format!("expected at least {MIN_SIDE}"),
+        MIN_SIDE,
+        limits::MAX_SIDE,
     );
-    p.check(
-        raw.max_pixels >= min_pixels,
+    p.check_range(
         "generation.max_pixels",
         raw.max_pixels,
-        &format!("expected at least {min_pixels} ({MIN_SIDE}x{MIN_SIDE})"),
+        min_pixels,
+        limits::MAX_PIXELS,
     );
     let default_size = match raw.default_size.parse::<SizeSetting>() {
         Ok(size) => {
@@ -1090,31 +1110,21 @@ fn validate_generation(
             SizeSetting::Auto
         }
     };
-    p.check(
-        raw.max_steps >= 1,
-        "generation.max_steps",
-        raw.max_steps,
-        "expected at least 1",
-    );
+    p.check_range("generation.max_steps", raw.max_steps, 1, limits::MAX_STEPS);
     p.check_at_most(
         ("generation.default_steps", raw.default_steps),
         ("generation.max_steps", raw.max_steps),
     );
-    p.check(
-        raw.max_cutn >= 1,
-        "generation.max_cutn",
-        raw.max_cutn,
-        "expected at least 1",
-    );
+    p.check_range("generation.max_cutn", raw.max_cutn, 1, limits::MAX_CUTN);
     p.check_at_most(
         ("generation.default_cutn", raw.default_cutn),
         ("generation.max_cutn", raw.max_cutn),
     );
-    p.check(
-        raw.preview_every >= 1,
+    p.check_range(
         "generation.preview_every",
         raw.preview_every,
-        "expected at least 1",
+        1,
+        limits::MAX_STEPS,
     );
     let default_vqgan = validate_model_name(
         &raw.default_vqgan,
@@ -1143,6 +1153,9 @@ fn validate_generation(
         preview_every: raw.preview_every,
     }
 }
+
+/// Largest `scheduler.queue_capacity`: the waiting line is held in memory.
+const MAX_QUEUE_CAPACITY: usize = 100_000;
 
 fn validate_model_name(
     name: &str,
@@ -1344,7 +1357,15 @@ fn resolve_source(
         "\"\"",
         "expected a branch, tag or commit",
     );
-    let sha256 = o.sha256.map(|d| d.trim().to_ascii_lowercase());
+    // The catalogue's digest holds for exactly the catalogue's file at its revision.
+    let catalogue_digest = default
+        .filter(|h| h.repo == repo && h.file == file && h.revision == revision)
+        .and_then(|h| h.sha256)
+        .map(str::to_owned);
+    let sha256 = o
+        .sha256
+        .map(|d| d.trim().to_ascii_lowercase())
+        .or(catalogue_digest);
     if let Some(digest) = &sha256 {
         p.check(
             digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()),
@@ -1731,6 +1752,61 @@ mod tests {
         assert_eq!(s.discord.banned_words, ["a", "b"]);
         let p = single_problem("[discord]\nbanned_words = [\"ok\", \" \"]");
         assert_eq!(p.key, "discord.banned_words[1]");
+    }
+
+    #[test]
+    fn the_mirror_is_pinned_to_a_revision_and_digest_that_overrides_drop() {
+        let s = Settings::from_toml("", &env(&[])).unwrap();
+        match s.models.source(models::find("gumbel").unwrap()) {
+            Some(ModelSource::Hub {
+                repo,
+                file,
+                revision,
+                sha256,
+            }) => {
+                assert_eq!(repo, "Somnai/pytti-vqgan-checkpoints");
+                assert_eq!(file, "openimages/openimages.ckpt");
+                assert_eq!(revision, "debc22c8f285c7734980c464ff992d335dde6e9a");
+                assert_eq!(
+                    sha256.as_deref(),
+                    Some("5cd6c74810ab97e00e942c25403f73afc081e8b19987b31ec0d9ff5b68e7ab14")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let moved = Settings::from_toml(
+            "[models.imagenet_f16_16384]\nrevision = \"main\"",
+            &env(&[]),
+        )
+        .unwrap();
+        match moved.models.source(models::find("imagenet").unwrap()) {
+            Some(ModelSource::Hub { sha256, .. }) => assert_eq!(*sha256, None),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn scheduler_numbers_have_upper_bounds() {
+        for (key, value, expected) in [
+            (
+                "shutdown_grace_seconds",
+                "9223372036854775807",
+                "expected 0 to 86400",
+            ),
+            ("max_attempts", "0", "expected 1 to 100"),
+            (
+                "poll_interval_ms",
+                "9223372036854775807",
+                "expected 50 to 3600000",
+            ),
+            ("queue_capacity", "100000000", "expected 1 to 100000"),
+        ] {
+            let p = single_problem(&format!("[scheduler]\n{key} = {value}"));
+            assert_eq!(p.key, format!("scheduler.{key}"));
+            assert!(p.to_string().contains(expected), "{p}");
+        }
+        let p = single_problem("[generation]\nmax_pixels = 1099511627776");
+        assert!(p.to_string().contains("expected 256 to 16777216"), "{p}");
     }
 
     #[test]

@@ -88,7 +88,7 @@ pub enum HubError {
 /// Where the SHA-256 a file is checked against comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DigestOrigin {
-    /// `[models.<id>] sha256` in the configuration.
+    /// `[models.<id>] sha256` in the configuration, or the catalogue's (a mirror's manifest).
     Pinned,
     /// The Hub's LFS digest, kept as the blob's name in the cache.
     Hub,
@@ -97,7 +97,7 @@ pub enum DigestOrigin {
 impl std::fmt::Display for DigestOrigin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Self::Pinned => "the configured sha256",
+            Self::Pinned => "the pinned sha256",
             Self::Hub => "the Hub",
         })
     }

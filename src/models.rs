@@ -34,6 +34,9 @@ pub struct HubFile {
     pub file: &'static str,
     /// Branch, tag, pull-request ref or commit to download.
     pub revision: &'static str,
+    /// The file's SHA-256 where public code that uses this source publishes it (a mirror's
+    /// manifest); the download is checked against it. `None`: the Hub's own LFS digest is used.
+    pub sha256: Option<&'static str>,
 }
 
 /// A model vqclip can run, with where its weights are published.
@@ -65,7 +68,8 @@ pub const CATALOGUE: &[ModelInfo] = &[
         hub: Some(HubFile {
             repo: "Somnai/pytti-vqgan-checkpoints",
             file: "imagenet/imagenet.ckpt",
-            revision: "main",
+            revision: "debc22c8f285c7734980c464ff992d335dde6e9a",
+            sha256: Some("845a68805098cb666420d5db93df53f3a3b6dd443e6dd85c05759c5b998cd663"),
         }),
         manual_source: "the taming-transformers release vqgan_imagenet_f16_16384 (ckpts/last.ckpt)",
         tiny: false,
@@ -87,7 +91,8 @@ pub const CATALOGUE: &[ModelInfo] = &[
         hub: Some(HubFile {
             repo: "Somnai/pytti-vqgan-checkpoints",
             file: "wikiart/wikiart.ckpt",
-            revision: "main",
+            revision: "debc22c8f285c7734980c464ff992d335dde6e9a",
+            sha256: Some("bd08bb46301f98be1712bb2be9f8868cea30b53137cd985d4d6e8da8b3e02c36"),
         }),
         manual_source: "pixray release v1.7.1, vqgan_wikiart_16384.ckpt",
         tiny: false,
@@ -98,9 +103,10 @@ pub const CATALOGUE: &[ModelInfo] = &[
         kind: ModelKind::Vqgan,
         description: "taming-transformers Gumbel VQGAN, f8, 8192 codes",
         hub: Some(HubFile {
-            repo: "neggles/vaedump",
-            file: "taming/vq-gumbel-f8-8192/model.ckpt",
-            revision: "main",
+            repo: "Somnai/pytti-vqgan-checkpoints",
+            file: "openimages/openimages.ckpt",
+            revision: "debc22c8f285c7734980c464ff992d335dde6e9a",
+            sha256: Some("5cd6c74810ab97e00e942c25403f73afc081e8b19987b31ec0d9ff5b68e7ab14"),
         }),
         manual_source: "the taming-transformers release vqgan_gumbel_f8_8192 (ckpts/last.ckpt)",
         tiny: false,
@@ -124,6 +130,7 @@ pub const CATALOGUE: &[ModelInfo] = &[
             file: "model.safetensors",
             // The main branch has no safetensors file; this pull request adds it.
             revision: "refs/pr/15",
+            sha256: None,
         }),
         manual_source: "model.safetensors of openai/clip-vit-base-patch32 on the Hugging Face Hub",
         tiny: false,
@@ -135,10 +142,11 @@ pub const CATALOGUE: &[ModelInfo] = &[
         description: "OpenAI CLIP ViT-B/16, 224 px",
         hub: Some(HubFile {
             repo: "openai/clip-vit-base-patch16",
-            file: "model.safetensors",
+            file: "pytorch_model.bin",
             revision: "main",
+            sha256: None,
         }),
-        manual_source: "model.safetensors of openai/clip-vit-base-patch16 on the Hugging Face Hub",
+        manual_source: "pytorch_model.bin of openai/clip-vit-base-patch16 on the Hugging Face Hub",
         tiny: false,
     },
     ModelInfo {
@@ -150,6 +158,7 @@ pub const CATALOGUE: &[ModelInfo] = &[
             repo: "openai/clip-vit-large-patch14",
             file: "model.safetensors",
             revision: "main",
+            sha256: None,
         }),
         manual_source: "model.safetensors of openai/clip-vit-large-patch14 on the Hugging Face Hub",
         tiny: false,
@@ -165,10 +174,11 @@ pub const CATALOGUE: &[ModelInfo] = &[
         description: "OpenAI CLIP ViT-L/14, 336 px",
         hub: Some(HubFile {
             repo: "openai/clip-vit-large-patch14-336",
-            file: "model.safetensors",
+            file: "pytorch_model.bin",
             revision: "main",
+            sha256: None,
         }),
-        manual_source: "model.safetensors of openai/clip-vit-large-patch14-336 on the Hugging Face Hub",
+        manual_source: "pytorch_model.bin of openai/clip-vit-large-patch14-336 on the Hugging Face Hub",
         tiny: false,
     },
     ModelInfo {

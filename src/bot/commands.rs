@@ -39,6 +39,12 @@ pub fn quote(text: &str, max: usize) -> String {
     }
 }
 
+/// `text` as a shell code block, exactly as it is, when it fits in `max` characters and holds
+/// nothing that could end the block early.
+pub fn code_block(text: &str, max: usize) -> Option<String> {
+    (text.chars().count() <= max && !text.contains("```")).then(|| format!("```sh\n{text}\n```"))
+}
+
 /// Largest attachment `/imagine` accepts.
 const MAX_ATTACHMENT_BYTES: u32 = 8 * 1024 * 1024;
 
@@ -438,7 +444,13 @@ async fn job(
             continue;
         }
         let value = match label {
-            "prompt" | "again" | "error" => quote(&value, 1000),
+            "prompt" | "error" => quote(&value, 1000),
+            // Whole or not at all: a cut or altered command line would not run as shown.
+            "again" => code_block(&value, 1000).unwrap_or_else(|| {
+                format!(
+                    "too long to show here; `vqclip jobs show {id}` on the bot's host prints it"
+                )
+            }),
             _ => value,
         };
         embed = embed.field(label, value, !matches!(label, "prompt" | "again" | "error"));
@@ -514,6 +526,17 @@ mod tests {
         assert_eq!(quote("a fox", 10), "`a fox`");
         assert_eq!(quote("a `sly` fox <@1>", 100), "`a sly fox <@1>`");
         assert_eq!(quote("ééééé", 3), "`ééé…`");
+    }
+
+    #[test]
+    fn command_lines_are_shown_whole_or_not_at_all() {
+        let line = "vqclip imagine -- 'a `sly` fox'";
+        assert_eq!(
+            code_block(line, 100).as_deref(),
+            Some("```sh\nvqclip imagine -- 'a `sly` fox'\n```")
+        );
+        assert_eq!(code_block(line, 10), None);
+        assert_eq!(code_block("vqclip imagine -- 'a ```fox'", 100), None);
     }
 
     #[test]

@@ -129,6 +129,10 @@ pub async fn resume_all(
     let mut resumed = 0;
     let mut jobs = list_recent_jobs(pool, Some(JobStatus::Running), 10_000).await?;
     jobs.extend(list_recent_jobs(pool, Some(JobStatus::Queued), 10_000).await?);
+    // Jobs failed at startup (their process kept dying under them): their requesters are told.
+    for &id in scheduler.failed_at_start() {
+        jobs.extend(crate::store::jobs::get_job(pool, id).await?);
+    }
     for job in jobs {
         let (Some(channel), Some(message)) = (job.channel_id, job.message_id) else {
             continue;

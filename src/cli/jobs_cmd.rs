@@ -77,15 +77,20 @@ pub(super) async fn submit(
     let (job, _) = crate::jobs::imagine_job(&args.prompt, &resolved, origin)?;
     let spec = &resolved.spec;
     let pool = open_database(&settings, true).await?;
-    let waiting = jobs::count_jobs_by_status(&pool)
-        .await?
-        .into_iter()
-        .find(|(status, _)| *status == JobStatus::Queued)
-        .map_or(0, |(_, n)| n);
+    // The same caps as the bot's requests (not atomic with the insert: the command line is
+    // the operator's, not a stranger's).
+    let (waiting, mine) = store::workers::count_queued(&pool, args.user).await?;
     let capacity = settings.scheduler.queue_capacity as u64;
     if waiting >= capacity {
         anyhow::bail!(
             "the queue is full ({waiting} jobs waiting, scheduler.queue_capacity = {capacity})"
+        );
+    }
+    let per_user = settings.scheduler.max_queued_per_user as u64;
+    if mine >= per_user {
+        anyhow::bail!(
+            "user {} already has {mine} jobs waiting (scheduler.max_queued_per_user = {per_user})",
+            args.user
         );
     }
     let id = jobs::insert_job(&pool, &job)

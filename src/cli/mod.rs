@@ -18,12 +18,12 @@ use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::{ConfigError, Environment, Settings};
-use crate::engine::generate::{GenerateError, GenerationInputs, GenerationSpec, Generator, Models};
+use crate::engine::generate::{GenerateError, GenerationSpec, Generator, Models};
 use crate::engine::image;
 use crate::engine::tokenizer::ClipTokenizer;
 use crate::engine::vqgan::VqganParts;
 use crate::hub::{BarProgress, Hub, HubError};
-use crate::jobs::worker;
+use crate::jobs::{LatentStart, StoredInputs, worker};
 use crate::models::ModelInfo;
 use crate::request::{self, ImagineOptions};
 use crate::store::{self, jobs};
@@ -422,6 +422,16 @@ pub struct ImagineArgs {
     /// Add a noise prompt with this weight: a random target from the seed (repeatable).
     #[arg(long, value_name = "WEIGHT", allow_negative_numbers = true)]
     pub noise_prompt: Vec<f64>,
+    /// Start from a saved latent (a finished job's `N.latent.safetensors`), as upscales and
+    /// variations do; wins over --init-image.
+    #[arg(long, value_name = "PATH")]
+    pub init_latent: Option<PathBuf>,
+    /// Double the latent from --init-latent first (an upscale: the size is twice the parent's).
+    #[arg(long, requires = "init_latent")]
+    pub upscale_latent: bool,
+    /// Add seeded noise of this strength to the latent from --init-latent (a variation).
+    #[arg(long, value_name = "STRENGTH", requires = "init_latent")]
+    pub latent_noise: Option<f64>,
     /// Where to write the PNG [default: vqclip-<seed>.png]. The PNG's text chunks and a JSON
     /// file next to it hold everything needed to make it again.
     #[arg(long, short)]
@@ -480,6 +490,10 @@ async fn imagine(
         anyhow::bail!("cannot generate without a valid configuration");
     };
     let resolved = resolve_imagine(&settings, &args)?;
+    check_outputs(
+        &output_path(&args, resolved.spec.seed),
+        args.timelapse.as_deref(),
+    )?;
     // Before any download: a device this build or machine lacks fails at once.
     let device = crate::jobs::devices::open_flag(&args.device)?;
     let hub = Hub::new(&settings.models)?;
@@ -512,6 +526,45 @@ async fn imagine(
             done_rx.await.context("the generation thread died")?
         }
     }
+}
+
+/// Where `imagine` writes its PNG.
+fn output_path(args: &ImagineArgs, seed: u64) -> PathBuf {
+    args.out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("vqclip-{seed}.png")))
+}
+
+/// Refuses, before any work, outputs that cannot be written or would overwrite each other: a
+/// missing directory, and an image named `.json` (its record goes beside it as `.json`).
+fn check_outputs(out: &Path, timelapse: Option<&Path>) -> anyhow::Result<()> {
+    let sidecar = out.with_extension("json");
+    if sidecar == out {
+        anyhow::bail!(
+            "--out {} would be overwritten by its own JSON record; name the image .png",
+            out.display()
+        );
+    }
+    if timelapse.is_some_and(|gif| gif == out || gif == sidecar) {
+        anyhow::bail!("--timelapse must not be the image or its JSON record");
+    }
+    for path in std::iter::once(out).chain(timelapse) {
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            anyhow::bail!(
+                "cannot write {}: the directory {} does not exist",
+                path.display(),
+                dir.display()
+            );
+        }
+        if path.is_dir() {
+            anyhow::bail!("cannot write {}: it is a directory", path.display());
+        }
+    }
+    Ok(())
 }
 
 /// Checks the device and turns the prompt and flags into a spec, printing the notes.
@@ -549,10 +602,7 @@ fn imagine_blocking(
     cancel: &AtomicBool,
 ) -> anyhow::Result<()> {
     let tokenizer = ClipTokenizer::new();
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("vqclip-{}.png", resolved.spec.seed)));
+    let out = output_path(&args, resolved.spec.seed);
     let previews = match (&args.previews, args.save_every) {
         (Some(dir), _) => Some(dir.clone()),
         (None, Some(_)) => Some(out.with_file_name(format!(
@@ -584,16 +634,21 @@ fn imagine_blocking(
         tokenizer,
     };
 
-    let mut inputs = GenerationInputs::default();
-    if let Some(path) = &args.init_image {
-        inputs.init_image =
-            Some(image::read(path).with_context(|| format!("init image {}", path.display()))?);
-    }
-    for path in &args.image_prompt {
-        let picture =
-            image::read(path).with_context(|| format!("image prompt {}", path.display()))?;
-        inputs.image_prompts.push((picture, 1.0, None));
-    }
+    let stored = StoredInputs {
+        init_image: args.init_image.clone(),
+        image_prompts: args
+            .image_prompt
+            .iter()
+            .map(|path| (path.clone(), 1.0, None))
+            .collect(),
+        start: args.init_latent.clone().map(|latent| LatentStart {
+            latent,
+            upscale: args.upscale_latent,
+            noise: args.latent_noise,
+        }),
+    };
+    let inputs =
+        worker::load_inputs(&stored, resolved.spec.seed, &device).map_err(anyhow::Error::msg)?;
     if let Some(dir) = &previews {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("Failed to create {}", dir.display()))?;
@@ -697,9 +752,14 @@ fn models_list(config: Option<&Path>, env: &Environment) -> anyhow::Result<()> {
                 repo,
                 file,
                 revision,
-                ..
+                sha256,
             }) => {
-                format!("{repo} {file} @ {revision}")
+                let pinned = if sha256.is_some() {
+                    ", sha256 pinned"
+                } else {
+                    ""
+                };
+                format!("{repo} {file} @ {revision}{pinned}")
             }
             None if model.tiny => "seeded random weights".to_owned(),
             None => "none configured".to_owned(),

@@ -21,7 +21,7 @@ use super::cutouts::{CutoutMethod, Cutouts};
 use super::image::{self as img, ImageError};
 use super::loss::PromptTarget;
 use super::optimize::{Guide, InitWeight, Latent, LatentState};
-use super::prompt::WeightedPrompt;
+use super::prompt::{WeightedPrompt, check_weight};
 use super::tokenizer::ClipTokenizer;
 use super::vqgan::Vqgan;
 
@@ -119,6 +119,110 @@ impl GenerationSpec {
             init_weight: InitWeight::Off,
             noise_prompts: Vec::new(),
         }
+    }
+}
+
+/// Hard limits of the engine, whatever the configuration says: a stored spec may come from
+/// another host, an older version or a hand-edited row, and must not be able to ask for
+/// unbounded work or memory.
+pub mod limits {
+    /// Longest side of a generated image.
+    pub const MAX_SIDE: u32 = 8192;
+    /// Most pixels of a generated image.
+    pub const MAX_PIXELS: u64 = 16 * 1024 * 1024;
+    /// Most optimiser steps.
+    pub const MAX_STEPS: u32 = 100_000;
+    /// Most cutouts per step (and per CLIP pass).
+    pub const MAX_CUTN: u32 = 1024;
+    /// Most noise prompts.
+    pub const MAX_NOISE_PROMPTS: usize = 16;
+    /// Most image prompts.
+    pub const MAX_IMAGE_PROMPTS: usize = 16;
+    /// Most time-lapse frames kept in memory.
+    pub const MAX_FRAMES: u32 = 2000;
+    /// Largest learning rate.
+    pub const MAX_LEARNING_RATE: f64 = 100.0;
+    /// Largest init weight.
+    pub const MAX_INIT_WEIGHT: f64 = 1.0e4;
+}
+
+impl GenerationSpec {
+    /// Checks every size and number against the engine's [`limits`] and the prompt language's
+    /// (prompt count, visible text, weights and stops); the message names the field and its
+    /// limit.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        use super::prompt::{MAX_PROMPT_BYTES, MAX_PROMPTS, check_weight, has_visible_text};
+        use limits::*;
+        let (w, h) = (self.width, self.height);
+        if w == 0 || h == 0 || w.max(h) > MAX_SIDE || u64::from(w) * u64::from(h) > MAX_PIXELS {
+            return Err(format!(
+                "the size {w}x{h} is outside the engine's limits ({MAX_SIDE} a side, \
+                 {MAX_PIXELS} pixels)"
+            ));
+        }
+        if !(1..=MAX_STEPS).contains(&self.steps) {
+            return Err(format!(
+                "steps must be from 1 to {MAX_STEPS}, not {}",
+                self.steps
+            ));
+        }
+        if !(1..=MAX_CUTN).contains(&self.cutn) || !(1..=MAX_CUTN).contains(&self.chunk) {
+            return Err(format!(
+                "cutouts and the chunk must be from 1 to {MAX_CUTN}, not {} and {}",
+                self.cutn, self.chunk
+            ));
+        }
+        if self.prompts.len() > MAX_PROMPTS {
+            return Err(format!(
+                "{} prompts; the limit is {MAX_PROMPTS}",
+                self.prompts.len()
+            ));
+        }
+        if self.noise_prompts.len() > MAX_NOISE_PROMPTS {
+            return Err(format!(
+                "{} noise prompts; the limit is {MAX_NOISE_PROMPTS}",
+                self.noise_prompts.len()
+            ));
+        }
+        for p in &self.prompts {
+            if p.text.len() > MAX_PROMPT_BYTES || !has_visible_text(&p.text) {
+                return Err(format!(
+                    "a prompt must have a visible character and at most {MAX_PROMPT_BYTES} bytes"
+                ));
+            }
+            check_weight(p.weight, p.stop)?;
+        }
+        for &weight in &self.noise_prompts {
+            check_weight(weight, None)?;
+        }
+        let lr = self.learning_rate;
+        if !(lr.is_finite() && lr > 0.0 && lr <= MAX_LEARNING_RATE) {
+            return Err(format!(
+                "the learning rate must be above 0 and at most {MAX_LEARNING_RATE}, not {lr}"
+            ));
+        }
+        if let InitWeight::ToInit { weight } | InitWeight::ToZeroDecaying { weight } =
+            self.init_weight
+            && !(weight.is_finite() && (0.0..=MAX_INIT_WEIGHT).contains(&weight))
+        {
+            return Err(format!(
+                "the init weight must be from 0 to {MAX_INIT_WEIGHT}, not {weight}"
+            ));
+        }
+        if self.frame_every > 0 && self.steps / self.frame_every > MAX_FRAMES {
+            return Err(format!(
+                "a frame every {} of {} steps is more than {MAX_FRAMES} time-lapse frames",
+                self.frame_every, self.steps
+            ));
+        }
+        if let CutoutSetting::Crops { cut_pow } = self.cutouts
+            && !(cut_pow.is_finite() && cut_pow > 0.0 && cut_pow <= 100.0)
+        {
+            return Err(format!(
+                "cut_pow must be above 0 and at most 100, not {cut_pow}"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -317,12 +421,16 @@ impl<'m> Generator<'m> {
         spec: GenerationSpec,
         inputs: GenerationInputs,
     ) -> Result<Self, GenerateError> {
+        spec.check().map_err(GenerateError::InvalidSpec)?;
+        if inputs.image_prompts.len() > limits::MAX_IMAGE_PROMPTS {
+            return Err(GenerateError::InvalidSpec(format!(
+                "{} image prompts; the limit is {}",
+                inputs.image_prompts.len(),
+                limits::MAX_IMAGE_PROMPTS
+            )));
+        }
         let factor = models.vqgan.config().downsample_factor() as u32;
-        if spec.width == 0
-            || spec.height == 0
-            || !spec.width.is_multiple_of(factor)
-            || !spec.height.is_multiple_of(factor)
-        {
+        if !spec.width.is_multiple_of(factor) || !spec.height.is_multiple_of(factor) {
             return Err(GenerateError::InvalidSpec(format!(
                 "the size {}x{} is not a multiple of {factor}",
                 spec.width, spec.height
@@ -336,25 +444,18 @@ impl<'m> Generator<'m> {
                 "there is nothing to aim for: give a prompt".into(),
             ));
         }
+        for (_, weight, stop) in &inputs.image_prompts {
+            check_weight(*weight, *stop).map_err(GenerateError::InvalidSpec)?;
+        }
         let weights = spec
             .prompts
             .iter()
             .map(|p| p.weight)
             .chain(inputs.image_prompts.iter().map(|p| p.1))
             .chain(spec.noise_prompts.iter().copied());
-        if weights.clone().any(|w| !w.is_finite()) {
-            return Err(GenerateError::InvalidSpec(
-                "a prompt weight is not a finite number".into(),
-            ));
-        }
         if weights.clone().all(|w| w == 0.0) {
             return Err(GenerateError::InvalidSpec(
                 "every prompt has weight 0: there is nothing to aim for".into(),
-            ));
-        }
-        if spec.steps == 0 || spec.cutn == 0 {
-            return Err(GenerateError::InvalidSpec(
-                "steps and cutouts must be at least 1".into(),
             ));
         }
         let device = models.vqgan.z_min().device().clone();

@@ -12,6 +12,22 @@ use image::{DynamicImage, Frame, ImageFormat, RgbImage, RgbaImage};
 /// Largest decoded image accepted (pixels), so a hostile upload cannot exhaust memory.
 pub const MAX_INPUT_PIXELS: u64 = 64 * 1024 * 1024;
 
+/// Longest side of an input image. Resizing allocates `width × new height` (or the transpose)
+/// floats, so a long thin image within the pixel count (67108864×1) would otherwise ask for
+/// hundreds of GiB when it is resized.
+pub const MAX_INPUT_SIDE: u32 = 8192;
+
+/// Most one side of an input image may exceed the other (a 32:1 strip is already no picture).
+pub const MAX_INPUT_ASPECT: u32 = 32;
+
+/// Most bytes an input image file may have (Discord's largest upload is 500 MiB for boosted
+/// servers; a picture that large is not a sensible prompt).
+pub const MAX_INPUT_FILE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Most memory the decoder may allocate for one image: an 8-bit RGB image at the pixel limit
+/// fits; a 16-bit one of the same size does not, and is refused rather than decoded.
+pub const MAX_DECODE_BYTES: u64 = 256 * 1024 * 1024;
+
 /// Converts `[1, 3, H, W]` pixels in [0, 1] to an 8-bit RGB image (rounded, clamped).
 pub fn tensor_to_rgb(image: &Tensor) -> Result<RgbImage> {
     let (one, c, h, w) = image.dims4()?;
@@ -56,13 +72,34 @@ pub enum ImageError {
     /// Not an image we can decode (or corrupt).
     #[error("cannot read the image: {0}")]
     Decode(#[from] image::ImageError),
-    /// Too many pixels.
-    #[error("the image is {width}x{height}, more than {MAX_INPUT_PIXELS} pixels")]
+    /// Too many pixels, a side too long, or too thin.
+    #[error(
+        "the image is {width}x{height}; the limits are {MAX_INPUT_SIDE} pixels a side, \
+         {MAX_INPUT_PIXELS} pixels in all and one side at most {MAX_INPUT_ASPECT} times the other"
+    )]
     TooLarge {
         /// Width in pixels.
         width: u32,
         /// Height in pixels.
         height: u32,
+    },
+    /// Decoding would need more memory than allowed (e.g. 16 bits per channel at full size).
+    #[error(
+        "the image needs more than {} MiB to decode; send a smaller or 8-bit image",
+        MAX_DECODE_BYTES >> 20
+    )]
+    TooCostly,
+    /// The file is larger than [`MAX_INPUT_FILE_BYTES`].
+    #[error("{path} is larger than {} MiB", MAX_INPUT_FILE_BYTES >> 20)]
+    FileTooLarge {
+        /// The file.
+        path: String,
+    },
+    /// Not a regular file (a FIFO, a device, a directory).
+    #[error("{path} is not a regular file")]
+    NotAFile {
+        /// The path.
+        path: String,
     },
     /// The file could not be read.
     #[error("cannot read {path}: {source}")]
@@ -74,29 +111,80 @@ pub enum ImageError {
     },
 }
 
-/// Decodes image bytes (PNG, JPEG, GIF, WebP), refusing images over [`MAX_INPUT_PIXELS`] before
-/// decoding them.
-pub fn decode(bytes: &[u8]) -> std::result::Result<RgbImage, ImageError> {
-    let reader = image::ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| ImageError::Decode(e.into()))?;
-    let (width, height) = reader.into_dimensions()?;
-    if u64::from(width) * u64::from(height) > MAX_INPUT_PIXELS {
-        return Err(ImageError::TooLarge { width, height });
-    }
-    let reader = image::ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| ImageError::Decode(e.into()))?;
-    Ok(reader.decode()?.to_rgb8())
+/// Whether an input of `width`×`height` is within every input limit.
+pub fn input_size_ok(width: u32, height: u32) -> bool {
+    let (long, short) = (width.max(height), width.min(height));
+    short >= 1
+        && long <= MAX_INPUT_SIDE
+        && u64::from(width) * u64::from(height) <= MAX_INPUT_PIXELS
+        && long <= short.saturating_mul(MAX_INPUT_ASPECT)
 }
 
-/// Reads and decodes an image file.
-pub fn read(path: &std::path::Path) -> std::result::Result<RgbImage, ImageError> {
-    let bytes = std::fs::read(path).map_err(|source| ImageError::Io {
-        path: path.display().to_string(),
-        source,
+/// Decodes image bytes (PNG, JPEG, GIF, WebP), refusing images over the input limits (sides,
+/// pixels, aspect) from their header, before decoding them, and decoding under a memory limit.
+pub fn decode(bytes: &[u8]) -> std::result::Result<RgbImage, ImageError> {
+    let reader = || {
+        image::ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| ImageError::Decode(e.into()))
+    };
+    let (width, height) = reader()?.into_dimensions()?;
+    if !input_size_ok(width, height) {
+        return Err(ImageError::TooLarge { width, height });
+    }
+    let mut limited = reader()?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_INPUT_SIDE);
+    limits.max_image_height = Some(MAX_INPUT_SIDE);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    limited.limits(limits);
+    let decoded = limited.decode().map_err(|e| match e {
+        image::ImageError::Limits(_) => ImageError::TooCostly,
+        e => ImageError::Decode(e),
     })?;
-    decode(&bytes)
+    Ok(decoded.into_rgb8())
+}
+
+/// Reads a file of at most `max_bytes` bytes: refuses anything but a regular file (a FIFO would
+/// block, `/dev/zero` never ends) and reads through a bounded reader, so a file that grows while
+/// it is read cannot exceed the limit either.
+pub fn read_bounded(
+    path: &std::path::Path,
+    max_bytes: u64,
+) -> std::result::Result<Vec<u8>, ImageError> {
+    use std::io::Read;
+    let shown = || path.display().to_string();
+    let io = |source| ImageError::Io {
+        path: shown(),
+        source,
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    // Opening a FIFO for reading blocks until a writer appears; non-blocking, it opens at once
+    // and is then refused as not a regular file. (No effect on regular files.)
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    let file = options.open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(ImageError::NotAFile { path: shown() });
+    }
+    if meta.len() > max_bytes {
+        return Err(ImageError::FileTooLarge { path: shown() });
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(max_bytes + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(ImageError::FileTooLarge { path: shown() });
+    }
+    Ok(bytes)
+}
+
+/// Reads and decodes an image file, within the input limits.
+pub fn read(path: &std::path::Path) -> std::result::Result<RgbImage, ImageError> {
+    decode(&read_bounded(path, MAX_INPUT_FILE_BYTES)?)
 }
 
 /// Resizes to exactly `width`×`height` (aspect not kept) with Lanczos-3, as the reference does
@@ -233,21 +321,86 @@ mod tests {
         !crc
     }
 
-    #[test]
-    fn oversized_images_are_refused_before_decoding() {
-        // A valid 1×1 PNG whose header then claims 20000×20000 pixels (400 M > the limit).
-        let mut png = encode_png(&RgbImage::new(1, 1)).unwrap();
-        png[16..20].copy_from_slice(&20_000u32.to_be_bytes());
-        png[20..24].copy_from_slice(&20_000u32.to_be_bytes());
+    /// A valid PNG of `png` whose header is patched to claim `width`×`height` pixels.
+    fn claiming(mut png: Vec<u8>, width: u32, height: u32) -> Vec<u8> {
+        png[16..20].copy_from_slice(&width.to_be_bytes());
+        png[20..24].copy_from_slice(&height.to_be_bytes());
         let crc = crc32(&png[12..29]);
         png[29..33].copy_from_slice(&crc.to_be_bytes());
-        match decode(&png) {
-            Err(ImageError::TooLarge {
-                width: 20_000,
-                height: 20_000,
-            }) => {}
-            other => panic!("expected TooLarge, got {other:?}"),
+        png
+    }
+
+    #[test]
+    fn oversized_long_and_thin_images_are_refused_before_decoding() {
+        let one = encode_png(&RgbImage::new(1, 1)).unwrap();
+        // 400 M pixels; 64 Mi pixels as one row (resizing it once asked for 64 GiB and
+        // aborted the process); a side over the limit; a strip thinner than 1:32.
+        for (w, h) in [
+            (20_000, 20_000),
+            (67_108_864, 1),
+            (1, 67_108_864),
+            (MAX_INPUT_SIDE + 1, 16),
+            (4096, 127),
+        ] {
+            match decode(&claiming(one.clone(), w, h)) {
+                Err(ImageError::TooLarge { width, height }) => {
+                    assert_eq!((width, height), (w, h));
+                }
+                other => panic!("{w}x{h}: expected TooLarge, got {other:?}"),
+            }
+            assert!(!input_size_ok(w, h), "{w}x{h}");
         }
+        let message = decode(&claiming(one.clone(), 67_108_864, 1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("67108864x1") && message.contains("8192 pixels a side"),
+            "{message}"
+        );
+        for (w, h) in [(8192, 8192), (4096, 128), (1, 1), (64, 2048)] {
+            assert!(input_size_ok(w, h), "{w}x{h}");
+        }
+    }
+
+    #[test]
+    fn images_that_would_cost_too_much_to_decode_are_refused() {
+        // 8000×8000 at 16 bits per channel with alpha: within the pixel limit, 488 MiB decoded.
+        let mut png = Vec::new();
+        {
+            let mut encoder = png::Encoder::new(&mut png, 1, 1);
+            encoder.set_color(png::ColorType::Rgba);
+            encoder.set_depth(png::BitDepth::Sixteen);
+            let mut writer = encoder.write_header().unwrap();
+            writer.write_image_data(&[0; 8]).unwrap();
+        }
+        let err = decode(&claiming(png, 8000, 8000)).unwrap_err();
+        assert!(matches!(err, ImageError::TooCostly), "{err:?}");
+        assert!(err.to_string().contains("256 MiB"), "{err}");
+    }
+
+    #[test]
+    fn only_regular_files_of_bounded_size_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.bin");
+        std::fs::write(&big, vec![7u8; 4096]).unwrap();
+        assert_eq!(read_bounded(&big, 4096).unwrap().len(), 4096);
+        let err = read_bounded(&big, 4095).unwrap_err();
+        assert!(matches!(err, ImageError::FileTooLarge { .. }), "{err:?}");
+        // A directory, an endless device and a FIFO (which would block a plain open).
+        let err = read(dir.path()).unwrap_err();
+        assert!(matches!(err, ImageError::NotAFile { .. }), "{err:?}");
+        #[cfg(unix)]
+        {
+            let err = read(std::path::Path::new("/dev/zero")).unwrap_err();
+            assert!(err.to_string().contains("not a regular file"), "{err}");
+            let fifo = dir.path().join("fifo");
+            let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+            assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+            let err = read(&fifo).unwrap_err();
+            assert!(matches!(err, ImageError::NotAFile { .. }), "{err:?}");
+        }
+        let err = read(&dir.path().join("missing.png")).unwrap_err();
+        assert!(err.to_string().contains("missing.png"), "{err}");
     }
 
     #[test]

@@ -285,19 +285,24 @@ pub fn clip_gradient(
         let range = start..(start + guide.chunk.max(1)).min(n);
         let cuts = normalize(&cutouts.cut(image.as_tensor(), range)?)?;
         let embeds = guide.clip.forward(&cuts)?;
-        let mut total: Option<Tensor> = None;
-        for (i, prompt) in guide.prompts.iter().enumerate() {
-            let (loss, _) = prompt_loss(&embeds, prompt, n)?;
-            prompt_losses[i] +=
-                f64::from(loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?);
-            total = Some(match total {
-                Some(t) => (t + loss)?,
-                None => loss,
-            });
+        let mut losses = Vec::with_capacity(guide.prompts.len());
+        for prompt in guide.prompts.iter() {
+            losses.push(prompt_loss(&embeds, prompt, n)?.0);
         }
-        let Some(total) = total else {
+        if losses.is_empty() {
             candle_core::bail!("a step needs at least one prompt");
-        };
+        }
+        // One stack and one sum: a chain of additions would make the graph as deep as the
+        // prompt list, and the backward pass walks it recursively (thousands of prompts
+        // overflowed the worker's stack). One read-back for every prompt's value, too.
+        let stacked = Tensor::stack(&losses, 0)?;
+        let values = stacked
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        for (sum, value) in prompt_losses.iter_mut().zip(values) {
+            *sum += f64::from(value);
+        }
+        let total = stacked.sum_all()?;
         times.clip_fwd += lap(&device, &mut mark)?;
         let mut grads = total.backward()?;
         let g = grads

@@ -92,8 +92,50 @@ fn error(input: &str, span: Range<usize>, message: impl Into<String>) -> PromptE
 
 const FLAGS: &str = "--seed, --steps, --ar, --size, --no, --cutn, --model";
 
+/// The flags' names without their dashes.
+const FLAG_NAMES: [&str; 7] = ["seed", "steps", "ar", "size", "no", "cutn", "model"];
+
+/// Longest prompt accepted, in bytes (Discord allows 6,000 characters in an option; the text
+/// encoder reads 77 tokens of each piece).
+pub const MAX_PROMPT_BYTES: usize = 8192;
+
+/// Most prompts in one request, `--no` prompts included. Each is a CLIP text pass and a term
+/// of the loss.
+pub const MAX_PROMPTS: usize = 64;
+
+/// Largest prompt weight, either sign (the reference's examples stay within ±10).
+pub const MAX_WEIGHT: f64 = 100.0;
+
+/// Largest stop, either sign: distances are half a squared angle, at most π²/2 ≈ 4.93.
+pub const MAX_STOP: f64 = 10.0;
+
 /// Parses `input`.
 pub fn parse(input: &str) -> Result<ParsedPrompt, PromptError> {
+    if input.len() > MAX_PROMPT_BYTES {
+        return Err(error(
+            input,
+            0..0,
+            format!(
+                "the prompt is {} bytes long; the limit is {MAX_PROMPT_BYTES}",
+                input.len()
+            ),
+        ));
+    }
+    // Control characters (terminal escapes) and bidirectional overrides have no place in a
+    // description, and would make a stored prompt display as something it is not.
+    if let Some((at, c)) = input.char_indices().find(|&(_, c)| {
+        (c.is_control() && c != '\n' && c != '\t')
+            || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+    }) {
+        return Err(error(
+            input,
+            0..0,
+            format!(
+                "the prompt holds the control character U+{:04X} (at byte {at}); remove it",
+                u32::from(c)
+            ),
+        ));
+    }
     let (text_end, flag_spans) = split_flags(input);
     let mut flags = PromptFlags::default();
     let mut negatives = Vec::new();
@@ -109,42 +151,139 @@ pub fn parse(input: &str) -> Result<ParsedPrompt, PromptError> {
         ));
     }
     prompts.extend(negatives);
+    if prompts.len() > MAX_PROMPTS {
+        return Err(error(
+            input,
+            0..0,
+            format!(
+                "the prompt has {} parts (separated by | or ::, and --no); the limit is {MAX_PROMPTS}",
+                prompts.len()
+            ),
+        ));
+    }
     Ok(ParsedPrompt { prompts, flags })
 }
 
-/// Where a flag's name (`--steps`) and value (` 300 `) sit in the input.
+/// Whether `c` shows nothing: whitespace, control and format characters, and the blank
+/// letters people paste to get past "empty" checks (Hangul fillers, braille blank, …).
+fn is_invisible(c: char) -> bool {
+    c.is_whitespace()
+        || c.is_control()
+        || matches!(
+            c,
+            '\u{00AD}'
+                | '\u{034F}'
+                | '\u{061C}'
+                | '\u{115F}'
+                | '\u{1160}'
+                | '\u{17B4}'
+                | '\u{17B5}'
+                | '\u{180B}'..='\u{180F}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2060}'..='\u{206F}'
+                | '\u{2800}'
+                | '\u{3164}'
+                | '\u{FE00}'..='\u{FE0F}'
+                | '\u{FEFF}'
+                | '\u{FFA0}'
+                | '\u{FFF0}'..='\u{FFF8}'
+                | '\u{1D173}'..='\u{1D17A}'
+                | '\u{E0000}'..='\u{E0FFF}'
+        )
+}
+
+/// Whether `text` has at least one character that shows.
+pub fn has_visible_text(text: &str) -> bool {
+    !text.chars().all(is_invisible)
+}
+
+/// Checks a prompt's weight and stop against [`MAX_WEIGHT`] and [`MAX_STOP`]; the message
+/// names which is wrong.
+pub fn check_weight(weight: f64, stop: Option<f64>) -> Result<(), String> {
+    if !weight.is_finite() || weight.abs() > MAX_WEIGHT {
+        return Err(format!(
+            "a weight must be from -{MAX_WEIGHT} to {MAX_WEIGHT}, not {weight}"
+        ));
+    }
+    match stop {
+        Some(stop) if !stop.is_finite() || stop.abs() > MAX_STOP => Err(format!(
+            "a stop must be from -{MAX_STOP} to {MAX_STOP}, not {stop}"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Checks one parsed prompt: visible text, sane weight and stop.
+fn check_prompt(
+    input: &str,
+    span: Range<usize>,
+    prompt: WeightedPrompt,
+) -> Result<WeightedPrompt, PromptError> {
+    if !has_visible_text(&prompt.text) {
+        return Err(error(
+            input,
+            span,
+            "this part has no visible character: describe what to draw",
+        ));
+    }
+    check_weight(prompt.weight, prompt.stop).map_err(|m| error(input, span, m))?;
+    Ok(prompt)
+}
+
+/// Where a flag's name (`--steps`) and value (` 300 `) sit in the input, and how many bytes of
+/// the name are its dash (`--`, or one `—`/`–` that a phone made of `--`).
 struct FlagSpan {
     name: Range<usize>,
+    dash: usize,
     value: Range<usize>,
+}
+
+/// The dash a flag starts with at byte `i` of `input`, if a flag starts there: `--` and a letter
+/// (any name: unknown ones are reported), or an em or en dash and a known flag's name (phones
+/// turn `--` into `—`; "a storm —dramatic" stays text).
+fn flag_dash(input: &str, i: usize) -> Option<usize> {
+    let rest = &input[i..];
+    let before_ok = input[..i]
+        .chars()
+        .next_back()
+        .is_none_or(char::is_whitespace);
+    if !before_ok {
+        return None;
+    }
+    if let Some(after) = rest.strip_prefix("--") {
+        return after
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic())
+            .then_some(2);
+    }
+    let dash = rest.chars().next().filter(|c| matches!(c, '—' | '–'))?;
+    let after = &rest[dash.len_utf8()..];
+    let word = after.split(char::is_whitespace).next().unwrap_or_default();
+    FLAG_NAMES
+        .iter()
+        .any(|name| word.eq_ignore_ascii_case(name))
+        .then_some(dash.len_utf8())
 }
 
 /// Finds the flags: returns where the prompt text ends and each flag's spans.
 fn split_flags(input: &str) -> (usize, Vec<FlagSpan>) {
-    // A flag is `--` followed by a letter, at the start or after whitespace.
-    let starts: Vec<usize> = input
-        .match_indices("--")
-        .map(|(i, _)| i)
-        .filter(|&i| {
-            let before_ok = input[..i]
-                .chars()
-                .next_back()
-                .is_none_or(char::is_whitespace);
-            let after_ok = input[i + 2..]
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic());
-            before_ok && after_ok
-        })
+    let starts: Vec<(usize, usize)> = input
+        .char_indices()
+        .filter(|(_, c)| matches!(c, '-' | '—' | '–'))
+        .filter_map(|(i, _)| Some((i, flag_dash(input, i)?)))
         .collect();
-    let text_end = starts.first().copied().unwrap_or(input.len());
+    let text_end = starts.first().map_or(input.len(), |&(i, _)| i);
     let mut flags = Vec::new();
-    for (k, &start) in starts.iter().enumerate() {
-        let end = starts.get(k + 1).copied().unwrap_or(input.len());
+    for (k, &(start, dash)) in starts.iter().enumerate() {
+        let end = starts.get(k + 1).map_or(input.len(), |&(i, _)| i);
         let name_end = input[start..end]
             .find(char::is_whitespace)
             .map_or(end, |i| start + i);
         flags.push(FlagSpan {
             name: start..name_end,
+            dash,
             value: name_end..end,
         });
     }
@@ -160,14 +299,17 @@ fn trimmed(input: &str, span: Range<usize>) -> Range<usize> {
 
 fn apply_flag(
     input: &str,
-    FlagSpan { name, value }: FlagSpan,
+    FlagSpan { name, dash, value }: FlagSpan,
     flags: &mut PromptFlags,
     negatives: &mut Vec<WeightedPrompt>,
 ) -> Result<(), PromptError> {
     let value = trimmed(input, value);
     let whole = name.start..value.end.max(name.end);
     let text = &input[value.clone()];
-    let flag = input[name.clone()].to_ascii_lowercase();
+    let flag = format!(
+        "--{}",
+        input[name.start + dash..name.end].to_ascii_lowercase()
+    );
     let missing = || error(input, whole.clone(), format!("{flag} needs a value"));
     if text.is_empty() {
         return Err(missing());
@@ -226,11 +368,15 @@ fn apply_flag(
                 return Err(duplicate());
             }
         }
-        "--no" => negatives.push(WeightedPrompt {
-            text: text.to_owned(),
-            weight: NO_WEIGHT,
-            stop: None,
-        }),
+        "--no" => negatives.push(check_prompt(
+            input,
+            whole.clone(),
+            WeightedPrompt {
+                text: text.to_owned(),
+                weight: NO_WEIGHT,
+                stop: None,
+            },
+        )?),
         _ => {
             return Err(error(
                 input,
@@ -250,9 +396,11 @@ fn parse_prompts(input: &str, span: Range<usize>) -> Result<Vec<WeightedPrompt>,
         let piece_span = start..start + piece.len();
         start = piece_span.end + 1;
         if piece.contains("::") {
-            prompts.extend(parse_double_colon(input, piece_span)?);
-        } else if let Some(p) = parse_single(input, piece_span)? {
-            prompts.push(p);
+            for p in parse_double_colon(input, piece_span.clone())? {
+                prompts.push(check_prompt(input, piece_span.clone(), p)?);
+            }
+        } else if let Some(p) = parse_single(input, piece_span.clone())? {
+            prompts.push(check_prompt(input, piece_span, p)?);
         }
     }
     Ok(prompts)
@@ -487,6 +635,73 @@ mod tests {
             assert_eq!(e.piece, piece, "{input:?}");
             assert_eq!(&input[e.span.clone()], piece, "{input:?}");
         }
+    }
+
+    #[test]
+    fn dashes_from_phones_are_flags_and_other_dashes_stay_text() {
+        let parsed = parse("a lighthouse —steps 300 –seed 7 —AR 16:9 —no boats").unwrap();
+        assert_eq!(parsed.flags.steps, Some(300));
+        assert_eq!(parsed.flags.seed, Some(7));
+        assert_eq!(parsed.flags.aspect, Some((16, 9)));
+        assert_eq!(parsed.prompts[0].text, "a lighthouse");
+        assert_eq!(parsed.prompts[1].text, "boats");
+        assert_eq!(
+            prompts("a storm —dramatic — and calm–ish"),
+            [p("a storm —dramatic — and calm–ish", 1.0, None)]
+        );
+        let e = parse("a cat —steps many").unwrap_err();
+        assert!(e.message.contains("--steps takes"), "{e}");
+        assert_eq!(e.piece, "—steps many");
+    }
+
+    #[test]
+    fn hostile_sizes_and_numbers_are_refused_with_their_limit() {
+        // 12,000 pieces: refused by length before any parsing work.
+        let e = parse(&"a|".repeat(12_000)).unwrap_err();
+        assert!(e.message.contains("the limit is 8192"), "{e}");
+        assert!(e.to_string().len() < 200, "{e}");
+        let e = parse(&vec!["a"; MAX_PROMPTS + 1].join(" | ")).unwrap_err();
+        assert!(
+            e.message.contains("65 parts") && e.message.contains("64"),
+            "{e}"
+        );
+        let at_limit = vec!["a"; MAX_PROMPTS - 1].join(" | ") + " --no b";
+        assert_eq!(parse(&at_limit).unwrap().prompts.len(), MAX_PROMPTS);
+        for (input, message) in [
+            ("a cat:1e308", "a weight must be from -100 to 100"),
+            ("a cat:-1e308", "a weight must be from -100 to 100"),
+            ("a cat::1000", "a weight must be from -100 to 100"),
+            ("a cat:1:1e300", "a stop must be from -10 to 10"),
+        ] {
+            let e = parse(input).expect_err(input);
+            assert!(e.message.contains(message), "{input:?}: {e}");
+        }
+        assert_eq!(prompts("a cat:-100:10"), [p("a cat", -100.0, Some(10.0))]);
+    }
+
+    #[test]
+    fn prompts_must_show_something() {
+        for input in [
+            "\u{200B}",
+            "\u{3164}\u{3164}",
+            "a cat | \u{2800}",
+            "\u{FEFF}\u{200D} --steps 5",
+            "a cat --no \u{200B}",
+            "\u{E0041}::2 b",
+        ] {
+            let e = parse(input).expect_err(input);
+            assert!(e.message.contains("no visible character"), "{input:?}: {e}");
+        }
+        for input in ["a \u{1b}[2Jcat", "a\rcat", "a \u{202E}tac"] {
+            let e = parse(input).expect_err(input);
+            assert!(e.message.contains("control character"), "{input:?}: {e}");
+        }
+        assert_eq!(
+            prompts("a\tcat\non two lines"),
+            [p("a\tcat\non two lines", 1.0, None)]
+        );
+        assert!(has_visible_text("猫 \u{200B}"));
+        assert!(!has_visible_text(" \t\u{00AD}"));
     }
 
     #[test]

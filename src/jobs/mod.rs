@@ -37,6 +37,32 @@ pub struct JobParams {
     pub inputs: StoredInputs,
 }
 
+impl JobParams {
+    /// Checks the parameters against the engine's limits before any work: a stored job may
+    /// have been written by another host or edited by hand.
+    pub fn check(&self) -> Result<(), String> {
+        use crate::engine::generate::limits::MAX_IMAGE_PROMPTS;
+        self.spec.check()?;
+        if self.inputs.image_prompts.len() > MAX_IMAGE_PROMPTS {
+            return Err(format!(
+                "{} image prompts; the limit is {MAX_IMAGE_PROMPTS}",
+                self.inputs.image_prompts.len()
+            ));
+        }
+        for (_, weight, stop) in &self.inputs.image_prompts {
+            crate::engine::prompt::check_weight(*weight, *stop)?;
+        }
+        if let Some(noise) = self.inputs.start.as_ref().and_then(|s| s.noise)
+            && !(noise.is_finite() && (0.0..=10.0).contains(&noise))
+        {
+            return Err(format!(
+                "a variation's noise must be from 0 to 10, not {noise}"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Input files of a job, saved under the images directory when it was submitted.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct StoredInputs {
@@ -315,7 +341,7 @@ pub fn describe(job: &crate::store::jobs::Job) -> Vec<(&'static str, String)> {
         ("status", job.status.to_string()),
     ];
     if let Some(error) = &job.error {
-        lines.push(("error", error.clone()));
+        lines.push(("error", printable(error)));
     }
     lines.push(("kind", job.kind.to_string()));
     if let Some(parent) = job.parent {
@@ -323,7 +349,7 @@ pub fn describe(job: &crate::store::jobs::Job) -> Vec<(&'static str, String)> {
     }
     lines.extend([
         ("requester", job.requester_id.to_string()),
-        ("prompt", job.prompt.clone()),
+        ("prompt", printable(&job.prompt)),
         ("seed", job.seed.to_string()),
         ("size", format!("{}x{}", job.width, job.height)),
         ("steps", format!("{} (done: {})", job.steps, job.iteration)),
@@ -355,20 +381,7 @@ pub fn describe(job: &crate::store::jobs::Job) -> Vec<(&'static str, String)> {
         lines.push(("loss", format!("{loss:.4}")));
     }
     lines.push(("version", format!("vqclip {}", job.crate_version)));
-    lines.push((
-        "again",
-        format!(
-            "vqclip imagine {:?} --seed {} --steps {} --size {}x{} --cutn {} --model {} --clip {}",
-            job.prompt,
-            job.seed,
-            job.steps,
-            job.width,
-            job.height,
-            job.cutn,
-            job.vqgan_model,
-            job.clip_model
-        ),
-    ));
+    lines.push(("again", reproduce_command(job)));
     lines
 }
 
@@ -390,4 +403,120 @@ pub fn latent_path(images: &Path, id: JobId) -> PathBuf {
 /// Where a running job's checkpoint is kept until it ends.
 pub fn resume_path(images: &Path, id: JobId) -> PathBuf {
     images.join(format!("{}.resume.safetensors", id.0))
+}
+
+/// `text` with every control and bidirectional-override character written as `\u{…}`, so a
+/// terminal shows what a stored value holds instead of obeying escape sequences in it.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if is_terminal_hazard(c) {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Characters a terminal acts on or that reorder what it shows.
+fn is_terminal_hazard(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `arg` quoted for a POSIX shell (sh, bash, zsh): left bare when it holds only characters no
+/// shell treats specially, otherwise in single quotes, inside which nothing is special (`$( )`,
+/// backticks, `\\`, `!` in an interactive bash alike); a single quote itself becomes `'\\''`.
+pub fn shell_quote(arg: &str) -> String {
+    let plain = !arg.is_empty()
+        && arg.chars().all(|c| {
+            c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/' | ':' | '+' | '=')
+        });
+    if plain {
+        return arg.to_owned();
+    }
+    format!("'{}'", arg.replace('\'', "'\\''"))
+}
+
+/// The `vqclip imagine` command that makes `job`'s image again on the same build and device:
+/// every setting that decides the pixels (prompt, seed, steps, size, cutouts, cutout method,
+/// models, init image, image prompts, noise prompts, a parent's latent), each argument quoted
+/// for a POSIX shell, so pasting it runs vqclip and nothing a prompt smuggled in.
+pub fn reproduce_command(job: &crate::store::jobs::Job) -> String {
+    let params: Option<JobParams> = serde_json::from_value(job.params.clone()).ok();
+    let mut args: Vec<String> = vec![
+        "vqclip".into(),
+        "imagine".into(),
+        "--seed".into(),
+        job.seed.to_string(),
+        "--steps".into(),
+        job.steps.to_string(),
+        "--size".into(),
+        format!("{}x{}", job.width, job.height),
+        "--cutn".into(),
+        job.cutn.to_string(),
+        "--model".into(),
+        job.vqgan_model.clone(),
+        "--clip".into(),
+        job.clip_model.clone(),
+    ];
+    if let Some(params) = &params {
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+        if matches!(
+            params.spec.cutouts,
+            crate::engine::generate::CutoutSetting::Crops { .. }
+        ) {
+            args.push("--crops".into());
+        }
+        for weight in &params.spec.noise_prompts {
+            args.push(format!("--noise-prompt={weight}"));
+        }
+        let inputs = &params.inputs;
+        if let Some(init) = &inputs.init_image {
+            args.extend(["--init-image".into(), path(init)]);
+        }
+        for (image, _, _) in &inputs.image_prompts {
+            args.extend(["--image-prompt".into(), path(image)]);
+        }
+        if let Some(start) = &inputs.start {
+            args.extend(["--init-latent".into(), path(&start.latent)]);
+            if start.upscale {
+                args.push("--upscale-latent".into());
+            }
+            if let Some(noise) = start.noise {
+                args.push(format!("--latent-noise={noise}"));
+            }
+        }
+    }
+    // After `--`, a prompt that starts with a dash is still the prompt.
+    args.extend(["--".into(), job.prompt.clone()]);
+    args.iter()
+        .map(|a| shell_quote(a))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quoting_leaves_nothing_live() {
+        assert_eq!(shell_quote("tiny_vqgan"), "tiny_vqgan");
+        assert_eq!(shell_quote("32x32"), "32x32");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("a fox"), "'a fox'");
+        assert_eq!(shell_quote("$(rm -rf ~)"), "'$(rm -rf ~)'");
+        assert_eq!(shell_quote("`id`"), "'`id`'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote("~"), "'~'");
+        assert_eq!(shell_quote("a\\b"), "'a\\b'");
+    }
+
+    #[test]
+    fn stored_text_is_shown_without_terminal_escapes() {
+        assert_eq!(printable("a \u{1b}[2Jfox"), "a \\u{1b}[2Jfox");
+        assert_eq!(printable("a\u{202E}xof"), "a\\u{202e}xof");
+        assert_eq!(printable("un café ☕"), "un café ☕");
+    }
 }

@@ -21,7 +21,9 @@ use super::queue::{FairQueue, Priority, Waiting};
 use super::worker::{self, Assignment, FromWorker, Outcome, Runner, StopFlags};
 use super::{Actor, JobEvent, JobId, JobParams, Preview, ProgressUpdate};
 use crate::config::Settings;
-use crate::store::jobs::{self as store_jobs, Job, JobKind, JobOutput, JobStatus, NewJob};
+use crate::store::jobs::{
+    self as store_jobs, Job, JobKind, JobOutput, JobStatus, LostRuns, NewJob,
+};
 use crate::store::{Timestamp, events, guilds, users, workers};
 
 /// The scheduler's limits and policies (from `[scheduler]`, `[storage]` and `[generation]`).
@@ -37,6 +39,8 @@ pub struct SchedulerOptions {
     pub prioritize_follow_ups: bool,
     /// Failures in a row that take a device out of service.
     pub device_failure_limit: u32,
+    /// Runs of one job that may end with their process dying before the job fails.
+    pub max_attempts: u32,
     /// Least time between two progress events of one job.
     pub progress_interval: Duration,
     /// Largest width × height any device here can hold.
@@ -112,6 +116,7 @@ impl SchedulerOptions {
             max_running_per_user: s.max_running_per_user,
             prioritize_follow_ups: s.prioritize_follow_ups,
             device_failure_limit: s.device_failure_limit,
+            max_attempts: s.max_attempts,
             progress_interval: Duration::from_millis(s.progress_interval_ms),
             max_pixels: settings.generation.max_pixels,
             images: settings.storage.images.clone(),
@@ -295,6 +300,9 @@ struct Shared {
     follow_now: Notify,
     /// Set when shutdown is complete (the lease keeper stops).
     stopped: std::sync::atomic::AtomicBool,
+    /// Jobs failed at startup because their process had died under them too often; their
+    /// subscribers (the bot, resuming its messages) see the failure.
+    failed_at_start: Vec<JobId>,
 }
 
 struct State {
@@ -376,6 +384,23 @@ fn input_name(path: &std::path::Path) -> Option<String> {
         .map(|n| format!("input/{n}"))
 }
 
+/// How long after the grace period shutdown waits for stopped jobs to report before it gives up
+/// on them.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// Logs what [`store_jobs::recover_lost_runs`] did.
+fn log_recovered(recovered: &store_jobs::Recovered) {
+    if !recovered.requeued.is_empty() {
+        tracing::warn!(jobs = ?recovered.requeued, "jobs whose process stopped under them are queued again");
+    }
+    if !recovered.failed.is_empty() {
+        tracing::error!(
+            jobs = ?recovered.failed,
+            "jobs whose process stopped under them too often have failed (scheduler.max_attempts)"
+        );
+    }
+}
+
 /// The priority a stored job gets: follow-ups of a finished job go first.
 fn priority_of(kind: JobKind) -> Priority {
     match kind {
@@ -392,18 +417,17 @@ impl Scheduler {
         options: SchedulerOptions,
         devices: Vec<DeviceSlot>,
     ) -> anyhow::Result<Self> {
-        let requeued = match &options.claims {
+        let lost = match &options.claims {
             // Other workers may be running their jobs right now: only expired leases go back.
             Some(claims) => {
                 let labels: Vec<String> = devices.iter().map(|d| d.label.clone()).collect();
                 workers::register_worker(&pool, &claims.worker_id, &claims.host, &labels).await?;
-                workers::requeue_expired_leases(&pool).await?
+                LostRuns::ExpiredLeases
             }
-            None => store_jobs::requeue_running_jobs(&pool).await?,
+            None => LostRuns::SingleHost,
         };
-        if !requeued.is_empty() {
-            tracing::warn!(jobs = ?requeued, "jobs left running by a stopped run are queued again");
-        }
+        let recovered = store_jobs::recover_lost_runs(&pool, lost, options.max_attempts).await?;
+        log_recovered(&recovered);
         let (reports_tx, reports_rx) = mpsc::unbounded_channel();
         let mut device_states = Vec::new();
         let mut workers = Vec::new();
@@ -433,6 +457,14 @@ impl Scheduler {
             .await?
             .into_iter()
             .collect();
+        let failure = JobEvent::Failed {
+            message: store_jobs::lost_runs_message(options.max_attempts),
+        };
+        let watchers = recovered
+            .failed
+            .iter()
+            .map(|&id| (id, watch::channel(failure.clone()).0))
+            .collect();
         let scheduler = Self {
             shared: Arc::new(Shared {
                 pool,
@@ -442,7 +474,7 @@ impl Scheduler {
                     waiting: HashMap::new(),
                     running: HashMap::new(),
                     devices: device_states,
-                    watchers: HashMap::new(),
+                    watchers,
                     paused,
                     workers,
                     shared_waiting: Vec::new(),
@@ -454,6 +486,7 @@ impl Scheduler {
                 claim_gate: tokio::sync::Mutex::new(()),
                 follow_now: Notify::new(),
                 stopped: std::sync::atomic::AtomicBool::new(false),
+                failed_at_start: recovered.failed,
             }),
         };
         let collector = scheduler.clone();
@@ -509,9 +542,8 @@ impl Scheduler {
             self.dispatch(&mut state);
         }
         for (id, e) in unreadable {
-            tracing::error!(job_id = id.0, error = %e, "a queued job cannot be read; failing it");
-            let message = format!("the job's parameters cannot be read ({e})");
-            store_jobs::mark_job_failed(&self.shared.pool, id, None, &message).await?;
+            tracing::error!(job_id = id.0, error = %e, "a queued job cannot run; failing it");
+            store_jobs::mark_job_failed(&self.shared.pool, id, None, &e).await?;
         }
         Ok(added)
     }
@@ -758,6 +790,12 @@ impl Scheduler {
         state.watchers.get(&id).map(watch::Sender::subscribe)
     }
 
+    /// Jobs this scheduler failed when it started because their process had died under them
+    /// `scheduler.max_attempts` times; [`Self::subscribe`] gives their failure.
+    pub fn failed_at_start(&self) -> &[JobId] {
+        &self.shared.failed_at_start
+    }
+
     /// Queue, devices and current jobs right now.
     pub fn snapshot(&self) -> Snapshot {
         let state = self.state();
@@ -837,12 +875,28 @@ impl Scheduler {
                 break;
             }
         }
+        // A step cannot be interrupted midway (a large one takes tens of seconds on a CPU), and
+        // a job whose end cannot be recorded may never report: the wait is bounded, so SIGTERM
+        // always ends the process. Jobs still running then are queued again by hand, and their
+        // threads end with the process.
+        let stop_deadline = Instant::now().max(deadline) + STOP_WAIT;
         loop {
             let ended = self.shared.job_ended.notified();
             if self.state().running.is_empty() {
                 break;
             }
-            ended.await;
+            if tokio::time::timeout_at(stop_deadline, ended).await.is_err() {
+                let stuck: Vec<JobId> = self.state().running.keys().copied().collect();
+                tracing::error!(jobs = ?stuck, "running jobs did not stop in time; queueing them again and stopping anyway");
+                for id in stuck {
+                    let requeued =
+                        store_jobs::requeue_job(&self.shared.pool, id, self.worker_id()).await;
+                    if let Err(e) = requeued {
+                        tracing::error!(job_id = id.0, error = %e, "cannot queue a stopped job again");
+                    }
+                }
+                break;
+            }
         }
         let workers = {
             let mut state = self.state();
@@ -851,12 +905,20 @@ impl Scheduler {
             }
             std::mem::take(&mut state.workers)
         };
-        let _ = tokio::task::spawn_blocking(move || {
+        let joined = tokio::task::spawn_blocking(move || {
             for handle in workers {
                 let _ = handle.join();
             }
-        })
-        .await;
+        });
+        if tokio::time::timeout_at(
+            stop_deadline.max(Instant::now() + Duration::from_secs(1)),
+            joined,
+        )
+        .await
+        .is_err()
+        {
+            tracing::error!("device threads did not end in time; leaving them to the process exit");
+        }
         self.shared.stopped.store(true, Ordering::SeqCst);
         if let Some(claims) = &self.shared.options.claims
             && let Err(e) = workers::stop_worker(&self.shared.pool, &claims.worker_id).await
@@ -991,10 +1053,8 @@ impl Scheduler {
                     assignment
                 }
                 Err(e) => {
-                    tracing::error!(job_id = job.id.0, error = %e, "a claimed job cannot be read; failing it");
-                    let message = format!("the job's parameters cannot be read ({e})");
-                    store_jobs::mark_job_failed(pool, job.id, Some(&claims.worker_id), &message)
-                        .await?;
+                    tracing::error!(job_id = job.id.0, error = %e, "a claimed job cannot run; failing it");
+                    store_jobs::mark_job_failed(pool, job.id, Some(&claims.worker_id), &e).await?;
                     continue;
                 }
             };
@@ -1053,16 +1113,22 @@ impl Scheduler {
             if let Err(e) = workers::heartbeat_worker(pool, &claims.worker_id).await {
                 tracing::error!(error = %e, "cannot record the worker's heartbeat");
             }
-            match workers::requeue_expired_leases(pool).await {
-                Ok(ids) if !ids.is_empty() => {
-                    tracing::warn!(jobs = ?ids, "jobs of a lost worker are queued again");
-                    for id in ids {
+            let max_attempts = self.shared.options.max_attempts;
+            match store_jobs::recover_lost_runs(pool, LostRuns::ExpiredLeases, max_attempts).await {
+                Ok(recovered) => {
+                    log_recovered(&recovered);
+                    for &id in &recovered.requeued {
                         if let Err(e) = events::notify_queued(pool, id).await {
                             tracing::warn!(job_id = id.0, error = %e, "cannot announce a requeued job");
                         }
                     }
+                    // Whoever follows a failed one (the bot) hears of it now.
+                    for &id in &recovered.failed {
+                        if let Err(e) = events::notify(pool, id).await {
+                            tracing::warn!(job_id = id.0, error = %e, "cannot announce a failed job");
+                        }
+                    }
                 }
-                Ok(_) => {}
                 Err(e) => tracing::error!(error = %e, "cannot requeue expired leases"),
             }
             if let Err(e) = self.claim_for_free_devices().await {
@@ -1430,47 +1496,18 @@ impl Scheduler {
                 id,
                 outcome,
             } => {
-                let worker = self.worker_id();
-                let lost = self.state().running.get(&id).is_some_and(|r| r.lost);
-                let event = match outcome {
-                    // Not ours any more: whatever this run did, the database's record stands.
-                    _ if lost => {
-                        tracing::info!(job_id = id.0, "a job this scheduler lost has stopped");
+                let recorded = self.record_outcome(device, id, outcome).await;
+                let event = match recorded {
+                    Ok(event) => event,
+                    // The job must leave `running` whatever the database says (a full disk, a
+                    // lost connection): otherwise the device stays busy and shutdown waits for
+                    // it forever. The row stays running and is recovered at the next start.
+                    Err(e) => {
+                        tracing::error!(job_id = id.0, error = %e, "cannot record how a job ended");
                         self.device_result(device, None);
-                        let job = store_jobs::get_job(pool, id).await?;
-                        job.filter(|j| j.status == JobStatus::Cancelled)
-                            .map(|_| JobEvent::Cancelled)
-                    }
-                    Outcome::Succeeded(finished) => {
-                        if worker.is_some() {
-                            self.upload_results(id, &finished).await?;
-                        }
-                        let output = JobOutput {
-                            path: finished.path.clone(),
-                            sha256: finished.sha256.clone(),
-                            final_loss: finished.final_loss,
-                        };
-                        store_jobs::mark_job_succeeded(pool, id, worker, &output).await?;
-                        tracing::info!(job_id = id.0, seconds = finished.seconds, "job succeeded");
-                        self.device_result(device, None);
-                        Some(JobEvent::Finished(Arc::new(finished)))
-                    }
-                    Outcome::Failed(message) => {
-                        store_jobs::mark_job_failed(pool, id, worker, &message).await?;
-                        tracing::warn!(job_id = id.0, %message, "job failed");
-                        self.device_result(device, Some(&message));
-                        Some(JobEvent::Failed { message })
-                    }
-                    Outcome::Cancelled => {
-                        store_jobs::mark_job_cancelled(pool, id).await?;
-                        tracing::info!(job_id = id.0, "running job cancelled");
-                        self.device_result(device, None);
-                        Some(JobEvent::Cancelled)
-                    }
-                    Outcome::Interrupted => {
-                        store_jobs::requeue_job(pool, id, worker).await?;
-                        tracing::info!(job_id = id.0, "job interrupted by shutdown; queued again");
-                        None
+                        Some(JobEvent::Failed {
+                            message: format!("the result could not be recorded ({e})"),
+                        })
                     }
                 };
                 {
@@ -1498,6 +1535,60 @@ impl Scheduler {
             }
         }
         Ok(())
+    }
+
+    /// Records in the database how a run ended; returns what its subscribers should see.
+    async fn record_outcome(
+        &self,
+        device: usize,
+        id: JobId,
+        outcome: Outcome,
+    ) -> Result<Option<JobEvent>, sqlx::Error> {
+        let pool = &self.shared.pool;
+        let worker = self.worker_id();
+        let lost = self.state().running.get(&id).is_some_and(|r| r.lost);
+        let event = match outcome {
+            // Not ours any more: whatever this run did, the database's record stands.
+            _ if lost => {
+                tracing::info!(job_id = id.0, "a job this scheduler lost has stopped");
+                self.device_result(device, None);
+                let job = store_jobs::get_job(pool, id).await?;
+                job.filter(|j| j.status == JobStatus::Cancelled)
+                    .map(|_| JobEvent::Cancelled)
+            }
+            Outcome::Succeeded(finished) => {
+                if worker.is_some() {
+                    self.upload_results(id, &finished).await?;
+                }
+                let output = JobOutput {
+                    path: finished.path.clone(),
+                    sha256: finished.sha256.clone(),
+                    final_loss: finished.final_loss,
+                };
+                store_jobs::mark_job_succeeded(pool, id, worker, &output).await?;
+                tracing::info!(job_id = id.0, seconds = finished.seconds, "job succeeded");
+                self.device_result(device, None);
+                Some(JobEvent::Finished(Arc::new(finished)))
+            }
+            Outcome::Failed(message) => {
+                store_jobs::mark_job_failed(pool, id, worker, &message).await?;
+                tracing::warn!(job_id = id.0, %message, "job failed");
+                self.device_result(device, Some(&message));
+                Some(JobEvent::Failed { message })
+            }
+            Outcome::Cancelled => {
+                store_jobs::mark_job_cancelled(pool, id).await?;
+                tracing::info!(job_id = id.0, "running job cancelled");
+                self.device_result(device, None);
+                Some(JobEvent::Cancelled)
+            }
+            Outcome::Interrupted => {
+                store_jobs::requeue_job(pool, id, worker).await?;
+                tracing::info!(job_id = id.0, "job interrupted by shutdown; queued again");
+                None
+            }
+        };
+        Ok(event)
     }
 
     /// Counts a device's failures in a row; too many take it out of service.
@@ -1578,11 +1669,13 @@ fn publish(state: &mut State, id: JobId, event: JobEvent) {
 }
 
 /// Rebuilds what a stored job needs to run.
-fn assignment_for(job: &Job) -> Result<Assignment, serde_json::Error> {
-    Ok(assignment_with(
-        job,
-        serde_json::from_value(job.params.clone())?,
-    ))
+fn assignment_for(job: &Job) -> Result<Assignment, String> {
+    let params: JobParams = serde_json::from_value(job.params.clone())
+        .map_err(|e| format!("the job's parameters cannot be read ({e})"))?;
+    params
+        .check()
+        .map_err(|e| format!("the job's parameters are out of bounds: {e}"))?;
+    Ok(assignment_with(job, params))
 }
 
 /// A stored job and its parameters as a worker's assignment.

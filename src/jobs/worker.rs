@@ -216,10 +216,14 @@ fn panic_message(panic: &(dyn Any + Send)) -> String {
 fn save_image(images: &Path, id: JobId, output: &RunOutput) -> Result<(PathBuf, String), String> {
     let path = super::image_path(images, id);
     let partial = path.with_extension("png.part");
-    std::fs::create_dir_all(images)
+    let written = std::fs::create_dir_all(images)
         .and_then(|()| std::fs::write(&partial, &output.png))
-        .and_then(|()| std::fs::rename(&partial, &path))
-        .map_err(|e| format!("cannot write the image to {}: {e}", path.display()))?;
+        .and_then(|()| std::fs::rename(&partial, &path));
+    if let Err(e) = written {
+        // A full disk must not also keep the partial file.
+        let _ = std::fs::remove_file(&partial);
+        return Err(format!("cannot write the image to {}: {e}", path.display()));
+    }
     let sha256 = Sha256::digest(&output.png)
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -447,35 +451,44 @@ impl EngineRunner {
     }
 
     fn inputs(&self, job: &Assignment) -> Result<GenerationInputs, String> {
-        let stored = &job.params.inputs;
-        let mut inputs = GenerationInputs::default();
-        if let Some(path) = &stored.init_image {
-            inputs.init_image =
-                Some(image::read(path).map_err(|e| format!("the init image cannot be read: {e}"))?);
-        }
-        for (path, weight, stop) in &stored.image_prompts {
-            let picture =
-                image::read(path).map_err(|e| format!("an image prompt cannot be read: {e}"))?;
-            inputs.image_prompts.push((picture, *weight, *stop));
-        }
-        if let Some(start) = &stored.start {
-            let tensors = candle_core::safetensors::load(&start.latent, &self.device)
-                .map_err(|e| format!("the parent job's latent cannot be read: {e}"))?;
-            let mut latent: Tensor = tensors
-                .get("latent")
-                .cloned()
-                .ok_or("the parent job's latent file holds no latent")?;
-            if start.upscale {
-                latent = upscale_latent(&latent).map_err(|e| e.to_string())?;
-            }
-            if let Some(strength) = start.noise {
-                latent = vary_latent(&latent, job.params.spec.seed, strength)
-                    .map_err(|e| e.to_string())?;
-            }
-            inputs.init_latent = Some(latent);
-        }
-        Ok(inputs)
+        load_inputs(&job.params.inputs, job.params.spec.seed, &self.device)
     }
+}
+
+/// Reads a job's input files (within the image input limits) and prepares its starting latent:
+/// the same for a worker and for `vqclip imagine`, so a job and the command that reproduces it
+/// start from the same tensors. `seed` draws a variation's noise.
+pub fn load_inputs(
+    stored: &super::StoredInputs,
+    seed: u64,
+    device: &Device,
+) -> Result<GenerationInputs, String> {
+    let mut inputs = GenerationInputs::default();
+    if let Some(path) = &stored.init_image {
+        inputs.init_image =
+            Some(image::read(path).map_err(|e| format!("the init image cannot be read: {e}"))?);
+    }
+    for (path, weight, stop) in &stored.image_prompts {
+        let picture =
+            image::read(path).map_err(|e| format!("an image prompt cannot be read: {e}"))?;
+        inputs.image_prompts.push((picture, *weight, *stop));
+    }
+    if let Some(start) = &stored.start {
+        let tensors = candle_core::safetensors::load(&start.latent, device)
+            .map_err(|e| format!("the parent job's latent cannot be read: {e}"))?;
+        let mut latent: Tensor = tensors
+            .get("latent")
+            .cloned()
+            .ok_or("the parent job's latent file holds no latent")?;
+        if start.upscale {
+            latent = upscale_latent(&latent).map_err(|e| e.to_string())?;
+        }
+        if let Some(strength) = start.noise {
+            latent = vary_latent(&latent, seed, strength).map_err(|e| e.to_string())?;
+        }
+        inputs.init_latent = Some(latent);
+    }
+    Ok(inputs)
 }
 
 impl Runner for EngineRunner {

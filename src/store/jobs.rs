@@ -215,6 +215,9 @@ pub struct Job {
     pub worker: Option<String>,
     /// Times a worker claimed it: more than one means a worker died under it.
     pub attempts: u32,
+    /// Runs that ended with their process dying (abort, OOM kill, SIGKILL); see
+    /// [`recover_lost_runs`].
+    pub lost_runs: u32,
 }
 
 /// The result of a successful job.
@@ -260,6 +263,7 @@ struct JobRow {
     final_loss: Option<f64>,
     worker_id: Option<String>,
     attempts: i64,
+    lost_runs: i64,
 }
 
 impl TryFrom<JobRow> for Job {
@@ -296,6 +300,7 @@ impl TryFrom<JobRow> for Job {
             final_loss: r.final_loss,
             worker: r.worker_id,
             attempts: u32_column("attempts", r.attempts)?,
+            lost_runs: u32_column("lost_runs", r.lost_runs)?,
         })
     }
 }
@@ -308,7 +313,8 @@ macro_rules! select_jobs {
             "SELECT id, kind, parent_id, requester_id, guild_id, channel_id, message_id, prompt,
                     params, seed, width, height, steps, cutn, vqgan_model, clip_model,
                     crate_version, device, status, error, iteration, created_at, started_at,
-                    finished_at, output_path, output_sha256, final_loss, worker_id, attempts
+                    finished_at, output_path, output_sha256, final_loss, worker_id, attempts,
+                    lost_runs
              FROM jobs ",
             $tail
         )
@@ -529,21 +535,80 @@ pub async fn mark_job_cancelled(db: &Store, id: JobId) -> Result<bool, sqlx::Err
     Ok(result.rows_affected() == 1)
 }
 
-/// Puts every job a single-host scheduler left running (by a crash or a shutdown) back in the
-/// queue; returns their ids. Jobs claimed by workers ([`super::workers`]) are left to their
-/// leases: their workers may well be alive on other hosts.
-pub async fn requeue_running_jobs(db: &Store) -> Result<Vec<JobId>, sqlx::Error> {
-    sqlx::query_scalar(
-        "UPDATE jobs SET status = 'queued', device = NULL, started_at = NULL
-         WHERE status = 'running' AND worker_id IS NULL
-         RETURNING id",
+/// What became of jobs whose runs were lost with their process.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Queued again.
+    pub requeued: Vec<JobId>,
+    /// Failed: their process died under them `max_attempts` times.
+    pub failed: Vec<JobId>,
+}
+
+/// The error recorded on a job failed by [`recover_lost_runs`].
+pub fn lost_runs_message(runs: u32) -> String {
+    format!(
+        "the worker stopped {runs} times while running this job (it may hold an input that \
+         crashes the engine); it will not be tried again"
     )
-    .fetch_all(db.pool())
-    .await
-    .map(|mut ids: Vec<JobId>| {
-        ids.sort();
-        ids
-    })
+}
+
+/// Which running jobs [`recover_lost_runs`] takes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LostRuns {
+    /// Those a single-host scheduler left running (by a crash or a shutdown that did not
+    /// finish): they have no worker. Jobs claimed by workers are left to their leases: their
+    /// workers may well be alive on other hosts.
+    SingleHost,
+    /// Claimed jobs whose lease ran out (see [`super::workers`]).
+    ExpiredLeases,
+}
+
+/// Takes back running jobs whose process is gone (`which`): each such run counts as lost, and
+/// a job with `max_attempts` lost runs fails with [`lost_runs_message`] instead of going back to
+/// the queue, so an input that kills every worker that runs it stops after `max_attempts`
+/// tries. One transaction: another process recovering at the same time takes nothing twice.
+pub async fn recover_lost_runs(
+    db: &Store,
+    which: LostRuns,
+    max_attempts: u32,
+) -> Result<Recovered, sqlx::Error> {
+    let now = db.backend().now_millis_sql();
+    let filter = match which {
+        LostRuns::SingleHost => "status = 'running' AND worker_id IS NULL".to_owned(),
+        LostRuns::ExpiredLeases => {
+            format!("status = 'running' AND worker_id IS NOT NULL AND lease_expires_at < {now}")
+        }
+    };
+    let max = i64::from(max_attempts.max(1));
+    let mut tx = match db.backend() {
+        // Write lock first, as claims do (a deferred reader that later writes can fail).
+        super::Backend::Sqlite => db.pool().begin_with("BEGIN IMMEDIATE").await?,
+        super::Backend::Postgres => db.pool().begin().await?,
+    };
+    let failed_sql = format!(
+        "UPDATE jobs SET status = 'failed', finished_at = {now}, error = $2,
+                         lost_runs = lost_runs + 1, lease_expires_at = NULL, progress = NULL
+         WHERE {filter} AND lost_runs + 1 >= $1
+         RETURNING id"
+    );
+    let mut failed: Vec<JobId> = sqlx::query_scalar(sqlx::AssertSqlSafe(failed_sql))
+        .bind(max)
+        .bind(lost_runs_message(max_attempts.max(1)))
+        .fetch_all(&mut *tx)
+        .await?;
+    let requeue_sql = format!(
+        "UPDATE jobs SET status = 'queued', device = NULL, started_at = NULL, worker_id = NULL,
+                         lease_expires_at = NULL, progress = NULL, lost_runs = lost_runs + 1
+         WHERE {filter}
+         RETURNING id"
+    );
+    let mut requeued: Vec<JobId> = sqlx::query_scalar(sqlx::AssertSqlSafe(requeue_sql))
+        .fetch_all(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    failed.sort();
+    requeued.sort();
+    Ok(Recovered { requeued, failed })
 }
 
 /// Puts one running job back in the queue (it was interrupted by a shutdown); `false` if it was

@@ -61,9 +61,9 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::AnyPool;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
+use sqlx::{AnyPool, Connection as _};
 
 /// The SQLite migrations in `migrations/sqlite`, embedded in the binary.
 pub static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -304,6 +304,16 @@ impl fmt::Debug for Store {
     }
 }
 
+/// The settings of every SQLite connection. NORMAL is durable across application crashes in WAL
+/// mode; only power loss can drop the last commits, and it saves an fsync per write.
+fn sqlite_pragmas() -> String {
+    format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+         PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {};",
+        SQLITE_BUSY_TIMEOUT.as_millis()
+    )
+}
+
 /// Opens the database at `location`: an SQLite file (created when missing, with its directory)
 /// or a PostgreSQL database (which must exist).
 ///
@@ -328,16 +338,28 @@ pub async fn connect(location: &Location) -> anyhow::Result<Store> {
         .max_connections(MAX_CONNECTIONS)
         .acquire_timeout(ACQUIRE_TIMEOUT);
     if location.backend() == Backend::Sqlite {
+        // One connection first, outside the pool: a pool retries a failing connection until its
+        // acquire timeout and then reports only "pool timed out", hiding "file is not a
+        // database", "database disk image is malformed" or "attempt to write a readonly
+        // database".
+        let mut probe = sqlx::AnyConnection::connect_with(&options)
+            .await
+            .with_context(|| format!("Failed to open the SQLite database {location}"))?;
+        let checked = async {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sqlite_pragmas()))
+                .execute(&mut probe)
+                .await?;
+            // Reads the schema: a damaged file fails here rather than at the first query.
+            sqlx::query("SELECT COUNT(*) FROM sqlite_master")
+                .execute(&mut probe)
+                .await
+        }
+        .await;
+        let _ = probe.close().await;
+        checked.with_context(|| format!("Failed to open the SQLite database {location}"))?;
         pool_options = pool_options.after_connect(|conn, _| {
             Box::pin(async move {
-                // NORMAL is durable across application crashes in WAL mode; only power loss can
-                // drop the last commits, and it saves an fsync per write.
-                let pragmas = format!(
-                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-                     PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {};",
-                    SQLITE_BUSY_TIMEOUT.as_millis()
-                );
-                sqlx::raw_sql(sqlx::AssertSqlSafe(pragmas))
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sqlite_pragmas()))
                     .execute(conn)
                     .await?;
                 Ok(())

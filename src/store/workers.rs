@@ -12,7 +12,8 @@
 //!   statement is changing (a cancel, a lease renewal) and two workers never take the same job.
 //! - **Lease.** A claimed job carries `lease_expires_at`, on the database's clock. Its worker
 //!   renews the leases of all its jobs ([`renew_leases`]) well before they run out; any process
-//!   may return expired ones to the queue ([`requeue_expired_leases`]). Results are recorded only
+//!   may return expired ones to the queue (`jobs::recover_lost_runs`), failing a job whose
+//!   workers died under it `scheduler.max_attempts` times. Results are recorded only
 //!   under the owning worker (`jobs::mark_job_succeeded` and friends take the worker id), so a
 //!   worker that lost its lease cannot overwrite the run that replaced it: at-least-once
 //!   execution, exactly one recorded result.
@@ -160,22 +161,6 @@ pub async fn renew_leases(
         .bind(millis(lease))
         .fetch_all(db.pool())
         .await
-}
-
-/// Puts every running job whose lease ran out back in the queue; returns their ids.
-pub async fn requeue_expired_leases(db: &Store) -> Result<Vec<JobId>, sqlx::Error> {
-    let sql = format!(
-        "UPDATE jobs SET status = 'queued', device = NULL, started_at = NULL, worker_id = NULL,
-                         lease_expires_at = NULL, progress = NULL
-         WHERE status = 'running' AND lease_expires_at < {}
-         RETURNING id",
-        db.backend().now_millis_sql()
-    );
-    let mut ids: Vec<JobId> = sqlx::query_scalar(AssertSqlSafe(sql))
-        .fetch_all(db.pool())
-        .await?;
-    ids.sort();
-    Ok(ids)
 }
 
 /// A worker process as it registered itself.

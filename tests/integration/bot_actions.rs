@@ -17,7 +17,7 @@ use vqclip::store::{gallery, guilds};
 use crate::bot::eventually;
 use crate::fake_discord::{APP_ID, FakeDiscord, Request_, message, user};
 use crate::scheduler::{FakeRunner, finished, options, slots};
-use crate::support::test_pool;
+use crate::support::{Gate, test_pool};
 
 const GUILD: u64 = 1_500_000_000_000_000_001;
 const GALLERY: u64 = 1_500_000_000_000_000_002;
@@ -62,19 +62,34 @@ impl Bot {
     /// Starts the bot with `extra` configuration; `engine` picks the real tiny engine over a
     /// fake runner that sleeps `delay_ms` per step.
     async fn start(extra: &str, engine: bool, delay_ms: u64) -> (Self, FakeRunner) {
+        Self::start_gated(extra, engine, delay_ms, None).await
+    }
+
+    /// As [`Self::start`]; the engine's jobs pass through `gate`.
+    async fn start_gated(
+        extra: &str,
+        engine: bool,
+        delay_ms: u64,
+        gate: Option<&Gate>,
+    ) -> (Self, FakeRunner) {
         let discord = FakeDiscord::start().await;
         let (dir, pool) = test_pool().await;
         let settings = bot_settings(&discord, &dir, extra, "");
         let runner = FakeRunner::new(delay_ms);
         let devices = if engine {
-            vec![DeviceSlot {
-                label: "cpu#0".into(),
-                runner: Box::new(vqclip::jobs::worker::EngineRunner::new(
+            let engine: Box<dyn vqclip::jobs::worker::Runner> =
+                Box::new(vqclip::jobs::worker::EngineRunner::new(
                     candle_core::Device::Cpu,
                     settings.models.clone(),
                     1024,
                     settings.storage.images.clone(),
-                )),
+                ));
+            vec![DeviceSlot {
+                label: "cpu#0".into(),
+                runner: match gate {
+                    Some(gate) => gate.wrap(engine),
+                    None => engine,
+                },
             }]
         } else {
             slots(&[&runner])
@@ -91,7 +106,7 @@ impl Bot {
     /// Starts a front-end bot on PostgreSQL with no devices of its own, and a worker as on
     /// another host: its own pool and images directory, the real tiny engine, sharing nothing
     /// with the bot but the database.
-    async fn start_front_end() -> (Self, Scheduler, TempDir) {
+    async fn start_front_end(gate: &Gate) -> (Self, Scheduler, TempDir) {
         use vqclip::jobs::scheduler::ClaimOptions;
         let discord = FakeDiscord::start().await;
         let (_guard, pool) = crate::support::test_db(vqclip::store::Backend::Postgres).await;
@@ -116,12 +131,12 @@ impl Bot {
         remote.claims = Some(claims);
         let device = DeviceSlot {
             label: "cuda:7".into(),
-            runner: Box::new(vqclip::jobs::worker::EngineRunner::new(
+            runner: gate.wrap(Box::new(vqclip::jobs::worker::EngineRunner::new(
                 candle_core::Device::Cpu,
                 settings.models.clone(),
                 1024,
                 remote.images.clone(),
-            )),
+            ))),
         };
         let worker = Scheduler::start(remote_pool, remote, vec![device])
             .await
@@ -342,7 +357,9 @@ fn text(r: &Request_) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buttons_and_reactions_rerun_upscale_and_vary_even_after_a_restart() {
-    let (mut bot, _) = Bot::start("", true, 0).await;
+    // The first job waits at step 4 (a preview is out at 2 and 4) until its message showed one.
+    let gate = Gate::at(4);
+    let (mut bot, _) = Bot::start_gated("", true, 0, Some(&gate)).await;
 
     // /imagine with the tiny model: a cancel button while it runs, then the picture with its
     // buttons.
@@ -351,6 +368,17 @@ async fn buttons_and_reactions_rerun_upscale_and_vary_even_after_a_restart() {
         custom_ids(&opened.json["data"]["components"]),
         ["vq:cancel:1"]
     );
+    gate.reached().await;
+    eventually("a preview while the job runs", || {
+        (bot.count(|r| {
+            r.method == "PATCH"
+                && r.path.ends_with("/@original")
+                && r.files.iter().any(|(name, _)| name == "preview.jpg")
+        }) >= 1)
+            .then_some(())
+    })
+    .await;
+    gate.release();
     let (channel, result) = bot.result_of(JobId(1)).await;
     let posted = eventually("the result message", || {
         bot.discord.log().into_iter().find(|r| {
@@ -534,10 +562,26 @@ async fn cancel_by_button_and_by_reaction() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_front_end_bot_follows_jobs_a_worker_elsewhere_runs() {
-    let (bot, worker, elsewhere) = Bot::start_front_end().await;
+    // The remote job waits at step 4 until the bot showed its progress and a preview.
+    let gate = Gate::at(4);
+    let (bot, worker, elsewhere) = Bot::start_front_end(&gate).await;
 
     let opened = bot.interact(bot.imagine(77, "a red fox --steps 8")).await;
     assert!(text(&opened).contains("a red fox"), "{opened:?}");
+    gate.reached().await;
+    eventually("progress and a preview from the database", || {
+        let edits = |preview: bool| {
+            bot.count(|r| {
+                r.method == "PATCH"
+                    && r.path.ends_with("/messages/@original")
+                    && text(r).contains("% on cuda:7")
+                    && (!preview || r.files.iter().any(|(name, _)| name == "preview.jpg"))
+            })
+        };
+        (edits(false) >= 1 && edits(true) >= 1).then_some(())
+    })
+    .await;
+    gate.release();
     // The remote worker claims it; the bot learns of every step from the database.
     let posted = eventually("the result message", || {
         bot.discord.log().into_iter().find(|r| {

@@ -485,6 +485,12 @@ fn models_list_shows_sources_and_what_is_here() {
         "{listing}"
     );
     assert!(
+        line("gumbel_f8_8192").contains(
+            "openimages/openimages.ckpt @ debc22c8f285c7734980c464ff992d335dde6e9a, sha256 pinned"
+        ),
+        "{listing}"
+    );
+    assert!(
         line("imagenet_f16_1024").contains("none configured"),
         "{listing}"
     );
@@ -949,4 +955,253 @@ async fn three_workers_on_postgres_run_thirty_jobs_exactly_once_across_a_sigkill
         "{listing}"
     );
     db.close().await;
+}
+
+/// Waits until job 1 is as `done` says.
+async fn wait_for_job(db: &Path, what: &str, done: impl Fn(&jobs::Job) -> bool) {
+    for _ in 0..4800 {
+        let pool = store::connect(&store::Location::Sqlite(db.to_path_buf()))
+            .await
+            .unwrap();
+        let job = jobs::get_job(&pool, store::JobId(1)).await.unwrap();
+        pool.close().await;
+        if job.as_ref().is_some_and(&done) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// The arguments a command line gives `vqclip`, as a stub `vqclip` first on `PATH` records them
+/// when `sh` runs the line.
+fn arguments_through_sh(dir: &Path, line: &str) -> Vec<String> {
+    let bin = dir.join("stub-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let stub = bin.join("vqclip");
+    std::fs::write(
+        &stub,
+        "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\0' \"$a\"; done > \"$STUB_OUT\"\n",
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&stub).status().unwrap();
+    let out = dir.join("stub-args");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(line)
+        .current_dir(dir)
+        .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+        .env("STUB_OUT", &out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "sh -c {line:?}: {status}");
+    let bytes = std::fs::read(&out).unwrap();
+    let mut args: Vec<String> = bytes
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8(a.to_vec()).unwrap())
+        .collect();
+    assert_eq!(args.pop().as_deref(), Some(""), "NUL-terminated");
+    args
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_again_line_is_shell_safe_and_makes_the_same_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = worker_config(&dir, "jobs.sqlite", 5);
+    // Everything a stranger could put in a prompt to run code in a shell that pastes it.
+    let prompt = "-rf $(touch PWNED1) `touch PWNED2` it's \"quoted\" \\ ; & && ~ * !! $HOME \
+                  | > PWNED3 --steps 6 --size 32x32 --cutn 2";
+    let settings = vqclip::config::Settings::load(
+        Some(Path::new(&config)),
+        &[("HOME", dir.path().to_str().unwrap())]
+            .into_iter()
+            .collect(),
+    )
+    .unwrap();
+    let options = vqclip::request::ImagineOptions {
+        seed: Some(5),
+        crops: true,
+        ..Default::default()
+    };
+    let resolved = vqclip::request::resolve(
+        prompt,
+        &options,
+        &settings.generation,
+        true,
+        256,
+        &vqclip::engine::tokenizer::ClipTokenizer::new(),
+    )
+    .unwrap();
+    let origin = vqclip::jobs::Origin {
+        requester: 1,
+        guild: None,
+        channel: None,
+    };
+    let (mut job, mut params) = vqclip::jobs::imagine_job(prompt, &resolved, origin).unwrap();
+    // Inputs as the bot stores them: an init image and an image prompt, both with awkward
+    // names, and noise prompts.
+    let inputs = dir.path().join("in puts");
+    std::fs::create_dir_all(&inputs).unwrap();
+    let init = inputs.join("it's $(init).png");
+    let aim = inputs.join("aim.png");
+    let picture = |seed: u8| {
+        image::RgbImage::from_fn(40, 24, |x, y| {
+            image::Rgb([x as u8 * 6, y as u8 * 10, seed.wrapping_mul(40)])
+        })
+    };
+    picture(1).save(&init).unwrap();
+    picture(2).save(&aim).unwrap();
+    params.inputs.init_image = Some(init.clone());
+    params.inputs.image_prompts = vec![(aim.clone(), 1.0, None)];
+    params.spec.noise_prompts = vec![0.5, -0.25];
+    job.params = serde_json::to_value(&params).unwrap();
+    let pool = store::connect(&store::Location::Sqlite(dir.path().join("jobs.sqlite")))
+        .await
+        .unwrap();
+    store::migrate(&pool).await.unwrap();
+    let id = jobs::insert_job(&pool, &job).await.unwrap();
+    pool.close().await;
+
+    let db = dir.path().join("jobs.sqlite");
+    let mut worker = spawn_vqclip(dir.path(), &["--config", &config, "worker"]);
+    wait_for_statuses(&db, "the job done", |s| {
+        s.iter().all(|(_, st)| st.is_finished())
+    })
+    .await;
+    Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    worker.wait().unwrap();
+    assert_eq!(statuses(&db).await, [(id.0, jobs::JobStatus::Succeeded)]);
+
+    let out = vqclip_async(
+        dir.path(),
+        &["--config", &config, "jobs", "show", &id.to_string()],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    let again = shown
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("again"))
+        .unwrap_or_else(|| panic!("{shown}"))
+        .trim();
+    let args = arguments_through_sh(dir.path(), again);
+    for name in ["PWNED1", "PWNED2", "PWNED3"] {
+        assert!(
+            !dir.path().join(name).exists(),
+            "{name} was created by {again}"
+        );
+    }
+    let expected: Vec<String> = [
+        "imagine",
+        "--seed",
+        "5",
+        "--steps",
+        "6",
+        "--size",
+        "32x32",
+        "--cutn",
+        "2",
+        "--model",
+        "tiny_vqgan",
+        "--clip",
+        "tiny_clip",
+        "--crops",
+        "--noise-prompt=0.5",
+        "--noise-prompt=-0.25",
+        "--init-image",
+        init.to_str().unwrap(),
+        "--image-prompt",
+        aim.to_str().unwrap(),
+        "--",
+        prompt,
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    assert_eq!(args, expected, "{again}");
+
+    // The same line with the real vqclip first on PATH makes the same picture.
+    let real = dir.path().join("real-bin");
+    std::fs::create_dir_all(&real).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_vqclip"), real.join("vqclip")).unwrap();
+    let run = Command::new("sh")
+        .arg("-c")
+        .arg(again)
+        .current_dir(dir.path())
+        .env_clear()
+        .env("HOME", dir.path())
+        .env("VQCLIP_CONFIG", &config)
+        .env("PATH", format!("{}:/usr/bin:/bin", real.display()))
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let made = image::open(dir.path().join("vqclip-5.png"))
+        .unwrap()
+        .to_rgb8();
+    let original = image::open(dir.path().join(format!("images/{id}.png")))
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(made.dimensions(), (32, 32));
+    assert!(made == original, "the again line made a different picture");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_worker_is_killed_three_times_fails_and_the_queue_moves_on() {
+    use jobs::JobStatus::{Failed, Running, Succeeded};
+    let dir = tempfile::tempdir().unwrap();
+    let config = worker_config(&dir, "jobs.sqlite", 1);
+    // One long job, then a short one of the same user (served in order behind it).
+    submit_as(
+        &dir,
+        &config,
+        "a poison pill --steps 1000 --size 64x64 --cutn 4",
+        1,
+    )
+    .await;
+    submit_as(
+        &dir,
+        &config,
+        "a fine job --steps 4 --size 32x32 --cutn 2",
+        1,
+    )
+    .await;
+    let db = dir.path().join("jobs.sqlite");
+    for kill in 1..=3 {
+        let mut worker = spawn_vqclip(dir.path(), &["--config", &config, "worker"]);
+        // Claimed by this worker (its `kill`th claim: the row of a killed worker stays running
+        // until its lease runs out) and past its first step.
+        wait_for_job(&db, &format!("job 1 running (run {kill})"), |job| {
+            job.status == Running && job.attempts == kill && job.iteration >= 1
+        })
+        .await;
+        // As an abort or the OOM killer would: no chance to clean up.
+        worker.kill().unwrap();
+        worker.wait().unwrap();
+    }
+    let mut worker = spawn_vqclip(dir.path(), &["--config", &config, "worker"]);
+    let all = wait_for_statuses(&db, "job 1 failed and job 2 done", |s| {
+        s.iter().all(|(_, st)| st.is_finished())
+    })
+    .await;
+    assert_eq!(all, [(1, Failed), (2, Succeeded)]);
+    Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(worker.wait().unwrap().code(), Some(0));
+    let pool = store::connect(&store::Location::Sqlite(db.clone()))
+        .await
+        .unwrap();
+    let poisoned = jobs::get_job(&pool, store::JobId(1))
+        .await
+        .unwrap()
+        .unwrap();
+    pool.close().await;
+    assert_eq!((poisoned.lost_runs, poisoned.attempts), (3, 3));
+    let error = poisoned.error.unwrap();
+    assert!(error.contains("the worker stopped 3 times"), "{error}");
 }

@@ -290,3 +290,38 @@ async fn pull_request_revisions_download_and_resolve() {
     assert_eq!(hub.log()[0].revision, "refs/pr/15");
     assert_eq!(weights::resolve(&s.models, vit).unwrap(), path);
 }
+
+#[tokio::test]
+async fn mirror_files_come_from_the_pinned_revision_and_must_match_the_pinned_digest() {
+    // The Gumbel model comes from the preservation mirror at a fixed commit; a file there whose
+    // bytes differ from the mirror's manifest is refused (and not kept), whatever the Hub says.
+    let hub = FakeHub::start().await;
+    let gumbel = models::find("gumbel_f8_8192").unwrap();
+    let pin = gumbel.hub.as_ref().unwrap();
+    assert_eq!(pin.repo, "Somnai/pytti-vqgan-checkpoints");
+    assert_eq!(pin.file, "openimages/openimages.ckpt");
+    hub.publish(
+        pin.repo,
+        pin.revision,
+        pin.file,
+        b"a swapped checkpoint".to_vec(),
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let s = settings(&hub, cache.path(), "", &[]);
+    let err = Hub::new(&s.models)
+        .unwrap()
+        .fetch(gumbel, ())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        hub.log()[0].revision,
+        "debc22c8f285c7734980c464ff992d335dde6e9a"
+    );
+    assert!(
+        err.contains("5cd6c74810ab97e00e942c25403f73afc081e8b19987b31ec0d9ff5b68e7ab14")
+            && err.contains("pinned"),
+        "{err}"
+    );
+    assert!(weights::resolve(&s.models, gumbel).is_err(), "nothing kept");
+}

@@ -10,6 +10,7 @@ mod cli;
 mod config;
 mod fake_discord;
 mod fake_hub;
+mod fuzz;
 mod hub;
 mod parity;
 mod pipeline;

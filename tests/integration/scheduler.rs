@@ -18,7 +18,8 @@ use vqclip::store::jobs::{self, JobKind, JobStatus, NewJob};
 use crate::support::test_pool;
 
 /// Runs `steps` iterations of `delay` each, checking the stop flag between them. Prompts steer
-/// it: "panic" panics, "fail" fails, "hang" runs until stopped or `release` is set.
+/// it: "panic" panics, "fail" fails, "hang" runs until stopped or `release` is set, "deaf"
+/// ignores stops until `release` is set.
 #[derive(Clone)]
 pub(crate) struct FakeRunner {
     delay: Duration,
@@ -50,6 +51,13 @@ impl Runner for FakeRunner {
             _ => {}
         }
         let total = job.params.spec.steps;
+        if job.prompt == "deaf" {
+            // Deaf to stop requests, as a step that takes minutes is: only `release` ends it.
+            while !self.release.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            return Err(RunError::Stopped);
+        }
         let mut iteration = 0;
         while iteration < total || job.prompt == "hang" {
             if stop.stop.load(Ordering::SeqCst) {
@@ -87,6 +95,7 @@ pub(crate) fn options(dir: &TempDir) -> SchedulerOptions {
         max_running_per_user: 1,
         prioritize_follow_ups: true,
         device_failure_limit: 3,
+        max_attempts: 3,
         progress_interval: Duration::from_millis(100),
         max_pixels: 512 * 512,
         images: dir.path().join("images"),
@@ -541,25 +550,38 @@ async fn an_interrupted_engine_job_resumes_and_ends_as_if_never_stopped() {
         reference,
     ));
 
+    // The same job, held at iteration 5 until the shutdown stops it there, however fast the
+    // machine.
     let (dir, pool) = test_pool().await;
     let settings = tiny_settings(&dir);
-    let s = start_engine(&pool, &settings).await;
+    let gate = crate::support::Gate::at(5);
+    let slots = engine_slot(&settings)
+        .into_iter()
+        .map(|slot| DeviceSlot {
+            label: slot.label,
+            runner: gate.wrap(slot.runner),
+        })
+        .collect();
+    let s = Scheduler::start(
+        pool.clone(),
+        SchedulerOptions::from_settings(&settings),
+        slots,
+    )
+    .await
+    .unwrap();
     let (job, params) = tiny(40);
     let id = s.submit(job, params).await.unwrap().id;
-    let mut events = s.subscribe(id).unwrap();
-    events
-        .wait_for(|e| matches!(e, JobEvent::Progress(p) if p.iteration >= 5))
-        .await
-        .unwrap();
+    gate.reached().await;
     s.shutdown(Duration::ZERO).await;
     let stopped = jobs::get_job(&pool, id).await.unwrap().unwrap();
     assert_eq!(stopped.status, JobStatus::Queued);
+    assert_eq!(stopped.lost_runs, 0, "a shutdown is not a lost run");
     let checkpoint = vqclip::jobs::resume_path(&settings.storage.images, id);
     let saved_at =
         vqclip::engine::generate::Checkpoint::load(&checkpoint, &candle_core::Device::Cpu)
             .unwrap()
             .iteration;
-    assert!(saved_at >= 5, "saved at {saved_at}");
+    assert_eq!(saved_at, 5);
 
     let s = start_engine(&pool, &settings).await;
     let mut events = s.subscribe(id).unwrap();
@@ -577,4 +599,46 @@ async fn an_interrupted_engine_job_resumes_and_ends_as_if_never_stopped() {
     let resumed_latent = latent_values(&vqclip::jobs::latent_path(&settings.storage.images, id));
     assert_eq!(resumed_latent, reference_latent);
     s.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_the_database_refuses_frees_the_device_and_shutdown_always_ends() {
+    let (dir, pool) = test_pool().await;
+    // As a full disk would: recording a success fails.
+    sqlx::raw_sql(
+        "CREATE TRIGGER disk_full BEFORE UPDATE OF status ON jobs
+         WHEN NEW.status = 'succeeded'
+         BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;",
+    )
+    .execute(pool.pool())
+    .await
+    .unwrap();
+    let runner = FakeRunner::new(1);
+    let s = Scheduler::start(pool.clone(), options(&dir), slots(&[&runner]))
+        .await
+        .unwrap();
+    let (job, params) = request(1, "a fox", 3);
+    let mut events = s.submit(job, params).await.unwrap().events;
+    let ended = events.wait_for(JobEvent::is_final).await.unwrap().clone();
+    match ended {
+        JobEvent::Failed { message } => {
+            assert!(message.contains("disk is full"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The device is free again: the next job starts.
+    let deaf = submit(&s, 2, "deaf", 3).await;
+    wait_until(|| runner.started.lock().unwrap().contains(&deaf)).await;
+
+    // A job that does not stop when asked cannot hold shutdown: it ends after the grace period
+    // and a bounded wait, with the job queued again (not counted as a lost run).
+    tokio::time::timeout(Duration::from_secs(120), s.shutdown(Duration::ZERO))
+        .await
+        .expect("shutdown ended");
+    let requeued = jobs::get_job(&pool, deaf).await.unwrap().unwrap();
+    assert_eq!(
+        (requeued.status, requeued.lost_runs),
+        (JobStatus::Queued, 0)
+    );
+    runner.release.store(true, Ordering::SeqCst);
 }

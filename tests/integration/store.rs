@@ -8,7 +8,7 @@ use vqclip::store::{
     self, Backend, JobId, Location, Timestamp, events,
     gallery::{self, STAR},
     guilds,
-    jobs::{self, JobKind, JobOutput, JobStatus},
+    jobs::{self, JobKind, JobOutput, JobStatus, LostRuns},
     users::{self, UserSettings},
     workers,
 };
@@ -307,9 +307,9 @@ on_both_backends! {
         jobs::mark_job_running(&pool, a, "cuda:0").await.unwrap();
         jobs::mark_job_running(&pool, c, "cuda:1").await.unwrap();
 
-        let requeued = jobs::requeue_running_jobs(&pool).await.unwrap();
+        let recovered = jobs::recover_lost_runs(&pool, LostRuns::SingleHost, 3).await.unwrap();
 
-        assert_eq!(requeued, [a, c]);
+        assert_eq!(recovered, jobs::Recovered { requeued: vec![a, c], failed: vec![] });
         let queued: Vec<JobId> = jobs::list_queued_jobs(&pool)
             .await
             .unwrap()
@@ -318,7 +318,67 @@ on_both_backends! {
             .collect();
         assert_eq!(queued, [a, b, c]);
         let a = jobs::get_job(&pool, a).await.unwrap().unwrap();
-        assert_eq!((a.device, a.started_at), (None, None));
+        assert_eq!((a.device, a.started_at, a.lost_runs), (None, None, 1));
+    }
+
+    async fn a_job_whose_process_dies_under_it_max_attempts_times_fails(pool) {
+        let poison = jobs::insert_job(&pool, &sample_job(1, "poison")).await.unwrap();
+        let polite = jobs::insert_job(&pool, &sample_job(2, "polite")).await.unwrap();
+        // A graceful shutdown's requeue does not count as a lost run.
+        for _ in 0..5 {
+            jobs::mark_job_running(&pool, polite, "cpu").await.unwrap();
+            assert!(jobs::requeue_job(&pool, polite, None).await.unwrap());
+        }
+        for lost in 1..=3u32 {
+            jobs::mark_job_running(&pool, poison, "cpu").await.unwrap();
+            let recovered =
+                jobs::recover_lost_runs(&pool, LostRuns::SingleHost, 3).await.unwrap();
+            let job = jobs::get_job(&pool, poison).await.unwrap().unwrap();
+            assert_eq!(job.lost_runs, lost);
+            if lost < 3 {
+                assert_eq!(recovered.requeued, [poison]);
+                assert_eq!(job.status, JobStatus::Queued);
+            } else {
+                assert_eq!(recovered, jobs::Recovered { requeued: vec![], failed: vec![poison] });
+                assert_eq!(job.status, JobStatus::Failed);
+                assert!(job.finished_at.is_some());
+                let error = job.error.unwrap();
+                assert!(error.contains("the worker stopped 3 times"), "{error}");
+            }
+        }
+        let polite = jobs::get_job(&pool, polite).await.unwrap().unwrap();
+        assert_eq!((polite.status, polite.lost_runs), (JobStatus::Queued, 0));
+
+        // The same on the shared queue: leases that ran out three times.
+        let leased = jobs::insert_job(&pool, &sample_job(3, "leased")).await.unwrap();
+        let only_leased = any_model();
+        let short = Duration::from_millis(1);
+        for lost in 1..=2u32 {
+            let claimed = loop {
+                let job = workers::claim_next_job(&pool, &format!("w{lost}"), "cpu", short, &only_leased)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                if job.id == leased {
+                    break job;
+                }
+                jobs::mark_job_failed(&pool, job.id, Some(&format!("w{lost}")), "not this one").await.unwrap();
+            };
+            assert_eq!(claimed.attempts, lost);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let recovered = jobs::recover_lost_runs(&pool, LostRuns::ExpiredLeases, 2).await.unwrap();
+            if lost < 2 {
+                assert_eq!(recovered.requeued, [leased]);
+            } else {
+                assert_eq!(recovered.failed, [leased]);
+            }
+        }
+        let failed = jobs::get_job(&pool, leased).await.unwrap().unwrap();
+        assert_eq!((failed.status, failed.lost_runs), (JobStatus::Failed, 2));
+        assert!(failed.error.unwrap().contains("stopped 2 times"));
+        // A worker that comes back after its job failed records nothing.
+        let output = JobOutput { path: "x.png".into(), sha256: "1".repeat(64), final_loss: 1.0 };
+        assert!(!jobs::mark_job_succeeded(&pool, leased, Some("w2"), &output).await.unwrap());
     }
 
     async fn follow_up_jobs_must_name_an_existing_parent(pool) {
@@ -853,9 +913,10 @@ on_both_backends! {
             Some(&b"jpeg"[..])
         );
         assert_eq!(events::get_job_file(&pool, id, events::IMAGE).await.unwrap(), None);
-        assert!(workers::requeue_expired_leases(&pool).await.unwrap().is_empty(), "not expired yet");
+        let expired = || jobs::recover_lost_runs(&pool, LostRuns::ExpiredLeases, 3);
+        assert_eq!(expired().await.unwrap(), jobs::Recovered::default(), "not expired yet");
         tokio::time::sleep(Duration::from_millis(400)).await;
-        assert_eq!(workers::requeue_expired_leases(&pool).await.unwrap(), [id]);
+        assert_eq!(expired().await.unwrap().requeued, [id]);
         let queued = jobs::get_job(&pool, id).await.unwrap().unwrap();
         assert_eq!((queued.status, queued.worker, queued.device), (JobStatus::Queued, None, None));
         assert_eq!(events::get_progress(&pool, id).await.unwrap(), None, "a new run starts afresh");
@@ -879,7 +940,8 @@ on_both_backends! {
         // A single-host restart leaves claimed jobs to their leases.
         let other = jobs::insert_job(&pool, &sample_job(2, "claimed")).await.unwrap();
         workers::claim_next_job(&pool, "alive", "cpu", LEASE, &any_model()).await.unwrap();
-        assert!(jobs::requeue_running_jobs(&pool).await.unwrap().is_empty());
+        let single = jobs::recover_lost_runs(&pool, LostRuns::SingleHost, 3).await.unwrap();
+        assert_eq!(single, jobs::Recovered::default());
         assert_eq!(jobs::get_job(&pool, other).await.unwrap().unwrap().status, JobStatus::Running);
     }
 

@@ -102,3 +102,110 @@ fn init_test_log() {
             .try_init();
     }
 }
+
+/// Holds a job at one iteration until the test lets it go: tests that need a job caught
+/// mid-run (a preview shown, a shutdown mid-job) drive it there instead of hoping a sleep or a
+/// slow machine leaves it running long enough.
+#[derive(Clone)]
+pub struct Gate {
+    inner: std::sync::Arc<(std::sync::Mutex<GateState>, std::sync::Condvar)>,
+}
+
+struct GateState {
+    /// The iteration to hold at; `None` once released.
+    hold_at: Option<u32>,
+    /// Set when a job is held there.
+    reached: bool,
+}
+
+impl Gate {
+    /// A gate that holds the first job to complete iteration `at`.
+    pub fn at(at: u32) -> Self {
+        Self {
+            inner: std::sync::Arc::new((
+                std::sync::Mutex::new(GateState {
+                    hold_at: Some(at),
+                    reached: false,
+                }),
+                std::sync::Condvar::new(),
+            )),
+        }
+    }
+
+    /// Wraps `runner`: after reporting iteration `at`, a job waits until [`Self::release`] or
+    /// until it is asked to stop (then it stops there, at exactly that iteration).
+    pub fn wrap(
+        &self,
+        runner: Box<dyn vqclip::jobs::worker::Runner>,
+    ) -> Box<dyn vqclip::jobs::worker::Runner> {
+        Box::new(Gated {
+            inner: runner,
+            gate: self.clone(),
+        })
+    }
+
+    /// Waits until a job is held at the gate.
+    pub async fn reached(&self) {
+        let gate = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let (lock, changed) = &*gate.inner;
+            let mut state = lock.lock().unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+            while !state.reached {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                assert!(!left.is_zero(), "no job reached the gate");
+                state = changed.wait_timeout(state, left).unwrap().0;
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    /// Lets the held job (and every later one) go on.
+    pub fn release(&self) {
+        let (lock, changed) = &*self.inner;
+        lock.lock().unwrap().hold_at = None;
+        changed.notify_all();
+    }
+}
+
+struct Gated {
+    inner: Box<dyn vqclip::jobs::worker::Runner>,
+    gate: Gate,
+}
+
+impl vqclip::jobs::worker::Runner for Gated {
+    fn run(
+        &mut self,
+        job: &vqclip::jobs::worker::Assignment,
+        stop: &vqclip::jobs::worker::StopFlags,
+        on_progress: &mut dyn FnMut(&vqclip::engine::generate::Progress),
+    ) -> Result<vqclip::jobs::worker::RunOutput, vqclip::jobs::worker::RunError> {
+        let gate = self.gate.clone();
+        self.inner.run(job, stop, &mut |progress| {
+            on_progress(progress);
+            let (lock, changed) = &*gate.inner;
+            let mut state = lock.lock().unwrap();
+            if state.hold_at != Some(progress.iteration) {
+                return;
+            }
+            state.reached = true;
+            changed.notify_all();
+            // Polls the stop flag, which the scheduler sets without touching the gate.
+            while state.hold_at.is_some() && !stop.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                state = changed
+                    .wait_timeout(state, std::time::Duration::from_millis(10))
+                    .unwrap()
+                    .0;
+            }
+        })
+    }
+
+    fn resident(&self) -> Vec<String> {
+        self.inner.resident()
+    }
+
+    fn reset(&mut self) {
+        self.inner.reset();
+    }
+}
