@@ -162,7 +162,7 @@ fn db_migrate_creates_the_database_from_nothing() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(db.is_file());
     assert!(
-        text(&out.stdout).contains("applied migrations 1, 2, 3, 4 (schema version 4)"),
+        text(&out.stdout).contains("applied migrations 1, 2, 3, 4, 5 (schema version 5)"),
         "{}",
         text(&out.stdout)
     );
@@ -656,6 +656,7 @@ fn worker_config(dir: &TempDir, database: &str, lease_seconds: u64) -> String {
         &format!(
             "[storage]\ndatabase = \"{database}\"\nimages = \"images\"\n\
              [scheduler]\ndevices = [\"cpu\"]\npoll_interval_ms = 100\nshutdown_grace_seconds = 1\n\
+             max_queued_per_user = 20\n\
              lease_seconds = {lease_seconds}\n\
              [generation]\ndefault_vqgan = \"tiny_vqgan\"\ndefault_clip = \"tiny_clip\"\n\
              [models]\nallow_tiny = true\n\

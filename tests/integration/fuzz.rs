@@ -244,7 +244,7 @@ fn seed_images() -> Vec<Vec<u8>> {
     let mut out = vec![
         image::encode_png(&picture).unwrap(),
         image::encode_jpeg(&picture, 80).unwrap(),
-        image::encode_gif(&[picture.clone()], 100).unwrap(),
+        image::encode_gif(std::slice::from_ref(&picture), 100).unwrap(),
     ];
     let mut webp = Vec::new();
     ::image::DynamicImage::ImageRgb8(picture)
