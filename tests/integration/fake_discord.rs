@@ -3,7 +3,9 @@
 //! Every REST request is logged (method, path, JSON body or multipart parts, time) for
 //! assertions.
 //!
-//! Discord's rules, enforced: an interaction answered more than 3 s after its dispatch gets 404
+//! Discord's rules, enforced: every request body is validated against Discord's OpenAPI spec
+//! ([`crate::discord_spec`]; a violation is answered 400 / 50035 and fails the test when the fake
+//! is dropped); an interaction answered more than 3 s after its dispatch gets 404
 //! with code 10062; a file over 10 MiB gets 413; a dispatch the IDENTIFY intents exclude is
 //! never delivered. Faults on demand: [`FakeDiscord::rate_limit`] answers the next requests to
 //! a path with 429 and `Retry-After`; [`FakeDiscord::expire_tokens_after`] makes interaction
@@ -61,6 +63,8 @@ struct Shared {
     attachments: Mutex<HashMap<String, Vec<u8>>>,
     /// Interaction id → when it was dispatched.
     dispatched: Mutex<HashMap<String, Instant>>,
+    /// Requests whose body broke Discord's OpenAPI spec, with how.
+    violations: Mutex<Vec<String>>,
 }
 
 /// Discord's upload limit per file.
@@ -110,6 +114,7 @@ impl FakeDiscord {
             token_lifetime: Mutex::default(),
             attachments: Mutex::default(),
             dispatched: Mutex::default(),
+            violations: Mutex::default(),
         });
         let app = Router::new()
             .route("/ws", get(gateway))
@@ -175,6 +180,20 @@ impl FakeDiscord {
             .unwrap()
             .insert(name.to_owned(), bytes);
         format!("{}/attachments/{name}", self.url)
+    }
+}
+
+impl Drop for FakeDiscord {
+    /// A test whose bot sent Discord a body its spec forbids fails, even if the bot coped with
+    /// the 400 it got.
+    fn drop(&mut self) {
+        let broken = self.shared.violations.lock().unwrap().clone();
+        if !broken.is_empty() && !std::thread::panicking() {
+            panic!(
+                "the bot sent requests that break Discord's OpenAPI spec:\n{}",
+                broken.join("\n")
+            );
+        }
     }
 }
 
@@ -277,7 +296,22 @@ async fn rest(State(shared): State<Arc<Shared>>, request: Request) -> Response {
         json = serde_json::from_slice(&body).unwrap_or(Value::Null);
     }
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let response = if files.iter().any(|(_, size)| *size > UPLOAD_LIMIT) {
+    let broken = crate::discord_spec::violations(method.as_str(), &parts, &json);
+    if !broken.is_empty() {
+        shared
+            .violations
+            .lock()
+            .unwrap()
+            .push(format!("{method} {path}: {}", broken.join("; ")));
+    }
+    let response = if !broken.is_empty() {
+        (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({ "code": 50035, "message": "Invalid Form Body",
+                               "errors": broken })),
+        )
+            .into_response()
+    } else if files.iter().any(|(_, size)| *size > UPLOAD_LIMIT) {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,
             40005,

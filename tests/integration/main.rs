@@ -8,6 +8,7 @@ mod bot;
 mod bot_actions;
 mod cli;
 mod config;
+mod discord_spec;
 mod fake_discord;
 mod fake_hub;
 mod fuzz;
