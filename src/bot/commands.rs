@@ -82,56 +82,55 @@ async fn imagine(
     cutouts: Option<u32>,
 ) -> Result<(), BotError> {
     let data = ctx.data();
-    if let Some(word) = banned_word(&prompt, &data.settings.discord.banned_words) {
-        return Err(BotError::User(format!(
-            "This server does not accept prompts with {}.",
-            quote(word, 50)
-        )));
-    }
-    let aspect = match aspect.as_deref().map(parse_aspect).transpose() {
-        Ok(a) => a,
-        Err(e) => return Err(BotError::User(e)),
-    };
-    let size = match size.as_deref() {
-        Some(text) => Some(
-            super::admin::parse_size(text, &data.settings.generation).map_err(BotError::User)?,
-        ),
-        None => None,
-    };
-    check_rate(data, ctx.author().id.get()).await?;
-    let options = ImagineOptions {
-        seed,
-        steps,
-        size,
-        aspect,
-        cutn: cutouts,
-        vqgan: model,
-        clip: None,
-        crops: false,
-    };
-    let mine = users::get_user_settings(&data.pool, ctx.author().id.get()).await?;
-    let defaults = super::admin::user_defaults(
-        &data.settings.generation,
-        mine.as_ref(),
-        data.settings.models.allow_tiny,
-    );
-    let resolved = request::resolve(
-        &prompt,
-        &options,
-        &defaults,
-        data.settings.models.allow_tiny,
-        request::auto_side(None),
-        &data.tokenizer,
-    )
-    .map_err(|e| BotError::User(e.to_string()))?;
+    let answer_by = tokio::time::Instant::now() + ACK_BUDGET;
     // Attachments are checked before anything is queued: a bad one loses nothing. Fetching
     // them may take longer than the 3 s Discord waits for an answer, so acknowledge first (the
     // answer then replaces the "thinking…" message, publicly).
-    let deferred = init_image.is_some() || image_prompt.is_some();
+    let mut deferred = init_image.is_some() || image_prompt.is_some();
     if deferred {
         ctx.defer().await?;
     }
-    let queued = async {
+    let prepared = async {
+        if let Some(word) = banned_word(&prompt, &data.settings.discord.banned_words) {
+            return Err(BotError::User(format!(
+                "This server does not accept prompts with {}.",
+                quote(word, 50)
+            )));
+        }
+        let aspect = parse_aspect_option(aspect.as_deref())?;
+        let size = match size.as_deref() {
+            Some(text) => Some(
+                super::admin::parse_size(text, &data.settings.generation)
+                    .map_err(BotError::User)?,
+            ),
+            None => None,
+        };
+        check_rate(data, ctx.author().id.get()).await?;
+        let options = ImagineOptions {
+            seed,
+            steps,
+            size,
+            aspect,
+            cutn: cutouts,
+            vqgan: model,
+            clip: None,
+            crops: false,
+        };
+        let mine = users::get_user_settings(&data.pool, ctx.author().id.get()).await?;
+        let defaults = super::admin::user_defaults(
+            &data.settings.generation,
+            mine.as_ref(),
+            data.settings.models.allow_tiny,
+        );
+        let resolved = request::resolve(
+            &prompt,
+            &options,
+            &defaults,
+            data.settings.models.allow_tiny,
+            request::auto_side(None),
+            &data.tokenizer,
+        )
+        .map_err(|e| BotError::User(e.to_string()))?;
         let images = &data.settings.storage.images;
         let init_image = match &init_image {
             Some(a) => Some(save_attachment(a, "init_image", images).await?),
@@ -157,26 +156,51 @@ async fn imagine(
             submitted.position,
             &resolved.notes,
         );
-        let message = announce(ctx, deferred, text, cancel_button(stored.id)).await?;
-        let (token, size_limit) = match ctx {
-            poise::Context::Application(app) => (
-                Some(app.interaction.token.clone()),
-                app.interaction.attachment_size_limit,
-            ),
-            poise::Context::Prefix(_) => (None, 0),
-        };
-        let http = ctx.serenity_context().http.clone();
-        track(data, http, submitted, &stored, &message, token, size_limit).await
-    }
-    .await;
-    match queued {
+        Ok((submitted, stored, text))
+    };
+    let prepared = if deferred {
+        prepared.await
+    } else {
+        // Under load (a burst of requests, a slow database) the answer may not be ready in
+        // time: past the budget, acknowledge first and answer by editing.
+        tokio::pin!(prepared);
+        tokio::select! {
+            ready = &mut prepared => ready,
+            () = tokio::time::sleep_until(answer_by) => {
+                ctx.defer().await?;
+                deferred = true;
+                prepared.await
+            }
+        }
+    };
+    let (submitted, stored, text) = match prepared {
+        Ok(ready) => ready,
         // After a deferral the refusal replaces the "thinking…" message.
         Err(BotError::User(text)) if deferred => {
             announce(ctx, true, text, Vec::new()).await?;
-            Ok(())
+            return Ok(());
         }
-        other => other,
-    }
+        Err(e) => return Err(e),
+    };
+    let message = announce(ctx, deferred, text, cancel_button(stored.id)).await?;
+    let (token, size_limit) = match ctx {
+        poise::Context::Application(app) => (
+            Some(app.interaction.token.clone()),
+            app.interaction.attachment_size_limit,
+        ),
+        poise::Context::Prefix(_) => (None, 0),
+    };
+    let http = ctx.serenity_context().http.clone();
+    track(data, http, submitted, &stored, &message, token, size_limit).await
+}
+
+/// How long `/imagine` may take to prepare its answer before it acknowledges the interaction
+/// first: well inside Discord's 3 s, leaving time for the acknowledgement itself to arrive.
+const ACK_BUDGET: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// The `aspect` option, parsed; a message for the user when it is not a ratio.
+fn parse_aspect_option(aspect: Option<&str>) -> Result<Option<(u32, u32)>, BotError> {
+    aspect.map(parse_aspect).transpose().map_err(BotError::User)
 }
 
 /// The command's answer as a real message: a new reply, or (after a deferral) the deferred

@@ -65,6 +65,8 @@ struct Shared {
     dispatched: Mutex<HashMap<String, Instant>>,
     /// Requests whose body broke Discord's OpenAPI spec, with how.
     violations: Mutex<Vec<String>>,
+    /// Time from each interaction's dispatch to its first response.
+    ack_latencies: Mutex<Vec<Duration>>,
 }
 
 /// Discord's upload limit per file.
@@ -105,7 +107,8 @@ impl FakeDiscord {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let shared = Arc::new(Shared {
             log: Mutex::default(),
-            dispatches: broadcast::channel(64).0,
+            // Room for a burst of interactions (the load test sends 200 at once).
+            dispatches: broadcast::channel(4096).0,
             identified: Mutex::default(),
             next_id: AtomicU64::new(1_300_000_000_000_000_000),
             url: url.clone(),
@@ -115,6 +118,7 @@ impl FakeDiscord {
             attachments: Mutex::default(),
             dispatched: Mutex::default(),
             violations: Mutex::default(),
+            ack_latencies: Mutex::default(),
         });
         let app = Router::new()
             .route("/ws", get(gateway))
@@ -149,6 +153,11 @@ impl FakeDiscord {
             .shared
             .dispatches
             .send(json!({ "op": 0, "t": event, "s": 2, "d": data }));
+    }
+
+    /// Time from each interaction's dispatch to its first response, in answer order.
+    pub fn ack_latencies(&self) -> Vec<Duration> {
+        self.shared.ack_latencies.lock().unwrap().clone()
     }
 
     /// A fresh snowflake.
@@ -383,6 +392,9 @@ fn answer(shared: &Shared, method: &Method, parts: &[&str], json: &Value) -> Res
         }
         ("POST", ["interactions", id, token, "callback"]) => {
             let dispatched = shared.dispatched.lock().unwrap().get(*id).copied();
+            if let Some(at) = dispatched {
+                shared.ack_latencies.lock().unwrap().push(at.elapsed());
+            }
             if dispatched.is_some_and(|at| at.elapsed() > ACK_WINDOW) {
                 return error(StatusCode::NOT_FOUND, 10062, "Unknown interaction");
             }
