@@ -396,6 +396,116 @@ fn imagine_explains_bad_requests_and_missing_models() {
     );
 }
 
+/// A real 1×1 PNG whose header claims `width`×`height` (a few dozen bytes, any claimed size).
+fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+    let mut png = vqclip::engine::image::encode_png(&image::RgbImage::new(1, 1)).unwrap();
+    png[16..20].copy_from_slice(&width.to_be_bytes());
+    png[20..24].copy_from_slice(&height.to_be_bytes());
+    let mut crc = !0u32;
+    for &b in &png[12..29] {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    png[29..33].copy_from_slice(&(!crc).to_be_bytes());
+    png
+}
+
+#[test]
+fn hostile_inputs_get_clear_errors_and_never_abort_the_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(&dir);
+    let run = |args: &[&str]| {
+        let mut all = vec!["--config", config.as_str(), "imagine"];
+        all.extend_from_slice(args);
+        let out = vqclip(dir.path(), &all, &[]);
+        (out.status.code(), text(&out.stderr))
+    };
+    // 64 Mi pixels in one row: once a 64 GiB allocation and an abort (exit 134).
+    let strip = dir.path().join("strip.png");
+    std::fs::write(&strip, png_claiming(67_108_864, 1)).unwrap();
+    let small = ["--model", "tiny", "--steps", "1", "--size", "32x32"];
+    for flag in ["--init-image", "--image-prompt"] {
+        let mut args = vec!["a fox", flag, strip.to_str().unwrap()];
+        args.extend_from_slice(&small);
+        let (code, stderr) = run(&args);
+        assert_eq!(code, Some(1), "{stderr}");
+        assert!(
+            stderr.contains("67108864x1") && stderr.contains("8192 pixels a side"),
+            "{stderr}"
+        );
+    }
+    // Endless and blocking files are refused, not read.
+    for path in ["/dev/zero", dir.path().to_str().unwrap()] {
+        let mut args = vec!["a fox", "--init-image", path];
+        args.extend_from_slice(&small);
+        let (code, stderr) = run(&args);
+        assert_eq!(code, Some(1), "{stderr}");
+        assert!(stderr.contains("not a regular file"), "{stderr}");
+    }
+    // 12,000 prompt pieces: refused by length, no stack overflow.
+    let pieces = "a|".repeat(12_000);
+    let mut args = vec![pieces.as_str()];
+    args.extend_from_slice(&small);
+    let (code, stderr) = run(&args);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("the limit is 8192"), "{stderr}");
+    // 64 pieces, the most allowed, run (the loss is one sum, not a 64-deep chain).
+    let most = vec!["a fox"; 64].join(" | ");
+    let out_png = dir.path().join("most.png");
+    let mut args = vec![most.as_str(), "-o", out_png.to_str().unwrap()];
+    args.extend_from_slice(&small);
+    let (code, stderr) = run(&args);
+    assert_eq!(code, Some(0), "{stderr}");
+    // Em and en dashes from phones are flags, not prompt text.
+    let dashed = dir.path().join("dashed.png");
+    let (code, stderr) = run(&[
+        "a fox —steps 1 –size 32x32 —model tiny",
+        "-o",
+        dashed.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("32x32, 1 steps"), "{stderr}");
+    // Outputs that cannot be written are refused before any work.
+    let (code, stderr) = run(&["a fox", "-o", "x.json", "--model", "tiny"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("overwritten by its own JSON record"),
+        "{stderr}"
+    );
+    let (code, stderr) = run(&["a fox", "-o", "/missing/dir/x.png", "--model", "tiny"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("does not exist") && !stderr.contains("loading"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_damaged_or_unreadable_database_is_named_not_timed_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("broken.sqlite");
+    std::fs::write(&db, vec![0x5a; 8192]).unwrap();
+    let db_text = db.display().to_string();
+    let out = vqclip(
+        dir.path(),
+        &["jobs", "list"],
+        &[("VQCLIP_STORAGE__DATABASE", db_text.as_str())],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("broken.sqlite") && stderr.contains("not a database"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("timed out"), "{stderr}");
+}
+
 #[test]
 fn imagine_runs_the_tiny_models_on_seeded_weights_with_no_configuration() {
     let dir = tempfile::tempdir().unwrap();
