@@ -642,3 +642,37 @@ async fn a_result_the_database_refuses_frees_the_device_and_shutdown_always_ends
     );
     runner.release.store(true, Ordering::SeqCst);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_kept_killing_its_process_fails_at_start_and_its_watchers_hear_why() {
+    let (dir, pool) = test_pool().await;
+    let (job, _) = request(1, "poison", 3);
+    let id = jobs::insert_job(&pool, &job).await.unwrap();
+    let (job, _) = request(2, "fine", 3);
+    let fine = jobs::insert_job(&pool, &job).await.unwrap();
+    // Two earlier runs died with their process (recovered by the starts that followed them)...
+    for _ in 0..2 {
+        jobs::mark_job_running(&pool, id, "cpu#0").await.unwrap();
+        jobs::recover_lost_runs(&pool, jobs::LostRuns::SingleHost, 3)
+            .await
+            .unwrap();
+    }
+    // ...and a third leaves the row running again: this start fails it.
+    jobs::mark_job_running(&pool, id, "cpu#0").await.unwrap();
+    let runner = FakeRunner::new(1);
+    let s = Scheduler::start(pool.clone(), options(&dir), slots(&[&runner]))
+        .await
+        .unwrap();
+    assert_eq!(s.failed_at_start(), [id]);
+    let event = s.subscribe(id).unwrap().borrow().clone();
+    match event {
+        JobEvent::Failed { message } => assert!(message.contains("stopped 3 times"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    // The queue moves on without it.
+    assert_eq!(finished(&pool, fine).await, JobStatus::Succeeded);
+    assert!(!runner.started.lock().unwrap().contains(&id));
+    s.shutdown(Duration::from_secs(1)).await;
+    let failed = jobs::get_job(&pool, id).await.unwrap().unwrap();
+    assert_eq!((failed.status, failed.lost_runs), (JobStatus::Failed, 3));
+}
