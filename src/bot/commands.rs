@@ -470,11 +470,12 @@ async fn job(
         let value = match label {
             "prompt" | "error" => quote(&value, 1000),
             // Whole or not at all: a cut or altered command line would not run as shown.
-            "again" => code_block(&value, 1000).unwrap_or_else(|| {
-                format!(
-                    "too long to show here; `vqclip jobs show {id}` on the bot's host prints it"
-                )
-            }),
+            "again" => code_block(&crate::jobs::reproduce_command_to_share(&job), 1000)
+                .unwrap_or_else(|| {
+                    format!(
+                        "too long to show here; `vqclip jobs show {id}` on the bot's host prints it"
+                    )
+                }),
             _ => value,
         };
         embed = embed.field(label, value, !matches!(label, "prompt" | "again" | "error"));

@@ -443,6 +443,19 @@ pub fn shell_quote(arg: &str) -> String {
 /// models, init image, image prompts, noise prompts, a parent's latent), each argument quoted
 /// for a POSIX shell, so pasting it runs vqclip and nothing a prompt smuggled in.
 pub fn reproduce_command(job: &crate::store::jobs::Job) -> String {
+    reproduce_with(job, |p| p.to_string_lossy().into_owned())
+}
+
+/// [`reproduce_command`] for people elsewhere (Discord): input files by their names alone, so
+/// the command does not reveal where the host keeps them.
+pub fn reproduce_command_to_share(job: &crate::store::jobs::Job) -> String {
+    reproduce_with(job, |p| {
+        p.file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+    })
+}
+
+fn reproduce_with(job: &crate::store::jobs::Job, path: impl Fn(&Path) -> String) -> String {
     let params: Option<JobParams> = serde_json::from_value(job.params.clone()).ok();
     let mut args: Vec<String> = vec![
         "vqclip".into(),
@@ -461,7 +474,6 @@ pub fn reproduce_command(job: &crate::store::jobs::Job) -> String {
         job.clip_model.clone(),
     ];
     if let Some(params) = &params {
-        let path = |p: &Path| p.to_string_lossy().into_owned();
         if matches!(
             params.spec.cutouts,
             crate::engine::generate::CutoutSetting::Crops { .. }
