@@ -252,12 +252,20 @@ async fn save_attachment(
             MAX_ATTACHMENT_BYTES >> 20
         )));
     }
-    let picture = crate::engine::image::decode(&bytes).map_err(|e| {
-        BotError::User(format!(
-            "{option} is not a picture we can read (PNG, JPEG, WebP or GIF): {e}"
-        ))
-    })?;
-    let png = crate::engine::image::encode_png(&picture).map_err(anyhow::Error::from)?;
+    // Decoding and re-encoding a large picture takes seconds: off the async runtime.
+    let converted = tokio::task::spawn_blocking(move || {
+        crate::engine::image::decode(&bytes)
+            .map(|picture| crate::engine::image::encode_png(&picture))
+    })
+    .await
+    .map_err(anyhow::Error::from)?;
+    let png = converted
+        .map_err(|e| {
+            BotError::User(format!(
+                "{option} is not a picture we can read (PNG, JPEG, WebP or GIF): {e}"
+            ))
+        })?
+        .map_err(anyhow::Error::from)?;
     let digest = sha2::Sha256::digest(&png);
     let name: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     let dir = images.join("inputs");
