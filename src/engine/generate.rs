@@ -151,7 +151,7 @@ impl GenerationSpec {
     /// (prompt count, visible text, weights and stops); the message names the field and its
     /// limit.
     pub fn check(&self) -> std::result::Result<(), String> {
-        use super::prompt::{MAX_PROMPT_BYTES, MAX_PROMPTS, check_weight, has_visible_text};
+        use super::prompt::{MAX_PROMPT_BYTES, MAX_PROMPTS, has_visible_text};
         use limits::*;
         let (w, h) = (self.width, self.height);
         if w == 0 || h == 0 || w.max(h) > MAX_SIDE || u64::from(w) * u64::from(h) > MAX_PIXELS {
