@@ -203,6 +203,43 @@ mod tests {
         assert_eq!(prepare_for_loading(&st, model, cache.path()).unwrap(), st);
     }
 
+    /// Several workers on one host share the cache and start together: each converts the same
+    /// checkpoint at once, and each must end up with the whole converted file.
+    #[test]
+    fn workers_converting_the_same_checkpoint_at_once_all_get_the_whole_file() {
+        let cache = tempfile::tempdir().unwrap();
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let model = models::find("tiny_vqgan").unwrap();
+        let ckpt = fixtures.join("ckpt/tiny_vqgan.ckpt");
+        let start = std::sync::Barrier::new(8);
+        let converted: Vec<_> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..8)
+                .map(|_| {
+                    scope.spawn(|| {
+                        start.wait();
+                        prepare_for_loading(&ckpt, model, cache.path())
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        let expected = checkpoint::read_checkpoint(&ckpt).unwrap();
+        for path in converted {
+            let path = path.unwrap();
+            let tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+            assert_eq!(tensors.len(), expected.len());
+        }
+        let left: Vec<_> = std::fs::read_dir(cache.path().join(CONVERTED_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            left.len(),
+            1,
+            "one converted file and no leftovers: {left:?}"
+        );
+    }
+
     #[test]
     fn finds_files_by_ref_and_by_commit_in_the_hub_layout() {
         let cache = tempfile::tempdir().unwrap();

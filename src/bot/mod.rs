@@ -104,13 +104,17 @@ async fn on_error(error: poise::FrameworkError<'_, Data, BotError>) {
         poise::FrameworkError::Command { error, ctx, .. } => {
             let text = match &error {
                 BotError::User(message) => message.clone(),
-                BotError::Internal(e) => {
-                    tracing::error!(command = %ctx.command().name, error = ?e, "command failed");
+                BotError::Internal(_) => {
                     "Something went wrong on our side; it has been logged.".to_owned()
                 }
             };
             if let Err(e) = ctx.send(private_reply(text)).await {
                 tracing::warn!(error = %e, "cannot report an error to the user");
+            }
+            // After the answer: naming the cause of a database timeout takes a connection try.
+            if let BotError::Internal(e) = &error {
+                let described = ctx.data().pool.describe(e.as_ref()).await;
+                tracing::error!(command = %ctx.command().name, error = %described, "command failed");
             }
         }
         other => {

@@ -159,12 +159,23 @@ pub(super) async fn cancel(
 
 /// Until `stop` resolves: picks up jobs and cancels other processes put in the database, and
 /// logs a status line when jobs move.
+///
+/// `stop` ends it even in the middle of a database call: with the database unreachable each
+/// call waits for the pool's acquire timeout, and SIGTERM must not wait behind them.
 async fn poll_store(
     scheduler: &Scheduler,
     pool: &Store,
     settings: &Settings,
     stop: impl std::future::Future<Output = ()>,
 ) {
+    tokio::select! {
+        () = stop => {}
+        () = poll_forever(scheduler, pool, settings) => {}
+    }
+}
+
+/// The loop of [`poll_store`].
+async fn poll_forever(scheduler: &Scheduler, pool: &Store, settings: &Settings) {
     // On PostgreSQL new work is announced: claim it at once rather than at the next tick.
     let mut queued =
         match store::events::Listener::connect(pool, store::events::QUEUE_CHANNEL).await {
@@ -176,10 +187,11 @@ async fn poll_store(
         };
     let poll = Duration::from_millis(settings.scheduler.poll_interval_ms);
     let mut tick = tokio::time::interval(poll);
+    // After a slow round (an unreachable database) one poll follows, not a burst of them.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut since = Timestamp::now();
     let mut last_shape = String::new();
     let mut last_log = std::time::Instant::now();
-    tokio::pin!(stop);
     loop {
         let announced = async {
             match queued.as_mut() {
@@ -188,20 +200,22 @@ async fn poll_store(
             }
         };
         tokio::select! {
-            () = &mut stop => break,
             _ = announced => {
                 if let Err(e) = scheduler.load_queued().await {
-                    tracing::error!(error = %e, "cannot claim queued jobs");
+                    let described = pool.describe(e.as_ref()).await;
+                    tracing::error!(error = %described, "cannot claim queued jobs");
                 }
             }
             _ = tick.tick() => {
                 // Jobs and cancels may come from other processes (`jobs submit`, the bot).
                 let now = Timestamp::now();
                 if let Err(e) = scheduler.load_queued().await {
-                    tracing::error!(error = %e, "cannot read queued jobs");
+                    let described = pool.describe(e.as_ref()).await;
+                    tracing::error!(error = %described, "cannot read queued jobs");
                 }
                 if let Err(e) = scheduler.apply_cancels_since(since.minus(Duration::from_secs(1))).await {
-                    tracing::error!(error = %e, "cannot read cancelled jobs");
+                    let described = pool.describe(e.as_ref()).await;
+                    tracing::error!(error = %described, "cannot read cancelled jobs");
                 }
                 since = now;
                 // A line when jobs move, else at most every half minute while busy.
@@ -325,8 +339,19 @@ pub(super) async fn serve(settings: Settings) -> anyhow::Result<()> {
     let _ = poller.await;
     let grace = Duration::from_secs(settings.scheduler.shutdown_grace_seconds);
     scheduler.shutdown(grace).await;
-    pool.close().await;
+    close_after_shutdown(&pool).await;
     result
+}
+
+/// Closes the pool at the end of `serve` or `worker`, waiting a few seconds at most for
+/// connections in use: a database that stopped answering must not keep the process alive.
+async fn close_after_shutdown(pool: &Store) {
+    if tokio::time::timeout(Duration::from_secs(3), pool.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!(database = %pool.location(), "database connections still busy at exit; leaving them");
+    }
 }
 
 /// `vqclip workers`: one line per worker heard from in the last `hours`.
@@ -440,6 +465,6 @@ pub(super) async fn worker(config: Option<&Path>, env: &Environment) -> anyhow::
         grace.as_secs()
     );
     scheduler.shutdown(grace).await;
-    pool.close().await;
+    close_after_shutdown(&pool).await;
     Ok(())
 }

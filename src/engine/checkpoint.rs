@@ -1,6 +1,7 @@
 //! Reading model weights from disk into a candle `VarBuilder`: safetensors files (memory-mapped)
-//! and PyTorch Lightning `.ckpt` checkpoints (torch's zip format), as the released
-//! taming-transformers VQGANs ship.
+//! and PyTorch zip checkpoints: Lightning `.ckpt` files, as the released taming-transformers
+//! VQGANs ship, and bare state dicts such as Hugging Face's `pytorch_model.bin` (OpenAI's CLIP
+//! ViT-B/16 and ViT-L/14@336 repositories publish only that).
 //!
 //! The format is recognised by content, not by file name. A `.ckpt` holds the model under its
 //! `state_dict` key next to training state; the LPIPS/discriminator tensors under `loss.*` (why
@@ -99,12 +100,19 @@ pub fn read_checkpoint(path: &Path) -> Result<HashMap<String, Tensor>, LoadError
         source: Box::new(source),
     };
     // A Lightning checkpoint nests the weights under `state_dict`; a bare `torch.save(state_dict)`
-    // does not. Without the right key candle silently yields nothing, so try both.
-    let mut tensors =
-        candle_core::pickle::read_all_with_key(path, Some("state_dict")).map_err(tensors_error)?;
-    if tensors.is_empty() {
-        tensors = candle_core::pickle::read_all_with_key(path, None).map_err(tensors_error)?;
-    }
+    // (Hugging Face's `pytorch_model.bin`) does not, and candle answers it with "key state_dict
+    // not found". Asked for no key, a Lightning checkpoint's top level yields nothing, so try
+    // both, and report the first error only when neither way finds tensors.
+    let tensors = match candle_core::pickle::read_all_with_key(path, Some("state_dict")) {
+        Ok(tensors) if !tensors.is_empty() => tensors,
+        nested => match candle_core::pickle::read_all_with_key(path, None) {
+            Ok(tensors) if !tensors.is_empty() => tensors,
+            bare => match (nested, bare) {
+                (Err(e), _) | (Ok(_), Err(e)) => return Err(tensors_error(e)),
+                (Ok(_), Ok(_)) => Vec::new(),
+            },
+        },
+    };
     Ok(tensors
         .into_iter()
         .filter(|(_, t)| t.dtype().is_float())
@@ -181,16 +189,29 @@ pub fn describe_paths(paths: &[PathBuf]) -> String {
 /// Writes the model tensors of the checkpoint `ckpt` to the safetensors file `out` (via a
 /// temporary file, so a crash never leaves half a file under the final name). Returns the number
 /// of tensors written.
+///
+/// Several processes (workers sharing a model cache) or threads may convert the same checkpoint
+/// at once: each writes its own temporary file, and the renames replace `out` atomically with
+/// identical contents.
 pub fn convert_checkpoint(ckpt: &Path, out: &Path) -> Result<usize, LoadError> {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let tensors = read_checkpoint(ckpt)?;
-    let tmp = out.with_extension("safetensors.partial");
-    candle_core::safetensors::save(&tensors, &tmp).map_err(|source| LoadError::Tensors {
-        path: tmp.clone(),
-        source: Box::new(source),
-    })?;
-    std::fs::rename(&tmp, out).map_err(|source| LoadError::Io {
-        path: out.to_path_buf(),
-        source,
-    })?;
-    Ok(tensors.len())
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = out.with_extension(format!("safetensors.{}-{n}.partial", std::process::id()));
+    let written = candle_core::safetensors::save(&tensors, &tmp)
+        .map_err(|source| LoadError::Tensors {
+            path: tmp.clone(),
+            source: Box::new(source),
+        })
+        .and_then(|()| {
+            std::fs::rename(&tmp, out).map_err(|source| LoadError::Io {
+                path: out.to_path_buf(),
+                source,
+            })
+        });
+    if written.is_err() {
+        // A full disk must not keep a gigabyte of half-written file.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map(|()| tensors.len())
 }

@@ -303,6 +303,20 @@ struct Shared {
     /// Jobs failed at startup because their process had died under them too often; their
     /// subscribers (the bot, resuming its messages) see the failure.
     failed_at_start: Vec<JobId>,
+    /// Progress not yet written to the database, the latest of each job (see
+    /// [`Scheduler::write_progress`]).
+    progress_writes: Mutex<HashMap<JobId, ProgressWrite>>,
+    /// Wakes the progress writer.
+    progress_written: Notify,
+}
+
+/// A job's progress waiting to be written to the database.
+struct ProgressWrite {
+    update: ProgressUpdate,
+    /// A preview that followers on other hosts have not seen yet.
+    fresh_preview: bool,
+    /// The iteration of the update's preview.
+    preview_iteration: Option<u32>,
 }
 
 struct State {
@@ -354,6 +368,9 @@ struct Running {
     lost: bool,
     /// The iteration of `preview`.
     preview_iteration: Option<u32>,
+    /// Its device thread has returned; only the recording of how it ended is left (which an
+    /// unreachable database can make take a while).
+    ended: bool,
 }
 
 /// How long the follower gathers wake-ups before it reads the database.
@@ -387,6 +404,10 @@ fn input_name(path: &std::path::Path) -> Option<String> {
 /// How long after the grace period shutdown waits for stopped jobs to report before it gives up
 /// on them.
 const STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// How long shutdown waits for each of its own database writes: an unreachable database must
+/// not hold SIGTERM for the pool's acquire timeout, write after write.
+const SHUTDOWN_DB_WAIT: Duration = Duration::from_secs(3);
 
 /// Logs what [`store_jobs::recover_lost_runs`] did.
 fn log_recovered(recovered: &store_jobs::Recovered) {
@@ -487,10 +508,14 @@ impl Scheduler {
                 follow_now: Notify::new(),
                 stopped: std::sync::atomic::AtomicBool::new(false),
                 failed_at_start: recovered.failed,
+                progress_writes: Mutex::new(HashMap::new()),
+                progress_written: Notify::new(),
             }),
         };
         let collector = scheduler.clone();
         tokio::spawn(async move { collector.collect(reports_rx).await });
+        let writer = scheduler.clone();
+        tokio::spawn(async move { writer.write_progress().await });
         if let Some(claims) = &scheduler.shared.options.claims {
             let keeper = scheduler.clone();
             tokio::spawn(async move { keeper.keep_leases().await });
@@ -775,12 +800,7 @@ impl Scheduler {
     /// On the shared queue every job can be followed: the follower reads it from the database
     /// (a finished one gets its final event at once).
     pub fn subscribe(&self, id: JobId) -> Option<watch::Receiver<JobEvent>> {
-        let follows = self
-            .shared
-            .options
-            .claims
-            .as_ref()
-            .is_some_and(|c| c.follow.is_some());
+        let follows = self.follows();
         let mut state = self.state();
         if follows && !state.watchers.contains_key(&id) {
             let (tx, _) = watch::channel(JobEvent::Queued { position: 0 });
@@ -859,7 +879,7 @@ impl Scheduler {
         self.state().accepting = false;
         loop {
             let ended = self.shared.job_ended.notified();
-            if self.state().running.is_empty() {
+            if self.state().running.values().all(|r| r.ended) {
                 break;
             }
             if tokio::time::timeout_at(deadline, ended).await.is_err() {
@@ -882,19 +902,43 @@ impl Scheduler {
         let stop_deadline = Instant::now().max(deadline) + STOP_WAIT;
         loop {
             let ended = self.shared.job_ended.notified();
-            if self.state().running.is_empty() {
+            if self.state().running.values().all(|r| r.ended) {
                 break;
             }
             if tokio::time::timeout_at(stop_deadline, ended).await.is_err() {
-                let stuck: Vec<JobId> = self.state().running.keys().copied().collect();
+                let stuck: Vec<JobId> = (self.state().running.iter())
+                    .filter(|(_, r)| !r.ended)
+                    .map(|(&id, _)| id)
+                    .collect();
                 tracing::error!(jobs = ?stuck, "running jobs did not stop in time; queueing them again and stopping anyway");
                 for id in stuck {
-                    let requeued =
-                        store_jobs::requeue_job(&self.shared.pool, id, self.worker_id()).await;
-                    if let Err(e) = requeued {
-                        tracing::error!(job_id = id.0, error = %e, "cannot queue a stopped job again");
+                    let requeue = store_jobs::requeue_job(&self.shared.pool, id, self.worker_id());
+                    match tokio::time::timeout(SHUTDOWN_DB_WAIT, requeue).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            tracing::error!(job_id = id.0, error = %e, "cannot queue a stopped job again");
+                        }
+                        Err(_) => {
+                            tracing::error!(job_id = id.0, database = %self.shared.pool.location(), "the database did not answer; the job is recovered when its process is found gone");
+                        }
                     }
                 }
+                break;
+            }
+        }
+        // Jobs that ended are being recorded: milliseconds on a healthy database; an unreachable
+        // one is not waited for longer than a write.
+        let record_deadline = Instant::now() + SHUTDOWN_DB_WAIT;
+        loop {
+            let ended = self.shared.job_ended.notified();
+            if !self.state().running.values().any(|r| r.ended) {
+                break;
+            }
+            if tokio::time::timeout_at(record_deadline, ended)
+                .await
+                .is_err()
+            {
+                tracing::error!(database = %self.shared.pool.location(), "how the last jobs ended could not be recorded in time; they run again when their process is found gone");
                 break;
             }
         }
@@ -920,10 +964,15 @@ impl Scheduler {
             tracing::error!("device threads did not end in time; leaving them to the process exit");
         }
         self.shared.stopped.store(true, Ordering::SeqCst);
-        if let Some(claims) = &self.shared.options.claims
-            && let Err(e) = workers::stop_worker(&self.shared.pool, &claims.worker_id).await
-        {
-            tracing::error!(error = %e, "cannot record the worker's stop");
+        if let Some(claims) = &self.shared.options.claims {
+            let stop = workers::stop_worker(&self.shared.pool, &claims.worker_id);
+            match tokio::time::timeout(SHUTDOWN_DB_WAIT, stop).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "cannot record the worker's stop"),
+                Err(_) => {
+                    tracing::error!(database = %self.shared.pool.location(), "the database did not answer; the worker's stop is not recorded")
+                }
+            }
         }
         tracing::info!("scheduler stopped");
     }
@@ -999,6 +1048,7 @@ impl Scheduler {
                 preview: None,
                 lost: false,
                 preview_iteration: None,
+                ended: false,
             },
         );
         tracing::info!(job_id = id.0, user_id = user, device = %state.devices[device].label, "job dispatched");
@@ -1094,7 +1144,8 @@ impl Scheduler {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !self.shared.stopped.load(Ordering::SeqCst) {
             tick.tick().await;
-            match workers::renew_leases(pool, &claims.worker_id, claims.lease).await {
+            let running: Vec<JobId> = self.state().running.keys().copied().collect();
+            match workers::renew_leases(pool, &claims.worker_id, &running, claims.lease).await {
                 Ok(held) => {
                     let mut state = self.state();
                     for (id, running) in &mut state.running {
@@ -1108,10 +1159,14 @@ impl Scheduler {
                         }
                     }
                 }
-                Err(e) => tracing::error!(error = %e, "cannot renew job leases"),
+                Err(e) => {
+                    let described = self.shared.pool.describe(&e).await;
+                    tracing::error!(error = %described, "cannot renew job leases");
+                }
             }
             if let Err(e) = workers::heartbeat_worker(pool, &claims.worker_id).await {
-                tracing::error!(error = %e, "cannot record the worker's heartbeat");
+                let described = self.shared.pool.describe(&e).await;
+                tracing::error!(error = %described, "cannot record the worker's heartbeat");
             }
             let max_attempts = self.shared.options.max_attempts;
             match store_jobs::recover_lost_runs(pool, LostRuns::ExpiredLeases, max_attempts).await {
@@ -1129,10 +1184,14 @@ impl Scheduler {
                         }
                     }
                 }
-                Err(e) => tracing::error!(error = %e, "cannot requeue expired leases"),
+                Err(e) => {
+                    let described = self.shared.pool.describe(&e).await;
+                    tracing::error!(error = %described, "cannot requeue expired leases");
+                }
             }
             if let Err(e) = self.claim_for_free_devices().await {
-                tracing::error!(error = %e, "cannot claim jobs");
+                let described = self.shared.pool.describe(&e).await;
+                tracing::error!(error = %described, "cannot claim jobs");
             }
         }
     }
@@ -1165,7 +1224,8 @@ impl Scheduler {
             // Many workers reporting at once wake this often: one refresh covers a burst.
             tokio::time::sleep(FOLLOW_DEBOUNCE).await;
             if let Err(e) = self.refresh_followed().await {
-                tracing::error!(error = %e, "cannot follow jobs in the database");
+                let described = self.shared.pool.describe(&e).await;
+                tracing::error!(error = %described, "cannot follow jobs in the database");
             }
         }
     }
@@ -1401,6 +1461,15 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Whether this scheduler follows jobs run elsewhere from the shared database.
+    fn follows(&self) -> bool {
+        self.shared
+            .options
+            .claims
+            .as_ref()
+            .is_some_and(|c| c.follow.is_some())
+    }
+
     /// This scheduler's worker id on claimed jobs; `None` on a single-host queue.
     fn worker_id(&self) -> Option<&str> {
         self.shared
@@ -1410,11 +1479,61 @@ impl Scheduler {
             .map(|c| c.worker_id.as_str())
     }
 
+    fn progress_writes(&self) -> MutexGuard<'_, HashMap<JobId, ProgressWrite>> {
+        self.shared
+            .progress_writes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Writes jobs' progress to the database, the latest of each job, apart from the loop that
+    /// records starts and ends: when the database is slow or unreachable, progress waits and
+    /// coalesces instead of queueing in front of a job's end (and of shutdown).
+    async fn write_progress(&self) {
+        loop {
+            self.shared.progress_written.notified().await;
+            let writes: Vec<(JobId, ProgressWrite)> = self.progress_writes().drain().collect();
+            for (id, write) in writes {
+                if let Err(e) = self.store_progress(id, &write).await {
+                    let described = self.shared.pool.describe(&e).await;
+                    tracing::error!(job_id = id.0, error = %described, "cannot record a job's progress");
+                }
+            }
+        }
+    }
+
+    /// Writes one job's progress: the iteration on a single host; on the shared queue also
+    /// what followers on other hosts show (loss, times, the preview).
+    async fn store_progress(&self, id: JobId, write: &ProgressWrite) -> Result<(), sqlx::Error> {
+        let pool = &self.shared.pool;
+        let update = &write.update;
+        let Some(worker) = self.worker_id() else {
+            store_jobs::record_job_progress(pool, id, update.iteration).await?;
+            return Ok(());
+        };
+        if write.fresh_preview
+            && let Some(preview) = &update.preview
+        {
+            events::put_job_file(pool, id, events::PREVIEW, &preview.jpeg).await?;
+        }
+        let details = events::ProgressDetails {
+            loss: update.loss,
+            elapsed_ms: millis(update.elapsed),
+            eta_ms: millis(update.eta),
+            preview_iteration: write.preview_iteration,
+            preview_size: update.preview.as_ref().map(|p| (p.width, p.height)),
+        };
+        events::record_progress(pool, id, Some(worker), update.iteration, &details).await?;
+        self.announce(id).await;
+        Ok(())
+    }
+
     /// Receives what workers report until every worker is gone.
     async fn collect(&self, mut reports: mpsc::UnboundedReceiver<FromWorker>) {
         while let Some(report) = reports.recv().await {
             if let Err(e) = self.handle(report).await {
-                tracing::error!(error = %e, "cannot record a job's state");
+                let described = self.shared.pool.describe(&e).await;
+                tracing::error!(error = %described, "cannot record a job's state");
             }
         }
     }
@@ -1472,38 +1591,53 @@ impl Scheduler {
                     (update, fresh_preview, preview_iteration)
                 };
                 let (update, fresh_preview, preview_iteration) = update;
-                if self.worker_id().is_none() {
-                    store_jobs::record_job_progress(pool, id, update.iteration).await?;
-                } else {
-                    // Followers on other hosts read the progress, and the preview, from here.
-                    if fresh_preview && let Some(preview) = &update.preview {
-                        events::put_job_file(pool, id, events::PREVIEW, &preview.jpeg).await?;
-                    }
-                    let details = events::ProgressDetails {
-                        loss: update.loss,
-                        elapsed_ms: millis(update.elapsed),
-                        eta_ms: millis(update.eta),
-                        preview_iteration,
-                        preview_size: update.preview.as_ref().map(|p| (p.width, p.height)),
-                    };
-                    let worker = self.worker_id();
-                    events::record_progress(pool, id, worker, update.iteration, &details).await?;
-                    self.announce(id).await;
+                {
+                    let mut writes = self.progress_writes();
+                    // A preview not written yet stays due when a newer update replaces it.
+                    let fresh_preview =
+                        fresh_preview || writes.get(&id).is_some_and(|w| w.fresh_preview);
+                    writes.insert(
+                        id,
+                        ProgressWrite {
+                            update,
+                            fresh_preview,
+                            preview_iteration,
+                        },
+                    );
                 }
+                self.shared.progress_written.notify_one();
             }
             FromWorker::Done {
                 device,
                 id,
                 outcome,
             } => {
+                // Shutdown waits for device threads, not for the database.
+                if let Some(r) = self.state().running.get_mut(&id) {
+                    r.ended = true;
+                }
+                self.shared.job_ended.notify_waiters();
                 let recorded = self.record_outcome(device, id, outcome).await;
+                let follows = self.follows();
+                // A job that will run again stays followed (from the database) where this
+                // process follows jobs.
+                let keep_watchers = recorded.is_err() && follows;
                 let event = match recorded {
                     Ok(event) => event,
                     // The job must leave `running` whatever the database says (a full disk, a
                     // lost connection): otherwise the device stays busy and shutdown waits for
-                    // it forever. The row stays running and is recovered at the next start.
+                    // it forever. A claimed job's lease is no longer renewed, so it runs again
+                    // once the lease is over (its watchers hear of that run); a single host's
+                    // row stays running and is recovered at the next start.
+                    Err(e) if self.worker_id().is_some() => {
+                        let described = self.shared.pool.describe(&e).await;
+                        tracing::error!(job_id = id.0, error = %described, "cannot record how a job ended; it runs again when its lease is over");
+                        self.device_result(device, None);
+                        None
+                    }
                     Err(e) => {
-                        tracing::error!(job_id = id.0, error = %e, "cannot record how a job ended");
+                        let described = self.shared.pool.describe(&e).await;
+                        tracing::error!(job_id = id.0, error = %described, "cannot record how a job ended");
                         self.device_result(device, None);
                         Some(JobEvent::Failed {
                             message: format!("the result could not be recorded ({e})"),
@@ -1517,7 +1651,9 @@ impl Scheduler {
                     if let Some(event) = event {
                         publish(&mut state, id, event);
                     }
-                    state.watchers.remove(&id);
+                    if !keep_watchers {
+                        state.watchers.remove(&id);
+                    }
                     if state.accepting {
                         self.dispatch(&mut state);
                     }
@@ -1528,7 +1664,8 @@ impl Scheduler {
                     let claimer = self.clone();
                     tokio::spawn(async move {
                         if let Err(e) = claimer.claim_for_free_devices().await {
-                            tracing::error!(error = %e, "cannot claim jobs");
+                            let described = claimer.shared.pool.describe(&e).await;
+                            tracing::error!(error = %described, "cannot claim jobs");
                         }
                     });
                 }

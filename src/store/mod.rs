@@ -82,6 +82,9 @@ const MAX_CONNECTIONS: u32 = 8;
 /// How long to wait for a connection (a PostgreSQL server that does not answer, a full pool).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How long [`Store::describe`] tries to connect to find out why the pool could not.
+pub const PROBE_WAIT: Duration = Duration::from_secs(5);
+
 /// The database engine behind a [`Store`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Backend {
@@ -296,12 +299,73 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+
+    /// `error`, from an operation on this database, in words an operator can act on. A pool
+    /// that timed out says only "pool timed out while waiting for an open connection" whatever
+    /// the cause: one direct connection is tried (for at most [`PROBE_WAIT`]) so the message
+    /// names it ("Connection refused" from a PostgreSQL server that is down, a failed
+    /// password, a malformed SQLite file) and the database (without its password).
+    pub async fn describe(
+        &self,
+        error: &(dyn std::error::Error + Send + Sync + 'static),
+    ) -> String {
+        let (chain, timed_out) = error_chain(error);
+        let plain = format!("{} (database {})", chain.join(": "), self.location);
+        if !timed_out {
+            return plain;
+        }
+        let Ok(Ok(options)) = self
+            .location
+            .connect_url()
+            .map(|url| AnyConnectOptions::from_str(&url))
+        else {
+            return plain;
+        };
+        let backend = self.backend();
+        match tokio::time::timeout(PROBE_WAIT, sqlx::AnyConnection::connect_with(&options)).await {
+            Ok(Ok(connection)) => {
+                let _ = connection.close().await;
+                format!(
+                    "every connection to the {backend} database {} stayed busy for {} s",
+                    self.location,
+                    ACQUIRE_TIMEOUT.as_secs()
+                )
+            }
+            Ok(Err(cause)) => {
+                format!(
+                    "cannot reach the {backend} database {}: {cause}",
+                    self.location
+                )
+            }
+            Err(_) => format!(
+                "the {backend} database {} did not answer within {} s",
+                self.location,
+                ACQUIRE_TIMEOUT.as_secs() + PROBE_WAIT.as_secs()
+            ),
+        }
+    }
 }
 
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Store({}: {})", self.backend(), self.location)
     }
+}
+
+/// The messages of `error` and its sources, and whether the pool timed out on the way.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> (Vec<String>, bool) {
+    let mut chain = Vec::new();
+    let mut timed_out = false;
+    let mut next = Some(error);
+    while let Some(cause) = next {
+        chain.push(cause.to_string());
+        timed_out |= matches!(
+            cause.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::PoolTimedOut)
+        );
+        next = cause.source();
+    }
+    (chain, timed_out)
 }
 
 /// The settings of every SQLite connection. NORMAL is durable across application crashes in WAL

@@ -143,18 +143,31 @@ pub async fn claim_next_job(
     super::jobs::get_job(db, id).await
 }
 
-/// Extends the lease of every job `worker` runs to `lease` from now; returns the jobs it still
-/// holds (one missing from the answer was cancelled, or its lease ran out and it was requeued).
+/// Extends to `lease` from now the leases of the jobs `worker` runs (`running`, as the worker
+/// knows them); returns those it still holds (one missing from the answer was cancelled, or its
+/// lease ran out and it was requeued).
+///
+/// Only the jobs the worker names are renewed: a job whose end the worker could not record (the
+/// database failed at that moment) is still `running` under it in the database, and must not be
+/// kept alive by its heartbeat forever; its lease runs out and it is recovered like any lost run.
 pub async fn renew_leases(
     db: &Store,
     worker: &str,
+    running: &[JobId],
     lease: Duration,
 ) -> Result<Vec<JobId>, sqlx::Error> {
+    if running.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Job ids are integers from the database: listing them in the statement is safe and works
+    // the same on both backends.
+    let ids: Vec<String> = running.iter().map(|id| id.0.to_string()).collect();
     let sql = format!(
         "UPDATE jobs SET lease_expires_at = {} + $2
-         WHERE worker_id = $1 AND status = 'running'
+         WHERE worker_id = $1 AND status = 'running' AND id IN ({})
          RETURNING id",
-        db.backend().now_millis_sql()
+        db.backend().now_millis_sql(),
+        ids.join(", ")
     );
     sqlx::query_scalar(AssertSqlSafe(sql))
         .bind(worker)

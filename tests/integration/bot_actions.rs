@@ -119,9 +119,22 @@ impl Bot {
     /// another host: its own pool and images directory, the real tiny engine, sharing nothing
     /// with the bot but the database.
     async fn start_front_end(gate: &Gate) -> (Self, Scheduler, TempDir) {
+        let (_guard, pool) = crate::support::test_db(vqclip::store::Backend::Postgres).await;
+        let (bot, mut workers) = Self::start_front_end_on(pool, gate, 1).await;
+        let (worker, elsewhere) = workers.pop().unwrap();
+        (bot, worker, elsewhere)
+    }
+
+    /// As [`Self::start_front_end`] on the database of `pool`, with `workers` workers
+    /// (`gpu-elsewhere-1`, `-2`, …, each with one device labelled `cuda:7`) whose jobs all pass
+    /// through `gate`.
+    async fn start_front_end_on(
+        pool: Store,
+        gate: &Gate,
+        workers: usize,
+    ) -> (Self, Vec<(Scheduler, TempDir)>) {
         use vqclip::jobs::scheduler::ClaimOptions;
         let discord = FakeDiscord::start().await;
-        let (_guard, pool) = crate::support::test_db(vqclip::store::Backend::Postgres).await;
         let dir = tempfile::tempdir().unwrap();
         let settings = bot_settings(&discord, &dir, "", "devices = []\n");
         let mut front = options(&dir);
@@ -133,28 +146,32 @@ impl Bot {
             .await
             .unwrap();
 
-        let elsewhere = tempfile::tempdir().unwrap();
-        let remote_pool = vqclip::store::connect(pool.location()).await.unwrap();
-        let mut remote = options(&elsewhere);
-        remote.images = elsewhere.path().join("images");
-        let mut claims = ClaimOptions::for_this_process(Duration::from_secs(10));
-        claims.host = "gpu-elsewhere".into();
-        claims.worker_id = "gpu-elsewhere-1".into();
-        remote.claims = Some(claims);
-        let device = DeviceSlot {
-            label: "cuda:7".into(),
-            runner: gate.wrap(Box::new(vqclip::jobs::worker::EngineRunner::new(
-                candle_core::Device::Cpu,
-                settings.models.clone(),
-                1024,
-                remote.images.clone(),
-            ))),
-        };
-        let worker = Scheduler::start(remote_pool, remote, vec![device])
-            .await
-            .unwrap();
+        let mut started = Vec::new();
+        for n in 1..=workers {
+            let elsewhere = tempfile::tempdir().unwrap();
+            let remote_pool = vqclip::store::connect(pool.location()).await.unwrap();
+            let mut remote = options(&elsewhere);
+            remote.images = elsewhere.path().join("images");
+            let mut claims = ClaimOptions::for_this_process(Duration::from_secs(10));
+            claims.host = "gpu-elsewhere".into();
+            claims.worker_id = format!("gpu-elsewhere-{n}");
+            remote.claims = Some(claims);
+            let device = DeviceSlot {
+                label: "cuda:7".into(),
+                runner: gate.wrap(Box::new(vqclip::jobs::worker::EngineRunner::new(
+                    candle_core::Device::Cpu,
+                    settings.models.clone(),
+                    1024,
+                    remote.images.clone(),
+                ))),
+            };
+            let worker = Scheduler::start(remote_pool, remote, vec![device])
+                .await
+                .unwrap();
+            started.push((worker, elsewhere));
+        }
         let bot = Self::launch(discord, dir, pool, scheduler, settings).await;
-        (bot, worker, elsewhere)
+        (bot, started)
     }
 
     /// Connects a bot with these parts.
@@ -639,6 +656,75 @@ async fn a_front_end_bot_follows_jobs_a_worker_elsewhere_runs() {
     assert!(elsewhere.path().join("images/2.png").is_file());
 
     worker.shutdown(Duration::from_secs(1)).await;
+    bot.stop().await;
+}
+
+/// PostgreSQL restarts in the middle of a run of two workers and a front-end bot, as an
+/// administrator's restart or a failover does: no job is lost or fails, each result is posted
+/// once, and the bot goes on taking requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_mid_run_loses_no_job_and_the_bot_carries_on() {
+    crate::support::init_test_log();
+    let server = crate::postgres::PrivateServer::start();
+    let location = vqclip::store::Location::Postgres(server.new_database().await);
+    let pool = vqclip::store::connect(&location).await.unwrap();
+    vqclip::store::migrate(&pool).await.unwrap();
+    // The first job to reach step 3 waits there while the server goes down and comes back.
+    let gate = Gate::at(3);
+    let (bot, workers) = Bot::start_front_end_on(pool, &gate, 2).await;
+    let prompts = ["a red fox", "a blue heron", "a green frog", "a grey moth"];
+    for (user, prompt) in (77..).zip(&prompts[..3]) {
+        let opened = bot
+            .interact(bot.imagine(user, &format!("{prompt} --steps 6")))
+            .await;
+        assert!(text(&opened).contains(prompt), "{opened:?}");
+    }
+    gate.reached().await;
+    server.stop();
+    // Long enough for every client to find its connections gone, short of a lease (10 s).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    server.start_again();
+    gate.release();
+
+    let opened = bot
+        .interact(bot.imagine(80, &format!("{} --steps 6", prompts[3])))
+        .await;
+    assert!(text(&opened).contains(prompts[3]), "{opened:?}");
+    for id in 1..=4 {
+        assert_eq!(
+            finished(&bot.pool, JobId(id)).await,
+            JobStatus::Succeeded,
+            "job {id}"
+        );
+    }
+    for id in 1..=4 {
+        let job = bot.job(id).await;
+        // A run whose end was being recorded at the moment the server went down runs again
+        // (its lease is not renewed); none more than that.
+        assert!(job.attempts <= 2, "{job:?}");
+    }
+    let posts = eventually("the four results", || {
+        let posts: Vec<Request_> = bot
+            .discord
+            .log()
+            .into_iter()
+            .filter(|r| {
+                r.method == "POST" && r.path == "/channels/900/messages" && !r.files.is_empty()
+            })
+            .collect();
+        (posts.len() >= 4).then_some(posts)
+    })
+    .await;
+    for prompt in prompts {
+        assert_eq!(
+            posts.iter().filter(|p| text(p).contains(prompt)).count(),
+            1,
+            "{prompt} posted once: {posts:?}"
+        );
+    }
+    for (worker, _) in workers {
+        worker.shutdown(Duration::from_secs(1)).await;
+    }
     bot.stop().await;
 }
 

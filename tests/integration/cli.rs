@@ -734,17 +734,121 @@ async fn models_download_verify_and_imagine_fetch_from_the_hub() {
     );
 }
 
-/// `vqclip ARGS` started in the background, with the same clean environment as [`vqclip`].
+/// OpenAI's CLIP ViT-B/16 and ViT-L/14@336 repositories publish only `pytorch_model.bin` (torch's
+/// zip format, with int64 `position_ids` buffers beside the weights): such a file downloads and
+/// draws exactly what the same weights as safetensors draw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clip_published_only_as_pytorch_model_bin_draws_as_its_safetensors_do() {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let safetensors = format!("{fixtures}/parity/tiny_clip.safetensors");
+    let mut tensors: Vec<_> =
+        candle_core::safetensors::load(&safetensors, &candle_core::Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    for (key, positions) in [
+        ("text_model.embeddings.position_ids", 77),
+        ("vision_model.embeddings.position_ids", 17),
+    ] {
+        let ids = candle_core::Tensor::arange(0i64, positions, &candle_core::Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        tensors.push((key.to_owned(), ids));
+    }
+    let bin = crate::torch_zip::state_dict_bin(&tensors);
+    assert_eq!(&bin[..4], b"PK\x03\x04");
+    let hub = crate::fake_hub::FakeHub::start().await;
+    hub.publish(
+        "vqclip-test/tiny-clip-bin",
+        "main",
+        "pytorch_model.bin",
+        bin,
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let draw = |config: String, out: &'static str| {
+        let dir = dir.path().to_path_buf();
+        async move {
+            let out = vqclip_async(
+                &dir,
+                &[
+                    "--config", &config, "imagine", "a fox", "--model", "tiny", "--steps", "2",
+                    "--size", "32x32", "--cutn", "2", "--seed", "7", "-o", out,
+                ],
+                &[],
+            )
+            .await;
+            assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        }
+    };
+    let from_hub = write_config(
+        &dir,
+        &format!(
+            "[models]\ncache_dir = \"cache\"\nhub_endpoint = \"{}\"\n\
+             [models.tiny_clip]\nrepo = \"vqclip-test/tiny-clip-bin\"\nfile = \"pytorch_model.bin\"\n",
+            hub.url
+        ),
+    );
+    draw(from_hub, "bin.png").await;
+    assert!(
+        hub.log()
+            .iter()
+            .any(|seen| seen.file == "pytorch_model.bin"),
+        "{:?}",
+        hub.log()
+    );
+    let local = write_config(
+        &dir,
+        &format!("[models.tiny_clip]\npath = \"{safetensors}\"\n"),
+    );
+    draw(local, "safetensors.png").await;
+    let bin_png = std::fs::read(dir.path().join("bin.png")).unwrap();
+    let safetensors_png = std::fs::read(dir.path().join("safetensors.png")).unwrap();
+    assert!(
+        bin_png == safetensors_png,
+        "the pytorch_model.bin CLIP drew another picture"
+    );
+}
+
+/// `vqclip ARGS` started in the background, with the same clean environment as [`vqclip`]. Its
+/// log goes to a file in `dir` (see [`background_logs`]): a pipe nobody reads fills up and blocks
+/// the process at its next log line, heartbeat and all.
 fn spawn_vqclip(dir: &Path, args: &[&str]) -> std::process::Child {
+    static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let log = std::fs::File::create(dir.join(format!("background-{n}.log"))).unwrap();
     Command::new(env!("CARGO_BIN_EXE_vqclip"))
         .args(args)
         .current_dir(dir)
         .env_clear()
         .env("HOME", dir)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
+        .stderr(log)
         .spawn()
         .expect("start vqclip")
+}
+
+/// The logs of every process [`spawn_vqclip`] started in `dir`, for a failing assertion's message.
+fn background_logs(dir: &Path) -> String {
+    let mut logs: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("background-") && n.ends_with(".log"))
+        })
+        .collect();
+    logs.sort();
+    logs.iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(p).unwrap_or_default();
+            format!("--- {} ---\n{text}", p.display())
+        })
+        .collect()
 }
 
 /// A configuration for `vqclip worker` tests: one CPU device, the tiny models from the fixtures,
@@ -982,10 +1086,15 @@ async fn three_workers_on_postgres_run_thirty_jobs_exactly_once_across_a_sigkill
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let statuses: Vec<_> = finished.iter().map(|j| (j.id.0, j.status)).collect();
+    let unfinished: Vec<_> = finished
+        .iter()
+        .filter(|j| j.status != Succeeded)
+        .map(|j| (j.id.0, j.status, j.attempts, j.lost_runs, j.error.clone()))
+        .collect();
     assert!(
-        finished.iter().all(|j| j.status == Succeeded),
-        "not all succeeded: {statuses:?}"
+        unfinished.is_empty(),
+        "not all succeeded: {unfinished:?}\n{}",
+        background_logs(dir.path())
     );
     for job in &finished {
         assert!(dir.path().join(format!("images/{}.png", job.id)).is_file());
@@ -1305,4 +1414,103 @@ async fn a_job_whose_worker_is_killed_three_times_fails_and_the_queue_moves_on()
     assert_eq!((poisoned.lost_runs, poisoned.attempts), (3, 3));
     let error = poisoned.error.unwrap();
     assert!(error.contains("the worker stopped 3 times"), "{error}");
+}
+
+/// PostgreSQL goes away under a worker that is running a job: the worker's log names the cause
+/// and the database, SIGTERM still ends it promptly (it does not queue its polls and writes
+/// behind the pool's acquire timeout), and when the server is back the job is recovered and
+/// claimed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_database_went_away_says_why_and_stops_on_sigterm() {
+    let server = crate::postgres::PrivateServer::start();
+    let url = server.new_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = worker_config(&dir, url.as_str(), 4);
+    submit_as(
+        &dir,
+        &config,
+        "a long walk --steps 1000 --size 32x32 --cutn 2",
+        1,
+    )
+    .await;
+    let db = store::connect(&store::Location::Postgres(url.clone()))
+        .await
+        .unwrap();
+    let mut worker = spawn_vqclip(dir.path(), &["--config", &config, "worker"]);
+    let running = |job: &jobs::Job| job.status == jobs::JobStatus::Running && job.iteration > 0;
+    let mut started = false;
+    for _ in 0..4800 {
+        if jobs::get_job(&db, store::JobId(1))
+            .await
+            .unwrap()
+            .is_some_and(|job| running(&job))
+        {
+            started = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(started, "{}", background_logs(dir.path()));
+    db.close().await;
+
+    server.stop();
+    // The worker's next database calls time out in the pool; the log says why, with the
+    // database's address.
+    let cause = format!(
+        "cannot reach the PostgreSQL database {}",
+        store::Location::Postgres(url.clone())
+    );
+    let mut said = false;
+    for _ in 0..1200 {
+        let logs = background_logs(dir.path());
+        if logs.contains(&cause) && logs.contains("Connection refused") {
+            said = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(said, "{}", background_logs(dir.path()));
+    Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    // Generous for a loaded machine; before, the process took minutes, one acquire timeout
+    // after another.
+    let mut code = None;
+    for _ in 0..600 {
+        if let Some(status) = worker.try_wait().unwrap() {
+            code = Some(status.code());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    if code.is_none() {
+        worker.kill().unwrap();
+    }
+    assert_eq!(code, Some(Some(0)), "{}", background_logs(dir.path()));
+
+    // The server is back: the run the stopped worker could not hand back is recovered when its
+    // lease is found expired, and another worker takes the job.
+    server.start_again();
+    let db = store::connect(&store::Location::Postgres(url.clone()))
+        .await
+        .unwrap();
+    let mut worker = spawn_vqclip(dir.path(), &["--config", &config, "worker"]);
+    let mut again = None;
+    for _ in 0..4800 {
+        let job = jobs::get_job(&db, store::JobId(1)).await.unwrap().unwrap();
+        if job.attempts == 2 && job.status == jobs::JobStatus::Running {
+            again = Some(job);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let again = again.unwrap_or_else(|| panic!("{}", background_logs(dir.path())));
+    assert_eq!(again.lost_runs, 1);
+    Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(worker.wait().unwrap().code(), Some(0));
+    db.close().await;
 }

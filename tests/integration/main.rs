@@ -19,4 +19,5 @@ mod postgres;
 mod scheduler;
 mod store;
 mod support;
+mod torch_zip;
 mod vqgan;

@@ -39,12 +39,17 @@ pub async fn new_database() -> url::Url {
         .get_or_init(|| start().map_err(|e| format!("{e:#}")))
         .as_ref()
         .unwrap_or_else(|e| panic!("no PostgreSQL server for the tests: {e}"));
+    create_database(&server.admin_url).await
+}
+
+/// Creates a database with a name of its own on the server of `admin_url`; returns its URL.
+async fn create_database(admin_url: &url::Url) -> url::Url {
     let name = format!(
         "vqclip_test_{}_{}",
         std::process::id(),
         DATABASES.fetch_add(1, Ordering::SeqCst)
     );
-    let mut admin = connect_retrying(&server.admin_url, Duration::from_secs(30))
+    let mut admin = connect_retrying(admin_url, Duration::from_secs(30))
         .await
         .expect("connect to the test server");
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
@@ -52,7 +57,7 @@ pub async fn new_database() -> url::Url {
         .await
         .expect("create a test database");
     admin.close().await.ok();
-    let mut url = server.admin_url.clone();
+    let mut url = admin_url.clone();
     url.set_path(&name);
     url
 }
@@ -83,56 +88,18 @@ fn start() -> anyhow::Result<Server> {
             _keeper: None,
         });
     }
-    let bin = find_binaries().ok_or_else(|| {
-        anyhow::anyhow!(
-            "PostgreSQL's server programs (initdb, postgres) are not installed; install them \
-             (Debian: apt-get install postgresql) or set {URL_VAR} to a running server"
-        )
-    })?;
-    // The server refuses to run as root; Debian's package creates the `postgres` user for it.
-    let as_user = running_as_root().then_some("postgres");
-    let dir = std::env::temp_dir().join(format!("vqclip-test-pg-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).context("create the test server's directory")?;
-    if let Some(user) = as_user {
-        let status = Command::new("chown")
-            .args([user, dir.to_str().unwrap_or_default()])
-            .status()
-            .context("chown the test server's directory")?;
-        anyhow::ensure!(status.success(), "chown {user} {} failed", dir.display());
-    }
-    let data = dir.join("data");
-    let output = command(as_user, &bin.join("initdb"))
-        .args([
-            "-D",
-            path_str(&data)?,
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-        ])
-        .arg("--no-sync")
-        .output()
-        .context("run initdb")?;
-    anyhow::ensure!(
-        output.status.success(),
-        "initdb failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let port = free_port()?;
+    let cluster = Cluster::init(&std::process::id().to_string())?;
     // The shell starts the server, waits for its stdin to close (this process ending), then
     // stops the server and removes the directory.
     let script = format!(
-        "'{postgres}' -D '{data}' -k '{dir}' -h 127.0.0.1 -p {port} \
-         -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
-         -c max_connections=300 >'{dir}/server.log' 2>&1 & pid=$!; \
+        "'{postgres}' -D '{data}' {options} >'{dir}/server.log' 2>&1 & pid=$!; \
          echo started; read _ignored; kill -INT $pid; wait $pid; rm -rf '{dir}'",
-        postgres = bin.join("postgres").display(),
-        data = data.display(),
-        dir = dir.display(),
+        postgres = cluster.bin.join("postgres").display(),
+        data = cluster.data.display(),
+        options = cluster.server_options(),
+        dir = cluster.dir.display(),
     );
-    let mut keeper = command(as_user, Path::new("sh"))
+    let mut keeper = command(cluster.as_user, Path::new("sh"))
         .args(["-c", &script])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -148,11 +115,171 @@ fn start() -> anyhow::Result<Server> {
     if let Some(stdin) = keeper.stdin.as_mut() {
         stdin.flush().ok();
     }
-    let admin_url = url::Url::parse(&format!("postgres://postgres@127.0.0.1:{port}/postgres"))?;
     Ok(Server {
-        admin_url,
+        admin_url: cluster.admin_url()?,
         _keeper: Some(Mutex::new(keeper)),
     })
+}
+
+/// A data directory made by `initdb` in a temporary directory of its own, and the loopback port
+/// its server listens on.
+struct Cluster {
+    /// Where `initdb`, `postgres` and `pg_ctl` are.
+    bin: PathBuf,
+    /// The user the server runs as (`postgres` when the tests run as root: the server refuses
+    /// root).
+    as_user: Option<&'static str>,
+    /// The temporary directory: the data directory, the socket and the log.
+    dir: PathBuf,
+    data: PathBuf,
+    port: u16,
+}
+
+impl Cluster {
+    fn init(name: &str) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let bin = find_binaries().ok_or_else(|| {
+            anyhow::anyhow!(
+                "PostgreSQL's server programs (initdb, postgres) are not installed; install them \
+                 (Debian: apt-get install postgresql) or set {URL_VAR} to a running server"
+            )
+        })?;
+        let as_user = running_as_root().then_some("postgres");
+        let dir = std::env::temp_dir().join(format!("vqclip-test-pg-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).context("create the test server's directory")?;
+        if let Some(user) = as_user {
+            let status = Command::new("chown")
+                .args([user, dir.to_str().unwrap_or_default()])
+                .status()
+                .context("chown the test server's directory")?;
+            anyhow::ensure!(status.success(), "chown {user} {} failed", dir.display());
+        }
+        let data = dir.join("data");
+        let output = command(as_user, &bin.join("initdb"))
+            .args([
+                "-D",
+                path_str(&data)?,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ])
+            .arg("--no-sync")
+            .output()
+            .context("run initdb")?;
+        anyhow::ensure!(
+            output.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(Self {
+            bin,
+            as_user,
+            dir,
+            data,
+            port: free_port()?,
+        })
+    }
+
+    /// The server's command-line options: loopback only, and no durability (a test database).
+    fn server_options(&self) -> String {
+        format!(
+            "-k '{dir}' -h 127.0.0.1 -p {port} -c fsync=off -c synchronous_commit=off \
+             -c full_page_writes=off -c max_connections=300",
+            dir = self.dir.display(),
+            port = self.port,
+        )
+    }
+
+    fn admin_url(&self) -> anyhow::Result<url::Url> {
+        Ok(url::Url::parse(&format!(
+            "postgres://postgres@127.0.0.1:{}/postgres",
+            self.port
+        ))?)
+    }
+
+    /// Runs `pg_ctl ARGS` on this cluster, waiting for it to finish.
+    fn pg_ctl(&self, args: &[&str]) {
+        let output = command(self.as_user, &self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(args)
+            .output()
+            .expect("run pg_ctl");
+        assert!(
+            output.status.success(),
+            "pg_ctl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+/// A PostgreSQL server of one test's own, which the test may stop and start again (on the same
+/// port, with the same data) to see its clients lose the server and find it back. It stops and
+/// its directory goes when it drops, or when the test process ends, killed or not.
+pub struct PrivateServer {
+    cluster: Cluster,
+    /// A shell that stops the server and removes its directory when its stdin closes.
+    _keeper: Child,
+}
+
+impl PrivateServer {
+    /// Creates a cluster and starts its server.
+    pub fn start() -> Self {
+        static SERVERS: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "{}-private-{}",
+            std::process::id(),
+            SERVERS.fetch_add(1, Ordering::SeqCst)
+        );
+        let cluster =
+            Cluster::init(&name).unwrap_or_else(|e| panic!("no PostgreSQL server: {e:#}"));
+        let script = format!(
+            "read _ignored; '{pg_ctl}' -D '{data}' -m immediate stop >/dev/null 2>&1; rm -rf '{dir}'",
+            pg_ctl = cluster.bin.join("pg_ctl").display(),
+            data = cluster.data.display(),
+            dir = cluster.dir.display(),
+        );
+        let keeper = command(cluster.as_user, Path::new("sh"))
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("start the keeper of a private server");
+        let server = Self {
+            cluster,
+            _keeper: keeper,
+        };
+        server.start_again();
+        server
+    }
+
+    /// The URL of a new, empty database on this server.
+    pub async fn new_database(&self) -> url::Url {
+        create_database(&self.cluster.admin_url().unwrap()).await
+    }
+
+    /// Stops the server as an administrator's `pg_ctl stop` does (fast: clients are
+    /// disconnected, running transactions roll back), and waits until it is down.
+    pub fn stop(&self) {
+        self.cluster.pg_ctl(&["-m", "fast", "-w", "stop"]);
+    }
+
+    /// Starts the stopped server again and waits until it accepts connections.
+    pub fn start_again(&self) {
+        let log = self.cluster.dir.join("server.log");
+        let options = self.cluster.server_options();
+        self.cluster.pg_ctl(&[
+            "-l",
+            log.to_str().expect("a UTF-8 temporary directory"),
+            "-o",
+            &options,
+            "-w",
+            "start",
+        ]);
+    }
 }
 
 fn command(as_user: Option<&str>, program: &Path) -> Command {

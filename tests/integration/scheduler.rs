@@ -676,3 +676,60 @@ async fn a_job_that_kept_killing_its_process_fails_at_start_and_its_watchers_hea
     let failed = jobs::get_job(&pool, id).await.unwrap().unwrap();
     assert_eq!((failed.status, failed.lost_runs), (JobStatus::Failed, 3));
 }
+
+/// On the shared queue, a worker that cannot record how a job ended (a full disk on the
+/// database server, a dropped connection) stops renewing its lease: the job runs again when the
+/// lease is over, and whoever follows it hears of the run that ends it. Renewing it would keep it
+/// `running` forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_job_whose_end_was_not_recorded_runs_again_when_its_lease_is_over() {
+    use vqclip::jobs::scheduler::ClaimOptions;
+    let (_guard, pool) = crate::support::test_db(vqclip::store::Backend::Postgres).await;
+    // The first success is refused, as a full disk would; a sequence is not rolled back with
+    // the failed statement, so the second one passes.
+    sqlx::raw_sql(
+        "CREATE SEQUENCE refusals;
+         CREATE FUNCTION refuse_first_success() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.status = 'succeeded' AND nextval('refusals') = 1 THEN
+                 RAISE EXCEPTION 'could not extend file: No space left on device';
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER disk_full BEFORE UPDATE OF status ON jobs
+             FOR EACH ROW EXECUTE FUNCTION refuse_first_success();",
+    )
+    .execute(pool.pool())
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut claims = ClaimOptions::for_this_process(Duration::from_secs(2));
+    claims.follow = Some(Duration::from_millis(100));
+    let runner = FakeRunner::new(1);
+    let s = Scheduler::start(
+        pool.clone(),
+        SchedulerOptions {
+            claims: Some(claims),
+            ..options(&dir)
+        },
+        slots(&[&runner]),
+    )
+    .await
+    .unwrap();
+    let id = submit(&s, 1, "a fox", 3).await;
+    let mut events = s.subscribe(id).unwrap();
+    let ended = tokio::time::timeout(
+        Duration::from_secs(120),
+        events.wait_for(JobEvent::is_final),
+    )
+    .await
+    .expect("the job ended")
+    .expect("its watchers kept hearing of it")
+    .clone();
+    assert!(matches!(ended, JobEvent::Finished(_)), "{ended:?}");
+    let job = jobs::get_job(&pool, id).await.unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Succeeded);
+    assert!(job.attempts >= 2 && job.lost_runs >= 1, "{job:?}");
+    assert!(runner.started.lock().unwrap().len() >= 2, "it ran again");
+    s.shutdown(Duration::from_secs(1)).await;
+}

@@ -895,7 +895,11 @@ on_both_backends! {
             .unwrap()
             .unwrap();
         assert_eq!(job.id, id);
-        assert_eq!(workers::renew_leases(&pool, "dead", short).await.unwrap(), [id]);
+        // Only the jobs the worker names are renewed (one whose end it failed to record is not).
+        assert!(workers::renew_leases(&pool, "dead", &[], short).await.unwrap().is_empty());
+        let other = JobId(id.0 + 1000);
+        assert_eq!(workers::renew_leases(&pool, "dead", &[other], short).await.unwrap(), []);
+        assert_eq!(workers::renew_leases(&pool, "dead", &[id], short).await.unwrap(), [id]);
         let details = events::ProgressDetails {
             loss: 1.5,
             elapsed_ms: 1200,
@@ -927,7 +931,7 @@ on_both_backends! {
             .unwrap();
         assert_eq!((again.id, again.attempts), (id, 2));
         // The dead worker comes back: it holds nothing, and cannot record over the new run.
-        assert!(workers::renew_leases(&pool, "dead", LEASE).await.unwrap().is_empty());
+        assert!(workers::renew_leases(&pool, "dead", &[id], LEASE).await.unwrap().is_empty());
         let output = JobOutput { path: "x.png".into(), sha256: "1".repeat(64), final_loss: 1.0 };
         assert!(!jobs::mark_job_succeeded(&pool, id, Some("dead"), &output).await.unwrap());
         assert!(!jobs::mark_job_failed(&pool, id, Some("dead"), "late").await.unwrap());
@@ -1062,4 +1066,39 @@ async fn job_announcements_reach_listeners_on_postgres_and_sqlite_followers_poll
     events::notify(&db, JobId(42)).await.unwrap();
     let heard = tokio::time::timeout(Duration::from_millis(200), listener.next()).await;
     assert!(heard.is_err(), "SQLite has no notifications");
+}
+
+/// A pool that timed out says only that; `describe` finds and names the cause, with the
+/// database's address but never its password.
+#[tokio::test]
+async fn a_timed_out_pool_is_explained_by_its_cause() {
+    let server = crate::postgres::PrivateServer::start();
+    let mut url = server.new_database().await;
+    url.set_password(Some("s3cret-pw")).unwrap();
+    let location = store::Location::Postgres(url);
+    // Trust authentication: the password is sent nowhere that matters, and must show nowhere.
+    let db = store::connect(&location).await.unwrap();
+    let healthy = db.describe(&sqlx::Error::PoolTimedOut).await;
+    assert!(healthy.contains("stayed busy"), "{healthy}");
+    server.stop();
+    let down = db.describe(&sqlx::Error::PoolTimedOut).await;
+    assert!(
+        down.contains(&format!("cannot reach the PostgreSQL database {location}"))
+            && down.contains("Connection refused"),
+        "{down}"
+    );
+    let wrapped = anyhow::Error::new(sqlx::Error::PoolTimedOut).context("cannot claim jobs");
+    let explained = db.describe(wrapped.as_ref()).await;
+    assert!(
+        explained.starts_with("cannot reach") && explained.contains("Connection refused"),
+        "{explained}"
+    );
+    let other = db.describe(&sqlx::Error::RowNotFound).await;
+    assert!(
+        other.contains("no rows returned") && other.contains("database"),
+        "{other}"
+    );
+    for message in [healthy, down, explained, other] {
+        assert!(!message.contains("s3cret-pw"), "{message}");
+    }
 }

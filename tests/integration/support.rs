@@ -91,7 +91,7 @@ pub fn sample_job(requester: u64, prompt: &str) -> NewJob {
 }
 
 /// Prints the code's logs when `TEST_LOG` is set; silent otherwise.
-fn init_test_log() {
+pub fn init_test_log() {
     if let Some(filter) = std::env::var_os("TEST_LOG") {
         // `TEST_LOG=1`: everything at debug; otherwise a filter, e.g. `TEST_LOG=vqclip=debug`.
         let filter = filter.to_string_lossy();
