@@ -14,14 +14,14 @@ use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use vqclip::engine::clip::{Clip, ClipConfig};
 use vqclip::engine::generate::{
     CutoutSetting, GenerationInputs, GenerationSpec, Generator, Models,
 };
+use vqclip::engine::nets::clip::{Clip, ClipConfig};
+use vqclip::engine::nets::random::SeededWeights;
+use vqclip::engine::nets::tokenizer::ClipTokenizer;
+use vqclip::engine::nets::vqgan::{Vqgan, VqganConfig, VqganParts};
 use vqclip::engine::prompt::WeightedPrompt;
-use vqclip::engine::random::SeededWeights;
-use vqclip::engine::tokenizer::ClipTokenizer;
-use vqclip::engine::vqgan::{Vqgan, VqganConfig, VqganParts};
 
 #[derive(Debug, Clone)]
 struct Args {

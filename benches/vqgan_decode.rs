@@ -18,9 +18,11 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use vqclip::engine::{
+    nets::{
+        random::SeededWeights,
+        vqgan::{Vqgan, VqganConfig, VqganParts},
+    },
     ops::clamp_with_grad,
-    random::SeededWeights,
-    vqgan::{Vqgan, VqganConfig, VqganParts},
 };
 
 struct Args {

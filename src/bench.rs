@@ -25,14 +25,14 @@ use rand::SeedableRng as _;
 use rand_chacha::ChaCha20Rng;
 use serde::Serialize;
 
-use crate::engine::clip::{Clip, ClipConfig};
 use crate::engine::cutouts::{CutoutMethod, FixedBoxes, StepCutouts};
 use crate::engine::generate::Models;
 use crate::engine::loss::PromptTarget;
+use crate::engine::nets::clip::{Clip, ClipConfig};
+use crate::engine::nets::random::SeededWeights;
+use crate::engine::nets::tokenizer::ClipTokenizer;
+use crate::engine::nets::vqgan::{Vqgan, VqganConfig, VqganParts};
 use crate::engine::optimize::{Guide, InitWeight, Latent, StepTimes};
-use crate::engine::random::SeededWeights;
-use crate::engine::tokenizer::ClipTokenizer;
-use crate::engine::vqgan::{Vqgan, VqganConfig, VqganParts};
 
 /// The prompt whose text embedding the cutouts are pulled towards.
 const PROMPT: &str = "a watercolour lighthouse in a storm";

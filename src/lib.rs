@@ -5,18 +5,23 @@
 //! ```text
 //!   bot ──▶ jobs ──▶ engine          one-way: nothing points back up
 //!    │       │
-//!    └──▶ store ◀──┘                 SQLite: jobs, gallery, votes, users, guilds
+//!    └──▶ store ◀──┘                 SQLite or PostgreSQL: jobs, gallery, votes, users, guilds
 //! ```
+//!
+//! Inside each module the files point one way too (no file imports one that imports it back);
+//! each module's `//!` says what it may and may not know.
 //!
 //! - [`bot`] (poise on serenity) answers commands, buttons and reactions, edits progress
 //!   messages, posts results and the gallery. It knows Discord; nothing below it does.
 //! - [`jobs`] is the per-device scheduler: a fair queue, one OS thread per device driving the
 //!   engine, progress events, cancellation, checkpoints and crash recovery. It knows nothing of
 //!   Discord.
-//! - [`engine`] is the synchronous VQGAN+CLIP optimisation on candle. It knows nothing of tokio,
-//!   Discord, SQL or the network: it takes weight files and a spec and reports through a
-//!   callback.
-//! - [`store`] is the SQLite database (sqlx, migrations), used by `bot` and `jobs`.
+//! - [`engine`] is the synchronous VQGAN+CLIP optimisation on candle, in layers: the method,
+//!   `nets` (VQGAN, CLIP, weight files), `ops` (hand-written input gradients), `kernels` (CPU).
+//!   It knows nothing of tokio, Discord, SQL or the network: it takes weight files and a spec
+//!   and reports through a callback.
+//! - [`store`] is the database (sqlx, migrations for SQLite and PostgreSQL), used by `bot` and
+//!   `jobs`.
 //! - [`config`] loads and validates the configuration; [`models`] is the catalogue of model
 //!   names and where their weights come from; [`weights`] finds their files and [`hub`]
 //!   downloads and checks them; [`request`] turns what a user typed into an engine spec;

@@ -7,9 +7,9 @@
 
 use crate::config::{GenerationSettings, SizeSetting};
 use crate::engine::generate::{CutoutSetting, GenerationSpec, round_size};
+use crate::engine::nets::tokenizer::ClipTokenizer;
+use crate::engine::nets::vqgan::VqganConfig;
 use crate::engine::prompt::{self, PromptError};
-use crate::engine::tokenizer::ClipTokenizer;
-use crate::engine::vqgan::VqganConfig;
 use crate::models::{self, ModelInfo, ModelKind};
 
 /// Options given outside the prompt text (command-line flags, slash-command arguments). They

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::{ModelSettings, ModelSource};
-use crate::engine::checkpoint::{self, LoadError, WeightFormat};
+use crate::engine::nets::checkpoint::{self, LoadError, WeightFormat};
 use crate::models::ModelInfo;
 
 /// Why a model's weights are not available.

@@ -3,11 +3,10 @@
 
 use poise::serenity_prelude as serenity;
 
-use super::actions::is_moderator;
+use super::options::{check_model, parse_size};
 use super::{BotError, Context, private_reply};
 use crate::config::GenerationSettings;
 use crate::jobs::JobId;
-use crate::models::{self, ModelKind};
 use crate::store::gallery as store_gallery;
 use crate::store::{guilds, users};
 
@@ -20,7 +19,7 @@ pub(super) async fn settings(
     #[min = 1]
     steps: Option<u32>,
     #[description = "Default VQGAN model"]
-    #[autocomplete = "super::commands::complete_model"]
+    #[autocomplete = "super::options::complete_model"]
     model: Option<String>,
     #[description = "Mention me when my picture is done"] ping: Option<bool>,
     #[description = "Forget my defaults"] reset: Option<bool>,
@@ -68,78 +67,6 @@ pub(super) async fn settings(
     ctx.send(private_reply(describe_settings(&s, generation)))
         .await?;
     Ok(())
-}
-
-/// "384x256" within the server's limits.
-pub fn parse_size(text: &str, generation: &GenerationSettings) -> Result<(u32, u32), String> {
-    let parsed = text
-        .trim()
-        .split_once(['x', 'X', '×'])
-        .and_then(|(w, h)| Some((w.trim().parse::<u32>().ok()?, h.trim().parse::<u32>().ok()?)))
-        .filter(|&(w, h)| w > 0 && h > 0);
-    let Some((w, h)) = parsed else {
-        return Err(format!(
-            "size {}: expected width x height, e.g. 384x256",
-            super::commands::quote(text, 20)
-        ));
-    };
-    if w.max(h) > generation.max_side || u64::from(w) * u64::from(h) > generation.max_pixels {
-        return Err(format!(
-            "{w}x{h} is larger than this server allows (sides up to {}, {} pixels in all).",
-            generation.max_side, generation.max_pixels
-        ));
-    }
-    Ok((w, h))
-}
-
-/// A VQGAN model id this server offers.
-pub fn check_model(name: &str, allow_tiny: bool) -> Result<String, String> {
-    match models::find(name) {
-        Some(m) if m.kind == ModelKind::Vqgan && (!m.tiny || allow_tiny) => Ok(m.id.to_owned()),
-        _ => Err(format!(
-            "Unknown model {}; choose one of: {}.",
-            super::commands::quote(name, 40),
-            models::ids_of(ModelKind::Vqgan)
-                .into_iter()
-                .filter(|id| allow_tiny || !models::find(id).is_some_and(|m| m.tiny))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )),
-    }
-}
-
-/// The generation defaults for a user: the server's, with theirs on top (clamped to the
-/// server's current limits, which may have changed since they saved them).
-pub fn user_defaults(
-    server: &GenerationSettings,
-    user: Option<&users::UserSettings>,
-    allow_tiny: bool,
-) -> GenerationSettings {
-    let mut g = server.clone();
-    let Some(u) = user else {
-        return g;
-    };
-    if let (Some(w), Some(h)) = (u.width, u.height)
-        && w.max(h) <= g.max_side
-        && u64::from(w) * u64::from(h) <= g.max_pixels
-    {
-        g.default_size = crate::config::SizeSetting::Fixed {
-            width: w,
-            height: h,
-        };
-    }
-    if let Some(steps) = u.steps {
-        g.default_steps = steps.min(g.max_steps);
-    }
-    if let Some(model) = u
-        .vqgan_model
-        .as_deref()
-        .and_then(models::find)
-        .filter(|m| m.kind == ModelKind::Vqgan && (!m.tiny || allow_tiny))
-    {
-        g.default_vqgan = model;
-    }
-    g
 }
 
 fn describe_settings(s: &users::UserSettings, server: &GenerationSettings) -> String {
@@ -300,65 +227,5 @@ async fn remove(
     Ok(())
 }
 
-/// Whether someone may cancel others' jobs here: Manage Messages or Manage Server.
-pub async fn is_moderator_here(ctx: Context<'_>) -> bool {
-    match ctx.author_member().await {
-        Some(member) => is_moderator(member.permissions),
-        None => false,
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{Environment, Settings};
-
-    fn generation() -> GenerationSettings {
-        let env: Environment = [("HOME", "/nonexistent")].into_iter().collect();
-        Settings::from_toml("[models]\nallow_tiny = true\n", &env)
-            .unwrap()
-            .generation
-    }
-
-    #[test]
-    fn sizes_parse_within_the_servers_limits() {
-        let g = generation();
-        assert_eq!(parse_size("384x256", &g), Ok((384, 256)));
-        assert_eq!(parse_size(" 300 × 200 ", &g), Ok((300, 200)));
-        assert!(parse_size("big", &g).unwrap_err().contains("384x256"));
-        let too_big = format!("{}x16", g.max_side + 1);
-        assert!(parse_size(&too_big, &g).unwrap_err().contains("larger"));
-    }
-
-    #[test]
-    fn a_users_defaults_apply_within_the_servers_limits() {
-        let server = generation();
-        let mine = users::UserSettings {
-            user_id: 1,
-            width: Some(128),
-            height: Some(64),
-            steps: Some(server.max_steps + 100),
-            vqgan_model: Some("tiny_vqgan".into()),
-            clip_model: None,
-            ping_on_completion: false,
-        };
-        let g = user_defaults(&server, Some(&mine), true);
-        assert_eq!(
-            g.default_size,
-            crate::config::SizeSetting::Fixed {
-                width: 128,
-                height: 64
-            }
-        );
-        assert_eq!(g.default_steps, server.max_steps);
-        assert_eq!(g.default_vqgan.id, "tiny_vqgan");
-        // Tiny models only where the server allows them.
-        let g = user_defaults(&server, Some(&mine), false);
-        assert_eq!(g.default_vqgan.id, server.default_vqgan.id);
-        assert_eq!(
-            user_defaults(&server, None, true).default_steps,
-            server.default_steps
-        );
-        assert!(check_model("nope", false).unwrap_err().contains("imagenet"));
-    }
-}
+mod tests {}

@@ -4,8 +4,11 @@ use poise::serenity_prelude as serenity;
 
 use sha2::Digest as _;
 
-use super::actions::{cancel_button, check_rate, opening_text, submit, track};
-use super::progress;
+use super::checks::{check_rate, is_moderator_here};
+use super::components::cancel_button;
+use super::options::{complete_aspect, complete_model, parse_aspect, parse_size, user_defaults};
+use super::submit::{submit, track};
+use super::text::{code_block, opening_text, quote, title};
 use super::{BotError, Context, private_reply};
 use crate::jobs::scheduler::{CancelError, DeviceState};
 use crate::jobs::{Actor, JobId, Origin};
@@ -26,23 +29,6 @@ pub fn all() -> Vec<poise::Command<super::Data, BotError>> {
         super::admin::admin(),
         help(),
     ]
-}
-
-/// Quotes user text for a message: no mentions can fire, and it cannot break the layout.
-pub fn quote(text: &str, max: usize) -> String {
-    let cleaned: String = text.chars().filter(|c| *c != '`').collect();
-    let cut: String = cleaned.chars().take(max).collect();
-    if cut.chars().count() < cleaned.chars().count() {
-        format!("`{cut}…`")
-    } else {
-        format!("`{cut}`")
-    }
-}
-
-/// `text` as a shell code block, exactly as it is, when it fits in `max` characters and holds
-/// nothing that could end the block early.
-pub fn code_block(text: &str, max: usize) -> Option<String> {
-    (text.chars().count() <= max && !text.contains("```")).then(|| format!("```sh\n{text}\n```"))
 }
 
 /// Largest attachment `/imagine` accepts.
@@ -99,10 +85,9 @@ async fn imagine(
         }
         let aspect = parse_aspect_option(aspect.as_deref())?;
         let size = match size.as_deref() {
-            Some(text) => Some(
-                super::admin::parse_size(text, &data.settings.generation)
-                    .map_err(BotError::User)?,
-            ),
+            Some(text) => {
+                Some(parse_size(text, &data.settings.generation).map_err(BotError::User)?)
+            }
             None => None,
         };
         check_rate(data, ctx.author().id.get()).await?;
@@ -117,7 +102,7 @@ async fn imagine(
             crops: false,
         };
         let mine = users::get_user_settings(&data.pool, ctx.author().id.get()).await?;
-        let defaults = super::admin::user_defaults(
+        let defaults = user_defaults(
             &data.settings.generation,
             mine.as_ref(),
             data.settings.models.allow_tiny,
@@ -151,11 +136,7 @@ async fn imagine(
         params.inputs.image_prompts = image_prompt.into_iter().map(|p| (p, 1.0, None)).collect();
         job.params = serde_json::to_value(&params).map_err(anyhow::Error::from)?;
         let (submitted, stored) = submit(data, job, params).await?;
-        let text = opening_text(
-            &progress::title(&stored),
-            submitted.position,
-            &resolved.notes,
-        );
+        let text = opening_text(&title(&stored), submitted.position, &resolved.notes);
         Ok((submitted, stored, text))
     };
     let prepared = if deferred {
@@ -285,41 +266,6 @@ async fn save_attachment(
     Ok(path)
 }
 
-/// Aspect ratios offered while typing.
-const ASPECTS: [&str; 8] = ["1:1", "4:3", "3:2", "16:9", "21:9", "3:4", "2:3", "9:16"];
-
-async fn complete_aspect(_ctx: Context<'_>, partial: &str) -> serenity::CreateAutocompleteResponse {
-    let choices = ASPECTS
-        .iter()
-        .filter(|a| a.starts_with(partial.trim()))
-        .map(|&a| serenity::AutocompleteChoice::from(a))
-        .collect();
-    serenity::CreateAutocompleteResponse::new().set_choices(choices)
-}
-
-/// The VQGAN models this server offers whose id contains `partial` (at most 25, Discord's
-/// limit).
-pub fn model_choices(partial: &str, allow_tiny: bool) -> Vec<&'static str> {
-    let partial = partial.trim().to_lowercase();
-    crate::models::ids_of(crate::models::ModelKind::Vqgan)
-        .into_iter()
-        .filter(|id| allow_tiny || !crate::models::find(id).is_some_and(|m| m.tiny))
-        .filter(|id| id.contains(&partial))
-        .take(25)
-        .collect()
-}
-
-pub(super) async fn complete_model(
-    ctx: Context<'_>,
-    partial: &str,
-) -> serenity::CreateAutocompleteResponse {
-    let choices = model_choices(partial, ctx.data().settings.models.allow_tiny)
-        .into_iter()
-        .map(serenity::AutocompleteChoice::from)
-        .collect();
-    serenity::CreateAutocompleteResponse::new().set_choices(choices)
-}
-
 /// The first banned word or phrase the prompt contains as whole words, in any case.
 pub fn banned_word<'a>(prompt: &str, banned: &'a [String]) -> Option<&'a str> {
     let words: Vec<String> = prompt
@@ -338,13 +284,6 @@ pub fn banned_word<'a>(prompt: &str, banned: &'a [String]) -> Option<&'a str> {
             !parts.is_empty() && words.windows(parts.len()).any(|w| w == parts.as_slice())
         })
         .map(String::as_str)
-}
-
-fn parse_aspect(text: &str) -> Result<(u32, u32), String> {
-    text.split_once(':')
-        .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)))
-        .filter(|&(a, b): &(u32, u32)| a > 0 && b > 0)
-        .ok_or_else(|| format!("aspect {}: expected something like 16:9", quote(text, 20)))
 }
 
 /// Workers heard from this long ago are still listed (as lost).
@@ -446,7 +385,7 @@ async fn cancel(
 ) -> Result<(), BotError> {
     let actor = Actor {
         user: ctx.author().id.get(),
-        moderator: super::admin::is_moderator_here(ctx).await,
+        moderator: is_moderator_here(ctx).await,
     };
     let text = match ctx.data().scheduler.cancel(JobId(job), actor).await {
         Ok(crate::jobs::scheduler::Cancelled::Dequeued) => format!("Job {job} is cancelled."),
@@ -555,24 +494,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn quoted_text_is_cut_and_cannot_escape_its_code_span() {
-        assert_eq!(quote("a fox", 10), "`a fox`");
-        assert_eq!(quote("a `sly` fox <@1>", 100), "`a sly fox <@1>`");
-        assert_eq!(quote("ééééé", 3), "`ééé…`");
-    }
-
-    #[test]
-    fn command_lines_are_shown_whole_or_not_at_all() {
-        let line = "vqclip imagine -- 'a `sly` fox'";
-        assert_eq!(
-            code_block(line, 100).as_deref(),
-            Some("```sh\nvqclip imagine -- 'a `sly` fox'\n```")
-        );
-        assert_eq!(code_block(line, 10), None);
-        assert_eq!(code_block("vqclip imagine -- 'a ```fox'", 100), None);
-    }
-
-    #[test]
     fn banned_words_match_whole_words_in_any_case() {
         let banned = vec!["gore".to_owned(), "red fox".to_owned()];
         assert_eq!(banned_word("Lots of GORE!", &banned), Some("gore"));
@@ -580,24 +501,5 @@ mod tests {
         assert_eq!(banned_word("a Red  Fox at dawn", &banned), Some("red fox"));
         assert_eq!(banned_word("a red dawn fox", &banned), None);
         assert_eq!(banned_word("anything", &[]), None);
-    }
-
-    #[test]
-    fn model_choices_follow_what_is_typed_and_what_the_server_allows() {
-        assert!(model_choices("wiki", false).contains(&"wikiart_f16_16384"));
-        assert!(
-            model_choices("", false)
-                .iter()
-                .all(|id| !id.starts_with("tiny"))
-        );
-        assert_eq!(model_choices("tiny", true), ["tiny_vqgan"]);
-        assert!(model_choices("no such model", true).is_empty());
-    }
-
-    #[test]
-    fn aspects_parse_or_explain() {
-        assert_eq!(parse_aspect("16:9"), Ok((16, 9)));
-        assert!(parse_aspect("wide").unwrap_err().contains("16:9"));
-        assert!(parse_aspect("0:1").is_err());
     }
 }

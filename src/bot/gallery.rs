@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::store::Store;
 use poise::serenity_prelude as serenity;
 
-use super::commands::quote;
+use super::text::quote;
 use super::{BotError, Context, Data};
 use crate::jobs::JobId;
 use crate::store::gallery::{self as store_gallery, GalleryEntry, GalleryQuery};

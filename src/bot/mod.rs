@@ -1,21 +1,32 @@
 //! The Discord bot: poise commands on serenity, talking to the [`Scheduler`].
 //!
-//! - [`commands`]: `/imagine`, `/queue`, `/cancel`, `/job`, `/history`, `/help`.
+//! Files, each importing only those listed before it (and this one):
+//! - [`text`], [`components`], [`checks`], [`options`]: leaves — what messages say, the buttons
+//!   and their `custom_id` codec, who may do what, the values users pick (autocomplete, sizes,
+//!   aspects, saved defaults).
+//! - [`gallery`]: posting finished pictures to a guild's gallery channel, ⭐ votes, `/gallery`.
 //! - [`progress`]: one task per job owning its message: throttled edits while it runs (with the
 //!   interaction token while it is fresh, the bot token after), then the result with buttons.
-//! - [`actions`]: the buttons and reactions (rerun, upscale, variation, time-lapse, cancel),
+//! - [`submit`]: submitting a job and tracking its message, for commands, buttons and reactions.
+//! - [`interactions`]: the buttons and reactions (rerun, upscale, variation, time-lapse, cancel),
 //!   answered from the database so they survive restarts.
-//! - [`gallery`]: posting finished pictures to a guild's gallery channel, ⭐ votes, `/gallery`.
 //! - [`admin`]: `/settings` (per-user defaults) and `/admin` (moderators).
+//! - [`commands`]: `/imagine`, `/queue`, `/cancel`, `/job`, `/history`, `/help`, and the list of
+//!   every command.
 //!
 //! This is the only module that knows Discord. It reaches the engine only through the
 //! scheduler, and the database for job records.
 
-pub mod actions;
 pub mod admin;
+pub mod checks;
 pub mod commands;
+pub mod components;
 pub mod gallery;
+pub mod interactions;
+pub mod options;
 pub mod progress;
+pub mod submit;
+pub mod text;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -25,7 +36,7 @@ use anyhow::Context as _;
 use poise::serenity_prelude as serenity;
 
 use crate::config::Settings;
-use crate::engine::tokenizer::ClipTokenizer;
+use crate::engine::nets::tokenizer::ClipTokenizer;
 use crate::jobs::Scheduler;
 
 /// What every command can reach; cheap handles only, nothing mutable of its own.
@@ -135,12 +146,12 @@ async fn on_event(
     match event {
         serenity::FullEvent::InteractionCreate {
             interaction: serenity::Interaction::Component(press),
-        } => actions::on_component(ctx, data, press).await,
+        } => interactions::on_component(ctx, data, press).await,
         serenity::FullEvent::ReactionAdd { add_reaction } => {
-            actions::on_reaction_add(ctx, data, framework.bot_id(), add_reaction).await
+            interactions::on_reaction_add(ctx, data, framework.bot_id(), add_reaction).await
         }
         serenity::FullEvent::ReactionRemove { removed_reaction } => {
-            actions::on_reaction_remove(data, removed_reaction).await
+            interactions::on_reaction_remove(data, removed_reaction).await
         }
         _ => Ok(()),
     }

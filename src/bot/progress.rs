@@ -17,12 +17,13 @@ use tokio::time::Instant;
 
 use crate::store::Store;
 
-use super::actions;
-use super::commands::quote;
+use super::components;
+use super::text::quote;
+use super::text::{human_duration, status_text, title};
 use crate::config::Settings;
 use crate::engine::image;
 use crate::jobs::{FinishedJob, JobEvent, JobId, Preview};
-use crate::store::jobs::{Job, JobKind, set_job_result};
+use crate::store::jobs::{Job, set_job_result};
 use crate::store::users;
 
 /// Edit with the interaction token only while it is younger than this (it lasts 15 minutes).
@@ -94,17 +95,6 @@ impl JobMessage {
     }
 }
 
-/// A job message's first line: the quoted prompt, who asked, and what a follow-up follows.
-pub fn title(job: &Job) -> String {
-    let base = format!("{} — <@{}>", quote(&job.prompt, 300), job.requester_id);
-    match (job.kind, job.parent) {
-        (JobKind::Rerun, Some(p)) => format!("🔁 {base} · rerun of job {p}"),
-        (JobKind::Upscale, Some(p)) => format!("⬆️ {base} · upscale of job {p}"),
-        (JobKind::Variation, Some(p)) => format!("🔀 {base} · variation of job {p}"),
-        _ => base,
-    }
-}
-
 /// Whether a user wants to be mentioned when their job is done (yes unless they said no).
 pub async fn wants_ping(pool: &Store, user: u64) -> bool {
     match users::get_user_settings(pool, user).await {
@@ -166,37 +156,6 @@ pub fn size_limit(reported: u32) -> usize {
 /// Least time between two edits of one message.
 pub fn edit_interval(settings: &Settings) -> Duration {
     Duration::from_millis(settings.scheduler.progress_interval_ms.max(1000))
-}
-
-/// "1 h 2 min", "3 min 4 s", "5 s".
-pub fn human_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    match (s / 3600, (s % 3600) / 60, s % 60) {
-        (0, 0, s) => format!("{s} s"),
-        (0, m, s) => format!("{m} min {s} s"),
-        (h, m, _) => format!("{h} h {m} min"),
-    }
-}
-
-/// The progress message's text for an event that is not the end.
-pub fn status_text(title: &str, event: &JobEvent) -> String {
-    let status = match event {
-        // Position 0: a device took it; its Started event is on the way.
-        JobEvent::Queued { position: 0 } => "starting".to_owned(),
-        JobEvent::Queued { position } => format!("queued, #{position} in line"),
-        JobEvent::Started { device } => format!("starting on {device}"),
-        JobEvent::Progress(p) => format!(
-            "{}% on {}, loss {:.3}, about {} left",
-            u64::from(p.iteration) * 100 / u64::from(p.total.max(1)),
-            p.device,
-            p.loss,
-            human_duration(p.eta)
-        ),
-        JobEvent::Finished(_) => "done".to_owned(),
-        JobEvent::Failed { message } => format!("failed: {message}"),
-        JobEvent::Cancelled => "cancelled".to_owned(),
-    };
-    format!("{title} ({status})")
 }
 
 /// Follows a job to its end; see the module documentation.
@@ -470,7 +429,7 @@ impl Editor {
                 bytes.clone(),
                 name.clone(),
             ))
-            .components(actions::result_buttons(t.job))
+            .components(components::result_buttons(t.job))
             .reference_message((t.channel, t.message))
             .allowed_mentions(mentions);
         let mut tries = 0;
@@ -511,30 +470,6 @@ fn fit_upload(done: &FinishedJob, job: JobId, limit: usize) -> anyhow::Result<(V
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::ProgressUpdate;
-
-    #[test]
-    fn status_lines_say_where_a_job_is() {
-        let title = "`a fox` — <@1>";
-        assert_eq!(
-            status_text(title, &JobEvent::Queued { position: 3 }),
-            "`a fox` — <@1> (queued, #3 in line)"
-        );
-        let progress = JobEvent::Progress(ProgressUpdate {
-            device: "cuda:0".into(),
-            iteration: 50,
-            total: 200,
-            loss: 0.9,
-            elapsed: Duration::from_secs(30),
-            eta: Duration::from_secs(95),
-            preview: None,
-        });
-        assert_eq!(
-            status_text(title, &progress),
-            "`a fox` — <@1> (25% on cuda:0, loss 0.900, about 1 min 35 s left)"
-        );
-        assert_eq!(human_duration(Duration::from_secs(3725)), "1 h 2 min");
-    }
 
     #[test]
     fn a_result_over_the_upload_limit_becomes_a_jpeg() {

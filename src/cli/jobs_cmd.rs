@@ -10,7 +10,7 @@ use clap::Args;
 
 use super::{RequestFlags, load_settings};
 use crate::config::{Environment, Settings};
-use crate::engine::tokenizer::ClipTokenizer;
+use crate::engine::nets::tokenizer::ClipTokenizer;
 use crate::jobs::scheduler::{ClaimOptions, SchedulerOptions};
 use crate::jobs::{Origin, Scheduler, devices};
 use crate::models::ModelKind;

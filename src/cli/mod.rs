@@ -20,8 +20,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::config::{ConfigError, Environment, Settings};
 use crate::engine::generate::{GenerateError, GenerationSpec, Generator, Models};
 use crate::engine::image;
-use crate::engine::tokenizer::ClipTokenizer;
-use crate::engine::vqgan::VqganParts;
+use crate::engine::nets::tokenizer::ClipTokenizer;
+use crate::engine::nets::vqgan::VqganParts;
 use crate::hub::{BarProgress, Hub, HubError};
 use crate::jobs::{LatentStart, StoredInputs, worker};
 use crate::models::ModelInfo;
@@ -181,9 +181,8 @@ pub struct BenchArgs {
 }
 
 fn parse_bench_size(text: &str) -> Result<(u32, u32), String> {
-    text.split_once(['x', 'X'])
-        .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)))
-        .filter(|&(w, h): &(u32, u32)| w > 0 && h > 0)
+    crate::engine::prompt::size_pair(text)
+        .filter(|&(w, h)| w > 0 && h > 0)
         .ok_or_else(|| format!("{text:?}: expected WxH, e.g. 256x256"))
 }
 

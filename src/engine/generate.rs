@@ -16,14 +16,14 @@ use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 use super::augment::Augmentations;
-use super::clip::{Clip, normalize};
 use super::cutouts::{CutoutMethod, Cutouts};
 use super::image::{self as img, ImageError};
 use super::loss::PromptTarget;
+use super::nets::clip::{Clip, normalize};
+use super::nets::tokenizer::ClipTokenizer;
+use super::nets::vqgan::Vqgan;
 use super::optimize::{Guide, InitWeight, Latent, LatentState};
 use super::prompt::{WeightedPrompt, check_weight};
-use super::tokenizer::ClipTokenizer;
-use super::vqgan::Vqgan;
 
 /// Why a generation stopped without an image.
 #[derive(Debug, thiserror::Error)]
@@ -680,7 +680,7 @@ impl<'m> Generator<'m> {
 /// The start of an upscale: a finished latent upsampled ×2 (nearest), for a run at twice the
 /// width and height that continues where the first one ended.
 pub fn upscale_latent(latent: &Tensor) -> CandleResult<Tensor> {
-    super::ops::upsample_nearest_2x(&latent.detach())
+    super::kernels::upsample::upsample_nearest_2x(&latent.detach())
 }
 
 /// The start of a variation: a finished latent plus `strength`·N(0, 1) noise drawn from `seed`

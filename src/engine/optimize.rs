@@ -8,11 +8,11 @@
 
 use std::time::{Duration, Instant};
 
-use super::clip::{ClipVision, normalize};
 use super::cutouts::Cutouts;
 use super::loss::{PromptTarget, prompt_loss};
+use super::nets::clip::{ClipVision, normalize};
+use super::nets::vqgan::Vqgan;
 use super::ops::clamp_with_grad;
-use super::vqgan::Vqgan;
 use candle_core::{Result, Tensor, Var};
 
 /// The frozen models and prompts that guide a run.

@@ -344,9 +344,7 @@ fn apply_flag(
             } else {
                 (&['x', 'X', '×'], "a size like 512x384")
             };
-            let pair = text.split_once(separators).and_then(|(a, b)| {
-                Some((a.trim().parse::<u32>().ok()?, b.trim().parse::<u32>().ok()?))
-            });
+            let pair = split_pair(text, separators);
             let Some(pair) = pair.filter(|&(a, b)| a > 0 && b > 0) else {
                 return Err(error(input, whole.clone(), format!("{flag} takes {what}")));
             };
@@ -386,6 +384,23 @@ fn apply_flag(
         }
     }
     Ok(())
+}
+
+/// `W×H` as everyone writes it (`x`, `X` or `×` between two integers, spaces allowed): the one
+/// reading of a size, for prompt flags, command options, the command line and the
+/// configuration. Zero is read; callers that need a positive size check it.
+pub fn size_pair(text: &str) -> Option<(u32, u32)> {
+    split_pair(text, &['x', 'X', '×'])
+}
+
+/// `W:H`, two integers: the one reading of an aspect ratio (see [`size_pair`]).
+pub fn ratio_pair(text: &str) -> Option<(u32, u32)> {
+    split_pair(text, &[':'])
+}
+
+fn split_pair(text: &str, separators: &[char]) -> Option<(u32, u32)> {
+    let (a, b) = text.trim().split_once(separators)?;
+    Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
 }
 
 /// Parses the prompt part (before any flag) into weighted prompts.

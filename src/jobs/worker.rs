@@ -19,15 +19,16 @@ use tokio::sync::mpsc;
 
 use super::{FinishedJob, JobId, JobParams};
 use crate::config::ModelSettings;
-use crate::engine::clip::{Clip, ClipConfig};
 use crate::engine::generate::{
     Checkpoint, GenerateError, GenerationInputs, GenerationSpec, Generator, Models, Progress,
     upscale_latent, vary_latent,
 };
-use crate::engine::random::SeededWeights;
-use crate::engine::tokenizer::ClipTokenizer;
-use crate::engine::vqgan::{Vqgan, VqganConfig, VqganParts};
-use crate::engine::{self, checkpoint, image};
+use crate::engine::nets::checkpoint;
+use crate::engine::nets::clip::{Clip, ClipConfig};
+use crate::engine::nets::random::SeededWeights;
+use crate::engine::nets::tokenizer::ClipTokenizer;
+use crate::engine::nets::vqgan::{Vqgan, VqganConfig, VqganParts};
+use crate::engine::{self, image};
 use crate::hub::{Hub, HubError, LogProgress};
 use crate::models::{self, ModelInfo};
 use crate::weights;
@@ -264,7 +265,9 @@ pub fn load_vqgan(
     let config = VqganConfig::preset(info.id)
         .ok_or_else(|| anyhow::anyhow!("{} has no VQGAN architecture", info.id))?;
     Ok(match weights {
-        Some(path) => engine::load_vqgan(info.id, &[path.to_path_buf()], &config, parts, device)?,
+        Some(path) => {
+            engine::nets::load_vqgan(info.id, &[path.to_path_buf()], &config, parts, device)?
+        }
         None => Vqgan::new(
             SeededWeights::new(0).var_builder(DType::F32, device),
             &config,

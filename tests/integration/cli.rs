@@ -1239,7 +1239,7 @@ async fn the_again_line_is_shell_safe_and_makes_the_same_image() {
         &settings.generation,
         true,
         256,
-        &vqclip::engine::tokenizer::ClipTokenizer::new(),
+        &vqclip::engine::nets::tokenizer::ClipTokenizer::new(),
     )
     .unwrap();
     let origin = vqclip::jobs::Origin {

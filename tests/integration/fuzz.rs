@@ -8,8 +8,8 @@
 use proptest::prelude::*;
 use vqclip::config::{Environment, Settings};
 use vqclip::engine::image;
+use vqclip::engine::nets::tokenizer::ClipTokenizer;
 use vqclip::engine::prompt::{self, MAX_PROMPTS, MAX_STOP, MAX_WEIGHT};
-use vqclip::engine::tokenizer::ClipTokenizer;
 use vqclip::request::{self, ImagineOptions};
 
 /// Pieces prompts are made of: words, separators, numbers near every limit, flags (with the

@@ -84,13 +84,14 @@ async fn weights_download_on_first_use_and_come_from_the_cache_after() {
     );
 
     // The file is a real CLIP checkpoint: it loads.
-    let vb = vqclip::engine::checkpoint::var_builder(
+    let vb = vqclip::engine::nets::checkpoint::var_builder(
         std::slice::from_ref(&path),
         candle_core::DType::F32,
         &candle_core::Device::Cpu,
     )
     .unwrap();
-    vqclip::engine::clip::Clip::new(vb, &vqclip::engine::clip::ClipConfig::tiny()).unwrap();
+    vqclip::engine::nets::clip::Clip::new(vb, &vqclip::engine::nets::clip::ClipConfig::tiny())
+        .unwrap();
 }
 
 #[tokio::test]

@@ -10,13 +10,15 @@ use anyhow::{Context, bail, ensure};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Deserialize;
 use vqclip::engine::{
-    self, checkpoint,
-    clip::{self, Clip, ClipConfig, ClipTextConfig, ClipVisionConfig},
     cutouts::{CutoutBox, Cutouts, FixedBoxes},
     loss::{PromptTarget, prompt_loss},
+    nets::{
+        self, checkpoint,
+        clip::{self, Clip, ClipConfig, ClipTextConfig, ClipVisionConfig},
+        vqgan::{QuantizerKind, VqganConfig, VqganParts},
+    },
     ops::clamp_with_grad,
     optimize::{Guide, InitWeight, Latent, clip_gradient},
-    vqgan::{QuantizerKind, VqganConfig, VqganParts},
 };
 
 const PARITY_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/parity");
@@ -359,7 +361,7 @@ fn weight_paths(files: &[String]) -> Vec<PathBuf> {
 /// trajectory through the engine's own step.
 fn run_step(case: &Case, c: &mut Checker) -> anyhow::Result<()> {
     let device = Device::Cpu;
-    let vqgan = engine::load_vqgan(
+    let vqgan = nets::load_vqgan(
         &case.name,
         &weight_paths(&case.weights.vqgan),
         &case.vqgan_config()?,
@@ -551,7 +553,7 @@ fn run_encode(case: &Case, c: &mut Checker) -> anyhow::Result<()> {
         .encode
         .as_ref()
         .context("an encode case needs an `encode` object")?;
-    let vqgan = engine::load_vqgan(
+    let vqgan = nets::load_vqgan(
         &case.name,
         &weight_paths(&case.weights.vqgan),
         &cfg,

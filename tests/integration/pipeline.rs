@@ -6,21 +6,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device};
 use vqclip::engine::{
-    self, checkpoint,
-    clip::{Clip, ClipConfig},
+    self,
     generate::{CutoutSetting, GenerateError, GenerationInputs, GenerationSpec, Generator, Models},
     image as img,
+    nets::{
+        self, checkpoint,
+        clip::{Clip, ClipConfig},
+        tokenizer::ClipTokenizer,
+        vqgan::{VqganConfig, VqganParts},
+    },
     optimize::InitWeight,
     prompt::WeightedPrompt,
-    tokenizer::ClipTokenizer,
-    vqgan::{VqganConfig, VqganParts},
 };
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
 fn tiny_models() -> Models {
     let dev = Device::Cpu;
-    let vqgan = engine::load_vqgan(
+    let vqgan = nets::load_vqgan(
         "tiny_vqgan",
         &[Path::new(FIXTURES).join("ckpt/tiny_vqgan.ckpt")],
         &VqganConfig::tiny(),

@@ -48,6 +48,15 @@ impl Pickle {
     }
 }
 
+/// A tensor's values, little-endian, as torch stores them.
+fn values<T: candle_core::WithDType, const N: usize>(
+    tensor: &Tensor,
+    bytes: fn(T) -> [u8; N],
+) -> Vec<u8> {
+    let all = tensor.flatten_all().unwrap().to_vec1::<T>().unwrap();
+    all.into_iter().flat_map(bytes).collect()
+}
+
 /// The bytes of a `pytorch_model.bin` holding `tensors` (f32 or i64, contiguous) in this order.
 pub fn state_dict_bin(tensors: &[(String, Tensor)]) -> Vec<u8> {
     let mut pickle = Pickle(vec![0x80, 2]);
@@ -56,28 +65,8 @@ pub fn state_dict_bin(tensors: &[(String, Tensor)]) -> Vec<u8> {
     let mut storages = Vec::new();
     for (key, tensor) in tensors {
         let (storage_class, bytes) = match tensor.dtype() {
-            DType::F32 => (
-                "FloatStorage",
-                tensor
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect::<Vec<u8>>(),
-            ),
-            DType::I64 => (
-                "LongStorage",
-                tensor
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<i64>()
-                    .unwrap()
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect::<Vec<u8>>(),
-            ),
+            DType::F32 => ("FloatStorage", values::<f32, 4>(tensor, f32::to_le_bytes)),
+            DType::I64 => ("LongStorage", values::<i64, 8>(tensor, i64::to_le_bytes)),
             other => panic!("no torch storage written for {other:?}"),
         };
         let dims = tensor.dims();

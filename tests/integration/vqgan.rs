@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::{Init, VarBuilder, var_builder::SimpleBackend};
-use vqclip::engine::{
+use vqclip::engine::nets::{
     self,
     checkpoint::{self, LoadError, WeightFormat},
     vqgan::{Vqgan, VqganConfig, VqganParts},
@@ -86,7 +86,7 @@ fn the_lightning_checkpoint_holds_exactly_the_autoencoder() {
 fn a_model_loaded_from_ckpt_decodes_and_encodes_like_the_safetensors_one() {
     let cfg = VqganConfig::tiny();
     let dev = Device::Cpu;
-    let ckpt = engine::load_vqgan(
+    let ckpt = nets::load_vqgan(
         "tiny_vqgan",
         &[fixture("ckpt/tiny_vqgan.ckpt")],
         &cfg,
@@ -94,7 +94,7 @@ fn a_model_loaded_from_ckpt_decodes_and_encodes_like_the_safetensors_one() {
         &dev,
     )
     .unwrap();
-    let st = engine::load_vqgan(
+    let st = nets::load_vqgan(
         "tiny_vqgan",
         &safetensors_pair(),
         &cfg,
@@ -132,7 +132,7 @@ fn a_checkpoint_converts_to_safetensors_that_load_the_same() {
         WeightFormat::Safetensors
     );
     let cfg = VqganConfig::tiny();
-    let converted = engine::load_vqgan(
+    let converted = nets::load_vqgan(
         "tiny_vqgan",
         std::slice::from_ref(&out),
         &cfg,
@@ -140,7 +140,7 @@ fn a_checkpoint_converts_to_safetensors_that_load_the_same() {
         &Device::Cpu,
     )
     .unwrap();
-    let original = engine::load_vqgan(
+    let original = nets::load_vqgan(
         "tiny_vqgan",
         &safetensors_pair(),
         &cfg,
@@ -164,7 +164,7 @@ fn a_wrong_shape_names_the_tensor_and_both_shapes() {
         n_embed: 65,
         ..VqganConfig::tiny()
     };
-    let err = engine::load_vqgan(
+    let err = nets::load_vqgan(
         "tiny_vqgan",
         &safetensors_pair(),
         &cfg,
@@ -186,7 +186,7 @@ fn a_missing_tensor_is_named() {
     let decoder_only = [fixture("parity/tiny_vqgan.safetensors")];
     let cfg = VqganConfig::tiny();
     assert!(
-        engine::load_vqgan(
+        nets::load_vqgan(
             "tiny_vqgan",
             &decoder_only,
             &cfg,
@@ -195,7 +195,7 @@ fn a_missing_tensor_is_named() {
         )
         .is_ok()
     );
-    let err = engine::load_vqgan(
+    let err = nets::load_vqgan(
         "tiny_vqgan",
         &decoder_only,
         &cfg,
@@ -209,7 +209,7 @@ fn a_missing_tensor_is_named() {
 #[test]
 fn encoding_needs_the_encoder_and_a_multiple_of_the_factor() {
     let cfg = VqganConfig::tiny();
-    let decode_only = engine::load_vqgan(
+    let decode_only = nets::load_vqgan(
         "tiny_vqgan",
         &safetensors_pair(),
         &cfg,
@@ -219,7 +219,7 @@ fn encoding_needs_the_encoder_and_a_multiple_of_the_factor() {
     .unwrap();
     let image = Tensor::zeros((1, 3, 16, 16), DType::F32, &Device::Cpu).unwrap();
     assert!(decode_only.encode(&image).is_err());
-    let full = engine::load_vqgan(
+    let full = nets::load_vqgan(
         "tiny_vqgan",
         &safetensors_pair(),
         &cfg,
@@ -287,7 +287,7 @@ fn full_size_architectures_have_the_published_parameter_counts() {
 
 #[test]
 fn clip_presets_have_the_published_parameter_counts() {
-    use vqclip::engine::clip::{Clip, ClipConfig};
+    use vqclip::engine::nets::clip::{Clip, ClipConfig};
     // Millions of parameters of Hugging Face's CLIPModel for each OpenAI checkpoint (less the
     // unused logit_scale), which also sets the download size: 4 bytes each in f32.
     let cases = [

@@ -17,7 +17,7 @@
 
 use rayon::prelude::*;
 
-use super::host::{MatRef, matmul_with};
+use super::cpu::{MatRef, matmul_with};
 
 /// Sizes of one convolution (after any ×2 upsampling of the input).
 pub(crate) struct ConvShape {

@@ -14,7 +14,7 @@
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::ops::{FrozenConv2d, FrozenGroupNorm};
+use crate::engine::ops::{FrozenConv2d, FrozenGroupNorm};
 
 /// How the latent is snapped to the codebook.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,7 +11,7 @@
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
-use super::host::{HostValue, f32_slice, is_host_f32, sigmoid, with_f32};
+use super::cpu::{HostValue, f32_slice, is_host_f32, sigmoid, with_f32};
 
 /// The GroupNorm's constants: per-channel scale and shift, groups, epsilon.
 pub struct GroupNormParams<'a> {

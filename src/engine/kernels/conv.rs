@@ -15,7 +15,7 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::host::{HostValue, MatRef, f32_slice, is_host_f32, matmul, with_f32};
+use super::cpu::{HostValue, MatRef, f32_slice, is_host_f32, matmul, with_f32};
 use super::winograd::ConvShape;
 
 /// `x` `[n, c_in, h, w]` (upsampled ×2 nearest first when `upsample`) convolved with `weight`
@@ -117,7 +117,7 @@ fn candle_conv(
     upsample: bool,
 ) -> Result<Tensor> {
     let x = if upsample {
-        super::ops::upsample_nearest_2x(x)?
+        super::upsample::upsample_nearest_2x(x)?
     } else {
         x.clone()
     };
@@ -307,11 +307,11 @@ mod tests {
     use super::*;
     use candle_core::DType;
 
-    use crate::engine::ops::tests::max_diff;
+    use crate::engine::ops::testing::max_diff;
 
     /// A seeded f32 tensor (the fast path is f32 only).
     fn seeded(shape: &[usize], seed: u64) -> Tensor {
-        crate::engine::ops::tests::seeded(shape, seed)
+        crate::engine::ops::testing::seeded(shape, seed)
             .to_dtype(DType::F32)
             .unwrap()
     }
@@ -341,7 +341,7 @@ mod tests {
             };
             let ours = conv2d(&x, &weight, Some(&bias), padding, upsample).unwrap();
             let input = if upsample {
-                super::super::ops::upsample_nearest_2x(&x).unwrap()
+                super::super::upsample::upsample_nearest_2x(&x).unwrap()
             } else {
                 x.clone()
             };

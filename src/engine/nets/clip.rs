@@ -10,7 +10,7 @@
 use candle_core::{IndexOp, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::ops::{
+use crate::engine::ops::{
     FrozenLayerNorm, FrozenLinear, add_constant, quick_gelu, scale_shift, self_attention,
 };
 

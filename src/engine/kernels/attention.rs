@@ -12,7 +12,7 @@
 
 use rayon::prelude::*;
 
-use super::host::{axpy, dot, sigmoid};
+use super::cpu::{axpy, dot, sigmoid};
 
 /// Sizes of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -1,0 +1,274 @@
+//! Buttons and reactions on job messages: 🔁 rerun, ⬆️ upscale, 🔀 variation, 🎞️ time-lapse and
+//! ❌ cancel.
+//!
+//! A button's `custom_id` is `vq:<action>:<job id>` and a reaction names its message, so both
+//! are answered from the database alone: they keep working after a restart.
+
+use poise::serenity_prelude as serenity;
+
+use super::checks::is_moderator;
+use super::components::{Action, cancel_button};
+use super::progress::{self};
+use super::submit::{submit_follow_up, track};
+use super::text::{capitalise, opening_text, title};
+use super::{BotError, Data};
+use crate::jobs::scheduler::{CancelError, Cancelled};
+use crate::jobs::{Actor, FollowUp, JobId};
+use crate::store::gallery as store_gallery;
+use crate::store::jobs::{self as store_jobs, Job};
+
+/// Answers a button press on one of our messages.
+pub async fn on_component(
+    ctx: &serenity::Context,
+    data: &Data,
+    press: &serenity::ComponentInteraction,
+) -> Result<(), BotError> {
+    if let Some(page) = super::gallery::Page::parse(&press.data.custom_id) {
+        return super::gallery::turn_page(ctx, data, press, page).await;
+    }
+    let Some(action) = Action::parse(&press.data.custom_id) else {
+        return Ok(());
+    };
+    let actor = Actor {
+        user: press.user.id.get(),
+        moderator: is_moderator(press.member.as_ref().and_then(|m| m.permissions)),
+    };
+    let outcome = match action {
+        Action::Cancel(job) => cancel(data, job, actor).await.map(Reply::Private),
+        Action::Timelapse(job) => timelapse(data, job, press.attachment_size_limit).await,
+        Action::FollowUp(what, job) => {
+            match follow_up_by_button(ctx, data, press, what, job, actor).await {
+                Ok(()) => return Ok(()),
+                Err(e) => Err(e),
+            }
+        }
+    };
+    let response = match outcome {
+        Ok(Reply::Private(text)) => private_message(text),
+        Ok(Reply::File(text, file)) => serenity::CreateInteractionResponseMessage::new()
+            .content(text)
+            .add_file(file)
+            .allowed_mentions(serenity::CreateAllowedMentions::new()),
+        Err(BotError::User(text)) => private_message(text),
+        Err(BotError::Internal(e)) => {
+            tracing::error!(error = ?e, custom_id = %press.data.custom_id, "a button failed");
+            private_message("Something went wrong on our side; it has been logged.".into())
+        }
+    };
+    press
+        .create_response(
+            &ctx.http,
+            serenity::CreateInteractionResponse::Message(response),
+        )
+        .await?;
+    Ok(())
+}
+
+/// What a button answers with.
+enum Reply {
+    /// A message only the presser sees.
+    Private(String),
+    /// A message with a file, for everyone.
+    File(String, serenity::CreateAttachment),
+}
+
+fn private_message(text: String) -> serenity::CreateInteractionResponseMessage {
+    serenity::CreateInteractionResponseMessage::new()
+        .content(text)
+        .ephemeral(true)
+        .allowed_mentions(serenity::CreateAllowedMentions::new())
+}
+
+async fn cancel(data: &Data, job: JobId, actor: Actor) -> Result<String, BotError> {
+    match data.scheduler.cancel(job, actor).await {
+        Ok(Cancelled::Dequeued) => Ok(format!("Job {job} is cancelled.")),
+        Ok(Cancelled::Stopping) => Ok(format!("Job {job} stops after its current step.")),
+        Err(CancelError::Store(e)) => Err(e.into()),
+        Err(refusal) => Err(BotError::User(capitalise(&refusal.to_string()))),
+    }
+}
+
+async fn timelapse(data: &Data, job: JobId, size_limit: u32) -> Result<Reply, BotError> {
+    let path = crate::jobs::timelapse_path(&data.settings.storage.images, job);
+    // Here when this host ran the job; in the database when a worker elsewhere did.
+    let bytes = match tokio::fs::read(&path).await {
+        Ok(bytes) => Some(bytes),
+        Err(_) => {
+            crate::store::events::get_job_file(&data.pool, job, crate::store::events::TIMELAPSE)
+                .await?
+        }
+    };
+    let Some(bytes) = bytes else {
+        return Err(BotError::User(format!(
+            "There is no time-lapse of job {job} (it was made before time-lapses were kept)."
+        )));
+    };
+    if bytes.len() > progress::size_limit(size_limit) {
+        return Err(BotError::User(format!(
+            "The time-lapse of job {job} is larger than this channel accepts."
+        )));
+    }
+    Ok(Reply::File(
+        format!("🎞️ Time-lapse of job {job}"),
+        serenity::CreateAttachment::bytes(bytes, format!("vqclip-{job}.gif")),
+    ))
+}
+
+async fn follow_up_by_button(
+    ctx: &serenity::Context,
+    data: &Data,
+    press: &serenity::ComponentInteraction,
+    what: FollowUp,
+    parent: JobId,
+    actor: Actor,
+) -> Result<(), BotError> {
+    let Some(parent) = store_jobs::get_job(&data.pool, parent).await? else {
+        return Err(BotError::User(format!("There is no job {parent}.")));
+    };
+    let (submitted, job) =
+        submit_follow_up(data, &parent, what, actor, press.channel_id.get()).await?;
+    let text = opening_text(&title(&job), submitted.position, &[]);
+    let response = serenity::CreateInteractionResponseMessage::new()
+        .content(text)
+        .components(cancel_button(job.id))
+        .allowed_mentions(serenity::CreateAllowedMentions::new());
+    press
+        .create_response(
+            &ctx.http,
+            serenity::CreateInteractionResponse::Message(response),
+        )
+        .await?;
+    let message = press.get_response(&ctx.http).await?;
+    track(
+        data,
+        ctx.http.clone(),
+        submitted,
+        &job,
+        &message,
+        Some(press.token.clone()),
+        press.attachment_size_limit,
+    )
+    .await
+}
+
+/// Acts on a reaction someone added: a ⭐ vote on a gallery post, or a job action.
+pub async fn on_reaction_add(
+    ctx: &serenity::Context,
+    data: &Data,
+    bot: serenity::UserId,
+    reaction: &serenity::Reaction,
+) -> Result<(), BotError> {
+    let Some(user) = reaction.user_id.filter(|&u| u != bot) else {
+        return Ok(());
+    };
+    let emoji = emoji_name(&reaction.emoji);
+    if emoji == store_gallery::STAR {
+        if let Some(post) =
+            store_gallery::find_gallery_post_by_message(&data.pool, reaction.message_id.get())
+                .await?
+        {
+            store_gallery::add_vote(&data.pool, post.id, user.get(), store_gallery::STAR).await?;
+        }
+        return Ok(());
+    }
+    let message = reaction.message_id.get();
+    let (job, on_result) = match store_jobs::find_job_by_result_message(&data.pool, message).await?
+    {
+        Some(job) => (job, true),
+        None => match store_jobs::find_job_by_message(&data.pool, message).await? {
+            Some(job) => (job, false),
+            None => return Ok(()),
+        },
+    };
+    let Some(action) = Action::from_reaction(&emoji, job.id, on_result) else {
+        return Ok(());
+    };
+    let actor = Actor {
+        user: user.get(),
+        moderator: reaction_moderator(ctx, reaction),
+    };
+    let outcome = match action {
+        Action::Cancel(id) => cancel(data, id, actor).await.map(|_| ()),
+        Action::FollowUp(what, _) => {
+            follow_up_by_reaction(ctx, data, reaction, &job, what, actor).await
+        }
+        Action::Timelapse(_) => Ok(()),
+    };
+    match outcome {
+        Ok(()) => Ok(()),
+        // A reaction cannot be answered privately: say it briefly in the channel.
+        Err(BotError::User(text)) => {
+            let note = serenity::CreateMessage::new()
+                .content(format!("<@{user}> {text}"))
+                .reference_message((reaction.channel_id, reaction.message_id))
+                .allowed_mentions(serenity::CreateAllowedMentions::new().users([user]));
+            reaction.channel_id.send_message(&ctx.http, note).await?;
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Withdraws a ⭐ vote whose reaction was removed.
+pub async fn on_reaction_remove(
+    data: &Data,
+    reaction: &serenity::Reaction,
+) -> Result<(), BotError> {
+    let Some(user) = reaction.user_id else {
+        return Ok(());
+    };
+    if emoji_name(&reaction.emoji) != store_gallery::STAR {
+        return Ok(());
+    }
+    if let Some(post) =
+        store_gallery::find_gallery_post_by_message(&data.pool, reaction.message_id.get()).await?
+    {
+        store_gallery::remove_vote(&data.pool, post.id, user.get(), store_gallery::STAR).await?;
+    }
+    Ok(())
+}
+
+fn emoji_name(emoji: &serenity::ReactionType) -> String {
+    match emoji {
+        serenity::ReactionType::Unicode(text) => text.clone(),
+        _ => String::new(),
+    }
+}
+
+/// Whether the reacting member may moderate: reactions carry no permissions, so they come from
+/// the cached guild (roles and channel overwrites); unknown means no.
+fn reaction_moderator(ctx: &serenity::Context, reaction: &serenity::Reaction) -> bool {
+    let (Some(guild), Some(member)) = (reaction.guild_id, reaction.member.as_ref()) else {
+        return false;
+    };
+    let Some(guild) = ctx.cache.guild(guild) else {
+        return false;
+    };
+    let Some(channel) = guild.channels.get(&reaction.channel_id) else {
+        return false;
+    };
+    is_moderator(Some(guild.user_permissions_in(channel, member)))
+}
+
+async fn follow_up_by_reaction(
+    ctx: &serenity::Context,
+    data: &Data,
+    reaction: &serenity::Reaction,
+    parent: &Job,
+    what: FollowUp,
+    actor: Actor,
+) -> Result<(), BotError> {
+    let (submitted, job) =
+        submit_follow_up(data, parent, what, actor, reaction.channel_id.get()).await?;
+    let text = opening_text(&title(&job), submitted.position, &[]);
+    let opening = serenity::CreateMessage::new()
+        .content(text)
+        .components(cancel_button(job.id))
+        .reference_message((reaction.channel_id, reaction.message_id))
+        .allowed_mentions(serenity::CreateAllowedMentions::new());
+    let message = reaction.channel_id.send_message(&ctx.http, opening).await?;
+    track(data, ctx.http.clone(), submitted, &job, &message, None, 0).await
+}
+
+#[cfg(test)]
+mod tests {}

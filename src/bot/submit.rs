@@ -1,0 +1,103 @@
+//! Submitting a job for a command, a button or a reaction, and tracking its message: the
+//! path every request takes once its text has been understood.
+
+use std::sync::Arc;
+
+use poise::serenity_prelude as serenity;
+
+use super::checks::check_rate;
+use super::progress::{self, JobMessage};
+use super::text::capitalise;
+use super::{BotError, Data};
+use crate::jobs::scheduler::{SubmitError, Submitted};
+use crate::jobs::{Actor, FollowUp, Origin};
+use crate::store::jobs::{self as store_jobs, Job};
+
+/// Submits a rerun, upscale or variation of `parent` for `actor`, after checking who may.
+pub async fn submit_follow_up(
+    data: &Data,
+    parent: &Job,
+    what: FollowUp,
+    actor: Actor,
+    channel: u64,
+) -> Result<(Submitted, Job), BotError> {
+    let allowed = data.settings.discord.anyone_can_follow_up
+        || actor.moderator
+        || actor.user == parent.requester_id;
+    if !allowed {
+        return Err(BotError::User(format!(
+            "Only the person who asked for job {} or a moderator can do that.",
+            parent.id
+        )));
+    }
+    check_rate(data, actor.user).await?;
+    let origin = Origin {
+        requester: actor.user,
+        guild: parent.guild_id,
+        channel: Some(channel),
+    };
+    // The parent's latent is on this host when it ran here, in the database when a worker
+    // elsewhere ran it (that worker fetches it from there).
+    let images = &data.settings.storage.images;
+    let latent_kept = crate::jobs::latent_path(images, parent.id).is_file()
+        || crate::store::events::has_job_file(&data.pool, parent.id, crate::store::events::LATENT)
+            .await?;
+    let (job, params) =
+        crate::jobs::follow_up_job(parent, what, rand::random(), origin, images, latent_kept)
+            .map_err(|e| BotError::User(capitalise(&e.to_string())))?;
+    submit(data, job, params).await
+}
+
+/// Submits a job, turning refusals into messages for the user; returns it as stored.
+pub async fn submit(
+    data: &Data,
+    job: store_jobs::NewJob,
+    params: crate::jobs::JobParams,
+) -> Result<(Submitted, Job), BotError> {
+    let submitted = match data.scheduler.submit(job, params).await {
+        Ok(s) => s,
+        Err(SubmitError::Store(e)) => return Err(e.into()),
+        Err(refusal) => return Err(BotError::User(capitalise(&refusal.to_string()))),
+    };
+    let stored = store_jobs::get_job(&data.pool, submitted.id)
+        .await?
+        .ok_or(sqlx::Error::RowNotFound)?;
+    Ok((submitted, stored))
+}
+
+/// After a job's message exists: records it and starts following the job.
+pub async fn track(
+    data: &Data,
+    http: Arc<serenity::Http>,
+    submitted: Submitted,
+    job: &Job,
+    message: &serenity::Message,
+    token: Option<String>,
+    size_limit: u32,
+) -> Result<(), BotError> {
+    store_jobs::set_job_message(
+        &data.pool,
+        submitted.id,
+        message.channel_id.get(),
+        message.id.get(),
+    )
+    .await?;
+    let target = JobMessage::for_job(
+        job,
+        message.channel_id,
+        message.id,
+        token,
+        progress::size_limit(size_limit),
+        progress::wants_ping(&data.pool, job.requester_id).await,
+    );
+    let interval = progress::edit_interval(&data.settings);
+    let pool = data.pool.clone();
+    tokio::spawn(progress::follow(
+        http,
+        pool,
+        target,
+        submitted.events,
+        interval,
+    ));
+    Ok(())
+}
