@@ -22,22 +22,22 @@
 //!   and reports through a callback.
 //! - [`store`] is the database (sqlx, migrations for SQLite and PostgreSQL), used by `bot` and
 //!   `jobs`.
+//! - [`app`] runs `serve` and `worker`: startup, the intake loop, shutdown.
 //! - [`config`] loads and validates the configuration; [`models`] is the catalogue of model
-//!   names and where their weights come from; [`weights`] finds their files and [`hub`]
-//!   downloads and checks them; [`request`] turns what a user typed into an engine spec;
+//!   names and where their weights come from, with `weights` (finding their files), `hub`
+//!   (downloading and checking them) and `load` (building them on a device); [`request`] turns what a user typed into an engine spec;
 //!   [`telemetry`] sets up logging; [`cli`] is the command line the binary runs; [`bench`]
 //!   times one optimisation step the way the PyTorch reference does.
 
+pub mod app;
 pub mod bench;
 pub mod bot;
 pub mod cli;
 pub mod config;
 pub mod engine;
-pub mod hub;
 pub mod jobs;
 pub mod memory;
 pub mod models;
 pub mod request;
 pub mod store;
 pub mod telemetry;
-pub mod weights;

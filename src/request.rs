@@ -74,6 +74,27 @@ pub fn auto_side(memory_gib: Option<f64>) -> u32 {
     }
 }
 
+/// Whether `w`×`h` is within the server's size cap (`generation.max_side` a side,
+/// `generation.max_pixels` in all): the one rule requests, size options and saved defaults follow.
+pub fn within_size_cap(w: u32, h: u32, settings: &GenerationSettings) -> bool {
+    w.max(h) <= settings.max_side && u64::from(w) * u64::from(h) <= settings.max_pixels
+}
+
+/// Whether a server's users may pick `model` as a `kind` model: the tiny test models only where
+/// `models.allow_tiny` is set. The one rule the prompt flags, the bot's options, saved defaults
+/// and autocomplete all follow.
+pub fn offered(model: &ModelInfo, kind: ModelKind, allow_tiny: bool) -> bool {
+    model.kind == kind && (!model.tiny || allow_tiny)
+}
+
+/// The ids of the `kind` models a server's users may pick (see [`offered`]), in catalogue order.
+pub fn offered_ids(kind: ModelKind, allow_tiny: bool) -> Vec<&'static str> {
+    models::ids_of(kind)
+        .into_iter()
+        .filter(|id| models::find(id).is_some_and(|m| offered(m, kind, allow_tiny)))
+        .collect()
+}
+
 fn pick_model(
     name: Option<&str>,
     default: &'static ModelInfo,
@@ -84,14 +105,10 @@ fn pick_model(
         return Ok(default);
     };
     match models::find(name) {
-        Some(m) if m.kind == kind && (!m.tiny || allow_tiny) => Ok(m),
+        Some(m) if offered(m, kind, allow_tiny) => Ok(m),
         _ => Err(RequestError::Invalid(format!(
             "unknown {kind} model {name:?}; choose one of: {}",
-            models::ids_of(kind)
-                .into_iter()
-                .filter(|id| allow_tiny || !models::find(id).is_some_and(|m| m.tiny))
-                .collect::<Vec<_>>()
-                .join(", ")
+            offered_ids(kind, allow_tiny).join(", ")
         ))),
     }
 }
@@ -159,7 +176,7 @@ pub fn resolve(
             vqgan.id
         ));
     }
-    if w.max(h) > settings.max_side || u64::from(w) * u64::from(h) > settings.max_pixels {
+    if !within_size_cap(w, h, settings) {
         return Err(RequestError::Invalid(format!(
             "{w}x{h} is too large here: at most {} pixels a side and {} pixels in all",
             settings.max_side, settings.max_pixels

@@ -18,7 +18,7 @@ pub async fn check_rate(data: &Data, user: u64) -> Result<(), BotError> {
         return Ok(());
     }
     let since = Timestamp::now().minus(std::time::Duration::from_secs(3600));
-    let recent = store_jobs::count_jobs_since(&data.pool, user, since).await?;
+    let recent = store_jobs::count_jobs_since(&data.store, user, since).await?;
     if recent >= u64::from(limit) {
         return Err(BotError::User(format!(
             "You have started {recent} jobs in the last hour; this server allows {limit}. \

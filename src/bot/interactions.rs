@@ -94,7 +94,7 @@ async fn timelapse(data: &Data, job: JobId, size_limit: u32) -> Result<Reply, Bo
     let bytes = match tokio::fs::read(&path).await {
         Ok(bytes) => Some(bytes),
         Err(_) => {
-            crate::store::events::get_job_file(&data.pool, job, crate::store::events::TIMELAPSE)
+            crate::store::events::get_job_file(&data.store, job, crate::store::events::TIMELAPSE)
                 .await?
         }
     };
@@ -122,7 +122,7 @@ async fn follow_up_by_button(
     parent: JobId,
     actor: Actor,
 ) -> Result<(), BotError> {
-    let Some(parent) = store_jobs::get_job(&data.pool, parent).await? else {
+    let Some(parent) = store_jobs::get_job(&data.store, parent).await? else {
         return Err(BotError::User(format!("There is no job {parent}.")));
     };
     let (submitted, job) =
@@ -164,22 +164,22 @@ pub async fn on_reaction_add(
     let emoji = emoji_name(&reaction.emoji);
     if emoji == store_gallery::STAR {
         if let Some(post) =
-            store_gallery::find_gallery_post_by_message(&data.pool, reaction.message_id.get())
+            store_gallery::find_gallery_post_by_message(&data.store, reaction.message_id.get())
                 .await?
         {
-            store_gallery::add_vote(&data.pool, post.id, user.get(), store_gallery::STAR).await?;
+            store_gallery::add_vote(&data.store, post.id, user.get(), store_gallery::STAR).await?;
         }
         return Ok(());
     }
     let message = reaction.message_id.get();
-    let (job, on_result) = match store_jobs::find_job_by_result_message(&data.pool, message).await?
-    {
-        Some(job) => (job, true),
-        None => match store_jobs::find_job_by_message(&data.pool, message).await? {
-            Some(job) => (job, false),
-            None => return Ok(()),
-        },
-    };
+    let (job, on_result) =
+        match store_jobs::find_job_by_result_message(&data.store, message).await? {
+            Some(job) => (job, true),
+            None => match store_jobs::find_job_by_message(&data.store, message).await? {
+                Some(job) => (job, false),
+                None => return Ok(()),
+            },
+        };
     let Some(action) = Action::from_reaction(&emoji, job.id, on_result) else {
         return Ok(());
     };
@@ -221,9 +221,9 @@ pub async fn on_reaction_remove(
         return Ok(());
     }
     if let Some(post) =
-        store_gallery::find_gallery_post_by_message(&data.pool, reaction.message_id.get()).await?
+        store_gallery::find_gallery_post_by_message(&data.store, reaction.message_id.get()).await?
     {
-        store_gallery::remove_vote(&data.pool, post.id, user.get(), store_gallery::STAR).await?;
+        store_gallery::remove_vote(&data.store, post.id, user.get(), store_gallery::STAR).await?;
     }
     Ok(())
 }

@@ -4,20 +4,19 @@
 //! - [`text`], [`components`], [`checks`], [`options`]: leaves — what messages say, the buttons
 //!   and their `custom_id` codec, who may do what, the values users pick (autocomplete, sizes,
 //!   aspects, saved defaults).
-//! - [`gallery`]: posting finished pictures to a guild's gallery channel, ⭐ votes, `/gallery`.
+//! - [`gallery`]: posting finished pictures to a guild's gallery channel, ⭐ votes, its pages.
 //! - [`progress`]: one task per job owning its message: throttled edits while it runs (with the
 //!   interaction token while it is fresh, the bot token after), then the result with buttons.
 //! - [`submit`]: submitting a job and tracking its message, for commands, buttons and reactions.
 //! - [`interactions`]: the buttons and reactions (rerun, upscale, variation, time-lapse, cancel),
 //!   answered from the database so they survive restarts.
-//! - [`admin`]: `/settings` (per-user defaults) and `/admin` (moderators).
-//! - [`commands`]: `/imagine`, `/queue`, `/cancel`, `/job`, `/history`, `/help`, and the list of
+//! - [`commands`]: `/imagine`, `/queue`, `/cancel`, `/job`, `/history`, `/gallery`, `/settings`
+//!   (per-user defaults), `/admin` (moderators), `/help`, one file per family, and the list of
 //!   every command.
 //!
 //! This is the only module that knows Discord. It reaches the engine only through the
 //! scheduler, and the database for job records.
 
-pub mod admin;
 pub mod checks;
 pub mod commands;
 pub mod components;
@@ -44,7 +43,7 @@ pub struct Data {
     /// The job queue.
     pub scheduler: Scheduler,
     /// The database.
-    pub pool: Store,
+    pub store: Store,
     /// The validated configuration.
     pub settings: Arc<Settings>,
     /// Prompt tokenizer (to count and cut prompts before queueing).
@@ -124,7 +123,7 @@ async fn on_error(error: poise::FrameworkError<'_, Data, BotError>) {
             }
             // After the answer: naming the cause of a database timeout takes a connection try.
             if let BotError::Internal(e) = &error {
-                let described = ctx.data().pool.describe(e.as_ref()).await;
+                let described = ctx.data().store.describe(e.as_ref()).await;
                 tracing::error!(command = %ctx.command().name, error = %described, "command failed");
             }
         }
@@ -160,7 +159,7 @@ async fn on_event(
 /// Runs the bot until `shutdown` resolves or the gateway connection ends for good.
 pub async fn run(
     settings: Arc<Settings>,
-    pool: Store,
+    store: Store,
     scheduler: Scheduler,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
@@ -173,7 +172,7 @@ pub async fn run(
         .with_context(|| format!("cannot reach Discord at {base} (discord.api_base)"))?;
     let data = Data {
         scheduler,
-        pool,
+        store,
         settings: settings.clone(),
         tokenizer: Arc::new(ClipTokenizer::new()),
     };
@@ -214,7 +213,7 @@ pub async fn run(
                 tracing::info!(user = %ready.user.name, "connected to Discord");
                 // Jobs from before a restart keep their messages updating.
                 let interval = progress::edit_interval(&data.settings);
-                match progress::resume_all(&ctx.http, &data.pool, &data.scheduler, interval).await
+                match progress::resume_all(&ctx.http, &data.store, &data.scheduler, interval).await
                 {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(jobs = n, "following the messages of earlier jobs again"),

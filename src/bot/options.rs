@@ -7,6 +7,7 @@ use super::Context;
 use super::text::quote;
 use crate::config::GenerationSettings;
 use crate::models::{self, ModelKind};
+use crate::request::{offered, offered_ids, within_size_cap};
 use crate::store::users;
 
 /// Aspect ratios offered while typing.
@@ -29,9 +30,8 @@ pub async fn complete_aspect(
 /// limit).
 pub fn model_choices(partial: &str, allow_tiny: bool) -> Vec<&'static str> {
     let partial = partial.trim().to_lowercase();
-    crate::models::ids_of(crate::models::ModelKind::Vqgan)
+    offered_ids(ModelKind::Vqgan, allow_tiny)
         .into_iter()
-        .filter(|id| allow_tiny || !crate::models::find(id).is_some_and(|m| m.tiny))
         .filter(|id| id.contains(&partial))
         .take(25)
         .collect()
@@ -65,7 +65,7 @@ pub fn parse_size(text: &str, generation: &GenerationSettings) -> Result<(u32, u
             quote(text, 20)
         ));
     };
-    if w.max(h) > generation.max_side || u64::from(w) * u64::from(h) > generation.max_pixels {
+    if !within_size_cap(w, h, generation) {
         return Err(format!(
             "{w}x{h} is larger than this server allows (sides up to {}, {} pixels in all).",
             generation.max_side, generation.max_pixels
@@ -77,15 +77,11 @@ pub fn parse_size(text: &str, generation: &GenerationSettings) -> Result<(u32, u
 /// A VQGAN model id this server offers.
 pub fn check_model(name: &str, allow_tiny: bool) -> Result<String, String> {
     match models::find(name) {
-        Some(m) if m.kind == ModelKind::Vqgan && (!m.tiny || allow_tiny) => Ok(m.id.to_owned()),
+        Some(m) if offered(m, ModelKind::Vqgan, allow_tiny) => Ok(m.id.to_owned()),
         _ => Err(format!(
             "Unknown model {}; choose one of: {}.",
             quote(name, 40),
-            models::ids_of(ModelKind::Vqgan)
-                .into_iter()
-                .filter(|id| allow_tiny || !models::find(id).is_some_and(|m| m.tiny))
-                .collect::<Vec<_>>()
-                .join(", ")
+            offered_ids(ModelKind::Vqgan, allow_tiny).join(", ")
         )),
     }
 }
@@ -102,8 +98,7 @@ pub fn user_defaults(
         return g;
     };
     if let (Some(w), Some(h)) = (u.width, u.height)
-        && w.max(h) <= g.max_side
-        && u64::from(w) * u64::from(h) <= g.max_pixels
+        && within_size_cap(w, h, &g)
     {
         g.default_size = crate::config::SizeSetting::Fixed {
             width: w,
@@ -117,7 +112,7 @@ pub fn user_defaults(
         .vqgan_model
         .as_deref()
         .and_then(models::find)
-        .filter(|m| m.kind == ModelKind::Vqgan && (!m.tiny || allow_tiny))
+        .filter(|m| offered(m, ModelKind::Vqgan, allow_tiny))
     {
         g.default_vqgan = model;
     }

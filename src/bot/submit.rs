@@ -40,11 +40,19 @@ pub async fn submit_follow_up(
     // elsewhere ran it (that worker fetches it from there).
     let images = &data.settings.storage.images;
     let latent_kept = crate::jobs::latent_path(images, parent.id).is_file()
-        || crate::store::events::has_job_file(&data.pool, parent.id, crate::store::events::LATENT)
+        || crate::store::events::has_job_file(&data.store, parent.id, crate::store::events::LATENT)
             .await?;
     let (job, params) =
         crate::jobs::follow_up_job(parent, what, rand::random(), origin, images, latent_kept)
-            .map_err(|e| BotError::User(capitalise(&e.to_string())))?;
+            .map_err(|e| {
+                BotError::User(match e {
+                    // In Discord the way out is a button.
+                    crate::jobs::FollowUpError::NoLatent(id) => format!(
+                        "The final state of job {id} is no longer stored; use 🔁 Rerun instead."
+                    ),
+                    other => capitalise(&other.to_string()),
+                })
+            })?;
     submit(data, job, params).await
 }
 
@@ -59,7 +67,7 @@ pub async fn submit(
         Err(SubmitError::Store(e)) => return Err(e.into()),
         Err(refusal) => return Err(BotError::User(capitalise(&refusal.to_string()))),
     };
-    let stored = store_jobs::get_job(&data.pool, submitted.id)
+    let stored = store_jobs::get_job(&data.store, submitted.id)
         .await?
         .ok_or(sqlx::Error::RowNotFound)?;
     Ok((submitted, stored))
@@ -76,7 +84,7 @@ pub async fn track(
     size_limit: u32,
 ) -> Result<(), BotError> {
     store_jobs::set_job_message(
-        &data.pool,
+        &data.store,
         submitted.id,
         message.channel_id.get(),
         message.id.get(),
@@ -88,10 +96,10 @@ pub async fn track(
         message.id,
         token,
         progress::size_limit(size_limit),
-        progress::wants_ping(&data.pool, job.requester_id).await,
+        progress::wants_ping(&data.store, job.requester_id).await,
     );
     let interval = progress::edit_interval(&data.settings);
-    let pool = data.pool.clone();
+    let pool = data.store.clone();
     tokio::spawn(progress::follow(
         http,
         pool,

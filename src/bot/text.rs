@@ -9,11 +9,7 @@ use crate::store::jobs::{Job, JobKind};
 
 /// The first text of a job's message: its title and where it stands.
 pub fn opening_text(title: &str, position: usize, notes: &[String]) -> String {
-    let mut status = if position == 0 {
-        "starting".to_owned()
-    } else {
-        format!("queued, #{position} in line")
-    };
+    let mut status = queue_status(position);
     for note in notes {
         status.push_str(&format!("\n-# {note}"));
     }
@@ -67,12 +63,20 @@ pub fn human_duration(d: Duration) -> String {
     }
 }
 
+/// Where a waiting job stands: "queued, #3 in line"; position 0 means a device took it (its
+/// start is on the way).
+fn queue_status(position: usize) -> String {
+    if position == 0 {
+        "starting".to_owned()
+    } else {
+        format!("queued, #{position} in line")
+    }
+}
+
 /// The progress message's text for an event that is not the end.
 pub fn status_text(title: &str, event: &JobEvent) -> String {
     let status = match event {
-        // Position 0: a device took it; its Started event is on the way.
-        JobEvent::Queued { position: 0 } => "starting".to_owned(),
-        JobEvent::Queued { position } => format!("queued, #{position} in line"),
+        JobEvent::Queued { position } => queue_status(*position),
         JobEvent::Started { device } => format!("starting on {device}"),
         JobEvent::Progress(p) => format!(
             "{}% on {}, loss {:.3}, about {} left",

@@ -18,7 +18,7 @@ use serde::{Serialize, Serializer};
 use url::Url;
 
 use crate::models::ModelInfo;
-pub use crate::store::Location;
+use crate::store::Location;
 
 mod raw;
 mod validate;

@@ -8,10 +8,11 @@ use super::raw::{
 };
 use super::{
     DEFAULT_DATABASE, DEVICE_EXPECTED, DeviceSpec, DiscordSettings, Environment,
-    GenerationSettings, InvalidKey, Location, MIN_SIDE, ModelSettings, ModelSource, Origins,
+    GenerationSettings, InvalidKey, MIN_SIDE, ModelSettings, ModelSource, Origins,
     SchedulerSettings, Settings, SizeSetting, StorageSettings,
 };
 use crate::models::{self, ModelInfo, ModelKind};
+use crate::store::Location;
 use secrecy::SecretString;
 use std::collections::BTreeMap;
 use std::fmt;

@@ -243,7 +243,7 @@ pub enum FollowUpError {
     #[error("job {0} has no finished picture to start from")]
     NotFinished(JobId),
     /// The parent's latent file is gone (deleted, or made by another machine).
-    #[error("the final state of job {0} is no longer stored; use 🔁 Rerun instead")]
+    #[error("the final state of job {0} is no longer stored; rerun it instead")]
     NoLatent(JobId),
     /// The parent's stored parameters do not parse (made by an incompatible version).
     #[error("job {0} was made by an incompatible version of vqclip")]

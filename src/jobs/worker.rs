@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
@@ -23,22 +23,21 @@ use crate::engine::generate::{
     Checkpoint, GenerateError, GenerationInputs, GenerationSpec, Generator, Models, Progress,
     upscale_latent, vary_latent,
 };
-use crate::engine::nets::checkpoint;
-use crate::engine::nets::clip::{Clip, ClipConfig};
-use crate::engine::nets::random::SeededWeights;
+use crate::engine::image;
+use crate::engine::nets::clip::Clip;
 use crate::engine::nets::tokenizer::ClipTokenizer;
-use crate::engine::nets::vqgan::{Vqgan, VqganConfig, VqganParts};
-use crate::engine::{self, image};
-use crate::hub::{Hub, HubError, LogProgress};
+use crate::engine::nets::vqgan::{Vqgan, VqganParts};
+use crate::models::hub::{Hub, HubError, LogProgress};
+use crate::models::load::{load_clip, load_vqgan};
+use crate::models::weights;
 use crate::models::{self, ModelInfo};
-use crate::weights;
 
 /// A running job saves a checkpoint every this many iterations (and when a shutdown stops it),
 /// so a crash costs at most this much work.
 const CHECKPOINT_EVERY: u32 = 25;
 
 /// Time per frame of a time-lapse GIF.
-const TIMELAPSE_DELAY_MS: u32 = 100;
+pub const TIMELAPSE_DELAY_MS: u32 = 100;
 
 /// A job handed to a worker.
 #[derive(Debug, Clone)]
@@ -252,54 +251,6 @@ pub fn png_metadata(
             serde_json::to_string(spec).unwrap_or_default(),
         ),
     ]
-}
-
-/// Loads a VQGAN from `weights`, or on seeded random weights when `weights` is `None` (the tiny
-/// test model with no file configured).
-pub fn load_vqgan(
-    info: &ModelInfo,
-    weights: Option<&Path>,
-    parts: VqganParts,
-    device: &Device,
-) -> anyhow::Result<Vqgan> {
-    let config = VqganConfig::preset(info.id)
-        .ok_or_else(|| anyhow::anyhow!("{} has no VQGAN architecture", info.id))?;
-    Ok(match weights {
-        Some(path) => {
-            engine::nets::load_vqgan(info.id, &[path.to_path_buf()], &config, parts, device)?
-        }
-        None => Vqgan::new(
-            SeededWeights::new(0).var_builder(DType::F32, device),
-            &config,
-            parts,
-        )?,
-    })
-}
-
-/// Loads a CLIP from `weights`, or on seeded random weights when `weights` is `None`.
-pub fn load_clip(
-    info: &ModelInfo,
-    weights: Option<&Path>,
-    device: &Device,
-) -> anyhow::Result<Clip> {
-    let config = ClipConfig::preset(info.id)
-        .ok_or_else(|| anyhow::anyhow!("{} has no CLIP architecture", info.id))?;
-    Ok(match weights {
-        Some(path) => {
-            let vb = checkpoint::var_builder(&[path.to_path_buf()], DType::F32, device)?;
-            Clip::new(vb, &config).map_err(|e| {
-                anyhow::anyhow!(
-                    "the weights in {} do not fit {}: {e}",
-                    path.display(),
-                    info.id
-                )
-            })?
-        }
-        None => Clip::new(
-            SeededWeights::new(1).var_builder(DType::F32, device),
-            &config,
-        )?,
-    })
 }
 
 /// A resident model.

@@ -5,9 +5,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use vqclip::config::{Environment, Settings};
-use vqclip::hub::{DigestOrigin, Hub, HubError};
+use vqclip::models::hub::{DigestOrigin, Hub, HubError};
+use vqclip::models::weights;
 use vqclip::models::{self, ModelInfo};
-use vqclip::weights;
 
 use crate::fake_hub::{COMMIT, FakeHub, sha256_hex};
 

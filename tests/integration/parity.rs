@@ -361,7 +361,7 @@ fn weight_paths(files: &[String]) -> Vec<PathBuf> {
 /// trajectory through the engine's own step.
 fn run_step(case: &Case, c: &mut Checker) -> anyhow::Result<()> {
     let device = Device::Cpu;
-    let vqgan = nets::load_vqgan(
+    let vqgan = nets::vqgan_from_files(
         &case.name,
         &weight_paths(&case.weights.vqgan),
         &case.vqgan_config()?,
@@ -553,7 +553,7 @@ fn run_encode(case: &Case, c: &mut Checker) -> anyhow::Result<()> {
         .encode
         .as_ref()
         .context("an encode case needs an `encode` object")?;
-    let vqgan = nets::load_vqgan(
+    let vqgan = nets::vqgan_from_files(
         &case.name,
         &weight_paths(&case.weights.vqgan),
         &cfg,

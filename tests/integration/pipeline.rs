@@ -23,7 +23,7 @@ const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
 fn tiny_models() -> Models {
     let dev = Device::Cpu;
-    let vqgan = nets::load_vqgan(
+    let vqgan = nets::vqgan_from_files(
         "tiny_vqgan",
         &[Path::new(FIXTURES).join("ckpt/tiny_vqgan.ckpt")],
         &VqganConfig::tiny(),

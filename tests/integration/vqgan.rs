@@ -86,7 +86,7 @@ fn the_lightning_checkpoint_holds_exactly_the_autoencoder() {
 fn a_model_loaded_from_ckpt_decodes_and_encodes_like_the_safetensors_one() {
     let cfg = VqganConfig::tiny();
     let dev = Device::Cpu;
-    let ckpt = nets::load_vqgan(
+    let ckpt = nets::vqgan_from_files(
         "tiny_vqgan",
         &[fixture("ckpt/tiny_vqgan.ckpt")],
         &cfg,
@@ -94,7 +94,7 @@ fn a_model_loaded_from_ckpt_decodes_and_encodes_like_the_safetensors_one() {
         &dev,
     )
     .unwrap();
-    let st = nets::load_vqgan(
+    let st = nets::vqgan_from_files(
         "tiny_vqgan",
         &safetensors_pair(),
         &cfg,
@@ -132,7 +132,7 @@ fn a_checkpoint_converts_to_safetensors_that_load_the_same() {
         WeightFormat::Safetensors
     );
     let cfg = VqganConfig::tiny();
-    let converted = nets::load_vqgan(
+    let converted = nets::vqgan_from_files(
         "tiny_vqgan",
         std::slice::from_ref(&out),
         &cfg,
@@ -140,7 +140,7 @@ fn a_checkpoint_converts_to_safetensors_that_load_the_same() {
         &Device::Cpu,
     )
     .unwrap();
-    let original = nets::load_vqgan(
+    let original = nets::vqgan_from_files(
         "tiny_vqgan",
         &safetensors_pair(),
         &cfg,
@@ -164,7 +164,7 @@ fn a_wrong_shape_names_the_tensor_and_both_shapes() {
         n_embed: 65,
         ..VqganConfig::tiny()
     };
-    let err = nets::load_vqgan(
+    let err = nets::vqgan_from_files(
         "tiny_vqgan",
         &safetensors_pair(),
         &cfg,
@@ -186,7 +186,7 @@ fn a_missing_tensor_is_named() {
     let decoder_only = [fixture("parity/tiny_vqgan.safetensors")];
     let cfg = VqganConfig::tiny();
     assert!(
-        nets::load_vqgan(
+        nets::vqgan_from_files(
             "tiny_vqgan",
             &decoder_only,
             &cfg,
@@ -195,7 +195,7 @@ fn a_missing_tensor_is_named() {
         )
         .is_ok()
     );
-    let err = nets::load_vqgan(
+    let err = nets::vqgan_from_files(
         "tiny_vqgan",
         &decoder_only,
         &cfg,
@@ -209,7 +209,7 @@ fn a_missing_tensor_is_named() {
 #[test]
 fn encoding_needs_the_encoder_and_a_multiple_of_the_factor() {
     let cfg = VqganConfig::tiny();
-    let decode_only = nets::load_vqgan(
+    let decode_only = nets::vqgan_from_files(
         "tiny_vqgan",
         &safetensors_pair(),
         &cfg,
@@ -219,7 +219,7 @@ fn encoding_needs_the_encoder_and_a_multiple_of_the_factor() {
     .unwrap();
     let image = Tensor::zeros((1, 3, 16, 16), DType::F32, &Device::Cpu).unwrap();
     assert!(decode_only.encode(&image).is_err());
-    let full = nets::load_vqgan(
+    let full = nets::vqgan_from_files(
         "tiny_vqgan",
         &safetensors_pair(),
         &cfg,

@@ -18,7 +18,7 @@ use vqgan::{Vqgan, VqganConfig, VqganParts};
 
 /// Loads a VQGAN of architecture `config` from `paths` (safetensors or `.ckpt`, their union) in
 /// f32 on `device`. `name` is used in error messages.
-pub fn load_vqgan(
+pub fn vqgan_from_files(
     name: &str,
     paths: &[PathBuf],
     config: &VqganConfig,

@@ -2,8 +2,14 @@
 //!
 //! Names here are what users type (`--model wikiart_f16_16384`), what configuration keys use
 //! (`[models.imagenet_f16_16384]`) and what job rows store, so a name, once published, never
-//! changes meaning. This module is plain data: it knows nothing of files, the network or candle;
-//! `config` resolves each entry to a concrete source and the weight loader fetches it.
+//! changes meaning. The catalogue (this file) is plain data: it knows nothing of files, the network
+//! or candle; `config` resolves each entry to a concrete source. Below it, [`weights`] finds an
+//! entry's file (configured path or Hugging Face cache, `.ckpt` converted once), [`hub`]
+//! downloads and checks it, and [`load`] builds the model on a device.
+
+pub mod hub;
+pub mod load;
+pub mod weights;
 
 use std::fmt;
 

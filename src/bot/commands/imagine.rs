@@ -1,35 +1,19 @@
-//! Slash commands. Each doc comment is the help Discord shows.
+//! `/imagine`: a prompt and its options, attachments checked and kept, the job queued and its
+//! message opened within Discord's 3 s.
 
-use poise::serenity_prelude as serenity;
-
-use sha2::Digest as _;
-
-use super::checks::{check_rate, is_moderator_here};
-use super::components::cancel_button;
-use super::options::{complete_aspect, complete_model, parse_aspect, parse_size, user_defaults};
-use super::submit::{submit, track};
-use super::text::{code_block, opening_text, quote, title};
-use super::{BotError, Context, private_reply};
-use crate::jobs::scheduler::{CancelError, DeviceState};
-use crate::jobs::{Actor, JobId, Origin};
+use crate::bot::checks::check_rate;
+use crate::bot::components::cancel_button;
+use crate::bot::options::{
+    complete_aspect, complete_model, parse_aspect, parse_size, user_defaults,
+};
+use crate::bot::submit::{submit, track};
+use crate::bot::text::{opening_text, quote, title};
+use crate::bot::{BotError, Context};
+use crate::jobs::Origin;
 use crate::request::{self, ImagineOptions};
-use crate::store::jobs as store_jobs;
 use crate::store::users;
-
-/// Every command the bot registers.
-pub fn all() -> Vec<poise::Command<super::Data, BotError>> {
-    vec![
-        imagine(),
-        queue(),
-        cancel(),
-        job(),
-        history(),
-        super::gallery::gallery(),
-        super::admin::settings(),
-        super::admin::admin(),
-        help(),
-    ]
-}
+use poise::serenity_prelude as serenity;
+use sha2::Digest as _;
 
 /// Largest attachment `/imagine` accepts.
 const MAX_ATTACHMENT_BYTES: u32 = 8 * 1024 * 1024;
@@ -37,7 +21,7 @@ const MAX_ATTACHMENT_BYTES: u32 = 8 * 1024 * 1024;
 /// Make a picture from a prompt: `a castle | fog:0.5`, flags like --ar 16:9 --no people --seed 7.
 #[poise::command(slash_command)]
 #[allow(clippy::too_many_arguments)] // one per slash-command option
-async fn imagine(
+pub(super) async fn imagine(
     ctx: Context<'_>,
     #[description = "What to draw; `|` separates prompts, `:weight` weighs them"]
     #[max_length = 1000]
@@ -101,7 +85,7 @@ async fn imagine(
             clip: None,
             crops: false,
         };
-        let mine = users::get_user_settings(&data.pool, ctx.author().id.get()).await?;
+        let mine = users::get_user_settings(&data.store, ctx.author().id.get()).await?;
         let defaults = user_defaults(
             &data.settings.generation,
             mine.as_ref(),
@@ -284,209 +268,6 @@ pub fn banned_word<'a>(prompt: &str, banned: &'a [String]) -> Option<&'a str> {
             !parts.is_empty() && words.windows(parts.len()).any(|w| w == parts.as_slice())
         })
         .map(String::as_str)
-}
-
-/// Workers heard from this long ago are still listed (as lost).
-const WORKERS_SHOWN_FOR: std::time::Duration = std::time::Duration::from_secs(15 * 60);
-
-/// `/queue`'s lines for the worker processes that share the database (`vqclip worker` on this or
-/// other hosts), one per host with its devices and jobs; empty when there are none.
-async fn workers_section(data: &crate::bot::Data) -> Result<String, BotError> {
-    use crate::store::workers::{WorkerState, list_workers};
-    let now = crate::store::Timestamp::now();
-    let workers = list_workers(&data.pool, now.minus(WORKERS_SHOWN_FOR)).await?;
-    let lost_after = std::time::Duration::from_secs(data.settings.scheduler.lease_seconds);
-    let mut hosts: Vec<(String, Vec<String>)> = Vec::new();
-    for w in &workers {
-        let line = match w.state(now, lost_after) {
-            WorkerState::Stopped => continue,
-            WorkerState::Lost => {
-                let ago = (now.as_millis() - w.heartbeat_at.as_millis()).max(0) / 1000;
-                format!("lost (no heartbeat for {ago} s; its jobs go back to the queue)")
-            }
-            WorkerState::Live => {
-                let devices: Vec<String> = w.devices.iter().map(|d| format!("`{d}`")).collect();
-                let jobs: Vec<String> = w.running.iter().map(|id| format!("job {id}")).collect();
-                format!(
-                    "{} — {}",
-                    devices.join(", "),
-                    if jobs.is_empty() {
-                        "idle".to_owned()
-                    } else {
-                        jobs.join(", ")
-                    }
-                )
-            }
-        };
-        match hosts.iter_mut().find(|(host, _)| *host == w.host) {
-            Some((_, lines)) => lines.push(line),
-            None => hosts.push((w.host.clone(), vec![line])),
-        }
-    }
-    if hosts.is_empty() {
-        return Ok(String::new());
-    }
-    let mut text = String::from("\n**Workers**");
-    for (host, lines) in hosts {
-        text.push_str(&format!("\n{host}: {}", lines.join("; ")));
-    }
-    Ok(text)
-}
-
-/// The queue: your jobs, how many wait, what each device here is doing, and the workers on
-/// other hosts.
-#[poise::command(slash_command)]
-async fn queue(ctx: Context<'_>) -> Result<(), BotError> {
-    let snapshot = ctx.data().scheduler.snapshot();
-    let me = ctx.author().id.get();
-    let mut text = format!("**{} waiting**", snapshot.waiting.len());
-    let mine: Vec<String> = snapshot
-        .waiting
-        .iter()
-        .enumerate()
-        .filter(|(_, (_, user))| *user == me)
-        .map(|(i, (id, _))| format!("job {id} (#{})", i + 1))
-        .collect();
-    if !mine.is_empty() {
-        text.push_str(&format!(" — yours: {}", mine.join(", ")));
-    }
-    for device in &snapshot.devices {
-        let line = match &device.state {
-            DeviceState::Idle => "idle".to_owned(),
-            DeviceState::Busy {
-                job,
-                user,
-                iteration,
-                total,
-                rate,
-            } => format!("job {job} for <@{user}>: {iteration}/{total} steps, {rate:.2} steps/s"),
-            DeviceState::OutOfService { reason } => format!("out of service ({reason})"),
-        };
-        text.push_str(&format!("\n`{}` {line}", device.label));
-    }
-    text.push_str(&workers_section(ctx.data()).await?);
-    if let Some(guild) = ctx.guild_id()
-        && snapshot.paused.contains(&guild.get())
-    {
-        text.push_str("\nThis server's queue is paused by its moderators (/admin resume).");
-    }
-    if !snapshot.accepting {
-        text.push_str("\nThe bot is shutting down and takes no new jobs.");
-    }
-    ctx.send(private_reply(text)).await?;
-    Ok(())
-}
-
-/// Cancel one of your jobs (moderators: anyone's), waiting or running.
-#[poise::command(slash_command)]
-async fn cancel(
-    ctx: Context<'_>,
-    #[description = "The job's number (see /queue)"] job: i64,
-) -> Result<(), BotError> {
-    let actor = Actor {
-        user: ctx.author().id.get(),
-        moderator: is_moderator_here(ctx).await,
-    };
-    let text = match ctx.data().scheduler.cancel(JobId(job), actor).await {
-        Ok(crate::jobs::scheduler::Cancelled::Dequeued) => format!("Job {job} is cancelled."),
-        Ok(crate::jobs::scheduler::Cancelled::Stopping) => {
-            format!("Job {job} stops after its current step.")
-        }
-        Err(CancelError::Store(e)) => return Err(e.into()),
-        Err(refusal) => return Err(BotError::User(refusal.to_string())),
-    };
-    ctx.send(private_reply(text)).await?;
-    Ok(())
-}
-
-/// Everything recorded about a job: prompt, seed, settings, models, how it went.
-#[poise::command(slash_command)]
-async fn job(
-    ctx: Context<'_>,
-    #[description = "The job's number"] id: i64,
-) -> Result<(), BotError> {
-    let Some(job) = store_jobs::get_job(&ctx.data().pool, JobId(id)).await? else {
-        return Err(BotError::User(format!("There is no job {id}.")));
-    };
-    let mut embed = serenity::CreateEmbed::new().title(format!("Job {id}"));
-    for (label, value) in crate::jobs::describe(&job) {
-        // Paths and hashes of this machine mean nothing in Discord.
-        if matches!(label, "job" | "image" | "sha256" | "requester") {
-            continue;
-        }
-        let value = match label {
-            "prompt" | "error" => quote(&value, 1000),
-            // Whole or not at all: a cut or altered command line would not run as shown.
-            "again" => code_block(&crate::jobs::reproduce_command_to_share(&job), 1000)
-                .unwrap_or_else(|| {
-                    format!(
-                        "too long to show here; `vqclip jobs show {id}` on the bot's host prints it"
-                    )
-                }),
-            _ => value,
-        };
-        embed = embed.field(label, value, !matches!(label, "prompt" | "again" | "error"));
-    }
-    embed = embed.field("requested by", format!("<@{}>", job.requester_id), true);
-    ctx.send(
-        poise::CreateReply::default()
-            .embed(embed)
-            .allowed_mentions(serenity::CreateAllowedMentions::new()),
-    )
-    .await?;
-    Ok(())
-}
-
-/// Recent jobs with their prompts and seeds: yours, or another user's.
-#[poise::command(slash_command)]
-async fn history(
-    ctx: Context<'_>,
-    #[description = "Whose jobs (default: yours)"] user: Option<serenity::User>,
-) -> Result<(), BotError> {
-    let who = user.as_ref().map_or(ctx.author().id, |u| u.id);
-    let jobs = store_jobs::list_jobs_by_requester(&ctx.data().pool, who.get(), 10).await?;
-    let text = if jobs.is_empty() {
-        format!("No jobs from <@{who}> yet.")
-    } else {
-        let lines: Vec<String> = jobs
-            .iter()
-            .map(|j| {
-                format!(
-                    "**{}** {} — {} (seed {}, {}x{}, {} steps)",
-                    j.id,
-                    j.status,
-                    quote(&j.prompt, 120),
-                    j.seed,
-                    j.width,
-                    j.height,
-                    j.steps
-                )
-            })
-            .collect();
-        format!("Recent jobs of <@{who}>:\n{}", lines.join("\n"))
-    };
-    ctx.send(private_reply(text)).await?;
-    Ok(())
-}
-
-/// How to use the bot.
-#[poise::command(slash_command)]
-async fn help(ctx: Context<'_>) -> Result<(), BotError> {
-    let text = "\
-**/imagine** `prompt` — make a picture. Several prompts: `a castle | fog:0.5` (a weight after \
-the last colon; negative pushes away). Flags inside the prompt: `--ar 16:9`, `--size 384x256`, \
-`--seed 7`, `--steps 300`, `--cutn 32`, `--no people`, `--model wikiart_f16_16384`. Attach an \
-`init_image` to start from a picture, an `image_prompt` to aim at one.
-Under a finished picture: 🔁 **Rerun** (new seed), ⬆️ **Upscale 2×**, 🔀 **Variation**, \
-🎞️ **Time-lapse**; ❌ **Cancel** while it runs. Reacting with 🔁 ⬆️ 🔀 (or ❌) does the same.
-**/queue** — what is waiting and running. **/cancel** `job` — stop one of yours.
-**/job** `id` — everything needed to make a picture again. **/history** — recent prompts and seeds.
-**/gallery** `recent|top|user|search` — this server's gallery; vote with ⭐ on its posts.
-**/settings** — your default size, steps, model, and whether you are mentioned when done.
-**/admin** (Manage Server) — gallery channel, ban/unban, pause/resume, remove a post.
-The same seed and settings give the same picture.";
-    ctx.send(private_reply(text)).await?;
-    Ok(())
 }
 
 #[cfg(test)]

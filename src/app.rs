@@ -1,39 +1,21 @@
-//! `vqclip jobs submit|show|cancel` and `vqclip worker`: the queue without Discord.
+//! The long-running processes: `vqclip serve` (the scheduler and the bot in front of it) and
+//! `vqclip worker` (a host's devices on the shared queue). Startup, the intake loop that feeds the
+//! scheduler from the database (jobs and cancels other processes put there), and a shutdown that
+//! ends within the grace period plus a few seconds whatever the database does.
+//!
+//! Knows the scheduler, the store and the bot; not the command line, which parses arguments and
+//! loads the configuration before calling in.
 
-use std::fmt::Write as _;
-use std::path::Path;
 use std::time::Duration;
 
-use crate::store::Store;
-use anyhow::Context as _;
-use clap::Args;
-
-use super::{RequestFlags, load_settings};
-use crate::config::{Environment, Settings};
-use crate::engine::nets::tokenizer::ClipTokenizer;
+use crate::config::Settings;
 use crate::jobs::scheduler::{ClaimOptions, SchedulerOptions};
-use crate::jobs::{Origin, Scheduler, devices};
+use crate::jobs::{Scheduler, devices};
 use crate::models::ModelKind;
-use crate::request;
-use crate::store::jobs::{self, JobStatus};
-use crate::store::{self, JobId, Timestamp};
-
-/// Options of `vqclip jobs submit`.
-#[derive(Debug, Args)]
-pub struct SubmitArgs {
-    /// What to draw, as for `imagine` (flags inside the quotes work too).
-    pub prompt: String,
-    /// Generation settings.
-    #[command(flatten)]
-    pub request: RequestFlags,
-    /// Record the job as this Discord user's (fairness and caps are per user) [default: 0,
-    /// the command line].
-    #[arg(long, default_value_t = 0)]
-    pub user: u64,
-}
+use crate::store::{self, Store, Timestamp};
 
 /// The configured database, created and migrated when `create`, else required to exist.
-pub(super) async fn open_database(settings: &Settings, create: bool) -> anyhow::Result<Store> {
+pub async fn open_database(settings: &Settings, create: bool) -> anyhow::Result<Store> {
     let location = &settings.storage.database;
     // Reading must not conjure an empty database in the wrong directory.
     if let Some(path) = location.sqlite_path()
@@ -48,113 +30,6 @@ pub(super) async fn open_database(settings: &Settings, create: bool) -> anyhow::
     let pool = store::connect(location).await?;
     store::migrate(&pool).await?;
     Ok(pool)
-}
-
-pub(super) async fn submit(
-    config: Option<&Path>,
-    env: &Environment,
-    args: &SubmitArgs,
-) -> anyhow::Result<()> {
-    let Ok(settings) = load_settings(config, env) else {
-        anyhow::bail!("cannot submit without a valid configuration");
-    };
-    let resolved = request::resolve(
-        &args.prompt,
-        &args.request.options(),
-        &settings.generation,
-        settings.models.allow_tiny,
-        request::auto_side(None),
-        &ClipTokenizer::new(),
-    )?;
-    for note in &resolved.notes {
-        eprintln!("note: {note}");
-    }
-    let origin = Origin {
-        requester: args.user,
-        guild: None,
-        channel: None,
-    };
-    let (job, _) = crate::jobs::imagine_job(&args.prompt, &resolved, origin)?;
-    let spec = &resolved.spec;
-    let pool = open_database(&settings, true).await?;
-    // The same caps as the bot's requests (not atomic with the insert: the command line is
-    // the operator's, not a stranger's).
-    let (waiting, mine) = store::workers::count_queued(&pool, args.user).await?;
-    let capacity = settings.scheduler.queue_capacity as u64;
-    if waiting >= capacity {
-        anyhow::bail!(
-            "the queue is full ({waiting} jobs waiting, scheduler.queue_capacity = {capacity})"
-        );
-    }
-    let per_user = settings.scheduler.max_queued_per_user as u64;
-    if mine >= per_user {
-        anyhow::bail!(
-            "user {} already has {mine} jobs waiting (scheduler.max_queued_per_user = {per_user})",
-            args.user
-        );
-    }
-    let id = jobs::insert_job(&pool, &job)
-        .await
-        .context("Failed to record the job")?;
-    // Idle workers on PostgreSQL claim it now; the rest find it at their next poll.
-    if let Err(e) = store::events::notify_queued(&pool, id).await {
-        tracing::warn!(job_id = id.0, error = %e, "cannot announce the queued job");
-    }
-    pool.close().await;
-    println!(
-        "job {id} queued ({} waiting): {}x{}, {} steps, seed {}, {} + {}",
-        waiting + 1,
-        spec.width,
-        spec.height,
-        spec.steps,
-        spec.seed,
-        job.vqgan_model,
-        job.clip_model
-    );
-    Ok(())
-}
-
-pub(super) async fn show(config: Option<&Path>, env: &Environment, id: i64) -> anyhow::Result<()> {
-    let Ok(settings) = load_settings(config, env) else {
-        anyhow::bail!("cannot read jobs without a valid configuration");
-    };
-    let pool = open_database(&settings, false).await?;
-    let job = jobs::get_job(&pool, JobId(id)).await?;
-    pool.close().await;
-    let Some(job) = job else {
-        anyhow::bail!("there is no job {id}");
-    };
-    let mut out = String::new();
-    for (key, value) in crate::jobs::describe(&job) {
-        let _ = writeln!(out, "{key:>10}  {value}");
-    }
-    print!("{out}");
-    Ok(())
-}
-
-pub(super) async fn cancel(
-    config: Option<&Path>,
-    env: &Environment,
-    id: i64,
-) -> anyhow::Result<()> {
-    let Ok(settings) = load_settings(config, env) else {
-        anyhow::bail!("cannot cancel without a valid configuration");
-    };
-    let pool = open_database(&settings, false).await?;
-    let id = JobId(id);
-    let Some(job) = jobs::get_job(&pool, id).await? else {
-        anyhow::bail!("there is no job {id}");
-    };
-    if !jobs::mark_job_cancelled(&pool, id).await? {
-        anyhow::bail!("job {id} has already {}", job.status);
-    }
-    pool.close().await;
-    if job.status == JobStatus::Running {
-        println!("job {id} cancelled; its worker stops it within one iteration");
-    } else {
-        println!("job {id} cancelled");
-    }
-    Ok(())
 }
 
 /// Until `stop` resolves: picks up jobs and cancels other processes put in the database, and
@@ -288,7 +163,7 @@ async fn stop_signal() {
 /// On PostgreSQL, or with no devices of its own (`scheduler.devices = []`), the bot works on the
 /// shared queue: it queues requests in the database for every worker (its own devices, if any,
 /// are one more), and follows their progress there.
-pub(super) async fn serve(settings: Settings) -> anyhow::Result<()> {
+pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let pool = open_database(&settings, true).await?;
     let slots = devices::engine_slots(&settings)?;
     let mut options = SchedulerOptions::from_settings(&settings);
@@ -354,61 +229,6 @@ async fn close_after_shutdown(pool: &Store) {
     }
 }
 
-/// `vqclip workers`: one line per worker heard from in the last `hours`.
-pub(super) async fn workers(
-    config: Option<&Path>,
-    env: &Environment,
-    hours: u64,
-) -> anyhow::Result<()> {
-    use crate::store::workers::{WorkerState, list_workers};
-    let Ok(settings) = load_settings(config, env) else {
-        anyhow::bail!("cannot list workers without a valid configuration");
-    };
-    let pool = open_database(&settings, false).await?;
-    let now = Timestamp::now();
-    let since = now.minus(Duration::from_secs(hours.saturating_mul(3600)));
-    let list = list_workers(&pool, since)
-        .await
-        .context("Failed to read workers")?;
-    pool.close().await;
-    // A worker renews three times per lease: one full lease without a heartbeat means it is gone.
-    let lost_after = Duration::from_secs(settings.scheduler.lease_seconds);
-    if list.is_empty() {
-        println!("no workers heard from in the last {hours} h");
-        return Ok(());
-    }
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<8} {:<16} {:<28} {:<16} {:<14} {:>10}",
-        "STATE", "HOST", "WORKER", "DEVICES", "JOBS", "HEARTBEAT"
-    );
-    for w in &list {
-        let state = match w.state(now, lost_after) {
-            WorkerState::Live => "live",
-            WorkerState::Lost => "LOST",
-            WorkerState::Stopped => "stopped",
-        };
-        let jobs: Vec<String> = w.running.iter().map(|id| format!("#{id}")).collect();
-        let age = (now.as_millis() - w.heartbeat_at.as_millis()).max(0) / 1000;
-        let _ = writeln!(
-            out,
-            "{state:<8} {:<16} {:<28} {:<16} {:<14} {:>9}s",
-            w.host,
-            w.id,
-            w.devices.join(","),
-            if jobs.is_empty() {
-                "-".to_owned()
-            } else {
-                jobs.join(",")
-            },
-            age
-        );
-    }
-    print!("{out}");
-    Ok(())
-}
-
 /// This process's identity and capabilities on the shared queue.
 fn worker_claims(settings: &Settings) -> ClaimOptions {
     let mut claims =
@@ -429,10 +249,9 @@ fn runnable_models(settings: &Settings, kind: ModelKind) -> Vec<String> {
         .collect()
 }
 
-pub(super) async fn worker(config: Option<&Path>, env: &Environment) -> anyhow::Result<()> {
-    let Ok(settings) = load_settings(config, env) else {
-        anyhow::bail!("cannot run workers without a valid configuration");
-    };
+/// `vqclip worker`: this host's devices taking jobs from the shared queue until SIGTERM or
+/// Ctrl-C, then a bounded shutdown.
+pub async fn worker(settings: Settings) -> anyhow::Result<()> {
     let pool = open_database(&settings, true).await?;
     let slots = devices::engine_slots(&settings)?;
     anyhow::ensure!(

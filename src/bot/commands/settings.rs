@@ -3,8 +3,8 @@
 
 use poise::serenity_prelude as serenity;
 
-use super::options::{check_model, parse_size};
-use super::{BotError, Context, private_reply};
+use crate::bot::options::{check_model, parse_size};
+use crate::bot::{BotError, Context, private_reply};
 use crate::config::GenerationSettings;
 use crate::jobs::JobId;
 use crate::store::gallery as store_gallery;
@@ -19,14 +19,14 @@ pub(super) async fn settings(
     #[min = 1]
     steps: Option<u32>,
     #[description = "Default VQGAN model"]
-    #[autocomplete = "super::options::complete_model"]
+    #[autocomplete = "crate::bot::options::complete_model"]
     model: Option<String>,
     #[description = "Mention me when my picture is done"] ping: Option<bool>,
     #[description = "Forget my defaults"] reset: Option<bool>,
 ) -> Result<(), BotError> {
     let data = ctx.data();
     let user = ctx.author().id.get();
-    let saved = users::get_user_settings(&data.pool, user).await?;
+    let saved = users::get_user_settings(&data.store, user).await?;
     let mut s = saved.clone().unwrap_or(users::UserSettings {
         user_id: user,
         ping_on_completion: true,
@@ -62,7 +62,7 @@ pub(super) async fn settings(
         s.ping_on_completion = ping;
     }
     if Some(&s) != saved.as_ref() {
-        users::save_user_settings(&data.pool, &s).await?;
+        users::save_user_settings(&data.store, &s).await?;
     }
     ctx.send(private_reply(describe_settings(&s, generation)))
         .await?;
@@ -128,7 +128,7 @@ async fn gallery(
 ) -> Result<(), BotError> {
     let guild = moderator_guild(ctx).await?;
     let id = channel.map(serenity::ChannelId::get);
-    guilds::set_gallery_channel(&ctx.data().pool, guild.get(), id).await?;
+    guilds::set_gallery_channel(&ctx.data().store, guild.get(), id).await?;
     let text = match id {
         Some(id) => format!("Finished pictures will be posted to <#{id}>, with a ⭐ to vote."),
         None => "The gallery is off.".to_owned(),
@@ -148,7 +148,7 @@ async fn ban(
 ) -> Result<(), BotError> {
     let guild = moderator_guild(ctx).await?;
     users::ban_user(
-        &ctx.data().pool,
+        &ctx.data().store,
         guild.get(),
         user.id.get(),
         ctx.author().id.get(),
@@ -170,7 +170,7 @@ async fn unban(
     #[description = "Who"] user: serenity::User,
 ) -> Result<(), BotError> {
     let guild = moderator_guild(ctx).await?;
-    let text = if users::unban_user(&ctx.data().pool, guild.get(), user.id.get()).await? {
+    let text = if users::unban_user(&ctx.data().store, guild.get(), user.id.get()).await? {
         format!("<@{}> can use the bot here again.", user.id)
     } else {
         format!("<@{}> was not banned here.", user.id)
@@ -208,7 +208,7 @@ async fn remove(
     #[description = "The job's number"] job: i64,
 ) -> Result<(), BotError> {
     let guild = moderator_guild(ctx).await?;
-    let pool = &ctx.data().pool;
+    let pool = &ctx.data().store;
     let Some(post) = store_gallery::find_gallery_post_by_job(pool, JobId(job), guild.get()).await?
     else {
         return Err(BotError::User(format!(

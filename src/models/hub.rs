@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{ModelSettings, ModelSource};
 use crate::models::ModelInfo;
-use crate::weights::{self, WeightsError};
+use crate::models::weights::{self, WeightsError};
 
 /// Bytes asked for per request; also the unit an interrupted download resumes from.
 const DEFAULT_CHUNK_BYTES: usize = 16 * 1024 * 1024;

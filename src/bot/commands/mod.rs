@@ -1,0 +1,45 @@
+//! Slash commands, one file per family: `imagine`, `jobs` (`/queue`, `/cancel`, `/job`,
+//! `/history`), `gallery`, `settings` (`/settings`, `/admin`), and `/help` here. Each doc comment
+//! is the help Discord shows. Nothing else in the bot imports them.
+
+mod gallery;
+mod imagine;
+mod jobs;
+mod settings;
+
+use super::{BotError, Context, private_reply};
+
+/// Every command the bot registers.
+pub fn all() -> Vec<poise::Command<super::Data, BotError>> {
+    vec![
+        imagine::imagine(),
+        jobs::queue(),
+        jobs::cancel(),
+        jobs::job(),
+        jobs::history(),
+        gallery::gallery(),
+        settings::settings(),
+        settings::admin(),
+        help(),
+    ]
+}
+
+/// How to use the bot.
+#[poise::command(slash_command)]
+async fn help(ctx: Context<'_>) -> Result<(), BotError> {
+    let text = "\
+**/imagine** `prompt` — make a picture. Several prompts: `a castle | fog:0.5` (a weight after \
+the last colon; negative pushes away). Flags inside the prompt: `--ar 16:9`, `--size 384x256`, \
+`--seed 7`, `--steps 300`, `--cutn 32`, `--no people`, `--model wikiart_f16_16384`. Attach an \
+`init_image` to start from a picture, an `image_prompt` to aim at one.
+Under a finished picture: 🔁 **Rerun** (new seed), ⬆️ **Upscale 2×**, 🔀 **Variation**, \
+🎞️ **Time-lapse**; ❌ **Cancel** while it runs. Reacting with 🔁 ⬆️ 🔀 (or ❌) does the same.
+**/queue** — what is waiting and running. **/cancel** `job` — stop one of yours.
+**/job** `id` — everything needed to make a picture again. **/history** — recent prompts and seeds.
+**/gallery** `recent|top|user|search` — this server's gallery; vote with ⭐ on its posts.
+**/settings** — your default size, steps, model, and whether you are mentioned when done.
+**/admin** (Manage Server) — gallery channel, ban/unban, pause/resume, remove a post.
+The same seed and settings give the same picture.";
+    ctx.send(private_reply(text)).await?;
+    Ok(())
+}

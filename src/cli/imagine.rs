@@ -1,0 +1,359 @@
+//! `vqclip imagine`: one picture on this machine, from the same request language as the bot,
+//! with a progress bar, the record beside the image, and the files it can start from.
+
+use super::{RequestFlags, load_settings};
+use crate::config::{Environment, Settings};
+use crate::engine::generate::{GenerateError, GenerationSpec, Generator, Models};
+use crate::engine::image;
+use crate::engine::nets::tokenizer::ClipTokenizer;
+use crate::engine::nets::vqgan::VqganParts;
+use crate::jobs::{LatentStart, StoredInputs, worker};
+use crate::models::ModelInfo;
+use crate::models::hub::{BarProgress, Hub, HubError};
+use crate::models::weights;
+use crate::request::{self};
+use anyhow::Context as _;
+use candle_core::Device;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Options of `vqclip imagine`.
+#[derive(Debug, Args)]
+pub struct ImagineArgs {
+    /// What to draw: `text[:weight[:stop]] | …` (or `a:: b::0.5`), optionally with flags inside
+    /// the quotes: --seed, --steps, --ar W:H, --size WxH, --no TEXT, --cutn, --model.
+    pub prompt: String,
+    /// Generation settings.
+    #[command(flatten)]
+    pub request: RequestFlags,
+    /// Start from this image instead of random tokens.
+    #[arg(long, value_name = "PATH")]
+    pub init_image: Option<PathBuf>,
+    /// Also aim for this image (repeatable).
+    #[arg(long, value_name = "PATH")]
+    pub image_prompt: Vec<PathBuf>,
+    /// Add a noise prompt with this weight: a random target from the seed (repeatable).
+    #[arg(long, value_name = "WEIGHT", allow_negative_numbers = true)]
+    pub noise_prompt: Vec<f64>,
+    /// Start from a saved latent (a finished job's `N.latent.safetensors`), as upscales and
+    /// variations do; wins over --init-image.
+    #[arg(long, value_name = "PATH")]
+    pub init_latent: Option<PathBuf>,
+    /// Double the latent from --init-latent first (an upscale: the size is twice the parent's).
+    #[arg(long, requires = "init_latent")]
+    pub upscale_latent: bool,
+    /// Add seeded noise of this strength to the latent from --init-latent (a variation).
+    #[arg(long, value_name = "STRENGTH", requires = "init_latent")]
+    pub latent_noise: Option<f64>,
+    /// Where to write the PNG [default: vqclip-<seed>.png]. The PNG's text chunks and a JSON
+    /// file next to it hold everything needed to make it again.
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+    /// Also write a time-lapse of the run as an animated GIF.
+    #[arg(long, visible_alias = "gif", value_name = "PATH")]
+    pub timelapse: Option<PathBuf>,
+    /// Where to run: cpu, cuda:N (a `cuda` build), metal:N (a `metal` build).
+    #[arg(long, default_value = "cpu")]
+    pub device: crate::config::DeviceSpec,
+    /// Write each progress preview as a JPEG into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub previews: Option<PathBuf>,
+    /// Steps between previews [default: generation.preview_every]; previews go to --previews,
+    /// or to <out>-steps/ when only this is given.
+    #[arg(long, visible_alias = "preview-every", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub save_every: Option<u32>,
+}
+
+/// A `--size`-like value: WxH, both sides positive.
+pub(super) fn parse_pair_x(text: &str) -> Result<(u32, u32), String> {
+    crate::engine::prompt::size_pair(text)
+        .filter(|&(w, h)| w > 0 && h > 0)
+        .ok_or_else(|| "expected something like 384x256".to_owned())
+}
+
+/// An `--ar`-like value: W:H, both sides positive.
+pub(super) fn parse_pair_colon(text: &str) -> Result<(u32, u32), String> {
+    crate::engine::prompt::ratio_pair(text)
+        .filter(|&(w, h)| w > 0 && h > 0)
+        .ok_or_else(|| "expected something like 16:9".to_owned())
+}
+
+/// Everything `imagine` records next to the image so it can be made again.
+#[derive(Debug, serde::Serialize)]
+pub(super) struct ImagineRecord<'a> {
+    prompt: &'a str,
+    spec: &'a GenerationSpec,
+    vqgan: &'a str,
+    clip: &'a str,
+    device: &'a str,
+    vqclip_version: &'a str,
+    init_image: Option<&'a Path>,
+    image_prompts: &'a [PathBuf],
+    final_loss: f64,
+    seconds: f64,
+}
+
+pub(super) async fn imagine(
+    config: Option<&Path>,
+    env: &Environment,
+    args: ImagineArgs,
+) -> anyhow::Result<()> {
+    let Ok(settings) = load_settings(config, env) else {
+        anyhow::bail!("cannot generate without a valid configuration");
+    };
+    let resolved = resolve_imagine(&settings, &args)?;
+    check_outputs(
+        &output_path(&args, resolved.spec.seed),
+        args.timelapse.as_deref(),
+    )?;
+    // Before any download: a device this build or machine lacks fails at once.
+    let device = crate::jobs::devices::open_flag(&args.device)?;
+    let hub = Hub::new(&settings.models)?;
+    let vqgan_weights = weights_or_seeded(&hub, resolved.vqgan).await?;
+    let clip_weights = weights_or_seeded(&hub, resolved.clip).await?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let worker_cancel = cancel.clone();
+    // The engine is synchronous and long-running: it gets its own thread, never a tokio one.
+    std::thread::Builder::new()
+        .name("imagine".into())
+        .spawn(move || {
+            let weights = (vqgan_weights, clip_weights);
+            let _ = done_tx.send(imagine_blocking(
+                &settings,
+                args,
+                resolved,
+                weights,
+                device,
+                &worker_cancel,
+            ));
+        })
+        .context("Failed to start the generation thread")?;
+    tokio::pin!(done_rx);
+    tokio::select! {
+        result = &mut done_rx => result.context("the generation thread died")?,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("\nstopping after the current step…");
+            cancel.store(true, Ordering::Relaxed);
+            done_rx.await.context("the generation thread died")?
+        }
+    }
+}
+
+/// Where `imagine` writes its PNG.
+pub(super) fn output_path(args: &ImagineArgs, seed: u64) -> PathBuf {
+    args.out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("vqclip-{seed}.png")))
+}
+
+/// Refuses, before any work, outputs that cannot be written or would overwrite each other: a
+/// missing directory, and an image named `.json` (its record goes beside it as `.json`).
+pub(super) fn check_outputs(out: &Path, timelapse: Option<&Path>) -> anyhow::Result<()> {
+    let sidecar = out.with_extension("json");
+    if sidecar == out {
+        anyhow::bail!(
+            "--out {} would be overwritten by its own JSON record; name the image .png",
+            out.display()
+        );
+    }
+    if timelapse.is_some_and(|gif| gif == out || gif == sidecar) {
+        anyhow::bail!("--timelapse must not be the image or its JSON record");
+    }
+    for path in std::iter::once(out).chain(timelapse) {
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            anyhow::bail!(
+                "cannot write {}: the directory {} does not exist",
+                path.display(),
+                dir.display()
+            );
+        }
+        if path.is_dir() {
+            anyhow::bail!("cannot write {}: it is a directory", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// Checks the device and turns the prompt and flags into a spec, printing the notes.
+pub(super) fn resolve_imagine(
+    settings: &Settings,
+    args: &ImagineArgs,
+) -> anyhow::Result<request::Resolved> {
+    let tokenizer = ClipTokenizer::new();
+    let options = args.request.options();
+    let auto = request::auto_side(None);
+    let mut resolved = request::resolve(
+        &args.prompt,
+        &options,
+        &settings.generation,
+        // `models.allow_tiny` keeps the test models away from a server's users; on the command
+        // line they are always available.
+        true,
+        auto,
+        &tokenizer,
+    )?;
+    for note in &resolved.notes {
+        eprintln!("note: {note}");
+    }
+    resolved.spec.noise_prompts = args.noise_prompt.clone();
+    if args.timelapse.is_some() {
+        // About 50 frames whatever the length.
+        resolved.spec.frame_every = (resolved.spec.steps / 50).max(1);
+    }
+    Ok(resolved)
+}
+
+pub(super) fn imagine_blocking(
+    settings: &Settings,
+    args: ImagineArgs,
+    mut resolved: request::Resolved,
+    (vqgan_weights, clip_weights): (Option<PathBuf>, Option<PathBuf>),
+    (device_label, device): (String, Device),
+    cancel: &AtomicBool,
+) -> anyhow::Result<()> {
+    let tokenizer = ClipTokenizer::new();
+    let out = output_path(&args, resolved.spec.seed);
+    let previews = match (&args.previews, args.save_every) {
+        (Some(dir), _) => Some(dir.clone()),
+        (None, Some(_)) => Some(out.with_file_name(format!(
+            "{}-steps",
+            out.file_stem().unwrap_or_default().to_string_lossy()
+        ))),
+        (None, None) => None,
+    };
+    match (&previews, args.save_every) {
+        (None, _) => resolved.spec.preview_every = 0,
+        (Some(_), Some(n)) => resolved.spec.preview_every = n,
+        (Some(_), None) => {}
+    }
+
+    let parts = if args.init_image.is_some() {
+        VqganParts::Full
+    } else {
+        VqganParts::DecodeOnly
+    };
+    eprintln!("loading {} and {}…", resolved.vqgan.id, resolved.clip.id);
+    let vqgan_weights = vqgan_weights
+        .map(|path| weights::prepare_for_loading(&path, resolved.vqgan, &settings.models.cache_dir))
+        .transpose()?;
+    let vqgan =
+        crate::models::load::load_vqgan(resolved.vqgan, vqgan_weights.as_deref(), parts, &device)?;
+    let clip = crate::models::load::load_clip(resolved.clip, clip_weights.as_deref(), &device)?;
+    let models = Models {
+        vqgan,
+        clip,
+        tokenizer,
+    };
+
+    let stored = StoredInputs {
+        init_image: args.init_image.clone(),
+        image_prompts: args
+            .image_prompt
+            .iter()
+            .map(|path| (path.clone(), 1.0, None))
+            .collect(),
+        start: args.init_latent.clone().map(|latent| LatentStart {
+            latent,
+            upscale: args.upscale_latent,
+            noise: args.latent_noise,
+        }),
+    };
+    let inputs =
+        worker::load_inputs(&stored, resolved.spec.seed, &device).map_err(anyhow::Error::msg)?;
+    if let Some(dir) = &previews {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("Failed to create {}", dir.display()))?;
+    }
+
+    let spec = resolved.spec.clone();
+    eprintln!(
+        "{}x{}, {} steps, {} cutouts, seed {}",
+        spec.width, spec.height, spec.steps, spec.cutn, spec.seed
+    );
+    let bar = ProgressBar::new(u64::from(spec.steps));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let started = std::time::Instant::now();
+    let mut preview_error = None;
+    let generator = Generator::new(&models, spec.clone(), inputs)?;
+    let output = generator.run(cancel, |p| {
+        bar.set_position(u64::from(p.iteration));
+        bar.set_message(format!("loss {:.4}", p.loss));
+        if let (Some(dir), Some(preview)) = (&previews, &p.preview) {
+            let path = dir.join(format!("{:05}.jpg", p.iteration - 1));
+            if let Err(e) = std::fs::write(&path, &preview.jpeg) {
+                preview_error.get_or_insert(format!("Failed to write {}: {e}", path.display()));
+            }
+        }
+    });
+    bar.finish_and_clear();
+    let output = match output {
+        Err(GenerateError::Cancelled) => anyhow::bail!("cancelled; nothing was written"),
+        other => other?,
+    };
+    if let Some(e) = preview_error {
+        eprintln!("warning: {e}");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+
+    let text = worker::png_metadata(&args.prompt, &spec, resolved.vqgan.id, resolved.clip.id);
+    let png =
+        image::encode_png_with_text(&output.image, &text).context("Failed to encode the PNG")?;
+    std::fs::write(&out, png).with_context(|| format!("Failed to write {}", out.display()))?;
+    let record = ImagineRecord {
+        prompt: &args.prompt,
+        spec: &spec,
+        vqgan: resolved.vqgan.id,
+        clip: resolved.clip.id,
+        device: &device_label,
+        vqclip_version: env!("CARGO_PKG_VERSION"),
+        init_image: args.init_image.as_deref(),
+        image_prompts: &args.image_prompt,
+        final_loss: output.final_loss,
+        seconds,
+    };
+    let sidecar = out.with_extension("json");
+    std::fs::write(&sidecar, serde_json::to_string_pretty(&record)?)
+        .with_context(|| format!("Failed to write {}", sidecar.display()))?;
+    if let Some(gif) = &args.timelapse {
+        let bytes = image::encode_gif(&output.frames, crate::jobs::worker::TIMELAPSE_DELAY_MS)
+            .context("Failed to encode the time-lapse")?;
+        std::fs::write(gif, bytes).with_context(|| format!("Failed to write {}", gif.display()))?;
+    }
+    println!(
+        "{} ({}x{}, seed {}, {} steps in {seconds:.1} s, final loss {:.4})",
+        out.display(),
+        spec.width,
+        spec.height,
+        spec.seed,
+        spec.steps,
+        output.final_loss
+    );
+    Ok(())
+}
+
+/// The weight file of `model`, downloaded on first use, or `None` for a tiny test model with no
+/// file configured, which then runs on seeded random weights (meaningless pictures, the real
+/// pipeline, fully offline).
+pub(super) async fn weights_or_seeded(
+    hub: &Hub,
+    model: &ModelInfo,
+) -> anyhow::Result<Option<PathBuf>> {
+    match hub.fetch(model, BarProgress::new(model.id)).await {
+        Ok(path) => Ok(Some(path)),
+        Err(HubError::Weights(weights::WeightsError::NoSource { .. })) if model.tiny => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
