@@ -135,26 +135,47 @@ fn status_line(snapshot: &crate::jobs::Snapshot) -> String {
     format!("{} waiting; {}", snapshot.waiting.len(), devices.join("; "))
 }
 
-/// Resolves when the process is asked to stop (Ctrl-C, or SIGTERM on Unix).
-async fn stop_signal() {
+/// Starts listening for a stop request (Ctrl-C, or SIGTERM on Unix) now, and returns a future
+/// that resolves when one arrives.
+///
+/// The handlers are installed before this returns, not when the future is first polled: a
+/// SIGTERM that comes while the process is still starting (its first job may already be
+/// claimed) must stop it gracefully, not kill it with the default action.
+fn stop_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+        use tokio::signal::unix::{Signal, SignalKind, signal};
+        // Installing fails only when the runtime has no signal driver, which ours always has;
+        // a stream that cannot be had then never fires, and the other still can.
+        let term = signal(SignalKind::terminate())
+            .inspect_err(|e| tracing::warn!(error = %e, "cannot listen for SIGTERM"))
+            .ok();
+        let interrupt = signal(SignalKind::interrupt())
+            .inspect_err(|e| tracing::warn!(error = %e, "cannot listen for Ctrl-C"))
+            .ok();
+        async fn next(signal: Option<Signal>) {
+            match signal {
+                Some(mut signal) => {
+                    signal.recv().await;
                 }
+                None => std::future::pending().await,
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+        }
+        async move {
+            tokio::select! {
+                () = next(term) => {}
+                () = next(interrupt) => {}
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        // `ctrl_c` registers its handler on first poll; start it now on a task for the same
+        // reason as above.
+        let pressed = tokio::spawn(tokio::signal::ctrl_c());
+        async move {
+            let _ = pressed.await;
+        }
     }
 }
 
@@ -164,6 +185,7 @@ async fn stop_signal() {
 /// shared queue: it queues requests in the database for every worker (its own devices, if any,
 /// are one more), and follows their progress there.
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let stop = stop_signal();
     let pool = open_database(&settings, true).await?;
     let slots = devices::engine_slots(&settings)?;
     let mut options = SchedulerOptions::from_settings(&settings);
@@ -205,7 +227,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     tokio::pin!(bot);
     let result = tokio::select! {
         result = &mut bot => result,
-        () = stop_signal() => {
+        () = stop => {
             let _ = stop_tx.send(true);
             bot.await
         }
@@ -252,6 +274,7 @@ fn runnable_models(settings: &Settings, kind: ModelKind) -> Vec<String> {
 /// `vqclip worker`: this host's devices taking jobs from the shared queue until SIGTERM or
 /// Ctrl-C, then a bounded shutdown.
 pub async fn worker(settings: Settings) -> anyhow::Result<()> {
+    let stop = stop_signal();
     let pool = open_database(&settings, true).await?;
     let slots = devices::engine_slots(&settings)?;
     anyhow::ensure!(
@@ -277,7 +300,7 @@ pub async fn worker(settings: Settings) -> anyhow::Result<()> {
         pool.location(),
         settings.storage.images.display()
     );
-    poll_store(&scheduler, &pool, &settings, stop_signal()).await;
+    poll_store(&scheduler, &pool, &settings, stop).await;
     let grace = Duration::from_secs(settings.scheduler.shutdown_grace_seconds);
     eprintln!(
         "stopping: running jobs have {} s to finish, then are queued again",

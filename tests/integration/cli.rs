@@ -1416,6 +1416,56 @@ async fn a_job_whose_worker_is_killed_three_times_fails_and_the_queue_moves_on()
     assert!(error.contains("the worker stopped 3 times"), "{error}");
 }
 
+/// SIGTERM while a worker is still starting (opening its database, claiming its first job)
+/// stops it gracefully: the handler is in place before the process touches the database, so
+/// the default action never kills it half-way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_asked_to_stop_while_it_starts_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = worker_config(&dir, "jobs.sqlite", 5);
+    submit_as(
+        &dir,
+        &config,
+        "a short walk --steps 1000 --size 32x32 --cutn 2",
+        1,
+    )
+    .await;
+    for attempt in 0..3 {
+        let before = std::fs::metadata(dir.path().join("jobs.sqlite-wal"))
+            .and_then(|m| m.modified())
+            .ok();
+        let mut worker = spawn_vqclip(dir.path(), &["--config", &config, "worker"]);
+        // The first sign of the worker opening the database: its write-ahead log changes.
+        let mut touched = false;
+        for _ in 0..60_000 {
+            let now = std::fs::metadata(dir.path().join("jobs.sqlite-wal"))
+                .and_then(|m| m.modified())
+                .ok();
+            if now.is_some() && now != before {
+                touched = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(
+            touched,
+            "attempt {attempt}: {}",
+            background_logs(dir.path())
+        );
+        Command::new("kill")
+            .args(["-TERM", &worker.id().to_string()])
+            .status()
+            .unwrap();
+        let status = worker.wait().unwrap();
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "attempt {attempt}: {status:?}\n{}",
+            background_logs(dir.path())
+        );
+    }
+}
+
 /// PostgreSQL goes away under a worker that is running a job: the worker's log names the cause
 /// and the database, SIGTERM still ends it promptly (it does not queue its polls and writes
 /// behind the pool's acquire timeout), and when the server is back the job is recovered and
