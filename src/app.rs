@@ -187,7 +187,7 @@ fn stop_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let stop = stop_signal();
     let pool = open_database(&settings, true).await?;
-    let slots = devices::engine_slots(&settings)?;
+    let slots = devices::engine_slots(&settings, tokio::runtime::Handle::current())?;
     let mut options = SchedulerOptions::from_settings(&settings);
     if pool.backend() == store::Backend::Postgres || slots.is_empty() {
         let mut claims = worker_claims(&settings);
@@ -276,7 +276,7 @@ fn runnable_models(settings: &Settings, kind: ModelKind) -> Vec<String> {
 pub async fn worker(settings: Settings) -> anyhow::Result<()> {
     let stop = stop_signal();
     let pool = open_database(&settings, true).await?;
-    let slots = devices::engine_slots(&settings)?;
+    let slots = devices::engine_slots(&settings, tokio::runtime::Handle::current())?;
     anyhow::ensure!(
         !slots.is_empty(),
         "a worker needs devices: scheduler.devices is empty (set it, e.g. [\"auto\"])"

@@ -8,8 +8,7 @@ use crate::engine::image;
 use crate::engine::nets::tokenizer::ClipTokenizer;
 use crate::engine::nets::vqgan::VqganParts;
 use crate::jobs::{LatentStart, StoredInputs, worker};
-use crate::models::ModelInfo;
-use crate::models::hub::{BarProgress, Hub, HubError};
+use crate::models::hub::{BarProgress, Hub};
 use crate::models::weights;
 use crate::request::{self};
 use anyhow::Context as _;
@@ -112,8 +111,12 @@ pub(super) async fn imagine(
     // Before any download: a device this build or machine lacks fails at once.
     let device = crate::jobs::devices::open_flag(&args.device)?;
     let hub = Hub::new(&settings.models)?;
-    let vqgan_weights = weights_or_seeded(&hub, resolved.vqgan).await?;
-    let clip_weights = weights_or_seeded(&hub, resolved.clip).await?;
+    let vqgan_weights = hub
+        .fetch_or_seeded(resolved.vqgan, BarProgress::new(resolved.vqgan.id))
+        .await?;
+    let clip_weights = hub
+        .fetch_or_seeded(resolved.clip, BarProgress::new(resolved.clip.id))
+        .await?;
     let cancel = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let worker_cancel = cancel.clone();
@@ -342,18 +345,4 @@ pub(super) fn imagine_blocking(
         output.final_loss
     );
     Ok(())
-}
-
-/// The weight file of `model`, downloaded on first use, or `None` for a tiny test model with no
-/// file configured, which then runs on seeded random weights (meaningless pictures, the real
-/// pipeline, fully offline).
-pub(super) async fn weights_or_seeded(
-    hub: &Hub,
-    model: &ModelInfo,
-) -> anyhow::Result<Option<PathBuf>> {
-    match hub.fetch(model, BarProgress::new(model.id)).await {
-        Ok(path) => Ok(Some(path)),
-        Err(HubError::Weights(weights::WeightsError::NoSource { .. })) if model.tiny => Ok(None),
-        Err(e) => Err(e.into()),
-    }
 }

@@ -7,6 +7,7 @@ use candle_core::Device;
 use super::scheduler::DeviceSlot;
 use super::worker::EngineRunner;
 use crate::config::{DeviceSpec, Settings};
+use crate::models::hub::{Fetcher, Hub};
 
 /// The devices `specs` name, with their labels (`cpu`, `cpu#1`, `cuda:0`). `auto` is every CUDA
 /// device in a CUDA build (the first Metal device in a Metal build), else the CPU.
@@ -87,8 +88,13 @@ pub fn open_flag(spec: &DeviceSpec) -> anyhow::Result<(String, Device)> {
         .ok_or_else(|| anyhow::anyhow!("--device: no device found"))
 }
 
-/// One engine runner per configured device.
-pub fn engine_slots(settings: &Settings) -> anyhow::Result<Vec<DeviceSlot>> {
+/// One engine runner per configured device, fetching weights through one Hub client on
+/// `runtime`.
+pub fn engine_slots(
+    settings: &Settings,
+    runtime: tokio::runtime::Handle,
+) -> anyhow::Result<Vec<DeviceSlot>> {
+    let weights = Fetcher::new(Hub::new(&settings.models)?, runtime);
     Ok(open(&settings.scheduler.devices)
         .map_err(|e| anyhow::anyhow!("scheduler.devices: {e:#}"))?
         .into_iter()
@@ -96,7 +102,7 @@ pub fn engine_slots(settings: &Settings) -> anyhow::Result<Vec<DeviceSlot>> {
             label,
             runner: Box::new(EngineRunner::new(
                 device,
-                settings.models.clone(),
+                weights.clone(),
                 settings.scheduler.model_cache_mib,
                 settings.storage.images.clone(),
             )),

@@ -18,7 +18,6 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::{FinishedJob, JobId, JobParams};
-use crate::config::ModelSettings;
 use crate::engine::generate::{
     Checkpoint, GenerateError, GenerationInputs, GenerationSpec, Generator, Models, Progress,
     upscale_latent, vary_latent,
@@ -27,7 +26,7 @@ use crate::engine::image;
 use crate::engine::nets::clip::Clip;
 use crate::engine::nets::tokenizer::ClipTokenizer;
 use crate::engine::nets::vqgan::{Vqgan, VqganParts};
-use crate::models::hub::{Hub, HubError, LogProgress};
+use crate::models::hub::Fetcher;
 use crate::models::load::{load_clip, load_vqgan};
 use crate::models::weights;
 use crate::models::{self, ModelInfo};
@@ -272,54 +271,40 @@ struct CacheEntry {
 pub struct EngineRunner {
     device: Device,
     images: PathBuf,
-    settings: ModelSettings,
-    hub: Option<Hub>,
-    runtime: Option<tokio::runtime::Runtime>,
+    weights: Fetcher,
     cache: Vec<CacheEntry>,
     budget_bytes: u64,
     clock: u64,
 }
 
 impl EngineRunner {
-    /// A runner on `device` loading models as `settings` say, keeping up to `budget_mib` MiB
+    /// A runner on `device` loading models through `weights`, keeping up to `budget_mib` MiB
     /// of them resident, saving final latents under `images`.
-    pub fn new(device: Device, settings: ModelSettings, budget_mib: u64, images: PathBuf) -> Self {
+    pub fn new(device: Device, weights: Fetcher, budget_mib: u64, images: PathBuf) -> Self {
         Self {
             device,
             images,
-            settings,
-            hub: None,
-            runtime: None,
+            weights,
             cache: Vec::new(),
             budget_bytes: budget_mib.saturating_mul(1 << 20),
             clock: 0,
         }
     }
 
-    /// The weight file of `info`, downloading it on first use; `None` for a tiny model with
-    /// nothing configured (seeded weights).
-    fn weights(&mut self, info: &ModelInfo) -> Result<Option<PathBuf>, String> {
-        if self.hub.is_none() {
-            self.hub = Some(Hub::new(&self.settings).map_err(|e| e.to_string())?);
-        }
-        if self.runtime.is_none() {
-            self.runtime = Some(
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| format!("cannot start a download runtime: {e}"))?,
-            );
-        }
-        let (Some(hub), Some(runtime)) = (&self.hub, &self.runtime) else {
-            return Err("the download client is missing".into());
+    /// The weight file of `info` ready to load (downloaded by the runtime on first use, a
+    /// pickle checkpoint converted once); `None` for a tiny model with nothing configured
+    /// (seeded weights).
+    fn weights(&self, info: &'static ModelInfo) -> Result<Option<PathBuf>, String> {
+        let Some(path) = self
+            .weights
+            .fetch_or_seeded(info)
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(None);
         };
-        match runtime.block_on(hub.fetch(info, LogProgress::new(info.id))) {
-            Ok(path) => weights::prepare_for_loading(&path, info, &self.settings.cache_dir)
-                .map(Some)
-                .map_err(|e| e.to_string()),
-            Err(HubError::Weights(weights::WeightsError::NoSource { .. })) if info.tiny => Ok(None),
-            Err(e) => Err(e.to_string()),
-        }
+        weights::prepare_for_loading(&path, info, &self.weights.settings().cache_dir)
+            .map(Some)
+            .map_err(|e| e.to_string())
     }
 
     fn touch(&mut self, index: usize) -> Resident {
@@ -568,8 +553,15 @@ mod tests {
             .into_iter()
             .collect();
         let settings = crate::config::Settings::from_toml("", &env).unwrap().models;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let weights = Fetcher::new(
+            crate::models::hub::Hub::new(&settings).unwrap(),
+            runtime.handle().clone(),
+        );
         // 3 MiB budget, 1 MiB per model.
-        let mut runner = EngineRunner::new(Device::Cpu, settings, 3, dir.path().into());
+        let mut runner = EngineRunner::new(Device::Cpu, weights, 3, dir.path().into());
         let ids = ["vit_b32", "vit_b16", "vit_l14", "vit_l14_336"];
         for (i, id) in ids.iter().enumerate() {
             let path = file(id, 1);

@@ -73,6 +73,12 @@ pub enum HubError {
         /// Where `expected` comes from.
         origin: DigestOrigin,
     },
+    /// The process began shutting down while the download was being asked for.
+    #[error("the download of {model} was abandoned: vqclip is shutting down")]
+    Abandoned {
+        /// The model id.
+        model: String,
+    },
     /// Reading or removing a file in the cache failed.
     #[error("{action} {}: {source}", path.display())]
     Io {
@@ -225,6 +231,70 @@ impl Hub {
         }
         tracing::info!(model = model.id, path = %path.display(), sha256 = verification.sha256, "weights downloaded and verified");
         Ok(path)
+    }
+}
+
+impl Hub {
+    /// As [`Hub::fetch`], but `None` for a tiny test model with no file configured, which then
+    /// runs on seeded random weights (meaningless pictures, the real pipeline, fully offline).
+    pub async fn fetch_or_seeded<P>(
+        &self,
+        model: &ModelInfo,
+        progress: P,
+    ) -> Result<Option<PathBuf>, HubError>
+    where
+        P: Progress + Clone + Send + Sync + 'static,
+    {
+        match self.fetch(model, progress).await {
+            Ok(path) => Ok(Some(path)),
+            Err(HubError::Weights(WeightsError::NoSource { .. })) if model.tiny => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The configuration this client serves.
+    pub fn settings(&self) -> &ModelSettings {
+        &self.settings
+    }
+}
+
+/// The Hub for threads outside the runtime, such as a device's worker thread: each fetch runs as
+/// a task on the process's runtime while the thread waits for the answer, so a device thread
+/// neither does networking nor runs a runtime of its own, and every device shares one client.
+#[derive(Debug, Clone)]
+pub struct Fetcher {
+    hub: std::sync::Arc<Hub>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Fetcher {
+    /// Fetches through `hub` on `runtime`.
+    pub fn new(hub: Hub, runtime: tokio::runtime::Handle) -> Self {
+        Self {
+            hub: std::sync::Arc::new(hub),
+            runtime,
+        }
+    }
+
+    /// The configuration of the client.
+    pub fn settings(&self) -> &ModelSettings {
+        self.hub.settings()
+    }
+
+    /// [`Hub::fetch_or_seeded`], waiting for it on this thread, with progress in the log.
+    ///
+    /// Must not be called on a runtime thread (it blocks). If the runtime shuts down first, the
+    /// answer is [`HubError::Abandoned`], never a hang.
+    pub fn fetch_or_seeded(&self, model: &'static ModelInfo) -> Result<Option<PathBuf>, HubError> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let hub = self.hub.clone();
+        self.runtime.spawn(async move {
+            let fetched = hub.fetch_or_seeded(model, LogProgress::new(model.id)).await;
+            let _ = answer.send(fetched);
+        });
+        answered.blocking_recv().map_err(|_| HubError::Abandoned {
+            model: model.id.to_owned(),
+        })?
     }
 }
 

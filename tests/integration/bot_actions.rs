@@ -17,7 +17,7 @@ use vqclip::store::{gallery, guilds};
 use crate::bot::eventually;
 use crate::fake_discord::{APP_ID, FakeDiscord, Request_, message, user};
 use crate::scheduler::{FakeRunner, finished, options, slots};
-use crate::support::{Gate, test_pool};
+use crate::support::{Gate, fetcher, test_pool};
 
 const GUILD: u64 = 1_500_000_000_000_000_001;
 const GALLERY: u64 = 1_500_000_000_000_000_002;
@@ -82,7 +82,7 @@ impl Bot {
             let engine: Box<dyn vqclip::jobs::worker::Runner> =
                 Box::new(vqclip::jobs::worker::EngineRunner::new(
                     candle_core::Device::Cpu,
-                    settings.models.clone(),
+                    fetcher(&settings),
                     1024,
                     settings.storage.images.clone(),
                 ));
@@ -160,7 +160,7 @@ impl Bot {
                 label: "cuda:7".into(),
                 runner: gate.wrap(Box::new(vqclip::jobs::worker::EngineRunner::new(
                     candle_core::Device::Cpu,
-                    settings.models.clone(),
+                    fetcher(&settings),
                     1024,
                     remote.images.clone(),
                 ))),

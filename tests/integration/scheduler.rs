@@ -15,7 +15,7 @@ use vqclip::jobs::{Actor, JobEvent, JobId, JobParams, Scheduler, SchedulerOption
 use vqclip::store::Store;
 use vqclip::store::jobs::{self, JobKind, JobStatus, NewJob};
 
-use crate::support::test_pool;
+use crate::support::{fetcher, test_pool};
 
 /// Runs `steps` iterations of `delay` each, checking the stop flag between them. Prompts steer
 /// it: "panic" panics, "fail" fails, "hang" runs until stopped or `release` is set, "deaf"
@@ -501,7 +501,7 @@ fn engine_slot(settings: &vqclip::config::Settings) -> Vec<DeviceSlot> {
         label: "cpu".into(),
         runner: Box::new(vqclip::jobs::worker::EngineRunner::new(
             candle_core::Device::Cpu,
-            settings.models.clone(),
+            fetcher(settings),
             1024,
             settings.storage.images.clone(),
         )),
@@ -521,6 +521,52 @@ async fn start_engine(pool: &Store, settings: &vqclip::config::Settings) -> Sche
 fn latent_values(path: &std::path::Path) -> Vec<f32> {
     let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
     tensors["latent"].flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// A device's worker thread gets weights it does not have by asking the runtime (it does no
+/// networking of its own): on a single-threaded runtime too, the first job downloads the CLIP
+/// from the Hub and runs, and the next finds it resident.
+#[tokio::test]
+async fn a_device_downloads_missing_weights_through_the_runtime() {
+    let hub = crate::fake_hub::FakeHub::start().await;
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let clip = std::fs::read(format!("{fixtures}/parity/tiny_clip.safetensors")).unwrap();
+    hub.publish("vqclip-test/tiny-clip", "main", "model.safetensors", clip);
+    let (dir, pool) = test_pool().await;
+    let text = format!(
+        "[storage]\nimages = {:?}\n[models]\nallow_tiny = true\ncache_dir = {:?}\n\
+         hub_endpoint = \"{}\"\n\
+         [models.tiny_vqgan]\npath = \"{fixtures}/ckpt/tiny_vqgan.ckpt\"\n\
+         [models.tiny_clip]\nrepo = \"vqclip-test/tiny-clip\"\nfile = \"model.safetensors\"\n",
+        dir.path().join("images").display().to_string(),
+        dir.path().join("cache").display().to_string(),
+        hub.url,
+    );
+    let settings = vqclip::config::Settings::from_toml(&text, &Default::default()).unwrap();
+    let s = start_engine(&pool, &settings).await;
+    let first = submit(&s, 1, "a lighthouse", 2).await;
+    assert_eq!(finished(&pool, first).await, JobStatus::Succeeded);
+    let downloads = hub.answered();
+    assert!(
+        hub.log()
+            .iter()
+            .any(|seen| seen.file == "model.safetensors"),
+        "{:?}",
+        hub.log()
+    );
+    assert!(
+        dir.path()
+            .join("cache/models--vqclip-test--tiny-clip")
+            .is_dir()
+    );
+    let second = submit(&s, 1, "a harbour", 2).await;
+    assert_eq!(finished(&pool, second).await, JobStatus::Succeeded);
+    assert_eq!(
+        hub.answered(),
+        downloads,
+        "the resident model is not fetched again"
+    );
+    s.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -90,6 +90,14 @@ pub fn sample_job(requester: u64, prompt: &str) -> NewJob {
     }
 }
 
+/// The weights client an engine runner built for `settings` uses, on the test's runtime.
+pub fn fetcher(settings: &vqclip::config::Settings) -> vqclip::models::hub::Fetcher {
+    vqclip::models::hub::Fetcher::new(
+        vqclip::models::hub::Hub::new(&settings.models).unwrap(),
+        tokio::runtime::Handle::current(),
+    )
+}
+
 /// Prints the code's logs when `TEST_LOG` is set; silent otherwise.
 pub fn init_test_log() {
     if let Some(filter) = std::env::var_os("TEST_LOG") {
