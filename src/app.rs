@@ -15,7 +15,7 @@ use crate::models::ModelKind;
 use crate::store::{self, Store, Timestamp};
 
 /// The configured database, created and migrated when `create`, else required to exist.
-pub async fn open_database(settings: &Settings, create: bool) -> anyhow::Result<Store> {
+pub(crate) async fn open_database(settings: &Settings, create: bool) -> anyhow::Result<Store> {
     let location = &settings.storage.database;
     // Reading must not conjure an empty database in the wrong directory.
     if let Some(path) = location.sqlite_path()

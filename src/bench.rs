@@ -233,7 +233,7 @@ pub fn median(values: &[f64]) -> f64 {
 }
 
 /// This process's peak resident memory (Linux `VmHWM`), in MiB.
-pub fn peak_rss_mib() -> Option<f64> {
+pub(crate) fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let kib: f64 = status
         .lines()
@@ -247,7 +247,7 @@ pub fn peak_rss_mib() -> Option<f64> {
 
 impl BenchReport {
     /// A human-readable summary.
-    pub fn summary(&self) -> String {
+    pub(crate) fn summary(&self) -> String {
         let p = &self.median_parts_s;
         format!(
             "{}x{} cutn {} (chunk {}) on {} ({} threads): {:.2} s/iter median of {} \

@@ -26,11 +26,18 @@
 //! - [`config`] loads and validates the configuration; [`models`] is the catalogue of model
 //!   names and where their weights come from, with `weights` (finding their files), `hub`
 //!   (downloading and checking them) and `load` (building them on a device); [`request`] turns what a user typed into an engine spec;
-//!   [`telemetry`] sets up logging; [`cli`] is the command line the binary runs; [`bench`]
+//!   [`telemetry`] sets up logging; [`cli`] is the command line the binary runs; [`mod@bench`]
 //!   times one optimisation step the way the PyTorch reference does.
+//!
+//! Only what the binary, the tests and the benchmarks use is `pub`; the rest is crate-private
+//! and documented all the same: read these docs with `cargo doc --document-private-items`.
 
-pub mod app;
-pub mod bench;
+// The overviews link the private modules and items a reader needs; they resolve in the docs
+// built with private items, which is how this crate's docs are meant to be read.
+#![allow(rustdoc::private_intra_doc_links)]
+
+pub(crate) mod app;
+pub(crate) mod bench;
 pub mod bot;
 pub mod cli;
 pub mod config;

@@ -60,13 +60,13 @@ pub enum RequestError {
 
 /// Side used for `default_size = "auto"` when the caller knows nothing of the device: the
 /// CPU's, since a too-small image is a better surprise than a run that takes hours.
-pub const CPU_AUTO_SIDE: u32 = 256;
+pub(crate) const CPU_AUTO_SIDE: u32 = 256;
 
 /// Default side for the tiny test model (its configured resolution).
 const TINY_SIDE: u32 = 64;
 
 /// The `default_size = "auto"` side for a device with `memory_gib` of memory (`None`: the CPU).
-pub fn auto_side(memory_gib: Option<f64>) -> u32 {
+pub(crate) fn auto_side(memory_gib: Option<f64>) -> u32 {
     match memory_gib {
         None => CPU_AUTO_SIDE,
         Some(gib) if gib > 8.0 => 512,
@@ -76,7 +76,7 @@ pub fn auto_side(memory_gib: Option<f64>) -> u32 {
 
 /// Whether `w`×`h` is within the server's size cap (`generation.max_side` a side,
 /// `generation.max_pixels` in all): the one rule requests, size options and saved defaults follow.
-pub fn within_size_cap(w: u32, h: u32, settings: &GenerationSettings) -> bool {
+pub(crate) fn within_size_cap(w: u32, h: u32, settings: &GenerationSettings) -> bool {
     w.max(h) <= settings.max_side && u64::from(w) * u64::from(h) <= settings.max_pixels
 }
 
@@ -88,7 +88,7 @@ pub fn offered(model: &ModelInfo, kind: ModelKind, allow_tiny: bool) -> bool {
 }
 
 /// The ids of the `kind` models a server's users may pick (see [`offered`]), in catalogue order.
-pub fn offered_ids(kind: ModelKind, allow_tiny: bool) -> Vec<&'static str> {
+pub(crate) fn offered_ids(kind: ModelKind, allow_tiny: bool) -> Vec<&'static str> {
     models::ids_of(kind)
         .into_iter()
         .filter(|id| models::find(id).is_some_and(|m| offered(m, kind, allow_tiny)))

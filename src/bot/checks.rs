@@ -7,12 +7,12 @@ use crate::store::Timestamp;
 use crate::store::jobs as store_jobs;
 
 /// Whether these permissions make someone a moderator of the bot.
-pub fn is_moderator(permissions: Option<serenity::Permissions>) -> bool {
+pub(crate) fn is_moderator(permissions: Option<serenity::Permissions>) -> bool {
     permissions.is_some_and(|p| p.manage_messages() || p.manage_guild())
 }
 
 /// Refuses a user over `discord.jobs_per_hour`.
-pub async fn check_rate(data: &Data, user: u64) -> Result<(), BotError> {
+pub(crate) async fn check_rate(data: &Data, user: u64) -> Result<(), BotError> {
     let limit = data.settings.discord.jobs_per_hour;
     if limit == 0 {
         return Ok(());
@@ -29,7 +29,7 @@ pub async fn check_rate(data: &Data, user: u64) -> Result<(), BotError> {
 }
 
 /// Whether someone may cancel others' jobs here: Manage Messages or Manage Server.
-pub async fn is_moderator_here(ctx: Context<'_>) -> bool {
+pub(crate) async fn is_moderator_here(ctx: Context<'_>) -> bool {
     match ctx.author_member().await {
         Some(member) => is_moderator(member.permissions),
         None => false,

@@ -7,7 +7,7 @@ use crate::jobs::{FollowUp, JobId};
 
 /// What a button or reaction asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// A rerun, upscale or variation of a finished job.
     FollowUp(FollowUp, JobId),
     /// The job's time-lapse GIF.
@@ -45,7 +45,7 @@ impl Action {
     }
 
     /// The action of a reaction: 🔁 ⬆️ 🔀 on a result message, ❌ on a progress message.
-    pub fn from_reaction(emoji: &str, job: JobId, on_result: bool) -> Option<Self> {
+    pub(crate) fn from_reaction(emoji: &str, job: JobId, on_result: bool) -> Option<Self> {
         // Some clients send the arrows without the variation selector.
         let emoji = emoji.trim_end_matches('\u{fe0f}');
         Some(match (emoji, on_result) {
@@ -59,7 +59,7 @@ impl Action {
 }
 
 /// The buttons under a finished picture.
-pub fn result_buttons(job: JobId) -> Vec<serenity::CreateActionRow> {
+pub(crate) fn result_buttons(job: JobId) -> Vec<serenity::CreateActionRow> {
     let button = |action: Action, emoji: char, label: &str| {
         serenity::CreateButton::new(action.custom_id())
             .emoji(emoji)
@@ -79,7 +79,7 @@ pub fn result_buttons(job: JobId) -> Vec<serenity::CreateActionRow> {
 }
 
 /// The button under a job that is waiting or running.
-pub fn cancel_button(job: JobId) -> Vec<serenity::CreateActionRow> {
+pub(crate) fn cancel_button(job: JobId) -> Vec<serenity::CreateActionRow> {
     vec![serenity::CreateActionRow::Buttons(vec![
         serenity::CreateButton::new(Action::Cancel(job).custom_id())
             .emoji('❌')

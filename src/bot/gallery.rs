@@ -81,7 +81,7 @@ pub async fn post(
 
 /// Which posts a listing shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum View {
+pub(crate) enum View {
     /// Newest first.
     Recent,
     /// Most ⭐ first, over a period.
@@ -94,7 +94,7 @@ pub enum View {
 
 /// The period of a `/gallery top` ranking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, poise::ChoiceParameter)]
-pub enum Period {
+pub(crate) enum Period {
     /// The last 24 hours.
     #[name = "day"]
     Day,
@@ -127,7 +127,7 @@ impl Period {
 
 /// A page of a view.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Page {
+pub(crate) struct Page {
     /// What is listed.
     pub view: View,
     /// From 0.
@@ -182,7 +182,7 @@ impl Page {
 
 /// The search text as a button can carry it: cut to [`MAX_SEARCH_BYTES`] on a character
 /// boundary.
-pub fn search_text(text: &str) -> String {
+pub(crate) fn search_text(text: &str) -> String {
     let mut cut = text.trim().to_owned();
     while cut.len() > MAX_SEARCH_BYTES {
         cut.pop();
@@ -191,7 +191,7 @@ pub fn search_text(text: &str) -> String {
 }
 
 /// The embed and ◀ ▶ buttons of a page of `guild`'s gallery.
-pub async fn render(
+pub(crate) async fn render(
     pool: &Store,
     guild: u64,
     page: &Page,
@@ -247,7 +247,7 @@ pub async fn render(
 }
 
 /// One listing line: rank, votes, job; prompt, artist, seed and a link to the post.
-pub fn entry_field(rank: u32, entry: &GalleryEntry) -> (String, String) {
+pub(crate) fn entry_field(rank: u32, entry: &GalleryEntry) -> (String, String) {
     let p = &entry.post;
     (
         format!("#{rank} · ⭐ {} · job {}", entry.votes, p.job_id),
@@ -264,7 +264,7 @@ pub fn entry_field(rank: u32, entry: &GalleryEntry) -> (String, String) {
 }
 
 /// Shows another page of a listing in place (a ◀ ▶ press).
-pub async fn turn_page(
+pub(crate) async fn turn_page(
     ctx: &serenity::Context,
     data: &Data,
     press: &serenity::ComponentInteraction,

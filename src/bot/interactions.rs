@@ -18,7 +18,7 @@ use crate::store::gallery as store_gallery;
 use crate::store::jobs::{self as store_jobs, Job};
 
 /// Answers a button press on one of our messages.
-pub async fn on_component(
+pub(crate) async fn on_component(
     ctx: &serenity::Context,
     data: &Data,
     press: &serenity::ComponentInteraction,
@@ -152,7 +152,7 @@ async fn follow_up_by_button(
 }
 
 /// Acts on a reaction someone added: a ⭐ vote on a gallery post, or a job action.
-pub async fn on_reaction_add(
+pub(crate) async fn on_reaction_add(
     ctx: &serenity::Context,
     data: &Data,
     bot: serenity::UserId,
@@ -210,7 +210,7 @@ pub async fn on_reaction_add(
 }
 
 /// Withdraws a ⭐ vote whose reaction was removed.
-pub async fn on_reaction_remove(
+pub(crate) async fn on_reaction_remove(
     data: &Data,
     reaction: &serenity::Reaction,
 ) -> Result<(), BotError> {

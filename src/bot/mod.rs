@@ -17,15 +17,15 @@
 //! This is the only module that knows Discord. It reaches the engine only through the
 //! scheduler, and the database for job records.
 
-pub mod checks;
-pub mod commands;
-pub mod components;
-pub mod gallery;
-pub mod interactions;
-pub mod options;
-pub mod progress;
-pub mod submit;
-pub mod text;
+pub(crate) mod checks;
+pub(crate) mod commands;
+pub(crate) mod components;
+pub(crate) mod gallery;
+pub(crate) mod interactions;
+pub(crate) mod options;
+pub(crate) mod progress;
+pub(crate) mod submit;
+pub(crate) mod text;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -86,7 +86,7 @@ pub fn intents() -> serenity::GatewayIntents {
 
 /// The REST client: to Discord, or through `discord.api_base` when it points elsewhere (a
 /// rate-limit proxy, or the fake Discord in tests), which then does the rate limiting.
-pub fn http_client(settings: &Settings) -> anyhow::Result<serenity::Http> {
+pub(crate) fn http_client(settings: &Settings) -> anyhow::Result<serenity::Http> {
     let token = settings
         .require_token()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
@@ -100,7 +100,7 @@ pub fn http_client(settings: &Settings) -> anyhow::Result<serenity::Http> {
 }
 
 /// A reply only the requester sees, with every mention disabled.
-pub fn private_reply(text: impl Into<String>) -> poise::CreateReply {
+pub(crate) fn private_reply(text: impl Into<String>) -> poise::CreateReply {
     poise::CreateReply::default()
         .content(text)
         .ephemeral(true)

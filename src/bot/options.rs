@@ -11,10 +11,10 @@ use crate::request::{offered, offered_ids, within_size_cap};
 use crate::store::users;
 
 /// Aspect ratios offered while typing.
-pub const ASPECTS: [&str; 8] = ["1:1", "4:3", "3:2", "16:9", "21:9", "3:4", "2:3", "9:16"];
+pub(crate) const ASPECTS: [&str; 8] = ["1:1", "4:3", "3:2", "16:9", "21:9", "3:4", "2:3", "9:16"];
 
 /// Autocompletes an aspect option from [`ASPECTS`].
-pub async fn complete_aspect(
+pub(crate) async fn complete_aspect(
     _ctx: Context<'_>,
     partial: &str,
 ) -> serenity::CreateAutocompleteResponse {
@@ -28,7 +28,7 @@ pub async fn complete_aspect(
 
 /// The VQGAN models this server offers whose id contains `partial` (at most 25, Discord's
 /// limit).
-pub fn model_choices(partial: &str, allow_tiny: bool) -> Vec<&'static str> {
+pub(crate) fn model_choices(partial: &str, allow_tiny: bool) -> Vec<&'static str> {
     let partial = partial.trim().to_lowercase();
     offered_ids(ModelKind::Vqgan, allow_tiny)
         .into_iter()
@@ -38,7 +38,7 @@ pub fn model_choices(partial: &str, allow_tiny: bool) -> Vec<&'static str> {
 }
 
 /// Autocompletes a VQGAN model option from [`model_choices`].
-pub async fn complete_model(
+pub(crate) async fn complete_model(
     ctx: Context<'_>,
     partial: &str,
 ) -> serenity::CreateAutocompleteResponse {
@@ -50,14 +50,17 @@ pub async fn complete_model(
 }
 
 /// "16:9", both sides positive.
-pub fn parse_aspect(text: &str) -> Result<(u32, u32), String> {
+pub(crate) fn parse_aspect(text: &str) -> Result<(u32, u32), String> {
     crate::engine::prompt::ratio_pair(text)
         .filter(|&(a, b)| a > 0 && b > 0)
         .ok_or_else(|| format!("aspect {}: expected something like 16:9", quote(text, 20)))
 }
 
 /// "384x256" within the server's limits.
-pub fn parse_size(text: &str, generation: &GenerationSettings) -> Result<(u32, u32), String> {
+pub(crate) fn parse_size(
+    text: &str,
+    generation: &GenerationSettings,
+) -> Result<(u32, u32), String> {
     let parsed = crate::engine::prompt::size_pair(text).filter(|&(w, h)| w > 0 && h > 0);
     let Some((w, h)) = parsed else {
         return Err(format!(
@@ -75,7 +78,7 @@ pub fn parse_size(text: &str, generation: &GenerationSettings) -> Result<(u32, u
 }
 
 /// A VQGAN model id this server offers.
-pub fn check_model(name: &str, allow_tiny: bool) -> Result<String, String> {
+pub(crate) fn check_model(name: &str, allow_tiny: bool) -> Result<String, String> {
     match models::find(name) {
         Some(m) if offered(m, ModelKind::Vqgan, allow_tiny) => Ok(m.id.to_owned()),
         _ => Err(format!(
@@ -88,7 +91,7 @@ pub fn check_model(name: &str, allow_tiny: bool) -> Result<String, String> {
 
 /// The generation defaults for a user: the server's, with theirs on top (clamped to the
 /// server's current limits, which may have changed since they saved them).
-pub fn user_defaults(
+pub(crate) fn user_defaults(
     server: &GenerationSettings,
     user: Option<&users::UserSettings>,
     allow_tiny: bool,

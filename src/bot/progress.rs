@@ -68,7 +68,7 @@ pub struct JobMessage {
 impl JobMessage {
     /// The message `message` in `channel` showing stored job `job`; `token` is the interaction's
     /// while it is fresh.
-    pub fn for_job(
+    pub(crate) fn for_job(
         job: &Job,
         channel: serenity::ChannelId,
         message: serenity::MessageId,
@@ -96,7 +96,7 @@ impl JobMessage {
 }
 
 /// Whether a user wants to be mentioned when their job is done (yes unless they said no).
-pub async fn wants_ping(pool: &Store, user: u64) -> bool {
+pub(crate) async fn wants_ping(pool: &Store, user: u64) -> bool {
     match users::get_user_settings(pool, user).await {
         Ok(Some(s)) => s.ping_on_completion,
         Ok(None) => true,
@@ -109,7 +109,7 @@ pub async fn wants_ping(pool: &Store, user: u64) -> bool {
 
 /// Picks up the messages of jobs that were waiting or running when the bot last stopped: their
 /// interaction tokens are gone, so these edit with the bot token. Returns how many.
-pub async fn resume_all(
+pub(crate) async fn resume_all(
     http: &Arc<serenity::Http>,
     pool: &Store,
     scheduler: &crate::jobs::Scheduler,
@@ -145,7 +145,7 @@ pub async fn resume_all(
 }
 
 /// The upload limit an interaction reports, or Discord's default when it reports none.
-pub fn size_limit(reported: u32) -> usize {
+pub(crate) fn size_limit(reported: u32) -> usize {
     if reported == 0 {
         DEFAULT_SIZE_LIMIT
     } else {
@@ -154,7 +154,7 @@ pub fn size_limit(reported: u32) -> usize {
 }
 
 /// Least time between two edits of one message.
-pub fn edit_interval(settings: &Settings) -> Duration {
+pub(crate) fn edit_interval(settings: &Settings) -> Duration {
     Duration::from_millis(settings.scheduler.progress_interval_ms.max(1000))
 }
 

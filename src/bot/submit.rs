@@ -14,7 +14,7 @@ use crate::jobs::{Actor, FollowUp, Origin};
 use crate::store::jobs::{self as store_jobs, Job};
 
 /// Submits a rerun, upscale or variation of `parent` for `actor`, after checking who may.
-pub async fn submit_follow_up(
+pub(crate) async fn submit_follow_up(
     data: &Data,
     parent: &Job,
     what: FollowUp,
@@ -74,7 +74,7 @@ pub async fn submit(
 }
 
 /// After a job's message exists: records it and starts following the job.
-pub async fn track(
+pub(crate) async fn track(
     data: &Data,
     http: Arc<serenity::Http>,
     submitted: Submitted,

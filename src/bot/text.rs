@@ -8,7 +8,7 @@ use crate::jobs::JobEvent;
 use crate::store::jobs::{Job, JobKind};
 
 /// The first text of a job's message: its title and where it stands.
-pub fn opening_text(title: &str, position: usize, notes: &[String]) -> String {
+pub(crate) fn opening_text(title: &str, position: usize, notes: &[String]) -> String {
     let mut status = queue_status(position);
     for note in notes {
         status.push_str(&format!("\n-# {note}"));
@@ -17,7 +17,7 @@ pub fn opening_text(title: &str, position: usize, notes: &[String]) -> String {
 }
 
 /// "the queue…" → "The queue…".
-pub fn capitalise(text: &str) -> String {
+pub(crate) fn capitalise(text: &str) -> String {
     let mut chars = text.chars();
     match chars.next() {
         Some(first) => first.to_uppercase().chain(chars).collect(),
@@ -26,7 +26,7 @@ pub fn capitalise(text: &str) -> String {
 }
 
 /// Quotes user text for a message: no mentions can fire, and it cannot break the layout.
-pub fn quote(text: &str, max: usize) -> String {
+pub(crate) fn quote(text: &str, max: usize) -> String {
     let cleaned: String = text.chars().filter(|c| *c != '`').collect();
     let cut: String = cleaned.chars().take(max).collect();
     if cut.chars().count() < cleaned.chars().count() {
@@ -38,7 +38,7 @@ pub fn quote(text: &str, max: usize) -> String {
 
 /// `text` as a shell code block, exactly as it is, when it fits in `max` characters and holds
 /// nothing that could end the block early.
-pub fn code_block(text: &str, max: usize) -> Option<String> {
+pub(crate) fn code_block(text: &str, max: usize) -> Option<String> {
     (text.chars().count() <= max && !text.contains("```")).then(|| format!("```sh\n{text}\n```"))
 }
 
@@ -54,7 +54,7 @@ pub fn title(job: &Job) -> String {
 }
 
 /// "1 h 2 min", "3 min 4 s", "5 s".
-pub fn human_duration(d: Duration) -> String {
+pub(crate) fn human_duration(d: Duration) -> String {
     let s = d.as_secs();
     match (s / 3600, (s % 3600) / 60, s % 60) {
         (0, 0, s) => format!("{s} s"),
@@ -74,7 +74,7 @@ fn queue_status(position: usize) -> String {
 }
 
 /// The progress message's text for an event that is not the end.
-pub fn status_text(title: &str, event: &JobEvent) -> String {
+pub(crate) fn status_text(title: &str, event: &JobEvent) -> String {
     let status = match event {
         JobEvent::Queued { position } => queue_status(*position),
         JobEvent::Started { device } => format!("starting on {device}"),

@@ -1,7 +1,7 @@
 //! `vqclip imagine`: one picture on this machine, from the same request language as the bot,
 //! with a progress bar, the record beside the image, and the files it can start from.
 
-use super::{RequestFlags, load_settings};
+use super::{RequestFlags, settings_for};
 use crate::config::{Environment, Settings};
 use crate::engine::generate::{GenerateError, GenerationSpec, Generator, Models};
 use crate::engine::image;
@@ -20,8 +20,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Options of `vqclip imagine`.
+// The field docs are `--help` text, where `<seed>` is a placeholder, not HTML.
+#[allow(rustdoc::invalid_html_tags)]
 #[derive(Debug, Args)]
-pub struct ImagineArgs {
+pub(crate) struct ImagineArgs {
     /// What to draw: `text[:weight[:stop]] | …` (or `a:: b::0.5`), optionally with flags inside
     /// the quotes: --seed, --steps, --ar W:H, --size WxH, --no TEXT, --cutn, --model.
     pub prompt: String,
@@ -100,9 +102,7 @@ pub(super) async fn imagine(
     env: &Environment,
     args: ImagineArgs,
 ) -> anyhow::Result<()> {
-    let Ok(settings) = load_settings(config, env) else {
-        anyhow::bail!("cannot generate without a valid configuration");
-    };
+    let settings = settings_for(config, env, "generate")?;
     let resolved = resolve_imagine(&settings, &args)?;
     check_outputs(
         &output_path(&args, resolved.spec.seed),

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::Args;
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 
-use super::{ListJobs, RequestFlags, load_settings};
+use super::{ListJobs, RequestFlags, settings_for};
 use crate::app::open_database;
 use crate::config::Environment;
 use crate::engine::nets::tokenizer::ClipTokenizer;
@@ -19,7 +19,7 @@ use crate::store::{self, JobId, Timestamp};
 
 /// Options of `vqclip jobs submit`.
 #[derive(Debug, Args)]
-pub struct SubmitArgs {
+pub(crate) struct SubmitArgs {
     /// What to draw, as for `imagine` (flags inside the quotes work too).
     pub prompt: String,
     /// Generation settings.
@@ -31,14 +31,24 @@ pub struct SubmitArgs {
     pub user: u64,
 }
 
+/// The configuration and the database (opened, not migrated) for a command that reads or
+/// changes jobs; `doing` says what could not be done without them.
+async fn open_for(
+    config: Option<&Path>,
+    env: &Environment,
+    doing: &str,
+) -> anyhow::Result<(crate::config::Settings, crate::store::Store)> {
+    let settings = settings_for(config, env, doing)?;
+    let pool = open_database(&settings, false).await?;
+    Ok((settings, pool))
+}
+
 pub(super) async fn submit(
     config: Option<&Path>,
     env: &Environment,
     args: &SubmitArgs,
 ) -> anyhow::Result<()> {
-    let Ok(settings) = load_settings(config, env) else {
-        anyhow::bail!("cannot submit without a valid configuration");
-    };
+    let settings = settings_for(config, env, "submit")?;
     let resolved = request::resolve(
         &args.prompt,
         &args.request.options(),
@@ -96,10 +106,7 @@ pub(super) async fn submit(
 }
 
 pub(super) async fn show(config: Option<&Path>, env: &Environment, id: i64) -> anyhow::Result<()> {
-    let Ok(settings) = load_settings(config, env) else {
-        anyhow::bail!("cannot read jobs without a valid configuration");
-    };
-    let pool = open_database(&settings, false).await?;
+    let (_, pool) = open_for(config, env, "read jobs").await?;
     let job = jobs::get_job(&pool, JobId(id)).await?;
     pool.close().await;
     let Some(job) = job else {
@@ -118,10 +125,7 @@ pub(super) async fn cancel(
     env: &Environment,
     id: i64,
 ) -> anyhow::Result<()> {
-    let Ok(settings) = load_settings(config, env) else {
-        anyhow::bail!("cannot cancel without a valid configuration");
-    };
-    let pool = open_database(&settings, false).await?;
+    let (_, pool) = open_for(config, env, "cancel").await?;
     let id = JobId(id);
     let Some(job) = jobs::get_job(&pool, id).await? else {
         anyhow::bail!("there is no job {id}");
@@ -145,10 +149,7 @@ pub(super) async fn workers(
     hours: u64,
 ) -> anyhow::Result<()> {
     use crate::store::workers::{WorkerState, list_workers};
-    let Ok(settings) = load_settings(config, env) else {
-        anyhow::bail!("cannot list workers without a valid configuration");
-    };
-    let pool = open_database(&settings, false).await?;
+    let (settings, pool) = open_for(config, env, "list workers").await?;
     let now = Timestamp::now();
     let since = now.minus(Duration::from_secs(hours.saturating_mul(3600)));
     let list = list_workers(&pool, since)
@@ -198,10 +199,7 @@ pub(super) async fn jobs_list(
     env: &Environment,
     args: &ListJobs,
 ) -> anyhow::Result<()> {
-    let Ok(settings) = load_settings(config, env) else {
-        anyhow::bail!("cannot read jobs without a valid configuration");
-    };
-    let pool = crate::app::open_database(&settings, false).await?;
+    let (_, pool) = open_for(config, env, "read jobs").await?;
     let recent = jobs::list_recent_jobs(&pool, args.status, args.limit)
         .await
         .context("Failed to read jobs")?;
@@ -221,7 +219,7 @@ pub(super) async fn jobs_list(
 pub(super) const PROMPT_WIDTH: usize = 48;
 
 /// Renders jobs as a text table, one row each.
-pub fn jobs_table(list: &[jobs::Job]) -> String {
+pub(crate) fn jobs_table(list: &[jobs::Job]) -> String {
     let mut table = Table::new();
     table
         .load_preset(UTF8_FULL_CONDENSED)

@@ -18,8 +18,7 @@ mod imagine;
 mod jobs;
 mod models;
 
-pub use imagine::ImagineArgs;
-pub use jobs::jobs_table;
+pub(crate) use imagine::ImagineArgs;
 
 /// vqclip: VQGAN+CLIP art for Discord communities.
 ///
@@ -31,7 +30,7 @@ pub struct Cli {
     /// Configuration file. When not given, ./config.toml is read if it exists, else every
     /// setting takes its default.
     #[arg(long, short, global = true, env = "VQCLIP_CONFIG", value_name = "PATH")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
 
     /// Log format on stderr; filter with RUST_LOG (e.g. RUST_LOG=vqclip=debug).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "VQCLIP_LOG_FORMAT")]
@@ -39,12 +38,12 @@ pub struct Cli {
 
     /// What to do.
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 /// The top-level commands.
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Time one optimisation step with full-size random-weight models (the reference's work).
     Bench(BenchArgs),
     /// Run the Discord bot.
@@ -79,7 +78,7 @@ pub enum Command {
 
 /// `vqclip models …`
 #[derive(Debug, Subcommand)]
-pub enum ModelsCommand {
+pub(crate) enum ModelsCommand {
     /// List every known model, where its weights come from, and whether they are here.
     List,
     /// Download models' weights into the cache and check their SHA-256; an interrupted
@@ -92,7 +91,7 @@ pub enum ModelsCommand {
 
 /// Which models `vqclip models download|verify` works on.
 #[derive(Debug, Args)]
-pub struct ModelSelection {
+pub(crate) struct ModelSelection {
     /// Model ids or aliases [default: the configured default VQGAN and CLIP].
     pub models: Vec<String>,
     /// Every model: all that can be downloaded (download) or all that are here (verify).
@@ -102,7 +101,7 @@ pub struct ModelSelection {
 
 /// `vqclip config …`
 #[derive(Debug, Subcommand)]
-pub enum ConfigCommand {
+pub(crate) enum ConfigCommand {
     /// Load and validate a configuration file and print the effective settings (defaults and
     /// environment overrides applied, the token redacted). Exits 1 if anything is invalid.
     Check {
@@ -113,14 +112,14 @@ pub enum ConfigCommand {
 
 /// `vqclip db …`
 #[derive(Debug, Subcommand)]
-pub enum DbCommand {
+pub(crate) enum DbCommand {
     /// Create the database if it does not exist and apply any pending migrations.
     Migrate,
 }
 
 /// `vqclip jobs …`
 #[derive(Debug, Subcommand)]
-pub enum JobsCommand {
+pub(crate) enum JobsCommand {
     /// List recent jobs, newest first.
     List(ListJobs),
     /// Queue a job in the database for `vqclip worker` (or the bot) to run.
@@ -139,7 +138,7 @@ pub enum JobsCommand {
 
 /// Options of `vqclip bench`.
 #[derive(Debug, Args)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     /// Output size, WxH (multiples of 16).
     #[arg(long, default_value = "256x256", value_parser = imagine::parse_pair_x)]
     pub size: (u32, u32),
@@ -171,7 +170,7 @@ pub struct BenchArgs {
 
 /// Options of `vqclip jobs list`.
 #[derive(Debug, Args)]
-pub struct ListJobs {
+pub(crate) struct ListJobs {
     /// How many jobs to show.
     #[arg(long, short = 'n', default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub limit: u32,
@@ -221,6 +220,13 @@ pub async fn run(cli: Cli) -> ExitCode {
 }
 
 /// Loads the configuration, printing every problem (one per line) when it is invalid.
+/// The configuration for a command that cannot run without one: its problems are printed, and
+/// the error says what could not be done (`doing`, e.g. "cancel").
+fn settings_for(path: Option<&Path>, env: &Environment, doing: &str) -> anyhow::Result<Settings> {
+    load_settings(path, env)
+        .map_err(|_| anyhow::anyhow!("cannot {doing} without a valid configuration"))
+}
+
 fn load_settings(path: Option<&Path>, env: &Environment) -> Result<Settings, ExitCode> {
     Settings::load(path, env).map_err(|e| {
         let source = path.map_or_else(
@@ -266,7 +272,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
 /// A setup problem the operator must fix before the command can run (exit code 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct SetupError(String);
+pub(crate) struct SetupError(String);
 
 async fn serve(config: Option<&Path>, env: &Environment) -> anyhow::Result<()> {
     let Ok(settings) = load_settings(config, env) else {
@@ -279,9 +285,7 @@ async fn serve(config: Option<&Path>, env: &Environment) -> anyhow::Result<()> {
 }
 
 async fn worker(config: Option<&Path>, env: &Environment) -> anyhow::Result<()> {
-    let Ok(settings) = load_settings(config, env) else {
-        anyhow::bail!("cannot run workers without a valid configuration");
-    };
+    let settings = settings_for(config, env, "run workers")?;
     crate::app::worker(settings).await
 }
 
@@ -301,9 +305,7 @@ fn config_check(path: Option<&Path>, env: &Environment) -> ExitCode {
 }
 
 async fn db_migrate(config: Option<&Path>, env: &Environment) -> anyhow::Result<()> {
-    let Ok(settings) = load_settings(config, env) else {
-        anyhow::bail!("cannot migrate without a valid configuration");
-    };
+    let settings = settings_for(config, env, "migrate")?;
     let location = &settings.storage.database;
     let pool = store::connect(location).await?;
     let applied = store::migrate(&pool).await?;
@@ -326,7 +328,7 @@ async fn db_migrate(config: Option<&Path>, env: &Environment) -> anyhow::Result<
 /// The generation flags `imagine` and `jobs submit` share; each overrides the same flag given
 /// inside the prompt.
 #[derive(Debug, Clone, Args)]
-pub struct RequestFlags {
+pub(crate) struct RequestFlags {
     /// RNG seed (random when not given; printed either way).
     #[arg(long)]
     pub seed: Option<u64>,

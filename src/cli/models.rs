@@ -1,7 +1,7 @@
 //! `vqclip models list | download | verify`: where each model's weights come from, fetching
 //! them, and checking them against the Hub.
 
-use super::{ModelSelection, load_settings};
+use super::{ModelSelection, settings_for};
 use crate::config::{Environment, Settings};
 use crate::models::ModelInfo;
 use crate::models::hub::{BarProgress, Hub, HubError};
@@ -11,9 +11,7 @@ use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 use std::path::Path;
 
 pub(super) fn models_list(config: Option<&Path>, env: &Environment) -> anyhow::Result<()> {
-    let Ok(settings) = load_settings(config, env) else {
-        anyhow::bail!("cannot list models without a valid configuration");
-    };
+    let settings = settings_for(config, env, "list models")?;
     let mut table = Table::new();
     table
         .load_preset(UTF8_FULL_CONDENSED)
@@ -89,9 +87,7 @@ pub(super) async fn models_download(
     env: &Environment,
     selection: &ModelSelection,
 ) -> anyhow::Result<()> {
-    let Ok(settings) = load_settings(config, env) else {
-        anyhow::bail!("cannot download without a valid configuration");
-    };
+    let settings = settings_for(config, env, "download")?;
     let hub = Hub::new(&settings.models)?;
     let mut failed = 0;
     for model in select_models(&settings, selection)? {
@@ -125,9 +121,7 @@ pub(super) fn models_verify(
     env: &Environment,
     selection: &ModelSelection,
 ) -> anyhow::Result<()> {
-    let Ok(settings) = load_settings(config, env) else {
-        anyhow::bail!("cannot verify without a valid configuration");
-    };
+    let settings = settings_for(config, env, "verify")?;
     let explicit = !selection.all && !selection.models.is_empty();
     let mut table = Table::new();
     table

@@ -4,7 +4,7 @@
 //!
 //! Loading happens in two stages, as ripgrep's flags do: the file and the environment are merged
 //! into one TOML table and read into loose `Raw*` structs (serde catches wrong types and unknown
-//! keys, naming their path), then [`validate`] turns those into typed values, checking ranges and
+//! keys, naming their path), then [`mod@validate`] turns those into typed values, checking ranges and
 //! cross-key rules. Every error names the key, the offending value (never a secret's) and what
 //! was expected, and all bad keys are reported at once. Nothing here writes a file.
 
@@ -27,7 +27,7 @@ use raw::RawSettings;
 use validate::validate;
 
 /// Prefix of environment variables that override configuration keys (`VQCLIP_SCHEDULER__DEVICES`).
-pub const ENV_PREFIX: &str = "VQCLIP_";
+pub(crate) const ENV_PREFIX: &str = "VQCLIP_";
 
 /// `storage.database` when the configuration says nothing.
 const DEFAULT_DATABASE: &str = "./data/vqclip.sqlite";
@@ -36,10 +36,10 @@ const DEFAULT_DATABASE: &str = "./data/vqclip.sqlite";
 const ENV_SEPARATOR: &str = "__";
 
 /// The conventional variable for the bot token; it wins over the file and `VQCLIP_DISCORD__TOKEN`.
-pub const TOKEN_ENV: &str = "DISCORD_TOKEN";
+pub(crate) const TOKEN_ENV: &str = "DISCORD_TOKEN";
 
 /// Where the configuration file is looked for when `--config` is not given.
-pub const DEFAULT_CONFIG_PATH: &str = "config.toml";
+pub(crate) const DEFAULT_CONFIG_PATH: &str = "config.toml";
 
 /// Pixel edge every model's size is a multiple of; sizes below it cannot be generated.
 const MIN_SIDE: u32 = 16;
@@ -55,7 +55,7 @@ pub struct Environment {
 
 impl Environment {
     /// The current process environment; variables that are not valid UTF-8 are skipped.
-    pub fn from_process() -> Self {
+    pub(crate) fn from_process() -> Self {
         std::env::vars_os()
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
             .collect()
@@ -467,7 +467,7 @@ impl Settings {
     }
 
     /// The token, or an error saying how to provide one.
-    pub fn require_token(&self) -> Result<&SecretString, InvalidKey> {
+    pub(crate) fn require_token(&self) -> Result<&SecretString, InvalidKey> {
         self.discord.token.as_ref().ok_or_else(|| InvalidKey {
             key: "discord.token".into(),
             value: None,

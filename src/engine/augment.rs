@@ -13,7 +13,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 /// Which augmentations run, with the reference's probabilities and strengths.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Augmentations {
+pub(crate) struct Augmentations {
     /// Random affine: rotation ±15°, translation ±10 %, shear ±5°.
     pub affine: f64,
     /// Random perspective with distortion 0.7.
@@ -41,7 +41,8 @@ impl Default for Augmentations {
 
 impl Augmentations {
     /// No augmentation and no noise.
-    pub fn none() -> Self {
+    #[cfg(test)]
+    pub(crate) fn none() -> Self {
         Self {
             affine: 0.0,
             perspective: 0.0,
@@ -54,7 +55,7 @@ impl Augmentations {
 
 /// Colour jitter factors of one cutout.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Jitter {
+pub(crate) struct Jitter {
     /// Brightness multiplier.
     pub brightness: f32,
     /// Contrast factor around the mean grey.
@@ -76,7 +77,7 @@ impl Jitter {
 
 /// The random parameters of one step's augmentations, drawn up front.
 #[derive(Debug, Clone)]
-pub struct AugmentDraw {
+pub(crate) struct AugmentDraw {
     /// Per cutout: the 3×3 map from output to source pixel coordinates (row-major), `None` when
     /// no warp applies.
     pub warps: Vec<Option<[f64; 9]>>,
@@ -230,7 +231,7 @@ impl Augmentations {
 
 impl AugmentDraw {
     /// Applies cutouts `range` of this draw to `cuts` `[range.len(), 3, S, S]`.
-    pub fn apply(&self, cuts: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
+    pub(crate) fn apply(&self, cuts: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
         let mut x = warp(cuts, &self.warps[range.clone()])?;
         x = jitter(&x, &self.jitter[range.clone()])?;
         if let Some(rect) = self.erase {
@@ -317,6 +318,15 @@ fn per_cutout(values: Vec<f32>, like: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(values, (n, 1, 1, 1), like.device())?.to_dtype(like.dtype())
 }
 
+/// `reference + factor · (x − reference)` per cutout, clamped to [0, 1]: how contrast and
+/// saturation move a picture away from (or toward) its mean or its grey.
+fn blend(x: &Tensor, reference: &Tensor, factor: &Tensor) -> Result<Tensor> {
+    x.broadcast_sub(reference)?
+        .broadcast_mul(factor)?
+        .broadcast_add(reference)?
+        .clamp(0.0, 1.0)
+}
+
 /// Brightness, contrast, saturation and hue, each clamped to [0, 1] like torchvision.
 fn jitter(x: &Tensor, params: &[Jitter]) -> Result<Tensor> {
     if params.iter().all(|j| *j == Jitter::IDENTITY) {
@@ -337,18 +347,9 @@ fn jitter(x: &Tensor, params: &[Jitter]) -> Result<Tensor> {
         .clamp(0.0, 1.0)?;
     let mean = grey(&x)?.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?;
     let contrast = per_cutout(params.iter().map(|j| j.contrast).collect(), &x)?;
-    let x = x
-        .broadcast_sub(&mean)?
-        .broadcast_mul(&contrast)?
-        .broadcast_add(&mean)?
-        .clamp(0.0, 1.0)?;
-    let g = grey(&x)?;
+    let x = blend(&x, &mean, &contrast)?;
     let saturation = per_cutout(params.iter().map(|j| j.saturation).collect(), &x)?;
-    let x = x
-        .broadcast_sub(&g)?
-        .broadcast_mul(&saturation)?
-        .broadcast_add(&g)?
-        .clamp(0.0, 1.0)?;
+    let x = blend(&x, &grey(&x)?, &saturation)?;
     // Hue: rotate the chroma plane of YIQ by the hue angle (a linear map per cutout).
     let rgb_to_yiq = [
         0.299f64, 0.587, 0.114, 0.596, -0.274, -0.322, 0.211, -0.523, 0.312,

@@ -42,7 +42,7 @@ impl Cutouts for FixedBoxes {
 
 /// How a run makes its cutouts.
 #[derive(Debug, Clone, PartialEq)]
-pub enum CutoutMethod {
+pub(crate) enum CutoutMethod {
     /// The reference's default (`-cutm latest`): every cutout is the whole image,
     /// `(adaptive_avg_pool + adaptive_max_pool) / 2`, then augmented per cutout.
     Pooled(Augmentations),
@@ -97,7 +97,7 @@ impl CutoutMethod {
 
 /// One step's drawn cutouts.
 #[derive(Debug, Clone)]
-pub enum StepCutouts {
+pub(crate) enum StepCutouts {
     /// Whole-image pooling with these augmentations.
     Pooled {
         /// CLIP's input side.
@@ -147,7 +147,7 @@ impl Cutouts for StepCutouts {
 /// Adaptive max pooling of `[b, c, h, w]` to `[b, c, side, side]` (PyTorch's windows), as
 /// gathers and maxima so that it has a gradient. Max over a rectangle is max over rows of the
 /// max over columns, so it runs one axis at a time.
-pub fn adaptive_max_pool(x: &Tensor, side: usize) -> Result<Tensor> {
+pub(crate) fn adaptive_max_pool(x: &Tensor, side: usize) -> Result<Tensor> {
     let x = max_pool_axis(x, 3, side)?;
     max_pool_axis(&x, 2, side)
 }
@@ -198,7 +198,12 @@ pub struct CutoutBox {
 /// Row `i` of the `[out, len]` matrix that adaptive-average-pools the window
 /// `start..start + size` of an axis of length `len` down to `out` samples, as PyTorch's
 /// `adaptive_avg_pool2d` does: output `i` averages inputs `⌊i·size/out⌋ .. ⌈(i+1)·size/out⌉`.
-pub fn adaptive_avg_pool_matrix(len: usize, start: usize, size: usize, out: usize) -> Vec<f32> {
+pub(crate) fn adaptive_avg_pool_matrix(
+    len: usize,
+    start: usize,
+    size: usize,
+    out: usize,
+) -> Vec<f32> {
     let mut m = vec![0.0f32; out * len];
     for i in 0..out {
         let lo = i * size / out;
@@ -213,7 +218,7 @@ pub fn adaptive_avg_pool_matrix(len: usize, start: usize, size: usize, out: usiz
 
 /// Crops `boxes` out of `image` `[1, c, h, w]` and resizes each to `side`×`side` by adaptive
 /// average pooling: `[boxes, c, side, side]`, differentiable with respect to `image`.
-pub fn crop_and_pool(image: &Tensor, boxes: &[CutoutBox], side: usize) -> Result<Tensor> {
+pub(crate) fn crop_and_pool(image: &Tensor, boxes: &[CutoutBox], side: usize) -> Result<Tensor> {
     let (_, _, h, w) = image.dims4()?;
     check_boxes(boxes, w, h)?;
     let rows: Vec<Vec<f32>> = boxes
@@ -229,7 +234,11 @@ pub fn crop_and_pool(image: &Tensor, boxes: &[CutoutBox], side: usize) -> Result
 
 /// Crops `boxes` out of `image` and resamples each to `side`×`side` as Crowson's notebook does
 /// (Lanczos-2 low-pass when shrinking, then bicubic).
-pub fn crop_and_resample(image: &Tensor, boxes: &[CutoutBox], side: usize) -> Result<Tensor> {
+pub(crate) fn crop_and_resample(
+    image: &Tensor,
+    boxes: &[CutoutBox],
+    side: usize,
+) -> Result<Tensor> {
     let (_, _, h, w) = image.dims4()?;
     check_boxes(boxes, w, h)?;
     let rows: Vec<Vec<f32>> = boxes
@@ -256,7 +265,7 @@ fn check_boxes(boxes: &[CutoutBox], w: usize, h: usize) -> Result<()> {
 /// `rows[k]` is `[side, h]` and `cols[k]` is `[side, w]` (row-major), so output `k` is
 /// `rows[k] · image · cols[k]ᵀ` per channel. Cropping is folded into the matrices as zero
 /// columns. Differentiable with respect to `image`.
-pub fn resize_with_matrices(
+pub(crate) fn resize_with_matrices(
     image: &Tensor,
     rows: &[Vec<f32>],
     cols: &[Vec<f32>],
@@ -345,7 +354,12 @@ fn cubic(t: f64) -> f64 {
 /// `[out, len]` matrix resampling the window `start..start + size` of an axis of length `len`
 /// to `out` samples the way Crowson's `resample` does: when shrinking, a Lanczos-2 low-pass with
 /// reflect padding; then bicubic interpolation with `align_corners = true`.
-pub fn lanczos_bicubic_matrix(len: usize, start: usize, size: usize, out: usize) -> Vec<f32> {
+pub(crate) fn lanczos_bicubic_matrix(
+    len: usize,
+    start: usize,
+    size: usize,
+    out: usize,
+) -> Vec<f32> {
     // Low-pass as a [size, size] matrix (identity when not shrinking).
     let mut low = vec![0.0f64; size * size];
     if out < size {

@@ -131,19 +131,19 @@ pub mod limits {
     /// Most pixels of a generated image.
     pub const MAX_PIXELS: u64 = 16 * 1024 * 1024;
     /// Most optimiser steps.
-    pub const MAX_STEPS: u32 = 100_000;
+    pub(crate) const MAX_STEPS: u32 = 100_000;
     /// Most cutouts per step (and per CLIP pass).
-    pub const MAX_CUTN: u32 = 1024;
+    pub(crate) const MAX_CUTN: u32 = 1024;
     /// Most noise prompts.
-    pub const MAX_NOISE_PROMPTS: usize = 16;
+    pub(crate) const MAX_NOISE_PROMPTS: usize = 16;
     /// Most image prompts.
-    pub const MAX_IMAGE_PROMPTS: usize = 16;
+    pub(crate) const MAX_IMAGE_PROMPTS: usize = 16;
     /// Most time-lapse frames kept in memory.
-    pub const MAX_FRAMES: u32 = 2000;
+    pub(crate) const MAX_FRAMES: u32 = 2000;
     /// Largest learning rate.
-    pub const MAX_LEARNING_RATE: f64 = 100.0;
+    pub(crate) const MAX_LEARNING_RATE: f64 = 100.0;
     /// Largest init weight.
-    pub const MAX_INIT_WEIGHT: f64 = 1.0e4;
+    pub(crate) const MAX_INIT_WEIGHT: f64 = 1.0e4;
 }
 
 impl GenerationSpec {
@@ -228,7 +228,7 @@ impl GenerationSpec {
 
 /// Rounds a requested size down to the VQGAN's multiple `factor` (at least one cell); returns
 /// the size and whether it changed, so the user can be told.
-pub fn round_size(width: u32, height: u32, factor: u32) -> ((u32, u32), bool) {
+pub(crate) fn round_size(width: u32, height: u32, factor: u32) -> ((u32, u32), bool) {
     let round = |v: u32| (v / factor).max(1) * factor;
     let rounded = (round(width), round(height));
     (rounded, rounded != (width, height))
@@ -393,7 +393,7 @@ pub struct Output {
 }
 
 /// Longest side of previews and time-lapse frames.
-pub const PREVIEW_SIDE: u32 = 256;
+pub(crate) const PREVIEW_SIDE: u32 = 256;
 /// JPEG quality of previews.
 const PREVIEW_QUALITY: u8 = 80;
 

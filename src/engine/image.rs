@@ -10,26 +10,26 @@ use image::imageops::FilterType;
 use image::{DynamicImage, Frame, ImageFormat, RgbImage, RgbaImage};
 
 /// Largest decoded image accepted (pixels), so a hostile upload cannot exhaust memory.
-pub const MAX_INPUT_PIXELS: u64 = 64 * 1024 * 1024;
+pub(crate) const MAX_INPUT_PIXELS: u64 = 64 * 1024 * 1024;
 
 /// Longest side of an input image. Resizing allocates `width × new height` (or the transpose)
 /// floats, so a long thin image within the pixel count (67108864×1) would otherwise ask for
 /// hundreds of GiB when it is resized.
-pub const MAX_INPUT_SIDE: u32 = 8192;
+pub(crate) const MAX_INPUT_SIDE: u32 = 8192;
 
 /// Most one side of an input image may exceed the other (a 32:1 strip is already no picture).
-pub const MAX_INPUT_ASPECT: u32 = 32;
+pub(crate) const MAX_INPUT_ASPECT: u32 = 32;
 
 /// Most bytes an input image file may have (Discord's largest upload is 500 MiB for boosted
 /// servers; a picture that large is not a sensible prompt).
-pub const MAX_INPUT_FILE_BYTES: u64 = 64 * 1024 * 1024;
+pub(crate) const MAX_INPUT_FILE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Most memory the decoder may allocate for one image: an 8-bit RGB image at the pixel limit
 /// fits; a 16-bit one of the same size does not, and is refused rather than decoded.
-pub const MAX_DECODE_BYTES: u64 = 256 * 1024 * 1024;
+pub(crate) const MAX_DECODE_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Converts `[1, 3, H, W]` pixels in [0, 1] to an 8-bit RGB image (rounded, clamped).
-pub fn tensor_to_rgb(image: &Tensor) -> Result<RgbImage> {
+pub(crate) fn tensor_to_rgb(image: &Tensor) -> Result<RgbImage> {
     let (one, c, h, w) = image.dims4()?;
     if one != 1 || c != 3 {
         candle_core::bail!(
@@ -52,7 +52,7 @@ pub fn tensor_to_rgb(image: &Tensor) -> Result<RgbImage> {
 }
 
 /// Converts an RGB image to `[1, 3, H, W]` pixels in [0, 1] on `device`.
-pub fn rgb_to_tensor(image: &RgbImage, device: &Device) -> Result<Tensor> {
+pub(crate) fn rgb_to_tensor(image: &RgbImage, device: &Device) -> Result<Tensor> {
     let (w, h) = image.dimensions();
     let data: Vec<f32> = image
         .as_raw()
@@ -148,7 +148,7 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<RgbImage, ImageError> {
 /// Reads a file of at most `max_bytes` bytes: refuses anything but a regular file (a FIFO would
 /// block, `/dev/zero` never ends) and reads through a bounded reader, so a file that grows while
 /// it is read cannot exceed the limit either.
-pub fn read_bounded(
+pub(crate) fn read_bounded(
     path: &std::path::Path,
     max_bytes: u64,
 ) -> std::result::Result<Vec<u8>, ImageError> {
@@ -189,7 +189,7 @@ pub fn read(path: &std::path::Path) -> std::result::Result<RgbImage, ImageError>
 
 /// Resizes to exactly `width`×`height` (aspect not kept) with Lanczos-3, as the reference does
 /// for init images.
-pub fn resize_exact(image: &RgbImage, width: u32, height: u32) -> RgbImage {
+pub(crate) fn resize_exact(image: &RgbImage, width: u32, height: u32) -> RgbImage {
     image::imageops::resize(image, width, height, FilterType::Lanczos3)
 }
 
@@ -202,7 +202,7 @@ pub fn encode_png(image: &RgbImage) -> std::result::Result<Vec<u8>, image::Image
 
 /// Encodes PNG bytes with UTF-8 text chunks (`iTXt`), e.g. the prompt and seed, which image
 /// viewers show and which make a shared file reproducible.
-pub fn encode_png_with_text(
+pub(crate) fn encode_png_with_text(
     image: &RgbImage,
     text: &[(&str, String)],
 ) -> std::result::Result<Vec<u8>, png::EncodingError> {
@@ -250,7 +250,7 @@ pub fn encode_jpeg(
 }
 
 /// Shrinks `image` so its longer side is at most `max_side` (never enlarges).
-pub fn downscale(image: &RgbImage, max_side: u32) -> RgbImage {
+pub(crate) fn downscale(image: &RgbImage, max_side: u32) -> RgbImage {
     let (w, h) = image.dimensions();
     if w.max(h) <= max_side {
         return image.clone();

@@ -19,7 +19,7 @@ pub struct PromptTarget {
 
 /// `2·asin(‖â − t̂‖ / 2)²` between every row of `a` `[n, d]` and of `t` `[m, d]`, after L2
 /// normalisation (divided by `max(‖·‖, 1e-12)`): `[n, m]`, half the squared angle.
-pub fn spherical_distance(a: &Tensor, t: &Tensor) -> Result<Tensor> {
+pub(crate) fn spherical_distance(a: &Tensor, t: &Tensor) -> Result<Tensor> {
     let unit = |x: &Tensor| -> Result<Tensor> {
         let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?;
         x.broadcast_div(&norm)

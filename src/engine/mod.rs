@@ -18,7 +18,7 @@
 //! - `kernels`: CPU kernels (convolution, Winograd, GroupNorm, attention, and `cpu`, their
 //!   shared plumbing), used when the tensors live on the CPU; elsewhere candle's own ops run.
 
-pub mod augment;
+pub(crate) mod augment;
 pub mod cutouts;
 pub mod generate;
 pub mod image;

@@ -180,7 +180,7 @@ impl Latent {
     }
 
     /// Continues from a checkpointed state of a latent of the same shape.
-    pub fn restore(&mut self, state: &LatentState) -> Result<()> {
+    pub(crate) fn restore(&mut self, state: &LatentState) -> Result<()> {
         let shape = self.z.as_tensor().shape().clone();
         for (name, t) in [("latent", &state.z), ("m", &state.m), ("v", &state.v)] {
             if t.shape() != &shape {

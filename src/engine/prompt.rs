@@ -20,7 +20,7 @@ use std::fmt;
 use std::ops::Range;
 
 /// Weight of the negative prompt made by `--no`.
-pub const NO_WEIGHT: f64 = -0.5;
+pub(crate) const NO_WEIGHT: f64 = -0.5;
 
 /// One prompt with its weight and optional stop.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -97,7 +97,7 @@ const FLAG_NAMES: [&str; 7] = ["seed", "steps", "ar", "size", "no", "cutn", "mod
 
 /// Longest prompt accepted, in bytes (Discord allows 6,000 characters in an option; the text
 /// encoder reads 77 tokens of each piece).
-pub const MAX_PROMPT_BYTES: usize = 8192;
+pub(crate) const MAX_PROMPT_BYTES: usize = 8192;
 
 /// Most prompts in one request, `--no` prompts included. Each is a CLIP text pass and a term
 /// of the loss.
@@ -200,7 +200,7 @@ pub fn has_visible_text(text: &str) -> bool {
 
 /// Checks a prompt's weight and stop against [`MAX_WEIGHT`] and [`MAX_STOP`]; the message
 /// names which is wrong.
-pub fn check_weight(weight: f64, stop: Option<f64>) -> Result<(), String> {
+pub(crate) fn check_weight(weight: f64, stop: Option<f64>) -> Result<(), String> {
     if !weight.is_finite() || weight.abs() > MAX_WEIGHT {
         return Err(format!(
             "a weight must be from -{MAX_WEIGHT} to {MAX_WEIGHT}, not {weight}"
@@ -389,12 +389,12 @@ fn apply_flag(
 /// `W×H` as everyone writes it (`x`, `X` or `×` between two integers, spaces allowed): the one
 /// reading of a size, for prompt flags, command options, the command line and the
 /// configuration. Zero is read; callers that need a positive size check it.
-pub fn size_pair(text: &str) -> Option<(u32, u32)> {
+pub(crate) fn size_pair(text: &str) -> Option<(u32, u32)> {
     split_pair(text, &['x', 'X', '×'])
 }
 
 /// `W:H`, two integers: the one reading of an aspect ratio (see [`size_pair`]).
-pub fn ratio_pair(text: &str) -> Option<(u32, u32)> {
+pub(crate) fn ratio_pair(text: &str) -> Option<(u32, u32)> {
     split_pair(text, &[':'])
 }
 

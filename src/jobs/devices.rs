@@ -1,6 +1,5 @@
 //! Turning `scheduler.devices` into candle devices, each with an engine runner.
 
-#[cfg(any(feature = "cuda", feature = "metal"))]
 use anyhow::Context as _;
 use candle_core::Device;
 
@@ -27,8 +26,8 @@ pub fn open(specs: &[DeviceSpec]) -> anyhow::Result<Vec<(String, Device)>> {
                 cpu_index += 1;
                 devices.push((label, Device::Cpu));
             }
-            DeviceSpec::Cuda(n) => devices.push((format!("cuda:{n}"), cuda(n)?)),
-            DeviceSpec::Metal(n) => devices.push((format!("metal:{n}"), metal(n)?)),
+            DeviceSpec::Cuda(n) => devices.push((format!("cuda:{n}"), gpu("cuda", n)?)),
+            DeviceSpec::Metal(n) => devices.push((format!("metal:{n}"), gpu("metal", n)?)),
         }
     }
     Ok(devices)
@@ -53,34 +52,26 @@ fn auto() -> Vec<(String, Device)> {
     found
 }
 
-#[cfg(feature = "cuda")]
-fn cuda(n: usize) -> anyhow::Result<Device> {
-    Device::new_cuda(n).with_context(|| format!("cuda:{n} is not available"))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda(n: usize) -> anyhow::Result<Device> {
-    anyhow::bail!(
-        "cuda:{n} needs a build with CUDA support (cargo build --release \
-         --features cuda; see the README)"
-    )
-}
-
-#[cfg(feature = "metal")]
-fn metal(n: usize) -> anyhow::Result<Device> {
-    Device::new_metal(n).with_context(|| format!("metal:{n} is not available"))
-}
-
-#[cfg(not(feature = "metal"))]
-fn metal(n: usize) -> anyhow::Result<Device> {
-    anyhow::bail!(
-        "metal:{n} needs a build with Metal support (cargo build --release \
-         --features metal)"
-    )
+/// GPU `n` of `backend` (`cuda` or `metal`), or why this build cannot open it.
+fn gpu(backend: &str, n: usize) -> anyhow::Result<Device> {
+    let opened: Option<candle_core::Result<Device>> = match backend {
+        #[cfg(feature = "cuda")]
+        "cuda" => Some(Device::new_cuda(n)),
+        #[cfg(feature = "metal")]
+        "metal" => Some(Device::new_metal(n)),
+        _ => None,
+    };
+    let Some(opened) = opened else {
+        anyhow::bail!(
+            "{backend}:{n} needs a build with {backend} support (cargo build --release \
+             --features {backend}; see the README)"
+        )
+    };
+    opened.with_context(|| format!("{backend}:{n} is not available"))
 }
 
 /// The one device a command-line `--device` names, as `(label, device)`.
-pub fn open_flag(spec: &DeviceSpec) -> anyhow::Result<(String, Device)> {
+pub(crate) fn open_flag(spec: &DeviceSpec) -> anyhow::Result<(String, Device)> {
     open(std::slice::from_ref(spec))
         .map_err(|e| anyhow::anyhow!("--device: {e:#}"))?
         .into_iter()
@@ -90,7 +81,7 @@ pub fn open_flag(spec: &DeviceSpec) -> anyhow::Result<(String, Device)> {
 
 /// One engine runner per configured device, fetching weights through one Hub client on
 /// `runtime`.
-pub fn engine_slots(
+pub(crate) fn engine_slots(
     settings: &Settings,
     runtime: tokio::runtime::Handle,
 ) -> anyhow::Result<Vec<DeviceSlot>> {

@@ -9,8 +9,8 @@
 //! This module knows nothing of Discord. It uses the engine, the store and (for weights) the
 //! hub; the bot talks to it only through [`Scheduler`] and [`JobEvent`]s.
 
-pub mod devices;
-pub mod queue;
+pub(crate) mod devices;
+pub(crate) mod queue;
 pub mod scheduler;
 pub mod worker;
 
@@ -21,9 +21,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::generate::GenerationSpec;
-pub use crate::engine::generate::Preview;
+pub(crate) use crate::engine::generate::Preview;
 pub use crate::store::JobId;
-pub use queue::Priority;
 pub use scheduler::{Scheduler, SchedulerOptions, Snapshot, SubmitError, Submitted};
 
 /// Everything a job needs besides its table columns, stored as the job's `params` JSON so a job
@@ -223,11 +222,11 @@ pub fn imagine_job(
 const TIMELAPSE_FRAMES: u32 = 50;
 
 /// Strength of the noise a variation adds to its parent's latent.
-pub const VARIATION_NOISE: f64 = 0.5;
+pub(crate) const VARIATION_NOISE: f64 = 0.5;
 
 /// What a button or reaction asks of a finished job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FollowUp {
+pub(crate) enum FollowUp {
     /// The same request with a new seed.
     Rerun,
     /// Twice the width and height, continuing from the job's final latent.
@@ -238,7 +237,7 @@ pub enum FollowUp {
 
 /// Why a follow-up cannot be made.
 #[derive(Debug, thiserror::Error)]
-pub enum FollowUpError {
+pub(crate) enum FollowUpError {
     /// The parent has no picture (yet).
     #[error("job {0} has no finished picture to start from")]
     NotFinished(JobId),
@@ -267,7 +266,7 @@ impl FollowUp {
 /// latent plus noise, half the steps). Its prompt and models are the parent's. `latent_kept`
 /// says whether the parent's final latent exists (at [`latent_path`] under `images`, or in the
 /// database for a worker to fetch).
-pub fn follow_up_job(
+pub(crate) fn follow_up_job(
     parent: &crate::store::jobs::Job,
     what: FollowUp,
     seed: u64,
@@ -386,12 +385,12 @@ pub fn describe(job: &crate::store::jobs::Job) -> Vec<(&'static str, String)> {
 }
 
 /// Where a job's image is written.
-pub fn image_path(images: &Path, id: JobId) -> PathBuf {
+pub(crate) fn image_path(images: &Path, id: JobId) -> PathBuf {
     images.join(format!("{}.png", id.0))
 }
 
 /// Where a job's time-lapse (animated GIF) is written.
-pub fn timelapse_path(images: &Path, id: JobId) -> PathBuf {
+pub(crate) fn timelapse_path(images: &Path, id: JobId) -> PathBuf {
     images.join(format!("{}.gif", id.0))
 }
 
@@ -407,7 +406,7 @@ pub fn resume_path(images: &Path, id: JobId) -> PathBuf {
 
 /// `text` with every control and bidirectional-override character written as `\u{…}`, so a
 /// terminal shows what a stored value holds instead of obeying escape sequences in it.
-pub fn printable(text: &str) -> String {
+pub(crate) fn printable(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         if is_terminal_hazard(c) {
@@ -427,7 +426,7 @@ fn is_terminal_hazard(c: char) -> bool {
 /// `arg` quoted for a POSIX shell (sh, bash, zsh): left bare when it holds only characters no
 /// shell treats specially, otherwise in single quotes, inside which nothing is special (`$( )`,
 /// backticks, `\\`, `!` in an interactive bash alike); a single quote itself becomes `'\\''`.
-pub fn shell_quote(arg: &str) -> String {
+pub(crate) fn shell_quote(arg: &str) -> String {
     let plain = !arg.is_empty()
         && arg.chars().all(|c| {
             c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/' | ':' | '+' | '=')
@@ -442,13 +441,13 @@ pub fn shell_quote(arg: &str) -> String {
 /// every setting that decides the pixels (prompt, seed, steps, size, cutouts, cutout method,
 /// models, init image, image prompts, noise prompts, a parent's latent), each argument quoted
 /// for a POSIX shell, so pasting it runs vqclip and nothing a prompt smuggled in.
-pub fn reproduce_command(job: &crate::store::jobs::Job) -> String {
+pub(crate) fn reproduce_command(job: &crate::store::jobs::Job) -> String {
     reproduce_with(job, |p| p.to_string_lossy().into_owned())
 }
 
 /// [`reproduce_command`] for people elsewhere (Discord): input files by their names alone, so
 /// the command does not reveal where the host keeps them.
-pub fn reproduce_command_to_share(job: &crate::store::jobs::Job) -> String {
+pub(crate) fn reproduce_command_to_share(job: &crate::store::jobs::Job) -> String {
     reproduce_with(job, |p| {
         p.file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned())

@@ -10,7 +10,7 @@ use crate::store::JobId;
 
 /// Which line a job waits in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Priority {
+pub(crate) enum Priority {
     /// Upscales, variations and reruns of a finished job: short waits for people mid-session.
     FollowUp,
     /// Everything else.
@@ -19,7 +19,7 @@ pub enum Priority {
 
 /// A job waiting for a device, with what dispatch needs to know about it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Waiting {
+pub(crate) struct Waiting {
     /// The job.
     pub id: JobId,
     /// Who asked (fairness is per user).
@@ -37,7 +37,7 @@ pub struct Waiting {
 /// Fair over users: the next job comes from the user served longest ago (never served counts as
 /// longest), ties going to the oldest job; each user's jobs in the order they were submitted.
 #[derive(Debug, Default, Clone)]
-pub struct FairQueue {
+pub(crate) struct FairQueue {
     /// Waiting jobs with their arrival number.
     jobs: Vec<(u64, Waiting)>,
     /// When each user was last served, on the `clock`.
@@ -59,7 +59,7 @@ impl FairQueue {
 
     /// Records that `user` was last served at `at` (any increasing clock, e.g. milliseconds),
     /// for a queue rebuilt from the database; later serves count as after every seeded one.
-    pub fn seed_served(&mut self, user: u64, at: u64) {
+    pub(crate) fn seed_served(&mut self, user: u64, at: u64) {
         self.served.insert(user, at);
         self.clock = self.clock.max(at);
     }
@@ -70,17 +70,19 @@ impl FairQueue {
     }
 
     /// Whether nothing waits.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.jobs.is_empty()
     }
 
     /// Jobs `user` has waiting.
-    pub fn count_for(&self, user: u64) -> usize {
+    pub(crate) fn count_for(&self, user: u64) -> usize {
         self.jobs.iter().filter(|(_, w)| w.user == user).count()
     }
 
     /// Whether `id` is waiting.
-    pub fn contains(&self, id: JobId) -> bool {
+    #[cfg(test)]
+    pub(crate) fn contains(&self, id: JobId) -> bool {
         self.jobs.iter().any(|(_, w)| w.id == id)
     }
 
@@ -99,7 +101,7 @@ impl FairQueue {
     /// Takes the next job that `eligible` accepts: among users with such a job (a follow-up,
     /// when follow-ups go first and any is eligible), the one served longest ago gives their
     /// oldest.
-    pub fn pop_next(&mut self, eligible: impl Fn(&Waiting) -> bool) -> Option<Waiting> {
+    pub(crate) fn pop_next(&mut self, eligible: impl Fn(&Waiting) -> bool) -> Option<Waiting> {
         let tiers: &[Option<Priority>] = if self.prioritize_follow_ups {
             &[Some(Priority::FollowUp), Some(Priority::Normal)]
         } else {

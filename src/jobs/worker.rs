@@ -36,7 +36,7 @@ use crate::models::{self, ModelInfo};
 const CHECKPOINT_EVERY: u32 = 25;
 
 /// Time per frame of a time-lapse GIF.
-pub const TIMELAPSE_DELAY_MS: u32 = 100;
+pub(crate) const TIMELAPSE_DELAY_MS: u32 = 100;
 
 /// A job handed to a worker.
 #[derive(Debug, Clone)]
@@ -232,7 +232,7 @@ fn save_image(images: &Path, id: JobId, output: &RunOutput) -> Result<(PathBuf, 
 
 /// The PNG text chunks that make an image reproducible: prompt, seed, steps, size, models,
 /// software version and the whole spec as JSON.
-pub fn png_metadata(
+pub(crate) fn png_metadata(
     prompt: &str,
     spec: &GenerationSpec,
     vqgan: &str,
@@ -397,7 +397,7 @@ impl EngineRunner {
 /// Reads a job's input files (within the image input limits) and prepares its starting latent:
 /// the same for a worker and for `vqclip imagine`, so a job and the command that reproduces it
 /// start from the same tensors. `seed` draws a variation's noise.
-pub fn load_inputs(
+pub(crate) fn load_inputs(
     stored: &super::StoredInputs,
     seed: u64,
     device: &Device,

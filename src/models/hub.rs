@@ -111,7 +111,7 @@ impl std::fmt::Display for DigestOrigin {
 
 /// The result of hashing a weight file.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verification {
+pub(crate) struct Verification {
     /// The file (a snapshot link in the cache, or a configured local path).
     pub path: PathBuf,
     /// Its SHA-256, lowercase hex.
@@ -237,7 +237,7 @@ impl Hub {
 impl Hub {
     /// As [`Hub::fetch`], but `None` for a tiny test model with no file configured, which then
     /// runs on seeded random weights (meaningless pictures, the real pipeline, fully offline).
-    pub async fn fetch_or_seeded<P>(
+    pub(crate) async fn fetch_or_seeded<P>(
         &self,
         model: &ModelInfo,
         progress: P,
@@ -285,7 +285,10 @@ impl Fetcher {
     ///
     /// Must not be called on a runtime thread (it blocks). If the runtime shuts down first, the
     /// answer is [`HubError::Abandoned`], never a hang.
-    pub fn fetch_or_seeded(&self, model: &'static ModelInfo) -> Result<Option<PathBuf>, HubError> {
+    pub(crate) fn fetch_or_seeded(
+        &self,
+        model: &'static ModelInfo,
+    ) -> Result<Option<PathBuf>, HubError> {
         let (answer, answered) = tokio::sync::oneshot::channel();
         let hub = self.hub.clone();
         self.runtime.spawn(async move {
@@ -351,7 +354,7 @@ fn explain(error: &ApiError) -> String {
 
 /// Hashes `path` and compares it with `pinned`, or else with the Hub's LFS digest when the file
 /// is a snapshot link to a blob named by one.
-pub fn verify_file(path: &Path, pinned: Option<String>) -> Result<Verification, HubError> {
+pub(crate) fn verify_file(path: &Path, pinned: Option<String>) -> Result<Verification, HubError> {
     let io = |action, source| HubError::Io {
         action,
         path: path.to_path_buf(),
@@ -403,7 +406,7 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Download progress as an indicatif bar on standard error (hidden when that is not a terminal).
 #[derive(Clone)]
-pub struct BarProgress {
+pub(crate) struct BarProgress {
     bar: ProgressBar,
     label: String,
 }
@@ -444,7 +447,7 @@ impl Progress for BarProgress {
 
 /// Download progress as log lines, one per tenth of the file: for services without a terminal.
 #[derive(Clone)]
-pub struct LogProgress {
+pub(crate) struct LogProgress {
     state: std::sync::Arc<std::sync::Mutex<(String, u64, u64, u64)>>,
 }
 

@@ -15,7 +15,7 @@ use crate::engine::nets::vqgan::{Vqgan, VqganConfig, VqganParts};
 
 /// Loads a VQGAN from `weights`, or on seeded random weights when `weights` is `None` (the tiny
 /// test model with no file configured).
-pub fn load_vqgan(
+pub(crate) fn load_vqgan(
     info: &ModelInfo,
     weights: Option<&Path>,
     parts: VqganParts,
@@ -40,7 +40,7 @@ pub fn load_vqgan(
 }
 
 /// Loads a CLIP from `weights`, or on seeded random weights when `weights` is `None`.
-pub fn load_clip(
+pub(crate) fn load_clip(
     info: &ModelInfo,
     weights: Option<&Path>,
     device: &Device,

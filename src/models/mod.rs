@@ -8,7 +8,7 @@
 //! downloads and checks it, and [`load`] builds the model on a device.
 
 pub mod hub;
-pub mod load;
+pub(crate) mod load;
 pub mod weights;
 
 use std::fmt;
@@ -65,7 +65,7 @@ pub struct ModelInfo {
 }
 
 /// Every model vqclip knows, VQGANs first.
-pub const CATALOGUE: &[ModelInfo] = &[
+pub(crate) const CATALOGUE: &[ModelInfo] = &[
     ModelInfo {
         id: "imagenet_f16_16384",
         aliases: &["vqgan_imagenet_f16_16384", "imagenet"],
@@ -207,7 +207,7 @@ pub fn find(name: &str) -> Option<&'static ModelInfo> {
 }
 
 /// The ids of every model of `kind`, for "expected one of …" messages.
-pub fn ids_of(kind: ModelKind) -> Vec<&'static str> {
+pub(crate) fn ids_of(kind: ModelKind) -> Vec<&'static str> {
     CATALOGUE
         .iter()
         .filter(|m| m.kind == kind)

@@ -74,7 +74,7 @@ const CONVERTED_DIR: &str = "vqclip-converted";
 ///
 /// The converted file's name includes the source's size and modification time, so a replaced
 /// checkpoint is converted again.
-pub fn prepare_for_loading(
+pub(crate) fn prepare_for_loading(
     path: &Path,
     model: &ModelInfo,
     cache_dir: &Path,
@@ -154,7 +154,7 @@ pub fn resolve(settings: &ModelSettings, model: &ModelInfo) -> Result<PathBuf, W
 
 /// `<cache>/models--owner--name/snapshots/<commit>/<file>` if present. `revision` may be a
 /// commit hash or a ref (branch, tag, `refs/pr/N`) recorded under `refs/`.
-pub fn cached_file(cache: &Path, repo: &str, revision: &str, file: &str) -> Option<PathBuf> {
+pub(crate) fn cached_file(cache: &Path, repo: &str, revision: &str, file: &str) -> Option<PathBuf> {
     let repo_dir = cache.join(format!("models--{}", repo.replace('/', "--")));
     let is_commit = revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit());
     let commit = if is_commit {

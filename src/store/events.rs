@@ -20,9 +20,9 @@ pub const QUEUE_CHANNEL: &str = "vqclip_queue";
 /// A job's image, as the bot posts it.
 pub const IMAGE: &str = "image.png";
 /// A job's final latent, which its upscales and variations start from.
-pub const LATENT: &str = "latent.safetensors";
+pub(crate) const LATENT: &str = "latent.safetensors";
 /// A job's time-lapse.
-pub const TIMELAPSE: &str = "timelapse.gif";
+pub(crate) const TIMELAPSE: &str = "timelapse.gif";
 /// A running job's latest preview (JPEG).
 pub const PREVIEW: &str = "preview.jpg";
 

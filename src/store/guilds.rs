@@ -43,36 +43,35 @@ pub async fn set_gallery_channel(
     guild_id: u64,
     channel_id: Option<u64>,
 ) -> Result<(), sqlx::Error> {
-    let guild_id = u64_to_sql(guild_id);
-    let channel_id = channel_id.map(u64_to_sql);
-    let now = Timestamp::now();
-    sqlx::query(
-        "INSERT INTO guild_settings (guild_id, gallery_channel_id, updated_at) VALUES ($1, $2, $3)
-         ON CONFLICT (guild_id) DO UPDATE SET
-             gallery_channel_id = excluded.gallery_channel_id, updated_at = excluded.updated_at",
-    )
-    .bind(guild_id)
-    .bind(channel_id)
-    .bind(now)
-    .execute(db.pool())
-    .await?;
-    Ok(())
+    // One statement per column: sqlx takes only SQL fixed at compile time.
+    const SQL: &str = "INSERT INTO guild_settings (guild_id, gallery_channel_id, updated_at)
+         VALUES ($1, $2, $3) ON CONFLICT (guild_id) DO UPDATE SET
+         gallery_channel_id = excluded.gallery_channel_id, updated_at = excluded.updated_at";
+    set_column(db, guild_id, SQL, channel_id.map(u64_to_sql)).await
 }
 
 /// Pauses or resumes a guild's queue.
 pub async fn set_guild_paused(db: &Store, guild_id: u64, paused: bool) -> Result<(), sqlx::Error> {
-    let guild_id = u64_to_sql(guild_id);
-    let now = Timestamp::now();
-    sqlx::query(
-        "INSERT INTO guild_settings (guild_id, paused, updated_at) VALUES ($1, $2, $3)
-         ON CONFLICT (guild_id) DO UPDATE SET
-             paused = excluded.paused, updated_at = excluded.updated_at",
-    )
-    .bind(guild_id)
-    .bind(i64::from(paused))
-    .bind(now)
-    .execute(db.pool())
-    .await?;
+    const SQL: &str = "INSERT INTO guild_settings (guild_id, paused, updated_at)
+         VALUES ($1, $2, $3) ON CONFLICT (guild_id) DO UPDATE SET
+         paused = excluded.paused, updated_at = excluded.updated_at";
+    set_column(db, guild_id, SQL, Some(i64::from(paused))).await
+}
+
+/// Runs `upsert`, which sets one column of a guild's settings to `$2` (creating its row, other
+/// columns at their defaults, when it has none) with the guild as `$1` and the time as `$3`.
+async fn set_column(
+    db: &Store,
+    guild_id: u64,
+    upsert: &'static str,
+    value: Option<i64>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(upsert)
+        .bind(u64_to_sql(guild_id))
+        .bind(value)
+        .bind(Timestamp::now())
+        .execute(db.pool())
+        .await?;
     Ok(())
 }
 

@@ -42,7 +42,7 @@ pub enum JobStatus {
 
 impl JobStatus {
     /// Every status, in life order.
-    pub const ALL: [Self; 5] = [
+    pub(crate) const ALL: [Self; 5] = [
         Self::Queued,
         Self::Running,
         Self::Succeeded,
@@ -545,7 +545,7 @@ pub struct Recovered {
 }
 
 /// The error recorded on a job failed by [`recover_lost_runs`].
-pub fn lost_runs_message(runs: u32) -> String {
+pub(crate) fn lost_runs_message(runs: u32) -> String {
     format!(
         "the worker stopped {runs} times while running this job (it may hold an input that \
          crashes the engine); it will not be tried again"
@@ -627,7 +627,10 @@ pub async fn requeue_job(db: &Store, id: JobId, worker: Option<&str>) -> Result<
 }
 
 /// Jobs cancelled at or after `since` (a scheduler learns of cancels made by other processes).
-pub async fn list_cancelled_since(db: &Store, since: Timestamp) -> Result<Vec<JobId>, sqlx::Error> {
+pub(crate) async fn list_cancelled_since(
+    db: &Store,
+    since: Timestamp,
+) -> Result<Vec<JobId>, sqlx::Error> {
     sqlx::query_scalar::<_, JobId>(
         r#"SELECT id FROM jobs
            WHERE status = 'cancelled' AND finished_at >= $1 ORDER BY id"#,

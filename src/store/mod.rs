@@ -69,7 +69,7 @@ use sqlx::{AnyPool, Connection as _};
 pub static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
 
 /// The PostgreSQL migrations in `migrations/postgres`, embedded in the binary.
-pub static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
+pub(crate) static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 
 /// How long an SQLite connection waits for another writer before giving up with "database is
 /// locked".
@@ -83,7 +83,7 @@ const MAX_CONNECTIONS: u32 = 8;
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How long [`Store::describe`] tries to connect to find out why the pool could not.
-pub const PROBE_WAIT: Duration = Duration::from_secs(5);
+pub(crate) const PROBE_WAIT: Duration = Duration::from_secs(5);
 
 /// The database engine behind a [`Store`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -104,7 +104,7 @@ impl Backend {
     }
 
     /// The migrations for this backend.
-    pub fn migrator(self) -> &'static Migrator {
+    pub(crate) fn migrator(self) -> &'static Migrator {
         match self {
             Self::Sqlite => &SQLITE_MIGRATOR,
             Self::Postgres => &POSTGRES_MIGRATOR,
@@ -126,7 +126,7 @@ impl Backend {
 
     /// An SQL expression for the database server's clock in Unix milliseconds. Leases are
     /// compared with this one clock, so hosts whose clocks disagree still agree on expiry.
-    pub fn now_millis_sql(self) -> &'static str {
+    pub(crate) fn now_millis_sql(self) -> &'static str {
         match self {
             Self::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
             Self::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
@@ -195,7 +195,7 @@ impl Location {
     }
 
     /// The SQLite file, when it is one.
-    pub fn sqlite_path(&self) -> Option<&Path> {
+    pub(crate) fn sqlite_path(&self) -> Option<&Path> {
         match self {
             Self::Sqlite(path) => Some(path),
             Self::Postgres(_) => None,
@@ -478,12 +478,12 @@ pub async fn applied_versions(store: &Store) -> anyhow::Result<Vec<i64>> {
 }
 
 /// Stores a `u64` in a 64-bit INTEGER column, bit for bit (values ≥ 2^63 become negative).
-pub fn u64_to_sql(value: u64) -> i64 {
+pub(crate) fn u64_to_sql(value: u64) -> i64 {
     value.cast_signed()
 }
 
 /// Reads back a `u64` stored by [`u64_to_sql`].
-pub fn u64_from_sql(value: i64) -> u64 {
+pub(crate) fn u64_from_sql(value: i64) -> u64 {
     value.cast_unsigned()
 }
 

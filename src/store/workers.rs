@@ -324,7 +324,7 @@ pub async fn list_workers(db: &Store, since: Timestamp) -> Result<Vec<WorkerInfo
 
 /// When each user with a queued job was last served (the latest start among their jobs), for
 /// rebuilding the shared queue's order; users never served are absent.
-pub async fn last_served(db: &Store) -> Result<Vec<(u64, Timestamp)>, sqlx::Error> {
+pub(crate) async fn last_served(db: &Store) -> Result<Vec<(u64, Timestamp)>, sqlx::Error> {
     let rows: Vec<(i64, Timestamp)> = sqlx::query_as(
         "SELECT requester_id, MAX(started_at) FROM jobs
          WHERE started_at IS NOT NULL
@@ -340,7 +340,7 @@ pub async fn last_served(db: &Store) -> Result<Vec<(u64, Timestamp)>, sqlx::Erro
 }
 
 /// Jobs queued in all, and those of `user`.
-pub async fn count_queued(db: &Store, user: u64) -> Result<(u64, u64), sqlx::Error> {
+pub(crate) async fn count_queued(db: &Store, user: u64) -> Result<(u64, u64), sqlx::Error> {
     let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")
         .fetch_one(db.pool())
         .await?;

@@ -251,7 +251,7 @@ async fn save_attachment(
 }
 
 /// The first banned word or phrase the prompt contains as whole words, in any case.
-pub fn banned_word<'a>(prompt: &str, banned: &'a [String]) -> Option<&'a str> {
+pub(crate) fn banned_word<'a>(prompt: &str, banned: &'a [String]) -> Option<&'a str> {
     let words: Vec<String> = prompt
         .split(|c: char| !c.is_alphanumeric())
         .filter(|w| !w.is_empty())

@@ -38,7 +38,7 @@ pub(crate) struct HostValue {
 
 impl HostValue {
     /// As a CPU tensor (no copy).
-    pub fn into_tensor(self) -> Result<Tensor> {
+    pub(crate) fn into_tensor(self) -> Result<Tensor> {
         Tensor::from_vec(self.data, self.shape, &Device::Cpu)
     }
 }
@@ -68,7 +68,7 @@ pub(crate) struct MatRef<'a> {
 
 impl<'a> MatRef<'a> {
     /// A row-major `rows × cols` matrix.
-    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+    pub(crate) fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
         Self {
             data,
             rows,

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use super::cpu::{HostValue, f32_slice, is_host_f32, sigmoid, with_f32};
 
 /// The GroupNorm's constants: per-channel scale and shift, groups, epsilon.
-pub struct GroupNormParams<'a> {
+pub(crate) struct GroupNormParams<'a> {
     /// γ, `[c]` elements (any shape).
     pub gamma: &'a Tensor,
     /// β, `[c]` elements.
@@ -96,7 +96,11 @@ pub(crate) fn forward(x: &Tensor, p: &GroupNormParams) -> Result<Option<HostValu
 
 /// d loss / d x of [`forward`], given `x` and the gradient at the output; `None` where the kernel
 /// does not apply.
-pub fn input_grad(x: &Tensor, grad_out: &Tensor, p: &GroupNormParams) -> Result<Option<Tensor>> {
+pub(crate) fn input_grad(
+    x: &Tensor,
+    grad_out: &Tensor,
+    p: &GroupNormParams,
+) -> Result<Option<Tensor>> {
     if !(applies(x) && applies(grad_out)) {
         return Ok(None);
     }

@@ -181,7 +181,7 @@ fn mmap_safetensors(
 }
 
 /// Joins paths for messages.
-pub fn describe_paths(paths: &[PathBuf]) -> String {
+pub(crate) fn describe_paths(paths: &[PathBuf]) -> String {
     let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
     names.join(", ")
 }

@@ -4,7 +4,7 @@
 //! A port of `transformers/models/clip/modeling_clip.py` with OpenAI's semantics (QuickGELU,
 //! pre-LN layers, text pooled at the end-of-text token). candle-transformers has a CLIP, but its
 //! fused LayerNorm and softmax have no backward, so the gradient to the pixels silently vanishes;
-//! this one uses the input-gradient-only ops of [`super::ops`] and the composed softmax. Both
+//! this one uses the input-gradient-only ops of [`crate::engine::ops`] and the composed softmax. Both
 //! towers share the encoder layer; the text tower never needs a gradient.
 
 use candle_core::{IndexOp, Module, Result, Tensor};

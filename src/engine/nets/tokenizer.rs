@@ -7,7 +7,7 @@
 use instant_clip_tokenizer::{Token, Tokenizer};
 
 /// Most ids CLIP's text tower accepts, start and end tokens included.
-pub const CONTEXT_LENGTH: usize = 77;
+pub(crate) const CONTEXT_LENGTH: usize = 77;
 
 /// A tokenised prompt.
 #[derive(Debug, Clone, PartialEq, Eq)]

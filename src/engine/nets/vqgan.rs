@@ -8,7 +8,7 @@
 //!
 //! Every weight is frozen. The decoder is differentiable with respect to its input (the latent
 //! `z` is what the optimiser trains); its convolutions and norms are the input-gradient-only ops
-//! of [`super::ops`], so no weight gradient is ever computed. The encoder is only used without a
+//! of [`crate::engine::ops`], so no weight gradient is ever computed. The encoder is only used without a
 //! gradient (init images, upscaling).
 
 use candle_core::{D, Module, Result, Tensor};
@@ -297,16 +297,41 @@ struct UpLevel {
     upsample: Option<FrozenConv2d>,
 }
 
+/// The last layers of the encoder and the decoder: `norm_out`, swish, `conv_out` (3×3).
+#[derive(Debug, Clone)]
+struct OutHead {
+    norm: FrozenGroupNorm,
+    conv: FrozenConv2d,
+}
+
+impl OutHead {
+    /// Loads `norm_out.*` and `conv_out.*` under `vb`, from `channels` to `out` channels.
+    fn new(vb: VarBuilder, cfg: &VqganConfig, channels: usize, out: usize) -> Result<Self> {
+        Ok(Self {
+            norm: FrozenGroupNorm::load(
+                vb.pp("norm_out"),
+                cfg.norm_groups,
+                channels,
+                cfg.norm_eps,
+            )?,
+            conv: FrozenConv2d::load(vb.pp("conv_out"), channels, out, 3, 1, 1)?,
+        })
+    }
+
+    fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        self.conv.forward(&self.norm.forward_swish(h)?)
+    }
+}
+
 /// taming's `Decoder`: latent `[b, z_channels, h, w]` → image `[b, out_ch, h·f, w·f]` in about
 /// [−1, 1].
 #[derive(Debug, Clone)]
-pub struct Decoder {
+pub(crate) struct Decoder {
     conv_in: FrozenConv2d,
     mid: MidBlock,
     /// Indexed by level like the checkpoint (`up.0` is the highest resolution and runs last).
     up: Vec<UpLevel>,
-    norm_out: FrozenGroupNorm,
-    conv_out: FrozenConv2d,
+    out: OutHead,
 }
 
 impl Decoder {
@@ -349,13 +374,7 @@ impl Decoder {
             conv_in,
             mid,
             up,
-            norm_out: FrozenGroupNorm::load(
-                vb.pp("norm_out"),
-                cfg.norm_groups,
-                block_in,
-                cfg.norm_eps,
-            )?,
-            conv_out: FrozenConv2d::load(vb.pp("conv_out"), block_in, cfg.out_ch, 3, 1, 1)?,
+            out: OutHead::new(vb, cfg, block_in, cfg.out_ch)?,
         })
     }
 }
@@ -370,7 +389,7 @@ impl Module for Decoder {
                 h = conv.forward_upsampled(&h)?;
             }
         }
-        self.conv_out.forward(&self.norm_out.forward_swish(&h)?)
+        self.out.forward(&h)
     }
 }
 
@@ -384,12 +403,11 @@ struct DownLevel {
 /// taming's `Encoder` (with `double_z = false`): image `[b, in_channels, H, W]` in [−1, 1] →
 /// `[b, z_channels, H/f, W/f]`. Used without a gradient.
 #[derive(Debug, Clone)]
-pub struct Encoder {
+pub(crate) struct Encoder {
     conv_in: FrozenConv2d,
     down: Vec<DownLevel>,
     mid: MidBlock,
-    norm_out: FrozenGroupNorm,
-    conv_out: FrozenConv2d,
+    out: OutHead,
 }
 
 impl Encoder {
@@ -432,13 +450,7 @@ impl Encoder {
             conv_in,
             down,
             mid: MidBlock::new(vb.pp("mid"), cfg, block_in)?,
-            norm_out: FrozenGroupNorm::load(
-                vb.pp("norm_out"),
-                cfg.norm_groups,
-                block_in,
-                cfg.norm_eps,
-            )?,
-            conv_out: FrozenConv2d::load(vb.pp("conv_out"), block_in, cfg.z_channels, 3, 1, 1)?,
+            out: OutHead::new(vb, cfg, block_in, cfg.z_channels)?,
         })
     }
 }
@@ -453,7 +465,7 @@ impl Module for Encoder {
             }
         }
         h = self.mid.forward(&h)?;
-        self.conv_out.forward(&self.norm_out.forward_swish(&h)?)
+        self.out.forward(&h)
     }
 }
 
@@ -503,7 +515,7 @@ impl Quantizer {
 
     /// Index of the nearest codebook row (squared Euclidean distance) for each cell of
     /// `z` `[b, d, h, w]`: `[b, h, w]`, `u32`.
-    pub fn nearest_indices(&self, z: &Tensor) -> Result<Tensor> {
+    pub(crate) fn nearest_indices(&self, z: &Tensor) -> Result<Tensor> {
         let (b, d, h, w) = z.dims4()?;
         let rows = z.detach().permute((0, 2, 3, 1))?.reshape((b * h * w, d))?;
         // ‖z‖² + ‖e‖² − 2·z·eᵀ, as taming computes it.
@@ -540,7 +552,7 @@ impl Quantizer {
 
     /// The indices an encoder output `h` (after `quant_conv`) encodes to: the nearest rows, or
     /// for Gumbel models the argmax of `quantize.proj`'s logits.
-    pub fn encode_indices(&self, h: &Tensor) -> Result<Tensor> {
+    pub(crate) fn encode_indices(&self, h: &Tensor) -> Result<Tensor> {
         match &self.gumbel_proj {
             None => self.nearest_indices(h),
             Some(proj) => proj.forward(h)?.argmax(1),

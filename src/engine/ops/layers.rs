@@ -11,7 +11,7 @@ use crate::engine::kernels::{conv, norm};
 /// A frozen 2-D convolution (PyTorch `nn.Conv2d` semantics) whose backward computes only the
 /// input gradient.
 #[derive(Debug, Clone)]
-pub struct FrozenConv2d {
+pub(crate) struct FrozenConv2d {
     weight: Tensor,
     bias: Option<Tensor>,
     padding: usize,
@@ -106,7 +106,7 @@ impl InputGradient for ConvInputGrad {
 impl FrozenConv2d {
     /// The convolution of `x` upsampled ×2 (nearest neighbour), as one op: the upsampled
     /// input, four times the size of `x`, is never kept for the backward pass.
-    pub fn forward_upsampled(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward_upsampled(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_impl(x, true)
     }
 
@@ -137,7 +137,7 @@ impl Module for FrozenConv2d {
 /// GroupNorm (PyTorch semantics: biased variance per sample and group, then a per-channel affine)
 /// whose backward computes only the input gradient.
 #[derive(Debug, Clone)]
-pub struct FrozenGroupNorm {
+pub(crate) struct FrozenGroupNorm {
     weight: Tensor,
     bias: Tensor,
     num_groups: usize,
@@ -222,7 +222,7 @@ impl FrozenGroupNorm {
     }
 
     /// `swish(norm(x))` as one op, keeping one tensor for the backward pass instead of three.
-    pub fn forward_swish(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward_swish(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_impl(x, true)
     }
 
@@ -272,7 +272,7 @@ impl Module for FrozenGroupNorm {
 /// A frozen linear layer (`y = x·Wᵀ + b`, PyTorch's `nn.Linear`) whose backward computes only
 /// the input gradient. Inputs may have any number of leading dimensions.
 #[derive(Debug, Clone)]
-pub struct FrozenLinear {
+pub(crate) struct FrozenLinear {
     weight: Tensor,
     bias: Option<Tensor>,
 }
@@ -296,7 +296,7 @@ impl FrozenLinear {
     }
 
     /// Output features.
-    pub fn out_dim(&self) -> usize {
+    pub(crate) fn out_dim(&self) -> usize {
         self.weight.dims()[0]
     }
 
@@ -422,7 +422,7 @@ fn normalization_input_grad(x_hat: &Tensor, inv_std: &Tensor, g_hat: &Tensor) ->
 /// LayerNorm over the last dimension (biased variance, affine) whose backward computes only the
 /// input gradient; candle's fused LayerNorm has no backward at all.
 #[derive(Debug, Clone)]
-pub struct FrozenLayerNorm {
+pub(crate) struct FrozenLayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f64,

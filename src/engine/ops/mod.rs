@@ -21,9 +21,10 @@ mod pointwise;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use layers::{FrozenConv2d, FrozenGroupNorm, FrozenLayerNorm, FrozenLinear};
-pub use pointwise::{
-    add_constant, asin, clamp_with_grad, gradient_above, quick_gelu, scale_shift, self_attention,
+pub(crate) use layers::{FrozenConv2d, FrozenGroupNorm, FrozenLayerNorm, FrozenLinear};
+pub use pointwise::clamp_with_grad;
+pub(crate) use pointwise::{
+    add_constant, asin, gradient_above, quick_gelu, scale_shift, self_attention,
 };
 
 /// The gradient rule of one custom op: given the op's input and the gradient arriving at its

@@ -25,13 +25,13 @@ impl InputGradient for ScaleInputGrad {
 
 /// `x + c` for a constant `c` broadcast to `x`'s shape. Unlike a plain broadcast add, the
 /// backward computes no (full-size, discarded) gradient for `c`.
-pub fn add_constant(x: &Tensor, c: &Tensor) -> Result<Tensor> {
+pub(crate) fn add_constant(x: &Tensor, c: &Tensor) -> Result<Tensor> {
     let value = x.detach().broadcast_add(c)?;
     with_gradient(x, value, ScaleInputGrad { scale: None })
 }
 
 /// `x·scale + shift` for constants broadcast to `x`'s shape, with no gradient for the constants.
-pub fn scale_shift(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+pub(crate) fn scale_shift(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
     let value = x.detach().broadcast_mul(scale)?.broadcast_add(shift)?;
     let rule = ScaleInputGrad {
         scale: Some(scale.clone()),
@@ -78,7 +78,7 @@ impl InputGradient for AsinGrad {
 
 /// Element-wise arcsine (candle has none), with its gradient. The values are computed on the
 /// host: this is only ever applied to a handful of distances per step.
-pub fn asin(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn asin(x: &Tensor) -> Result<Tensor> {
     let host: Vec<f64> = x
         .detach()
         .to_dtype(candle_core::DType::F64)?
@@ -105,7 +105,7 @@ impl InputGradient for MaskedGrad {
 
 /// `x` unchanged, but its gradient only flows where `x > threshold` (a prompt's `stop`: pairs
 /// already past it stop pulling).
-pub fn gradient_above(x: &Tensor, threshold: f64) -> Result<Tensor> {
+pub(crate) fn gradient_above(x: &Tensor, threshold: f64) -> Result<Tensor> {
     let keep = x.detach().gt(threshold)?;
     with_gradient(x, x.detach(), MaskedGrad { keep })
 }
@@ -132,7 +132,7 @@ impl InputGradient for QuickGeluGrad {
 }
 
 /// OpenAI's GELU approximation `x·σ(1.702·x)` (not erf or tanh GELU), one pass each way.
-pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     let detached = x.detach();
     if is_host_f32(&detached) {
         let data = with_f32(&detached, attention::quick_gelu)?;
@@ -170,9 +170,9 @@ impl InputGradient for AttentionGrad {
 /// each of those `heads` × `h/heads`), giving `[b, n, h]` with the heads side by side. `causal`:
 /// position `i` sees positions `≤ i` only.
 ///
-/// On the CPU one kernel per direction ([`super::attention`]); elsewhere composed from candle
+/// On the CPU one kernel per direction ([`crate::engine::kernels::attention`]); elsewhere composed from candle
 /// ops (with the composed softmax, which has a backward).
-pub fn self_attention(qkv: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+pub(crate) fn self_attention(qkv: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
     let (b, n, three_h) = qkv.dims3()?;
     let h = three_h / 3;
     if heads == 0 || three_h % 3 != 0 || h % heads != 0 {

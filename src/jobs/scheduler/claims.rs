@@ -77,23 +77,13 @@ impl Scheduler {
             tracing::warn!(job_id = id.0, error = %e, "cannot announce a queued job; workers find it at their next poll");
         }
         self.refresh_followed().await?;
-        let position = self
+        let line: Vec<JobId> = self
             .state()
             .shared_waiting
             .iter()
-            .position(|&(w, _)| w == id)
-            .map_or(0, |p| p + 1);
-        tracing::info!(
-            job_id = id.0,
-            user_id = job.requester_id,
-            position,
-            "job queued for the workers"
-        );
-        Ok(Submitted {
-            id,
-            position,
-            events,
-        })
+            .map(|&(w, _)| w)
+            .collect();
+        Ok(Submitted::queued(id, job.requester_id, &line, events))
     }
 
     /// Claims a job from the shared queue for each free device; returns how many it claimed.

@@ -35,8 +35,8 @@ use super::{Actor, JobEvent, JobId, JobParams, Preview};
 use crate::store::jobs::{self as store_jobs, Job, JobKind, JobStatus, LostRuns, NewJob};
 use crate::store::{Timestamp, events, guilds, users, workers};
 
-pub use options::{ClaimOptions, DeviceSlot, SchedulerOptions, host_name};
-pub use throttle::Throttle;
+pub use options::{ClaimOptions, DeviceSlot, SchedulerOptions};
+pub(crate) use throttle::Throttle;
 
 /// Why a job was not accepted.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +79,20 @@ pub struct Submitted {
     pub position: usize,
     /// Its events from the start, so even a job that ends at once is seen ending.
     pub events: watch::Receiver<JobEvent>,
+}
+
+impl Submitted {
+    /// Job `id` of `user`, just queued: its place in `line` (the waiting jobs in the order they
+    /// will run), logged.
+    fn queued(id: JobId, user: u64, line: &[JobId], events: watch::Receiver<JobEvent>) -> Self {
+        let position = line.iter().position(|&w| w == id).map_or(0, |p| p + 1);
+        tracing::info!(job_id = id.0, user_id = user, position, "job queued");
+        Self {
+            id,
+            position,
+            events,
+        }
+    }
 }
 
 /// What a cancel did.
@@ -367,7 +381,7 @@ impl Scheduler {
     /// yet (at startup, and for jobs submitted by other processes); returns how many.
     ///
     /// A worker on the shared queue claims jobs for its free devices instead.
-    pub async fn load_queued(&self) -> anyhow::Result<usize> {
+    pub(crate) async fn load_queued(&self) -> anyhow::Result<usize> {
         if self.shared.options.claims.is_some() {
             return Ok(self.claim_for_free_devices().await?);
         }
@@ -401,7 +415,7 @@ impl Scheduler {
     }
 
     /// Learns of cancels made in the database by other processes (`vqclip jobs cancel`).
-    pub async fn apply_cancels_since(&self, since: Timestamp) -> anyhow::Result<()> {
+    pub(crate) async fn apply_cancels_since(&self, since: Timestamp) -> anyhow::Result<()> {
         for id in store_jobs::list_cancelled_since(&self.shared.pool, since).await? {
             let mut state = self.state();
             if state.queue.remove(id).is_some() {
@@ -465,23 +479,12 @@ impl Scheduler {
             .map(watch::Sender::subscribe)
             .ok_or(sqlx::Error::RowNotFound)?;
         self.dispatch(&mut state);
-        let position = state
-            .queue
-            .order()
-            .iter()
-            .position(|&w| w == id)
-            .map_or(0, |p| p + 1);
-        tracing::info!(
-            job_id = id.0,
-            user_id = job.requester_id,
-            position,
-            "job queued"
-        );
-        Ok(Submitted {
+        Ok(Submitted::queued(
             id,
-            position,
+            job.requester_id,
+            &state.queue.order(),
             events,
-        })
+        ))
     }
 
     /// Cancels a waiting or running job on behalf of `actor`.
@@ -544,7 +547,7 @@ impl Scheduler {
 
     /// Holds back (or lets go again) the waiting jobs of a guild; running jobs carry on. Kept in
     /// the database, so a pause survives restarts.
-    pub async fn set_paused(&self, guild: u64, paused: bool) -> Result<(), sqlx::Error> {
+    pub(crate) async fn set_paused(&self, guild: u64, paused: bool) -> Result<(), sqlx::Error> {
         guilds::set_guild_paused(&self.shared.pool, guild, paused).await?;
         let mut state = self.state();
         if paused {

@@ -78,7 +78,7 @@ impl ClaimOptions {
 }
 
 /// This machine's name (the kernel's host name), for `vqclip workers`.
-pub fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())

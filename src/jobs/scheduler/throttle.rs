@@ -7,7 +7,7 @@ use tokio::time::Instant;
 /// Progress events of one job at most every `interval`; previews and the last iteration always
 /// pass.
 #[derive(Debug, Clone)]
-pub struct Throttle {
+pub(crate) struct Throttle {
     interval: Duration,
     last: Option<Instant>,
 }
