@@ -166,6 +166,11 @@ pub(crate) struct BenchArgs {
     /// One JSON line instead of a summary.
     #[arg(long)]
     pub json: bool,
+    /// Time the CPU kernels instead of a step: the decoder's largest convolution (128
+    /// channels at --size) by each path, and a 4096² f32 matrix product, in GFLOP/s, with
+    /// this CPU's vector extensions.
+    #[arg(long)]
+    pub kernels: bool,
 }
 
 /// Options of `vqclip jobs list`.
@@ -248,6 +253,28 @@ fn load_settings(path: Option<&Path>, env: &Environment) -> Result<Settings, Exi
 
 fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     let (label, device) = crate::jobs::devices::open_flag(&args.device)?;
+    if args.kernels {
+        anyhow::ensure!(
+            device.is_cpu(),
+            "--kernels times the CPU kernels; leave out --device {label}"
+        );
+        anyhow::ensure!(
+            args.size.0 == args.size.1,
+            "--kernels times a square convolution: give --size NxN"
+        );
+        let report = crate::bench::kernels(&crate::bench::KernelOptions {
+            side: args.size.0 as usize,
+            iters: args.iters,
+            warmup: args.warmup,
+            ..Default::default()
+        })?;
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print!("{}", report.summary());
+        }
+        return Ok(());
+    }
     let options = crate::bench::BenchOptions {
         width: args.size.0,
         height: args.size.1,

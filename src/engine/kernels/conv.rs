@@ -46,7 +46,7 @@ pub(crate) fn conv2d_host(
 }
 
 /// [`conv2d_host`], choosing the kernel for 3×3 convolutions.
-fn conv2d_host_with(
+pub(crate) fn conv2d_host_with(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
@@ -389,59 +389,5 @@ mod tests {
         let ours = conv2d(&x, &weight, None, 1, false).unwrap();
         let stock = x.conv2d(&weight, 1, 1, 1, 1).unwrap();
         assert!(max_diff(&ours, &stock) < 1e-4);
-    }
-}
-
-#[cfg(test)]
-mod timing {
-    use super::*;
-    use candle_core::Device;
-
-    /// `cargo test --release --lib conv_speed -- --ignored --nocapture`: GFLOP/s of the
-    /// decoder's largest convolution, ours against candle's.
-    #[test]
-    #[ignore = "a timing, not a check; run by hand"]
-    fn conv_speed() {
-        let x = Tensor::randn(0f32, 1.0, (1, 128, 256, 256), &Device::Cpu).unwrap();
-        let w = Tensor::randn(0f32, 0.05, (128, 128, 3, 3), &Device::Cpu).unwrap();
-        let flop = 2.0 * 9.0 * 128.0 * 128.0 * 65536.0;
-        for (name, f) in [
-            (
-                "winograd (direct-equivalent GFLOP/s)",
-                Box::new(|| conv2d(&x, &w, None, 1, false).unwrap()) as Box<dyn Fn() -> Tensor>,
-            ),
-            (
-                "shift-gemm",
-                Box::new(|| {
-                    conv2d_host_with(&x, &w, None, 1, false, false)
-                        .unwrap()
-                        .unwrap()
-                        .into_tensor()
-                        .unwrap()
-                }),
-            ),
-            ("candle", Box::new(|| x.conv2d(&w, 1, 1, 1, 1).unwrap())),
-            (
-                "matmul 4096",
-                Box::new(|| {
-                    let a = Tensor::randn(0f32, 1.0, (4096, 4096), &Device::Cpu).unwrap();
-                    let t = std::time::Instant::now();
-                    let _ = a.matmul(&a).unwrap();
-                    println!(
-                        "  matmul 4096²: {:.1} GFLOP/s",
-                        2.0 * 4096f64.powi(3) / t.elapsed().as_secs_f64() / 1e9
-                    );
-                    a
-                }),
-            ),
-        ] {
-            f();
-            let t = std::time::Instant::now();
-            for _ in 0..3 {
-                f();
-            }
-            let s = t.elapsed().as_secs_f64() / 3.0;
-            println!("{name}: {s:.3} s, {:.1} GFLOP/s", flop / s / 1e9);
-        }
     }
 }

@@ -16,6 +16,10 @@
 //! Models are full size with seeded random weights (no download); no augmentation or noise, so
 //! every iteration does the same work. CLIP sees the cutouts `chunk` at a time (default: all at
 //! once, as the reference does).
+//!
+//! `vqclip bench --kernels` ([`kernels`]) times the CPU kernels underneath instead.
+
+mod kernels;
 
 use std::time::Instant;
 
@@ -33,6 +37,8 @@ use crate::engine::nets::random::SeededWeights;
 use crate::engine::nets::tokenizer::ClipTokenizer;
 use crate::engine::nets::vqgan::{Vqgan, VqganConfig, VqganParts};
 use crate::engine::optimize::{Guide, InitWeight, Latent, StepTimes};
+
+pub use kernels::{KernelOptions, kernels};
 
 /// The prompt whose text embedding the cutouts are pulled towards.
 const PROMPT: &str = "a watercolour lighthouse in a storm";
