@@ -2,7 +2,7 @@
 //!
 //! - [`queue`]: the fair waiting line (round-robin over users, follow-ups first).
 //! - [`scheduler`]: the [`Scheduler`] handle: submit, cancel, subscribe, snapshot, shutdown;
-//!   every state change goes to SQLite first.
+//!   every state change goes to the database first.
 //! - [`worker`]: one OS thread per device owning its models; runs one job at a time through a
 //!   [`worker::Runner`] (the engine in production, a fake in tests).
 //!

@@ -1,6 +1,8 @@
 //! One OS thread per device: it owns the device and the models resident on it, takes one job at a
 //! time from its channel, runs it, and reports back. A whole job never runs on a tokio thread:
-//! it is long, cannot be aborted from outside, and would hold up the runtime's shutdown.
+//! it is long, cannot be aborted from outside, and would hold up the runtime's shutdown. Nor
+//! does the thread do networking: weights it lacks are downloaded by a task on the runtime
+//! ([`crate::models::hub::Fetcher`]) while it waits.
 //!
 //! The work itself is behind [`Runner`]: [`EngineRunner`] runs the real engine; tests plug in
 //! fakes where the engine is not the point. A panic inside a job is caught here, fails that job,
