@@ -219,17 +219,7 @@ pub(crate) fn adaptive_avg_pool_matrix(
 /// Crops `boxes` out of `image` `[1, c, h, w]` and resizes each to `side`×`side` by adaptive
 /// average pooling: `[boxes, c, side, side]`, differentiable with respect to `image`.
 pub(crate) fn crop_and_pool(image: &Tensor, boxes: &[CutoutBox], side: usize) -> Result<Tensor> {
-    let (_, _, h, w) = image.dims4()?;
-    check_boxes(boxes, w, h)?;
-    let rows: Vec<Vec<f32>> = boxes
-        .iter()
-        .map(|b| adaptive_avg_pool_matrix(h, b.y, b.size, side))
-        .collect();
-    let cols: Vec<Vec<f32>> = boxes
-        .iter()
-        .map(|b| adaptive_avg_pool_matrix(w, b.x, b.size, side))
-        .collect();
-    resize_with_matrices(image, &rows, &cols, side)
+    crop_with(image, boxes, side, adaptive_avg_pool_matrix)
 }
 
 /// Crops `boxes` out of `image` and resamples each to `side`×`side` as Crowson's notebook does
@@ -239,16 +229,21 @@ pub(crate) fn crop_and_resample(
     boxes: &[CutoutBox],
     side: usize,
 ) -> Result<Tensor> {
+    crop_with(image, boxes, side, lanczos_bicubic_matrix)
+}
+
+/// Crops `boxes` out of `image` and resizes each with the separable resampling `matrix` makes
+/// for one axis (its arguments: the axis length, the box's start and size on it, `side`).
+fn crop_with(
+    image: &Tensor,
+    boxes: &[CutoutBox],
+    side: usize,
+    matrix: fn(usize, usize, usize, usize) -> Vec<f32>,
+) -> Result<Tensor> {
     let (_, _, h, w) = image.dims4()?;
     check_boxes(boxes, w, h)?;
-    let rows: Vec<Vec<f32>> = boxes
-        .iter()
-        .map(|b| lanczos_bicubic_matrix(h, b.y, b.size, side))
-        .collect();
-    let cols: Vec<Vec<f32>> = boxes
-        .iter()
-        .map(|b| lanczos_bicubic_matrix(w, b.x, b.size, side))
-        .collect();
+    let rows: Vec<Vec<f32>> = boxes.iter().map(|b| matrix(h, b.y, b.size, side)).collect();
+    let cols: Vec<Vec<f32>> = boxes.iter().map(|b| matrix(w, b.x, b.size, side)).collect();
     resize_with_matrices(image, &rows, &cols, side)
 }
 

@@ -62,8 +62,13 @@ fn gpu(backend: &str, n: usize) -> anyhow::Result<Device> {
         _ => None,
     };
     let Some(opened) = opened else {
+        let name = match backend {
+            "cuda" => "CUDA",
+            "metal" => "Metal",
+            other => other,
+        };
         anyhow::bail!(
-            "{backend}:{n} needs a build with {backend} support (cargo build --release \
+            "{backend}:{n} needs a build with {name} support (cargo build --release \
              --features {backend}; see the README)"
         )
     };
