@@ -28,3 +28,16 @@ pub mod nets;
 pub mod ops;
 pub mod optimize;
 pub mod prompt;
+
+/// Runs `f` on this thread with the CPU kernels set aside (`cpu_kernels = false`), so that the
+/// CPU runs exactly the composed candle ops a CUDA or Metal device runs — as
+/// `VQCLIP_CPU_KERNELS=0` does for a whole process — or with them (`true`) whatever that
+/// variable says. For tests and checks of the device path on machines without a GPU.
+pub fn with_cpu_kernels<R>(cpu_kernels: bool, f: impl FnOnce() -> R) -> R {
+    kernels::cpu::with_kernels(cpu_kernels, f)
+}
+
+/// Whether the CPU kernels run on this thread (see [`with_cpu_kernels`]).
+pub fn cpu_kernels_enabled() -> bool {
+    kernels::cpu::enabled()
+}

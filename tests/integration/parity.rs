@@ -592,6 +592,7 @@ fn run_case(json: &Path) -> anyhow::Result<(BTreeSet<String>, Vec<String>)> {
     Ok((checker.checked, unchecked))
 }
 
+/// Every case, on both of the engine's paths.
 #[test]
 fn parity_with_the_pytorch_reference_on_every_case() {
     let mut cases: Vec<PathBuf> = std::fs::read_dir(PARITY_DIR)
@@ -602,22 +603,27 @@ fn parity_with_the_pytorch_reference_on_every_case() {
     cases.sort();
     assert!(!cases.is_empty(), "no parity cases in {PARITY_DIR}");
 
+    // Both paths the engine has: the CPU kernels, and the composed candle ops a CUDA or Metal
+    // device runs (`VQCLIP_CPU_KERNELS=0`), held to the same tolerances.
     let mut failures = Vec::new();
-    for json in &cases {
-        let name = json.file_stem().unwrap_or_default().to_string_lossy();
-        match run_case(json) {
-            Ok((checked, unchecked)) => {
-                println!(
-                    "{name}: matched {}",
-                    checked.into_iter().collect::<Vec<_>>().join(", ")
-                );
-                // Every expected tensor must be computed and compared: a case that grows a tensor
-                // we ignore should fail here rather than pass unnoticed.
-                if !unchecked.is_empty() {
-                    failures.push(format!("{name}: not compared: {}", unchecked.join(", ")));
+    for (path, cpu_kernels) in [("CPU kernels", true), ("composed ops", false)] {
+        for json in &cases {
+            let name = json.file_stem().unwrap_or_default().to_string_lossy();
+            let name = format!("{name} ({path})");
+            match vqclip::engine::with_cpu_kernels(cpu_kernels, || run_case(json)) {
+                Ok((checked, unchecked)) => {
+                    println!(
+                        "{name}: matched {}",
+                        checked.into_iter().collect::<Vec<_>>().join(", ")
+                    );
+                    // Every expected tensor must be computed and compared: a case that grows a tensor
+                    // we ignore should fail here rather than pass unnoticed.
+                    if !unchecked.is_empty() {
+                        failures.push(format!("{name}: not compared: {}", unchecked.join(", ")));
+                    }
                 }
+                Err(e) => failures.push(format!("{name}: {e:#}")),
             }
-            Err(e) => failures.push(format!("{name}: {e:#}")),
         }
     }
     assert!(

@@ -495,3 +495,14 @@ fn a_run_resumed_from_a_checkpoint_ends_exactly_as_an_uninterrupted_one() {
     let mut g = Generator::new(&models, spec, GenerationInputs::default()).unwrap();
     assert!(g.resume(&checkpoint).is_err());
 }
+
+/// The composed candle ops a CUDA or Metal device runs (`VQCLIP_CPU_KERNELS=0`), on the CPU: a
+/// job is as reproducible, and the optimisation pulls toward the prompt and away from the
+/// negative one, as on the CPU kernels.
+#[test]
+fn on_the_device_path_runs_are_reproducible_and_follow_the_prompt() {
+    vqclip::engine::with_cpu_kernels(false, || {
+        the_same_job_gives_the_same_bytes_and_another_seed_does_not();
+        thirty_steps_raise_the_prompt_similarity_and_lower_the_negative_one();
+    });
+}

@@ -3,9 +3,42 @@
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor};
 
-/// Whether the CPU kernels handle `t`: f32 data on the CPU.
+/// Whether the CPU kernels handle `t`: f32 data on the CPU, with the kernels on.
 pub(crate) fn is_host_f32(t: &Tensor) -> bool {
-    matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
+    matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32 && enabled()
+}
+
+/// The environment variable that, set to `0`, turns the CPU kernels off for the process.
+pub(crate) const KERNELS_ENV: &str = "VQCLIP_CPU_KERNELS";
+
+thread_local! {
+    /// This thread's choice, over the process's ([`with_kernels`]).
+    static THIS_THREAD: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether the CPU kernels may run on this thread. Off (`VQCLIP_CPU_KERNELS=0`, or
+/// [`with_kernels`]), the CPU runs the composed candle ops a CUDA or Metal device runs, so
+/// that path is tested, and compared with the reference, without a GPU.
+///
+/// Every choice between a kernel and the composed ops is made on the thread that builds the
+/// graph or runs its backward pass, so a per-thread setting covers a whole step.
+pub(crate) fn enabled() -> bool {
+    static PROCESS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    THIS_THREAD.with(std::cell::Cell::get).unwrap_or_else(|| {
+        *PROCESS.get_or_init(|| std::env::var(KERNELS_ENV).map_or(true, |v| v.trim() != "0"))
+    })
+}
+
+/// Runs `f` with the CPU kernels on or off on this thread, whatever the process's setting.
+pub(crate) fn with_kernels<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<bool>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            THIS_THREAD.with(|t| t.set(self.0));
+        }
+    }
+    let _restore = Restore(THIS_THREAD.with(|t| t.replace(Some(on))));
+    f()
 }
 
 /// The contiguous f32 data of a CPU tensor laid out as `layout`, from its first element.
@@ -223,6 +256,26 @@ pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kernels_can_be_set_aside_on_one_thread_and_come_back() {
+        let x = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap();
+        let process = enabled();
+        assert_eq!(is_host_f32(&x), process);
+        with_kernels(false, || {
+            assert!(!is_host_f32(&x));
+            with_kernels(true, || assert!(is_host_f32(&x)));
+            assert!(!is_host_f32(&x));
+            // Another thread keeps the process's setting.
+            std::thread::scope(|s| {
+                s.spawn(|| assert_eq!(enabled(), process));
+            });
+        });
+        assert_eq!(is_host_f32(&x), process);
+        // f64 data never goes to the kernels.
+        let x = x.to_dtype(DType::F64).unwrap();
+        with_kernels(true, || assert!(!is_host_f32(&x)));
+    }
 
     #[test]
     fn matmul_matches_a_naive_product_for_transposed_and_accumulated_views() {
