@@ -561,6 +561,48 @@ mod tests {
         check_gradient(&x, asin, &seeded(&[5], 51));
     }
 
+    /// The arcsine a GPU runs (and the CPU with its kernels off): a polynomial in the input's
+    /// own dtype, on its device, never through the host or f64.
+    #[test]
+    fn asin_off_the_host_stays_in_f32_and_is_accurate() {
+        let grid: Vec<f32> = (-1000..=1000).map(|i| i as f32 / 1000.0).collect();
+        let x = Tensor::new(grid.as_slice(), &Device::Cpu).unwrap();
+        let composed = crate::engine::kernels::cpu::with_kernels(false, || asin(&x).unwrap());
+        assert_eq!(composed.dtype(), DType::F32);
+        let got = composed.to_vec1::<f32>().unwrap();
+        let worst = got
+            .iter()
+            .zip(&grid)
+            .map(|(g, v)| (f64::from(*g) - f64::from(*v).asin()).abs())
+            .fold(0.0, f64::max);
+        // The polynomial's own error is 2e-8; the rest is f32 rounding (π/2 ≈ 1.6 has an ulp
+        // of 1.2e-7).
+        assert!(worst < 5e-7, "worst error {worst:e}");
+        // Odd, and exact at the ends and at zero.
+        assert_eq!(got[1000], 0.0);
+        assert!((got[2000] - std::f32::consts::FRAC_PI_2).abs() < 2e-7);
+        assert_eq!(got[0], -got[2000]);
+        // Its gradient is the same rule as on the host.
+        let inner = (seeded(&[5], 50) * 0.9)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        crate::engine::kernels::cpu::with_kernels(false, || {
+            let v = Var::from_tensor(&inner).unwrap();
+            let grads = asin(v.as_tensor())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grad = grads.get(v.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+            for (g, x) in grad.iter().zip(inner.to_vec1::<f32>().unwrap()) {
+                let want = 1.0 / (1.0 - f64::from(x).powi(2)).sqrt();
+                assert!((f64::from(*g) - want).abs() < 1e-5 * want, "{g} vs {want}");
+            }
+        });
+    }
+
     #[test]
     fn gradient_above_blocks_gradients_at_or_below_the_threshold() {
         let x = Var::from_tensor(&Tensor::new(&[0.1f64, 0.5, 0.9], &Device::Cpu).unwrap()).unwrap();

@@ -1,11 +1,11 @@
 //! Pointwise ops and attention with hand-written input gradients: constant add, scale and shift,
 //! clamp-with-grad, asin, a gradient mask, QuickGELU and self-attention.
 
-use candle_core::{D, Result, Tensor};
+use candle_core::{D, DType, Device, Result, Tensor};
 
 use super::{InputGradient, with_gradient};
 use crate::engine::kernels::attention::{self, AttentionShape};
-use crate::engine::kernels::cpu::{HostValue, is_host_f32, with_f32};
+use crate::engine::kernels::cpu::{self, HostValue, is_host_f32, with_f32};
 
 /// The gradient rule of `x·scale + shift` with constant, broadcast `scale` and `shift`.
 struct ScaleInputGrad {
@@ -76,19 +76,56 @@ impl InputGradient for AsinGrad {
     }
 }
 
-/// Element-wise arcsine (candle has none), with its gradient. The values are computed on the
-/// host: this is only ever applied to a handful of distances per step.
+/// Element-wise arcsine (candle has none), with its gradient.
+///
+/// On the CPU with its kernels on, and for f64 data anywhere, the values are the host's
+/// `f64::asin`. Elsewhere — a GPU, or the CPU running a GPU's ops — they are computed on the
+/// tensor's own device in its own dtype ([`asin_composed`]): a step never copies its distances
+/// to the host and back, and never needs f64, which Metal does not have.
 pub(crate) fn asin(x: &Tensor) -> Result<Tensor> {
-    let host: Vec<f64> = x
-        .detach()
-        .to_dtype(candle_core::DType::F64)?
-        .flatten_all()?
-        .to_vec1()?;
-    let values: Vec<f64> = host.into_iter().map(f64::asin).collect();
-    let value = Tensor::from_vec(values, x.shape(), &candle_core::Device::Cpu)?
-        .to_dtype(x.dtype())?
-        .to_device(x.device())?;
+    let on_host = x.dtype() == DType::F64 || (x.device().is_cpu() && cpu::enabled());
+    let value = if on_host {
+        let host: Vec<f64> = x
+            .detach()
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1()?;
+        let values: Vec<f64> = host.into_iter().map(f64::asin).collect();
+        Tensor::from_vec(values, x.shape(), &Device::Cpu)?
+            .to_dtype(x.dtype())?
+            .to_device(x.device())?
+    } else {
+        asin_composed(&x.detach())?
+    };
     with_gradient(x, value, AsinGrad)
+}
+
+/// Abramowitz & Stegun 4.4.46: on [0, 1], `asin(a) = π/2 − √(1 − a)·Σ cₖ·aᵏ` with an error of at
+/// most 2·10⁻⁸.
+const ASIN_COEFFICIENTS: [f64; 8] = [
+    1.570_796_305_0,
+    -0.214_598_801_6,
+    0.088_978_987_4,
+    -0.050_174_304_6,
+    0.030_891_881_0,
+    -0.017_088_125_6,
+    0.006_670_090_1,
+    -0.001_262_491_1,
+];
+
+/// Arcsine by [`ASIN_COEFFICIENTS`] from candle's element-wise ops, on `x`'s device and in its
+/// dtype (arcsine is odd: the polynomial runs on `|x|`, the sign goes back on after). Inputs
+/// beyond ±1 are clamped (they come only from rounding in a chord of unit vectors).
+fn asin_composed(x: &Tensor) -> Result<Tensor> {
+    let a = x.abs()?.clamp(0.0, 1.0)?;
+    let mut poly = a.ones_like()?.affine(0.0, ASIN_COEFFICIENTS[7])?;
+    for &c in ASIN_COEFFICIENTS[..7].iter().rev() {
+        poly = (poly * &a)?.affine(1.0, c)?;
+    }
+    let root = a.affine(-1.0, 1.0)?.sqrt()?;
+    let magnitude = (root * poly)?.affine(-1.0, std::f64::consts::FRAC_PI_2)?;
+    magnitude * x.sign()?
 }
 
 struct MaskedGrad {
