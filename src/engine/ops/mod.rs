@@ -114,7 +114,8 @@ impl<G: InputGradient> CustomOp1 for AttachGradient<G> {
         }
     }
 
-    #[cfg(feature = "cuda")]
+    // Compiled in every build: without the feature candle supplies placeholder CUDA and Metal
+    // types, so a type error here shows in the default build, not first in a GPU build.
     fn cuda_fwd(
         &self,
         _input: &candle_core::CudaStorage,
@@ -130,7 +131,6 @@ impl<G: InputGradient> CustomOp1 for AttachGradient<G> {
         }
     }
 
-    #[cfg(feature = "metal")]
     fn metal_fwd(
         &self,
         _input: &candle_core::MetalStorage,
