@@ -88,6 +88,23 @@ where
 }
 
 impl<G: InputGradient> AttachGradient<G> {
+    /// The forward on a GPU: the value computed beforehand, copied out of its storage, which
+    /// `pick` finds on the input's device (`None`: it is elsewhere, an error).
+    fn device_fwd<S>(&self, pick: impl Fn(&Storage) -> Option<&S>) -> Result<(S, Shape)>
+    where
+        S: BackendStorage,
+        S::Device: BackendDevice<Storage = S>,
+    {
+        let Computed::Tensor(value) = self.take_value()? else {
+            candle_core::bail!("{}: a host value for a GPU input", G::NAME);
+        };
+        let (storage, layout) = value.storage_and_layout();
+        match pick(&storage) {
+            Some(s) => copy_contiguous(s, layout),
+            None => candle_core::bail!("{}: the value is not on the GPU like the input", G::NAME),
+        }
+    }
+
     fn take_value(&self) -> Result<Computed> {
         self.value
             .lock()
@@ -121,14 +138,10 @@ impl<G: InputGradient> CustomOp1 for AttachGradient<G> {
         _input: &candle_core::CudaStorage,
         _layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let Computed::Tensor(value) = self.take_value()? else {
-            candle_core::bail!("{}: a host value for a GPU input", G::NAME);
-        };
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => copy_contiguous(s, layout),
-            _ => candle_core::bail!("{}: the value is not on the GPU like the input", G::NAME),
-        }
+        self.device_fwd(|storage| match storage {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
     }
 
     fn metal_fwd(
@@ -136,14 +149,10 @@ impl<G: InputGradient> CustomOp1 for AttachGradient<G> {
         _input: &candle_core::MetalStorage,
         _layout: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
-        let Computed::Tensor(value) = self.take_value()? else {
-            candle_core::bail!("{}: a host value for a GPU input", G::NAME);
-        };
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            Storage::Metal(s) => copy_contiguous(s, layout),
-            _ => candle_core::bail!("{}: the value is not on the GPU like the input", G::NAME),
-        }
+        self.device_fwd(|storage| match storage {
+            Storage::Metal(s) => Some(s),
+            _ => None,
+        })
     }
 
     fn bwd(&self, input: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
