@@ -27,7 +27,8 @@
 //!   names and where their weights come from, with `weights` (finding their files), `hub`
 //!   (downloading and checking them) and `load` (building them on a device); [`request`] turns what a user typed into an engine spec;
 //!   [`telemetry`] sets up logging; [`cli`] is the command line the binary runs; [`mod@bench`]
-//!   times one optimisation step the way the PyTorch reference does.
+//!   times one optimisation step the way the PyTorch reference does; [`selftest`] runs the
+//!   PyTorch parity cases on a device.
 //!
 //! Only what the binary, the tests and the benchmarks use is `pub`; the rest is crate-private
 //! and documented all the same: read these docs with `cargo doc --document-private-items`.
@@ -46,5 +47,6 @@ pub mod jobs;
 pub mod memory;
 pub mod models;
 pub mod request;
+pub mod selftest;
 pub mod store;
 pub mod telemetry;

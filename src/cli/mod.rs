@@ -17,6 +17,7 @@ use crate::telemetry::LogFormat;
 mod imagine;
 mod jobs;
 mod models;
+mod selftest;
 
 pub(crate) use imagine::ImagineArgs;
 
@@ -46,6 +47,9 @@ pub struct Cli {
 pub(crate) enum Command {
     /// Time one optimisation step with full-size random-weight models (the reference's work).
     Bench(BenchArgs),
+    /// Run the PyTorch parity cases on a device and compare every tensor with the reference's:
+    /// run it on a new GPU host before opening the bot to a server.
+    Selftest(selftest::SelftestArgs),
     /// Run the Discord bot.
     Serve,
     /// Make one image from a prompt on this machine (CPU), with a progress bar.
@@ -191,6 +195,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     let outcome = match cli.command {
         Command::Serve => serve(config, &env).await,
         Command::Bench(args) => bench(&args),
+        Command::Selftest(args) => selftest::selftest(config, &env, &args),
         Command::Config(ConfigCommand::Check { path }) => {
             return config_check(path.as_deref().or(config), &env);
         }

@@ -233,16 +233,20 @@ impl Latent {
         let decoded = guide.vqgan.decode(&z_q)?;
         let image = clamp_with_grad(&((decoded + 1.0)? / 2.0)?, 0.0, 1.0)?;
         times.synth_fwd = lap(&device, &mut mark)?;
-        let (grad_image, mut prompt_losses, clip_times) =
+        let (grad_image, prompt_losses, clip_times) =
             clip_gradient(guide, cutouts, &image.detach())?;
         times.clip_fwd = clip_times.clip_fwd;
         times.backward = clip_times.backward;
         mark = Instant::now();
         let mut surrogate = (&image * grad_image)?.sum_all()?;
+        // Every loss the report lists comes back from the device in one read at the end.
+        let mut losses = prompt_losses.to_dtype(candle_core::DType::F32)?;
         if let Some(term) = self.init_term(guide.init_weight)? {
-            prompt_losses.push(f64::from(
-                term.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?,
-            ));
+            let value = term
+                .detach()
+                .to_dtype(candle_core::DType::F32)?
+                .reshape(1)?;
+            losses = Tensor::cat(&[&losses, &value], 0)?;
             surrogate = (surrogate + term)?;
         }
         let grads = surrogate.backward()?;
@@ -257,6 +261,11 @@ impl Latent {
             .broadcast_minimum(&self.z_max)?;
         self.z.set(&clamped)?;
         self.steps_done += 1;
+        let prompt_losses: Vec<f64> = losses
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f64::from)
+            .collect();
         times.optimiser = lap(&device, &mut mark)?;
         Ok(StepReport {
             loss: prompt_losses.iter().sum(),
@@ -268,18 +277,18 @@ impl Latent {
 }
 
 /// d loss / d image for `image` (no graph), accumulated over chunks of cutouts, with each
-/// prompt's loss.
+/// prompt's loss (`[prompts]`, on the device: nothing is read back here).
 pub fn clip_gradient(
     guide: &Guide,
     cutouts: &dyn Cutouts,
     image: &Tensor,
-) -> Result<(Tensor, Vec<f64>, StepTimes)> {
+) -> Result<(Tensor, Tensor, StepTimes)> {
     let device = image.device().clone();
     let mut times = StepTimes::default();
     let mut mark = Instant::now();
     let image = Var::from_tensor(image)?;
     let n = cutouts.count();
-    let mut prompt_losses = vec![0.0; guide.prompts.len()];
+    let mut prompt_losses: Option<Tensor> = None;
     let mut grad_image: Option<Tensor> = None;
     for start in (0..n).step_by(guide.chunk.max(1)) {
         let range = start..(start + guide.chunk.max(1)).min(n);
@@ -294,14 +303,13 @@ pub fn clip_gradient(
         }
         // One stack and one sum: a chain of additions would make the graph as deep as the
         // prompt list, and the backward pass walks it recursively (thousands of prompts
-        // overflowed the worker's stack). One read-back for every prompt's value, too.
+        // overflowed the worker's stack).
         let stacked = Tensor::stack(&losses, 0)?;
-        let values = stacked
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1::<f32>()?;
-        for (sum, value) in prompt_losses.iter_mut().zip(values) {
-            *sum += f64::from(value);
-        }
+        let values = stacked.detach();
+        prompt_losses = Some(match prompt_losses {
+            Some(sum) => (sum + values)?,
+            None => values,
+        });
         let total = stacked.sum_all()?;
         times.clip_fwd += lap(&device, &mut mark)?;
         let mut grads = total.backward()?;
@@ -317,6 +325,9 @@ pub fn clip_gradient(
     let grad_image = match grad_image {
         Some(g) => g,
         None => candle_core::bail!("a step needs at least one cutout"),
+    };
+    let Some(prompt_losses) = prompt_losses else {
+        candle_core::bail!("a step needs at least one cutout");
     };
     Ok((grad_image, prompt_losses, times))
 }

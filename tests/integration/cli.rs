@@ -1564,3 +1564,67 @@ async fn a_worker_whose_database_went_away_says_why_and_stops_on_sigterm() {
     assert_eq!(worker.wait().unwrap().code(), Some(0));
     db.close().await;
 }
+
+/// `vqclip selftest` passes on the repository's parity cases, one line per case with its worst
+/// error against the tolerance, and fails — naming the tensor — on a copy whose reference
+/// gradient was changed.
+#[test]
+fn selftest_passes_on_the_parity_cases_and_fails_on_a_corrupted_one() {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/parity");
+    let dir = tempfile::tempdir().unwrap();
+    let out = vqclip(
+        dir.path(),
+        &["selftest", "--device", "cpu", "--fixtures", fixtures],
+        &[],
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    for case in ["tiny_encode", "tiny_multiprompt", "tiny_step"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.contains(case))
+            .unwrap_or_else(|| panic!("no line for {case}: {stdout}"));
+        assert!(
+            line.contains(" ok ") && line.contains("of its tolerance"),
+            "{line}"
+        );
+    }
+
+    // A copy of the cases with one value of the reference's gradient at z changed.
+    let copy = dir.path().join("cases");
+    std::fs::create_dir(&copy).unwrap();
+    for entry in std::fs::read_dir(fixtures).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, copy.join(path.file_name().unwrap())).unwrap();
+    }
+    let tensors = copy.join("tiny_step.safetensors");
+    let mut bytes = std::fs::read(&tensors).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    assert_eq!(header["grad_z"]["dtype"], "F32");
+    let start = 8 + header_len + header["grad_z"]["data_offsets"][0].as_u64().unwrap() as usize;
+    let value = f32::from_le_bytes(bytes[start..start + 4].try_into().unwrap());
+    bytes[start..start + 4].copy_from_slice(&(value + 1.0).to_le_bytes());
+    std::fs::write(&tensors, bytes).unwrap();
+    let out = vqclip(
+        dir.path(),
+        &[
+            "selftest",
+            "--device",
+            "cpu",
+            "--fixtures",
+            copy.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let line = stdout.lines().find(|l| l.contains("tiny_step")).unwrap();
+    assert!(line.contains("FAILED"), "{stdout}");
+    assert!(stdout.contains("grad_z: 1 of"), "{stdout}");
+    assert!(
+        text(&out.stderr).contains("1 of 3 runs failed"),
+        "{}",
+        text(&out.stderr)
+    );
+}
