@@ -16,7 +16,7 @@ use crate::engine::{
     cutouts::{CutoutBox, Cutouts, FixedBoxes},
     loss::{PromptTarget, prompt_loss},
     nets::{
-        self, checkpoint,
+        self, Precision, checkpoint,
         clip::{self, Clip, ClipConfig, ClipTextConfig, ClipVisionConfig},
         vqgan::{QuantizerKind, VqganConfig, VqganParts},
     },
@@ -51,6 +51,8 @@ pub struct CaseReport {
     /// What was outside its tolerance, or expected and never computed; empty when the case
     /// passes.
     pub failures: Vec<String>,
+    /// Tensors the case has that this precision cannot be held to (see [`run_case`]).
+    pub skipped: Vec<String>,
 }
 
 impl CaseReport {
@@ -78,14 +80,39 @@ pub fn cases_in(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(cases)
 }
 
-/// Runs the case `json` on `device`; an error when the case cannot be read or run at all.
-pub fn run_case(json: &Path, device: &Device) -> anyhow::Result<CaseReport> {
+/// How much a CLIP in `precision` widens every tolerance of a case: 1 for f32; for the half
+/// types, the smallest round factor over the worst share of tolerance measured on the
+/// repository's cases with the composed ops on the CPU (BENCHMARKS.md, "Precision"), with
+/// room for a GPU's different summation order.
+pub fn tolerance_factor(precision: Precision) -> f64 {
+    match precision {
+        Precision::F32 => 1.0,
+        Precision::F16 => F16_TOLERANCE_FACTOR,
+        Precision::Bf16 => BF16_TOLERANCE_FACTOR,
+    }
+}
+
+/// See [`tolerance_factor`]: the worst share measured was 129 (`loss` of `tiny_multiprompt`;
+/// f16 has 11 bits of mantissa to f32's 24, a factor of 8192 in rounding).
+const F16_TOLERANCE_FACTOR: f64 = 200.0;
+/// See [`tolerance_factor`]: the worst share measured was 512 (`grad_image` of
+/// `tiny_multiprompt`; bf16 has 8 bits of mantissa).
+const BF16_TOLERANCE_FACTOR: f64 = 800.0;
+
+/// Runs the case `json` on `device` with CLIP in `precision` (the case's tolerances widened by
+/// [`tolerance_factor`]); an error when the case cannot be read or run at all.
+///
+/// In half precision the steps run but the Adam trajectory after them is not compared: Adam's
+/// first update is about `lr·sign(g)`, so every gradient component within rounding of zero
+/// lands `2·lr` from the reference's, and the steps after it start from another latent.
+pub fn run_case(json: &Path, device: &Device, precision: Precision) -> anyhow::Result<CaseReport> {
     let name = json
         .file_stem()
         .unwrap_or_default()
         .to_string_lossy()
         .into_owned();
     let (case, mut checker) = load_case(json, device)?;
+    checker.precision = precision;
     match case.kind.as_str() {
         "step" => run_step(&case, &mut checker)?,
         "encode" => run_encode(&case, &mut checker)?,
@@ -101,7 +128,9 @@ pub fn run_case(json: &Path, device: &Device) -> anyhow::Result<CaseReport> {
         .specs
         .iter()
         .filter(|(name, spec)| {
-            spec.role != "input" && !checker.compared.iter().any(|c| &c.tensor == *name)
+            spec.role != "input"
+                && !checker.compared.iter().any(|c| &c.tensor == *name)
+                && !checker.skipped.contains(name)
         })
         .map(|(name, _)| name.clone())
         .collect();
@@ -114,6 +143,7 @@ pub fn run_case(json: &Path, device: &Device) -> anyhow::Result<CaseReport> {
         name,
         compared: checker.compared,
         failures: checker.failures,
+        skipped: checker.skipped,
     })
 }
 
@@ -344,6 +374,10 @@ struct Checker {
     device: Device,
     /// The case's folder: its files are named relative to it.
     dir: PathBuf,
+    /// CLIP's precision, which widens the tolerances.
+    precision: Precision,
+    /// Tensors of the case left uncompared on purpose.
+    skipped: Vec<String>,
 }
 
 impl Checker {
@@ -388,6 +422,17 @@ impl Checker {
         self.specs.get(name).is_some_and(|s| s.role != "input")
     }
 
+    /// Compares a tensor of the Adam trajectory, in f32 only (see [`run_case`]).
+    fn check_trajectory(&mut self, name: &str, actual: &Tensor) -> anyhow::Result<()> {
+        if self.precision == Precision::F32 {
+            return self.check(name, actual);
+        }
+        if self.has(name) {
+            self.skipped.push(name.to_owned());
+        }
+        Ok(())
+    }
+
     /// Compares `actual` with the case's `name` if the case has it.
     fn check(&mut self, name: &str, actual: &Tensor) -> anyhow::Result<()> {
         if !self.has(name) {
@@ -420,9 +465,10 @@ impl Checker {
             let e: Vec<f64> = expected.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
             let mut worst: Option<(usize, f64)> = None;
             let mut bad = 0;
+            let widen = tolerance_factor(self.precision);
             for (i, (a, e)) in a.iter().zip(&e).enumerate() {
                 let err = (a - e).abs();
-                let allowed = spec.atol + spec.rtol * e.abs();
+                let allowed = (spec.atol + spec.rtol * e.abs()) * widen;
                 // NaN fails too: it is never within tolerance.
                 let within = err <= allowed;
                 if !within {
@@ -447,7 +493,7 @@ impl Checker {
             if bad > 0 {
                 self.failures.push(format!(
                     "{name}: {bad} of {} values outside atol {} rtol {}; worst |Δ| = {err:.3e} at {i} (got {}, expected {})",
-                    e.len(), spec.atol, spec.rtol, a[i], e[i]
+                    e.len(), spec.atol * widen, spec.rtol * widen, a[i], e[i]
                 ));
             }
         }
@@ -490,6 +536,8 @@ fn load_case(json: &Path, device: &Device) -> anyhow::Result<(Case, Checker)> {
             failures: Vec::new(),
             device: device.clone(),
             dir,
+            precision: Precision::F32,
+            skipped: Vec::new(),
         },
     ))
 }
@@ -526,7 +574,7 @@ fn run_step(case: &Case, c: &mut Checker) -> anyhow::Result<()> {
     let clip_cfg = case.clip_config()?;
     let clip_vb = checkpoint::var_builder(
         &weight_paths(&c.dir, &case.weights.clip)?,
-        DType::F32,
+        c.precision.dtype(),
         &device,
     )?;
     let clip = Clip::new(clip_vb, &clip_cfg).context("loading CLIP")?;
@@ -699,9 +747,9 @@ fn run_step(case: &Case, c: &mut Checker) -> anyhow::Result<()> {
     for k in 1..=steps {
         let report = latent.step(&guide, &boxes)?;
         losses.push(report.loss as f32);
-        c.check(&format!("z_after_step{k}"), latent.z())?;
+        c.check_trajectory(&format!("z_after_step{k}"), latent.z())?;
     }
-    c.check("losses", &Tensor::new(losses, &device)?)?;
+    c.check_trajectory("losses", &Tensor::new(losses, &device)?)?;
     Ok(())
 }
 

@@ -249,7 +249,13 @@ pub(super) fn imagine_blocking(
         .transpose()?;
     let vqgan =
         crate::models::load::load_vqgan(resolved.vqgan, vqgan_weights.as_deref(), parts, &device)?;
-    let clip = crate::models::load::load_clip(resolved.clip, clip_weights.as_deref(), &device)?;
+    candle_core::cuda::set_gemm_reduced_precision_f32(settings.scheduler.tf32);
+    let clip = crate::models::load::load_clip(
+        resolved.clip,
+        clip_weights.as_deref(),
+        &device,
+        settings.scheduler.clip_precision_on(&device),
+    )?;
     let models = Models {
         vqgan,
         clip,

@@ -8,6 +8,7 @@ use clap::Args;
 
 use super::settings_for;
 use crate::config::{DeviceSpec, Environment};
+use crate::engine::nets::Precision;
 
 /// Where the repository keeps its parity cases (the default for `--fixtures`).
 const REPOSITORY_CASES: &str = "tests/fixtures/parity";
@@ -22,6 +23,17 @@ pub(crate) struct SelftestArgs {
     /// tests/fixtures/parity, the repository's].
     #[arg(long, value_name = "DIR")]
     pub fixtures: Option<PathBuf>,
+    /// CLIP's precision: f32, f16 or bf16; the half types widen every tolerance by a fixed
+    /// factor (printed) [default: f32, the strictest check].
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
+    /// Let f32 matrix products on CUDA use TF32 tensor cores (as `scheduler.tf32` does for jobs);
+    /// off by default, since TF32 keeps only 10 bits of mantissa.
+    #[arg(long)]
+    pub tf32: bool,
+    /// Print every tensor's worst error, not only each case's worst.
+    #[arg(long, short)]
+    pub verbose: bool,
 }
 
 pub(super) fn selftest(
@@ -42,12 +54,24 @@ pub(super) fn selftest(
         .clone()
         .unwrap_or_else(|| PathBuf::from(REPOSITORY_CASES));
     let cases = crate::selftest::cases_in(&dir)?;
+    candle_core::cuda::set_gemm_reduced_precision_f32(args.tf32);
+    let widen = crate::selftest::tolerance_factor(args.precision);
+    println!(
+        "CLIP in {}{}{}",
+        args.precision,
+        if widen == 1.0 {
+            String::new()
+        } else {
+            format!(", tolerances ×{widen}")
+        },
+        if args.tf32 { ", TF32 on" } else { "" }
+    );
     let mut failed = 0;
     for (label, device) in &devices {
         for json in &cases {
             let name = json.file_stem().unwrap_or_default().to_string_lossy();
             let mut line = format!("{label:<8} {name:<20} ");
-            match crate::selftest::run_case(json, device) {
+            match crate::selftest::run_case(json, device, args.precision) {
                 Ok(report) => {
                     let verdict = if report.failures.is_empty() {
                         "ok"
@@ -61,6 +85,23 @@ pub(super) fn selftest(
                             line,
                             "; worst {} at {:.2} of its tolerance (|Δ| {:.2e})",
                             worst.tensor, worst.worst_of_tolerance, worst.worst_abs
+                        );
+                    }
+                    if args.verbose {
+                        for c in &report.compared {
+                            let _ = write!(
+                                line,
+                                "\n    {:<20} {:>8.3} of its tolerance (|Δ| {:.2e})",
+                                c.tensor, c.worst_of_tolerance, c.worst_abs
+                            );
+                        }
+                    }
+                    if !report.skipped.is_empty() {
+                        let _ = write!(
+                            line,
+                            "\n    not compared in {}: {}",
+                            args.precision,
+                            report.skipped.join(", ")
                         );
                     }
                     for failure in &report.failures {

@@ -17,6 +17,7 @@ use secrecy::SecretString;
 use serde::{Serialize, Serializer};
 use url::Url;
 
+use crate::engine::nets::Precision;
 use crate::models::ModelInfo;
 use crate::store::Location;
 
@@ -165,6 +166,27 @@ pub struct SchedulerSettings {
     /// seconds. Workers renew three times per lease; a dead worker's jobs go back to the queue
     /// this long after its last renewal.
     pub lease_seconds: u64,
+    /// The floating-point type CLIP runs in; `None` ("auto"): f16 on CUDA, f32 elsewhere.
+    #[serde(serialize_with = "serialize_precision")]
+    pub clip_precision: Option<Precision>,
+    /// Whether f32 matrix products on CUDA (the VQGAN's convolutions among them) may use TF32
+    /// tensor cores, as PyTorch's cuDNN convolutions do by default.
+    pub tf32: bool,
+}
+
+impl SchedulerSettings {
+    /// The precision CLIP runs in on `device`.
+    pub fn clip_precision_on(&self, device: &candle_core::Device) -> Precision {
+        self.clip_precision
+            .unwrap_or_else(|| Precision::auto_for(device))
+    }
+}
+
+fn serialize_precision<S: Serializer>(p: &Option<Precision>, s: S) -> Result<S::Ok, S::Error> {
+    match p {
+        Some(p) => s.collect_str(p),
+        None => s.serialize_str("auto"),
+    }
 }
 
 /// `[generation]`.

@@ -71,6 +71,8 @@ pub(super) struct RawScheduler {
     pub(super) progress_interval_ms: u64,
     pub(super) poll_interval_ms: u64,
     pub(super) lease_seconds: u64,
+    pub(super) clip_precision: String,
+    pub(super) tf32: bool,
 }
 
 impl Default for RawScheduler {
@@ -88,6 +90,8 @@ impl Default for RawScheduler {
             progress_interval_ms: 2000,
             poll_interval_ms: 1000,
             lease_seconds: 30,
+            clip_precision: "auto".into(),
+            tf32: true,
         }
     }
 }

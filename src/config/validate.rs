@@ -11,6 +11,7 @@ use super::{
     GenerationSettings, InvalidKey, MIN_SIDE, ModelSettings, ModelSource, Origins,
     SchedulerSettings, Settings, SizeSetting, StorageSettings,
 };
+use crate::engine::nets::Precision;
 use crate::models::{self, ModelInfo, ModelKind};
 use crate::store::Location;
 use secrecy::SecretString;
@@ -266,6 +267,20 @@ pub(super) fn validate_scheduler(raw: RawScheduler, p: &mut Problems) -> Schedul
         3_600_000,
     );
     p.check_range("scheduler.lease_seconds", raw.lease_seconds, 1, 3600);
+    let clip_precision = match raw.clip_precision.trim() {
+        s if s.eq_ignore_ascii_case("auto") => None,
+        s => match s.parse::<Precision>() {
+            Ok(precision) => Some(precision),
+            Err(_) => {
+                p.add(
+                    "scheduler.clip_precision",
+                    Some(format!("{:?}", raw.clip_precision)),
+                    r#"expected "auto", "f32", "f16" or "bf16""#,
+                );
+                None
+            }
+        },
+    };
     SchedulerSettings {
         devices,
         queue_capacity: raw.queue_capacity,
@@ -279,6 +294,8 @@ pub(super) fn validate_scheduler(raw: RawScheduler, p: &mut Problems) -> Schedul
         progress_interval_ms: raw.progress_interval_ms,
         poll_interval_ms: raw.poll_interval_ms,
         lease_seconds: raw.lease_seconds,
+        clip_precision,
+        tf32: raw.tf32,
     }
 }
 

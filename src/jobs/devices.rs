@@ -91,17 +91,27 @@ pub(crate) fn engine_slots(
     runtime: tokio::runtime::Handle,
 ) -> anyhow::Result<Vec<DeviceSlot>> {
     let weights = Fetcher::new(Hub::new(&settings.models)?, runtime);
-    Ok(open(&settings.scheduler.devices)
+    let scheduler = &settings.scheduler;
+    // Process-wide in candle (and a no-op without CUDA).
+    candle_core::cuda::set_gemm_reduced_precision_f32(scheduler.tf32);
+    Ok(open(&scheduler.devices)
         .map_err(|e| anyhow::anyhow!("scheduler.devices: {e:#}"))?
         .into_iter()
-        .map(|(label, device)| DeviceSlot {
-            label,
-            runner: Box::new(EngineRunner::new(
-                device,
-                weights.clone(),
-                settings.scheduler.model_cache_mib,
-                settings.storage.images.clone(),
-            )),
+        .map(|(label, device)| {
+            let precision = scheduler.clip_precision_on(&device);
+            tracing::info!(device = %label, clip_precision = %precision, tf32 = scheduler.tf32, "device");
+            DeviceSlot {
+                label,
+                runner: Box::new(
+                    EngineRunner::new(
+                        device,
+                        weights.clone(),
+                        scheduler.model_cache_mib,
+                        settings.storage.images.clone(),
+                    )
+                    .with_clip_precision(precision),
+                ),
+            }
         })
         .collect())
 }

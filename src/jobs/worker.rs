@@ -25,6 +25,7 @@ use crate::engine::generate::{
     upscale_latent, vary_latent,
 };
 use crate::engine::image;
+use crate::engine::nets::Precision;
 use crate::engine::nets::clip::Clip;
 use crate::engine::nets::tokenizer::ClipTokenizer;
 use crate::engine::nets::vqgan::{Vqgan, VqganParts};
@@ -277,6 +278,7 @@ pub struct EngineRunner {
     cache: Vec<CacheEntry>,
     budget_bytes: u64,
     clock: u64,
+    clip_precision: Precision,
 }
 
 impl EngineRunner {
@@ -290,7 +292,14 @@ impl EngineRunner {
             cache: Vec::new(),
             budget_bytes: budget_mib.saturating_mul(1 << 20),
             clock: 0,
+            clip_precision: Precision::F32,
         }
+    }
+
+    /// Runs CLIP in `precision` (f32 unless set).
+    pub fn with_clip_precision(mut self, precision: Precision) -> Self {
+        self.clip_precision = precision;
+        self
     }
 
     /// The weight file of `info` ready to load (downloaded by the runtime on first use, a
@@ -351,8 +360,8 @@ impl EngineRunner {
             return Ok(*model);
         }
         let path = self.weights(info)?;
-        tracing::info!(model = info.id, "loading CLIP");
-        let model = load_clip(info, path.as_deref(), &self.device)
+        tracing::info!(model = info.id, precision = %self.clip_precision, "loading CLIP");
+        let model = load_clip(info, path.as_deref(), &self.device, self.clip_precision)
             .map_err(|e| format!("cannot load {}: {e:#}", info.id))?;
         self.insert(
             info.id,
@@ -550,7 +559,7 @@ mod tests {
             path
         };
         let tiny = models::find("tiny_clip").unwrap();
-        let clip = load_clip(tiny, None, &Device::Cpu).unwrap();
+        let clip = load_clip(tiny, None, &Device::Cpu, Precision::F32).unwrap();
         let env: crate::config::Environment = [("HOME", dir.path().to_str().unwrap())]
             .into_iter()
             .collect();

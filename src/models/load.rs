@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device};
 
 use super::ModelInfo;
-use crate::engine::nets::checkpoint;
+use crate::engine::nets::{Precision, checkpoint};
 use crate::engine::nets::clip::{Clip, ClipConfig};
 use crate::engine::nets::random::SeededWeights;
 use crate::engine::nets::vqgan::{Vqgan, VqganConfig, VqganParts};
@@ -39,17 +39,19 @@ pub(crate) fn load_vqgan(
     })
 }
 
-/// Loads a CLIP from `weights`, or on seeded random weights when `weights` is `None`.
+/// Loads a CLIP from `weights`, or on seeded random weights when `weights` is `None`, in
+/// `precision`.
 pub(crate) fn load_clip(
     info: &ModelInfo,
     weights: Option<&Path>,
     device: &Device,
+    precision: Precision,
 ) -> anyhow::Result<Clip> {
     let config = ClipConfig::preset(info.id)
         .ok_or_else(|| anyhow::anyhow!("{} has no CLIP architecture", info.id))?;
     Ok(match weights {
         Some(path) => {
-            let vb = checkpoint::var_builder(&[path.to_path_buf()], DType::F32, device)?;
+            let vb = checkpoint::var_builder(&[path.to_path_buf()], precision.dtype(), device)?;
             Clip::new(vb, &config).map_err(|e| {
                 anyhow::anyhow!(
                     "the weights in {} do not fit {}: {e}",
@@ -59,7 +61,7 @@ pub(crate) fn load_clip(
             })?
         }
         None => Clip::new(
-            SeededWeights::new(1).var_builder(DType::F32, device),
+            SeededWeights::new(1).var_builder(precision.dtype(), device),
             &config,
         )?,
     })

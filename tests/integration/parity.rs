@@ -6,22 +6,35 @@
 use std::path::Path;
 
 use candle_core::Device;
+use vqclip::engine::nets::Precision;
 
 const PARITY_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/parity");
 
 /// Every case, on both of the engine's paths.
 #[test]
 fn parity_with_the_pytorch_reference_on_every_case() {
-    let cases = vqclip::selftest::cases_in(Path::new(PARITY_DIR)).unwrap();
     // Both paths the engine has: the CPU kernels, and the composed candle ops a CUDA or Metal
     // device runs (`VQCLIP_CPU_KERNELS=0`), held to the same tolerances.
+    run_every_case(Precision::F32);
+}
+
+/// Every case with CLIP in f16 and in bf16, as on a GPU, within the case's tolerances widened
+/// by the fixed factor `vqclip::selftest::tolerance_factor` states for each.
+#[test]
+fn parity_with_clip_in_half_precision_on_every_case() {
+    run_every_case(Precision::F16);
+    run_every_case(Precision::Bf16);
+}
+
+fn run_every_case(precision: Precision) {
+    let cases = vqclip::selftest::cases_in(Path::new(PARITY_DIR)).unwrap();
     let mut failures = Vec::new();
     for (path, cpu_kernels) in [("CPU kernels", true), ("composed ops", false)] {
         for json in &cases {
             let name = json.file_stem().unwrap_or_default().to_string_lossy();
-            let name = format!("{name} ({path})");
+            let name = format!("{name} ({path}, CLIP in {precision})");
             let run = vqclip::engine::with_cpu_kernels(cpu_kernels, || {
-                vqclip::selftest::run_case(json, &Device::Cpu)
+                vqclip::selftest::run_case(json, &Device::Cpu, precision)
             });
             match run {
                 Ok(report) => {

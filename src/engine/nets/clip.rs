@@ -7,7 +7,7 @@
 //! this one uses the input-gradient-only ops of [`crate::engine::ops`] and the composed softmax. Both
 //! towers share the encoder layer; the text tower never needs a gradient.
 
-use candle_core::{IndexOp, Module, Result, Tensor};
+use candle_core::{DType, IndexOp, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::engine::ops::{
@@ -323,8 +323,15 @@ impl ClipVision {
         &self.config
     }
 
-    /// Embeds normalised pixels `[b, 3, S, S]` (S = `image_size`) into `[b, projection_dim]`.
+    /// The floating-point type the tower's weights are in (see [`super::Precision`]).
+    pub fn dtype(&self) -> DType {
+        self.position_embedding.dtype()
+    }
+
+    /// Embeds normalised pixels `[b, 3, S, S]` (S = `image_size`) into `[b, projection_dim]`
+    /// f32 embeddings, whatever the tower's own dtype (the cast back carries the gradient).
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let pixels = &pixels.to_dtype(self.dtype())?;
         let (b, c, h, w) = pixels.dims4()?;
         let (s, p) = (self.config.image_size, self.config.patch_size);
         if (c, h, w) != (3, s, s) {
@@ -351,7 +358,7 @@ impl ClipVision {
         let pooled = self
             .post_layernorm
             .forward(&x.i((.., 0, ..))?.contiguous()?)?;
-        self.visual_projection.forward(&pooled)
+        self.visual_projection.forward(&pooled)?.to_dtype(DType::F32)
     }
 }
 
@@ -412,7 +419,7 @@ impl ClipText {
     }
 
     /// Embeds one token sequence (start and end tokens included, at most `context_length`, any
-    /// padding after the end token) into `[1, projection_dim]`.
+    /// padding after the end token) into `[1, projection_dim]`, in f32.
     pub fn forward(&self, ids: &[u32]) -> Result<Tensor> {
         let n = ids.len();
         if n == 0 || n > self.config.context_length {
@@ -439,7 +446,7 @@ impl ClipText {
         let pooled = self
             .final_layer_norm
             .forward(&x.i((.., eos, ..))?.contiguous()?)?;
-        self.text_projection.forward(&pooled)
+        self.text_projection.forward(&pooled)?.to_dtype(DType::F32)
     }
 }
 

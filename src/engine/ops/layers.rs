@@ -3,6 +3,7 @@
 
 use candle_core::{D, Module, Result, Tensor};
 
+use super::pointwise::wide;
 use super::{Computed, InputGradient, with_gradient};
 use crate::engine::kernels::cpu::{self as host, HostValue, is_host_f32, with_f32};
 use crate::engine::kernels::upsample::upsample_nearest_2x;
@@ -429,11 +430,13 @@ pub(crate) struct FrozenLayerNorm {
 }
 
 impl FrozenLayerNorm {
-    /// Loads `weight` and `bias` (`[dim]`).
+    /// Loads `weight` and `bias` (`[dim]`), kept in f32 or f64 whatever the builder's dtype:
+    /// a half-precision input is normalised in f32 (see [`Module::forward`]).
     pub fn load(vb: candle_nn::VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        let widened = |t: Tensor| t.to_dtype(wide(t.dtype()));
         Ok(Self {
-            weight: vb.get(dim, "weight")?,
-            bias: vb.get(dim, "bias")?,
+            weight: widened(vb.get(dim, "weight")?)?,
+            bias: widened(vb.get(dim, "bias")?)?,
             eps,
         })
     }
@@ -487,6 +490,11 @@ impl InputGradient for LayerNormInputGrad {
 
 impl Module for FrozenLayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Half-precision activations are normalised in f32 and cast back, as OpenAI's CLIP
+        // does (its `LayerNorm` subclass): the variance of a wide row loses too much in f16.
+        if x.dtype() != self.weight.dtype() {
+            return self.forward(&x.to_dtype(self.weight.dtype())?)?.to_dtype(x.dtype());
+        }
         let detached = x.detach();
         let value: Computed = match norm::forward(&Self::rows(&detached)?, &self.as_group_norm())? {
             Some(y) => HostValue {

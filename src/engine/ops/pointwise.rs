@@ -242,10 +242,21 @@ pub(crate) fn self_attention(qkv: &Tensor, heads: usize, causal: bool) -> Result
     if causal {
         scores = scores.broadcast_add(&causal_mask(n, qkv.device(), qkv.dtype())?)?;
     }
-    candle_nn::ops::softmax(&scores, D::Minus1)?
+    // In f32 whatever the activations' dtype, as PyTorch's half-precision softmax computes.
+    let weights = candle_nn::ops::softmax(&scores.to_dtype(wide(qkv.dtype()))?, D::Minus1)?
+        .to_dtype(qkv.dtype())?;
+    weights
         .matmul(&split(2)?)?
         .transpose(1, 2)?
         .reshape((b, n, h))
+}
+
+/// The dtype a reduction over `dtype` values runs in: f32 for the half-precision types.
+pub(crate) fn wide(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
 }
 
 /// `[n, n]`: 0 on and below the diagonal, −∞ above (a position sees itself and earlier ones).
