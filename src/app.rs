@@ -187,8 +187,10 @@ fn stop_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let stop = stop_signal();
     let pool = open_database(&settings, true).await?;
-    let slots = devices::engine_slots(&settings, tokio::runtime::Handle::current())?;
+    let devices::EngineSlots { slots, auto_side } =
+        devices::engine_slots(&settings, tokio::runtime::Handle::current())?;
     let mut options = SchedulerOptions::from_settings(&settings);
+    options.auto_side = auto_side;
     if pool.backend() == store::Backend::Postgres || slots.is_empty() {
         let mut claims = worker_claims(&settings);
         claims.follow = Some(Duration::from_millis(settings.scheduler.poll_interval_ms));
@@ -276,7 +278,7 @@ fn runnable_models(settings: &Settings, kind: ModelKind) -> Vec<String> {
 pub async fn worker(settings: Settings) -> anyhow::Result<()> {
     let stop = stop_signal();
     let pool = open_database(&settings, true).await?;
-    let slots = devices::engine_slots(&settings, tokio::runtime::Handle::current())?;
+    let slots = devices::engine_slots(&settings, tokio::runtime::Handle::current())?.slots;
     anyhow::ensure!(
         !slots.is_empty(),
         "a worker needs devices: scheduler.devices is empty (set it, e.g. [\"auto\"])"

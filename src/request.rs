@@ -60,17 +60,16 @@ pub enum RequestError {
 
 /// Side used for `default_size = "auto"` when the caller knows nothing of the device: the
 /// CPU's, since a too-small image is a better surprise than a run that takes hours.
-pub(crate) const CPU_AUTO_SIDE: u32 = 256;
+pub const CPU_AUTO_SIDE: u32 = 256;
 
 /// Default side for the tiny test model (its configured resolution).
 const TINY_SIDE: u32 = 64;
 
-/// The `default_size = "auto"` side for a device with `memory_gib` of memory (`None`: the CPU).
-pub(crate) fn auto_side(memory_gib: Option<f64>) -> u32 {
-    match memory_gib {
-        None => CPU_AUTO_SIDE,
+/// The `default_size = "auto"` side for a GPU with `free_gib` of free memory (`None`: unknown).
+pub(crate) fn gpu_auto_side(free_gib: Option<f64>) -> u32 {
+    match free_gib {
         Some(gib) if gib > 8.0 => 512,
-        Some(_) => 304,
+        _ => 304,
     }
 }
 
@@ -326,9 +325,9 @@ mod tests {
     }
 
     #[test]
-    fn auto_size_follows_device_memory() {
-        assert_eq!(auto_side(None), 256);
-        assert_eq!(auto_side(Some(24.0)), 512);
-        assert_eq!(auto_side(Some(8.0)), 304);
+    fn auto_size_follows_free_gpu_memory() {
+        assert_eq!(gpu_auto_side(None), 304, "a GPU whose memory is unknown");
+        assert_eq!(gpu_auto_side(Some(70.0)), 512);
+        assert_eq!(gpu_auto_side(Some(8.0)), 304);
     }
 }

@@ -32,11 +32,13 @@ use serde::Serialize;
 use crate::engine::cutouts::{CutoutMethod, FixedBoxes, StepCutouts};
 use crate::engine::generate::Models;
 use crate::engine::loss::PromptTarget;
+use crate::engine::nets::Precision;
 use crate::engine::nets::clip::{Clip, ClipConfig};
 use crate::engine::nets::random::SeededWeights;
 use crate::engine::nets::tokenizer::ClipTokenizer;
 use crate::engine::nets::vqgan::{Vqgan, VqganConfig, VqganParts};
 use crate::engine::optimize::{Guide, InitWeight, Latent, StepTimes};
+use crate::jobs::devices::gpu_memory;
 
 pub use kernels::{KernelOptions, kernels};
 
@@ -66,6 +68,10 @@ pub struct BenchOptions {
     pub device: Device,
     /// Label of the device for the report (`cpu`, `cuda:0`).
     pub device_label: String,
+    /// CLIP's precision.
+    pub clip_precision: Precision,
+    /// TF32 for f32 matrix products on CUDA.
+    pub tf32: bool,
 }
 
 /// Phase times of one iteration, in seconds.
@@ -123,6 +129,15 @@ pub struct BenchReport {
     pub peak_rss_mib: Option<f64>,
     /// Threads candle's CPU kernels use.
     pub threads: usize,
+    /// CLIP's precision.
+    pub clip_precision: Precision,
+    /// Whether TF32 was allowed for f32 matrix products (CUDA only).
+    pub tf32: bool,
+    /// GPU memory in use on the device after the timed iterations (every process's, from the
+    /// driver: models and state, not the peak within a step), MiB; `None` off CUDA.
+    pub gpu_used_after_mib: Option<f64>,
+    /// The GPU's total memory, MiB; `None` off CUDA.
+    pub gpu_total_mib: Option<f64>,
 }
 
 /// Builds the models and runs the iterations.
@@ -148,8 +163,9 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         &vqgan_cfg,
         VqganParts::DecodeOnly,
     )?;
+    candle_core::cuda::set_gemm_reduced_precision_f32(options.tf32);
     let clip = Clip::new(
-        SeededWeights::new(1).var_builder(DType::F32, device),
+        SeededWeights::new(1).var_builder(options.clip_precision.dtype(), device),
         &clip_cfg,
     )?;
     let models = Models {
@@ -204,6 +220,8 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         parts.push(PhaseSeconds::from(report.times));
     }
     let phase = |f: fn(&PhaseSeconds) -> f64| median(&parts.iter().map(f).collect::<Vec<_>>());
+    let memory = gpu_memory(device);
+    let mib = |bytes: u64| bytes as f64 / (1u64 << 20) as f64;
     Ok(BenchReport {
         implementation: "vqclip",
         device: options.device_label.clone(),
@@ -224,6 +242,10 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         iter_s,
         peak_rss_mib: peak_rss_mib(),
         threads: candle_core::utils::get_num_threads(),
+        clip_precision: options.clip_precision,
+        tf32: options.tf32 && device.is_cuda(),
+        gpu_used_after_mib: memory.map(|m| mib(m.total - m.free)),
+        gpu_total_mib: memory.map(|m| mib(m.total)),
     })
 }
 
@@ -256,15 +278,17 @@ impl BenchReport {
     pub(crate) fn summary(&self) -> String {
         let p = &self.median_parts_s;
         format!(
-            "{}x{} cutn {} (chunk {}) on {} ({} threads): {:.2} s/iter median of {} \
-             (min {:.2}, max {:.2}); synth fwd {:.2} s, CLIP fwd {:.2} s, backward {:.2} s, \
-             optimiser {:.3} s; peak RSS {}",
+            "{}x{} cutn {} (chunk {}) on {} ({} threads, CLIP in {}{}): {:.3} s/iter median \
+             of {} (min {:.3}, max {:.3}); synth fwd {:.3} s, CLIP fwd {:.3} s, backward {:.3} \
+             s, optimiser {:.4} s; peak RSS {}{}",
             self.width,
             self.height,
             self.cutn,
             self.chunk,
             self.device,
             self.threads,
+            self.clip_precision,
+            if self.tf32 { ", TF32" } else { "" },
             self.median_s,
             self.iters,
             self.min_s,
@@ -275,6 +299,11 @@ impl BenchReport {
             p.optimiser,
             self.peak_rss_mib
                 .map_or_else(|| "unknown".to_owned(), |m| format!("{m:.0} MiB")),
+            match (self.gpu_used_after_mib, self.gpu_total_mib) {
+                (Some(used), Some(total)) =>
+                    format!("; GPU memory in use after the run {used:.0} of {total:.0} MiB"),
+                _ => String::new(),
+            },
         )
     }
 }
@@ -303,6 +332,8 @@ mod tests {
             clip: "tiny".into(),
             device: Device::Cpu,
             device_label: "cpu".into(),
+            clip_precision: Precision::F32,
+            tf32: false,
         })
         .unwrap();
         assert_eq!((report.iters, report.iter_s.len(), report.chunk), (2, 2, 2));

@@ -103,13 +103,13 @@ pub(super) async fn imagine(
     args: ImagineArgs,
 ) -> anyhow::Result<()> {
     let settings = settings_for(config, env, "generate")?;
-    let resolved = resolve_imagine(&settings, &args)?;
+    // Before any download: a device this build or machine lacks fails at once.
+    let device = crate::jobs::devices::open_flag(&args.device)?;
+    let resolved = resolve_imagine(&settings, &args, crate::jobs::devices::auto_side(&device.1))?;
     check_outputs(
         &output_path(&args, resolved.spec.seed),
         args.timelapse.as_deref(),
     )?;
-    // Before any download: a device this build or machine lacks fails at once.
-    let device = crate::jobs::devices::open_flag(&args.device)?;
     let hub = Hub::new(&settings.models)?;
     let vqgan_weights = hub
         .fetch_or_seeded(resolved.vqgan, BarProgress::new(resolved.vqgan.id))
@@ -185,14 +185,15 @@ pub(super) fn check_outputs(out: &Path, timelapse: Option<&Path>) -> anyhow::Res
     Ok(())
 }
 
-/// Checks the device and turns the prompt and flags into a spec, printing the notes.
+/// Turns the prompt and flags into a spec (an "auto" size is `auto` pixels a side), printing
+/// the notes.
 pub(super) fn resolve_imagine(
     settings: &Settings,
     args: &ImagineArgs,
+    auto: u32,
 ) -> anyhow::Result<request::Resolved> {
     let tokenizer = ClipTokenizer::new();
     let options = args.request.options();
-    let auto = request::auto_side(None);
     let mut resolved = request::resolve(
         &args.prompt,
         &options,

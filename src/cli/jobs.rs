@@ -54,7 +54,8 @@ pub(super) async fn submit(
         &args.request.options(),
         &settings.generation,
         settings.models.allow_tiny,
-        request::auto_side(None),
+        // The queue's devices are not this process's: the CPU's side, a safe size anywhere.
+        request::CPU_AUTO_SIDE,
         &ClipTokenizer::new(),
     )?;
     for note in &resolved.notes {

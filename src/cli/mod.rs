@@ -170,6 +170,14 @@ pub(crate) struct BenchArgs {
     /// One JSON line instead of a summary.
     #[arg(long)]
     pub json: bool,
+    /// CLIP's precision: f32, f16 or bf16 [default: f16 on CUDA, as the reference runs it on
+    /// a GPU; f32 elsewhere].
+    #[arg(long)]
+    pub clip_precision: Option<crate::engine::nets::Precision>,
+    /// Keep f32 matrix products on CUDA in IEEE f32 (TF32 is on by default, as for jobs;
+    /// the reference's `--tf32 conv` is the matching setting, `--tf32 off` matches this flag).
+    #[arg(long)]
+    pub no_tf32: bool,
     /// Time the CPU kernels instead of a step: the decoder's largest convolution (128
     /// channels at --size) by each path, and a 4096² f32 matrix product, in GFLOP/s, with
     /// this CPU's vector extensions.
@@ -289,6 +297,10 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         chunk: args.chunk,
         vqgan: args.model.clone(),
         clip: args.clip.clone(),
+        clip_precision: args
+            .clip_precision
+            .unwrap_or_else(|| crate::engine::nets::Precision::auto_for(&device)),
+        tf32: !args.no_tf32,
         device,
         device_label: label,
     };

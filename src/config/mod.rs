@@ -321,7 +321,8 @@ impl Serialize for DeviceSpec {
 /// The default image size: fixed, or chosen per device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SizeSetting {
-    /// 512² on GPUs with more than 8 GiB, 304² on smaller GPUs, 256² on the CPU.
+    /// 512² on GPUs with more than 8 GiB free at startup, 304² on other GPUs, 256² on the
+    /// CPU (see [`crate::jobs::devices::auto_side`]).
     Auto,
     /// Always this size.
     Fixed {
@@ -727,6 +728,30 @@ mod tests {
         // No devices: a front end that leaves the jobs to `vqclip worker` processes.
         let none = Settings::from_toml("[scheduler]\ndevices = []", &env(&[])).unwrap();
         assert!(none.scheduler.devices.is_empty());
+    }
+
+    #[test]
+    fn clip_precision_is_auto_unless_named_and_tf32_is_on() {
+        let cpu = candle_core::Device::Cpu;
+        let s = Settings::from_toml("", &env(&[])).unwrap();
+        assert_eq!(s.scheduler.clip_precision, None);
+        assert_eq!(s.scheduler.clip_precision_on(&cpu), Precision::F32);
+        assert!(s.scheduler.tf32);
+        let s = Settings::from_toml(
+            "[scheduler]\nclip_precision = \"BF16\"\ntf32 = false",
+            &env(&[]),
+        )
+        .unwrap();
+        assert_eq!(s.scheduler.clip_precision_on(&cpu), Precision::Bf16);
+        assert!(!s.scheduler.tf32);
+        let from_env =
+            Settings::from_toml("", &env(&[("VQCLIP_SCHEDULER__CLIP_PRECISION", "f16")])).unwrap();
+        assert_eq!(from_env.scheduler.clip_precision, Some(Precision::F16));
+        let p = single_problem("[scheduler]\nclip_precision = \"f8\"");
+        assert_eq!(
+            p.to_string(),
+            r#"scheduler.clip_precision = "f8": expected "auto", "f32", "f16" or "bf16""#
+        );
     }
 
     #[test]

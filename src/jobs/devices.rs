@@ -75,6 +75,42 @@ fn gpu(backend: &str, n: usize) -> anyhow::Result<Device> {
     opened.with_context(|| format!("{backend}:{n} is not available"))
 }
 
+/// A GPU's memory, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct GpuMemory {
+    /// Free now, for this process and every other.
+    pub free: u64,
+    /// The device's total.
+    pub total: u64,
+}
+
+/// What the driver says of `device`'s memory: CUDA devices only (`None` elsewhere, and when
+/// the driver cannot say).
+pub fn gpu_memory(device: &Device) -> Option<GpuMemory> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => {
+            let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+            Some(GpuMemory {
+                free: free as u64,
+                total: total as u64,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The side of an image when `generation.default_size` is "auto" on `device`: 256 on the CPU;
+/// on a GPU 512 with more than 8 GiB free, else 304 (also when the free memory is unknown).
+pub fn auto_side(device: &Device) -> u32 {
+    if device.is_cpu() {
+        return crate::request::CPU_AUTO_SIDE;
+    }
+    crate::request::gpu_auto_side(gpu_memory(device).map(|m| m.free as f64 / GIB))
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
 /// The one device a command-line `--device` names, as `(label, device)`.
 pub(crate) fn open_flag(spec: &DeviceSpec) -> anyhow::Result<(String, Device)> {
     open(std::slice::from_ref(spec))
@@ -89,31 +125,53 @@ pub(crate) fn open_flag(spec: &DeviceSpec) -> anyhow::Result<(String, Device)> {
 pub(crate) fn engine_slots(
     settings: &Settings,
     runtime: tokio::runtime::Handle,
-) -> anyhow::Result<Vec<DeviceSlot>> {
+) -> anyhow::Result<EngineSlots> {
     let weights = Fetcher::new(Hub::new(&settings.models)?, runtime);
     let scheduler = &settings.scheduler;
     // Process-wide in candle (and a no-op without CUDA).
     candle_core::cuda::set_gemm_reduced_precision_f32(scheduler.tf32);
-    Ok(open(&scheduler.devices)
-        .map_err(|e| anyhow::anyhow!("scheduler.devices: {e:#}"))?
-        .into_iter()
-        .map(|(label, device)| {
-            let precision = scheduler.clip_precision_on(&device);
-            tracing::info!(device = %label, clip_precision = %precision, tf32 = scheduler.tf32, "device");
-            DeviceSlot {
-                label,
-                runner: Box::new(
-                    EngineRunner::new(
-                        device,
-                        weights.clone(),
-                        scheduler.model_cache_mib,
-                        settings.storage.images.clone(),
-                    )
-                    .with_clip_precision(precision),
-                ),
-            }
-        })
-        .collect())
+    let mut auto = None::<u32>;
+    let mut slots = Vec::new();
+    for (label, device) in
+        open(&scheduler.devices).map_err(|e| anyhow::anyhow!("scheduler.devices: {e:#}"))?
+    {
+        let precision = scheduler.clip_precision_on(&device);
+        let side = auto_side(&device);
+        tracing::info!(
+            device = %label,
+            clip_precision = %precision,
+            tf32 = scheduler.tf32 && device.is_cuda(),
+            memory = ?gpu_memory(&device),
+            auto_side = side,
+            "device"
+        );
+        auto = Some(auto.map_or(side, |a| a.min(side)));
+        slots.push(DeviceSlot {
+            label,
+            runner: Box::new(
+                EngineRunner::new(
+                    device,
+                    weights.clone(),
+                    scheduler.model_cache_mib,
+                    settings.storage.images.clone(),
+                )
+                .with_clip_precision(precision),
+            ),
+        });
+    }
+    Ok(EngineSlots {
+        slots,
+        auto_side: auto.unwrap_or(crate::request::CPU_AUTO_SIDE),
+    })
+}
+
+/// This host's devices as scheduler slots.
+pub(crate) struct EngineSlots {
+    /// One per device.
+    pub slots: Vec<DeviceSlot>,
+    /// The "auto" image side every device here can run: the smallest of theirs (the CPU's
+    /// when there are none, as on a front end, whose workers' devices it cannot see).
+    pub auto_side: u32,
 }
 
 #[cfg(test)]

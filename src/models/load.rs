@@ -8,10 +8,10 @@ use std::path::Path;
 use candle_core::{DType, Device};
 
 use super::ModelInfo;
-use crate::engine::nets::{Precision, checkpoint};
 use crate::engine::nets::clip::{Clip, ClipConfig};
 use crate::engine::nets::random::SeededWeights;
 use crate::engine::nets::vqgan::{Vqgan, VqganConfig, VqganParts};
+use crate::engine::nets::{Precision, checkpoint};
 
 /// Loads a VQGAN from `weights`, or on seeded random weights when `weights` is `None` (the tiny
 /// test model with no file configured).

@@ -96,7 +96,7 @@ pub(super) async fn imagine(
             &options,
             &defaults,
             data.settings.models.allow_tiny,
-            request::auto_side(None),
+            data.scheduler.auto_side(),
             &data.tokenizer,
         )
         .map_err(|e| BotError::User(e.to_string()))?;

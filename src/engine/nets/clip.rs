@@ -358,7 +358,9 @@ impl ClipVision {
         let pooled = self
             .post_layernorm
             .forward(&x.i((.., 0, ..))?.contiguous()?)?;
-        self.visual_projection.forward(&pooled)?.to_dtype(DType::F32)
+        self.visual_projection
+            .forward(&pooled)?
+            .to_dtype(DType::F32)
     }
 }
 

@@ -67,7 +67,11 @@ impl Precision {
     /// What `clip_precision = "auto"` means on `device`: f16 on CUDA, as the reference runs
     /// CLIP there; f32 on the CPU (no half-precision speed-up) and on Metal (not yet measured).
     pub fn auto_for(device: &Device) -> Self {
-        if device.is_cuda() { Self::F16 } else { Self::F32 }
+        if device.is_cuda() {
+            Self::F16
+        } else {
+            Self::F32
+        }
     }
 }
 

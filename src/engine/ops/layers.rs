@@ -493,7 +493,9 @@ impl Module for FrozenLayerNorm {
         // Half-precision activations are normalised in f32 and cast back, as OpenAI's CLIP
         // does (its `LayerNorm` subclass): the variance of a wide row loses too much in f16.
         if x.dtype() != self.weight.dtype() {
-            return self.forward(&x.to_dtype(self.weight.dtype())?)?.to_dtype(x.dtype());
+            return self
+                .forward(&x.to_dtype(self.weight.dtype())?)?
+                .to_dtype(x.dtype());
         }
         let detached = x.detach();
         let value: Computed = match norm::forward(&Self::rows(&detached)?, &self.as_group_norm())? {

@@ -576,6 +576,11 @@ impl Scheduler {
         state.watchers.get(&id).map(watch::Sender::subscribe)
     }
 
+    /// The side of an "auto"-sized request on this scheduler's devices.
+    pub fn auto_side(&self) -> u32 {
+        self.shared.options.auto_side
+    }
+
     /// Jobs this scheduler failed when it started because their process had died under them
     /// `scheduler.max_attempts` times; [`Self::subscribe`] gives their failure.
     pub fn failed_at_start(&self) -> &[JobId] {
