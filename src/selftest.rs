@@ -620,8 +620,8 @@ fn run_step(case: &Case, c: &mut Checker) -> anyhow::Result<()> {
         boxes.len(),
         meta.cutn
     );
-    let boxes = FixedBoxes {
-        boxes: boxes
+    let boxes = FixedBoxes::new(
+        boxes
             .iter()
             .map(|b| CutoutBox {
                 x: b[0] as usize,
@@ -629,8 +629,8 @@ fn run_step(case: &Case, c: &mut Checker) -> anyhow::Result<()> {
                 size: b[2] as usize,
             })
             .collect(),
-        side: meta.cut_size,
-    };
+        meta.cut_size,
+    );
 
     // Prompts: text embeddings from the stored token ids.
     let mut prompts = Vec::new();
@@ -663,7 +663,7 @@ fn run_step(case: &Case, c: &mut Checker) -> anyhow::Result<()> {
     c.check("image", &image)?;
 
     // CLIP half of step 1, forward.
-    let cutn = boxes.boxes.len();
+    let cutn = boxes.count();
     let cutouts = clip::normalize(&boxes.cut(&image.detach(), 0..cutn)?)?;
     c.check("cutouts", &cutouts)?;
     let embeds = clip.vision.forward(&cutouts)?;

@@ -85,6 +85,8 @@ pub struct PhaseSeconds {
     pub backward: f64,
     /// Adam and the clamp.
     pub optimiser: f64,
+    /// Of those, the host thread's time before each phase's wait for the device.
+    pub host: f64,
 }
 
 impl From<StepTimes> for PhaseSeconds {
@@ -94,6 +96,7 @@ impl From<StepTimes> for PhaseSeconds {
             clip_fwd: t.clip_fwd.as_secs_f64(),
             backward: t.backward.as_secs_f64(),
             optimiser: t.optimiser.as_secs_f64(),
+            host: t.host.as_secs_f64(),
         }
     }
 }
@@ -196,7 +199,7 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     ) else {
         anyhow::bail!("Crowson's sampler drew no boxes");
     };
-    let cutouts = FixedBoxes { boxes, side };
+    let cutouts = FixedBoxes::new(boxes, side);
     let mut latent = Latent::new(&z_init, vqgan.z_min(), vqgan.z_max(), 0.1)?;
     let chunk = options.chunk.unwrap_or(options.cutn).clamp(1, options.cutn);
     let targets = [target];
@@ -238,6 +241,7 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
             clip_fwd: phase(|p| p.clip_fwd),
             backward: phase(|p| p.backward),
             optimiser: phase(|p| p.optimiser),
+            host: phase(|p| p.host),
         },
         iter_s,
         peak_rss_mib: peak_rss_mib(),
@@ -280,7 +284,7 @@ impl BenchReport {
         format!(
             "{}x{} cutn {} (chunk {}) on {} ({} threads, CLIP in {}{}): {:.3} s/iter median \
              of {} (min {:.3}, max {:.3}); synth fwd {:.3} s, CLIP fwd {:.3} s, backward {:.3} \
-             s, optimiser {:.4} s; peak RSS {}{}",
+             s, optimiser {:.4} s (host {:.3} s); peak RSS {}{}",
             self.width,
             self.height,
             self.cutn,
@@ -297,6 +301,7 @@ impl BenchReport {
             p.clip_fwd,
             p.backward,
             p.optimiser,
+            p.host,
             self.peak_rss_mib
                 .map_or_else(|| "unknown".to_owned(), |m| format!("{m:.0} MiB")),
             match (self.gpu_used_after_mib, self.gpu_total_mib) {
@@ -342,6 +347,9 @@ mod tests {
         // The phases are the iteration, less only the bookkeeping between them.
         let sum = p.synth_fwd + p.clip_fwd + p.backward + p.optimiser;
         assert!(sum <= report.max_s * 1.01, "{sum} vs {}", report.max_s);
+        // On the CPU the host does all the work: its time is the phases' (medians of each, so
+        // only about equal).
+        assert!(p.host > 0.5 * sum && p.host <= report.max_s * 1.01, "{p:?}");
         assert!(report.peak_rss_mib.is_some_and(|m| m > 1.0));
         let json = serde_json::to_string(&report).unwrap();
         assert!(json.contains("\"median_parts_s\""), "{json}");

@@ -1,15 +1,19 @@
 //! The cutout augmentations of the reference's default method (kornia's `RandomAffine`,
 //! `RandomPerspective`, `ColorJitter`, `RandomErasing`, then Gaussian noise), written as
 //! differentiable candle operations whose random parameters are drawn on the host from the job's
-//! seeded RNG, so a run is reproducible.
+//! seeded RNG, so a run is reproducible. Only those parameters (a few numbers per cutout) travel
+//! to a GPU: sampling positions and masks are computed there, and the noise is drawn there by
+//! the device's generator, seeded from the job's RNG.
 //!
 //! Geometric warps are one homography per cutout, applied by bilinear sampling as four gathers
 //! (zero padding outside the source). Parameters follow the reference's settings; the exact
 //! random streams of kornia are not reproduced (they differ between its versions and devices).
 
-use candle_core::{D, Device, Result, Tensor};
+use candle_core::{D, DType, DeviceLocation, Result, Tensor};
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
+
+use super::memo::Memo;
 
 /// Which augmentations run, with the reference's probabilities and strengths.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,6 +91,9 @@ pub(crate) struct AugmentDraw {
     pub erase: Option<(usize, usize, usize, usize)>,
     /// Per cutout noise scale and the seed of its noise.
     pub noise: Vec<(f32, u64)>,
+    /// Off the CPU, the whole step's unit noise `[n, c, S, S]`, drawn by the device's own
+    /// generator at the first chunk.
+    pub device_noise: Memo<(DeviceLocation, (usize, usize, usize)), Tensor>,
 }
 
 /// 3×3 matrix product (row-major).
@@ -225,6 +232,7 @@ impl Augmentations {
             jitter,
             erase,
             noise,
+            device_noise: Memo::default(),
         }
     }
 }
@@ -237,68 +245,109 @@ impl AugmentDraw {
         if let Some(rect) = self.erase {
             x = erase(&x, rect)?;
         }
-        add_noise(&x, &self.noise[range])
+        if self.noise[range.clone()].iter().all(|(fac, _)| *fac == 0.0) {
+            return Ok(x);
+        }
+        let facs = per_cutout(self.noise[range.clone()].iter().map(|n| n.0).collect(), &x)?;
+        let unit = if x.device().is_cpu() {
+            host_noise(&x, &self.noise[range])?
+        } else {
+            self.step_noise(&x)?.narrow(0, range.start, range.len())?
+        };
+        x + unit.broadcast_mul(&facs)?
+    }
+
+    /// N(0, 1) noise for every cutout of the step, shaped like `x`'s cutouts, drawn on `x`'s
+    /// device from a seed of the job's RNG (the first cutout's noise seed): one generator call
+    /// per step, nothing uploaded. The same seed gives the same noise on the same device.
+    fn step_noise(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, c, h, w) = x.dims4()?;
+        let device = x.device();
+        let key = (device.location(), (c, h, w));
+        self.device_noise.get_or_make(key, || {
+            let seed = self.noise.first().map_or(0, |n| n.1);
+            device.set_seed(seed)?;
+            Tensor::randn(0f32, 1.0, (self.noise.len(), c, h, w), device)?.to_dtype(x.dtype())
+        })
     }
 }
 
 /// Bilinear sampling of each cutout at `warps[k]`-mapped coordinates, zero outside.
+///
+/// Only the 3×3 matrices travel to the device; the sampling positions, corner indices and
+/// weights are computed there, elementwise in f32 (no matrix product, which TF32 would round to
+/// 10 bits). Indices stay exact: a cutout's pixel index is below 2²⁴, and the cutout's offset
+/// is added in u32.
 fn warp(cuts: &Tensor, warps: &[Option<[f64; 9]>]) -> Result<Tensor> {
     if warps.iter().all(Option::is_none) {
         return Ok(cuts.clone());
     }
+    const IDENTITY: [f64; 9] = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0];
     let (n, c, h, w) = cuts.dims4()?;
     let plane = h * w;
-    // Four corners per output pixel: global index into [n·h·w] (a zero column at the end for
-    // outside points) and weight.
-    let outside = (n * plane) as u32;
-    let mut idx = vec![vec![0u32; n * plane]; 4];
-    let mut wts = vec![vec![0f32; n * plane]; 4];
-    for (k, warp) in warps.iter().enumerate() {
-        for oy in 0..h {
-            for ox in 0..w {
-                let o = k * plane + oy * w + ox;
-                let Some(m) = warp else {
-                    idx[0][o] = o as u32;
-                    wts[0][o] = 1.0;
-                    for corner in &mut idx[1..] {
-                        corner[o] = outside;
-                    }
-                    continue;
-                };
-                let (x, y) = (ox as f64, oy as f64);
-                let z = m[6] * x + m[7] * y + m[8];
-                let sx = (m[0] * x + m[1] * y + m[2]) / z;
-                let sy = (m[3] * x + m[4] * y + m[5]) / z;
-                let (x0, y0) = (sx.floor(), sy.floor());
-                let (fx, fy) = (sx - x0, sy - y0);
-                let taps = [
-                    (0.0, 0.0, (1.0 - fx) * (1.0 - fy)),
-                    (1.0, 0.0, fx * (1.0 - fy)),
-                    (0.0, 1.0, (1.0 - fx) * fy),
-                    (1.0, 1.0, fx * fy),
-                ];
-                for (corner, (dx, dy, weight)) in taps.into_iter().enumerate() {
-                    let (px, py) = (x0 + dx, y0 + dy);
-                    let inside =
-                        px >= 0.0 && py >= 0.0 && px < w as f64 && py < h as f64 && z > 0.0;
-                    if inside {
-                        idx[corner][o] = (k * plane + py as usize * w + px as usize) as u32;
-                        wts[corner][o] = weight as f32;
-                    } else {
-                        idx[corner][o] = outside;
-                    }
-                }
-            }
-        }
+    if plane >= 1 << 24 {
+        candle_core::bail!("a {w}x{h} cutout is too large to warp");
     }
     let device = cuts.device();
-    // [c, n·h·w + 1]: channels first so one gather per corner serves every cutout.
+    let f32_of = |t: Tensor| t.to_dtype(DType::F32);
+    let matrices: Vec<f32> = warps
+        .iter()
+        .flat_map(|m| m.unwrap_or(IDENTITY).map(|v| v as f32))
+        .collect();
+    let matrices = Tensor::from_vec(matrices, (n, 9), device)?;
+    let entry = |i: usize| matrices.narrow(1, i, 1); // [n, 1]
+    // Output pixel coordinates, [1, plane].
+    let xs = f32_of(Tensor::arange(0u32, w as u32, device)?)?
+        .unsqueeze(0)?
+        .broadcast_as((h, w))?
+        .reshape((1, plane))?;
+    let ys = f32_of(Tensor::arange(0u32, h as u32, device)?)?
+        .unsqueeze(1)?
+        .broadcast_as((h, w))?
+        .reshape((1, plane))?;
+    let row = |a: usize| -> Result<Tensor> {
+        entry(a)?
+            .broadcast_mul(&xs)?
+            .broadcast_add(&entry(a + 1)?.broadcast_mul(&ys)?)?
+            .broadcast_add(&entry(a + 2)?)
+    };
+    let z = row(6)?; // [n, plane]
+    let (sx, sy) = ((row(0)? / &z)?, (row(3)? / &z)?);
+    let (x0, y0) = (sx.floor()?, sy.floor()?);
+    let (fx, fy) = ((sx - &x0)?, (sy - &y0)?);
+    let in_front = z.gt(0.0)?;
+    let offsets = (Tensor::arange(0u32, n as u32, device)? * plane as f64)?.reshape((n, 1))?;
+    let outside = Tensor::full((n * plane) as u32, (n, plane), device)?;
+    let zero = Tensor::zeros((n, plane), DType::F32, device)?;
+    // [c, n·h·w + 1]: channels first so one gather per corner serves every cutout; the extra
+    // zero column is where points outside the source read.
     let flat = cuts.permute((1, 0, 2, 3))?.reshape((c, n * plane))?;
     let flat = Tensor::cat(&[&flat, &Tensor::zeros((c, 1), cuts.dtype(), device)?], 1)?;
     let mut out: Option<Tensor> = None;
-    for corner in 0..4 {
-        let index = Tensor::from_vec(std::mem::take(&mut idx[corner]), n * plane, device)?;
-        let weight = Tensor::from_vec(std::mem::take(&mut wts[corner]), (1, n * plane), device)?
+    for (dx, dy) in [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0)] {
+        let (px, py) = ((&x0 + dx)?, (&y0 + dy)?);
+        let inside = px
+            .ge(0.0)?
+            .mul(&px.lt(w as f64)?)?
+            .mul(&py.ge(0.0)?)?
+            .mul(&py.lt(h as f64)?)?
+            .mul(&in_front)?;
+        let along = |f: &Tensor, d: f64| {
+            if d == 0.0 {
+                f.affine(-1.0, 1.0)
+            } else {
+                Ok(f.clone())
+            }
+        };
+        let weight = (along(&fx, dx)? * along(&fy, dy)?)?;
+        let pixel = (py.clamp(0.0, (h - 1) as f64)? * w as f64)?
+            .add(&px.clamp(0.0, (w - 1) as f64)?)?
+            .to_dtype(DType::U32)?
+            .broadcast_add(&offsets)?;
+        let index = inside.where_cond(&pixel, &outside)?.flatten_all()?;
+        let weight = inside
+            .where_cond(&weight, &zero)?
+            .reshape((1, n * plane))?
             .to_dtype(cuts.dtype())?;
         let sampled = flat.index_select(&index, 1)?.broadcast_mul(&weight)?;
         out = Some(match out {
@@ -368,48 +417,44 @@ fn jitter(x: &Tensor, params: &[Jitter]) -> Result<Tensor> {
         .clamp(0.0, 1.0)
 }
 
-/// Zeroes the rectangle `(x, y, w, h)` in every cutout.
+/// Zeroes the rectangle `(x, y, w, h)` in every cutout (the mask is made on the device).
 fn erase(x: &Tensor, (ex, ey, ew, eh): (usize, usize, usize, usize)) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
-    let mask: Vec<f32> = (0..h * w)
-        .map(|i| {
-            let (py, px) = (i / w, i % w);
-            if px >= ex && px < ex + ew && py >= ey && py < ey + eh {
-                0.0
-            } else {
-                1.0
-            }
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, (1, 1, h, w), x.device())?.to_dtype(x.dtype())?;
-    x.broadcast_mul(&mask)
+    let device = x.device();
+    // 1 inside `start..start + len` of an axis of `size`, as u8.
+    let within = |size: usize, start: usize, len: usize| -> Result<Tensor> {
+        let i = Tensor::arange(0u32, size as u32, device)?;
+        i.ge(start as u32)?.mul(&i.lt((start + len) as u32)?)
+    };
+    let rows = within(h, ey, eh)?.reshape((h, 1))?;
+    let cols = within(w, ex, ew)?.reshape((1, w))?;
+    let hole = rows.broadcast_mul(&cols)?; // [h, w], 1 in the rectangle
+    let keep = hole
+        .where_cond(
+            &Tensor::zeros((h, w), x.dtype(), device)?,
+            &Tensor::ones((h, w), x.dtype(), device)?,
+        )?
+        .reshape((1, 1, h, w))?;
+    x.broadcast_mul(&keep)
 }
 
-/// Adds `fac·N(0, 1)` noise, drawn from each cutout's own seed.
-fn add_noise(x: &Tensor, noise: &[(f32, u64)]) -> Result<Tensor> {
-    if noise.iter().all(|(fac, _)| *fac == 0.0) {
-        return Ok(x.clone());
-    }
+/// N(0, 1) noise shaped like `x`, each cutout's drawn on the host from its own seed.
+fn host_noise(x: &Tensor, noise: &[(f32, u64)]) -> Result<Tensor> {
     use rand::SeedableRng;
     let (n, c, h, w) = x.dims4()?;
     let per = c * h * w;
     let mut values = Vec::with_capacity(n * per);
-    for (fac, seed) in noise {
+    for (_, seed) in noise {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(*seed);
-        values.extend((0..per).map(|_| {
-            let v: f32 = StandardNormal.sample(&mut rng);
-            fac * v
-        }));
+        values.extend((0..per).map(|_| -> f32 { StandardNormal.sample(&mut rng) }));
     }
-    let noise = Tensor::from_vec(values, (n, c, h, w), &Device::Cpu)?
-        .to_dtype(x.dtype())?
-        .to_device(x.device())?;
-    x + noise
+    Tensor::from_vec(values, (n, c, h, w), x.device())?.to_dtype(x.dtype())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
     use candle_core::Var;
     use rand::SeedableRng;
 
@@ -443,6 +488,59 @@ mod tests {
         let (a, b) = (values(&shifted), values(&x));
         assert_eq!(a[0], b[1]);
         assert_eq!(a[5], 0.0, "the last column samples outside");
+    }
+
+    #[test]
+    fn a_rotation_samples_where_the_matrix_points_bilinearly() {
+        let x = image(2, 9);
+        let (sin, cos) = 0.3f64.sin_cos();
+        // Output (ox, oy) reads source (cos·ox − sin·oy + 1.5, sin·ox + cos·oy − 0.5).
+        let m = [cos, -sin, 1.5, sin, cos, -0.5, 0.0, 0.0, 1.0];
+        let got = values(&warp(&x, &[None, Some(m)]).unwrap());
+        let src = values(&x);
+        let plane = 81;
+        assert_eq!(
+            got[..3 * plane],
+            src[..3 * plane],
+            "no warp: the cutout as it was"
+        );
+        let pixel = |ch: usize, px: f64, py: f64| -> f64 {
+            let inside = (0.0..9.0).contains(&px) && (0.0..9.0).contains(&py);
+            if inside {
+                f64::from(src[3 * plane + ch * plane + py as usize * 9 + px as usize])
+            } else {
+                0.0
+            }
+        };
+        for ch in 0..3 {
+            for (ox, oy) in [(0, 0), (4, 4), (8, 2), (3, 7)] {
+                let (ox, oy) = (f64::from(ox), f64::from(oy));
+                let (sx, sy) = (cos * ox - sin * oy + 1.5, sin * ox + cos * oy - 0.5);
+                let (x0, y0) = (sx.floor(), sy.floor());
+                let (fx, fy) = (sx - x0, sy - y0);
+                let want = pixel(ch, x0, y0) * (1.0 - fx) * (1.0 - fy)
+                    + pixel(ch, x0 + 1.0, y0) * fx * (1.0 - fy)
+                    + pixel(ch, x0, y0 + 1.0) * (1.0 - fx) * fy
+                    + pixel(ch, x0 + 1.0, y0 + 1.0) * fx * fy;
+                let at = 3 * plane + ch * plane + oy as usize * 9 + ox as usize;
+                assert!(
+                    (f64::from(got[at]) - want).abs() < 1e-5,
+                    "channel {ch} at ({ox}, {oy}): {} vs {want}",
+                    got[at]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn erasing_zeroes_exactly_the_rectangle() {
+        let x = image(2, 6);
+        let erased = values(&erase(&x, (1, 2, 3, 2)).unwrap());
+        for (i, (e, v)) in erased.iter().zip(values(&x)).enumerate() {
+            let (py, px) = ((i % 36) / 6, i % 6);
+            let hole = (1..4).contains(&px) && (2..4).contains(&py);
+            assert_eq!(*e, if hole { 0.0 } else { v }, "pixel {i}");
+        }
     }
 
     #[test]

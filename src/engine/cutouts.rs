@@ -6,11 +6,18 @@
 
 use std::ops::Range;
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, DeviceLocation, Result, Tensor, TensorId};
 use rand::Rng;
 
 use super::augment::{AugmentDraw, Augmentations};
+use super::memo::Memo;
 use super::ops::clamp_with_grad;
+
+/// What resize matrices were made for: the image's height and width, its device and dtype.
+type MatrixKey = (usize, usize, DeviceLocation, DType);
+
+/// The resize matrices `([n, side, h], [n, side, w])` of a list of boxes, on the device.
+type BoxMatrices = Memo<MatrixKey, (Tensor, Tensor)>;
 
 /// Makes the cutouts CLIP sees in one step, a chunk at a time.
 pub trait Cutouts {
@@ -21,13 +28,29 @@ pub trait Cutouts {
     fn cut(&self, image: &Tensor, range: Range<usize>) -> Result<Tensor>;
 }
 
-/// Cutouts at given boxes, resized by adaptive average pooling (the parity fixtures' sampler).
+/// Cutouts at given boxes, resized by adaptive average pooling (the parity fixtures' and the
+/// benchmark's sampler). The resize matrices are made and uploaded once, at the first cut.
 #[derive(Debug, Clone)]
 pub struct FixedBoxes {
+    boxes: Vec<CutoutBox>,
+    side: usize,
+    matrices: BoxMatrices,
+}
+
+impl FixedBoxes {
+    /// Cutouts at `boxes`, in order, resized to CLIP's input side `side`.
+    pub fn new(boxes: Vec<CutoutBox>, side: usize) -> Self {
+        Self {
+            boxes,
+            side,
+            matrices: Memo::default(),
+        }
+    }
+
     /// The boxes, in order.
-    pub boxes: Vec<CutoutBox>,
-    /// CLIP's input side.
-    pub side: usize,
+    pub fn boxes(&self) -> &[CutoutBox] {
+        &self.boxes
+    }
 }
 
 impl Cutouts for FixedBoxes {
@@ -36,7 +59,13 @@ impl Cutouts for FixedBoxes {
     }
 
     fn cut(&self, image: &Tensor, range: Range<usize>) -> Result<Tensor> {
-        crop_and_pool(image, &self.boxes[range], self.side)
+        crop_chunk(
+            image,
+            (&self.boxes, range),
+            self.side,
+            adaptive_avg_pool_matrix,
+            &self.matrices,
+        )
     }
 }
 
@@ -74,6 +103,7 @@ impl CutoutMethod {
             Self::Pooled(augs) => StepCutouts::Pooled {
                 side,
                 draw: augs.draw(rng, cutn, side),
+                pooled: Memo::default(),
             },
             Self::Crops { cut_pow } => {
                 let max_size = width.min(height);
@@ -89,7 +119,11 @@ impl CutoutMethod {
                         CutoutBox { x, y, size }
                     })
                     .collect();
-                StepCutouts::Crops { boxes, side }
+                StepCutouts::Crops {
+                    boxes,
+                    side,
+                    matrices: Memo::default(),
+                }
             }
         }
     }
@@ -104,6 +138,9 @@ pub(crate) enum StepCutouts {
         side: usize,
         /// The augmentation parameters, one set per cutout.
         draw: AugmentDraw,
+        /// The pooled image every cutout starts from, made at the step's first chunk (keyed
+        /// by the image it was pooled from).
+        pooled: Memo<TensorId, Tensor>,
     },
     /// Random crops.
     Crops {
@@ -111,6 +148,8 @@ pub(crate) enum StepCutouts {
         boxes: Vec<CutoutBox>,
         /// CLIP's input side.
         side: usize,
+        /// Every box's resize matrices, made and uploaded at the step's first chunk.
+        matrices: BoxMatrices,
     },
 }
 
@@ -124,22 +163,35 @@ impl Cutouts for StepCutouts {
 
     fn cut(&self, image: &Tensor, range: Range<usize>) -> Result<Tensor> {
         match self {
-            Self::Pooled { side, draw } => {
-                let (_, _, h, w) = image.dims4()?;
-                let avg = resize_with_matrices(
-                    image,
-                    &[adaptive_avg_pool_matrix(h, 0, h, *side)],
-                    &[adaptive_avg_pool_matrix(w, 0, w, *side)],
-                    *side,
-                )?;
-                let pooled = ((avg + adaptive_max_pool(image, *side)?)? / 2.0)?;
+            Self::Pooled { side, draw, pooled } => {
+                // The same pooled image for every chunk: its graph reaches `image` from each
+                // chunk's backward.
+                let pooled = pooled.get_or_make(image.id(), || {
+                    let (_, _, h, w) = image.dims4()?;
+                    let rows = upload(&[adaptive_avg_pool_matrix(h, 0, h, *side)], h, image)?;
+                    let cols = upload(&[adaptive_avg_pool_matrix(w, 0, w, *side)], w, image)?;
+                    let avg = resize_with_matrices(image, &rows, &cols)?;
+                    (avg + adaptive_max_pool(image, *side)?)? / 2.0
+                })?;
                 let (_, c, s, _) = pooled.dims4()?;
                 let copies = pooled.broadcast_as((range.len(), c, s, s))?.contiguous()?;
                 draw.apply(&copies, range)
             }
-            Self::Crops { boxes, side } => {
-                clamp_with_grad(&crop_and_resample(image, &boxes[range], *side)?, 0.0, 1.0)
-            }
+            Self::Crops {
+                boxes,
+                side,
+                matrices,
+            } => clamp_with_grad(
+                &crop_chunk(
+                    image,
+                    (boxes, range),
+                    *side,
+                    lanczos_bicubic_matrix,
+                    matrices,
+                )?,
+                0.0,
+                1.0,
+            ),
         }
     }
 }
@@ -218,33 +270,41 @@ pub(crate) fn adaptive_avg_pool_matrix(
 
 /// Crops `boxes` out of `image` `[1, c, h, w]` and resizes each to `side`×`side` by adaptive
 /// average pooling: `[boxes, c, side, side]`, differentiable with respect to `image`.
+#[cfg(test)]
 pub(crate) fn crop_and_pool(image: &Tensor, boxes: &[CutoutBox], side: usize) -> Result<Tensor> {
-    crop_with(image, boxes, side, adaptive_avg_pool_matrix)
+    crop_chunk(
+        image,
+        (boxes, 0..boxes.len()),
+        side,
+        adaptive_avg_pool_matrix,
+        &Memo::default(),
+    )
 }
 
-/// Crops `boxes` out of `image` and resamples each to `side`×`side` as Crowson's notebook does
-/// (Lanczos-2 low-pass when shrinking, then bicubic).
-pub(crate) fn crop_and_resample(
+/// Cutouts `range` of `boxes` out of `image`, each resized to `side`×`side` with the
+/// separable resampling `matrix` makes for one axis (its arguments: the axis length, the box's
+/// start and size on it, `side`). Every box's matrices are made and uploaded together, once,
+/// and kept in `memo` for the other chunks.
+fn crop_chunk(
     image: &Tensor,
-    boxes: &[CutoutBox],
-    side: usize,
-) -> Result<Tensor> {
-    crop_with(image, boxes, side, lanczos_bicubic_matrix)
-}
-
-/// Crops `boxes` out of `image` and resizes each with the separable resampling `matrix` makes
-/// for one axis (its arguments: the axis length, the box's start and size on it, `side`).
-fn crop_with(
-    image: &Tensor,
-    boxes: &[CutoutBox],
+    (boxes, range): (&[CutoutBox], Range<usize>),
     side: usize,
     matrix: fn(usize, usize, usize, usize) -> Vec<f32>,
+    memo: &BoxMatrices,
 ) -> Result<Tensor> {
     let (_, _, h, w) = image.dims4()?;
-    check_boxes(boxes, w, h)?;
-    let rows: Vec<Vec<f32>> = boxes.iter().map(|b| matrix(h, b.y, b.size, side)).collect();
-    let cols: Vec<Vec<f32>> = boxes.iter().map(|b| matrix(w, b.x, b.size, side)).collect();
-    resize_with_matrices(image, &rows, &cols, side)
+    if range.end > boxes.len() || range.is_empty() {
+        candle_core::bail!("cutouts {range:?} of {}", boxes.len());
+    }
+    let key = (h, w, image.device().location(), image.dtype());
+    let (rows, cols) = memo.get_or_make(key, || {
+        check_boxes(boxes, w, h)?;
+        let rows: Vec<Vec<f32>> = boxes.iter().map(|b| matrix(h, b.y, b.size, side)).collect();
+        let cols: Vec<Vec<f32>> = boxes.iter().map(|b| matrix(w, b.x, b.size, side)).collect();
+        Ok((upload(&rows, h, image)?, upload(&cols, w, image)?))
+    })?;
+    let pick = |m: &Tensor| m.narrow(0, range.start, range.len());
+    resize_with_matrices(image, &pick(&rows)?, &pick(&cols)?)
 }
 
 fn check_boxes(boxes: &[CutoutBox], w: usize, h: usize) -> Result<()> {
@@ -256,45 +316,39 @@ fn check_boxes(boxes: &[CutoutBox], w: usize, h: usize) -> Result<()> {
     Ok(())
 }
 
+/// Row-major `[side, len]` matrices as one `[n, side, len]` tensor on `like`'s device, in its
+/// dtype: one transfer.
+fn upload(matrices: &[Vec<f32>], len: usize, like: &Tensor) -> Result<Tensor> {
+    let n = matrices.len();
+    let side = matrices.first().map_or(0, |m| m.len() / len.max(1));
+    if matrices.iter().any(|m| m.len() != side * len) {
+        candle_core::bail!("resize matrices of different shapes");
+    }
+    Tensor::from_vec(matrices.concat(), (n, side, len), like.device())?.to_dtype(like.dtype())
+}
+
 /// Resizes `image` `[1, c, h, w]` to `[n, c, side, side]` with one pair of matrices per output:
-/// `rows[k]` is `[side, h]` and `cols[k]` is `[side, w]` (row-major), so output `k` is
-/// `rows[k] · image · cols[k]ᵀ` per channel. Cropping is folded into the matrices as zero
-/// columns. Differentiable with respect to `image`.
-pub(crate) fn resize_with_matrices(
-    image: &Tensor,
-    rows: &[Vec<f32>],
-    cols: &[Vec<f32>],
-    side: usize,
-) -> Result<Tensor> {
+/// `rows` `[n, side, h]` and `cols` `[n, side, w]`, so output `k` is `rows[k] · image ·
+/// cols[k]ᵀ` per channel. Cropping is folded into the matrices as zero columns.
+/// Differentiable with respect to `image`.
+pub(crate) fn resize_with_matrices(image: &Tensor, rows: &Tensor, cols: &Tensor) -> Result<Tensor> {
     let (one, c, h, w) = image.dims4()?;
     if one != 1 {
         candle_core::bail!("cutouts are cut from one image at a time, got a batch of {one}");
     }
-    let n = rows.len();
-    if cols.len() != n
-        || rows.iter().any(|r| r.len() != side * h)
-        || cols.iter().any(|m| m.len() != side * w)
-    {
-        candle_core::bail!("resize matrices do not match a {w}x{h} image and {side}-pixel cutouts");
+    let (n, side, rows_len) = rows.dims3()?;
+    if cols.dims3()? != (n, side, w) || rows_len != h {
+        candle_core::bail!("resize matrices do not match a {w}x{h} image");
     }
-    let device = image.device();
-    let dtype = image.dtype();
-    let stack = |ms: &[Vec<f32>], len: usize| -> Result<Tensor> {
-        Tensor::from_vec(ms.concat(), (n, side, len), &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(device)
-    };
-    let p_x = stack(cols, w)?; // [n, side, w]
-    let p_y = stack(rows, h)?; // [n, side, h]
     // Columns first for every cutout at once: [c·h, w] · [w, n·side].
     let resized_cols = image
         .reshape((c * h, w))?
-        .matmul(&p_x.reshape((n * side, w))?.t()?)?
+        .matmul(&cols.reshape((n * side, w))?.t()?)?
         .reshape((c, h, n, side))?
         .permute((2, 0, 1, 3))?
         .contiguous()?; // [n, c, h, side]
     // Then rows: [n, 1, side, h] · [n, c, h, side].
-    p_y.unsqueeze(1)?.broadcast_matmul(&resized_cols)
+    rows.unsqueeze(1)?.broadcast_matmul(&resized_cols)
 }
 
 /// `sin(πx)/(πx)`, 1 at 0.
@@ -408,6 +462,7 @@ pub(crate) fn lanczos_bicubic_matrix(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn pooling_windows_follow_pytorch_and_overlap_when_needed() {
@@ -564,6 +619,47 @@ mod tests {
             let chunk = cuts.cut(&image, 2..5).unwrap();
             assert_eq!(chunk.dims(), [3, 3, 16, 16]);
         }
+    }
+
+    #[test]
+    fn chunks_cut_what_the_whole_step_cuts() {
+        use rand::SeedableRng;
+        // What each step makes once (the pooled image, the matrices, the noise) serves every
+        // chunk: cut in two chunks or all at once, the cutouts are the same.
+        let image = Tensor::rand(0f32, 1.0, (1, 3, 40, 48), &Device::Cpu).unwrap();
+        let values = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for method in [
+            CutoutMethod::default(),
+            CutoutMethod::Crops { cut_pow: 1.0 },
+        ] {
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(4);
+            let cuts = method.draw(&mut rng, 48, 40, 5, 16);
+            let whole = values(cuts.cut(&image, 0..5).unwrap());
+            let mut chunked = values(cuts.cut(&image, 0..2).unwrap());
+            chunked.extend(values(cuts.cut(&image, 2..5).unwrap()));
+            assert_eq!(whole, chunked, "{method:?}");
+        }
+        let boxes = FixedBoxes::new(
+            vec![
+                CutoutBox {
+                    x: 0,
+                    y: 0,
+                    size: 40,
+                },
+                CutoutBox {
+                    x: 8,
+                    y: 4,
+                    size: 20,
+                },
+            ],
+            16,
+        );
+        let whole = values(boxes.cut(&image, 0..2).unwrap());
+        let second = values(boxes.cut(&image, 1..2).unwrap());
+        assert_eq!(whole[3 * 256..], second[..]);
+        // A different image size is served too (its matrices are made, not the kept ones).
+        let small = Tensor::rand(0f32, 1.0, (1, 3, 40, 40), &Device::Cpu).unwrap();
+        assert_eq!(boxes.cut(&small, 0..2).unwrap().dims(), [2, 3, 16, 16]);
     }
 
     #[test]

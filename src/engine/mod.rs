@@ -24,6 +24,7 @@ pub mod generate;
 pub mod image;
 pub(crate) mod kernels;
 pub mod loss;
+pub(crate) mod memo;
 pub mod nets;
 pub mod ops;
 pub mod optimize;

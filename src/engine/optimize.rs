@@ -74,15 +74,24 @@ pub struct StepTimes {
     pub backward: Duration,
     /// Adam and the clamp of the latent to the codebook's range.
     pub optimiser: Duration,
+    /// Of the four phases, the time the host thread spent before it waited for the device at
+    /// the phase's end: making and issuing the work (tables, uploads, kernel launches). On the
+    /// CPU that is all of it; on a GPU, a host time near the phases' sum means the step is
+    /// bound by the host, not the device.
+    pub host: Duration,
 }
 
-/// Time since `*mark` after the device has finished its queued work; moves the mark.
-fn lap(device: &candle_core::Device, mark: &mut Instant) -> Result<Duration> {
-    device.synchronize()?;
-    let now = Instant::now();
-    let spent = now - *mark;
-    *mark = now;
-    Ok(spent)
+impl StepTimes {
+    /// Time since `*mark` once the device has finished its queued work, adding the part before
+    /// the wait to [`StepTimes::host`]; moves the mark.
+    fn lap(&mut self, device: &candle_core::Device, mark: &mut Instant) -> Result<Duration> {
+        self.host += mark.elapsed();
+        device.synchronize()?;
+        let now = Instant::now();
+        let spent = now - *mark;
+        *mark = now;
+        Ok(spent)
+    }
 }
 
 /// Adam as torch implements it (no weight decay), with its moments open so a run can be
@@ -232,11 +241,12 @@ impl Latent {
         let z_q = guide.vqgan.quantizer().quantize(self.z.as_tensor())?.z_q;
         let decoded = guide.vqgan.decode(&z_q)?;
         let image = clamp_with_grad(&((decoded + 1.0)? / 2.0)?, 0.0, 1.0)?;
-        times.synth_fwd = lap(&device, &mut mark)?;
+        times.synth_fwd = times.lap(&device, &mut mark)?;
         let (grad_image, prompt_losses, clip_times) =
             clip_gradient(guide, cutouts, &image.detach())?;
         times.clip_fwd = clip_times.clip_fwd;
         times.backward = clip_times.backward;
+        times.host += clip_times.host;
         mark = Instant::now();
         let mut surrogate = (&image * grad_image)?.sum_all()?;
         // Every loss the report lists comes back from the device in one read at the end.
@@ -253,7 +263,8 @@ impl Latent {
         let Some(grad_z) = grads.get(self.z.as_tensor()) else {
             candle_core::bail!("no gradient reached the latent");
         };
-        times.backward += lap(&device, &mut mark)?;
+        let spent = times.lap(&device, &mut mark)?;
+        times.backward += spent;
         let stepped = self.adam.step(&self.z.as_tensor().detach(), grad_z)?;
         drop(grads);
         let clamped = stepped
@@ -266,7 +277,7 @@ impl Latent {
             .into_iter()
             .map(f64::from)
             .collect();
-        times.optimiser = lap(&device, &mut mark)?;
+        times.optimiser = times.lap(&device, &mut mark)?;
         Ok(StepReport {
             loss: prompt_losses.iter().sum(),
             prompt_losses,
@@ -311,7 +322,8 @@ pub fn clip_gradient(
             None => values,
         });
         let total = stacked.sum_all()?;
-        times.clip_fwd += lap(&device, &mut mark)?;
+        let spent = times.lap(&device, &mut mark)?;
+        times.clip_fwd += spent;
         let mut grads = total.backward()?;
         let g = grads
             .remove(image.as_tensor())
@@ -320,7 +332,8 @@ pub fn clip_gradient(
             Some(acc) => (acc + g)?,
             None => g,
         });
-        times.backward += lap(&device, &mut mark)?;
+        let spent = times.lap(&device, &mut mark)?;
+        times.backward += spent;
     }
     let grad_image = match grad_image {
         Some(g) => g,
