@@ -94,6 +94,35 @@ impl StepTimes {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// See [`audited`].
+    static AUDIT: std::cell::RefCell<Option<Box<dyn FnMut(&Tensor, &candle_core::backprop::GradStore)>>> =
+        std::cell::RefCell::new(None);
+}
+
+/// Runs `f` with `audit` shown every graph a step differentiates on this thread — each chunk's
+/// CLIP loss and the latent's surrogate — with its gradients, right after the backward pass.
+#[cfg(test)]
+pub(crate) fn audited<R>(
+    audit: impl FnMut(&Tensor, &candle_core::backprop::GradStore) + 'static,
+    f: impl FnOnce() -> R,
+) -> R {
+    AUDIT.with(|a| *a.borrow_mut() = Some(Box::new(audit)));
+    let result = f();
+    AUDIT.with(|a| *a.borrow_mut() = None);
+    result
+}
+
+#[cfg(test)]
+fn audit(graph: &Tensor, grads: &candle_core::backprop::GradStore) {
+    AUDIT.with(|a| {
+        if let Some(audit) = a.borrow_mut().as_mut() {
+            audit(graph, grads);
+        }
+    });
+}
+
 /// Adam as torch implements it (no weight decay), with its moments open so a run can be
 /// checkpointed and resumed exactly.
 struct Adam {
@@ -260,6 +289,8 @@ impl Latent {
             surrogate = (surrogate + term)?;
         }
         let grads = surrogate.backward()?;
+        #[cfg(test)]
+        audit(&surrogate, &grads);
         let Some(grad_z) = grads.get(self.z.as_tensor()) else {
             candle_core::bail!("no gradient reached the latent");
         };
@@ -325,6 +356,8 @@ pub fn clip_gradient(
         let spent = times.lap(&device, &mut mark)?;
         times.clip_fwd += spent;
         let mut grads = total.backward()?;
+        #[cfg(test)]
+        audit(&total, &grads);
         let g = grads
             .remove(image.as_tensor())
             .ok_or_else(|| candle_core::Error::Msg("no gradient reached the image".into()))?;
