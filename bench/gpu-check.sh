@@ -18,7 +18,8 @@
 #   5. one JSON file, OUT_DIR/gpu-check.json: every result, and our it/s over the reference's
 #      for each matching case. The full log is OUT_DIR/gpu-check.log.
 #
-# Knobs: GPU_DIR (.gpu), PY (python3, the one with torch), ITERS (10), WARMUP (2).
+# Knobs: GPU_DIR (.gpu), PY (python3, the one with torch), ITERS (10), WARMUP (2), DEVICE
+# (cuda:0).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +28,7 @@ GPU_DIR=${GPU_DIR:-.gpu}
 PY=${PY:-python3}
 ITERS=${ITERS:-10}
 WARMUP=${WARMUP:-2}
+DEVICE=${DEVICE:-cuda:0}
 mkdir -p "$OUT_DIR"
 exec > >(tee "$OUT_DIR/gpu-check.log") 2>&1
 START=$(date +%s)
@@ -81,17 +83,18 @@ for line in sys.stdin:
 }
 
 step "selftest, f32"
-timeout 240 "$BIN" selftest --device cuda:0 -v | tee "$OUT_DIR/selftest-f32.txt"
+timeout 240 "$BIN" selftest --device "$DEVICE" -v 2>&1 | tee "$OUT_DIR/selftest-f32.txt"
 echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT_DIR/selftest-f32.txt"
 step "selftest, CLIP in f16"
-timeout 240 "$BIN" selftest --device cuda:0 --precision f16 -v | tee "$OUT_DIR/selftest-f16.txt"
+timeout 240 "$BIN" selftest --device "$DEVICE" --precision f16 -v 2>&1 |
+    tee "$OUT_DIR/selftest-f16.txt"
 echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT_DIR/selftest-f16.txt"
 
 : > "$OUT_DIR/ours.jsonl"
 for c in "512 f16" "512 f32" "256 f16" "512 f16 --no-tf32"; do
     set -- $c
     step "vqclip bench ${1}x${1}/32, CLIP in $2 ${3:-}"
-    sampled "$BIN" bench --device cuda:0 --size "${1}x${1}" --cutn 32 --clip-precision "$2" \
+    sampled "$BIN" bench --device "$DEVICE" --size "${1}x${1}" --cutn 32 --clip-precision "$2" \
         ${3:-} --warmup "$WARMUP" --iters "$ITERS" --json | tee -a "$OUT_DIR/ours.jsonl"
 done
 
