@@ -26,7 +26,7 @@ use crate::engine::generate::{
 };
 use crate::engine::image;
 use crate::engine::nets::Precision;
-use crate::engine::nets::clip::Clip;
+use crate::engine::nets::clip::{Clip, ClipVision};
 use crate::engine::nets::tokenizer::ClipTokenizer;
 use crate::engine::nets::vqgan::{Vqgan, VqganParts};
 use crate::models::hub::Fetcher;
@@ -279,6 +279,23 @@ pub struct EngineRunner {
     budget_bytes: u64,
     clock: u64,
     clip_precision: Precision,
+    /// The GPU's total memory, bytes; `None` off CUDA.
+    gpu_total: Option<u64>,
+}
+
+/// Cutouts per CLIP pass on a GPU with `total` bytes of memory: as many as a quarter of it holds
+/// (by [`crate::engine::nets::clip::ClipVisionConfig::activation_bytes_per_cutout`]), at most
+/// `cutn`. Larger batches keep a GPU busy where the CPU's 8 would leave it waiting on launches;
+/// the total memory, not the free, so a GPU model always chooses the same (the chunk changes
+/// the order of the gradient's sum, so an image reproduces exactly only with the same chunks).
+fn gpu_chunk(total: u64, clip: &ClipVision, cutn: u32) -> u32 {
+    let per = clip.config().activation_bytes_per_cutout(clip.dtype());
+    chunk_within(total / 4, per, cutn)
+}
+
+/// How many cutouts of `per_cutout` bytes fit in `budget`: from 1 to `cutn`.
+fn chunk_within(budget: u64, per_cutout: u64, cutn: u32) -> u32 {
+    (budget / per_cutout.max(1)).clamp(1, u64::from(cutn.max(1))) as u32
 }
 
 impl EngineRunner {
@@ -286,13 +303,14 @@ impl EngineRunner {
     /// of them resident, saving final latents under `images`.
     pub fn new(device: Device, weights: Fetcher, budget_mib: u64, images: PathBuf) -> Self {
         Self {
-            device,
             images,
             weights,
             cache: Vec::new(),
             budget_bytes: budget_mib.saturating_mul(1 << 20),
             clock: 0,
             clip_precision: Precision::F32,
+            gpu_total: super::devices::gpu_memory(&device).map(|m| m.total),
+            device,
         }
     }
 
@@ -461,8 +479,11 @@ impl Runner for EngineRunner {
             tokenizer: ClipTokenizer::new(),
         };
         let failed = |e: crate::engine::generate::GenerateError| RunError::Failed(e.to_string());
-        let mut generator =
-            Generator::new(&models, job.params.spec.clone(), inputs).map_err(failed)?;
+        let mut spec = job.params.spec.clone();
+        if let Some(total) = self.gpu_total {
+            spec.chunk = gpu_chunk(total, &models.clip.vision, spec.cutn);
+        }
+        let mut generator = Generator::new(&models, spec, inputs).map_err(failed)?;
         let resume = super::resume_path(&self.images, job.id);
         if let Err(e) = std::fs::create_dir_all(&self.images) {
             tracing::warn!(error = %e, dir = %self.images.display(), "cannot create the images directory");
@@ -549,6 +570,31 @@ impl Runner for EngineRunner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_big_gpu_scores_every_cutout_at_once_unless_clip_is_large() {
+        use crate::engine::nets::clip::ClipConfig;
+        use candle_core::DType;
+        const GIB: u64 = 1 << 30;
+        let b32 = ClipConfig::vit_b32().vision;
+        let l14_336 = ClipConfig::vit_l14_336().vision;
+        // ViT-B/32 keeps tens of MB a cutout; ViT-L/14 at 336 px about a GB in f32.
+        let b32_f16 = b32.activation_bytes_per_cutout(DType::F16);
+        assert!((5 << 20..50 << 20).contains(&b32_f16), "{b32_f16}");
+        let l14_f32 = l14_336.activation_bytes_per_cutout(DType::F32);
+        assert!((GIB / 2..2 * GIB).contains(&l14_f32), "{l14_f32}");
+        assert_eq!(l14_336.activation_bytes_per_cutout(DType::F16) * 2, l14_f32);
+        // An 80 GB H100 (a quarter as the budget): every ViT-B/32 cutout in one pass...
+        assert_eq!(chunk_within(80 * GIB / 4, b32_f16, 128), 128);
+        // ...but ViT-L/14-336 in f32 a few dozen at a time, and an 8 GB card a few.
+        let big = chunk_within(80 * GIB / 4, l14_f32, 128);
+        assert!((8..64).contains(&big), "{big}");
+        let small = chunk_within(8 * GIB / 4, l14_f32, 128);
+        assert!((1..=4).contains(&small), "{small}");
+        // Never none, never more than asked.
+        assert_eq!(chunk_within(1, l14_f32, 32), 1);
+        assert_eq!(chunk_within(u64::MAX, 1, 7), 7);
+    }
 
     #[test]
     fn the_model_cache_unloads_the_least_recently_used_beyond_its_budget() {

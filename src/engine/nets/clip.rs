@@ -33,6 +33,18 @@ pub struct ClipVisionConfig {
     pub layer_norm_eps: f64,
 }
 
+impl ClipVisionConfig {
+    /// About how many bytes of activations one cutout keeps for the backward pass in `dtype`:
+    /// per layer and token, some 15 widths (the norms' outputs, q, k, v, the attention's output,
+    /// the MLP's two 4-wide tensors, the residuals) and a row of attention weights per head.
+    /// An estimate for sizing chunks, not an accounting.
+    pub fn activation_bytes_per_cutout(&self, dtype: DType) -> u64 {
+        let tokens = ((self.image_size / self.patch_size.max(1)).pow(2) + 1) as u64;
+        let per_token = 15 * self.hidden_size as u64 + (self.num_heads as u64) * tokens;
+        per_token * tokens * self.num_layers as u64 * dtype.size_in_bytes() as u64
+    }
+}
+
 /// The text tower's shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipTextConfig {
