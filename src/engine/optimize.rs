@@ -94,11 +94,14 @@ impl StepTimes {
     }
 }
 
+/// What [`audited`] is shown: a graph and its gradients.
+#[cfg(test)]
+type Audit = Box<dyn FnMut(&Tensor, &candle_core::backprop::GradStore)>;
+
 #[cfg(test)]
 thread_local! {
     /// See [`audited`].
-    static AUDIT: std::cell::RefCell<Option<Box<dyn FnMut(&Tensor, &candle_core::backprop::GradStore)>>> =
-        std::cell::RefCell::new(None);
+    static AUDIT: std::cell::RefCell<Option<Audit>> = std::cell::RefCell::new(None);
 }
 
 /// Runs `f` with `audit` shown every graph a step differentiates on this thread — each chunk's
