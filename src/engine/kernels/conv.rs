@@ -318,67 +318,73 @@ mod tests {
 
     #[test]
     fn matches_candle_for_every_kernel_padding_and_upsampling() {
-        for (n, c_in, c_out, h, w, k, padding, upsample) in [
-            (1, 5, 7, 9, 11, 3, 1, false),
-            // Several bands of Winograd tiles, odd output sides, upsampled.
-            (1, 3, 4, 70, 73, 3, 1, false),
-            (2, 2, 3, 33, 35, 3, 1, true),
-            (2, 3, 4, 6, 5, 3, 1, true),
-            (1, 4, 6, 7, 7, 1, 0, false),
-            (2, 6, 3, 8, 6, 3, 2, false),
-            (1, 2, 3, 5, 4, 3, 0, false),
-            (1, 3, 2, 4, 9, 5, 2, true),
-        ] {
-            let x = seeded(&[n, c_in, h, w], 1);
-            let weight = seeded(&[c_out, c_in, k, k], 2);
-            let bias = seeded(&[c_out], 3);
-            let stock = |input: &Tensor| {
-                input
-                    .conv2d(&weight, padding, 1, 1, 1)
-                    .unwrap()
-                    .broadcast_add(&bias.reshape((1, c_out, 1, 1)).unwrap())
-                    .unwrap()
-            };
-            let ours = conv2d(&x, &weight, Some(&bias), padding, upsample).unwrap();
-            let input = if upsample {
-                super::super::upsample::upsample_nearest_2x(&x).unwrap()
-            } else {
-                x.clone()
-            };
-            let stock = stock(&input);
-            // Both CPU kernels: Winograd (3×3 only) and shift-and-GEMM.
-            let direct =
-                conv2d_host_with(&x, &weight, Some(&bias), padding, upsample, false).unwrap();
-            let direct = direct.expect("f32 on the CPU").into_tensor().unwrap();
-            for (name, ours) in [("default", ours), ("direct", direct)] {
-                assert_eq!(ours.dims(), stock.dims());
-                let diff = max_diff(&ours, &stock);
-                assert!(
-                    diff < 1e-4,
-                    "{name}: k {k} padding {padding} upsample {upsample}: {diff}"
-                );
+        // The CPU kernels themselves are under test: on, whatever VQCLIP_CPU_KERNELS says.
+        crate::engine::kernels::cpu::with_kernels(true, || {
+            for (n, c_in, c_out, h, w, k, padding, upsample) in [
+                (1, 5, 7, 9, 11, 3, 1, false),
+                // Several bands of Winograd tiles, odd output sides, upsampled.
+                (1, 3, 4, 70, 73, 3, 1, false),
+                (2, 2, 3, 33, 35, 3, 1, true),
+                (2, 3, 4, 6, 5, 3, 1, true),
+                (1, 4, 6, 7, 7, 1, 0, false),
+                (2, 6, 3, 8, 6, 3, 2, false),
+                (1, 2, 3, 5, 4, 3, 0, false),
+                (1, 3, 2, 4, 9, 5, 2, true),
+            ] {
+                let x = seeded(&[n, c_in, h, w], 1);
+                let weight = seeded(&[c_out, c_in, k, k], 2);
+                let bias = seeded(&[c_out], 3);
+                let stock = |input: &Tensor| {
+                    input
+                        .conv2d(&weight, padding, 1, 1, 1)
+                        .unwrap()
+                        .broadcast_add(&bias.reshape((1, c_out, 1, 1)).unwrap())
+                        .unwrap()
+                };
+                let ours = conv2d(&x, &weight, Some(&bias), padding, upsample).unwrap();
+                let input = if upsample {
+                    super::super::upsample::upsample_nearest_2x(&x).unwrap()
+                } else {
+                    x.clone()
+                };
+                let stock = stock(&input);
+                // Both CPU kernels: Winograd (3×3 only) and shift-and-GEMM.
+                let direct =
+                    conv2d_host_with(&x, &weight, Some(&bias), padding, upsample, false).unwrap();
+                let direct = direct.expect("f32 on the CPU").into_tensor().unwrap();
+                for (name, ours) in [("default", ours), ("direct", direct)] {
+                    assert_eq!(ours.dims(), stock.dims());
+                    let diff = max_diff(&ours, &stock);
+                    assert!(
+                        diff < 1e-4,
+                        "{name}: k {k} padding {padding} upsample {upsample}: {diff}"
+                    );
+                }
             }
-        }
+        });
     }
 
     #[test]
     fn block_sums_match_candle() {
-        let x = seeded(&[2, 3, 6, 8], 90);
-        let ours = sum_2x2(&x)
-            .unwrap()
-            .expect("f32 on the CPU")
-            .into_tensor()
-            .unwrap();
-        let candle = x
-            .reshape((2, 3, 3, 2, 4, 2))
-            .unwrap()
-            .sum(5)
-            .unwrap()
-            .sum(3)
-            .unwrap();
-        assert_eq!(ours.dims(), [2, 3, 3, 4]);
-        assert!(max_diff(&ours, &candle) < 1e-6);
-        assert!(sum_2x2(&seeded(&[1, 1, 3, 4], 91)).unwrap().is_none());
+        // The CPU kernels themselves are under test: on, whatever VQCLIP_CPU_KERNELS says.
+        crate::engine::kernels::cpu::with_kernels(true, || {
+            let x = seeded(&[2, 3, 6, 8], 90);
+            let ours = sum_2x2(&x)
+                .unwrap()
+                .expect("f32 on the CPU")
+                .into_tensor()
+                .unwrap();
+            let candle = x
+                .reshape((2, 3, 3, 2, 4, 2))
+                .unwrap()
+                .sum(5)
+                .unwrap()
+                .sum(3)
+                .unwrap();
+            assert_eq!(ours.dims(), [2, 3, 3, 4]);
+            assert!(max_diff(&ours, &candle) < 1e-6);
+            assert!(sum_2x2(&seeded(&[1, 1, 3, 4], 91)).unwrap().is_none());
+        });
     }
 
     #[test]

@@ -261,68 +261,74 @@ mod tests {
 
     #[test]
     fn layer_norm_cpu_kernels_match_the_composed_maths() {
-        let load = |dtype| {
-            let mut map = std::collections::HashMap::new();
-            map.insert("weight".to_owned(), (seeded(&[6], 41) + 1.0).unwrap());
-            map.insert("bias".to_owned(), seeded(&[6], 42));
-            let vb = candle_nn::VarBuilder::from_tensors(map, dtype, &Device::Cpu);
-            FrozenLayerNorm::load(vb, 6, 1e-5).unwrap()
-        };
-        let (n32, n64) = (load(DType::F32), load(DType::F64));
-        let x64 = (seeded(&[2, 3, 6], 43) * 2.0).unwrap();
-        let g64 = seeded(&[2, 3, 6], 44);
-        let x32 = x64.to_dtype(DType::F32).unwrap();
-        let (kernel, composed) = (n32.forward(&x32).unwrap(), n64.forward(&x64).unwrap());
-        assert_eq!(kernel.dims(), [2, 3, 6]);
-        assert!(max_diff(&kernel.to_dtype(DType::F64).unwrap(), &composed) < 1e-5);
-        let rule = |norm: &FrozenLayerNorm| LayerNormInputGrad { norm: norm.clone() };
-        let kernel = rule(&n32)
-            .input_grad(&x32, &g64.to_dtype(DType::F32).unwrap())
-            .unwrap();
-        let composed = rule(&n64).input_grad(&x64, &g64).unwrap();
-        assert!(max_diff(&kernel.to_dtype(DType::F64).unwrap(), &composed) < 1e-4);
+        // The CPU kernels themselves are under test: on, whatever VQCLIP_CPU_KERNELS says.
+        crate::engine::kernels::cpu::with_kernels(true, || {
+            let load = |dtype| {
+                let mut map = std::collections::HashMap::new();
+                map.insert("weight".to_owned(), (seeded(&[6], 41) + 1.0).unwrap());
+                map.insert("bias".to_owned(), seeded(&[6], 42));
+                let vb = candle_nn::VarBuilder::from_tensors(map, dtype, &Device::Cpu);
+                FrozenLayerNorm::load(vb, 6, 1e-5).unwrap()
+            };
+            let (n32, n64) = (load(DType::F32), load(DType::F64));
+            let x64 = (seeded(&[2, 3, 6], 43) * 2.0).unwrap();
+            let g64 = seeded(&[2, 3, 6], 44);
+            let x32 = x64.to_dtype(DType::F32).unwrap();
+            let (kernel, composed) = (n32.forward(&x32).unwrap(), n64.forward(&x64).unwrap());
+            assert_eq!(kernel.dims(), [2, 3, 6]);
+            assert!(max_diff(&kernel.to_dtype(DType::F64).unwrap(), &composed) < 1e-5);
+            let rule = |norm: &FrozenLayerNorm| LayerNormInputGrad { norm: norm.clone() };
+            let kernel = rule(&n32)
+                .input_grad(&x32, &g64.to_dtype(DType::F32).unwrap())
+                .unwrap();
+            let composed = rule(&n64).input_grad(&x64, &g64).unwrap();
+            assert!(max_diff(&kernel.to_dtype(DType::F64).unwrap(), &composed) < 1e-4);
+        });
     }
 
     #[test]
     fn group_norm_cpu_kernels_match_the_composed_maths() {
-        let load = |dtype| {
-            let mut map = std::collections::HashMap::new();
-            map.insert("weight".to_owned(), (seeded(&[8], 31) + 1.0).unwrap());
-            map.insert("bias".to_owned(), seeded(&[8], 32));
-            let vb = candle_nn::VarBuilder::from_tensors(map, dtype, &Device::Cpu);
-            FrozenGroupNorm::load(vb, 4, 8, 1e-6).unwrap()
-        };
-        let (n32, n64) = (load(DType::F32), load(DType::F64));
-        let x64 = (seeded(&[2, 8, 5, 3], 30) * 3.0).unwrap();
-        let g64 = seeded(&[2, 8, 5, 3], 33);
-        let (x32, g32) = (
-            x64.to_dtype(DType::F32).unwrap(),
-            g64.to_dtype(DType::F32).unwrap(),
-        );
-        for swish in [false, true] {
-            // f64 takes the composed path, f32 the kernel.
-            let kernel = super::super::kernels::norm::forward(&x32, &n32.params(swish))
-                .unwrap()
-                .expect("the f32 kernel applies")
-                .into_tensor()
-                .unwrap();
-            assert!(
-                super::super::kernels::norm::forward(&x64, &n64.params(swish))
-                    .unwrap()
-                    .is_none()
-            );
-            let composed = n64.composed_value(&x64, swish).unwrap();
-            let diff = max_diff(&kernel.to_dtype(DType::F64).unwrap(), &composed);
-            assert!(diff < 1e-5, "forward, swish {swish}: {diff}");
-            let rule = |norm: &FrozenGroupNorm| GroupNormInputGrad {
-                norm: norm.clone(),
-                swish,
+        // The CPU kernels themselves are under test: on, whatever VQCLIP_CPU_KERNELS says.
+        crate::engine::kernels::cpu::with_kernels(true, || {
+            let load = |dtype| {
+                let mut map = std::collections::HashMap::new();
+                map.insert("weight".to_owned(), (seeded(&[8], 31) + 1.0).unwrap());
+                map.insert("bias".to_owned(), seeded(&[8], 32));
+                let vb = candle_nn::VarBuilder::from_tensors(map, dtype, &Device::Cpu);
+                FrozenGroupNorm::load(vb, 4, 8, 1e-6).unwrap()
             };
-            let kernel = rule(&n32).input_grad(&x32, &g32).unwrap();
-            let composed = rule(&n64).input_grad(&x64, &g64).unwrap();
-            let diff = max_diff(&kernel.to_dtype(DType::F64).unwrap(), &composed);
-            assert!(diff < 1e-4, "input gradient, swish {swish}: {diff}");
-        }
+            let (n32, n64) = (load(DType::F32), load(DType::F64));
+            let x64 = (seeded(&[2, 8, 5, 3], 30) * 3.0).unwrap();
+            let g64 = seeded(&[2, 8, 5, 3], 33);
+            let (x32, g32) = (
+                x64.to_dtype(DType::F32).unwrap(),
+                g64.to_dtype(DType::F32).unwrap(),
+            );
+            for swish in [false, true] {
+                // f64 takes the composed path, f32 the kernel.
+                let kernel = super::super::kernels::norm::forward(&x32, &n32.params(swish))
+                    .unwrap()
+                    .expect("the f32 kernel applies")
+                    .into_tensor()
+                    .unwrap();
+                assert!(
+                    super::super::kernels::norm::forward(&x64, &n64.params(swish))
+                        .unwrap()
+                        .is_none()
+                );
+                let composed = n64.composed_value(&x64, swish).unwrap();
+                let diff = max_diff(&kernel.to_dtype(DType::F64).unwrap(), &composed);
+                assert!(diff < 1e-5, "forward, swish {swish}: {diff}");
+                let rule = |norm: &FrozenGroupNorm| GroupNormInputGrad {
+                    norm: norm.clone(),
+                    swish,
+                };
+                let kernel = rule(&n32).input_grad(&x32, &g32).unwrap();
+                let composed = rule(&n64).input_grad(&x64, &g64).unwrap();
+                let diff = max_diff(&kernel.to_dtype(DType::F64).unwrap(), &composed);
+                assert!(diff < 1e-4, "input gradient, swish {swish}: {diff}");
+            }
+        });
     }
 
     #[test]
@@ -395,28 +401,31 @@ mod tests {
 
     #[test]
     fn attention_and_quick_gelu_kernels_match_the_composed_ops() {
-        // [b = 3, n = 5, 3 × (2 heads × 8)], large enough values that the softmax is not flat.
-        let qkv = (seeded(&[3, 5, 48], 50) * 2.0).unwrap();
-        let probe = seeded(&[3, 5, 16], 51);
-        for causal in [false, true] {
-            kernel_matches_composed(&qkv, |t| self_attention(t, 2, causal), &probe, 1e-5);
-        }
-        let x = (seeded(&[4, 37], 52) * 4.0).unwrap();
-        kernel_matches_composed(&x, quick_gelu, &seeded(&[4, 37], 53), 1e-5);
-        let linear = FrozenLinear::new(seeded(&[6, 37], 54), Some(seeded(&[6], 55)));
-        let linear32 = FrozenLinear::new(
-            seeded(&[6, 37], 54).to_dtype(DType::F32).unwrap(),
-            Some(seeded(&[6], 55).to_dtype(DType::F32).unwrap()),
-        );
-        kernel_matches_composed(
-            &x,
-            |t| match t.dtype() {
-                DType::F32 => linear32.forward(t),
-                _ => linear.forward(t),
-            },
-            &seeded(&[4, 6], 56),
-            1e-5,
-        );
+        // The CPU kernels themselves are under test: on, whatever VQCLIP_CPU_KERNELS says.
+        crate::engine::kernels::cpu::with_kernels(true, || {
+            // [b = 3, n = 5, 3 × (2 heads × 8)], large enough values that the softmax is not flat.
+            let qkv = (seeded(&[3, 5, 48], 50) * 2.0).unwrap();
+            let probe = seeded(&[3, 5, 16], 51);
+            for causal in [false, true] {
+                kernel_matches_composed(&qkv, |t| self_attention(t, 2, causal), &probe, 1e-5);
+            }
+            let x = (seeded(&[4, 37], 52) * 4.0).unwrap();
+            kernel_matches_composed(&x, quick_gelu, &seeded(&[4, 37], 53), 1e-5);
+            let linear = FrozenLinear::new(seeded(&[6, 37], 54), Some(seeded(&[6], 55)));
+            let linear32 = FrozenLinear::new(
+                seeded(&[6, 37], 54).to_dtype(DType::F32).unwrap(),
+                Some(seeded(&[6], 55).to_dtype(DType::F32).unwrap()),
+            );
+            kernel_matches_composed(
+                &x,
+                |t| match t.dtype() {
+                    DType::F32 => linear32.forward(t),
+                    _ => linear.forward(t),
+                },
+                &seeded(&[4, 6], 56),
+                1e-5,
+            );
+        });
     }
 
     #[test]
