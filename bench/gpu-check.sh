@@ -9,7 +9,8 @@
 #   2. vqclip selftest --device cuda:0: the parity cases in f32 (strict tolerances, TF32 off),
 #      then with CLIP in f16 (tolerances x200);
 #   3. vqclip bench --device cuda:0 at 512x512/32 cutouts with CLIP in f16 (the reference's GPU
-#      setting) and f32, at 256x256/32 in f16, and at 512 in f16 without TF32; 2 warm-up and 10
+#      setting) and f32, at 256x256/32 in f16, and at 512 in f16 without TF32 (and, when
+#      .gpu/vqclip-cudnn.xz was packed, the cuDNN build at 512 and 256 in f16); 2 warm-up and 10
 #      timed iterations each; peak GPU memory sampled with nvidia-smi every 50 ms (above the
 #      idle level, the CUDA context included);
 #   4. the PyTorch reference on the same GPU (../shared/reference/gpu_ref.sh: CLIP in f16) at
@@ -35,8 +36,19 @@ START=$(date +%s)
 step() { echo; echo "== [$(( $(date +%s) - START )) s] $*"; }
 
 step "setup"
-BIN=$(mktemp -d)/vqclip
-gunzip -c "$GPU_DIR/vqclip.gz" > "$BIN" && chmod +x "$BIN" || { echo "no $GPU_DIR/vqclip.gz"; exit 1; }
+# Unpacked with Python's lzma (the host may lack xz).
+unpack() {
+    "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+        "$1" "$2" && chmod +x "$2"
+}
+BINS=$(mktemp -d)
+BIN=$BINS/vqclip
+unpack "$GPU_DIR/vqclip.xz" "$BIN" || { echo "no $GPU_DIR/vqclip.xz (bench/gpu-prepare.sh)"; exit 1; }
+CUDNN_BIN=
+if [ -f "$GPU_DIR/vqclip-cudnn.xz" ]; then
+    CUDNN_BIN=$BINS/vqclip-cudnn
+    unpack "$GPU_DIR/vqclip-cudnn.xz" "$CUDNN_BIN" || CUDNN_BIN=
+fi
 # cuBLAS, cuRAND, NVRTC and the CUDA runtime from PyTorch's CUDA 13 wheels; the driver's
 # libcuda is on the system path.
 SITE=$("$PY" -c 'import site; print(site.getsitepackages()[0])')
@@ -91,11 +103,27 @@ timeout 240 "$BIN" selftest --device "$DEVICE" --precision f16 -v 2>&1 |
 echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT_DIR/selftest-f16.txt"
 
 : > "$OUT_DIR/ours.jsonl"
-for c in "512 f16" "512 f32" "256 f16" "512 f16 --no-tf32"; do
+cases=("512 f16" "512 f32" "256 f16" "512 f16 --no-tf32")
+# The cuDNN build, when packed: its convolutions instead of im2col + cuBLAS.
+[ -n "$CUDNN_BIN" ] && cases+=("512 f16 cudnn" "256 f16 cudnn")
+for c in "${cases[@]}"; do
     set -- $c
+    bin=$BIN flags=${3:-} label=cuda
+    if [ "${3:-}" = cudnn ]; then bin=$CUDNN_BIN flags= label=cudnn; fi
     step "vqclip bench ${1}x${1}/32, CLIP in $2 ${3:-}"
-    sampled "$BIN" bench --device "$DEVICE" --size "${1}x${1}" --cutn 32 --clip-precision "$2" \
-        ${3:-} --warmup "$WARMUP" --iters "$ITERS" --json | tee -a "$OUT_DIR/ours.jsonl"
+    sampled "$bin" bench --device "$DEVICE" --size "${1}x${1}" --cutn 32 --clip-precision "$2" \
+        $flags --warmup "$WARMUP" --iters "$ITERS" --json |
+        "$PY" -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        print(line, end="")
+        continue
+    obj["build"] = sys.argv[1]
+    print(json.dumps(obj))
+' "$label" | tee -a "$OUT_DIR/ours.jsonl"
 done
 
 : > "$OUT_DIR/reference.jsonl"
@@ -130,11 +158,12 @@ for o in ours:
     if o.get("clip_precision") != "f16":
         continue
     mode = "conv" if o.get("tf32") else "off"
+    build = o.get("build", "cuda")
     for r in ref:
         if r.get("size") == o["width"] and r.get("cutn") == o["cutn"] and r.get("tf32") == mode \
                 and r.get("median_s"):
             ratios.append({
-                "size": o["width"], "cutn": o["cutn"], "tf32": mode,
+                "size": o["width"], "cutn": o["cutn"], "tf32": mode, "build": build,
                 "ours_it_s": 1 / o["median_s"], "reference_it_s": 1 / r["median_s"],
                 "speedup": r["median_s"] / o["median_s"],
                 "ours_peak_gpu_smi_mib": o.get("peak_gpu_smi_mib"),
@@ -148,7 +177,7 @@ summary = {
 }
 json.dump(summary, open(os.path.join(out, "gpu-check.json"), "w"), indent=1)
 for r in ratios:
-    print(f"{r['size']}²/{r['cutn']} TF32 {r['tf32']}: ours {r['ours_it_s']:.2f} it/s, "
+    print(f"{r['size']}²/{r['cutn']} TF32 {r['tf32']} ({r['build']}): ours {r['ours_it_s']:.2f} it/s, "
           f"reference {r['reference_it_s']:.2f} it/s: {r['speedup']:.2f}x; peak GPU memory "
           f"(nvidia-smi) {r['ours_peak_gpu_smi_mib']} vs {r['reference_peak_gpu_smi_mib']} MiB")
 PY

@@ -2,13 +2,15 @@
 # Packs what bench/gpu-check.sh needs on a GPU host that has no Rust toolchain and no internet
 # into .gpu/ (ignored by git; carry it along with the repository, 64 MiB at most):
 #
-#   .gpu/vqclip.gz        the CUDA build (bench/build-cuda.sh), stripped and gzipped
-#                         (about 87 MB stripped, 26 MB gzipped)
+#   .gpu/vqclip.xz        the CUDA build (bench/build-cuda.sh), stripped and xz-compressed
+#                         (about 88 MB stripped, 14 MB compressed; gzip made 26)
+#   .gpu/vqclip-cudnn.xz  with CUDNN_BINARY=path: a FEATURES=cudnn build too, measured beside
 #   .gpu/reference/       the PyTorch reference (../shared/reference: bench.py, vqclip_ref.py,
 #                         gpu_ref.sh) and, in pydeps/, the two pure-Python packages it needs
 #                         that such a host lacks (taming-transformers' modules, einops)
 #
 #   bench/gpu-prepare.sh [BINARY]     # default target-cuda/release/vqclip
+#   CUDNN_BINARY=target-cuda/vqclip-cudnn bench/gpu-prepare.sh target-cuda/vqclip-cuda
 #
 # The parity cases travel with the repository (tests/fixtures/parity).
 set -euo pipefail
@@ -23,8 +25,14 @@ for f in bench.py vqclip_ref.py gpu_ref.sh; do
 done
 
 rm -rf .gpu && mkdir -p .gpu/reference/pydeps
-strip -o .gpu/vqclip "$BINARY"
-gzip -9 .gpu/vqclip
+pack() {
+    strip -o ".gpu/$2" "$1"
+    xz -9e -T0 ".gpu/$2"
+}
+pack "$BINARY" vqclip
+if [ -n "${CUDNN_BINARY:-}" ]; then
+    pack "$CUDNN_BINARY" vqclip-cudnn
+fi
 cp "$REFERENCE"/bench.py "$REFERENCE"/vqclip_ref.py "$REFERENCE"/gpu_ref.sh .gpu/reference/
 
 wheels=$(mktemp -d)
