@@ -318,7 +318,12 @@ pub(super) fn imagine_blocking(
     }
     let seconds = started.elapsed().as_secs_f64();
 
-    let text = worker::png_metadata(&args.prompt, &spec, resolved.vqgan.id, resolved.clip.id);
+    let text = worker::png_metadata(
+        &args.prompt,
+        &spec,
+        (resolved.vqgan.id, resolved.clip.id),
+        (&device, settings.scheduler.clip_precision_on(&device)),
+    );
     let png =
         image::encode_png_with_text(&output.image, &text).context("Failed to encode the PNG")?;
     std::fs::write(&out, png).with_context(|| format!("Failed to write {}", out.display()))?;

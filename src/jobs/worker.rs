@@ -234,19 +234,26 @@ fn save_image(images: &Path, id: JobId, output: &RunOutput) -> Result<(PathBuf, 
 }
 
 /// The PNG text chunks that make an image reproducible: prompt, seed, steps, size, models,
-/// software version and the whole spec as JSON.
+/// CLIP's precision and the device kind (a seed gives the same image on the same kind of device
+/// at the same precision), software version and the whole spec as JSON.
 pub(crate) fn png_metadata(
     prompt: &str,
     spec: &GenerationSpec,
-    vqgan: &str,
-    clip: &str,
+    (vqgan, clip): (&str, &str),
+    (device, precision): (&Device, Precision),
 ) -> Vec<(&'static str, String)> {
+    let kind = match device {
+        Device::Cpu => "cpu",
+        Device::Cuda(_) => "cuda",
+        Device::Metal(_) => "metal",
+    };
     vec![
         ("prompt", prompt.to_owned()),
         ("seed", spec.seed.to_string()),
         ("steps", spec.steps.to_string()),
         ("size", format!("{}x{}", spec.width, spec.height)),
         ("models", format!("{vqgan} + {clip}")),
+        ("device", format!("{kind}, CLIP in {precision}")),
         ("software", format!("vqclip {}", env!("CARGO_PKG_VERSION"))),
         (
             "vqclip:spec",
@@ -547,7 +554,12 @@ impl Runner for EngineRunner {
             }
         }
         let spec = &job.params.spec;
-        let text = png_metadata(&job.prompt, spec, &job.vqgan, &job.clip);
+        let text = png_metadata(
+            &job.prompt,
+            spec,
+            (&job.vqgan, &job.clip),
+            (&self.device, self.clip_precision),
+        );
         let png = image::encode_png_with_text(&output.image, &text)
             .map_err(|e| RunError::Failed(format!("cannot encode the PNG: {e}")))?;
         Ok(RunOutput {

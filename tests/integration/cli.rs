@@ -532,6 +532,7 @@ fn imagine_runs_the_tiny_models_on_seeded_weights_with_no_configuration() {
     );
     assert_eq!(get("seed").as_deref(), Some("7"));
     assert_eq!(get("models").as_deref(), Some("tiny_vqgan + tiny_clip"));
+    assert_eq!(get("device").as_deref(), Some("cpu, CLIP in f32"));
     assert!(get("software").is_some_and(|s| s.starts_with("vqclip ")));
 }
 
