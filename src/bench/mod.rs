@@ -31,6 +31,7 @@ use serde::Serialize;
 
 use crate::engine::cutouts::{CutoutMethod, FixedBoxes, StepCutouts};
 use crate::engine::generate::Models;
+use crate::engine::gpu_memory;
 use crate::engine::loss::PromptTarget;
 use crate::engine::nets::Precision;
 use crate::engine::nets::clip::{Clip, ClipConfig};
@@ -38,7 +39,6 @@ use crate::engine::nets::random::SeededWeights;
 use crate::engine::nets::tokenizer::ClipTokenizer;
 use crate::engine::nets::vqgan::{Vqgan, VqganConfig, VqganParts};
 use crate::engine::optimize::{Guide, InitWeight, Latent, StepTimes};
-use crate::jobs::devices::gpu_memory;
 
 pub use kernels::{KernelOptions, kernels};
 

@@ -42,3 +42,28 @@ pub fn with_cpu_kernels<R>(cpu_kernels: bool, f: impl FnOnce() -> R) -> R {
 pub fn cpu_kernels_enabled() -> bool {
     kernels::cpu::enabled()
 }
+
+/// A GPU's memory, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct GpuMemory {
+    /// Free now, for this process and every other.
+    pub free: u64,
+    /// The device's total.
+    pub total: u64,
+}
+
+/// What the driver says of `device`'s memory: CUDA devices only (`None` elsewhere, and when
+/// the driver cannot say).
+pub fn gpu_memory(device: &candle_core::Device) -> Option<GpuMemory> {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(cuda) => {
+            let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+            Some(GpuMemory {
+                free: free as u64,
+                total: total as u64,
+            })
+        }
+        _ => None,
+    }
+}

@@ -75,38 +75,13 @@ fn gpu(backend: &str, n: usize) -> anyhow::Result<Device> {
     opened.with_context(|| format!("{backend}:{n} is not available"))
 }
 
-/// A GPU's memory, in bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct GpuMemory {
-    /// Free now, for this process and every other.
-    pub free: u64,
-    /// The device's total.
-    pub total: u64,
-}
-
-/// What the driver says of `device`'s memory: CUDA devices only (`None` elsewhere, and when
-/// the driver cannot say).
-pub fn gpu_memory(device: &Device) -> Option<GpuMemory> {
-    match device {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(cuda) => {
-            let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
-            Some(GpuMemory {
-                free: free as u64,
-                total: total as u64,
-            })
-        }
-        _ => None,
-    }
-}
-
 /// The side of an image when `generation.default_size` is "auto" on `device`: 256 on the CPU;
 /// on a GPU 512 with more than 8 GiB free, else 304 (also when the free memory is unknown).
 pub fn auto_side(device: &Device) -> u32 {
     if device.is_cpu() {
         return crate::request::CPU_AUTO_SIDE;
     }
-    crate::request::gpu_auto_side(gpu_memory(device).map(|m| m.free as f64 / GIB))
+    crate::request::gpu_auto_side(crate::engine::gpu_memory(device).map(|m| m.free as f64 / GIB))
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -141,7 +116,7 @@ pub(crate) fn engine_slots(
             device = %label,
             clip_precision = %precision,
             tf32 = scheduler.tf32 && device.is_cuda(),
-            memory = ?gpu_memory(&device),
+            memory = ?crate::engine::gpu_memory(&device),
             auto_side = side,
             "device"
         );

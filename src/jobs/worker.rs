@@ -316,7 +316,7 @@ impl EngineRunner {
             budget_bytes: budget_mib.saturating_mul(1 << 20),
             clock: 0,
             clip_precision: Precision::F32,
-            gpu_total: super::devices::gpu_memory(&device).map(|m| m.total),
+            gpu_total: crate::engine::gpu_memory(&device).map(|m| m.total),
             device,
         }
     }
