@@ -165,15 +165,25 @@ async fn imagine_queues_shows_progress_and_posts_the_result() {
     assert_eq!(job.steps, 8);
     assert!(job.message_id.is_some(), "the job knows its message");
 
-    // The progress message was edited while it ran, then left as a stub without the preview.
-    let edits: Vec<String> = discord
-        .log()
-        .iter()
-        .filter(|r| r.method == "PATCH" && r.path.ends_with("/messages/@original"))
-        .map(|r| r.json["content"].as_str().unwrap_or_default().to_owned())
-        .collect();
+    // The progress message was edited while it ran, then left as a stub without the preview
+    // (that last edit may come just after the result is posted: waited for, not raced).
+    let edits = || -> Vec<String> {
+        discord
+            .log()
+            .iter()
+            .filter(|r| r.method == "PATCH" && r.path.ends_with("/messages/@original"))
+            .map(|r| r.json["content"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let edits = eventually("the stub edit", || {
+        let edits = edits();
+        edits
+            .last()
+            .is_some_and(|e| e.contains("(done ↓)"))
+            .then_some(edits)
+    })
+    .await;
     assert!(edits.iter().any(|e| e.contains("% on cpu#0")), "{edits:?}");
-    assert!(edits.last().unwrap().contains("(done ↓)"), "{edits:?}");
 
     // /job shows how to make it again; /history lists it.
     let answer = |payload: Value| {
