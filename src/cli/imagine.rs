@@ -283,7 +283,13 @@ pub(super) fn imagine_blocking(
             .with_context(|| format!("Failed to create {}", dir.display()))?;
     }
 
-    let spec = resolved.spec.clone();
+    let mut spec = resolved.spec.clone();
+    spec.chunk = worker::chunk_for(
+        crate::engine::gpu_memory(&device).map(|m| m.total),
+        &models.clip.vision,
+        spec.cutn,
+        spec.chunk,
+    );
     eprintln!(
         "{}x{}, {} steps, {} cutouts, seed {}",
         spec.width, spec.height, spec.steps, spec.cutn, spec.seed

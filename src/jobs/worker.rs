@@ -290,14 +290,21 @@ pub struct EngineRunner {
     gpu_total: Option<u64>,
 }
 
-/// Cutouts per CLIP pass on a GPU with `total` bytes of memory: as many as a quarter of it holds
-/// (by [`crate::engine::nets::clip::ClipVisionConfig::activation_bytes_per_cutout`]), at most
-/// `cutn`. Larger batches keep a GPU busy where the CPU's 8 would leave it waiting on launches;
-/// the total memory, not the free, so a GPU model always chooses the same (the chunk changes
-/// the order of the gradient's sum, so an image reproduces exactly only with the same chunks).
-fn gpu_chunk(total: u64, clip: &ClipVision, cutn: u32) -> u32 {
-    let per = clip.config().activation_bytes_per_cutout(clip.dtype());
-    chunk_within(total / 4, per, cutn)
+/// Cutouts per CLIP pass for a run with `cutn` cutouts, `chunk` asked for: on a GPU with `total`
+/// bytes of memory, as many as a quarter of it holds (by
+/// [`crate::engine::nets::clip::ClipVisionConfig::activation_bytes_per_cutout`]), at most
+/// `cutn`; elsewhere `chunk`. Larger batches keep a GPU busy where the CPU's 8 would leave it
+/// waiting on launches; the total memory, not the free, so a GPU model always chooses the same
+/// (the chunk changes the order of the gradient's sum, so an image reproduces exactly only with
+/// the same chunks). Jobs and `vqclip imagine` both choose here.
+pub(crate) fn chunk_for(gpu_total: Option<u64>, clip: &ClipVision, cutn: u32, chunk: u32) -> u32 {
+    match gpu_total {
+        Some(total) => {
+            let per = clip.config().activation_bytes_per_cutout(clip.dtype());
+            chunk_within(total / 4, per, cutn)
+        }
+        None => chunk,
+    }
 }
 
 /// How many cutouts of `per_cutout` bytes fit in `budget`: from 1 to `cutn`.
@@ -487,9 +494,7 @@ impl Runner for EngineRunner {
         };
         let failed = |e: crate::engine::generate::GenerateError| RunError::Failed(e.to_string());
         let mut spec = job.params.spec.clone();
-        if let Some(total) = self.gpu_total {
-            spec.chunk = gpu_chunk(total, &models.clip.vision, spec.cutn);
-        }
+        spec.chunk = chunk_for(self.gpu_total, &models.clip.vision, spec.cutn, spec.chunk);
         let mut generator = Generator::new(&models, spec, inputs).map_err(failed)?;
         let resume = super::resume_path(&self.images, job.id);
         if let Err(e) = std::fs::create_dir_all(&self.images) {
