@@ -187,10 +187,10 @@ fn stop_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let stop = stop_signal();
     let pool = open_database(&settings, true).await?;
-    let devices::EngineSlots { slots, auto_side } =
+    let devices::EngineSlots { slots, auto } =
         devices::engine_slots(&settings, tokio::runtime::Handle::current())?;
     let mut options = SchedulerOptions::from_settings(&settings);
-    options.auto_side = auto_side;
+    options.auto = auto;
     if pool.backend() == store::Backend::Postgres || slots.is_empty() {
         let mut claims = worker_claims(&settings);
         claims.follow = Some(Duration::from_millis(settings.scheduler.poll_interval_ms));

@@ -5,7 +5,7 @@
 //!
 //! Shared by the command line and the bot, so both accept exactly the same requests.
 
-use crate::config::{GenerationSettings, SizeSetting};
+use crate::config::{GenerationSettings, GridSetting, SizeSetting};
 use crate::engine::generate::{CutoutSetting, GenerationSpec, round_size};
 use crate::engine::nets::tokenizer::ClipTokenizer;
 use crate::engine::nets::vqgan::VqganConfig;
@@ -32,6 +32,8 @@ pub struct ImagineOptions {
     pub clip: Option<String>,
     /// Crowson's random crops instead of the pooled default.
     pub crops: bool,
+    /// How many images (1 or 4, a 2×2 grid).
+    pub grid: Option<u32>,
 }
 
 /// A request ready to run.
@@ -43,6 +45,8 @@ pub struct Resolved {
     pub vqgan: &'static ModelInfo,
     /// The CLIP.
     pub clip: &'static ModelInfo,
+    /// How many images, one seed each from `spec.seed` up (see [`crate::engine::grid`]).
+    pub grid: u32,
     /// Adjustments the user should hear about.
     pub notes: Vec<String>,
 }
@@ -61,6 +65,41 @@ pub enum RequestError {
 /// Side used for `default_size = "auto"` when the caller knows nothing of the device: the
 /// CPU's, since a too-small image is a better surprise than a run that takes hours.
 pub const CPU_AUTO_SIDE: u32 = 256;
+
+/// What "auto" settings mean on the devices that will run a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AutoDefaults {
+    /// The side of `generation.default_size = "auto"`.
+    pub side: u32,
+    /// The image count of `generation.grid = "auto"`.
+    pub grid: u32,
+}
+
+impl AutoDefaults {
+    /// The CPU's, also used when the devices are unknown (a front end): a small image, and one
+    /// image rather than four that take four times as long.
+    pub const CPU: Self = Self {
+        side: CPU_AUTO_SIDE,
+        grid: 1,
+    };
+
+    /// A GPU's, with `free_gib` of free memory (`None`: unknown): a 2×2 grid, which a GPU makes
+    /// in about the time of one image.
+    pub fn gpu(free_gib: Option<f64>) -> Self {
+        Self {
+            side: gpu_auto_side(free_gib),
+            grid: 4,
+        }
+    }
+
+    /// What every one of two sets of devices can run: the smaller of each.
+    pub fn min(self, other: Self) -> Self {
+        Self {
+            side: self.side.min(other.side),
+            grid: self.grid.min(other.grid),
+        }
+    }
+}
 
 /// Default side for the tiny test model (its configured resolution).
 const TINY_SIDE: u32 = 64;
@@ -112,14 +151,14 @@ fn pick_model(
     }
 }
 
-/// Resolves `text` and `options` against the server's `settings`. `auto_side` is the side used
-/// when the size is "auto"; `tokenizer` measures prompts so that over-long ones can be reported.
+/// Resolves `text` and `options` against the server's `settings`. `auto` says what "auto"
+/// sizes and grids are; `tokenizer` measures prompts so that over-long ones can be reported.
 pub fn resolve(
     text: &str,
     options: &ImagineOptions,
     settings: &GenerationSettings,
     allow_tiny: bool,
-    auto_side: u32,
+    auto: AutoDefaults,
     tokenizer: &ClipTokenizer,
 ) -> Result<Resolved, RequestError> {
     let parsed = prompt::parse(text)?;
@@ -153,7 +192,7 @@ pub fn resolve(
         // The tiny test model's attention sits at a quarter of the image size, so at the usual
         // sizes it is slow for nothing: it defaults to its own 64 px.
         _ if vqgan.tiny => (TINY_SIDE, TINY_SIDE),
-        SizeSetting::Auto => (auto_side, auto_side),
+        SizeSetting::Auto => (auto.side, auto.side),
         SizeSetting::Fixed { width, height } => (width, height),
     };
     let size = options.size.or(flags.size);
@@ -200,6 +239,19 @@ pub fn resolve(
         )));
     }
 
+    let grid = match options.grid.or(flags.grid) {
+        Some(n) if GridSetting::CHOICES.contains(&n) => n,
+        Some(n) => {
+            return Err(RequestError::Invalid(format!(
+                "--grid {n}: a request makes 1 image or a grid of 4"
+            )));
+        }
+        None => match settings.grid {
+            GridSetting::Auto => auto.grid,
+            GridSetting::Fixed(n) => n,
+        },
+    };
+
     for (i, p) in parsed.prompts.iter().enumerate() {
         let dropped = tokenizer.encode(&p.text).dropped;
         if dropped > 0 {
@@ -222,6 +274,7 @@ pub fn resolve(
         spec,
         vqgan,
         clip,
+        grid,
         notes,
     })
 }
@@ -246,7 +299,7 @@ mod tests {
             options,
             &s.generation,
             true,
-            256,
+            AutoDefaults::CPU,
             &ClipTokenizer::new(),
         )
     }
@@ -322,6 +375,29 @@ mod tests {
         let r = resolve_with("x --model tiny", &ImagineOptions::default()).unwrap();
         assert_eq!((r.spec.width, r.spec.height), (64, 64));
         assert_eq!((r.vqgan.id, r.clip.id), ("tiny_vqgan", "tiny_clip"));
+    }
+
+    #[test]
+    fn grids_come_from_the_request_the_server_or_the_device() {
+        let none = ImagineOptions::default();
+        assert_eq!(resolve_with("x", &none).unwrap().grid, 1, "auto on the CPU");
+        assert_eq!(resolve_with("x --grid 4", &none).unwrap().grid, 4);
+        let one = ImagineOptions {
+            grid: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(resolve_with("x --grid 4", &one).unwrap().grid, 1);
+        let three = resolve_with("x --grid 3", &none).unwrap_err().to_string();
+        assert!(three.contains("1 image or a grid of 4"), "{three}");
+        let mut s = settings();
+        let gpu = AutoDefaults::gpu(Some(70.0));
+        let tokenizer = ClipTokenizer::new();
+        let on_gpu = resolve("x", &none, &s.generation, true, gpu, &tokenizer).unwrap();
+        assert_eq!((on_gpu.grid, on_gpu.spec.width), (4, 512));
+        s.generation.grid = GridSetting::Fixed(1);
+        let fixed = resolve("x", &none, &s.generation, true, gpu, &tokenizer).unwrap();
+        assert_eq!(fixed.grid, 1);
+        assert_eq!(gpu.min(AutoDefaults::CPU), AutoDefaults::CPU);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::engine::{
         vqgan::{QuantizerKind, VqganConfig, VqganParts},
     },
     ops::clamp_with_grad,
-    optimize::{Guide, InitWeight, Latent, clip_gradient},
+    optimize::{Guide, InitWeight, Latent, Member, Nets, clip_gradient, step_batch},
 };
 
 /// A case's JSON manifest larger than this is refused before it is read.
@@ -424,10 +424,20 @@ impl Checker {
 
     /// Compares a tensor of the Adam trajectory, in f32 only (see [`run_case`]).
     fn check_trajectory(&mut self, name: &str, actual: &Tensor) -> anyhow::Result<()> {
+        self.check_trajectory_as(name, name, actual)
+    }
+
+    /// [`Checker::check_trajectory`], reported as `label`.
+    fn check_trajectory_as(
+        &mut self,
+        name: &str,
+        label: &str,
+        actual: &Tensor,
+    ) -> anyhow::Result<()> {
         if self.precision == Precision::F32 {
-            return self.check(name, actual);
+            return self.check_as(name, label, actual);
         }
-        if self.has(name) {
+        if self.has(name) && !self.skipped.iter().any(|s| s == name) {
             self.skipped.push(name.to_owned());
         }
         Ok(())
@@ -435,6 +445,11 @@ impl Checker {
 
     /// Compares `actual` with the case's `name` if the case has it.
     fn check(&mut self, name: &str, actual: &Tensor) -> anyhow::Result<()> {
+        self.check_as(name, name, actual)
+    }
+
+    /// Compares `actual` with the case's `name` if the case has it, reported as `label`.
+    fn check_as(&mut self, name: &str, label: &str, actual: &Tensor) -> anyhow::Result<()> {
         if !self.has(name) {
             return Ok(());
         }
@@ -446,7 +461,7 @@ impl Checker {
         let mut worst_of_tolerance = 0.0f64;
         if actual.dims() != expected.dims() {
             self.failures.push(format!(
-                "{name}: shape {:?}, expected {:?}",
+                "{label}: shape {:?}, expected {:?}",
                 actual.dims(),
                 expected.dims()
             ));
@@ -457,7 +472,7 @@ impl Checker {
             let wrong = a.iter().zip(&e).filter(|(a, e)| a != e).count();
             if wrong > 0 {
                 self.failures
-                    .push(format!("{name}: {wrong} of {} values differ", e.len()));
+                    .push(format!("{label}: {wrong} of {} values differ", e.len()));
                 worst_of_tolerance = f64::INFINITY;
             }
         } else {
@@ -492,14 +507,14 @@ impl Checker {
             worst_abs = err;
             if bad > 0 {
                 self.failures.push(format!(
-                    "{name}: {bad} of {} values outside atol {} rtol {}; worst |Δ| = {err:.3e} at {i} (got {}, expected {})",
+                    "{label}: {bad} of {} values outside atol {} rtol {}; worst |Δ| = {err:.3e} at {i} (got {}, expected {})",
                     e.len(), spec.atol * widen, spec.rtol * widen, a[i], e[i]
                 ));
             }
         }
-        self.compared.retain(|c| c.tensor != name);
+        self.compared.retain(|c| c.tensor != label);
         self.compared.push(Compared {
-            tensor: name.to_owned(),
+            tensor: label.to_owned(),
             worst_abs,
             worst_of_tolerance,
         });
@@ -750,8 +765,51 @@ fn run_step(case: &Case, c: &mut Checker) -> anyhow::Result<()> {
         c.check_trajectory(&format!("z_after_step{k}"), latent.z())?;
     }
     c.check_trajectory("losses", &Tensor::new(losses, &device)?)?;
+
+    // The same trajectory for each latent of a batch of copies (as a grid or several jobs run).
+    let mut copies = (0..BATCH_COPIES)
+        .map(|_| {
+            Latent::new(
+                &c.input_on_device(&optimizer.z_init)?,
+                vqgan.z_min(),
+                vqgan.z_max(),
+                optimizer.lr,
+            )
+            .map_err(anyhow::Error::from)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let nets = Nets {
+        vqgan: &vqgan,
+        clip: &clip.vision,
+        chunk: guide.chunk,
+    };
+    let mut losses = vec![Vec::new(); BATCH_COPIES];
+    for k in 1..=steps {
+        let mut members: Vec<Member> = copies
+            .iter_mut()
+            .map(|latent| Member {
+                latent,
+                prompts: &prompts,
+                init_weight: InitWeight::Off,
+                cutouts: &boxes,
+            })
+            .collect();
+        let reports = step_batch(&nets, &mut members)?;
+        for (j, (latent, report)) in copies.iter().zip(reports).enumerate() {
+            losses[j].push(report.loss as f32);
+            let label = format!("z_after_step{k} (batch copy {})", j + 1);
+            c.check_trajectory_as(&format!("z_after_step{k}"), &label, latent.z())?;
+        }
+    }
+    for (j, losses) in losses.into_iter().enumerate() {
+        let label = format!("losses (batch copy {})", j + 1);
+        c.check_trajectory_as("losses", &label, &Tensor::new(losses, &device)?)?;
+    }
     Ok(())
 }
+
+/// Latents in the batch a step case also runs as.
+const BATCH_COPIES: usize = 3;
 
 /// The init-image path: encoder, quant_conv, quantisation.
 fn run_encode(case: &Case, c: &mut Checker) -> anyhow::Result<()> {

@@ -105,7 +105,11 @@ pub(super) async fn imagine(
     let settings = settings_for(config, env, "generate")?;
     // Before any download: a device this build or machine lacks fails at once.
     let device = crate::jobs::devices::open_flag(&args.device)?;
-    let resolved = resolve_imagine(&settings, &args, crate::jobs::devices::auto_side(&device.1))?;
+    let resolved = resolve_imagine(
+        &settings,
+        &args,
+        crate::jobs::devices::auto_defaults(&device.1),
+    )?;
     check_outputs(
         &output_path(&args, resolved.spec.seed),
         args.timelapse.as_deref(),
@@ -190,7 +194,7 @@ pub(super) fn check_outputs(out: &Path, timelapse: Option<&Path>) -> anyhow::Res
 pub(super) fn resolve_imagine(
     settings: &Settings,
     args: &ImagineArgs,
-    auto: u32,
+    auto: request::AutoDefaults,
 ) -> anyhow::Result<request::Resolved> {
     let tokenizer = ClipTokenizer::new();
     let options = args.request.options();

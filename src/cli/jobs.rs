@@ -54,8 +54,8 @@ pub(super) async fn submit(
         &args.request.options(),
         &settings.generation,
         settings.models.allow_tiny,
-        // The queue's devices are not this process's: the CPU's side, a safe size anywhere.
-        request::CPU_AUTO_SIDE,
+        // The queue's devices are not this process's: the CPU's defaults, safe anywhere.
+        request::AutoDefaults::CPU,
         &ClipTokenizer::new(),
     )?;
     for note in &resolved.notes {

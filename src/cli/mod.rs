@@ -397,6 +397,10 @@ pub(crate) struct RequestFlags {
     /// Use Crowson's random crops instead of pooled, augmented cutouts.
     #[arg(long)]
     pub crops: bool,
+    /// How many images: 1, or 4 in a 2×2 grid [default: generation.grid; "auto" is 4 on a
+    /// GPU, 1 on the CPU].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4))]
+    pub grid: Option<u32>,
 }
 
 impl RequestFlags {
@@ -411,6 +415,7 @@ impl RequestFlags {
             vqgan: self.model.clone(),
             clip: self.clip.clone(),
             crops: self.crops,
+            grid: self.grid,
         }
     }
 }

@@ -172,6 +172,9 @@ pub struct SchedulerSettings {
     /// Whether f32 matrix products on CUDA (the VQGAN's convolutions among them) may use TF32
     /// tensor cores, as PyTorch's cuDNN convolutions do by default.
     pub tf32: bool,
+    /// Most queued jobs a device runs together in one batch (jobs whose models, size and
+    /// cutout count agree); 1 runs one job at a time.
+    pub max_batch: usize,
 }
 
 impl SchedulerSettings {
@@ -214,6 +217,8 @@ pub struct GenerationSettings {
     pub default_clip: &'static ModelInfo,
     /// A progress preview is rendered every this many steps.
     pub preview_every: u32,
+    /// How many images a request makes when it names no `--grid`.
+    pub grid: GridSetting,
 }
 
 /// `[models]`.
@@ -318,11 +323,56 @@ impl Serialize for DeviceSpec {
     }
 }
 
+/// How many images a request makes by default: a fixed count, or chosen per device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GridSetting {
+    /// Four (a 2×2 grid) where every device is a GPU, one on the CPU, where four images cost
+    /// four times as long (see [`crate::request::AutoDefaults`]).
+    Auto,
+    /// Always this many: 1 or 4.
+    Fixed(u32),
+}
+
+impl GridSetting {
+    /// The grid sizes a request may ask for.
+    pub const CHOICES: [u32; 2] = [1, 4];
+}
+
+impl FromStr for GridSetting {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim().to_ascii_lowercase();
+        if s == "auto" {
+            return Ok(Self::Auto);
+        }
+        match s.parse::<u32>() {
+            Ok(n) if Self::CHOICES.contains(&n) => Ok(Self::Fixed(n)),
+            _ => Err(r#"expected "auto", 1 or 4"#.to_owned()),
+        }
+    }
+}
+
+impl fmt::Display for GridSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Fixed(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl Serialize for GridSetting {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// The default image size: fixed, or chosen per device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SizeSetting {
     /// 512² on GPUs with more than 8 GiB free at startup, 304² on other GPUs, 256² on the
-    /// CPU (see [`crate::jobs::devices::auto_side`]).
+    /// CPU (see [`crate::jobs::devices::auto_defaults`]).
     Auto,
     /// Always this size.
     Fixed {

@@ -73,6 +73,7 @@ pub(super) struct RawScheduler {
     pub(super) lease_seconds: u64,
     pub(super) clip_precision: String,
     pub(super) tf32: bool,
+    pub(super) max_batch: usize,
 }
 
 impl Default for RawScheduler {
@@ -92,6 +93,7 @@ impl Default for RawScheduler {
             lease_seconds: 30,
             clip_precision: "auto".into(),
             tf32: true,
+            max_batch: 4,
         }
     }
 }
@@ -109,6 +111,7 @@ pub(super) struct RawGeneration {
     pub(super) default_vqgan: String,
     pub(super) default_clip: String,
     pub(super) preview_every: u32,
+    pub(super) grid: Scalar,
 }
 
 impl Default for RawGeneration {
@@ -124,6 +127,7 @@ impl Default for RawGeneration {
             default_vqgan: "imagenet_f16_16384".into(),
             default_clip: "vit_b32".into(),
             preview_every: 50,
+            grid: Scalar::Text("auto".into()),
         }
     }
 }

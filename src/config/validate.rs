@@ -8,7 +8,7 @@ use super::raw::{
 };
 use super::{
     DEFAULT_DATABASE, DEVICE_EXPECTED, DeviceSpec, DiscordSettings, Environment,
-    GenerationSettings, InvalidKey, MIN_SIDE, ModelSettings, ModelSource, Origins,
+    GenerationSettings, GridSetting, InvalidKey, MIN_SIDE, ModelSettings, ModelSource, Origins,
     SchedulerSettings, Settings, SizeSetting, StorageSettings,
 };
 use crate::engine::nets::Precision;
@@ -267,6 +267,7 @@ pub(super) fn validate_scheduler(raw: RawScheduler, p: &mut Problems) -> Schedul
         3_600_000,
     );
     p.check_range("scheduler.lease_seconds", raw.lease_seconds, 1, 3600);
+    p.check_range("scheduler.max_batch", raw.max_batch, 1, MAX_BATCH);
     let clip_precision = match raw.clip_precision.trim() {
         s if s.eq_ignore_ascii_case("auto") => None,
         s => match s.parse::<Precision>() {
@@ -296,8 +297,13 @@ pub(super) fn validate_scheduler(raw: RawScheduler, p: &mut Problems) -> Schedul
         lease_seconds: raw.lease_seconds,
         clip_precision,
         tf32: raw.tf32,
+        max_batch: raw.max_batch,
     }
 }
+
+/// Largest `scheduler.max_batch`: each job may bring a grid of four latents, all decoded and
+/// kept on the device together.
+pub(super) const MAX_BATCH: usize = 16;
 
 pub(super) fn validate_generation(
     raw: RawGeneration,
@@ -377,6 +383,14 @@ pub(super) fn validate_generation(
         "generation.default_clip",
         p,
     );
+    let grid_text = match &raw.grid {
+        Scalar::Integer(n) => n.to_string(),
+        Scalar::Text(t) => t.clone(),
+    };
+    let grid = grid_text.parse::<GridSetting>().unwrap_or_else(|expected| {
+        p.add("generation.grid", Some(raw.grid.to_string()), expected);
+        GridSetting::Auto
+    });
     GenerationSettings {
         default_size,
         max_side: raw.max_side,
@@ -388,6 +402,7 @@ pub(super) fn validate_generation(
         default_vqgan,
         default_clip,
         preview_every: raw.preview_every,
+        grid,
     }
 }
 

@@ -16,13 +16,13 @@ use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 use super::augment::Augmentations;
-use super::cutouts::{CutoutMethod, Cutouts};
+use super::cutouts::{CutoutMethod, Cutouts, StepCutouts};
 use super::image::{self as img, ImageError};
 use super::loss::PromptTarget;
 use super::nets::clip::{Clip, normalize};
 use super::nets::tokenizer::ClipTokenizer;
 use super::nets::vqgan::Vqgan;
-use super::optimize::{Guide, InitWeight, Latent, LatentState};
+use super::optimize::{InitWeight, Latent, LatentState, Member, Nets, StepReport, step_batch};
 use super::prompt::{WeightedPrompt, check_weight};
 
 /// Why a generation stopped without an image.
@@ -412,6 +412,8 @@ pub struct Generator<'m> {
     started: Instant,
     frames: Vec<RgbImage>,
     last_loss: f64,
+    /// The last preview, downscaled, before JPEG (grids compose theirs from it).
+    preview_image: Option<RgbImage>,
 }
 
 impl<'m> Generator<'m> {
@@ -544,6 +546,7 @@ impl<'m> Generator<'m> {
             started: Instant::now(),
             frames: Vec::new(),
             last_loss: f64::NAN,
+            preview_image: None,
         })
     }
 
@@ -559,6 +562,14 @@ impl<'m> Generator<'m> {
 
     /// Runs one iteration (cutouts → CLIP → loss → Adam) and reports on it.
     pub fn step(&mut self) -> Result<Progress, GenerateError> {
+        let mut progress = step_together(&mut [self])?;
+        progress
+            .pop()
+            .ok_or_else(|| GenerateError::InvalidSpec("a batch of one made no progress".into()))
+    }
+
+    /// Draws this iteration's cutouts from the run's own random stream.
+    fn draw_cutouts(&mut self) -> Result<StepCutouts, GenerateError> {
         if self.is_done() {
             return Err(GenerateError::InvalidSpec(
                 "every step has already run".into(),
@@ -566,17 +577,13 @@ impl<'m> Generator<'m> {
         }
         let (w, h) = (self.spec.width as usize, self.spec.height as usize);
         let side = self.models.clip.vision.config().image_size;
-        let cutouts = self
+        Ok(self
             .method
-            .draw(&mut self.rng, w, h, self.spec.cutn as usize, side);
-        let guide = Guide {
-            vqgan: &self.models.vqgan,
-            clip: &self.models.clip.vision,
-            prompts: &self.targets,
-            chunk: self.spec.chunk.max(1) as usize,
-            init_weight: self.spec.init_weight,
-        };
-        let report = self.latent.step(&guide, &cutouts)?;
+            .draw(&mut self.rng, w, h, self.spec.cutn as usize, side))
+    }
+
+    /// Counts an iteration the engine has run: previews, frames, the ETA.
+    fn record(&mut self, report: StepReport) -> Result<Progress, GenerateError> {
         // Previews and frames show the image this iteration scored, before its update.
         let i = self.iteration;
         let mut preview = None;
@@ -591,6 +598,7 @@ impl<'m> Generator<'m> {
                     width: small.width(),
                     height: small.height(),
                 });
+                self.preview_image = Some(small.clone());
             }
             if wants_frame {
                 self.frames.push(small);
@@ -609,6 +617,11 @@ impl<'m> Generator<'m> {
             eta: per_step * (self.spec.steps - self.iteration),
             preview,
         })
+    }
+
+    /// The last preview's picture (at most 256 pixels a side, before JPEG), if any.
+    pub fn preview_image(&self) -> Option<&RgbImage> {
+        self.preview_image.as_ref()
     }
 
     /// Iterations done so far.
@@ -675,6 +688,59 @@ impl<'m> Generator<'m> {
         }
         self.finish()
     }
+}
+
+/// Runs one iteration of several runs as one batch: one decode of all their latents, CLIP
+/// passes over all their cutouts, one backward (see [`step_batch`]). The runs must share the
+/// models and the image size; each keeps its own seed, prompts, cutouts, Adam state, previews
+/// and progress, and ends as it would have alone up to the order of floating-point sums (the
+/// stated tolerance is in `tests/integration/pipeline.rs`). CLIP sees the batch's cutouts the
+/// largest of the runs' `chunk` at a time. Progress comes in run order.
+pub fn step_together(runs: &mut [&mut Generator<'_>]) -> Result<Vec<Progress>, GenerateError> {
+    let Some(first) = runs.first() else {
+        return Ok(Vec::new());
+    };
+    let models = first.models;
+    let size = (first.spec.width, first.spec.height);
+    if let Some(other) = runs
+        .iter()
+        .find(|r| !std::ptr::eq(r.models, models) || (r.spec.width, r.spec.height) != size)
+    {
+        return Err(GenerateError::InvalidSpec(format!(
+            "runs batched together need the same models and size: {}x{} and {}x{}",
+            size.0, size.1, other.spec.width, other.spec.height
+        )));
+    }
+    let chunk = runs.iter().map(|r| r.spec.chunk).max().unwrap_or(1).max(1) as usize;
+    let cutouts = runs
+        .iter_mut()
+        .map(|r| r.draw_cutouts())
+        .collect::<Result<Vec<_>, _>>()?;
+    let nets = Nets {
+        vqgan: &models.vqgan,
+        clip: &models.clip.vision,
+        chunk,
+    };
+    let reports = {
+        let mut members: Vec<Member> = runs
+            .iter_mut()
+            .zip(&cutouts)
+            .map(|(run, cutouts)| {
+                let run = &mut **run;
+                Member {
+                    latent: &mut run.latent,
+                    prompts: &run.targets,
+                    init_weight: run.spec.init_weight,
+                    cutouts,
+                }
+            })
+            .collect();
+        step_batch(&nets, &mut members)?
+    };
+    runs.iter_mut()
+        .zip(reports)
+        .map(|(run, report)| run.record(report))
+        .collect()
 }
 
 /// The start of an upscale: a finished latent upsampled ×2 (nearest), for a run at twice the

@@ -6,6 +6,7 @@
 //! backward, accumulating the gradient at the image; finally that gradient goes back through
 //! the decoder to `z` in one backward pass.
 
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use super::cutouts::Cutouts;
@@ -267,58 +268,192 @@ impl Latent {
     /// One iteration: quantise → decode → cutouts → CLIP → loss (+ init term) → backward →
     /// Adam → clamp. The report's losses list the prompts, then the init term when it is on.
     pub fn step(&mut self, guide: &Guide, cutouts: &dyn Cutouts) -> Result<StepReport> {
-        let device = self.z.as_tensor().device().clone();
-        let mut times = StepTimes::default();
-        let mut mark = Instant::now();
-        let z_q = guide.vqgan.quantizer().quantize(self.z.as_tensor())?.z_q;
-        let decoded = guide.vqgan.decode(&z_q)?;
-        let image = clamp_with_grad(&((decoded + 1.0)? / 2.0)?, 0.0, 1.0)?;
-        times.synth_fwd = times.lap(&device, &mut mark)?;
-        let (grad_image, prompt_losses, clip_times) =
-            clip_gradient(guide, cutouts, &image.detach())?;
-        times.clip_fwd = clip_times.clip_fwd;
-        times.backward = clip_times.backward;
-        times.host += clip_times.host;
-        mark = Instant::now();
-        let mut surrogate = (&image * grad_image)?.sum_all()?;
-        // Every loss the report lists comes back from the device in one read at the end.
-        let mut losses = prompt_losses.to_dtype(candle_core::DType::F32)?;
-        if let Some(term) = self.init_term(guide.init_weight)? {
+        let nets = Nets {
+            vqgan: guide.vqgan,
+            clip: guide.clip,
+            chunk: guide.chunk,
+        };
+        let mut member = [Member {
+            latent: self,
+            prompts: guide.prompts,
+            init_weight: guide.init_weight,
+            cutouts,
+        }];
+        let mut reports = step_batch(&nets, &mut member)?;
+        reports
+            .pop()
+            .ok_or_else(|| candle_core::Error::Msg("a batch of one made no report".into()))
+    }
+}
+
+/// The frozen networks a batched step runs through, shared by every latent in it.
+pub struct Nets<'a> {
+    /// Decodes latents.
+    pub vqgan: &'a Vqgan,
+    /// Scores cutouts.
+    pub clip: &'a ClipVision,
+    /// Cutouts per CLIP forward/backward, counted over the whole batch: bounds memory; the
+    /// result does not depend on it beyond the order of floating-point sums.
+    pub chunk: usize,
+}
+
+/// One latent of a batched step, with what guides it alone.
+pub struct Member<'a, 'l> {
+    /// The latent, stepped in place.
+    pub latent: &'l mut Latent,
+    /// Its prompts.
+    pub prompts: &'a [PromptTarget],
+    /// Its pull towards its start or zero.
+    pub init_weight: InitWeight,
+    /// Its cutouts for this step (drawn from its own random stream).
+    pub cutouts: &'a dyn Cutouts,
+}
+
+/// One iteration for several latents of the same shape at once: one decode of the stacked
+/// latents, one sequence of CLIP passes over every member's cutouts (chunked across members),
+/// one backward to all the latents. Each member's loss involves only its own image, and no
+/// layer mixes the images of a batch, so each latent's gradient and Adam update are the ones it
+/// would get alone, up to the order of floating-point sums; a batch of one is exactly
+/// [`Latent::step`]. Reports come in member order; they share the step's [`StepTimes`].
+pub fn step_batch(nets: &Nets, members: &mut [Member]) -> Result<Vec<StepReport>> {
+    let Some(first) = members.first() else {
+        candle_core::bail!("a batched step needs at least one latent");
+    };
+    let device = first.latent.z().device().clone();
+    let shape = first.latent.z().shape().clone();
+    if let Some(other) = members.iter().find(|m| m.latent.z().shape() != &shape) {
+        candle_core::bail!(
+            "latents of a batch must have one shape: {:?} and {:?}",
+            shape,
+            other.latent.z().shape()
+        );
+    }
+    let mut times = StepTimes::default();
+    let mut mark = Instant::now();
+    let zs: Vec<&Tensor> = members.iter().map(|m| m.latent.z.as_tensor()).collect();
+    let z = Tensor::cat(&zs, 0)?;
+    let z_q = nets.vqgan.quantizer().quantize(&z)?.z_q;
+    let decoded = nets.vqgan.decode(&z_q)?;
+    let image = clamp_with_grad(&((decoded + 1.0)? / 2.0)?, 0.0, 1.0)?;
+    times.synth_fwd = times.lap(&device, &mut mark)?;
+    let scored: Vec<Scored> = members
+        .iter()
+        .map(|m| Scored {
+            prompts: m.prompts,
+            cutouts: m.cutouts,
+        })
+        .collect();
+    let (grad_image, prompt_losses, clip_times) =
+        clip_gradient_batch(nets, &scored, &image.detach())?;
+    times.clip_fwd = clip_times.clip_fwd;
+    times.backward = clip_times.backward;
+    times.host += clip_times.host;
+    mark = Instant::now();
+    let mut surrogate = (&image * grad_image)?.sum_all()?;
+    // Every loss the reports list comes back from the device in one read at the end.
+    let mut losses = Vec::with_capacity(members.len());
+    for (member, prompt_losses) in members.iter().zip(prompt_losses) {
+        let mut own = prompt_losses.to_dtype(candle_core::DType::F32)?;
+        if let Some(term) = member.latent.init_term(member.init_weight)? {
             let value = term
                 .detach()
                 .to_dtype(candle_core::DType::F32)?
                 .reshape(1)?;
-            losses = Tensor::cat(&[&losses, &value], 0)?;
+            own = Tensor::cat(&[&own, &value], 0)?;
             surrogate = (surrogate + term)?;
         }
-        let grads = surrogate.backward()?;
-        #[cfg(test)]
-        audit(&surrogate, &grads);
-        let Some(grad_z) = grads.get(self.z.as_tensor()) else {
+        losses.push(own);
+    }
+    let grads = surrogate.backward()?;
+    #[cfg(test)]
+    audit(&surrogate, &grads);
+    let mut stepped = Vec::with_capacity(members.len());
+    for member in members.iter() {
+        let latent = &member.latent;
+        let Some(grad_z) = grads.get(latent.z.as_tensor()) else {
             candle_core::bail!("no gradient reached the latent");
         };
-        let spent = times.lap(&device, &mut mark)?;
-        times.backward += spent;
-        let stepped = self.adam.step(&self.z.as_tensor().detach(), grad_z)?;
-        drop(grads);
-        let clamped = stepped
-            .broadcast_maximum(&self.z_min)?
-            .broadcast_minimum(&self.z_max)?;
-        self.z.set(&clamped)?;
-        self.steps_done += 1;
-        let prompt_losses: Vec<f64> = losses
-            .to_vec1::<f32>()?
-            .into_iter()
-            .map(f64::from)
-            .collect();
-        times.optimiser = times.lap(&device, &mut mark)?;
-        Ok(StepReport {
+        stepped.push(grad_z.clone());
+    }
+    let spent = times.lap(&device, &mut mark)?;
+    times.backward += spent;
+    drop(grads);
+    for (member, grad_z) in members.iter_mut().zip(stepped) {
+        let latent = &mut *member.latent;
+        let next = latent.adam.step(&latent.z.as_tensor().detach(), &grad_z)?;
+        let clamped = next
+            .broadcast_maximum(&latent.z_min)?
+            .broadcast_minimum(&latent.z_max)?;
+        latent.z.set(&clamped)?;
+        latent.steps_done += 1;
+    }
+    let counts: Vec<usize> = losses.iter().map(|l| l.elem_count()).collect();
+    let all: Vec<f64> = Tensor::cat(&losses, 0)?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    times.optimiser = times.lap(&device, &mut mark)?;
+    let mut values = all.into_iter();
+    let mut reports = Vec::with_capacity(members.len());
+    for (k, count) in counts.into_iter().enumerate() {
+        let prompt_losses: Vec<f64> = values.by_ref().take(count).collect();
+        reports.push(StepReport {
             loss: prompt_losses.iter().sum(),
             prompt_losses,
-            image: image.detach(),
+            image: image.narrow(0, k, 1)?.detach(),
             times,
-        })
+        });
     }
+    Ok(reports)
+}
+
+/// How CLIP sees a batch's cutouts, `counts[k]` of image `k`, at most `chunk` a pass: each pass
+/// a list of (image, range of its cutouts). Images whose cutouts fit in a pass are packed whole
+/// into one while room remains; a larger image is split into passes of `chunk` as it would be
+/// alone (its remainder then shares a pass with the next images). So every image's cutouts are
+/// grouped into passes exactly as they would be alone, and its gradient sums in the same order;
+/// a batch of one is cut as `chunk` always cut it.
+fn passes(counts: &[usize], chunk: usize) -> Vec<Vec<(usize, Range<usize>)>> {
+    let chunk = chunk.max(1);
+    let mut passes = Vec::new();
+    let mut current: Vec<(usize, Range<usize>)> = Vec::new();
+    let mut filled = 0;
+    for (k, &count) in counts.iter().enumerate() {
+        if count == 0 {
+            continue;
+        }
+        if count <= chunk {
+            if filled + count > chunk {
+                passes.push(std::mem::take(&mut current));
+                filled = 0;
+            }
+            current.push((k, 0..count));
+            filled += count;
+            continue;
+        }
+        if !current.is_empty() {
+            passes.push(std::mem::take(&mut current));
+        }
+        let whole = count / chunk * chunk;
+        for start in (0..whole).step_by(chunk) {
+            passes.push(vec![(k, start..start + chunk)]);
+        }
+        filled = count - whole;
+        if filled > 0 {
+            current.push((k, whole..count));
+        }
+    }
+    if !current.is_empty() {
+        passes.push(current);
+    }
+    passes
+}
+
+/// What scores one image of a batch: its prompts and its cutouts.
+struct Scored<'a> {
+    prompts: &'a [PromptTarget],
+    cutouts: &'a dyn Cutouts,
 }
 
 /// d loss / d image for `image` (no graph), accumulated over chunks of cutouts, with each
@@ -328,34 +463,79 @@ pub fn clip_gradient(
     cutouts: &dyn Cutouts,
     image: &Tensor,
 ) -> Result<(Tensor, Tensor, StepTimes)> {
+    let nets = Nets {
+        vqgan: guide.vqgan,
+        clip: guide.clip,
+        chunk: guide.chunk,
+    };
+    let scored = [Scored {
+        prompts: guide.prompts,
+        cutouts,
+    }];
+    let (grad, mut losses, times) = clip_gradient_batch(&nets, &scored, image)?;
+    let losses = losses
+        .pop()
+        .ok_or_else(|| candle_core::Error::Msg("one image made no losses".into()))?;
+    Ok((grad, losses, times))
+}
+
+/// [`clip_gradient`] for a batch `image` `[n, 3, H, W]` whose image `k` is scored by
+/// `scored[k]`, CLIP seeing the cutouts in the [`passes`] of `nets.chunk`. Returns the
+/// gradient at the whole batch and each image's prompt losses.
+fn clip_gradient_batch(
+    nets: &Nets,
+    scored: &[Scored],
+    image: &Tensor,
+) -> Result<(Tensor, Vec<Tensor>, StepTimes)> {
     let device = image.device().clone();
     let mut times = StepTimes::default();
     let mut mark = Instant::now();
+    if image.dim(0)? != scored.len() {
+        candle_core::bail!(
+            "{} images scored by {} sets of prompts",
+            image.dim(0)?,
+            scored.len()
+        );
+    }
     let image = Var::from_tensor(image)?;
-    let n = cutouts.count();
-    let mut prompt_losses: Option<Tensor> = None;
+    // One view per image, made once: cutouts memoise their work by the view's identity.
+    let views = (0..scored.len())
+        .map(|k| image.as_tensor().narrow(0, k, 1))
+        .collect::<Result<Vec<_>>>()?;
+    let counts: Vec<usize> = scored.iter().map(|s| s.cutouts.count()).collect();
+    let mut prompt_losses: Vec<Option<Tensor>> = vec![None; scored.len()];
     let mut grad_image: Option<Tensor> = None;
-    for start in (0..n).step_by(guide.chunk.max(1)) {
-        let range = start..(start + guide.chunk.max(1)).min(n);
-        let cuts = normalize(&cutouts.cut(image.as_tensor(), range)?)?;
-        let embeds = guide.clip.forward(&cuts)?;
-        let mut losses = Vec::with_capacity(guide.prompts.len());
-        for prompt in guide.prompts.iter() {
-            losses.push(prompt_loss(&embeds, prompt, n)?.0);
+    for shares in passes(&counts, nets.chunk.max(1)) {
+        let pieces = shares
+            .iter()
+            .map(|(k, range)| scored[*k].cutouts.cut(&views[*k], range.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        let cuts = normalize(&Tensor::cat(&pieces, 0)?)?;
+        let embeds = nets.clip.forward(&cuts)?;
+        let mut stacks = Vec::with_capacity(shares.len());
+        let mut row = 0;
+        for (k, range) in &shares {
+            let own = embeds.narrow(0, row, range.len())?;
+            row += range.len();
+            let mut losses = Vec::with_capacity(scored[*k].prompts.len());
+            for prompt in scored[*k].prompts {
+                losses.push(prompt_loss(&own, prompt, counts[*k])?.0);
+            }
+            if losses.is_empty() {
+                candle_core::bail!("a step needs at least one prompt");
+            }
+            // One stack and one sum: a chain of additions would make the graph as deep as the
+            // prompt list, and the backward pass walks it recursively (thousands of prompts
+            // overflowed the worker's stack).
+            let stacked = Tensor::stack(&losses, 0)?;
+            let values = stacked.detach();
+            prompt_losses[*k] = Some(match prompt_losses[*k].take() {
+                Some(sum) => (sum + values)?,
+                None => values,
+            });
+            stacks.push(stacked);
         }
-        if losses.is_empty() {
-            candle_core::bail!("a step needs at least one prompt");
-        }
-        // One stack and one sum: a chain of additions would make the graph as deep as the
-        // prompt list, and the backward pass walks it recursively (thousands of prompts
-        // overflowed the worker's stack).
-        let stacked = Tensor::stack(&losses, 0)?;
-        let values = stacked.detach();
-        prompt_losses = Some(match prompt_losses {
-            Some(sum) => (sum + values)?,
-            None => values,
-        });
-        let total = stacked.sum_all()?;
+        let total = Tensor::cat(&stacks, 0)?.sum_all()?;
         let spent = times.lap(&device, &mut mark)?;
         times.clip_fwd += spent;
         let mut grads = total.backward()?;
@@ -375,8 +555,45 @@ pub fn clip_gradient(
         Some(g) => g,
         None => candle_core::bail!("a step needs at least one cutout"),
     };
-    let Some(prompt_losses) = prompt_losses else {
-        candle_core::bail!("a step needs at least one cutout");
+    let Some(prompt_losses) = prompt_losses.into_iter().collect::<Option<Vec<_>>>() else {
+        candle_core::bail!("every image of a step needs at least one cutout");
     };
     Ok((grad_image, prompt_losses, times))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::passes;
+
+    #[test]
+    fn passes_pack_whole_images_and_split_large_ones_as_alone() {
+        // A batch of one: chunks of `chunk`, as always.
+        assert_eq!(
+            passes(&[5], 2),
+            [vec![(0, 0..2)], vec![(0, 2..4)], vec![(0, 4..5)]]
+        );
+        assert_eq!(passes(&[4], 8), [vec![(0, 0..4)]]);
+        // Four images of 32 and a GPU's chunk of 128: one pass.
+        assert_eq!(
+            passes(&[32; 4], 128),
+            [vec![(0, 0..32), (1, 0..32), (2, 0..32), (3, 0..32)]]
+        );
+        // Whole images while they fit; never one image's cutouts split where alone they are not.
+        assert_eq!(
+            passes(&[4, 4, 7], 9),
+            [vec![(0, 0..4), (1, 0..4)], vec![(2, 0..7)]]
+        );
+        // A large image is cut as alone; its remainder shares a pass with the next.
+        assert_eq!(
+            passes(&[3, 5, 1], 2),
+            [
+                vec![(0, 0..2)],
+                vec![(0, 2..3)],
+                vec![(1, 0..2)],
+                vec![(1, 2..4)],
+                vec![(1, 4..5), (2, 0..1)],
+            ]
+        );
+        assert!(passes(&[0, 0], 4).is_empty());
+    }
 }

@@ -11,7 +11,8 @@
 //!   "at 3:30::0.5" to weight such a prompt).
 //! - `text::weight` segments (weight optional, default 1) are accepted as the same thing.
 //! - Flags start with `--` after whitespace: `--seed N`, `--steps N`, `--ar W:H`,
-//!   `--size WxH`, `--no TEXT` (a negative prompt, weight −0.5), `--cutn N`, `--model NAME`.
+//!   `--size WxH`, `--no TEXT` (a negative prompt, weight −0.5), `--cutn N`, `--model NAME`,
+//!   `--grid N` (how many images, shown as one grid).
 //!
 //! Parsing only reads the text; ranges (steps, sizes) are checked against the configuration by
 //! whoever builds the job. Every error carries the byte range of the offending piece.
@@ -48,6 +49,8 @@ pub struct PromptFlags {
     pub cutn: Option<u32>,
     /// `--model NAME`.
     pub model: Option<String>,
+    /// `--grid N`: how many images (the caller checks which counts it makes).
+    pub grid: Option<u32>,
 }
 
 /// A parsed prompt: what to aim for and the settings the user typed.
@@ -90,10 +93,10 @@ fn error(input: &str, span: Range<usize>, message: impl Into<String>) -> PromptE
     }
 }
 
-const FLAGS: &str = "--seed, --steps, --ar, --size, --no, --cutn, --model";
+const FLAGS: &str = "--seed, --steps, --ar, --size, --no, --cutn, --model, --grid";
 
 /// The flags' names without their dashes.
-const FLAG_NAMES: [&str; 7] = ["seed", "steps", "ar", "size", "no", "cutn", "model"];
+const FLAG_NAMES: [&str; 8] = ["seed", "steps", "ar", "size", "no", "cutn", "model", "grid"];
 
 /// Longest prompt accepted, in bytes (Discord allows 6,000 characters in an option; the text
 /// encoder reads 77 tokens of each piece).
@@ -326,13 +329,13 @@ fn apply_flag(
             }
             flags.seed = Some(number("a whole number from 0 to 18446744073709551615")?);
         }
-        "--steps" | "--cutn" => {
+        "--steps" | "--cutn" | "--grid" => {
             let n = u32::try_from(number("a whole number")?)
                 .map_err(|_| error(input, whole.clone(), format!("{flag} is far too large")))?;
-            let slot = if flag == "--steps" {
-                &mut flags.steps
-            } else {
-                &mut flags.cutn
+            let slot = match flag.as_str() {
+                "--steps" => &mut flags.steps,
+                "--cutn" => &mut flags.cutn,
+                _ => &mut flags.grid,
             };
             if slot.replace(n).is_some() {
                 return Err(duplicate());
@@ -587,7 +590,7 @@ mod tests {
 
     #[test]
     fn flags_are_read_and_no_becomes_a_negative_prompt() {
-        let parsed = parse("a lighthouse --ar 16:9 --steps 300 --seed 18446744073709551615 --no boats, people --cutn 16 --model wikiart").unwrap();
+        let parsed = parse("a lighthouse --ar 16:9 --steps 300 --seed 18446744073709551615 --no boats, people --cutn 16 --model wikiart --grid 4").unwrap();
         assert_eq!(parsed.prompts.len(), 2);
         assert_eq!(
             parsed.prompts[1],
@@ -606,7 +609,15 @@ mod tests {
                 size: None,
                 cutn: Some(16),
                 model: Some("wikiart".into()),
+                grid: Some(4),
             }
+        );
+        let twice = parse("x --grid 4 --grid 1").unwrap_err();
+        assert!(twice.message.contains("--grid is given twice"), "{twice}");
+        let word = parse("x --grid four").unwrap_err();
+        assert!(
+            word.message.contains("--grid takes a whole number"),
+            "{word}"
         );
         assert_eq!(
             parse("x --size 512x384").unwrap().flags.size,

@@ -7,6 +7,7 @@ use super::scheduler::DeviceSlot;
 use super::worker::EngineRunner;
 use crate::config::{DeviceSpec, Settings};
 use crate::models::hub::{Fetcher, Hub};
+use crate::request::AutoDefaults;
 
 /// The devices `specs` name, with their labels (`cpu`, `cpu#1`, `cuda:0`). `auto` is every CUDA
 /// device in a CUDA build (the first Metal device in a Metal build), else the CPU.
@@ -75,13 +76,14 @@ fn gpu(backend: &str, n: usize) -> anyhow::Result<Device> {
     opened.with_context(|| format!("{backend}:{n} is not available"))
 }
 
-/// The side of an image when `generation.default_size` is "auto" on `device`: 256 on the CPU;
-/// on a GPU 512 with more than 8 GiB free, else 304 (also when the free memory is unknown).
-pub fn auto_side(device: &Device) -> u32 {
+/// What "auto" settings mean on `device`. The size: 256 on the CPU; on a GPU 512 with more
+/// than 8 GiB free, else 304 (also when the free memory is unknown). The grid: 1 on the CPU, 4
+/// on a GPU.
+pub fn auto_defaults(device: &Device) -> AutoDefaults {
     if device.is_cpu() {
-        return crate::request::CPU_AUTO_SIDE;
+        return AutoDefaults::CPU;
     }
-    crate::request::gpu_auto_side(crate::engine::gpu_memory(device).map(|m| m.free as f64 / GIB))
+    AutoDefaults::gpu(crate::engine::gpu_memory(device).map(|m| m.free as f64 / GIB))
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -105,22 +107,23 @@ pub(crate) fn engine_slots(
     let scheduler = &settings.scheduler;
     // Process-wide in candle (and a no-op without CUDA).
     candle_core::cuda::set_gemm_reduced_precision_f32(scheduler.tf32);
-    let mut auto = None::<u32>;
+    let mut auto = None::<AutoDefaults>;
     let mut slots = Vec::new();
     for (label, device) in
         open(&scheduler.devices).map_err(|e| anyhow::anyhow!("scheduler.devices: {e:#}"))?
     {
         let precision = scheduler.clip_precision_on(&device);
-        let side = auto_side(&device);
+        let defaults = auto_defaults(&device);
         tracing::info!(
             device = %label,
             clip_precision = %precision,
             tf32 = scheduler.tf32 && device.is_cuda(),
             memory = ?crate::engine::gpu_memory(&device),
-            auto_side = side,
+            auto_side = defaults.side,
+            auto_grid = defaults.grid,
             "device"
         );
-        auto = Some(auto.map_or(side, |a| a.min(side)));
+        auto = Some(auto.map_or(defaults, |a| a.min(defaults)));
         slots.push(DeviceSlot {
             label,
             runner: Box::new(
@@ -136,7 +139,7 @@ pub(crate) fn engine_slots(
     }
     Ok(EngineSlots {
         slots,
-        auto_side: auto.unwrap_or(crate::request::CPU_AUTO_SIDE),
+        auto: auto.unwrap_or(AutoDefaults::CPU),
     })
 }
 
@@ -144,9 +147,9 @@ pub(crate) fn engine_slots(
 pub(crate) struct EngineSlots {
     /// One per device.
     pub slots: Vec<DeviceSlot>,
-    /// The "auto" image side every device here can run: the smallest of theirs (the CPU's
-    /// when there are none, as on a front end, whose workers' devices it cannot see).
-    pub auto_side: u32,
+    /// The "auto" settings every device here can run: the smallest side and grid of theirs
+    /// (the CPU's when there are none, as on a front end, whose workers' devices it cannot see).
+    pub auto: AutoDefaults,
 }
 
 #[cfg(test)]

@@ -1275,7 +1275,7 @@ async fn the_again_line_is_shell_safe_and_makes_the_same_image() {
         &options,
         &settings.generation,
         true,
-        256,
+        vqclip::request::AutoDefaults::CPU,
         &vqclip::engine::nets::tokenizer::ClipTokenizer::new(),
     )
     .unwrap();

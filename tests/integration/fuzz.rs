@@ -116,7 +116,7 @@ proptest! {
         let s = settings();
         let options = ImagineOptions { steps, size, cutn, seed, ..Default::default() };
         if let Ok(resolved) = request::resolve(
-            &text, &options, &s.generation, true, 256, &ClipTokenizer::new(),
+            &text, &options, &s.generation, true, request::AutoDefaults::CPU, &ClipTokenizer::new(),
         ) {
             prop_assert!(resolved.spec.check().is_ok(), "{:?}", resolved.spec.check());
             let spec = &resolved.spec;

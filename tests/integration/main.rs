@@ -4,6 +4,7 @@
 //! from the installed server programs when `VQCLIP_TEST_POSTGRES_URL` names none), the real `vqclip` binary for the
 //! command line, a loopback fake Hugging Face Hub for downloads. `TEST_LOG=1` prints the code's logs.
 
+mod batch;
 mod bot;
 mod bot_actions;
 mod cli;

@@ -21,7 +21,7 @@ use vqclip::engine::{
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
-fn tiny_models() -> Models {
+pub(crate) fn tiny_models() -> Models {
     let dev = Device::Cpu;
     let vqgan = nets::vqgan_from_files(
         "tiny_vqgan",
@@ -44,7 +44,7 @@ fn tiny_models() -> Models {
     }
 }
 
-fn spec(seed: u64) -> GenerationSpec {
+pub(crate) fn spec(seed: u64) -> GenerationSpec {
     let prompts = vec![
         WeightedPrompt {
             text: "a red lighthouse".into(),

@@ -99,7 +99,7 @@ pub(crate) fn options(dir: &TempDir) -> SchedulerOptions {
         progress_interval: Duration::from_millis(100),
         max_pixels: 512 * 512,
         images: dir.path().join("images"),
-        auto_side: 256,
+        auto: vqclip::request::AutoDefaults::CPU,
         claims: None,
     }
 }

@@ -84,6 +84,7 @@ pub(super) async fn imagine(
             vqgan: model,
             clip: None,
             crops: false,
+            grid: None,
         };
         let mine = users::get_user_settings(&data.store, ctx.author().id.get()).await?;
         let defaults = user_defaults(
@@ -96,7 +97,7 @@ pub(super) async fn imagine(
             &options,
             &defaults,
             data.settings.models.allow_tiny,
-            data.scheduler.auto_side(),
+            data.scheduler.auto(),
             &data.tokenizer,
         )
         .map_err(|e| BotError::User(e.to_string()))?;

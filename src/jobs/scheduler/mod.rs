@@ -576,9 +576,9 @@ impl Scheduler {
         state.watchers.get(&id).map(watch::Sender::subscribe)
     }
 
-    /// The side of an "auto"-sized request on this scheduler's devices.
-    pub fn auto_side(&self) -> u32 {
-        self.shared.options.auto_side
+    /// What "auto" sizes and grids of a request mean on this scheduler's devices.
+    pub fn auto(&self) -> crate::request::AutoDefaults {
+        self.shared.options.auto
     }
 
     /// Jobs this scheduler failed when it started because their process had died under them

@@ -29,9 +29,9 @@ pub struct SchedulerOptions {
     pub max_pixels: u64,
     /// Where images and latents are written.
     pub images: PathBuf,
-    /// The side of a request's image when `generation.default_size` is "auto", chosen for the
-    /// devices here (see [`crate::jobs::devices::auto_side`]).
-    pub auto_side: u32,
+    /// What "auto" sizes and grids of a request mean, chosen for the devices here (see
+    /// [`crate::jobs::devices::auto_defaults`]).
+    pub auto: crate::request::AutoDefaults,
     /// Take jobs from the shared queue in the database (`vqclip worker`) instead of holding the
     /// queue in memory.
     pub claims: Option<ClaimOptions>,
@@ -105,7 +105,7 @@ impl SchedulerOptions {
             progress_interval: Duration::from_millis(s.progress_interval_ms),
             max_pixels: settings.generation.max_pixels,
             images: settings.storage.images.clone(),
-            auto_side: crate::request::CPU_AUTO_SIDE,
+            auto: crate::request::AutoDefaults::CPU,
             claims: None,
         }
     }

@@ -1,0 +1,212 @@
+//! Several runs optimised as one batch: each ends where it would alone, a batch is
+//! reproducible, and a grid's composite holds its images.
+
+use std::sync::atomic::AtomicBool;
+
+use candle_core::Tensor;
+use vqclip::engine::{
+    generate::{
+        CutoutSetting, GenerationInputs, GenerationSpec, Generator, Models, Output, step_together,
+    },
+    grid,
+    optimize::InitWeight,
+    prompt::WeightedPrompt,
+};
+
+use super::pipeline::{spec, tiny_models};
+
+/// How far a batched run's final latent may be from the same run alone: f32 rounding of values
+/// about 1. Measured on this CPU, on both the CPU kernels and the composed ops a GPU runs, with
+/// passes of 3 and of 8 cutouts: 0, bit for bit — a batch groups each run's cutouts into CLIP
+/// passes as the run alone does (`optimize::passes`), and no product here sums a row
+/// differently for having more rows.
+const BATCH_TOLERANCE: f32 = 1e-5;
+
+/// Four runs that differ in everything a batch lets them differ in: seed, prompts, init weight.
+fn members() -> Vec<GenerationSpec> {
+    let base = GenerationSpec {
+        steps: 4,
+        preview_every: 0,
+        frame_every: 0,
+        ..spec(40)
+    };
+    let other_prompt = vec![WeightedPrompt {
+        text: "a green forest at night".into(),
+        weight: 1.0,
+        stop: Some(0.2),
+    }];
+    vec![
+        base.clone(),
+        GenerationSpec {
+            seed: 41,
+            prompts: other_prompt,
+            ..base.clone()
+        },
+        GenerationSpec {
+            seed: 42,
+            init_weight: InitWeight::ToZeroDecaying { weight: 0.3 },
+            ..base.clone()
+        },
+        GenerationSpec {
+            seed: 43,
+            cutn: 7,
+            ..base
+        },
+    ]
+}
+
+fn alone(models: &Models, spec: GenerationSpec) -> Output {
+    Generator::new(models, spec, GenerationInputs::default())
+        .unwrap()
+        .run(&AtomicBool::new(false), |_| {})
+        .unwrap()
+}
+
+fn together(models: &Models, specs: &[GenerationSpec]) -> Vec<Output> {
+    let runs = specs
+        .iter()
+        .map(|s| Generator::new(models, s.clone(), GenerationInputs::default()).unwrap())
+        .collect();
+    grid::run_together(runs, &AtomicBool::new(false), |_, _| {}).unwrap()
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn worst_difference(a: &Tensor, b: &Tensor) -> f32 {
+    values(a)
+        .iter()
+        .zip(values(b))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn batch_equals_alone() {
+    let models = tiny_models();
+    let settings = [
+        (CutoutSetting::Pooled, 3),
+        (CutoutSetting::Crops { cut_pow: 1.0 }, 3),
+        // Passes of 8: the first two runs' cutouts share one.
+        (CutoutSetting::Pooled, 8),
+    ];
+    for (cutouts, chunk) in settings {
+        let specs: Vec<GenerationSpec> = members()
+            .into_iter()
+            .map(|s| GenerationSpec {
+                cutouts,
+                chunk,
+                ..s
+            })
+            .collect();
+        let batched = together(&models, &specs);
+        for (spec, batched) in specs.iter().zip(&batched) {
+            let single = alone(&models, spec.clone());
+            let worst = worst_difference(&single.latent, &batched.latent);
+            eprintln!(
+                "seed {} {cutouts:?} chunk {chunk}: worst |Δz| {worst:e}",
+                spec.seed
+            );
+            assert!(
+                worst <= BATCH_TOLERANCE,
+                "seed {} {cutouts:?}: the batched latent is {worst} from the run alone",
+                spec.seed
+            );
+            assert_eq!(single.latent.dims(), batched.latent.dims());
+        }
+        // The members did not all become the same picture.
+        assert_ne!(values(&batched[0].latent), values(&batched[1].latent));
+        // Twice the same batch: the same bytes.
+        let again = together(&models, &specs);
+        for (a, b) in batched.iter().zip(&again) {
+            assert_eq!(values(&a.latent), values(&b.latent));
+            assert!(a.png == b.png, "two batched runs gave different images");
+        }
+    }
+}
+
+#[test]
+fn each_run_of_a_batch_ends_where_it_would_alone_and_batches_repeat_exactly() {
+    batch_equals_alone();
+}
+
+/// The composed ops a GPU runs, on the CPU.
+#[test]
+fn on_the_device_path_a_batch_also_ends_where_each_run_would_alone() {
+    vqclip::engine::with_cpu_kernels(false, batch_equals_alone);
+}
+
+#[test]
+fn runs_of_different_sizes_or_lengths_are_not_batched() {
+    let models = tiny_models();
+    let base = members().remove(0);
+    let mut a = Generator::new(&models, base.clone(), GenerationInputs::default()).unwrap();
+    let mut b = Generator::new(
+        &models,
+        GenerationSpec {
+            width: 16,
+            height: 16,
+            ..base.clone()
+        },
+        GenerationInputs::default(),
+    )
+    .unwrap();
+    let err = step_together(&mut [&mut a, &mut b])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("same models and size"), "{err}");
+    // Nothing ran: the first run is still at its start.
+    assert_eq!(a.iteration(), 0);
+    let longer = Generator::new(
+        &models,
+        GenerationSpec {
+            steps: 9,
+            ..base.clone()
+        },
+        GenerationInputs::default(),
+    )
+    .unwrap();
+    let first = Generator::new(&models, base, GenerationInputs::default()).unwrap();
+    let err = grid::run_together(vec![first, longer], &AtomicBool::new(false), |_, _| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("differ in steps"), "{err}");
+}
+
+#[test]
+fn a_batch_reports_each_runs_own_progress() {
+    let models = tiny_models();
+    let specs: Vec<GenerationSpec> = members()
+        .into_iter()
+        .map(|s| GenerationSpec {
+            preview_every: 2,
+            ..s
+        })
+        .collect();
+    let runs: Vec<Generator> = specs
+        .iter()
+        .map(|s| Generator::new(&models, s.clone(), GenerationInputs::default()).unwrap())
+        .collect();
+    let mut seen = Vec::new();
+    grid::run_together(runs, &AtomicBool::new(false), |progress, runs| {
+        assert_eq!(progress.len(), 4);
+        let previews = runs.iter().filter(|r| r.preview_image().is_some()).count();
+        seen.push((
+            progress[0].iteration,
+            progress.iter().map(|p| p.loss).collect::<Vec<_>>(),
+            progress.iter().filter(|p| p.preview.is_some()).count(),
+            previews,
+        ));
+    })
+    .unwrap();
+    assert_eq!(seen.len(), 4);
+    for (i, (iteration, losses, previews, kept)) in seen.iter().enumerate() {
+        assert_eq!(*iteration as usize, i + 1);
+        // Different prompts and seeds: different losses.
+        assert!(losses.iter().all(|l| l.is_finite()));
+        assert_ne!(losses[0], losses[1]);
+        assert_eq!(*previews, if i % 2 == 0 { 4 } else { 0 }, "step {i}");
+        assert_eq!(*kept, 4);
+    }
+}
