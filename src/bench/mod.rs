@@ -38,7 +38,7 @@ use crate::engine::nets::clip::{Clip, ClipConfig};
 use crate::engine::nets::random::SeededWeights;
 use crate::engine::nets::tokenizer::ClipTokenizer;
 use crate::engine::nets::vqgan::{Vqgan, VqganConfig, VqganParts};
-use crate::engine::optimize::{Guide, InitWeight, Latent, StepTimes};
+use crate::engine::optimize::{InitWeight, Latent, Member, Nets, StepTimes, step_batch};
 
 pub use kernels::{KernelOptions, kernels};
 
@@ -72,7 +72,13 @@ pub struct BenchOptions {
     pub clip_precision: Precision,
     /// TF32 for f32 matrix products on CUDA.
     pub tf32: bool,
+    /// Latents optimised together, each with its own start and cutout boxes (a grid, or jobs
+    /// batched on one device).
+    pub batch: u32,
 }
+
+/// Steps of one image when counting images per hour: `generation.default_steps`' default.
+pub const STEPS_PER_IMAGE: u32 = 500;
 
 /// Phase times of one iteration, in seconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -114,8 +120,12 @@ pub struct BenchReport {
     pub height: u32,
     /// Cutouts per iteration.
     pub cutn: u32,
-    /// Cutouts per CLIP pass.
+    /// Cutouts per CLIP pass, counted over the batch.
     pub chunk: u32,
+    /// Latents per iteration.
+    pub batch: u32,
+    /// Images an hour at [`STEPS_PER_IMAGE`] steps each, from the median iteration.
+    pub images_per_hour: f64,
     /// Timed iterations.
     pub iters: u32,
     /// Median seconds per iteration.
@@ -188,39 +198,59 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         (options.width / factor) as usize,
         (options.height / factor) as usize,
     );
-    let z_init = Tensor::rand(0f32, 2f32, (1, vqgan_cfg.embed_dim, toks_y, toks_x), device)?;
     let side = clip.vision.config().image_size;
-    let StepCutouts::Crops { boxes, .. } = CutoutMethod::Crops { cut_pow: 1.0 }.draw(
-        &mut rng,
-        options.width as usize,
-        options.height as usize,
-        options.cutn as usize,
-        side,
-    ) else {
-        anyhow::bail!("Crowson's sampler drew no boxes");
-    };
-    let cutouts = FixedBoxes::new(boxes, side);
-    let mut latent = Latent::new(&z_init, vqgan.z_min(), vqgan.z_max(), 0.1)?;
-    let chunk = options.chunk.unwrap_or(options.cutn).clamp(1, options.cutn);
+    let batch = options.batch.max(1);
+    let mut latents = Vec::new();
+    let mut cutouts = Vec::new();
+    for _ in 0..batch {
+        let z_init = Tensor::rand(0f32, 2f32, (1, vqgan_cfg.embed_dim, toks_y, toks_x), device)?;
+        latents.push(Latent::new(&z_init, vqgan.z_min(), vqgan.z_max(), 0.1)?);
+        let StepCutouts::Crops { boxes, .. } = CutoutMethod::Crops { cut_pow: 1.0 }.draw(
+            &mut rng,
+            options.width as usize,
+            options.height as usize,
+            options.cutn as usize,
+            side,
+        ) else {
+            anyhow::bail!("Crowson's sampler drew no boxes");
+        };
+        cutouts.push(FixedBoxes::new(boxes, side));
+    }
+    let all = options.cutn.saturating_mul(batch);
+    let chunk = options.chunk.unwrap_or(all).clamp(1, all);
     let targets = [target];
-    let guide = Guide {
+    let nets = Nets {
         vqgan: &vqgan,
         clip: &clip.vision,
-        prompts: &targets,
         chunk: chunk as usize,
-        init_weight: InitWeight::Off,
+    };
+    let mut step = || -> candle_core::Result<StepTimes> {
+        let mut members: Vec<Member> = latents
+            .iter_mut()
+            .zip(&cutouts)
+            .map(|(latent, cutouts)| Member {
+                latent,
+                prompts: &targets,
+                init_weight: InitWeight::Off,
+                cutouts,
+            })
+            .collect();
+        Ok(step_batch(&nets, &mut members)?
+            .first()
+            .map(|r| r.times)
+            .unwrap_or_default())
     };
     for _ in 0..options.warmup {
-        latent.step(&guide, &cutouts)?;
+        step()?;
     }
     let mut iter_s = Vec::new();
     let mut parts = Vec::new();
     for _ in 0..options.iters {
         let started = Instant::now();
-        let report = latent.step(&guide, &cutouts)?;
+        let times = step()?;
         device.synchronize()?;
         iter_s.push(started.elapsed().as_secs_f64());
-        parts.push(PhaseSeconds::from(report.times));
+        parts.push(PhaseSeconds::from(times));
     }
     let phase = |f: fn(&PhaseSeconds) -> f64| median(&parts.iter().map(f).collect::<Vec<_>>());
     let memory = gpu_memory(device);
@@ -232,6 +262,9 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         height: options.height,
         cutn: options.cutn,
         chunk,
+        batch,
+        images_per_hour: 3600.0 * f64::from(batch)
+            / (median(&iter_s) * f64::from(STEPS_PER_IMAGE)).max(f64::MIN_POSITIVE),
         iters: options.iters,
         median_s: median(&iter_s),
         min_s: iter_s.iter().copied().fold(f64::INFINITY, f64::min),
@@ -282,12 +315,18 @@ impl BenchReport {
     pub(crate) fn summary(&self) -> String {
         let p = &self.median_parts_s;
         format!(
-            "{}x{} cutn {} (chunk {}) on {} ({} threads, CLIP in {}{}): {:.3} s/iter median \
+            "{}x{} cutn {}{} (chunk {}) on {} ({} threads, CLIP in {}{}): {:.3} s/iter median \
              of {} (min {:.3}, max {:.3}); synth fwd {:.3} s, CLIP fwd {:.3} s, backward {:.3} \
-             s, optimiser {:.4} s (host {:.3} s); peak RSS {}{}",
+             s, optimiser {:.4} s (host {:.3} s); {:.1} images/hour at {STEPS_PER_IMAGE} \
+             steps; peak RSS {}{}",
             self.width,
             self.height,
             self.cutn,
+            if self.batch > 1 {
+                format!(", batch of {}", self.batch)
+            } else {
+                String::new()
+            },
             self.chunk,
             self.device,
             self.threads,
@@ -302,6 +341,7 @@ impl BenchReport {
             p.backward,
             p.optimiser,
             p.host,
+            self.images_per_hour,
             self.peak_rss_mib
                 .map_or_else(|| "unknown".to_owned(), |m| format!("{m:.0} MiB")),
             match (self.gpu_used_after_mib, self.gpu_total_mib) {
@@ -325,6 +365,35 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_counts_each_of_its_images() {
+        let report = run(&BenchOptions {
+            width: 32,
+            height: 32,
+            cutn: 3,
+            iters: 1,
+            warmup: 0,
+            chunk: None,
+            vqgan: "tiny".into(),
+            clip: "tiny".into(),
+            device: Device::Cpu,
+            device_label: "cpu".into(),
+            clip_precision: Precision::F32,
+            tf32: false,
+            batch: 4,
+        })
+        .unwrap();
+        // Every cutout of the batch in one pass unless told otherwise.
+        assert_eq!((report.batch, report.chunk), (4, 12));
+        let per_hour = 4.0 * 3600.0 / (report.median_s * f64::from(STEPS_PER_IMAGE));
+        assert!((report.images_per_hour - per_hour).abs() < 1e-9 * per_hour);
+        assert!(
+            report.summary().contains("batch of 4"),
+            "{}",
+            report.summary()
+        );
+    }
+
+    #[test]
     fn the_tiny_models_run_and_every_phase_is_timed() {
         let report = run(&BenchOptions {
             width: 64,
@@ -339,9 +408,12 @@ mod tests {
             device_label: "cpu".into(),
             clip_precision: Precision::F32,
             tf32: false,
+            batch: 1,
         })
         .unwrap();
         assert_eq!((report.iters, report.iter_s.len(), report.chunk), (2, 2, 2));
+        let per_hour = 3600.0 / (report.median_s * f64::from(STEPS_PER_IMAGE));
+        assert!((report.images_per_hour - per_hour).abs() < 1e-9 * per_hour);
         let p = report.median_parts_s;
         assert!(p.synth_fwd > 0.0 && p.clip_fwd > 0.0 && p.backward > 0.0 && p.optimiser > 0.0);
         // The phases are the iteration, less only the bookkeeping between them.

@@ -3,7 +3,8 @@
 
 use poise::serenity_prelude as serenity;
 
-use crate::jobs::{FollowUp, JobId};
+use crate::engine::grid::MAX_GRID;
+use crate::jobs::{FollowUp, JobId, Strength};
 
 /// What a button or reaction asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,11 +21,22 @@ impl Action {
     /// The `custom_id` of its button.
     pub fn custom_id(self) -> String {
         let (name, job) = match self {
-            Self::FollowUp(FollowUp::Rerun, j) => ("rerun", j),
-            Self::FollowUp(FollowUp::Upscale, j) => ("upscale", j),
-            Self::FollowUp(FollowUp::Variation, j) => ("vary", j),
-            Self::Timelapse(j) => ("gif", j),
-            Self::Cancel(j) => ("cancel", j),
+            Self::FollowUp(FollowUp::Rerun, j) => ("rerun".to_owned(), j),
+            Self::FollowUp(FollowUp::Upscale(None), j) => ("upscale".to_owned(), j),
+            Self::FollowUp(FollowUp::Upscale(Some(k)), j) => (format!("u{k}"), j),
+            Self::FollowUp(FollowUp::Variation(image, strength), j) => {
+                let name = match strength {
+                    Strength::Normal => "vary",
+                    Strength::Subtle => "subtle",
+                    Strength::Strong => "strong",
+                };
+                (
+                    format!("{name}{}", image.map_or(String::new(), |k| k.to_string())),
+                    j,
+                )
+            }
+            Self::Timelapse(j) => ("gif".to_owned(), j),
+            Self::Cancel(j) => ("cancel".to_owned(), j),
         };
         format!("vq:{name}:{job}")
     }
@@ -34,48 +46,110 @@ impl Action {
         let rest = custom_id.strip_prefix("vq:")?;
         let (name, job) = rest.split_once(':')?;
         let job = JobId(job.parse().ok()?);
-        Some(match name {
-            "rerun" => Self::FollowUp(FollowUp::Rerun, job),
-            "upscale" => Self::FollowUp(FollowUp::Upscale, job),
-            "vary" => Self::FollowUp(FollowUp::Variation, job),
-            "gif" => Self::Timelapse(job),
-            "cancel" => Self::Cancel(job),
+        // A grid image's number ends the name: `u2`, `vary3`, `subtle1`.
+        let split = name
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(name.len());
+        let (word, number) = name.split_at(split);
+        let image = match number {
+            "" => None,
+            n => Some(
+                n.parse::<u32>()
+                    .ok()
+                    .filter(|k| (1..=MAX_GRID as u32).contains(k))?,
+            ),
+        };
+        Some(match (word, image) {
+            ("rerun", None) => Self::FollowUp(FollowUp::Rerun, job),
+            ("upscale", None) => Self::FollowUp(FollowUp::Upscale(None), job),
+            ("u", Some(_)) => Self::FollowUp(FollowUp::Upscale(image), job),
+            ("vary", _) => Self::FollowUp(FollowUp::Variation(image, Strength::Normal), job),
+            ("subtle", _) => Self::FollowUp(FollowUp::Variation(image, Strength::Subtle), job),
+            ("strong", _) => Self::FollowUp(FollowUp::Variation(image, Strength::Strong), job),
+            ("gif", None) => Self::Timelapse(job),
+            ("cancel", None) => Self::Cancel(job),
             _ => return None,
         })
     }
 
-    /// The action of a reaction: 🔁 ⬆️ 🔀 on a result message, ❌ on a progress message.
-    pub(crate) fn from_reaction(emoji: &str, job: JobId, on_result: bool) -> Option<Self> {
-        // Some clients send the arrows without the variation selector.
-        let emoji = emoji.trim_end_matches('\u{fe0f}');
-        Some(match (emoji, on_result) {
-            ("🔁", true) => Self::FollowUp(FollowUp::Rerun, job),
-            ("⬆", true) => Self::FollowUp(FollowUp::Upscale, job),
-            ("🔀", true) => Self::FollowUp(FollowUp::Variation, job),
-            ("❌", false) => Self::Cancel(job),
+    /// The action of a reaction: 🔁 ⬆️ 🔀 on a single picture, 🔁 and 1️⃣–4️⃣ (upscale that
+    /// image) on a grid, ❌ on a progress message. `grid` is the job's image count, `None` on a
+    /// progress message.
+    pub(crate) fn from_reaction(emoji: &str, job: JobId, grid: Option<u32>) -> Option<Self> {
+        // Some clients send the arrows and keycaps without the variation selector.
+        let emoji: String = emoji.chars().filter(|&c| c != '\u{fe0f}').collect();
+        let keycap = |k: u32| format!("{k}\u{20e3}");
+        Some(match (emoji.as_str(), grid) {
+            ("❌", None) => Self::Cancel(job),
+            ("🔁", Some(_)) => Self::FollowUp(FollowUp::Rerun, job),
+            ("⬆", Some(1)) => Self::FollowUp(FollowUp::Upscale(None), job),
+            ("🔀", Some(1)) => Self::FollowUp(FollowUp::Variation(None, Strength::Normal), job),
+            (key, Some(n)) if n > 1 => {
+                let k = (1..=n).find(|&k| key == keycap(k))?;
+                Self::FollowUp(FollowUp::Upscale(Some(k)), job)
+            }
             _ => return None,
         })
     }
 }
 
-/// The buttons under a finished picture.
-pub(crate) fn result_buttons(job: JobId) -> Vec<serenity::CreateActionRow> {
-    let button = |action: Action, emoji: char, label: &str| {
-        serenity::CreateButton::new(action.custom_id())
-            .emoji(emoji)
+/// The buttons under a finished picture of `grid` images. A grid: U1–U4 (upscale that image),
+/// V1–V4 (vary it: a new grid) and 🔄 (new seeds), then the time-lapse. A single image: rerun,
+/// upscale, variation and time-lapse, then Vary (Subtle) and Vary (Strong).
+pub(crate) fn result_buttons(job: JobId, grid: u32) -> Vec<serenity::CreateActionRow> {
+    let button = |action: Action, emoji: Option<char>, label: &str| {
+        let button = serenity::CreateButton::new(action.custom_id())
             .label(label)
-            .style(serenity::ButtonStyle::Secondary)
+            .style(serenity::ButtonStyle::Secondary);
+        match emoji {
+            Some(emoji) => button.emoji(emoji),
+            None => button,
+        }
     };
-    vec![serenity::CreateActionRow::Buttons(vec![
-        button(Action::FollowUp(FollowUp::Rerun, job), '🔁', "Rerun"),
-        button(Action::FollowUp(FollowUp::Upscale, job), '⬆', "Upscale 2×"),
-        button(
-            Action::FollowUp(FollowUp::Variation, job),
-            '🔀',
-            "Variation",
-        ),
-        button(Action::Timelapse(job), '🎞', "Time-lapse"),
-    ])]
+    let timelapse = button(Action::Timelapse(job), Some('🎞'), "Time-lapse");
+    if grid > 1 {
+        let images = 1..=grid.min(MAX_GRID as u32);
+        let upscales = images
+            .clone()
+            .map(|k| {
+                let action = Action::FollowUp(FollowUp::Upscale(Some(k)), job);
+                button(action, None, &format!("U{k}"))
+            })
+            .collect();
+        let mut variations: Vec<serenity::CreateButton> = images
+            .map(|k| {
+                let action = Action::FollowUp(FollowUp::Variation(Some(k), Strength::Normal), job);
+                button(action, None, &format!("V{k}"))
+            })
+            .collect();
+        variations.push(
+            serenity::CreateButton::new(Action::FollowUp(FollowUp::Rerun, job).custom_id())
+                .emoji('🔄')
+                .style(serenity::ButtonStyle::Secondary),
+        );
+        return vec![
+            serenity::CreateActionRow::Buttons(upscales),
+            serenity::CreateActionRow::Buttons(variations),
+            serenity::CreateActionRow::Buttons(vec![timelapse]),
+        ];
+    }
+    let vary = |strength| Action::FollowUp(FollowUp::Variation(None, strength), job);
+    vec![
+        serenity::CreateActionRow::Buttons(vec![
+            button(Action::FollowUp(FollowUp::Rerun, job), Some('🔁'), "Rerun"),
+            button(
+                Action::FollowUp(FollowUp::Upscale(None), job),
+                Some('⬆'),
+                "Upscale 2×",
+            ),
+            button(vary(Strength::Normal), Some('🔀'), "Variation"),
+            timelapse,
+        ]),
+        serenity::CreateActionRow::Buttons(vec![
+            button(vary(Strength::Subtle), None, "Vary (Subtle)"),
+            button(vary(Strength::Strong), None, "Vary (Strong)"),
+        ]),
+    ]
 }
 
 /// The button under a job that is waiting or running.
@@ -94,44 +168,131 @@ mod tests {
 
     #[test]
     fn custom_ids_round_trip_and_foreign_ones_are_ignored() {
-        for action in [
+        let mut actions = vec![
             Action::FollowUp(FollowUp::Rerun, JobId(1)),
-            Action::FollowUp(FollowUp::Upscale, JobId(22)),
-            Action::FollowUp(FollowUp::Variation, JobId(333)),
+            Action::FollowUp(FollowUp::Upscale(None), JobId(22)),
             Action::Timelapse(JobId(4)),
             Action::Cancel(JobId(i64::MAX)),
-        ] {
+        ];
+        for image in [None, Some(1), Some(4)] {
+            for strength in [Strength::Subtle, Strength::Normal, Strength::Strong] {
+                actions.push(Action::FollowUp(
+                    FollowUp::Variation(image, strength),
+                    JobId(333),
+                ));
+            }
+        }
+        for k in 1..=4 {
+            actions.push(Action::FollowUp(FollowUp::Upscale(Some(k)), JobId(7)));
+        }
+        for action in actions {
             let id = action.custom_id();
             assert!(id.len() <= 100, "{id}");
-            assert_eq!(Action::parse(&id), Some(action));
+            assert_eq!(Action::parse(&id), Some(action), "{id}");
         }
-        assert_eq!(Action::parse("vq:explode:1"), None);
-        assert_eq!(Action::parse("vq:rerun:x"), None);
-        assert_eq!(Action::parse("other:rerun:1"), None);
+        // The ids of messages posted before grids mean what they meant.
+        assert_eq!(
+            Action::parse("vq:vary:9"),
+            Some(Action::FollowUp(
+                FollowUp::Variation(None, Strength::Normal),
+                JobId(9)
+            ))
+        );
+        assert_eq!(
+            Action::parse("vq:upscale:9"),
+            Some(Action::FollowUp(FollowUp::Upscale(None), JobId(9)))
+        );
+        for foreign in [
+            "vq:explode:1",
+            "vq:rerun:x",
+            "other:rerun:1",
+            "vq:u:1",
+            "vq:u5:1",
+            "vq:u0:1",
+            "vq:rerun2:1",
+            "vq:vary99999999999:1",
+        ] {
+            assert_eq!(Action::parse(foreign), None, "{foreign}");
+        }
     }
 
     #[test]
     fn reactions_act_only_where_they_belong() {
         let j = JobId(5);
+        let single = Some(1);
         assert_eq!(
-            Action::from_reaction("⬆️", j, true),
-            Some(Action::FollowUp(FollowUp::Upscale, j))
+            Action::from_reaction("⬆️", j, single),
+            Some(Action::FollowUp(FollowUp::Upscale(None), j))
         );
         assert_eq!(
-            Action::from_reaction("⬆", j, true),
-            Some(Action::FollowUp(FollowUp::Upscale, j))
+            Action::from_reaction("⬆", j, single),
+            Some(Action::FollowUp(FollowUp::Upscale(None), j))
         );
         assert_eq!(
-            Action::from_reaction("🔁", j, true),
+            Action::from_reaction("🔁", j, single),
             Some(Action::FollowUp(FollowUp::Rerun, j))
         );
         assert_eq!(
-            Action::from_reaction("❌", j, false),
+            Action::from_reaction("❌", j, None),
             Some(Action::Cancel(j))
         );
         // A rerun on a progress message, a cancel on a finished picture: nothing.
-        assert_eq!(Action::from_reaction("🔁", j, false), None);
-        assert_eq!(Action::from_reaction("❌", j, true), None);
-        assert_eq!(Action::from_reaction("🎉", j, true), None);
+        assert_eq!(Action::from_reaction("🔁", j, None), None);
+        assert_eq!(Action::from_reaction("❌", j, single), None);
+        assert_eq!(Action::from_reaction("🎉", j, single), None);
+        // On a grid the keycaps pick an image to upscale, with or without the selector.
+        let grid = Some(4);
+        assert_eq!(
+            Action::from_reaction("2\u{fe0f}\u{20e3}", j, grid),
+            Some(Action::FollowUp(FollowUp::Upscale(Some(2)), j))
+        );
+        assert_eq!(
+            Action::from_reaction("4\u{20e3}", j, grid),
+            Some(Action::FollowUp(FollowUp::Upscale(Some(4)), j))
+        );
+        assert_eq!(Action::from_reaction("5\u{fe0f}\u{20e3}", j, grid), None);
+        assert_eq!(Action::from_reaction("1\u{fe0f}\u{20e3}", j, single), None);
+        // ⬆️ on a grid would not say which image.
+        assert_eq!(Action::from_reaction("⬆️", j, grid), None);
+    }
+
+    #[test]
+    fn a_grid_gets_u_and_v_rows_and_a_single_image_the_subtle_and_strong_variations() {
+        let ids = |rows: Vec<serenity::CreateActionRow>| -> Vec<Vec<String>> {
+            let json = serde_json::to_value(&rows).unwrap();
+            json.as_array()
+                .unwrap()
+                .iter()
+                .map(|row| {
+                    row["components"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|b| b["custom_id"].as_str().unwrap().to_owned())
+                        .collect()
+                })
+                .collect()
+        };
+        assert_eq!(
+            ids(result_buttons(JobId(3), 4)),
+            [
+                vec!["vq:u1:3", "vq:u2:3", "vq:u3:3", "vq:u4:3"],
+                vec![
+                    "vq:vary1:3",
+                    "vq:vary2:3",
+                    "vq:vary3:3",
+                    "vq:vary4:3",
+                    "vq:rerun:3"
+                ],
+                vec!["vq:gif:3"],
+            ]
+        );
+        assert_eq!(
+            ids(result_buttons(JobId(3), 1)),
+            [
+                vec!["vq:rerun:3", "vq:upscale:3", "vq:vary:3", "vq:gif:3"],
+                vec!["vq:subtle:3", "vq:strong:3"],
+            ]
+        );
     }
 }

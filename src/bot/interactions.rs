@@ -1,5 +1,5 @@
-//! Buttons and reactions on job messages: 🔁 rerun, ⬆️ upscale, 🔀 variation, 🎞️ time-lapse and
-//! ❌ cancel.
+//! Buttons and reactions on job messages: 🔁 rerun, ⬆️ upscale, 🔀 variation (subtle, strong),
+//! 🎞️ time-lapse and ❌ cancel; on a grid, U1–U4, V1–V4, 🔄 and the reactions 1️⃣–4️⃣.
 //!
 //! A button's `custom_id` is `vq:<action>:<job id>` and a reaction names its message, so both
 //! are answered from the database alone: they keep working after a restart.
@@ -172,15 +172,18 @@ pub(crate) async fn on_reaction_add(
         return Ok(());
     }
     let message = reaction.message_id.get();
-    let (job, on_result) =
-        match store_jobs::find_job_by_result_message(&data.store, message).await? {
-            Some(job) => (job, true),
-            None => match store_jobs::find_job_by_message(&data.store, message).await? {
-                Some(job) => (job, false),
-                None => return Ok(()),
-            },
-        };
-    let Some(action) = Action::from_reaction(&emoji, job.id, on_result) else {
+    // On a result message, the job's image count; on a progress message, none.
+    let (job, grid) = match store_jobs::find_job_by_result_message(&data.store, message).await? {
+        Some(job) => {
+            let grid = crate::jobs::grid_of(&job);
+            (job, Some(grid))
+        }
+        None => match store_jobs::find_job_by_message(&data.store, message).await? {
+            Some(job) => (job, None),
+            None => return Ok(()),
+        },
+    };
+    let Some(action) = Action::from_reaction(&emoji, job.id, grid) else {
         return Ok(());
     };
     let actor = Actor {

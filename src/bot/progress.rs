@@ -63,6 +63,8 @@ pub struct JobMessage {
     pub models: String,
     /// Mention the requester when the result is posted.
     pub ping: bool,
+    /// How many images the job makes (a grid's result has U/V buttons).
+    pub grid: u32,
 }
 
 impl JobMessage {
@@ -91,6 +93,7 @@ impl JobMessage {
             size: (job.width, job.height),
             models: format!("{} + {}", job.vqgan_model, job.clip_model),
             ping,
+            grid: crate::jobs::grid_of(job),
         }
     }
 }
@@ -406,7 +409,16 @@ impl Editor {
         let t = &self.target;
         let embed = serenity::CreateEmbed::new()
             .description(quote(&t.prompt, 1000))
-            .field("Seed", t.seed.to_string(), true)
+            .field(
+                if t.grid > 1 { "Seeds" } else { "Seed" },
+                if t.grid > 1 {
+                    let last = crate::engine::grid::member_seed(t.seed, t.grid as usize - 1);
+                    format!("{}–{last}", t.seed)
+                } else {
+                    t.seed.to_string()
+                },
+                true,
+            )
             .field("Steps", t.steps.to_string(), true)
             .field("Size", format!("{}×{}", t.size.0, t.size.1), true)
             .field("Models", t.models.clone(), true)
@@ -429,7 +441,7 @@ impl Editor {
                 bytes.clone(),
                 name.clone(),
             ))
-            .components(components::result_buttons(t.job))
+            .components(components::result_buttons(t.job, t.grid))
             .reference_message((t.channel, t.message))
             .allowed_mentions(mentions);
         let mut tries = 0;

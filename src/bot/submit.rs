@@ -39,21 +39,39 @@ pub(crate) async fn submit_follow_up(
     // The parent's latent is on this host when it ran here, in the database when a worker
     // elsewhere ran it (that worker fetches it from there).
     let images = &data.settings.storage.images;
-    let latent_kept = crate::jobs::latent_path(images, parent.id).is_file()
-        || crate::store::events::has_job_file(&data.store, parent.id, crate::store::events::LATENT)
-            .await?;
-    let (job, params) =
-        crate::jobs::follow_up_job(parent, what, rand::random(), origin, images, latent_kept)
-            .map_err(|e| {
-                BotError::User(match e {
-                    // In Discord the way out is a button.
-                    crate::jobs::FollowUpError::NoLatent(id) => format!(
-                        "The final state of job {id} is no longer stored; use 🔁 Rerun instead."
-                    ),
-                    other => capitalise(&other.to_string()),
-                })
-            })?;
+    let image = what.image().flatten();
+    let latent = crate::store::events::file_of(crate::store::events::LATENT, image);
+    let latent_kept = crate::jobs::latent_path_of(images, parent.id, image).is_file()
+        || crate::store::events::has_job_file(&data.store, parent.id, &latent).await?;
+    let grid = default_grid(data, actor.user).await?;
+    let (job, params) = crate::jobs::follow_up_job(
+        parent,
+        what,
+        (rand::random(), grid),
+        origin,
+        images,
+        latent_kept,
+    )
+    .map_err(|e| {
+        BotError::User(match e {
+            // In Discord the way out is a button.
+            crate::jobs::FollowUpError::NoLatent(id) => {
+                format!("The final state of job {id} is no longer stored; use 🔁 Rerun instead.")
+            }
+            other => capitalise(&other.to_string()),
+        })
+    })?;
     submit(data, job, params).await
+}
+
+/// How many images a request of `user` makes when it names none: their saved default, else the
+/// server's `generation.grid` ("auto" as this host's devices say).
+pub(crate) async fn default_grid(data: &Data, user: u64) -> Result<u32, BotError> {
+    let _ = user;
+    Ok(match data.settings.generation.grid {
+        crate::config::GridSetting::Auto => data.scheduler.auto().grid,
+        crate::config::GridSetting::Fixed(n) => n,
+    })
 }
 
 /// Submits a job, turning refusals into messages for the user; returns it as stored.

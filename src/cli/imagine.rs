@@ -4,9 +4,9 @@
 use super::{RequestFlags, settings_for};
 use crate::config::{Environment, Settings};
 use crate::engine::generate::{GenerateError, GenerationSpec, Generator, Models};
-use crate::engine::image;
 use crate::engine::nets::tokenizer::ClipTokenizer;
 use crate::engine::nets::vqgan::VqganParts;
+use crate::engine::{grid, image};
 use crate::jobs::{LatentStart, StoredInputs, worker};
 use crate::models::hub::{BarProgress, Hub};
 use crate::models::weights;
@@ -95,6 +95,16 @@ pub(super) struct ImagineRecord<'a> {
     image_prompts: &'a [PathBuf],
     final_loss: f64,
     seconds: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grid: Option<GridRecord>,
+}
+
+/// A grid's images: each one's seed (its spec is the record's with that seed), file and loss.
+#[derive(Debug, serde::Serialize)]
+pub(super) struct GridRecord {
+    seeds: Vec<u64>,
+    images: Vec<PathBuf>,
+    final_losses: Vec<f64>,
 }
 
 pub(super) async fn imagine(
@@ -278,26 +288,53 @@ pub(super) fn imagine_blocking(
             latent,
             upscale: args.upscale_latent,
             noise: args.latent_noise,
+            image: None,
         }),
     };
-    let inputs =
-        worker::load_inputs(&stored, resolved.spec.seed, &device).map_err(anyhow::Error::msg)?;
     if let Some(dir) = &previews {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("Failed to create {}", dir.display()))?;
     }
 
+    let count = resolved.grid.max(1) as usize;
     let mut spec = resolved.spec.clone();
+    // The grid's images share CLIP's passes: the chunk counts all their cutouts.
     spec.chunk = worker::chunk_for(
         crate::engine::gpu_memory(&device).map(|m| m.total),
         &models.clip.vision,
-        spec.cutn,
+        spec.cutn.saturating_mul(count as u32),
         spec.chunk,
     );
     eprintln!(
-        "{}x{}, {} steps, {} cutouts, seed {}",
-        spec.width, spec.height, spec.steps, spec.cutn, spec.seed
+        "{}x{}, {} steps, {} cutouts, seed {}{}",
+        spec.width,
+        spec.height,
+        spec.steps,
+        spec.cutn,
+        spec.seed,
+        if count > 1 {
+            format!(
+                " (a grid of {count}: seeds {} to {})",
+                spec.seed,
+                grid::member_seed(spec.seed, count - 1)
+            )
+        } else {
+            String::new()
+        }
     );
+    let specs: Vec<GenerationSpec> = (0..count)
+        .map(|k| GenerationSpec {
+            seed: grid::member_seed(spec.seed, k),
+            ..spec.clone()
+        })
+        .collect();
+    let mut runs = Vec::with_capacity(count);
+    for member in &specs {
+        // A variation's noise comes from each image's own seed.
+        let inputs =
+            worker::load_inputs(&stored, member.seed, &device).map_err(anyhow::Error::msg)?;
+        runs.push(Generator::new(&models, member.clone(), inputs)?);
+    }
     let bar = ProgressBar::new(u64::from(spec.steps));
     bar.set_style(
         ProgressStyle::with_template(
@@ -307,19 +344,31 @@ pub(super) fn imagine_blocking(
     );
     let started = std::time::Instant::now();
     let mut preview_error = None;
-    let generator = Generator::new(&models, spec.clone(), inputs)?;
-    let output = generator.run(cancel, |p| {
-        bar.set_position(u64::from(p.iteration));
-        bar.set_message(format!("loss {:.4}", p.loss));
-        if let (Some(dir), Some(preview)) = (&previews, &p.preview) {
-            let path = dir.join(format!("{:05}.jpg", p.iteration - 1));
-            if let Err(e) = std::fs::write(&path, &preview.jpeg) {
-                preview_error.get_or_insert(format!("Failed to write {}: {e}", path.display()));
-            }
+    let outputs = grid::run_together(runs, cancel, |progress, runs| {
+        let Some(first) = progress.first() else {
+            return;
+        };
+        bar.set_position(u64::from(first.iteration));
+        let mean = progress.iter().map(|p| p.loss).sum::<f64>() / progress.len() as f64;
+        bar.set_message(format!("loss {mean:.4}"));
+        let Some(dir) = &previews else {
+            return;
+        };
+        let jpeg = match (count, &first.preview) {
+            (_, None) => return,
+            (1, Some(preview)) => Ok(preview.jpeg.clone()),
+            _ => preview_grid(runs),
+        };
+        let path = dir.join(format!("{:05}.jpg", first.iteration - 1));
+        if let Err(e) = jpeg.and_then(|jpeg| {
+            std::fs::write(&path, jpeg)
+                .with_context(|| format!("Failed to write {}", path.display()))
+        }) {
+            preview_error.get_or_insert(format!("{e:#}"));
         }
     });
     bar.finish_and_clear();
-    let output = match output {
+    let outputs = match outputs {
         Err(GenerateError::Cancelled) => anyhow::bail!("cancelled; nothing was written"),
         other => other?,
     };
@@ -328,15 +377,28 @@ pub(super) fn imagine_blocking(
     }
     let seconds = started.elapsed().as_secs_f64();
 
-    let text = worker::png_metadata(
-        &args.prompt,
-        &spec,
-        (resolved.vqgan.id, resolved.clip.id),
-        (&device, settings.scheduler.clip_precision_on(&device)),
-    );
-    let png =
-        image::encode_png_with_text(&output.image, &text).context("Failed to encode the PNG")?;
-    std::fs::write(&out, png).with_context(|| format!("Failed to write {}", out.display()))?;
+    let precision = settings.scheduler.clip_precision_on(&device);
+    let models_used = (resolved.vqgan.id, resolved.clip.id);
+    let write_png = |path: &Path, picture: &::image::RgbImage, spec: &GenerationSpec| {
+        let text = worker::png_metadata(&args.prompt, spec, models_used, (&device, precision));
+        let png = crate::engine::image::encode_png_with_text(picture, &text)
+            .context("Failed to encode the PNG")?;
+        std::fs::write(path, png).with_context(|| format!("Failed to write {}", path.display()))
+    };
+    let members: Vec<PathBuf> = if count == 1 {
+        Vec::new()
+    } else {
+        (1..=count).map(|k| member_path(&out, k)).collect()
+    };
+    for ((path, output), member) in members.iter().zip(&outputs).zip(&specs) {
+        write_png(path, &output.image, member)?;
+    }
+    let pictures: Vec<::image::RgbImage> = outputs.iter().map(|o| o.image.clone()).collect();
+    let shown = grid::composite(&pictures)?;
+    // A single image carries its own spec; a grid's composite the first image's, with the grid
+    // in the JSON record.
+    write_png(&out, &shown, &spec)?;
+    let final_loss = outputs.iter().map(|o| o.final_loss).sum::<f64>() / outputs.len() as f64;
     let record = ImagineRecord {
         prompt: &args.prompt,
         spec: &spec,
@@ -346,25 +408,71 @@ pub(super) fn imagine_blocking(
         vqclip_version: env!("CARGO_PKG_VERSION"),
         init_image: args.init_image.as_deref(),
         image_prompts: &args.image_prompt,
-        final_loss: output.final_loss,
+        final_loss,
         seconds,
+        grid: (count > 1).then(|| GridRecord {
+            seeds: specs.iter().map(|s| s.seed).collect(),
+            images: members.clone(),
+            final_losses: outputs.iter().map(|o| o.final_loss).collect(),
+        }),
     };
     let sidecar = out.with_extension("json");
     std::fs::write(&sidecar, serde_json::to_string_pretty(&record)?)
         .with_context(|| format!("Failed to write {}", sidecar.display()))?;
     if let Some(gif) = &args.timelapse {
-        let bytes = image::encode_gif(&output.frames, crate::jobs::worker::TIMELAPSE_DELAY_MS)
+        let frames = grid_frames(&outputs)?;
+        let bytes = image::encode_gif(&frames, crate::jobs::worker::TIMELAPSE_DELAY_MS)
             .context("Failed to encode the time-lapse")?;
         std::fs::write(gif, bytes).with_context(|| format!("Failed to write {}", gif.display()))?;
     }
+    for path in &members {
+        println!("{}", path.display());
+    }
     println!(
-        "{} ({}x{}, seed {}, {} steps in {seconds:.1} s, final loss {:.4})",
+        "{} ({}{}x{}, seed {}, {} steps in {seconds:.1} s, final loss {final_loss:.4})",
         out.display(),
+        if count > 1 { "a 2×2 grid of " } else { "" },
         spec.width,
         spec.height,
         spec.seed,
         spec.steps,
-        output.final_loss
     );
     Ok(())
+}
+
+/// Where image `k` (from 1) of a grid whose composite is `out` goes: `<stem>-<k>.png`.
+pub(super) fn member_path(out: &Path, k: usize) -> PathBuf {
+    let stem = out.file_stem().unwrap_or_default().to_string_lossy();
+    out.with_file_name(format!("{stem}-{k}.png"))
+}
+
+/// A JPEG of the grid's latest previews, composed.
+fn preview_grid(runs: &[Generator]) -> anyhow::Result<Vec<u8>> {
+    let pictures: Vec<::image::RgbImage> = runs
+        .iter()
+        .filter_map(|r| r.preview_image().cloned())
+        .collect();
+    let shown = grid::composite(&pictures)?;
+    Ok(crate::engine::image::encode_jpeg(&shown, 80)?)
+}
+
+/// The time-lapse of a grid: frame `i` is the composite of every image's frame `i`.
+fn grid_frames(
+    outputs: &[crate::engine::generate::Output],
+) -> anyhow::Result<Vec<::image::RgbImage>> {
+    let Some(first) = outputs.first() else {
+        return Ok(Vec::new());
+    };
+    if outputs.len() == 1 {
+        return Ok(first.frames.clone());
+    }
+    (0..first.frames.len())
+        .map(|i| {
+            let frames: Vec<::image::RgbImage> = outputs
+                .iter()
+                .filter_map(|o| o.frames.get(i).cloned())
+                .collect();
+            Ok(grid::composite(&frames)?)
+        })
+        .collect()
 }

@@ -155,9 +155,13 @@ pub(crate) struct BenchArgs {
     /// Untimed iterations first.
     #[arg(long, default_value_t = 2)]
     pub warmup: u32,
-    /// Cutouts per CLIP pass (default: all at once, as the reference).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    /// Cutouts per CLIP pass, over the whole batch (default: all at once, as the reference).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub chunk: Option<u32>,
+    /// Latents optimised together (a grid, or jobs batched on one device); the report gives
+    /// images per hour.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub batch: u32,
     /// Where to run: cpu, cuda:N, metal:N.
     #[arg(long, default_value = "cpu")]
     pub device: crate::config::DeviceSpec,
@@ -301,6 +305,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             .clip_precision
             .unwrap_or_else(|| crate::engine::nets::Precision::auto_for(&device)),
         tf32: !args.no_tf32,
+        batch: args.batch,
         device,
         device_label: label,
     };

@@ -414,6 +414,8 @@ pub struct Generator<'m> {
     last_loss: f64,
     /// The last preview, downscaled, before JPEG (grids compose theirs from it).
     preview_image: Option<RgbImage>,
+    /// Where the random stream stood when the first iteration began.
+    initial_word_pos: u128,
 }
 
 impl<'m> Generator<'m> {
@@ -540,13 +542,14 @@ impl<'m> Generator<'m> {
             method,
             targets,
             latent,
-            rng,
             iteration: 0,
             first_iteration: 0,
             started: Instant::now(),
             frames: Vec::new(),
             last_loss: f64::NAN,
             preview_image: None,
+            initial_word_pos: rng.get_word_pos(),
+            rng,
         })
     }
 
@@ -654,6 +657,20 @@ impl<'m> Generator<'m> {
         self.first_iteration = checkpoint.iteration;
         self.started = Instant::now();
         self.last_loss = checkpoint.last_loss;
+        Ok(())
+    }
+
+    /// Back to iteration 0, as [`Generator::new`] left it (after a resume that could not be
+    /// completed, for one).
+    pub fn restart(&mut self) -> Result<(), GenerateError> {
+        self.latent.restart()?;
+        self.rng.set_word_pos(self.initial_word_pos);
+        self.iteration = 0;
+        self.first_iteration = 0;
+        self.started = Instant::now();
+        self.frames.clear();
+        self.last_loss = f64::NAN;
+        self.preview_image = None;
         Ok(())
     }
 

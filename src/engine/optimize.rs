@@ -242,6 +242,16 @@ impl Latent {
         Ok(())
     }
 
+    /// Back to the start: the initial latent, Adam's state cleared.
+    pub(crate) fn restart(&mut self) -> Result<()> {
+        self.z.set(&self.z_init)?;
+        self.adam.m = self.adam.m.zeros_like()?;
+        self.adam.v = self.adam.v.zeros_like()?;
+        self.adam.t = 0;
+        self.steps_done = 0;
+        Ok(())
+    }
+
     /// Decodes the current latent to an image in [0, 1] without building a graph.
     pub fn image(&self, vqgan: &Vqgan) -> Result<Tensor> {
         let z_q = vqgan

@@ -34,6 +34,18 @@ pub struct JobParams {
     /// Files the job starts from or aims at.
     #[serde(default)]
     pub inputs: StoredInputs,
+    /// How many images: 1, or a grid of up to [`crate::engine::grid::MAX_GRID`] whose image
+    /// `k` (from 1) has the seed `spec.seed + k − 1` (see [`crate::engine::grid`]).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub grid: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 impl JobParams {
@@ -42,6 +54,18 @@ impl JobParams {
     pub fn check(&self) -> Result<(), String> {
         use crate::engine::generate::limits::MAX_IMAGE_PROMPTS;
         self.spec.check()?;
+        let max_grid = crate::engine::grid::MAX_GRID as u32;
+        if !(1..=max_grid).contains(&self.grid) {
+            return Err(format!(
+                "a job makes from 1 to {max_grid} images, not {}",
+                self.grid
+            ));
+        }
+        if let Some(image) = self.inputs.start.as_ref().and_then(|s| s.image)
+            && !(1..=max_grid).contains(&image)
+        {
+            return Err(format!("there is no image {image} in a grid"));
+        }
         if self.inputs.image_prompts.len() > MAX_IMAGE_PROMPTS {
             return Err(format!(
                 "{} image prompts; the limit is {MAX_IMAGE_PROMPTS}",
@@ -87,6 +111,9 @@ pub struct LatentStart {
     /// Add seeded noise of this strength (a variation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub noise: Option<f64>,
+    /// Which image of the parent's grid, from 1; `None`: the parent's only image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<u32>,
 }
 
 /// What subscribers to a job see, newest last; a subscriber that falls behind skips to the
@@ -198,6 +225,7 @@ pub fn imagine_job(
     let params = JobParams {
         spec: spec.clone(),
         inputs: StoredInputs::default(),
+        grid: resolved.grid,
     };
     let job = crate::store::jobs::NewJob {
         kind: crate::store::jobs::JobKind::Imagine,
@@ -218,21 +246,52 @@ pub fn imagine_job(
     Ok((job, params))
 }
 
+/// How many images a stored job makes (1 for a job of before grids, or whose parameters do not
+/// parse).
+pub fn grid_of(job: &crate::store::jobs::Job) -> u32 {
+    job.params
+        .get("grid")
+        .and_then(serde_json::Value::as_u64)
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|n| (1..=crate::engine::grid::MAX_GRID as u32).contains(n))
+        .unwrap_or(1)
+}
+
 /// Time-lapse frames a job records, about.
 const TIMELAPSE_FRAMES: u32 = 50;
 
-/// Strength of the noise a variation adds to its parent's latent.
-pub(crate) const VARIATION_NOISE: f64 = 0.5;
+/// How far a variation strays from the image it starts from: the strength of the seeded noise
+/// added to that image's latent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Strength {
+    /// Small changes (Vary (Subtle)).
+    Subtle,
+    /// The 🔀 Variation and V1–V4 buttons.
+    Normal,
+    /// Large changes (Vary (Strong)).
+    Strong,
+}
+
+impl Strength {
+    /// The noise's standard deviation, in latent units (codebook entries are about unit size).
+    pub fn noise(self) -> f64 {
+        match self {
+            Self::Subtle => 0.25,
+            Self::Normal => 0.5,
+            Self::Strong => 1.0,
+        }
+    }
+}
 
 /// What a button or reaction asks of a finished job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FollowUp {
-    /// The same request with a new seed.
+    /// The same request with new seeds, as many images as before.
     Rerun,
-    /// Twice the width and height, continuing from the job's final latent.
-    Upscale,
-    /// The job's final latent with noise, optimised again with a new seed.
-    Variation,
+    /// Twice the width and height of one image, continuing from its final latent: one image.
+    Upscale(ImageIndex),
+    /// One image's final latent with noise, optimised again with new seeds (a new grid).
+    Variation(ImageIndex, Strength),
 }
 
 /// Why a follow-up cannot be made.
@@ -247,6 +306,9 @@ pub(crate) enum FollowUpError {
     /// The parent's stored parameters do not parse (made by an incompatible version).
     #[error("job {0} was made by an incompatible version of vqclip")]
     Unreadable(JobId),
+    /// The button names an image the parent does not have.
+    #[error("job {0} has no image {1}")]
+    NoSuchImage(JobId, u32),
 }
 
 impl FollowUp {
@@ -255,21 +317,30 @@ impl FollowUp {
         use crate::store::jobs::JobKind;
         match self {
             Self::Rerun => JobKind::Rerun,
-            Self::Upscale => JobKind::Upscale,
-            Self::Variation => JobKind::Variation,
+            Self::Upscale(_) => JobKind::Upscale,
+            Self::Variation(..) => JobKind::Variation,
+        }
+    }
+
+    /// The image of the parent it starts from, if it starts from one.
+    pub fn image(self) -> Option<ImageIndex> {
+        match self {
+            Self::Rerun => None,
+            Self::Upscale(image) | Self::Variation(image, _) => Some(image),
         }
     }
 }
 
-/// A follow-up job of `parent` for `origin`: a rerun with `seed`; an upscale (same seed, twice
-/// the size, half the steps, from the parent's latent); a variation (`seed`, from the parent's
-/// latent plus noise, half the steps). Its prompt and models are the parent's. `latent_kept`
-/// says whether the parent's final latent exists (at [`latent_path`] under `images`, or in the
-/// database for a worker to fetch).
+/// A follow-up job of `parent` for `origin`: a rerun with `seed` (as many images as the
+/// parent); an upscale of one image (its own seed, twice the size, half the steps, from its
+/// latent; one image); a variation of one image (`seed`, from its latent plus noise, half the
+/// steps, `grid` images, each with its own noise). Its prompt and models are the parent's.
+/// `latent_kept` says whether the chosen image's final latent exists (at [`latent_path_of`]
+/// under `images`, or in the database for a worker to fetch).
 pub(crate) fn follow_up_job(
     parent: &crate::store::jobs::Job,
     what: FollowUp,
-    seed: u64,
+    (seed, grid): (u64, u32),
     origin: Origin,
     images: &Path,
     latent_kept: bool,
@@ -277,8 +348,17 @@ pub(crate) fn follow_up_job(
     use crate::store::jobs::JobStatus;
     let mut params: JobParams = serde_json::from_value(parent.params.clone())
         .map_err(|_| FollowUpError::Unreadable(parent.id))?;
-    let latent = latent_path(images, parent.id);
-    if what != FollowUp::Rerun {
+    if let Some(image) = what.image() {
+        match image {
+            Some(k) if !(1..=params.grid).contains(&k) || params.grid == 1 => {
+                return Err(FollowUpError::NoSuchImage(parent.id, k));
+            }
+            None if params.grid > 1 => {
+                // The job's own buttons name an image; an old message's could not.
+                return Err(FollowUpError::NoSuchImage(parent.id, 0));
+            }
+            _ => {}
+        }
         if parent.status != JobStatus::Succeeded {
             return Err(FollowUpError::NotFinished(parent.id));
         }
@@ -289,24 +369,30 @@ pub(crate) fn follow_up_job(
     let spec = &mut params.spec;
     match what {
         FollowUp::Rerun => spec.seed = seed,
-        FollowUp::Upscale => {
+        FollowUp::Upscale(image) => {
+            let k = image.unwrap_or(1);
+            spec.seed = crate::engine::grid::member_seed(spec.seed, k as usize - 1);
             spec.width *= 2;
             spec.height *= 2;
             spec.steps = (spec.steps / 2).max(1);
             params.inputs.start = Some(LatentStart {
-                latent,
+                latent: latent_path_of(images, parent.id, image),
                 upscale: true,
                 noise: None,
+                image,
             });
+            params.grid = 1;
         }
-        FollowUp::Variation => {
+        FollowUp::Variation(image, strength) => {
             spec.seed = seed;
             spec.steps = (spec.steps / 2).max(1);
             params.inputs.start = Some(LatentStart {
-                latent,
+                latent: latent_path_of(images, parent.id, image),
                 upscale: false,
-                noise: Some(VARIATION_NOISE),
+                noise: Some(strength.noise()),
+                image,
             });
+            params.grid = grid.clamp(1, crate::engine::grid::MAX_GRID as u32);
         }
     }
     spec.frame_every = (spec.steps / TIMELAPSE_FRAMES).max(1);
@@ -404,6 +490,43 @@ pub fn resume_path(images: &Path, id: JobId) -> PathBuf {
     images.join(format!("{}.resume.safetensors", id.0))
 }
 
+/// Which of a job's images: `None` its only one, `Some(k)` image `k` (from 1) of its grid.
+pub type ImageIndex = Option<u32>;
+
+/// [`image_path`] of one image of a job: a grid's image `k` is `<id>-<k>.png` (its
+/// [`image_path`] holds the composite).
+pub(crate) fn image_path_of(images: &Path, id: JobId, image: ImageIndex) -> PathBuf {
+    match image {
+        None => image_path(images, id),
+        Some(k) => images.join(format!("{}-{k}.png", id.0)),
+    }
+}
+
+/// [`latent_path`] of one image of a job.
+pub fn latent_path_of(images: &Path, id: JobId, image: ImageIndex) -> PathBuf {
+    match image {
+        None => latent_path(images, id),
+        Some(k) => images.join(format!("{}-{k}.latent.safetensors", id.0)),
+    }
+}
+
+/// [`resume_path`] of one image of a job.
+pub fn resume_path_of(images: &Path, id: JobId, image: ImageIndex) -> PathBuf {
+    match image {
+        None => resume_path(images, id),
+        Some(k) => images.join(format!("{}-{k}.resume.safetensors", id.0)),
+    }
+}
+
+/// The images of a job of `grid` images, as [`ImageIndex`]es.
+pub fn images_of(grid: u32) -> Vec<ImageIndex> {
+    if grid <= 1 {
+        vec![None]
+    } else {
+        (1..=grid).map(Some).collect()
+    }
+}
+
 /// `text` with every control and bidirectional-override character written as `\u{…}`, so a
 /// terminal shows what a stored value holds instead of obeying escape sequences in it.
 pub(crate) fn printable(text: &str) -> String {
@@ -473,6 +596,9 @@ fn reproduce_with(job: &crate::store::jobs::Job, path: impl Fn(&Path) -> String)
         job.clip_model.clone(),
     ];
     if let Some(params) = &params {
+        if params.grid > 1 {
+            args.extend(["--grid".into(), params.grid.to_string()]);
+        }
         if matches!(
             params.spec.cutouts,
             crate::engine::generate::CutoutSetting::Crops { .. }

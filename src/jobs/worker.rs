@@ -22,13 +22,13 @@ use tokio::sync::mpsc;
 use super::{FinishedJob, JobId, JobParams};
 use crate::engine::generate::{
     Checkpoint, GenerateError, GenerationInputs, GenerationSpec, Generator, Models, Progress,
-    upscale_latent, vary_latent,
+    step_together, upscale_latent, vary_latent,
 };
-use crate::engine::image;
 use crate::engine::nets::Precision;
 use crate::engine::nets::clip::{Clip, ClipVision};
 use crate::engine::nets::tokenizer::ClipTokenizer;
 use crate::engine::nets::vqgan::{Vqgan, VqganParts};
+use crate::engine::{grid, image};
 use crate::models::hub::Fetcher;
 use crate::models::load::{load_clip, load_vqgan};
 use crate::models::weights;
@@ -431,10 +431,111 @@ impl EngineRunner {
             tracing::info!(model = gone.id, "unloading least recently used model");
         }
     }
+}
 
-    fn inputs(&self, job: &Assignment) -> Result<GenerationInputs, String> {
-        load_inputs(&job.params.inputs, job.params.spec.seed, &self.device)
+/// Continues every run of a job from its checkpoint when all of them have one of the same
+/// iteration; otherwise they all start over (a grid's images step together).
+fn resume_all(runs: &mut [Generator], paths: &[PathBuf], device: &Device) {
+    if !paths.iter().all(|p| p.is_file()) {
+        return;
     }
+    let loaded: Result<Vec<Checkpoint>, _> =
+        paths.iter().map(|p| Checkpoint::load(p, device)).collect();
+    let resumed = loaded.map_err(GenerateError::from).and_then(|checkpoints| {
+        let first = checkpoints.first().map(|c| c.iteration);
+        if checkpoints.iter().any(|c| Some(c.iteration) != first) {
+            return Err(GenerateError::InvalidSpec(
+                "the images' checkpoints are at different steps".into(),
+            ));
+        }
+        runs.iter_mut()
+            .zip(&checkpoints)
+            .try_for_each(|(run, checkpoint)| run.resume(checkpoint))
+    });
+    match resumed {
+        Ok(()) => tracing::info!(
+            iteration = runs.first().map(Generator::iteration),
+            "resuming from the job's checkpoint"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "the job's checkpoint is unusable; starting over");
+            // A partial resume would leave the images out of step: every run from the start.
+            for run in runs.iter_mut() {
+                if let Err(e) = run.restart() {
+                    tracing::error!(error = %e, "cannot restart a run");
+                }
+            }
+        }
+    }
+}
+
+/// One progress report for a job from its images' (the first one's counts, the mean loss, and
+/// for a grid a composite of the images' previews).
+fn combined_progress(
+    mut progress: Vec<Progress>,
+    runs: &[Generator],
+) -> Result<Progress, GenerateError> {
+    if progress.len() <= 1 {
+        return progress
+            .pop()
+            .ok_or_else(|| GenerateError::InvalidSpec("a step of no images".into()));
+    }
+    let n = progress.len() as f64;
+    let mut first = progress.swap_remove(0);
+    first.loss = (first.loss + progress.iter().map(|p| p.loss).sum::<f64>()) / n;
+    for (i, loss) in first.prompt_losses.iter_mut().enumerate() {
+        let others: f64 = progress.iter().filter_map(|p| p.prompt_losses.get(i)).sum();
+        *loss = (*loss + others) / n;
+    }
+    if first.preview.is_some() {
+        let pictures: Vec<::image::RgbImage> = runs
+            .iter()
+            .filter_map(|r| r.preview_image().cloned())
+            .collect();
+        let shown = grid::composite(&pictures)?;
+        first.preview = Some(crate::engine::generate::Preview {
+            jpeg: image::encode_jpeg(&shown, PREVIEW_QUALITY)?,
+            width: shown.width(),
+            height: shown.height(),
+        });
+    }
+    Ok(first)
+}
+
+/// JPEG quality of a grid's composed previews.
+const PREVIEW_QUALITY: u8 = 80;
+
+/// A job's time-lapse frames: a grid's frame `i` is the composite of its images' frames `i`.
+pub(crate) fn grid_frames(
+    outputs: &[crate::engine::generate::Output],
+) -> Result<Vec<::image::RgbImage>, GenerateError> {
+    let Some(first) = outputs.first() else {
+        return Ok(Vec::new());
+    };
+    if outputs.len() == 1 {
+        return Ok(first.frames.clone());
+    }
+    (0..first.frames.len())
+        .map(|i| {
+            let frames: Vec<::image::RgbImage> = outputs
+                .iter()
+                .filter_map(|o| o.frames.get(i).cloned())
+                .collect();
+            grid::composite(&frames)
+        })
+        .collect()
+}
+
+/// Writes `bytes` to `path` through a temporary file, so a crash never leaves a partial file
+/// under the final name.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let partial = path.with_extension("part");
+    let written = std::fs::write(&partial, bytes).and_then(|()| std::fs::rename(&partial, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e.to_string());
+    }
+    Ok(())
 }
 
 /// Reads a job's input files (within the image input limits) and prepares its starting latent:
@@ -486,92 +587,127 @@ impl Runner for EngineRunner {
         let full = job.params.inputs.init_image.is_some();
         let vqgan = self.vqgan(vqgan_info, full).map_err(RunError::Failed)?;
         let clip = self.clip(clip_info).map_err(RunError::Failed)?;
-        let inputs = self.inputs(job).map_err(RunError::Failed)?;
         let models = Models {
             vqgan,
             clip,
             tokenizer: ClipTokenizer::new(),
         };
         let failed = |e: crate::engine::generate::GenerateError| RunError::Failed(e.to_string());
+        let images = super::images_of(job.params.grid);
         let mut spec = job.params.spec.clone();
-        spec.chunk = chunk_for(self.gpu_total, &models.clip.vision, spec.cutn, spec.chunk);
-        let mut generator = Generator::new(&models, spec, inputs).map_err(failed)?;
-        let resume = super::resume_path(&self.images, job.id);
+        // A grid's images share CLIP's passes: the chunk counts all their cutouts.
+        let cutouts = spec.cutn.saturating_mul(images.len() as u32);
+        spec.chunk = chunk_for(self.gpu_total, &models.clip.vision, cutouts, spec.chunk);
+        let mut specs = Vec::with_capacity(images.len());
+        let mut runs = Vec::with_capacity(images.len());
+        for k in 0..images.len() {
+            let member = GenerationSpec {
+                seed: grid::member_seed(spec.seed, k),
+                ..spec.clone()
+            };
+            // A variation's noise comes from each image's own seed.
+            let inputs = load_inputs(&job.params.inputs, member.seed, &self.device)
+                .map_err(RunError::Failed)?;
+            runs.push(Generator::new(&models, member.clone(), inputs).map_err(failed)?);
+            specs.push(member);
+        }
         if let Err(e) = std::fs::create_dir_all(&self.images) {
             tracing::warn!(error = %e, dir = %self.images.display(), "cannot create the images directory");
         }
-        if resume.is_file() {
-            match Checkpoint::load(&resume, &self.device)
-                .map_err(GenerateError::from)
-                .and_then(|c| generator.resume(&c))
-            {
-                Ok(()) => tracing::info!(
-                    iteration = generator.iteration(),
-                    "resuming from the job's checkpoint"
-                ),
-                Err(e) => {
-                    tracing::warn!(error = %e, "the job's checkpoint is unusable; starting over")
+        let resumes: Vec<PathBuf> = images
+            .iter()
+            .map(|&image| super::resume_path_of(&self.images, job.id, image))
+            .collect();
+        resume_all(&mut runs, &resumes, &self.device);
+        let save = |runs: &[Generator]| {
+            for (run, path) in runs.iter().zip(&resumes) {
+                if let Err(e) = run.checkpoint().save(path) {
+                    tracing::warn!(error = %e, path = %path.display(), "cannot save a checkpoint");
                 }
-            }
-        }
-        let save = |generator: &Generator| {
-            if let Err(e) = generator.checkpoint().save(&resume) {
-                tracing::warn!(error = %e, path = %resume.display(), "cannot save a checkpoint");
             }
         };
         let result = (|| {
-            while !generator.is_done() {
+            while runs.first().is_some_and(|r| !r.is_done()) {
                 if stop.stop.load(Ordering::SeqCst) {
                     if stop.interrupt.load(Ordering::SeqCst) {
-                        save(&generator);
+                        save(&runs);
                     }
                     return Err(RunError::Stopped);
                 }
-                let progress = generator.step().map_err(failed)?;
+                let progress = {
+                    let mut all: Vec<&mut Generator> = runs.iter_mut().collect();
+                    step_together(&mut all).map_err(failed)?
+                };
+                let progress = combined_progress(progress, &runs).map_err(failed)?;
                 on_progress(&progress);
-                if progress.iteration.is_multiple_of(CHECKPOINT_EVERY) && !generator.is_done() {
-                    save(&generator);
+                if progress.iteration.is_multiple_of(CHECKPOINT_EVERY)
+                    && runs.first().is_some_and(|r| !r.is_done())
+                {
+                    save(&runs);
                 }
             }
             Ok(())
         })();
         let interrupted = stop.interrupt.load(Ordering::SeqCst);
         if !(interrupted && result == Err(RunError::Stopped)) {
-            let _ = std::fs::remove_file(&resume);
+            for path in &resumes {
+                let _ = std::fs::remove_file(path);
+            }
         }
         result?;
-        let output = generator.finish().map_err(failed)?;
-        // The final latent is what the job's upscales and variations start from.
-        let latent = super::latent_path(&self.images, job.id);
-        let saved = std::fs::create_dir_all(&self.images)
-            .map_err(candle_core::Error::wrap)
-            .and_then(|()| output.latent.save_safetensors("latent", &latent));
-        if let Err(e) = saved {
-            tracing::warn!(error = %e, path = %latent.display(), "cannot save the latent");
+        let outputs = runs
+            .into_iter()
+            .map(Generator::finish)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(failed)?;
+        let text = |spec: &GenerationSpec| {
+            png_metadata(
+                &job.prompt,
+                spec,
+                (&job.vqgan, &job.clip),
+                (&self.device, self.clip_precision),
+            )
+        };
+        for ((output, &image), member) in outputs.iter().zip(&images).zip(&specs) {
+            // The final latent is what the image's upscales and variations start from.
+            let latent = super::latent_path_of(&self.images, job.id, image);
+            if let Err(e) = output.latent.save_safetensors("latent", &latent) {
+                tracing::warn!(error = %e, path = %latent.display(), "cannot save the latent");
+            }
+            if image.is_some() {
+                let path = super::image_path_of(&self.images, job.id, image);
+                let written = image::encode_png_with_text(&output.image, &text(member))
+                    .map_err(|e| e.to_string())
+                    .and_then(|png| write_atomically(&path, &png));
+                if let Err(e) = written {
+                    return Err(RunError::Failed(format!(
+                        "cannot write image {path:?}: {e}"
+                    )));
+                }
+            }
         }
-        if !output.frames.is_empty() {
+        let frames = grid_frames(&outputs).map_err(failed)?;
+        if !frames.is_empty() {
             let gif = super::timelapse_path(&self.images, job.id);
-            let written = image::encode_gif(&output.frames, TIMELAPSE_DELAY_MS)
+            let written = image::encode_gif(&frames, TIMELAPSE_DELAY_MS)
                 .map_err(|e| e.to_string())
                 .and_then(|bytes| std::fs::write(&gif, bytes).map_err(|e| e.to_string()));
             if let Err(e) = written {
                 tracing::warn!(error = %e, path = %gif.display(), "cannot write the time-lapse");
             }
         }
-        let spec = &job.params.spec;
-        let text = png_metadata(
-            &job.prompt,
-            spec,
-            (&job.vqgan, &job.clip),
-            (&self.device, self.clip_precision),
-        );
-        let png = image::encode_png_with_text(&output.image, &text)
+        let pictures: Vec<::image::RgbImage> = outputs.iter().map(|o| o.image.clone()).collect();
+        let shown = grid::composite(&pictures).map_err(failed)?;
+        // A single image's PNG carries its spec; a grid's composite the first image's (each
+        // image's own PNG has its own).
+        let png = image::encode_png_with_text(&shown, &text(&job.params.spec))
             .map_err(|e| RunError::Failed(format!("cannot encode the PNG: {e}")))?;
+        let final_loss = outputs.iter().map(|o| o.final_loss).sum::<f64>() / outputs.len() as f64;
         Ok(RunOutput {
             png,
-            width: output.image.width(),
-            height: output.image.height(),
-            final_loss: output.final_loss,
+            width: shown.width(),
+            height: shown.height(),
+            final_loss,
         })
     }
 

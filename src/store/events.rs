@@ -26,6 +26,16 @@ pub(crate) const TIMELAPSE: &str = "timelapse.gif";
 /// A running job's latest preview (JPEG).
 pub const PREVIEW: &str = "preview.jpg";
 
+/// The name of file `name` ([`IMAGE`], [`LATENT`]) of one image of a job: `name` itself for
+/// its only image, `image-2.png` and `latent-2.safetensors` for image 2 of its grid.
+pub(crate) fn file_of(name: &str, image: Option<u32>) -> String {
+    match (image, name.split_once('.')) {
+        (Some(k), Some((stem, extension))) => format!("{stem}-{k}.{extension}"),
+        (Some(k), None) => format!("{name}-{k}"),
+        (None, _) => name.to_owned(),
+    }
+}
+
 /// Stores (or replaces) one of a job's files.
 pub async fn put_job_file(
     db: &Store,

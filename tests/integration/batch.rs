@@ -210,3 +210,78 @@ fn a_batch_reports_each_runs_own_progress() {
         assert_eq!(*kept, 4);
     }
 }
+
+/// `vqclip imagine --grid 4`: a composite whose quarters are four runs alone, the four images
+/// beside it, the same bytes twice.
+#[test]
+fn imagine_writes_a_grid_whose_quarters_are_the_runs_alone() {
+    use super::cli::{text, vqclip};
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str], out: &str| {
+        let mut args = vec![
+            "imagine",
+            "a red apple:1 | green:-0.5",
+            "--model",
+            "tiny",
+            "--steps",
+            "3",
+            "--size",
+            "32x32",
+            "--cutn",
+            "3",
+            "-o",
+            out,
+        ];
+        args.extend_from_slice(extra);
+        if !extra.contains(&"--seed") {
+            args.extend(["--seed", "70"]);
+        }
+        let output = vqclip(dir.path(), &args, &[]);
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+        text(&output.stdout)
+    };
+    let said = run(&["--grid", "4"], "grid.png");
+    assert!(
+        said.contains("grid.png (a 2×2 grid of 32x32, seed 70"),
+        "{said}"
+    );
+    run(&["--grid", "4"], "again.png");
+    let read = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
+    assert!(
+        read("grid.png") == read("again.png"),
+        "two grids, different bytes"
+    );
+    let grid_image = vqclip::engine::image::decode(&read("grid.png")).unwrap();
+    assert_eq!(grid_image.dimensions(), (64, 64));
+    let record: serde_json::Value = serde_json::from_slice(&read("grid.json")).unwrap();
+    assert_eq!(record["grid"]["seeds"], serde_json::json!([70, 71, 72, 73]));
+    for k in 1..=4usize {
+        let member = format!("grid-{k}.png");
+        assert!(said.contains(&member), "{said}");
+        // Image k alone: seed 70 + k − 1, as its PNG says.
+        let seed = (69 + k).to_string();
+        let alone_name = format!("alone-{k}.png");
+        run(&["--seed", &seed], &alone_name);
+        let alone = vqclip::engine::image::decode(&read(&alone_name)).unwrap();
+        let kept = vqclip::engine::image::decode(&read(&member)).unwrap();
+        // Bit for bit on this CPU (see BATCH_TOLERANCE), so the 8-bit pixels agree exactly.
+        assert_eq!(
+            kept, alone,
+            "image {k} of the grid differs from seed {seed} alone"
+        );
+        let chunks = vqclip::engine::image::png_text(&read(&member)).unwrap();
+        assert!(chunks.iter().any(|(key, v)| key == "seed" && *v == seed));
+        // Its quarter of the composite, outside the number's corner.
+        let (x, y, w, h) = grid::cell(grid_image.dimensions(), 4, k - 1);
+        for (px, py) in (0..w).flat_map(|px| (0..h).map(move |py| (px, py))) {
+            if px < 12 && py < 14 {
+                continue;
+            }
+            assert_eq!(
+                grid_image.get_pixel(x + px, y + py),
+                alone.get_pixel(px, py),
+                "quarter {k} at ({px}, {py})"
+            );
+        }
+    }
+}

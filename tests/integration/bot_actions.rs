@@ -417,7 +417,14 @@ async fn buttons_and_reactions_rerun_upscale_and_vary_even_after_a_restart() {
     .await;
     assert_eq!(
         custom_ids(&posted.json["components"]),
-        ["vq:rerun:1", "vq:upscale:1", "vq:vary:1", "vq:gif:1"]
+        [
+            "vq:rerun:1",
+            "vq:upscale:1",
+            "vq:vary:1",
+            "vq:gif:1",
+            "vq:subtle:1",
+            "vq:strong:1"
+        ]
     );
     let last_edit = eventually("the stub", || {
         bot.discord.log().into_iter().rev().find(|r| {

@@ -12,7 +12,7 @@ const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml.example"
 
 /// `vqclip ARGS` in `dir` with only the environment given (plus HOME), so the developer's own
 /// variables and config.toml cannot leak into a test.
-fn vqclip(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+pub(crate) fn vqclip(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vqclip"))
         .args(args)
         .current_dir(dir)
@@ -23,7 +23,7 @@ fn vqclip(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
         .expect("run vqclip")
 }
 
-fn text(bytes: &[u8]) -> String {
+pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 

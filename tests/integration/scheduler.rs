@@ -121,6 +121,7 @@ pub(crate) fn request(user: u64, prompt: &str, steps: u32) -> (NewJob, JobParams
     let params = JobParams {
         spec,
         inputs: Default::default(),
+        grid: 1,
     };
     let job = NewJob {
         kind: JobKind::Imagine,

@@ -230,9 +230,11 @@ impl Scheduler {
         if let Some(start) = params.inputs.start.as_mut()
             && !start.latent.exists()
             && let Some(parent) = job.parent
-            && let Some(bytes) = events::get_job_file(pool, parent, events::LATENT).await?
+            && let Some(bytes) =
+                events::get_job_file(pool, parent, &events::file_of(events::LATENT, start.image))
+                    .await?
         {
-            let local = crate::jobs::latent_path(images, parent);
+            let local = crate::jobs::latent_path_of(images, parent, start.image);
             if write_file(&local, &bytes).await {
                 start.latent = local;
             }
@@ -271,12 +273,31 @@ impl Scheduler {
         let pool = &self.shared.pool;
         events::put_job_file(pool, id, events::IMAGE, &finished.png).await?;
         let images = &self.shared.options.images;
-        for (name, path) in [
-            (events::LATENT, crate::jobs::latent_path(images, id)),
-            (events::TIMELAPSE, crate::jobs::timelapse_path(images, id)),
-        ] {
+        let mut files = vec![
+            (
+                events::LATENT.to_owned(),
+                crate::jobs::latent_path(images, id),
+            ),
+            (
+                events::TIMELAPSE.to_owned(),
+                crate::jobs::timelapse_path(images, id),
+            ),
+        ];
+        // A grid's images and latents, each image's own (absent for a single image).
+        for k in 1..=crate::engine::grid::MAX_GRID as u32 {
+            let image = Some(k);
+            files.push((
+                events::file_of(events::IMAGE, image),
+                crate::jobs::image_path_of(images, id, image),
+            ));
+            files.push((
+                events::file_of(events::LATENT, image),
+                crate::jobs::latent_path_of(images, id, image),
+            ));
+        }
+        for (name, path) in files {
             match tokio::fs::read(&path).await {
-                Ok(bytes) => events::put_job_file(pool, id, name, &bytes).await?,
+                Ok(bytes) => events::put_job_file(pool, id, &name, &bytes).await?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
                     tracing::warn!(job_id = id.0, path = %path.display(), error = %e, "cannot read a job's file to share it")
