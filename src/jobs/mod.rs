@@ -334,7 +334,8 @@ impl FollowUp {
 /// A follow-up job of `parent` for `origin`: a rerun with `seed` (as many images as the
 /// parent); an upscale of one image (its own seed, twice the size, half the steps, from its
 /// latent; one image); a variation of one image (`seed`, from its latent plus noise, half the
-/// steps, `grid` images, each with its own noise). Its prompt and models are the parent's.
+/// steps, each image with its own noise: as many images as the parent's grid, or `grid` for a
+/// single parent). Its prompt and models are the parent's.
 /// `latent_kept` says whether the chosen image's final latent exists (at [`latent_path_of`]
 /// under `images`, or in the database for a worker to fetch).
 pub(crate) fn follow_up_job(
@@ -392,7 +393,10 @@ pub(crate) fn follow_up_job(
                 noise: Some(strength.noise()),
                 image,
             });
-            params.grid = grid.clamp(1, crate::engine::grid::MAX_GRID as u32);
+            // V1–V4 on a grid make a grid like it; Vary on a single image the default.
+            if params.grid <= 1 {
+                params.grid = grid.clamp(1, crate::engine::grid::MAX_GRID as u32);
+            }
         }
     }
     spec.frame_every = (spec.steps / TIMELAPSE_FRAMES).max(1);

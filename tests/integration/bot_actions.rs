@@ -23,7 +23,7 @@ const GUILD: u64 = 1_500_000_000_000_000_001;
 const GALLERY: u64 = 1_500_000_000_000_000_002;
 /// Manage Server.
 const MODERATOR: &str = "32";
-const MEMBER: &str = "0";
+pub(crate) const MEMBER: &str = "0";
 
 /// The bot's configuration for these tests: the fake Discord, images under `dir`, the tiny
 /// models; `discord` and `scheduler` add keys to those sections.
@@ -48,26 +48,26 @@ fn bot_settings(fake: &FakeDiscord, dir: &TempDir, discord: &str, scheduler: &st
 }
 
 /// A running bot and what it talks to.
-struct Bot {
-    discord: FakeDiscord,
-    dir: TempDir,
-    pool: Store,
-    scheduler: Scheduler,
-    settings: Arc<Settings>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+pub(crate) struct Bot {
+    pub(crate) discord: FakeDiscord,
+    pub(crate) dir: TempDir,
+    pub(crate) pool: Store,
+    pub(crate) scheduler: Scheduler,
+    pub(crate) settings: Arc<Settings>,
+    pub(crate) stop: Option<tokio::sync::oneshot::Sender<()>>,
+    pub(crate) task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Bot {
     /// Starts the bot with `extra` configuration; `engine` picks the real tiny engine over a
     /// fake runner that sleeps `delay_ms` per step.
-    async fn start(extra: &str, engine: bool, delay_ms: u64) -> (Self, FakeRunner) {
+    pub(crate) async fn start(extra: &str, engine: bool, delay_ms: u64) -> (Self, FakeRunner) {
         Self::start_gated(extra, engine, delay_ms, None, 10).await
     }
 
     /// As [`Self::start`]; the engine's jobs pass through `gate`, and the queue holds
     /// `capacity` jobs.
-    async fn start_gated(
+    pub(crate) async fn start_gated(
         extra: &str,
         engine: bool,
         delay_ms: u64,
@@ -118,7 +118,7 @@ impl Bot {
     /// Starts a front-end bot on PostgreSQL with no devices of its own, and a worker as on
     /// another host: its own pool and images directory, the real tiny engine, sharing nothing
     /// with the bot but the database.
-    async fn start_front_end(gate: &Gate) -> (Self, Scheduler, TempDir) {
+    pub(crate) async fn start_front_end(gate: &Gate) -> (Self, Scheduler, TempDir) {
         let (_guard, pool) = crate::support::test_db(vqclip::store::Backend::Postgres).await;
         let (bot, mut workers) = Self::start_front_end_on(pool, gate, 1).await;
         let (worker, elsewhere) = workers.pop().unwrap();
@@ -128,7 +128,7 @@ impl Bot {
     /// As [`Self::start_front_end`] on the database of `pool`, with `workers` workers
     /// (`gpu-elsewhere-1`, `-2`, …, each with one device labelled `cuda:7`) whose jobs all pass
     /// through `gate`.
-    async fn start_front_end_on(
+    pub(crate) async fn start_front_end_on(
         pool: Store,
         gate: &Gate,
         workers: usize,
@@ -175,7 +175,7 @@ impl Bot {
     }
 
     /// Connects a bot with these parts.
-    async fn launch(
+    pub(crate) async fn launch(
         discord: FakeDiscord,
         dir: TempDir,
         pool: Store,
@@ -196,7 +196,7 @@ impl Bot {
     }
 
     /// (Re)connects the bot and waits for its command registration.
-    async fn connect(&mut self) {
+    pub(crate) async fn connect(&mut self) {
         let registered = self.count(|r| r.method == "PUT" && r.path.ends_with("/commands"));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         self.task = Some(tokio::spawn(vqclip::bot::run(
@@ -221,7 +221,7 @@ impl Bot {
         .await;
     }
 
-    async fn disconnect(&mut self) {
+    pub(crate) async fn disconnect(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -230,17 +230,17 @@ impl Bot {
         }
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         self.disconnect().await;
         self.scheduler.shutdown(Duration::from_secs(1)).await;
     }
 
-    fn count(&self, what: impl Fn(&Request_) -> bool) -> usize {
+    pub(crate) fn count(&self, what: impl Fn(&Request_) -> bool) -> usize {
         self.discord.log().iter().filter(|r| what(r)).count()
     }
 
     /// Dispatches an interaction and returns its response callback.
-    async fn interact(&self, payload: Value) -> Request_ {
+    pub(crate) async fn interact(&self, payload: Value) -> Request_ {
         let id = payload["id"].as_str().unwrap().to_owned();
         self.discord.dispatch("INTERACTION_CREATE", payload);
         eventually("the interaction's response", || {
@@ -254,7 +254,13 @@ impl Bot {
 
     /// An interaction of `kind` with `data` by `user` (with `permissions`) in the guild's
     /// channel 900.
-    fn interaction(&self, kind: u64, data: Value, user_id: u64, permissions: &str) -> Value {
+    pub(crate) fn interaction(
+        &self,
+        kind: u64,
+        data: Value,
+        user_id: u64,
+        permissions: &str,
+    ) -> Value {
         json!({
             "id": self.discord.id().to_string(),
             "application_id": APP_ID.to_string(),
@@ -275,7 +281,13 @@ impl Bot {
     }
 
     /// A slash command by `user` (with `permissions`).
-    fn command(&self, user_id: u64, permissions: &str, name: &str, options: Value) -> Value {
+    pub(crate) fn command(
+        &self,
+        user_id: u64,
+        permissions: &str,
+        name: &str,
+        options: Value,
+    ) -> Value {
         let data = json!({ "id": "1", "name": name, "type": 1, "options": options,
             "resolved": {
                 "channels": { GALLERY.to_string(): {
@@ -285,7 +297,7 @@ impl Bot {
         self.interaction(2, data, user_id, permissions)
     }
 
-    fn attachments(&self) -> Value {
+    pub(crate) fn attachments(&self) -> Value {
         let picture = image::RgbImage::from_fn(48, 32, |x, y| {
             image::Rgb([(x * 5) as u8, (y * 7) as u8, 128])
         });
@@ -304,7 +316,7 @@ impl Bot {
         })
     }
 
-    fn imagine(&self, user_id: u64, prompt: &str) -> Value {
+    pub(crate) fn imagine(&self, user_id: u64, prompt: &str) -> Value {
         self.command(
             user_id,
             MEMBER,
@@ -314,7 +326,13 @@ impl Bot {
     }
 
     /// A button press by `user` on message `message_id`.
-    fn press(&self, user_id: u64, permissions: &str, custom_id: &str, message_id: u64) -> Value {
+    pub(crate) fn press(
+        &self,
+        user_id: u64,
+        permissions: &str,
+        custom_id: &str,
+        message_id: u64,
+    ) -> Value {
         let data = json!({ "custom_id": custom_id, "component_type": 2 });
         let mut payload = self.interaction(3, data, user_id, permissions);
         payload["message"] = message(message_id, "900", &json!(""));
@@ -322,7 +340,7 @@ impl Bot {
     }
 
     /// `user` reacts with `emoji` to `message_id` in `channel`.
-    fn react(&self, user_id: u64, channel: u64, message_id: u64, emoji: &str) {
+    pub(crate) fn react(&self, user_id: u64, channel: u64, message_id: u64, emoji: &str) {
         self.discord.dispatch(
             "MESSAGE_REACTION_ADD",
             json!({
@@ -336,7 +354,7 @@ impl Bot {
     }
 
     /// The posted result message of `job` (channel, message) once recorded.
-    async fn result_of(&self, job: JobId) -> (u64, u64) {
+    pub(crate) async fn result_of(&self, job: JobId) -> (u64, u64) {
         assert_eq!(finished(&self.pool, job).await, JobStatus::Succeeded);
         for _ in 0..1500 {
             if let Some(found) = jobs::get_job_result(&self.pool, job).await.unwrap() {
@@ -347,11 +365,11 @@ impl Bot {
         panic!("no result message for job {job}");
     }
 
-    async fn job(&self, id: i64) -> jobs::Job {
+    pub(crate) async fn job(&self, id: i64) -> jobs::Job {
         jobs::get_job(&self.pool, JobId(id)).await.unwrap().unwrap()
     }
 
-    async fn job_count(&self) -> usize {
+    pub(crate) async fn job_count(&self) -> usize {
         jobs::list_recent_jobs(&self.pool, None, 100)
             .await
             .unwrap()
@@ -365,7 +383,7 @@ fn member(user_id: u64, permissions: &str) -> Value {
             "flags": 0, "pending": false, "permissions": permissions })
 }
 
-fn custom_ids(components: &Value) -> Vec<String> {
+pub(crate) fn custom_ids(components: &Value) -> Vec<String> {
     components
         .as_array()
         .into_iter()
@@ -375,7 +393,7 @@ fn custom_ids(components: &Value) -> Vec<String> {
         .collect()
 }
 
-fn text(r: &Request_) -> String {
+pub(crate) fn text(r: &Request_) -> String {
     let content = if r.json["data"].is_object() {
         &r.json["data"]["content"]
     } else {

@@ -40,6 +40,8 @@ pub struct Request_ {
     pub json: Value,
     /// Names of uploaded files with their sizes.
     pub files: Vec<(String, usize)>,
+    /// The uploaded files' bytes, in the order of `files`.
+    pub file_bytes: Vec<Bytes>,
     /// When it arrived.
     pub at: Instant,
     /// The status it was answered with.
@@ -284,6 +286,7 @@ async fn rest(State(shared): State<Arc<Shared>>, request: Request) -> Response {
         .is_some_and(|v| v.starts_with("multipart/"));
     let mut json = Value::Null;
     let mut files = Vec::new();
+    let mut file_bytes = Vec::new();
     if is_multipart {
         let Ok(mut form) = Multipart::from_request(request, &()).await else {
             return StatusCode::BAD_REQUEST.into_response();
@@ -293,7 +296,10 @@ async fn rest(State(shared): State<Arc<Shared>>, request: Request) -> Response {
             let file = field.file_name().map(str::to_owned);
             let data = field.bytes().await.unwrap_or_default();
             match file {
-                Some(file) => files.push((file, data.len())),
+                Some(file) => {
+                    files.push((file, data.len()));
+                    file_bytes.push(data);
+                }
                 None if name == "payload_json" => {
                     json = serde_json::from_slice(&data).unwrap_or(Value::Null)
                 }
@@ -334,6 +340,7 @@ async fn rest(State(shared): State<Arc<Shared>>, request: Request) -> Response {
         path: path.clone(),
         json: json.clone(),
         files,
+        file_bytes,
         at: Instant::now(),
         status: response.status().as_u16(),
     });

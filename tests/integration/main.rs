@@ -7,6 +7,7 @@
 mod batch;
 mod bot;
 mod bot_actions;
+mod bot_grid;
 mod cli;
 mod config;
 mod discord_spec;

@@ -1,0 +1,195 @@
+//! A 2×2 grid end to end against the loopback fake Discord, on the real tiny engine: the
+//! composite with U1–U4 / V1–V4 / 🔄, U2 upscaling exactly the second image, V3, 🔄, the
+//! reactions 1️⃣–4️⃣ and a restart between.
+
+use vqclip::jobs::{JobId, JobParams};
+use vqclip::store::jobs::JobKind;
+
+use crate::bot::eventually;
+use crate::bot_actions::{Bot, MEMBER, custom_ids, text};
+use crate::cli::vqclip;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grid_posts_one_composite_and_its_buttons_act_on_the_chosen_image() {
+    let (mut bot, _) = Bot::start("", true, 0).await;
+    bot.interact(bot.imagine(77, "a red fox --steps 4 --grid 4"))
+        .await;
+    let (channel, result) = bot.result_of(JobId(1)).await;
+    let posted = eventually("the grid's result", || {
+        bot.discord.log().into_iter().find(|r| {
+            r.method == "POST" && r.path == "/channels/900/messages" && !r.files.is_empty()
+        })
+    })
+    .await;
+    assert_eq!(
+        custom_ids(&posted.json["components"]),
+        [
+            "vq:u1:1",
+            "vq:u2:1",
+            "vq:u3:1",
+            "vq:u4:1",
+            "vq:vary1:1",
+            "vq:vary2:1",
+            "vq:vary3:1",
+            "vq:vary4:1",
+            "vq:rerun:1",
+            "vq:gif:1"
+        ]
+    );
+    let labels: Vec<&str> = posted.json["components"][0]["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["U1", "U2", "U3", "U4"]);
+    let embed = &posted.json["embeds"][0];
+    let first = bot.job(1).await;
+    let seeds = format!("{}–{}", first.seed, first.seed.wrapping_add(3));
+    assert!(
+        embed["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["name"] == "Seeds" && f["value"] == seeds.as_str()),
+        "{embed}"
+    );
+    // One picture: the four 64² images in a 2×2 composite.
+    let composite = vqclip::engine::image::decode(&posted.file_bytes[0]).unwrap();
+    assert_eq!(composite.dimensions(), (128, 128));
+    let images = bot.settings.storage.images.clone();
+    for k in 1..=4 {
+        let kept = images.join(format!("1-{k}.png"));
+        let picture = vqclip::engine::image::decode(&std::fs::read(&kept).unwrap()).unwrap();
+        assert_eq!(picture.dimensions(), (64, 64));
+        let (x, y, _, _) = vqclip::engine::grid::cell((128, 128), 4, k - 1);
+        // Its quarter, away from the number in the corner.
+        assert_eq!(
+            composite.get_pixel(x + 40, y + 40),
+            picture.get_pixel(40, 40)
+        );
+        assert!(images.join(format!("1-{k}.latent.safetensors")).is_file());
+    }
+    // Previews showed the grid while it ran (a composite twice the size of one image).
+    let preview = bot
+        .discord
+        .log()
+        .into_iter()
+        .find_map(|r| {
+            let at = r.files.iter().position(|(name, _)| name == "preview.jpg")?;
+            r.file_bytes.get(at).cloned()
+        })
+        .expect("a preview");
+    let preview = vqclip::engine::image::decode(&preview).unwrap();
+    assert_eq!(preview.dimensions(), (128, 128));
+
+    // U2: image 2, doubled, from its own latent and seed.
+    let u2 = bot.interact(bot.press(77, MEMBER, "vq:u2:1", result)).await;
+    assert!(text(&u2).contains("upscale of job 1"), "{u2:?}");
+    bot.result_of(JobId(2)).await;
+    let upscale = bot.job(2).await;
+    assert_eq!(
+        (upscale.kind, upscale.width, upscale.seed),
+        (JobKind::Upscale, 128, first.seed.wrapping_add(1))
+    );
+    let params: JobParams = serde_json::from_value(upscale.params.clone()).unwrap();
+    assert_eq!(params.grid, 1);
+    let start = params.inputs.start.clone().unwrap();
+    assert_eq!(start.image, Some(2));
+    assert_eq!(start.latent, images.join("1-2.latent.safetensors"));
+    // Exactly the second image: the command line, from the kept latent of image 2, makes the
+    // same pixels.
+    let dir = tempfile::tempdir().unwrap();
+    let latent = start.latent.to_str().unwrap().to_owned();
+    let seed = upscale.seed.to_string();
+    let cli = vqclip(
+        dir.path(),
+        &[
+            "imagine",
+            "a red fox",
+            "--model",
+            "tiny",
+            "--size",
+            "128x128",
+            "--steps",
+            "2",
+            "--seed",
+            &seed,
+            "--init-latent",
+            &latent,
+            "--upscale-latent",
+            "-o",
+            "u2.png",
+        ],
+        &[],
+    );
+    assert_eq!(
+        cli.status.code(),
+        Some(0),
+        "{}",
+        crate::cli::text(&cli.stderr)
+    );
+    let again =
+        vqclip::engine::image::decode(&std::fs::read(dir.path().join("u2.png")).unwrap()).unwrap();
+    let job_png = std::fs::read(upscale.output_path.clone().unwrap()).unwrap();
+    let from_job = vqclip::engine::image::decode(&job_png).unwrap();
+    assert_eq!(from_job, again, "U2 did not continue image 2");
+    // The upscaled single image keeps the single buttons, with Vary (Subtle) and (Strong).
+    let upscale_result = eventually("the upscale's result", || {
+        bot.discord.log().into_iter().find(|r| {
+            r.method == "POST"
+                && !r.files.is_empty()
+                && custom_ids(&r.json["components"]).contains(&"vq:subtle:2".to_owned())
+        })
+    })
+    .await;
+    assert!(custom_ids(&upscale_result.json["components"]).contains(&"vq:strong:2".to_owned()));
+
+    // A restart: the grid's buttons still work.
+    bot.disconnect().await;
+    bot.connect().await;
+    let v3 = bot
+        .interact(bot.press(77, MEMBER, "vq:vary3:1", result))
+        .await;
+    assert!(text(&v3).contains("variation of job 1"), "{v3:?}");
+    bot.result_of(JobId(3)).await;
+    let variation = bot.job(3).await;
+    let params: JobParams = serde_json::from_value(variation.params.clone()).unwrap();
+    assert_eq!((variation.kind, params.grid), (JobKind::Variation, 4));
+    let start = params.inputs.start.unwrap();
+    assert_eq!(
+        (start.image, start.noise, start.upscale),
+        (Some(3), Some(0.5), false)
+    );
+    assert_eq!(start.latent, images.join("1-3.latent.safetensors"));
+    assert_ne!(variation.seed, first.seed);
+
+    // 🔄: the same prompt and grid, new seeds.
+    bot.interact(bot.press(77, MEMBER, "vq:rerun:1", result))
+        .await;
+    bot.result_of(JobId(4)).await;
+    let rerun = bot.job(4).await;
+    let params: JobParams = serde_json::from_value(rerun.params.clone()).unwrap();
+    assert_eq!((rerun.kind, params.grid), (JobKind::Rerun, 4));
+    assert_ne!(rerun.seed, first.seed);
+
+    // 4️⃣ on the grid: upscale image 4.
+    bot.react(77, channel, result, "4\u{fe0f}\u{20e3}");
+    eventually("the reaction's upscale", || {
+        bot.discord
+            .log()
+            .into_iter()
+            .find(|r| r.method == "POST" && text(r).contains("upscale of job 1"))
+    })
+    .await;
+    bot.result_of(JobId(5)).await;
+    let by_reaction = bot.job(5).await;
+    let params: JobParams = serde_json::from_value(by_reaction.params.clone()).unwrap();
+    assert_eq!(params.inputs.start.unwrap().image, Some(4));
+    assert_eq!(by_reaction.seed, first.seed.wrapping_add(3));
+    // ⬆️ means nothing on a grid (which image?): no job.
+    bot.react(77, channel, result, "⬆️");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(bot.job_count().await, 5);
+    bot.stop().await;
+}
