@@ -111,6 +111,12 @@ pub(crate) fn user_defaults(
     if let Some(steps) = u.steps {
         g.default_steps = steps.min(g.max_steps);
     }
+    if let Some(grid) = u
+        .grid
+        .filter(|n| crate::config::GridSetting::CHOICES.contains(n))
+    {
+        g.grid = crate::config::GridSetting::Fixed(grid);
+    }
     if let Some(model) = u
         .vqgan_model
         .as_deref()

@@ -6,12 +6,15 @@ use std::sync::Arc;
 use poise::serenity_prelude as serenity;
 
 use super::checks::check_rate;
+use super::options::user_defaults;
 use super::progress::{self, JobMessage};
 use super::text::capitalise;
 use super::{BotError, Data};
+use crate::config::{GenerationSettings, GridSetting};
 use crate::jobs::scheduler::{SubmitError, Submitted};
 use crate::jobs::{Actor, FollowUp, Origin};
 use crate::store::jobs::{self as store_jobs, Job};
+use crate::store::{guilds, users};
 
 /// Submits a rerun, upscale or variation of `parent` for `actor`, after checking who may.
 pub(crate) async fn submit_follow_up(
@@ -43,7 +46,7 @@ pub(crate) async fn submit_follow_up(
     let latent = crate::store::events::file_of(crate::store::events::LATENT, image);
     let latent_kept = crate::jobs::latent_path_of(images, parent.id, image).is_file()
         || crate::store::events::has_job_file(&data.store, parent.id, &latent).await?;
-    let grid = default_grid(data, actor.user).await?;
+    let grid = default_grid(data, actor.user, parent.guild_id).await?;
     let (job, params) = crate::jobs::follow_up_job(
         parent,
         what,
@@ -64,13 +67,40 @@ pub(crate) async fn submit_follow_up(
     submit(data, job, params).await
 }
 
-/// How many images a request of `user` makes when it names none: their saved default, else the
-/// server's `generation.grid` ("auto" as this host's devices say).
-pub(crate) async fn default_grid(data: &Data, user: u64) -> Result<u32, BotError> {
-    let _ = user;
-    Ok(match data.settings.generation.grid {
-        crate::config::GridSetting::Auto => data.scheduler.auto().grid,
-        crate::config::GridSetting::Fixed(n) => n,
+/// The defaults a request of `user` in `guild` starts from: the configuration's `[generation]`,
+/// the guild's `/admin grid` over it, the user's `/settings` over both.
+pub(crate) async fn request_defaults(
+    data: &Data,
+    user: u64,
+    guild: Option<u64>,
+) -> Result<GenerationSettings, BotError> {
+    let mut server = data.settings.generation.clone();
+    if let Some(guild) = guild
+        && let Some(grid) = guilds::get_guild_settings(&data.store, guild)
+            .await?
+            .and_then(|g| g.grid)
+            .filter(|n| GridSetting::CHOICES.contains(n))
+    {
+        server.grid = GridSetting::Fixed(grid);
+    }
+    let mine = users::get_user_settings(&data.store, user).await?;
+    Ok(user_defaults(
+        &server,
+        mine.as_ref(),
+        data.settings.models.allow_tiny,
+    ))
+}
+
+/// How many images a request of `user` in `guild` makes when it names none (see
+/// [`request_defaults`]; "auto" as this host's devices say).
+pub(crate) async fn default_grid(
+    data: &Data,
+    user: u64,
+    guild: Option<u64>,
+) -> Result<u32, BotError> {
+    Ok(match request_defaults(data, user, guild).await?.grid {
+        GridSetting::Auto => data.scheduler.auto().grid,
+        GridSetting::Fixed(n) => n,
     })
 }
 

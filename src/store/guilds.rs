@@ -13,6 +13,8 @@ pub struct GuildSettings {
     pub gallery_channel_id: Option<u64>,
     /// Its jobs wait in the queue until a moderator resumes it.
     pub paused: bool,
+    /// Images per request here (1 or 4); `None`: the configuration's `generation.grid`.
+    pub grid: Option<u32>,
     /// When a moderator last changed anything.
     pub updated_at: Timestamp,
 }
@@ -23,16 +25,26 @@ pub async fn get_guild_settings(
     guild_id: u64,
 ) -> Result<Option<GuildSettings>, sqlx::Error> {
     let key = u64_to_sql(guild_id);
-    let row: Option<(Option<i64>, i64, Timestamp)> = sqlx::query_as(
-        "SELECT gallery_channel_id, paused, updated_at FROM guild_settings WHERE guild_id = $1",
+    let row: Option<(Option<i64>, i64, Timestamp, Option<i64>)> = sqlx::query_as(
+        "SELECT gallery_channel_id, paused, updated_at, grid FROM guild_settings
+         WHERE guild_id = $1",
     )
     .bind(key)
     .fetch_optional(db.pool())
     .await?;
-    Ok(row.map(|(gallery, paused, updated_at)| GuildSettings {
+    let Some((gallery, paused, updated_at, grid)) = row else {
+        return Ok(None);
+    };
+    let grid = grid
+        .map(|g| {
+            u32::try_from(g).map_err(|_| super::decode_error("grid", format!("{g} is not a u32")))
+        })
+        .transpose()?;
+    Ok(Some(GuildSettings {
         guild_id,
         gallery_channel_id: gallery.map(u64_from_sql),
         paused: paused != 0,
+        grid,
         updated_at,
     }))
 }
@@ -56,6 +68,18 @@ pub async fn set_guild_paused(db: &Store, guild_id: u64, paused: bool) -> Result
          VALUES ($1, $2, $3) ON CONFLICT (guild_id) DO UPDATE SET
          paused = excluded.paused, updated_at = excluded.updated_at";
     set_column(db, guild_id, SQL, Some(i64::from(paused))).await
+}
+
+/// Sets (or, with `None`, clears) how many images a request makes in a guild.
+pub async fn set_guild_grid(
+    db: &Store,
+    guild_id: u64,
+    grid: Option<u32>,
+) -> Result<(), sqlx::Error> {
+    const SQL: &str = "INSERT INTO guild_settings (guild_id, grid, updated_at)
+         VALUES ($1, $2, $3) ON CONFLICT (guild_id) DO UPDATE SET
+         grid = excluded.grid, updated_at = excluded.updated_at";
+    set_column(db, guild_id, SQL, grid.map(i64::from)).await
 }
 
 /// Runs `upsert`, which sets one column of a guild's settings to `$2` (creating its row, other

@@ -21,6 +21,8 @@ pub struct UserSettings {
     pub clip_model: Option<String>,
     /// Mention the user when a job finishes.
     pub ping_on_completion: bool,
+    /// Images per request (1 or 4).
+    pub grid: Option<u32>,
 }
 
 /// A user banned from a guild's use of the bot.
@@ -47,6 +49,7 @@ struct UserSettingsRow {
     vqgan_model: Option<String>,
     clip_model: Option<String>,
     ping_on_completion: i64,
+    grid: Option<i64>,
 }
 
 fn optional_u32(column: &str, value: Option<i64>) -> Result<Option<u32>, sqlx::Error> {
@@ -62,7 +65,7 @@ pub async fn get_user_settings(
 ) -> Result<Option<UserSettings>, sqlx::Error> {
     let key = u64_to_sql(user_id);
     let row: Option<UserSettingsRow> = sqlx::query_as(
-        "SELECT width, height, steps, vqgan_model, clip_model, ping_on_completion
+        "SELECT width, height, steps, vqgan_model, clip_model, ping_on_completion, grid
          FROM user_settings WHERE user_id = $1",
     )
     .bind(key)
@@ -79,6 +82,7 @@ pub async fn get_user_settings(
         vqgan_model: r.vqgan_model,
         clip_model: r.clip_model,
         ping_on_completion: r.ping_on_completion != 0,
+        grid: optional_u32("grid", r.grid)?,
     }))
 }
 
@@ -87,12 +91,14 @@ pub async fn save_user_settings(db: &Store, s: &UserSettings) -> Result<(), sqlx
     let user_id = u64_to_sql(s.user_id);
     let now = Timestamp::now();
     sqlx::query("INSERT INTO user_settings
-             (user_id, width, height, steps, vqgan_model, clip_model, ping_on_completion, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             (user_id, width, height, steps, vqgan_model, clip_model, ping_on_completion, updated_at,
+              grid)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
          ON CONFLICT (user_id) DO UPDATE SET
              width = excluded.width, height = excluded.height, steps = excluded.steps,
              vqgan_model = excluded.vqgan_model, clip_model = excluded.clip_model,
-             ping_on_completion = excluded.ping_on_completion, updated_at = excluded.updated_at").bind(user_id).bind(s.width.map(i64::from)).bind(s.height.map(i64::from)).bind(s.steps.map(i64::from)).bind(s.vqgan_model.as_deref()).bind(s.clip_model.as_deref()).bind(i64::from(s.ping_on_completion)).bind(now)
+             ping_on_completion = excluded.ping_on_completion, updated_at = excluded.updated_at,
+             grid = excluded.grid").bind(user_id).bind(s.width.map(i64::from)).bind(s.height.map(i64::from)).bind(s.steps.map(i64::from)).bind(s.vqgan_model.as_deref()).bind(s.clip_model.as_deref()).bind(i64::from(s.ping_on_completion)).bind(now).bind(s.grid.map(i64::from))
     .execute(db.pool())
     .await?;
     Ok(())

@@ -22,7 +22,7 @@ use crate::support::{Gate, fetcher, test_pool};
 const GUILD: u64 = 1_500_000_000_000_000_001;
 const GALLERY: u64 = 1_500_000_000_000_000_002;
 /// Manage Server.
-const MODERATOR: &str = "32";
+pub(crate) const MODERATOR: &str = "32";
 pub(crate) const MEMBER: &str = "0";
 
 /// The bot's configuration for these tests: the fake Discord, images under `dir`, the tiny

@@ -193,3 +193,69 @@ async fn a_grid_posts_one_composite_and_its_buttons_act_on_the_chosen_image() {
     assert_eq!(bot.job_count().await, 5);
     bot.stop().await;
 }
+
+/// The grid a request makes when it names none: `/admin grid` for a server, `/settings grid`
+/// for a user over it, `--grid` in the prompt over both; the configuration's "auto" is 1 on the
+/// CPU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_grid_comes_from_the_server_then_the_user_then_the_prompt() {
+    use crate::bot_actions::MODERATOR;
+    use serde_json::json;
+    let (bot, _) = Bot::start("", false, 1).await;
+    let grid_of = |id: i64| {
+        let bot = &bot;
+        async move {
+            let job = bot.job(id).await;
+            serde_json::from_value::<JobParams>(job.params)
+                .unwrap()
+                .grid
+        }
+    };
+    bot.interact(bot.imagine(77, "a lighthouse")).await;
+    assert_eq!(grid_of(1).await, 1, "auto on the CPU");
+
+    let admin = |user: u64, permissions: &str, images: Option<u32>| {
+        let options = match images {
+            Some(n) => json!([{ "name": "images", "type": 4, "value": n }]),
+            None => json!([]),
+        };
+        bot.command(
+            user,
+            permissions,
+            "admin",
+            json!([{ "name": "grid", "type": 1, "options": options }]),
+        )
+    };
+    let refused = bot.interact(admin(77, MEMBER, Some(4))).await;
+    assert!(text(&refused).contains("Manage Server"), "{refused:?}");
+    let three = bot.interact(admin(99, MODERATOR, Some(3))).await;
+    assert!(text(&three).contains("1 image or a grid of 4"), "{three:?}");
+    let set = bot.interact(admin(99, MODERATOR, Some(4))).await;
+    assert!(text(&set).contains("a grid of 4"), "{set:?}");
+    bot.interact(bot.imagine(77, "a lighthouse")).await;
+    assert_eq!(grid_of(2).await, 4, "the server's grid");
+
+    let settings = |grid: u32| {
+        bot.command(
+            77,
+            MEMBER,
+            "settings",
+            json!([{ "name": "grid", "type": 4, "value": grid }]),
+        )
+    };
+    let mine = bot.interact(settings(1)).await;
+    assert!(text(&mine).contains("images: 1"), "{mine:?}");
+    bot.interact(bot.imagine(77, "a lighthouse")).await;
+    assert_eq!(grid_of(3).await, 1, "the user's own default");
+    bot.interact(bot.imagine(77, "a lighthouse --grid 4")).await;
+    assert_eq!(grid_of(4).await, 4, "the prompt's flag");
+    // Someone else in the server gets the server's.
+    bot.interact(bot.imagine(78, "a lighthouse")).await;
+    assert_eq!(grid_of(5).await, 4);
+    // Cleared, the server is back to the configuration's.
+    let cleared = bot.interact(admin(99, MODERATOR, None)).await;
+    assert!(text(&cleared).contains("default (auto)"), "{cleared:?}");
+    bot.interact(bot.imagine(78, "a lighthouse")).await;
+    assert_eq!(grid_of(6).await, 1);
+    bot.stop().await;
+}

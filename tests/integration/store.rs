@@ -584,6 +584,7 @@ on_both_backends! {
             vqgan_model: Some("wikiart_f16_16384".into()),
             clip_model: None,
             ping_on_completion: true,
+            grid: Some(4),
         };
         users::save_user_settings(&pool, &mine).await.unwrap();
         assert_eq!(
@@ -594,6 +595,7 @@ on_both_backends! {
         mine.steps = Some(200);
         mine.width = None;
         mine.ping_on_completion = false;
+        mine.grid = None;
         users::save_user_settings(&pool, &mine).await.unwrap();
         assert_eq!(
             users::get_user_settings(&pool, u64::MAX).await.unwrap(),
@@ -656,14 +658,18 @@ on_both_backends! {
         );
     }
 
-    async fn pausing_a_guild_keeps_its_gallery_channel(pool) {
+    async fn pausing_a_guild_or_setting_its_grid_keeps_its_gallery_channel(pool) {
         guilds::set_gallery_channel(&pool, 5, Some(9))
             .await
             .unwrap();
         guilds::set_guild_paused(&pool, 5, true).await.unwrap();
         guilds::set_guild_paused(&pool, 6, true).await.unwrap();
+        guilds::set_guild_grid(&pool, 5, Some(4)).await.unwrap();
         let s = guilds::get_guild_settings(&pool, 5).await.unwrap().unwrap();
-        assert_eq!((s.gallery_channel_id, s.paused), (Some(9), true));
+        assert_eq!((s.gallery_channel_id, s.paused, s.grid), (Some(9), true, Some(4)));
+        guilds::set_guild_grid(&pool, 5, None).await.unwrap();
+        let s = guilds::get_guild_settings(&pool, 5).await.unwrap().unwrap();
+        assert_eq!((s.paused, s.grid), (true, None));
         let mut paused = guilds::list_paused_guilds(&pool).await.unwrap();
         paused.sort_unstable();
         assert_eq!(paused, [5, 6]);

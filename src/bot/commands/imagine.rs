@@ -3,15 +3,12 @@
 
 use crate::bot::checks::check_rate;
 use crate::bot::components::cancel_button;
-use crate::bot::options::{
-    complete_aspect, complete_model, parse_aspect, parse_size, user_defaults,
-};
-use crate::bot::submit::{submit, track};
+use crate::bot::options::{complete_aspect, complete_model, parse_aspect, parse_size};
+use crate::bot::submit::{request_defaults, submit, track};
 use crate::bot::text::{opening_text, quote, title};
 use crate::bot::{BotError, Context};
 use crate::jobs::Origin;
 use crate::request::{self, ImagineOptions};
-use crate::store::users;
 use poise::serenity_prelude as serenity;
 use sha2::Digest as _;
 
@@ -50,6 +47,10 @@ pub(super) async fn imagine(
     #[description = "Cutouts per step (more: better quality, slower)"]
     #[min = 1]
     cutouts: Option<u32>,
+    #[description = "Images: 1, or 4 in a 2×2 grid to upscale or vary one of"]
+    #[min = 1]
+    #[max = 4]
+    grid: Option<u32>,
 ) -> Result<(), BotError> {
     let data = ctx.data();
     let answer_by = tokio::time::Instant::now() + ACK_BUDGET;
@@ -84,14 +85,10 @@ pub(super) async fn imagine(
             vqgan: model,
             clip: None,
             crops: false,
-            grid: None,
+            grid,
         };
-        let mine = users::get_user_settings(&data.store, ctx.author().id.get()).await?;
-        let defaults = user_defaults(
-            &data.settings.generation,
-            mine.as_ref(),
-            data.settings.models.allow_tiny,
-        );
+        let defaults =
+            request_defaults(data, ctx.author().id.get(), ctx.guild_id().map(|g| g.get())).await?;
         let resolved = request::resolve(
             &prompt,
             &options,

@@ -5,12 +5,12 @@ use poise::serenity_prelude as serenity;
 
 use crate::bot::options::{check_model, parse_size};
 use crate::bot::{BotError, Context, private_reply};
-use crate::config::GenerationSettings;
+use crate::config::{GenerationSettings, GridSetting};
 use crate::jobs::JobId;
 use crate::store::gallery as store_gallery;
 use crate::store::{guilds, users};
 
-/// Your defaults for /imagine: size, steps, model, and whether to be pinged when a picture is done.
+/// Your defaults for /imagine: size, steps, model, grid, and a ping when your picture is done.
 #[poise::command(slash_command)]
 pub(super) async fn settings(
     ctx: Context<'_>,
@@ -22,6 +22,10 @@ pub(super) async fn settings(
     #[autocomplete = "crate::bot::options::complete_model"]
     model: Option<String>,
     #[description = "Mention me when my picture is done"] ping: Option<bool>,
+    #[description = "Images per request: 1, or 4 in a 2×2 grid"]
+    #[min = 1]
+    #[max = 4]
+    grid: Option<u32>,
     #[description = "Forget my defaults"] reset: Option<bool>,
 ) -> Result<(), BotError> {
     let data = ctx.data();
@@ -61,6 +65,9 @@ pub(super) async fn settings(
     if let Some(ping) = ping {
         s.ping_on_completion = ping;
     }
+    if let Some(grid) = grid {
+        s.grid = Some(check_grid(grid)?);
+    }
     if Some(&s) != saved.as_ref() {
         users::save_user_settings(&data.store, &s).await?;
     }
@@ -82,11 +89,32 @@ fn describe_settings(s: &users::UserSettings, server: &GenerationSettings) -> St
         .vqgan_model
         .clone()
         .unwrap_or_else(|| format!("server default ({})", server.default_vqgan.id));
+    let grid = s.grid.map_or_else(
+        || "server default".to_owned(),
+        |n| {
+            if n > 1 {
+                format!("{n} (a grid)")
+            } else {
+                "1".to_owned()
+            }
+        },
+    );
     format!(
-        "Your defaults — size: {size}, steps: {steps}, model: {model}, \
+        "Your defaults — size: {size}, steps: {steps}, model: {model}, images: {grid}, \
          mention when done: {}.",
         if s.ping_on_completion { "yes" } else { "no" }
     )
+}
+
+/// A grid size a user may choose: 1 or 4.
+fn check_grid(n: u32) -> Result<u32, BotError> {
+    if GridSetting::CHOICES.contains(&n) {
+        Ok(n)
+    } else {
+        Err(BotError::User(format!(
+            "A request makes 1 image or a grid of 4, not {n}."
+        )))
+    }
 }
 
 /// Checks that the caller may moderate here (Manage Server), returning the guild.
@@ -111,7 +139,7 @@ async fn moderator_guild(ctx: Context<'_>) -> Result<serenity::GuildId, BotError
     slash_command,
     guild_only,
     default_member_permissions = "MANAGE_GUILD",
-    subcommands("gallery", "ban", "unban", "pause", "resume", "remove")
+    subcommands("gallery", "ban", "unban", "pause", "resume", "remove", "grid")
 )]
 pub(super) async fn admin(_ctx: Context<'_>) -> Result<(), BotError> {
     // Discord only ever invokes the subcommands.
@@ -198,6 +226,30 @@ async fn resume(ctx: Context<'_>) -> Result<(), BotError> {
     ctx.data().scheduler.set_paused(guild.get(), false).await?;
     ctx.send(private_reply("This server's queue runs again."))
         .await?;
+    Ok(())
+}
+
+/// How many images a request makes here when it names none (members' /settings still win).
+#[poise::command(slash_command, guild_only)]
+async fn grid(
+    ctx: Context<'_>,
+    #[description = "1, or 4 for a 2×2 grid (leave out for the bot's configured default)"]
+    #[min = 1]
+    #[max = 4]
+    images: Option<u32>,
+) -> Result<(), BotError> {
+    let guild = moderator_guild(ctx).await?;
+    let images = images.map(check_grid).transpose()?;
+    guilds::set_guild_grid(&ctx.data().store, guild.get(), images).await?;
+    let text = match images {
+        Some(1) => "Requests here make one image unless they ask for --grid 4.".to_owned(),
+        Some(n) => format!("Requests here make a grid of {n} unless they ask for --grid 1."),
+        None => format!(
+            "Requests here make the bot's default ({}).",
+            ctx.data().settings.generation.grid
+        ),
+    };
+    ctx.send(private_reply(text)).await?;
     Ok(())
 }
 
