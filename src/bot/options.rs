@@ -180,8 +180,10 @@ mod tests {
             vqgan_model: Some("tiny_vqgan".into()),
             clip_model: None,
             ping_on_completion: false,
+            grid: Some(4),
         };
         let g = user_defaults(&server, Some(&mine), true);
+        assert_eq!(g.grid, crate::config::GridSetting::Fixed(4));
         assert_eq!(
             g.default_size,
             crate::config::SizeSetting::Fixed {
