@@ -9,7 +9,8 @@
 #   2. vqclip selftest --device cuda:0: the parity cases in f32 (strict tolerances, TF32 off),
 #      then with CLIP in f16 (tolerances x200);
 #   3. vqclip bench --device cuda:0 at 512x512/32 cutouts with CLIP in f16 (the reference's GPU
-#      setting) and f32, at 256x256/32 in f16, and at 512 in f16 without TF32 (and, when
+#      setting) and f32, at 256x256/32 in f16 alone and as a batch of 4 latents (images per hour
+#      against the single runs'), and at 512 in f16 without TF32 (and, when
 #      .gpu/vqclip-cudnn.xz was packed, the cuDNN build at 512 and 256 in f16); 2 warm-up and 10
 #      timed iterations each; peak GPU memory sampled with nvidia-smi every 50 ms (above the
 #      idle level, the CUDA context included);
@@ -103,14 +104,14 @@ timeout 240 "$BIN" selftest --device "$DEVICE" --precision f16 -v 2>&1 |
 echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT_DIR/selftest-f16.txt"
 
 : > "$OUT_DIR/ours.jsonl"
-cases=("512 f16" "512 f32" "256 f16" "512 f16 --no-tf32")
+cases=("512 f16" "512 f32" "256 f16" "256 f16 --batch 4" "512 f16 --no-tf32")
 # The cuDNN build, when packed: its convolutions instead of im2col + cuBLAS.
 [ -n "$CUDNN_BIN" ] && cases+=("512 f16 cudnn" "256 f16 cudnn")
 for c in "${cases[@]}"; do
     set -- $c
-    bin=$BIN flags=${3:-} label=cuda
+    bin=$BIN flags="${*:3}" label=cuda
     if [ "${3:-}" = cudnn ]; then bin=$CUDNN_BIN flags= label=cudnn; fi
-    step "vqclip bench ${1}x${1}/32, CLIP in $2 ${3:-}"
+    step "vqclip bench ${1}x${1}/32, CLIP in $2 ${*:3}"
     sampled "$bin" bench --device "$DEVICE" --size "${1}x${1}" --cutn 32 --clip-precision "$2" \
         $flags --warmup "$WARMUP" --iters "$ITERS" --json |
         "$PY" -c '
@@ -155,7 +156,7 @@ def text(name):
 ours, ref = lines("ours.jsonl"), lines("reference.jsonl")
 ratios = []
 for o in ours:
-    if o.get("clip_precision") != "f16":
+    if o.get("clip_precision") != "f16" or o.get("batch", 1) != 1:
         continue
     mode = "conv" if o.get("tf32") else "off"
     build = o.get("build", "cuda")
@@ -170,15 +171,35 @@ for o in ours:
                 "reference_peak_gpu_smi_mib": r.get("peak_gpu_smi_mib"),
                 "reference_peak_gpu_mib": r.get("peak_gpu_mib"),
             })
+# A batch of latents against single runs of the same case: images per hour (goal: a batch of 4
+# at 2.5x the single runs' at 256²/32).
+batches = []
+for o in ours:
+    if o.get("batch", 1) == 1:
+        continue
+    for s in ours:
+        if s.get("batch", 1) == 1 and s.get("build") == o.get("build") \
+                and (s["width"], s["cutn"], s["clip_precision"], s["tf32"]) \
+                == (o["width"], o["cutn"], o["clip_precision"], o["tf32"]):
+            batches.append({
+                "size": o["width"], "cutn": o["cutn"], "batch": o["batch"],
+                "images_per_hour": o["images_per_hour"],
+                "single_images_per_hour": s["images_per_hour"],
+                "gain": o["images_per_hour"] / s["images_per_hour"],
+                "peak_gpu_smi_mib": o.get("peak_gpu_smi_mib"),
+            })
 summary = {
     "gpu": text("gpu.csv"), "torch": text("torch.txt"),
     "selftest_f32": text("selftest-f32.txt"), "selftest_f16": text("selftest-f16.txt"),
-    "ours": ours, "reference": ref, "ratios": ratios,
+    "ours": ours, "reference": ref, "ratios": ratios, "batches": batches,
 }
 json.dump(summary, open(os.path.join(out, "gpu-check.json"), "w"), indent=1)
 for r in ratios:
     print(f"{r['size']}²/{r['cutn']} TF32 {r['tf32']} ({r['build']}): ours {r['ours_it_s']:.2f} it/s, "
           f"reference {r['reference_it_s']:.2f} it/s: {r['speedup']:.2f}x; peak GPU memory "
           f"(nvidia-smi) {r['ours_peak_gpu_smi_mib']} vs {r['reference_peak_gpu_smi_mib']} MiB")
+for b in batches:
+    print(f"{b['size']}²/{b['cutn']} batch of {b['batch']}: {b['images_per_hour']:.0f} images/h, "
+          f"single runs {b['single_images_per_hour']:.0f}: {b['gain']:.2f}x")
 PY
 step "done"

@@ -172,9 +172,6 @@ pub struct SchedulerSettings {
     /// Whether f32 matrix products on CUDA (the VQGAN's convolutions among them) may use TF32
     /// tensor cores, as PyTorch's cuDNN convolutions do by default.
     pub tf32: bool,
-    /// Most queued jobs a device runs together in one batch (jobs whose models, size and
-    /// cutout count agree); 1 runs one job at a time.
-    pub max_batch: usize,
 }
 
 impl SchedulerSettings {

@@ -73,7 +73,6 @@ pub(super) struct RawScheduler {
     pub(super) lease_seconds: u64,
     pub(super) clip_precision: String,
     pub(super) tf32: bool,
-    pub(super) max_batch: usize,
 }
 
 impl Default for RawScheduler {
@@ -93,7 +92,6 @@ impl Default for RawScheduler {
             lease_seconds: 30,
             clip_precision: "auto".into(),
             tf32: true,
-            max_batch: 4,
         }
     }
 }

@@ -267,7 +267,6 @@ pub(super) fn validate_scheduler(raw: RawScheduler, p: &mut Problems) -> Schedul
         3_600_000,
     );
     p.check_range("scheduler.lease_seconds", raw.lease_seconds, 1, 3600);
-    p.check_range("scheduler.max_batch", raw.max_batch, 1, MAX_BATCH);
     let clip_precision = match raw.clip_precision.trim() {
         s if s.eq_ignore_ascii_case("auto") => None,
         s => match s.parse::<Precision>() {
@@ -297,13 +296,8 @@ pub(super) fn validate_scheduler(raw: RawScheduler, p: &mut Problems) -> Schedul
         lease_seconds: raw.lease_seconds,
         clip_precision,
         tf32: raw.tf32,
-        max_batch: raw.max_batch,
     }
 }
-
-/// Largest `scheduler.max_batch`: each job may bring a grid of four latents, all decoded and
-/// kept on the device together.
-pub(super) const MAX_BATCH: usize = 16;
 
 pub(super) fn validate_generation(
     raw: RawGeneration,

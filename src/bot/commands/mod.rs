@@ -30,15 +30,18 @@ async fn help(ctx: Context<'_>) -> Result<(), BotError> {
     let text = "\
 **/imagine** `prompt` — make a picture. Several prompts: `a castle | fog:0.5` (a weight after \
 the last colon; negative pushes away). Flags inside the prompt: `--ar 16:9`, `--size 384x256`, \
-`--seed 7`, `--steps 300`, `--cutn 32`, `--no people`, `--model wikiart_f16_16384`. Attach an \
-`init_image` to start from a picture, an `image_prompt` to aim at one.
+`--seed 7`, `--steps 300`, `--cutn 32`, `--no people`, `--model wikiart_f16_16384`, `--grid 4` \
+(four at once, in a 2×2 grid). Attach an `init_image` to start from a picture, an \
+`image_prompt` to aim at one.
 Under a finished picture: 🔁 **Rerun** (new seed), ⬆️ **Upscale 2×**, 🔀 **Variation**, \
-🎞️ **Time-lapse**; ❌ **Cancel** while it runs. Reacting with 🔁 ⬆️ 🔀 (or ❌) does the same.
+**Vary (Subtle/Strong)**, 🎞️ **Time-lapse**; ❌ **Cancel** while it runs. Reacting with 🔁 ⬆️ 🔀 \
+(or ❌) does the same. Under a grid: **U1–U4** upscale that image (or react 1️⃣–4️⃣), **V1–V4** \
+vary it into a new grid, 🔄 new seeds.
 **/queue** — what is waiting and running. **/cancel** `job` — stop one of yours.
 **/job** `id` — everything needed to make a picture again. **/history** — recent prompts and seeds.
 **/gallery** `recent|top|user|search` — this server's gallery; vote with ⭐ on its posts.
-**/settings** — your default size, steps, model, and whether you are mentioned when done.
-**/admin** (Manage Server) — gallery channel, ban/unban, pause/resume, remove a post.
+**/settings** — your default size, steps, model, grid, and whether you are mentioned when done.
+**/admin** (Manage Server) — gallery channel, ban/unban, pause/resume, remove a post, grid.
 The same seed and settings give the same picture.";
     ctx.send(private_reply(text)).await?;
     Ok(())
