@@ -172,9 +172,29 @@ pub struct SchedulerSettings {
     /// Whether f32 matrix products on CUDA (the VQGAN's convolutions among them) may use TF32
     /// tensor cores, as PyTorch's cuDNN convolutions do by default.
     pub tf32: bool,
+    /// Most queued jobs a device runs together in one batch (jobs whose models, size and
+    /// cutout count agree); 1 runs one job at a time. `None` ("auto"): see
+    /// [`SchedulerSettings::max_batch_on`].
+    #[serde(serialize_with = "serialize_max_batch")]
+    pub max_batch: Option<usize>,
+}
+
+fn serialize_max_batch<S: Serializer>(n: &Option<usize>, s: S) -> Result<S::Ok, S::Error> {
+    match n {
+        Some(n) => s.serialize_u64(*n as u64),
+        None => s.serialize_str("auto"),
+    }
 }
 
 impl SchedulerSettings {
+    /// How many jobs `device` runs together: `max_batch`, or for "auto" 4 on a GPU (several
+    /// times the images per hour of one at a time) and 1 on the CPU, where a batch is no faster
+    /// and would only make every job in it end later.
+    pub fn max_batch_on(&self, device: &candle_core::Device) -> usize {
+        self.max_batch
+            .unwrap_or(if device.is_cpu() { 1 } else { 4 })
+    }
+
     /// The precision CLIP runs in on `device`.
     pub fn clip_precision_on(&self, device: &candle_core::Device) -> Precision {
         self.clip_precision

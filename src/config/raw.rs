@@ -73,6 +73,7 @@ pub(super) struct RawScheduler {
     pub(super) lease_seconds: u64,
     pub(super) clip_precision: String,
     pub(super) tf32: bool,
+    pub(super) max_batch: Scalar,
 }
 
 impl Default for RawScheduler {
@@ -92,6 +93,7 @@ impl Default for RawScheduler {
             lease_seconds: 30,
             clip_precision: "auto".into(),
             tf32: true,
+            max_batch: Scalar::Text("auto".into()),
         }
     }
 }

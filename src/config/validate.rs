@@ -267,6 +267,25 @@ pub(super) fn validate_scheduler(raw: RawScheduler, p: &mut Problems) -> Schedul
         3_600_000,
     );
     p.check_range("scheduler.lease_seconds", raw.lease_seconds, 1, 3600);
+    let max_batch = match &raw.max_batch {
+        Scalar::Text(t) if t.trim().eq_ignore_ascii_case("auto") => None,
+        Scalar::Integer(n) if (1..=MAX_BATCH as i64).contains(n) => Some(*n as usize),
+        Scalar::Text(t)
+            if t.trim()
+                .parse::<usize>()
+                .is_ok_and(|n| (1..=MAX_BATCH).contains(&n)) =>
+        {
+            t.trim().parse().ok()
+        }
+        other => {
+            p.add(
+                "scheduler.max_batch",
+                Some(other.to_string()),
+                format!(r#"expected "auto" or 1 to {MAX_BATCH}"#),
+            );
+            None
+        }
+    };
     let clip_precision = match raw.clip_precision.trim() {
         s if s.eq_ignore_ascii_case("auto") => None,
         s => match s.parse::<Precision>() {
@@ -296,8 +315,13 @@ pub(super) fn validate_scheduler(raw: RawScheduler, p: &mut Problems) -> Schedul
         lease_seconds: raw.lease_seconds,
         clip_precision,
         tf32: raw.tf32,
+        max_batch,
     }
 }
+
+/// Largest `scheduler.max_batch`: each job may bring a grid of four latents, all decoded and
+/// kept on the device together.
+pub(super) const MAX_BATCH: usize = 16;
 
 pub(super) fn validate_generation(
     raw: RawGeneration,

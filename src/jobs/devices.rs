@@ -3,8 +3,8 @@
 use anyhow::Context as _;
 use candle_core::Device;
 
+use super::engine::EngineRunner;
 use super::scheduler::DeviceSlot;
-use super::worker::EngineRunner;
 use crate::config::{DeviceSpec, Settings};
 use crate::models::hub::{Fetcher, Hub};
 use crate::request::AutoDefaults;
@@ -114,6 +114,7 @@ pub(crate) fn engine_slots(
     {
         let precision = scheduler.clip_precision_on(&device);
         let defaults = auto_defaults(&device);
+        let max_batch = scheduler.max_batch_on(&device);
         tracing::info!(
             device = %label,
             clip_precision = %precision,
@@ -121,6 +122,7 @@ pub(crate) fn engine_slots(
             memory = ?crate::engine::gpu_memory(&device),
             auto_side = defaults.side,
             auto_grid = defaults.grid,
+            max_batch,
             "device"
         );
         auto = Some(auto.map_or(defaults, |a| a.min(defaults)));
@@ -133,7 +135,8 @@ pub(crate) fn engine_slots(
                     scheduler.model_cache_mib,
                     settings.storage.images.clone(),
                 )
-                .with_clip_precision(precision),
+                .with_clip_precision(precision)
+                .with_max_batch(max_batch),
             ),
         });
     }

@@ -10,6 +10,7 @@
 //! hub; the bot talks to it only through [`Scheduler`] and [`JobEvent`]s.
 
 pub(crate) mod devices;
+pub mod engine;
 pub(crate) mod queue;
 pub mod scheduler;
 pub mod worker;

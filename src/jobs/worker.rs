@@ -1,12 +1,13 @@
-//! One OS thread per device: it owns the device and the models resident on it, takes one job at a
-//! time from its channel, runs it, and reports back. A whole job never runs on a tokio thread:
-//! it is long, cannot be aborted from outside, and would hold up the runtime's shutdown. Nor
-//! does the thread do networking: weights it lacks are downloaded by a task on the runtime
-//! ([`crate::models::hub::Fetcher`]) while it waits.
+//! One OS thread per device: it owns the device and the models resident on it, takes a batch of
+//! jobs at a time from its channel (often of one), runs it, and reports back. A whole job never
+//! runs on a tokio thread: it is long, cannot be aborted from outside, and would hold up the
+//! runtime's shutdown. Nor does the thread do networking: weights it lacks are downloaded by a
+//! task on the runtime ([`crate::models::hub::Fetcher`]) while it waits.
 //!
-//! The work itself is behind [`Runner`]: [`EngineRunner`] runs the real engine; tests plug in
-//! fakes where the engine is not the point. A panic inside a job is caught here, fails that job,
-//! and leaves the thread ready for the next one.
+//! The work itself is behind [`Runner`]: [`super::engine::EngineRunner`] runs the real engine
+//! and batches jobs; tests plug in fakes where the engine is not the point. A panic inside a
+//! batch is caught here, fails the jobs of it that had not ended, and leaves the thread ready
+//! for the next one.
 
 use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -21,22 +22,11 @@ use tokio::sync::mpsc;
 
 use super::{FinishedJob, JobId, JobParams};
 use crate::engine::generate::{
-    Checkpoint, GenerateError, GenerationInputs, GenerationSpec, Generator, Models, Progress,
-    step_together, upscale_latent, vary_latent,
+    GenerationInputs, GenerationSpec, Progress, upscale_latent, vary_latent,
 };
+use crate::engine::image;
 use crate::engine::nets::Precision;
-use crate::engine::nets::clip::{Clip, ClipVision};
-use crate::engine::nets::tokenizer::ClipTokenizer;
-use crate::engine::nets::vqgan::{Vqgan, VqganParts};
-use crate::engine::{grid, image};
-use crate::models::hub::Fetcher;
-use crate::models::load::{load_clip, load_vqgan};
-use crate::models::weights;
-use crate::models::{self, ModelInfo};
-
-/// A running job saves a checkpoint every this many iterations (and when a shutdown stops it),
-/// so a crash costs at most this much work.
-const CHECKPOINT_EVERY: u32 = 25;
+use crate::engine::nets::clip::ClipVision;
 
 /// Time per frame of a time-lapse GIF.
 pub(crate) const TIMELAPSE_DELAY_MS: u32 = 100;
@@ -103,6 +93,24 @@ pub trait Runner: Send + 'static {
         on_progress: &mut dyn FnMut(&Progress),
     ) -> Result<RunOutput, RunError>;
 
+    /// How many jobs this runner makes progress on together (see [`Runner::run_batch`]); the
+    /// scheduler hands it at most that many at once.
+    fn max_batch(&self) -> usize {
+        1
+    }
+
+    /// Runs `jobs` together, telling `events` of each one's progress and, as soon as it ends
+    /// (finished, stopped by its own [`Assignment::stop`], failed), of its end; the others carry
+    /// on. Every job gets exactly one [`BatchEvent::Done`]. By default one after another.
+    fn run_batch(&mut self, jobs: &[Assignment], events: &mut dyn FnMut(BatchEvent<'_>)) {
+        for job in jobs {
+            let result = self.run(job, &job.stop, &mut |progress| {
+                events(BatchEvent::Progress(job.id, progress));
+            });
+            events(BatchEvent::Done(job.id, result));
+        }
+    }
+
     /// Model ids resident now (dispatch prefers a device that has a job's models).
     fn resident(&self) -> Vec<String> {
         Vec::new()
@@ -110,6 +118,15 @@ pub trait Runner: Send + 'static {
 
     /// Drops state a panic may have left half-made.
     fn reset(&mut self) {}
+}
+
+/// What a batch run reports.
+#[derive(Debug)]
+pub enum BatchEvent<'a> {
+    /// A job's iteration ended.
+    Progress(JobId, &'a Progress),
+    /// A job ended.
+    Done(JobId, Result<RunOutput, RunError>),
 }
 
 /// What a worker tells the scheduler.
@@ -137,72 +154,126 @@ pub(crate) enum Outcome {
     Interrupted,
 }
 
-/// Starts the worker thread of device `index`, named after `label`.
+/// Starts the worker thread of device `index`, named after `label`: it runs each batch of jobs
+/// it is handed (often of one) through `runner`.
 pub(crate) fn spawn(
     index: usize,
     label: String,
     mut runner: Box<dyn Runner>,
     images: PathBuf,
-    mut jobs: mpsc::Receiver<Assignment>,
+    mut batches: mpsc::Receiver<Vec<Assignment>>,
     reports: mpsc::UnboundedSender<FromWorker>,
     resident: Arc<Mutex<Vec<String>>>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("vqclip-{label}"))
         .spawn(move || {
-            while let Some(job) = jobs.blocking_recv() {
-                let span = tracing::info_span!("job", job_id = job.id.0, device = %label);
+            while let Some(batch) = batches.blocking_recv() {
+                let ids: Vec<i64> = batch.iter().map(|j| j.id.0).collect();
+                let span = tracing::info_span!("jobs", job_ids = ?ids, device = %label);
                 let _entered = span.enter();
-                let _ = reports.send(FromWorker::Started {
-                    device: index,
-                    id: job.id,
-                });
+                for job in &batch {
+                    let _ = reports.send(FromWorker::Started {
+                        device: index,
+                        id: job.id,
+                    });
+                }
                 let started = Instant::now();
+                let mut pending: Vec<JobId> = batch.iter().map(|j| j.id).collect();
+                // The last job's end waits until the resident models are recorded, so the
+                // scheduler dispatching on it sees them.
+                let mut last = None;
                 let result = catch_unwind(AssertUnwindSafe(|| {
-                    runner.run(&job, &job.stop, &mut |progress| {
-                        let _ = reports.send(FromWorker::Progress {
-                            id: job.id,
-                            progress: progress.clone(),
-                        });
-                    })
+                    runner.run_batch(&batch, &mut |event| match event {
+                        BatchEvent::Progress(id, progress) => {
+                            let _ = reports.send(FromWorker::Progress {
+                                id,
+                                progress: progress.clone(),
+                            });
+                        }
+                        BatchEvent::Done(id, result) => {
+                            // One end per job, whatever a runner reports.
+                            if !pending.contains(&id) {
+                                return;
+                            }
+                            pending.retain(|&p| p != id);
+                            let Some(job) = batch.iter().find(|j| j.id == id) else {
+                                return;
+                            };
+                            let outcome = outcome_of(job, result, &images, &label, started);
+                            if pending.is_empty() {
+                                last = Some((id, outcome));
+                                return;
+                            }
+                            let _ = reports.send(FromWorker::Done {
+                                device: index,
+                                id,
+                                outcome,
+                            });
+                        }
+                    });
                 }));
-                let outcome = match result {
-                    Ok(Ok(output)) => match save_image(&images, job.id, &output) {
-                        Ok((path, sha256)) => Outcome::Succeeded(FinishedJob {
-                            png: output.png,
-                            path,
-                            sha256,
-                            width: output.width,
-                            height: output.height,
-                            final_loss: output.final_loss,
-                            device: label.clone(),
-                            seconds: started.elapsed().as_secs_f64(),
-                        }),
-                        Err(e) => Outcome::Failed(e),
-                    },
-                    Ok(Err(RunError::Stopped)) if job.stop.interrupt.load(Ordering::SeqCst) => {
-                        Outcome::Interrupted
-                    }
-                    Ok(Err(RunError::Stopped)) => Outcome::Cancelled,
-                    Ok(Err(RunError::Failed(message))) => Outcome::Failed(message),
+                let crashed = match result {
+                    Ok(()) => None,
                     Err(panic) => {
                         runner.reset();
                         let message = panic_message(panic.as_ref());
                         tracing::error!(%message, "the job panicked");
-                        Outcome::Failed(format!("the job crashed ({message})"))
+                        Some(format!("the job crashed ({message})"))
                     }
                 };
                 if let Ok(mut list) = resident.lock() {
                     *list = runner.resident();
                 }
-                let _ = reports.send(FromWorker::Done {
-                    device: index,
-                    id: job.id,
-                    outcome,
-                });
+                if let Some((id, outcome)) = last {
+                    let _ = reports.send(FromWorker::Done {
+                        device: index,
+                        id,
+                        outcome,
+                    });
+                }
+                // Jobs the runner never ended (a panic, or a runner that forgot one) fail.
+                for id in pending {
+                    let message = crashed
+                        .clone()
+                        .unwrap_or_else(|| "the device ended the job without a result".into());
+                    let _ = reports.send(FromWorker::Done {
+                        device: index,
+                        id,
+                        outcome: Outcome::Failed(message),
+                    });
+                }
             }
             tracing::debug!(device = %label, "worker stopped");
         })
+}
+
+/// How a job's run ended, its image saved when it has one.
+fn outcome_of(
+    job: &Assignment,
+    result: Result<RunOutput, RunError>,
+    images: &Path,
+    label: &str,
+    started: Instant,
+) -> Outcome {
+    match result {
+        Ok(output) => match save_image(images, job.id, &output) {
+            Ok((path, sha256)) => Outcome::Succeeded(FinishedJob {
+                png: output.png,
+                path,
+                sha256,
+                width: output.width,
+                height: output.height,
+                final_loss: output.final_loss,
+                device: label.to_owned(),
+                seconds: started.elapsed().as_secs_f64(),
+            }),
+            Err(e) => Outcome::Failed(e),
+        },
+        Err(RunError::Stopped) if job.stop.interrupt.load(Ordering::SeqCst) => Outcome::Interrupted,
+        Err(RunError::Stopped) => Outcome::Cancelled,
+        Err(RunError::Failed(message)) => Outcome::Failed(message),
+    }
 }
 
 fn panic_message(panic: &(dyn Any + Send)) -> String {
@@ -262,34 +333,6 @@ pub(crate) fn png_metadata(
     ]
 }
 
-/// A resident model.
-#[derive(Clone)]
-enum Resident {
-    Vqgan(Box<Vqgan>, VqganParts),
-    Clip(Box<Clip>),
-}
-
-struct CacheEntry {
-    id: &'static str,
-    model: Resident,
-    bytes: u64,
-    last_used: u64,
-}
-
-/// The real engine on one device, with its models kept resident up to a memory budget (least
-/// recently used unloaded first).
-pub struct EngineRunner {
-    device: Device,
-    images: PathBuf,
-    weights: Fetcher,
-    cache: Vec<CacheEntry>,
-    budget_bytes: u64,
-    clock: u64,
-    clip_precision: Precision,
-    /// The GPU's total memory, bytes; `None` off CUDA.
-    gpu_total: Option<u64>,
-}
-
 /// Cutouts per CLIP pass for a run with `cutn` cutouts, `chunk` asked for: on a GPU with `total`
 /// bytes of memory, as many as a quarter of it holds (by
 /// [`crate::engine::nets::clip::ClipVisionConfig::activation_bytes_per_cutout`]), at most
@@ -310,232 +353,6 @@ pub(crate) fn chunk_for(gpu_total: Option<u64>, clip: &ClipVision, cutn: u32, ch
 /// How many cutouts of `per_cutout` bytes fit in `budget`: from 1 to `cutn`.
 fn chunk_within(budget: u64, per_cutout: u64, cutn: u32) -> u32 {
     (budget / per_cutout.max(1)).clamp(1, u64::from(cutn.max(1))) as u32
-}
-
-impl EngineRunner {
-    /// A runner on `device` loading models through `weights`, keeping up to `budget_mib` MiB
-    /// of them resident, saving final latents under `images`.
-    pub fn new(device: Device, weights: Fetcher, budget_mib: u64, images: PathBuf) -> Self {
-        Self {
-            images,
-            weights,
-            cache: Vec::new(),
-            budget_bytes: budget_mib.saturating_mul(1 << 20),
-            clock: 0,
-            clip_precision: Precision::F32,
-            gpu_total: crate::engine::gpu_memory(&device).map(|m| m.total),
-            device,
-        }
-    }
-
-    /// Runs CLIP in `precision` (f32 unless set).
-    pub fn with_clip_precision(mut self, precision: Precision) -> Self {
-        self.clip_precision = precision;
-        self
-    }
-
-    /// The weight file of `info` ready to load (downloaded by the runtime on first use, a
-    /// pickle checkpoint converted once); `None` for a tiny model with nothing configured
-    /// (seeded weights).
-    fn weights(&self, info: &'static ModelInfo) -> Result<Option<PathBuf>, String> {
-        let Some(path) = self
-            .weights
-            .fetch_or_seeded(info)
-            .map_err(|e| e.to_string())?
-        else {
-            return Ok(None);
-        };
-        weights::prepare_for_loading(&path, info, &self.weights.settings().cache_dir)
-            .map(Some)
-            .map_err(|e| e.to_string())
-    }
-
-    fn touch(&mut self, index: usize) -> Resident {
-        self.clock += 1;
-        self.cache[index].last_used = self.clock;
-        self.cache[index].model.clone()
-    }
-
-    fn vqgan(&mut self, info: &'static ModelInfo, full: bool) -> Result<Vqgan, String> {
-        let found = self.cache.iter().position(|e| {
-            e.id == info.id
-                && matches!(e.model, Resident::Vqgan(_, parts) if !full || parts == VqganParts::Full)
-        });
-        if let Some(index) = found
-            && let Resident::Vqgan(model, _) = self.touch(index)
-        {
-            return Ok(*model);
-        }
-        let path = self.weights(info)?;
-        let parts = if full {
-            VqganParts::Full
-        } else {
-            VqganParts::DecodeOnly
-        };
-        tracing::info!(model = info.id, ?parts, "loading VQGAN");
-        let model = load_vqgan(info, path.as_deref(), parts, &self.device)
-            .map_err(|e| format!("cannot load {}: {e:#}", info.id))?;
-        // A decoder-only copy is superseded by the full one.
-        self.cache.retain(|e| e.id != info.id);
-        self.insert(
-            info.id,
-            Resident::Vqgan(Box::new(model.clone()), parts),
-            path.as_deref(),
-        );
-        Ok(model)
-    }
-
-    fn clip(&mut self, info: &'static ModelInfo) -> Result<Clip, String> {
-        if let Some(index) = self.cache.iter().position(|e| e.id == info.id)
-            && let Resident::Clip(model) = self.touch(index)
-        {
-            return Ok(*model);
-        }
-        let path = self.weights(info)?;
-        tracing::info!(model = info.id, precision = %self.clip_precision, "loading CLIP");
-        let model = load_clip(info, path.as_deref(), &self.device, self.clip_precision)
-            .map_err(|e| format!("cannot load {}: {e:#}", info.id))?;
-        self.insert(
-            info.id,
-            Resident::Clip(Box::new(model.clone())),
-            path.as_deref(),
-        );
-        Ok(model)
-    }
-
-    /// Adds a model and unloads the least recently used others while over budget (the newest
-    /// stays even alone over budget: the job needs it).
-    fn insert(&mut self, id: &'static str, model: Resident, path: Option<&Path>) {
-        let bytes = path
-            .and_then(|p| std::fs::metadata(p).ok())
-            .map_or(0, |m| m.len());
-        self.clock += 1;
-        self.cache.push(CacheEntry {
-            id,
-            model,
-            bytes,
-            last_used: self.clock,
-        });
-        while self.cache.iter().map(|e| e.bytes).sum::<u64>() > self.budget_bytes
-            && self.cache.len() > 2
-        {
-            let Some((oldest, _)) = self
-                .cache
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, e)| e.last_used)
-            else {
-                break;
-            };
-            let gone = self.cache.remove(oldest);
-            tracing::info!(model = gone.id, "unloading least recently used model");
-        }
-    }
-}
-
-/// Continues every run of a job from its checkpoint when all of them have one of the same
-/// iteration; otherwise they all start over (a grid's images step together).
-fn resume_all(runs: &mut [Generator], paths: &[PathBuf], device: &Device) {
-    if !paths.iter().all(|p| p.is_file()) {
-        return;
-    }
-    let loaded: Result<Vec<Checkpoint>, _> =
-        paths.iter().map(|p| Checkpoint::load(p, device)).collect();
-    let resumed = loaded.map_err(GenerateError::from).and_then(|checkpoints| {
-        let first = checkpoints.first().map(|c| c.iteration);
-        if checkpoints.iter().any(|c| Some(c.iteration) != first) {
-            return Err(GenerateError::InvalidSpec(
-                "the images' checkpoints are at different steps".into(),
-            ));
-        }
-        runs.iter_mut()
-            .zip(&checkpoints)
-            .try_for_each(|(run, checkpoint)| run.resume(checkpoint))
-    });
-    match resumed {
-        Ok(()) => tracing::info!(
-            iteration = runs.first().map(Generator::iteration),
-            "resuming from the job's checkpoint"
-        ),
-        Err(e) => {
-            tracing::warn!(error = %e, "the job's checkpoint is unusable; starting over");
-            // A partial resume would leave the images out of step: every run from the start.
-            for run in runs.iter_mut() {
-                if let Err(e) = run.restart() {
-                    tracing::error!(error = %e, "cannot restart a run");
-                }
-            }
-        }
-    }
-}
-
-/// One progress report for a job from its images' (the first one's counts, the mean loss, and
-/// for a grid a composite of the images' previews).
-fn combined_progress(
-    mut progress: Vec<Progress>,
-    runs: &[Generator],
-) -> Result<Progress, GenerateError> {
-    if progress.len() <= 1 {
-        return progress
-            .pop()
-            .ok_or_else(|| GenerateError::InvalidSpec("a step of no images".into()));
-    }
-    let n = progress.len() as f64;
-    let mut first = progress.swap_remove(0);
-    first.loss = (first.loss + progress.iter().map(|p| p.loss).sum::<f64>()) / n;
-    for (i, loss) in first.prompt_losses.iter_mut().enumerate() {
-        let others: f64 = progress.iter().filter_map(|p| p.prompt_losses.get(i)).sum();
-        *loss = (*loss + others) / n;
-    }
-    if first.preview.is_some() {
-        let pictures: Vec<::image::RgbImage> = runs
-            .iter()
-            .filter_map(|r| r.preview_image().cloned())
-            .collect();
-        let shown = grid::composite(&pictures)?;
-        first.preview = Some(crate::engine::generate::Preview {
-            jpeg: image::encode_jpeg(&shown, PREVIEW_QUALITY)?,
-            width: shown.width(),
-            height: shown.height(),
-        });
-    }
-    Ok(first)
-}
-
-/// JPEG quality of a grid's composed previews.
-const PREVIEW_QUALITY: u8 = 80;
-
-/// A job's time-lapse frames: a grid's frame `i` is the composite of its images' frames `i`.
-pub(crate) fn grid_frames(
-    outputs: &[crate::engine::generate::Output],
-) -> Result<Vec<::image::RgbImage>, GenerateError> {
-    let Some(first) = outputs.first() else {
-        return Ok(Vec::new());
-    };
-    if outputs.len() == 1 {
-        return Ok(first.frames.clone());
-    }
-    (0..first.frames.len())
-        .map(|i| {
-            let frames: Vec<::image::RgbImage> = outputs
-                .iter()
-                .filter_map(|o| o.frames.get(i).cloned())
-                .collect();
-            grid::composite(&frames)
-        })
-        .collect()
-}
-
-/// Writes `bytes` to `path` through a temporary file, so a crash never leaves a partial file
-/// under the final name.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let partial = path.with_extension("part");
-    let written = std::fs::write(&partial, bytes).and_then(|()| std::fs::rename(&partial, path));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&partial);
-        return Err(e.to_string());
-    }
-    Ok(())
 }
 
 /// Reads a job's input files (within the image input limits) and prepares its starting latent:
@@ -574,152 +391,6 @@ pub(crate) fn load_inputs(
     Ok(inputs)
 }
 
-impl Runner for EngineRunner {
-    fn run(
-        &mut self,
-        job: &Assignment,
-        stop: &StopFlags,
-        on_progress: &mut dyn FnMut(&Progress),
-    ) -> Result<RunOutput, RunError> {
-        let unknown = |id: &str| RunError::Failed(format!("unknown model {id}"));
-        let vqgan_info = models::find(&job.vqgan).ok_or_else(|| unknown(&job.vqgan))?;
-        let clip_info = models::find(&job.clip).ok_or_else(|| unknown(&job.clip))?;
-        let full = job.params.inputs.init_image.is_some();
-        let vqgan = self.vqgan(vqgan_info, full).map_err(RunError::Failed)?;
-        let clip = self.clip(clip_info).map_err(RunError::Failed)?;
-        let models = Models {
-            vqgan,
-            clip,
-            tokenizer: ClipTokenizer::new(),
-        };
-        let failed = |e: crate::engine::generate::GenerateError| RunError::Failed(e.to_string());
-        let images = super::images_of(job.params.grid);
-        let mut spec = job.params.spec.clone();
-        // A grid's images share CLIP's passes: the chunk counts all their cutouts.
-        let cutouts = spec.cutn.saturating_mul(images.len() as u32);
-        spec.chunk = chunk_for(self.gpu_total, &models.clip.vision, cutouts, spec.chunk);
-        let mut specs = Vec::with_capacity(images.len());
-        let mut runs = Vec::with_capacity(images.len());
-        for k in 0..images.len() {
-            let member = GenerationSpec {
-                seed: grid::member_seed(spec.seed, k),
-                ..spec.clone()
-            };
-            // A variation's noise comes from each image's own seed.
-            let inputs = load_inputs(&job.params.inputs, member.seed, &self.device)
-                .map_err(RunError::Failed)?;
-            runs.push(Generator::new(&models, member.clone(), inputs).map_err(failed)?);
-            specs.push(member);
-        }
-        if let Err(e) = std::fs::create_dir_all(&self.images) {
-            tracing::warn!(error = %e, dir = %self.images.display(), "cannot create the images directory");
-        }
-        let resumes: Vec<PathBuf> = images
-            .iter()
-            .map(|&image| super::resume_path_of(&self.images, job.id, image))
-            .collect();
-        resume_all(&mut runs, &resumes, &self.device);
-        let save = |runs: &[Generator]| {
-            for (run, path) in runs.iter().zip(&resumes) {
-                if let Err(e) = run.checkpoint().save(path) {
-                    tracing::warn!(error = %e, path = %path.display(), "cannot save a checkpoint");
-                }
-            }
-        };
-        let result = (|| {
-            while runs.first().is_some_and(|r| !r.is_done()) {
-                if stop.stop.load(Ordering::SeqCst) {
-                    if stop.interrupt.load(Ordering::SeqCst) {
-                        save(&runs);
-                    }
-                    return Err(RunError::Stopped);
-                }
-                let progress = {
-                    let mut all: Vec<&mut Generator> = runs.iter_mut().collect();
-                    step_together(&mut all).map_err(failed)?
-                };
-                let progress = combined_progress(progress, &runs).map_err(failed)?;
-                on_progress(&progress);
-                if progress.iteration.is_multiple_of(CHECKPOINT_EVERY)
-                    && runs.first().is_some_and(|r| !r.is_done())
-                {
-                    save(&runs);
-                }
-            }
-            Ok(())
-        })();
-        let interrupted = stop.interrupt.load(Ordering::SeqCst);
-        if !(interrupted && result == Err(RunError::Stopped)) {
-            for path in &resumes {
-                let _ = std::fs::remove_file(path);
-            }
-        }
-        result?;
-        let outputs = runs
-            .into_iter()
-            .map(Generator::finish)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(failed)?;
-        let text = |spec: &GenerationSpec| {
-            png_metadata(
-                &job.prompt,
-                spec,
-                (&job.vqgan, &job.clip),
-                (&self.device, self.clip_precision),
-            )
-        };
-        for ((output, &image), member) in outputs.iter().zip(&images).zip(&specs) {
-            // The final latent is what the image's upscales and variations start from.
-            let latent = super::latent_path_of(&self.images, job.id, image);
-            if let Err(e) = output.latent.save_safetensors("latent", &latent) {
-                tracing::warn!(error = %e, path = %latent.display(), "cannot save the latent");
-            }
-            if image.is_some() {
-                let path = super::image_path_of(&self.images, job.id, image);
-                let written = image::encode_png_with_text(&output.image, &text(member))
-                    .map_err(|e| e.to_string())
-                    .and_then(|png| write_atomically(&path, &png));
-                if let Err(e) = written {
-                    return Err(RunError::Failed(format!(
-                        "cannot write image {path:?}: {e}"
-                    )));
-                }
-            }
-        }
-        let frames = grid_frames(&outputs).map_err(failed)?;
-        if !frames.is_empty() {
-            let gif = super::timelapse_path(&self.images, job.id);
-            let written = image::encode_gif(&frames, TIMELAPSE_DELAY_MS)
-                .map_err(|e| e.to_string())
-                .and_then(|bytes| std::fs::write(&gif, bytes).map_err(|e| e.to_string()));
-            if let Err(e) = written {
-                tracing::warn!(error = %e, path = %gif.display(), "cannot write the time-lapse");
-            }
-        }
-        let pictures: Vec<::image::RgbImage> = outputs.iter().map(|o| o.image.clone()).collect();
-        let shown = grid::composite(&pictures).map_err(failed)?;
-        // A single image's PNG carries its spec; a grid's composite the first image's (each
-        // image's own PNG has its own).
-        let png = image::encode_png_with_text(&shown, &text(&job.params.spec))
-            .map_err(|e| RunError::Failed(format!("cannot encode the PNG: {e}")))?;
-        let final_loss = outputs.iter().map(|o| o.final_loss).sum::<f64>() / outputs.len() as f64;
-        Ok(RunOutput {
-            png,
-            width: shown.width(),
-            height: shown.height(),
-            final_loss,
-        })
-    }
-
-    fn resident(&self) -> Vec<String> {
-        self.cache.iter().map(|e| e.id.to_owned()).collect()
-    }
-
-    fn reset(&mut self) {
-        self.cache.clear();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -747,43 +418,5 @@ mod tests {
         // Never none, never more than asked.
         assert_eq!(chunk_within(1, l14_f32, 32), 1);
         assert_eq!(chunk_within(u64::MAX, 1, 7), 7);
-    }
-
-    #[test]
-    fn the_model_cache_unloads_the_least_recently_used_beyond_its_budget() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = |name: &str, mib: usize| {
-            let path = dir.path().join(name);
-            std::fs::write(&path, vec![0u8; mib << 20]).unwrap();
-            path
-        };
-        let tiny = models::find("tiny_clip").unwrap();
-        let clip = load_clip(tiny, None, &Device::Cpu, Precision::F32).unwrap();
-        let env: crate::config::Environment = [("HOME", dir.path().to_str().unwrap())]
-            .into_iter()
-            .collect();
-        let settings = crate::config::Settings::from_toml("", &env).unwrap().models;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let weights = Fetcher::new(
-            crate::models::hub::Hub::new(&settings).unwrap(),
-            runtime.handle().clone(),
-        );
-        // 3 MiB budget, 1 MiB per model.
-        let mut runner = EngineRunner::new(Device::Cpu, weights, 3, dir.path().into());
-        let ids = ["vit_b32", "vit_b16", "vit_l14", "vit_l14_336"];
-        for (i, id) in ids.iter().enumerate() {
-            let path = file(id, 1);
-            runner.insert(id, Resident::Clip(Box::new(clip.clone())), Some(&path));
-            if i == 1 {
-                // Using the first again makes the second the least recently used.
-                let first = runner.cache.iter().position(|e| e.id == ids[0]).unwrap();
-                runner.touch(first);
-            }
-        }
-        assert_eq!(runner.resident(), ["vit_b32", "vit_l14", "vit_l14_336"]);
-        runner.reset();
-        assert!(runner.resident().is_empty());
     }
 }

@@ -371,6 +371,19 @@ pub async fn get_job(db: &Store, id: JobId) -> Result<Option<Job>, sqlx::Error> 
         .transpose()
 }
 
+/// Job `id` as a transaction sees it.
+pub(crate) async fn get_job_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    id: JobId,
+) -> Result<Option<Job>, sqlx::Error> {
+    sqlx::query_as::<_, JobRow>(select_jobs!("WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?
+        .map(Job::try_from)
+        .transpose()
+}
+
 /// The most recent jobs, newest first, optionally only those with `status`.
 pub async fn list_recent_jobs(
     db: &Store,

@@ -45,9 +45,11 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// The claim statement for `backend`, with `vqgan` and `clip` placeholders for the model lists.
-/// Only our own text and placeholder numbers go into it: the values are bound.
-fn claim_sql(backend: Backend, vqgan: usize, clip: usize) -> String {
+/// The claim statement for `backend`, with `vqgan` and `clip` placeholders for the model lists,
+/// and with `matching` five more after them that the job must equal (VQGAN, CLIP, width, height,
+/// cutouts: a job joining a batch). Only our own text and placeholder numbers go into it: the
+/// values are bound.
+fn claim_sql(backend: Backend, vqgan: usize, clip: usize, matching: bool) -> String {
     let now = backend.now_millis_sql();
     // $1 worker, $2 device, $3 lease ms, $4 running cap, $5 follow-ups first; models from $6.
     let mut next = 6;
@@ -66,6 +68,19 @@ fn claim_sql(backend: Backend, vqgan: usize, clip: usize) -> String {
     } else {
         String::new()
     };
+    let match_filter = if matching {
+        let n = next;
+        format!(
+            "AND j.vqgan_model = ${n} AND j.clip_model = ${} AND j.width = ${} \
+             AND j.height = ${} AND j.cutn = ${}",
+            n + 1,
+            n + 2,
+            n + 3,
+            n + 4
+        )
+    } else {
+        String::new()
+    };
     let lock = match backend {
         Backend::Postgres => "FOR UPDATE OF j SKIP LOCKED",
         Backend::Sqlite => "",
@@ -76,7 +91,7 @@ fn claim_sql(backend: Backend, vqgan: usize, clip: usize) -> String {
                          attempts = attempts + 1
          WHERE status = 'queued' AND id = (
              SELECT j.id FROM jobs j
-             WHERE j.status = 'queued' {vqgan_filter} {clip_filter}
+             WHERE j.status = 'queued' {vqgan_filter} {clip_filter} {match_filter}
                AND NOT EXISTS (SELECT 1 FROM guild_settings g
                                WHERE g.guild_id = j.guild_id AND g.paused = 1)
                AND (SELECT COUNT(*) FROM jobs r
@@ -101,27 +116,35 @@ pub async fn claim_next_job(
     lease: Duration,
     filter: &ClaimFilter,
 ) -> Result<Option<Job>, sqlx::Error> {
+    Ok(claim_batch(db, worker, device, lease, filter, 1)
+        .await?
+        .into_iter()
+        .next())
+}
+
+/// Claims, in one transaction, the next job `worker` may run on `device` and up to `max − 1`
+/// more that can share its batch (the same models, size and cutout count), each chosen as the
+/// next would be, all leased for `lease`; empty when nothing waits that it may take.
+pub async fn claim_batch(
+    db: &Store,
+    worker: &str,
+    device: &str,
+    lease: Duration,
+    filter: &ClaimFilter,
+    max: usize,
+) -> Result<Vec<Job>, sqlx::Error> {
     let empty = Vec::new();
     let vqgan = filter.vqgan_models.as_ref().unwrap_or(&empty);
     let clip = filter.clip_models.as_ref().unwrap_or(&empty);
     if filter.vqgan_models.as_ref().is_some_and(Vec::is_empty)
         || filter.clip_models.as_ref().is_some_and(Vec::is_empty)
+        || max == 0
     {
-        return Ok(None);
-    }
-    let sql = claim_sql(db.backend(), vqgan.len(), clip.len());
-    let mut query = sqlx::query_scalar::<_, JobId>(AssertSqlSafe(sql))
-        .bind(worker)
-        .bind(device)
-        .bind(millis(lease))
-        .bind(i64::try_from(filter.max_running_per_user).unwrap_or(i64::MAX))
-        .bind(i64::from(filter.prioritize_follow_ups));
-    for model in vqgan.iter().chain(clip) {
-        query = query.bind(model.as_str());
+        return Ok(Vec::new());
     }
     // Claims run one at a time, so the running cap and the turn order see every earlier claim
     // (under READ COMMITTED two concurrent claims would not see each other's new running job).
-    // A claim is one short statement, rare next to the minutes a job runs.
+    // A claim is a few short statements, rare next to the minutes a job runs.
     let mut tx = match db.backend() {
         // IMMEDIATE takes the write lock first: a reader that later tries to write can fail with
         // a snapshot conflict in WAL mode, whatever the busy timeout.
@@ -135,12 +158,37 @@ pub async fn claim_next_job(
             tx
         }
     };
-    let id = query.fetch_optional(&mut *tx).await?;
+    let mut claimed: Vec<Job> = Vec::new();
+    while claimed.len() < max {
+        let first = claimed.first();
+        let sql = claim_sql(db.backend(), vqgan.len(), clip.len(), first.is_some());
+        let mut query = sqlx::query_scalar::<_, JobId>(AssertSqlSafe(sql))
+            .bind(worker)
+            .bind(device)
+            .bind(millis(lease))
+            .bind(i64::try_from(filter.max_running_per_user).unwrap_or(i64::MAX))
+            .bind(i64::from(filter.prioritize_follow_ups));
+        for model in vqgan.iter().chain(clip) {
+            query = query.bind(model.as_str());
+        }
+        if let Some(first) = first {
+            query = query
+                .bind(first.vqgan_model.clone())
+                .bind(first.clip_model.clone())
+                .bind(i64::from(first.width))
+                .bind(i64::from(first.height))
+                .bind(i64::from(first.cutn));
+        }
+        let Some(id) = query.fetch_optional(&mut *tx).await? else {
+            break;
+        };
+        let job = super::jobs::get_job_in(&mut tx, id)
+            .await?
+            .ok_or(sqlx::Error::RowNotFound)?;
+        claimed.push(job);
+    }
     tx.commit().await?;
-    let Some(id) = id else {
-        return Ok(None);
-    };
-    super::jobs::get_job(db, id).await
+    Ok(claimed)
 }
 
 /// Extends to `lease` from now the leases of the jobs `worker` runs (`running`, as the worker

@@ -74,18 +74,31 @@ impl Bot {
         gate: Option<&Gate>,
         capacity: usize,
     ) -> (Self, FakeRunner) {
+        Self::start_with(extra, engine.then_some(1), delay_ms, gate, capacity).await
+    }
+
+    /// As [`Self::start_gated`]; `engine` is the real engine's batch size, `None` a fake runner.
+    pub(crate) async fn start_with(
+        extra: &str,
+        engine: Option<usize>,
+        delay_ms: u64,
+        gate: Option<&Gate>,
+        capacity: usize,
+    ) -> (Self, FakeRunner) {
         let discord = FakeDiscord::start().await;
         let (dir, pool) = test_pool().await;
         let settings = bot_settings(&discord, &dir, extra, "");
         let runner = FakeRunner::new(delay_ms);
-        let devices = if engine {
-            let engine: Box<dyn vqclip::jobs::worker::Runner> =
-                Box::new(vqclip::jobs::worker::EngineRunner::new(
+        let devices = if let Some(max_batch) = engine {
+            let engine: Box<dyn vqclip::jobs::worker::Runner> = Box::new(
+                vqclip::jobs::engine::EngineRunner::new(
                     candle_core::Device::Cpu,
                     fetcher(&settings),
                     1024,
                     settings.storage.images.clone(),
-                ));
+                )
+                .with_max_batch(max_batch),
+            );
             vec![DeviceSlot {
                 label: "cpu#0".into(),
                 runner: match gate {
@@ -158,7 +171,7 @@ impl Bot {
             remote.claims = Some(claims);
             let device = DeviceSlot {
                 label: "cuda:7".into(),
-                runner: gate.wrap(Box::new(vqclip::jobs::worker::EngineRunner::new(
+                runner: gate.wrap(Box::new(vqclip::jobs::engine::EngineRunner::new(
                     candle_core::Device::Cpu,
                     fetcher(&settings),
                     1024,

@@ -259,3 +259,74 @@ async fn the_default_grid_comes_from_the_server_then_the_user_then_the_prompt() 
     assert_eq!(grid_of(6).await, 1);
     bot.stop().await;
 }
+
+/// Two users' jobs waiting for a busy device run as one batch on the real engine, each ending
+/// with its own result, equal to the same request made alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_of_two_users_share_one_batch_and_each_ends_as_it_would_alone() {
+    let gate = crate::support::Gate::at(1);
+    let (bot, _) = Bot::start_with("", Some(4), 0, Some(&gate), 10).await;
+    // The device is busy with the first job while two more arrive.
+    bot.interact(bot.imagine(77, "a red fox --steps 3")).await;
+    gate.reached().await;
+    bot.interact(bot.imagine(78, "a blue lake --steps 4 --seed 5"))
+        .await;
+    bot.interact(bot.imagine(79, "a green hill --steps 4 --seed 6"))
+        .await;
+    gate.release();
+    bot.result_of(JobId(2)).await;
+    bot.result_of(JobId(3)).await;
+    let (first, two, three) = (bot.job(1).await, bot.job(2).await, bot.job(3).await);
+    let (Some(ended_first), Some(started_two), Some(started_three), Some(ended_two)) = (
+        first.finished_at,
+        two.started_at,
+        three.started_at,
+        two.finished_at,
+    ) else {
+        panic!("{two:?} {three:?}");
+    };
+    // They waited for the first job, then ran together: the third started before the second
+    // ended (one at a time it could not have).
+    assert!(started_two >= ended_first && started_three >= ended_first);
+    assert!(started_three < ended_two, "{three:?} {two:?}");
+    // Each picture is its own request's, made alone on the command line.
+    let dir = tempfile::tempdir().unwrap();
+    for (job, text_prompt) in [(&two, "a blue lake"), (&three, "a green hill")] {
+        let seed = job.seed.to_string();
+        let out = format!("{}.png", job.id);
+        let cli = vqclip(
+            dir.path(),
+            &[
+                "imagine",
+                text_prompt,
+                "--model",
+                "tiny",
+                "--size",
+                "64x64",
+                "--steps",
+                "4",
+                "--seed",
+                &seed,
+                "-o",
+                &out,
+            ],
+            &[],
+        );
+        assert_eq!(
+            cli.status.code(),
+            Some(0),
+            "{}",
+            crate::cli::text(&cli.stderr)
+        );
+        let alone =
+            vqclip::engine::image::decode(&std::fs::read(dir.path().join(&out)).unwrap()).unwrap();
+        let png = std::fs::read(job.output_path.clone().unwrap()).unwrap();
+        let batched = vqclip::engine::image::decode(&png).unwrap();
+        assert_eq!(
+            batched, alone,
+            "job {} differs from its request alone",
+            job.id
+        );
+    }
+    bot.stop().await;
+}

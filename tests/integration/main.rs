@@ -5,6 +5,7 @@
 //! command line, a loopback fake Hugging Face Hub for downloads. `TEST_LOG=1` prints the code's logs.
 
 mod batch;
+mod batching;
 mod bot;
 mod bot_actions;
 mod bot_grid;

@@ -153,7 +153,7 @@ pub(crate) fn slots(runners: &[&FakeRunner]) -> Vec<DeviceSlot> {
         .collect()
 }
 
-async fn submit(s: &Scheduler, user: u64, prompt: &str, steps: u32) -> JobId {
+pub(crate) async fn submit(s: &Scheduler, user: u64, prompt: &str, steps: u32) -> JobId {
     let (job, params) = request(user, prompt, steps);
     s.submit(job, params).await.unwrap().id
 }
@@ -172,7 +172,7 @@ pub(crate) async fn finished(pool: &Store, id: JobId) -> JobStatus {
     panic!("job {id} did not finish");
 }
 
-async fn wait_until(mut check: impl FnMut() -> bool) {
+pub(crate) async fn wait_until(mut check: impl FnMut() -> bool) {
     for _ in 0..600 {
         if check() {
             return;
@@ -486,7 +486,7 @@ async fn shutdown_requeues_what_outlives_the_grace_period() {
 }
 
 /// Settings that run the tiny fixture models.
-fn tiny_settings(dir: &TempDir) -> vqclip::config::Settings {
+pub(crate) fn tiny_settings(dir: &TempDir) -> vqclip::config::Settings {
     let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
     let text = format!(
         "[storage]\nimages = {:?}\n[models]\nallow_tiny = true\ncache_dir = {:?}\n\
@@ -501,7 +501,7 @@ fn tiny_settings(dir: &TempDir) -> vqclip::config::Settings {
 fn engine_slot(settings: &vqclip::config::Settings) -> Vec<DeviceSlot> {
     vec![DeviceSlot {
         label: "cpu".into(),
-        runner: Box::new(vqclip::jobs::worker::EngineRunner::new(
+        runner: Box::new(vqclip::jobs::engine::EngineRunner::new(
             candle_core::Device::Cpu,
             fetcher(settings),
             1024,

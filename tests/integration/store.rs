@@ -850,6 +850,41 @@ on_both_backends! {
         assert_eq!(claim_all(&pool, "w1", &in_order).await, [5, 3]);
     }
 
+    async fn a_worker_claims_a_batch_of_jobs_that_agree_in_one_claim(pool) {
+        // Users 1–4 queue jobs; user 3's is another size, user 4's another CLIP, user 1 queues two.
+        let a = jobs::insert_job(&pool, &sample_job(1, "a")).await.unwrap();
+        let b = jobs::insert_job(&pool, &sample_job(2, "b")).await.unwrap();
+        let mut other_size = sample_job(3, "c");
+        other_size.width *= 2;
+        let c = jobs::insert_job(&pool, &other_size).await.unwrap();
+        let mut other_clip = sample_job(4, "d");
+        other_clip.clip_model = "vit_l14".into();
+        jobs::insert_job(&pool, &other_clip).await.unwrap();
+        let a2 = jobs::insert_job(&pool, &sample_job(1, "a2")).await.unwrap();
+        let e = jobs::insert_job(&pool, &sample_job(5, "e")).await.unwrap();
+        let batch = workers::claim_batch(&pool, "w1", "cuda:0", LEASE, &any_model(), 4)
+            .await
+            .unwrap();
+        // The first in turn, then those that can share its batch in turn; user 1's second waits
+        // (one running job each), as do the other size and the other CLIP.
+        let ids: Vec<_> = batch.iter().map(|j| j.id).collect();
+        assert_eq!(ids, [a, b, e]);
+        for job in &batch {
+            assert_eq!((job.status, job.worker.as_deref(), job.device.as_deref()),
+                       (JobStatus::Running, Some("w1"), Some("cuda:0")));
+        }
+        assert_eq!(jobs::get_job(&pool, a2).await.unwrap().unwrap().status, JobStatus::Queued);
+        // Another worker's batch starts with the next in turn: the other size, alone.
+        let next = workers::claim_batch(&pool, "w2", "cuda:0", LEASE, &any_model(), 4)
+            .await
+            .unwrap();
+        assert_eq!(next.iter().map(|j| j.id).collect::<Vec<_>>(), [c]);
+        // A batch of one is the plain claim.
+        let one = workers::claim_batch(&pool, "w3", "cpu", LEASE, &any_model(), 1).await.unwrap();
+        assert_eq!(one.len(), 1);
+        assert!(workers::claim_batch(&pool, "w3", "cpu", LEASE, &any_model(), 0).await.unwrap().is_empty());
+    }
+
     async fn claims_skip_models_paused_guilds_and_users_at_their_cap(pool) {
         let mut other_model = sample_job(1, "needs vqgan b");
         other_model.vqgan_model = "gumbel_f8_8192".into();

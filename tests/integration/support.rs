@@ -209,6 +209,48 @@ impl vqclip::jobs::worker::Runner for Gated {
         })
     }
 
+    fn max_batch(&self) -> usize {
+        self.inner.max_batch()
+    }
+
+    fn run_batch(
+        &mut self,
+        jobs: &[vqclip::jobs::worker::Assignment],
+        events: &mut dyn FnMut(vqclip::jobs::worker::BatchEvent<'_>),
+    ) {
+        let gate = self.gate.clone();
+        self.inner.run_batch(jobs, &mut |event| {
+            let held = match &event {
+                vqclip::jobs::worker::BatchEvent::Progress(id, progress) => {
+                    Some((*id, progress.iteration))
+                }
+                vqclip::jobs::worker::BatchEvent::Done(..) => None,
+            };
+            events(event);
+            let Some((id, iteration)) = held else {
+                return;
+            };
+            let (lock, changed) = &*gate.inner;
+            let mut state = lock.lock().unwrap();
+            if state.hold_at != Some(iteration) {
+                return;
+            }
+            state.reached = true;
+            changed.notify_all();
+            let stop = jobs.iter().find(|j| j.id == id).map(|j| j.stop.clone());
+            let stopped = || {
+                stop.as_ref()
+                    .is_some_and(|s| s.stop.load(std::sync::atomic::Ordering::SeqCst))
+            };
+            while state.hold_at.is_some() && !stopped() {
+                state = changed
+                    .wait_timeout(state, std::time::Duration::from_millis(10))
+                    .unwrap()
+                    .0;
+            }
+        })
+    }
+
     fn resident(&self) -> Vec<String> {
         self.inner.resident()
     }

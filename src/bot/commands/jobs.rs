@@ -77,11 +77,21 @@ pub(super) async fn queue(ctx: Context<'_>) -> Result<(), BotError> {
             DeviceState::Idle => "idle".to_owned(),
             DeviceState::Busy {
                 job,
+                batch,
                 user,
                 iteration,
                 total,
                 rate,
-            } => format!("job {job} for <@{user}>: {iteration}/{total} steps, {rate:.2} steps/s"),
+            } => {
+                let others = if batch.len() > 1 {
+                    format!(" (with {} more in its batch)", batch.len() - 1)
+                } else {
+                    String::new()
+                };
+                format!(
+                    "job {job} for <@{user}>: {iteration}/{total} steps, {rate:.2} steps/s{others}"
+                )
+            }
             DeviceState::OutOfService { reason } => format!("out of service ({reason})"),
         };
         text.push_str(&format!("\n`{}` {line}", device.label));

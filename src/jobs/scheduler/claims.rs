@@ -106,48 +106,77 @@ impl Scheduler {
                     break;
                 }
                 match Self::free_devices(&state).first() {
-                    Some(&device) => (device, state.devices[device].label.clone()),
+                    Some(&device) => (
+                        device,
+                        state.devices[device].label.clone(),
+                        state.devices[device].max_batch,
+                    ),
                     None => break,
                 }
             };
             let pool = &self.shared.pool;
-            let Some(job) =
-                workers::claim_next_job(pool, &claims.worker_id, &device.1, claims.lease, &filter)
-                    .await?
-            else {
+            let (index, label, max_batch) = device;
+            // The device's whole batch in one claim.
+            let jobs = workers::claim_batch(
+                pool,
+                &claims.worker_id,
+                &label,
+                claims.lease,
+                &filter,
+                max_batch,
+            )
+            .await?;
+            if jobs.is_empty() {
                 break;
-            };
-            claimed += 1;
-            let assignment = match assignment_for(&job) {
-                Ok(mut assignment) => {
-                    self.localize_inputs(&job, &mut assignment.params).await?;
-                    assignment
+            }
+            claimed += jobs.len();
+            let mut batch = Vec::with_capacity(jobs.len());
+            for job in &jobs {
+                match assignment_for(job) {
+                    Ok(mut assignment) => {
+                        self.localize_inputs(job, &mut assignment.params).await?;
+                        batch.push(assignment);
+                    }
+                    Err(e) => {
+                        tracing::error!(job_id = job.id.0, error = %e, "a claimed job cannot run; failing it");
+                        store_jobs::mark_job_failed(pool, job.id, Some(&claims.worker_id), &e)
+                            .await?;
+                    }
                 }
-                Err(e) => {
-                    tracing::error!(job_id = job.id.0, error = %e, "a claimed job cannot run; failing it");
-                    store_jobs::mark_job_failed(pool, job.id, Some(&claims.worker_id), &e).await?;
-                    continue;
-                }
-            };
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let ids: Vec<JobId> = batch.iter().map(|a| a.id).collect();
             let returned = {
                 let mut state = self.state();
                 // A job this process follows (the bot's own) keeps its subscribers.
-                let followed = state.followed.remove(&job.id).is_some()
-                    || state.watchers.contains_key(&job.id);
-                state
-                    .watchers
-                    .entry(job.id)
-                    .or_insert_with(|| watch::channel(JobEvent::Queued { position: 0 }).0);
-                let returned = self
-                    .hand_to_device(&mut state, device.0, assignment)
-                    .is_some();
-                if returned && !followed {
-                    state.watchers.remove(&job.id);
+                let followed: Vec<bool> = ids
+                    .iter()
+                    .map(|id| {
+                        state.followed.remove(id).is_some() || state.watchers.contains_key(id)
+                    })
+                    .collect();
+                for id in &ids {
+                    state
+                        .watchers
+                        .entry(*id)
+                        .or_insert_with(|| watch::channel(JobEvent::Queued { position: 0 }).0);
+                }
+                let returned = self.hand_to_device(&mut state, index, batch).is_some();
+                if returned {
+                    for (id, followed) in ids.iter().zip(followed) {
+                        if !followed {
+                            state.watchers.remove(id);
+                        }
+                    }
                 }
                 returned
             };
             if returned {
-                store_jobs::requeue_job(pool, job.id, Some(&claims.worker_id)).await?;
+                for id in ids {
+                    store_jobs::requeue_job(pool, id, Some(&claims.worker_id)).await?;
+                }
             }
         }
         Ok(claimed)

@@ -1,16 +1,21 @@
-//! The in-memory queue: handing waiting jobs to free devices, fairly, and the job records the
-//! queue and the devices work from.
+//! The in-memory queue: handing waiting jobs to free devices, fairly and in batches where a
+//! device runs jobs together, and the job records the queue and the devices work from.
 
 use std::collections::HashMap;
 
 use tokio::time::Instant;
 
 use super::{Running, Scheduler, State, Throttle, update_positions};
+use crate::jobs::engine::batchable;
+use crate::jobs::queue::Waiting;
 use crate::jobs::worker::Assignment;
 
 impl Scheduler {
     /// Hands waiting jobs to free devices: round-robin over users, within each user's running
-    /// cap, preferring a device that already holds the job's models.
+    /// cap, preferring a device that already holds the job's models. A device that runs jobs
+    /// together takes, with the first, more waiting jobs that can share its batch (the same
+    /// models, size and cutout count), chosen in the same fair order — only jobs already
+    /// waiting: a batch never waits for more.
     pub(super) fn dispatch(&self, state: &mut State) {
         let max_running = self.shared.options.max_running_per_user;
         loop {
@@ -22,68 +27,103 @@ impl Scheduler {
             for r in state.running.values() {
                 *running_per_user.entry(r.user).or_default() += 1;
             }
-            let paused = &state.paused;
-            let Some(next) = state.queue.pop_next(|w| {
-                running_per_user.get(&w.user).copied().unwrap_or(0) < max_running
+            let State {
+                queue,
+                waiting,
+                paused,
+                devices,
+                ..
+            } = &mut *state;
+            let may_run = |w: &Waiting, running: &HashMap<u64, usize>| {
+                running.get(&w.user).copied().unwrap_or(0) < max_running
                     && w.guild.is_none_or(|g| !paused.contains(&g))
-            }) else {
+            };
+            let Some(next) = queue.pop_next(|w| may_run(w, &running_per_user)) else {
                 break;
             };
-            let Some(assignment) = state.waiting.remove(&next.id) else {
+            let Some(first) = waiting.remove(&next.id) else {
                 continue;
             };
             let has_models = |i: &usize| {
-                state.devices[*i]
+                devices[*i]
                     .resident
                     .lock()
                     .is_ok_and(|r| r.contains(&next.vqgan) && r.contains(&next.clip))
             };
             let device = free.iter().copied().find(has_models).unwrap_or(free[0]);
-            if let Some(assignment) = self.hand_to_device(state, device, assignment) {
-                state.waiting.insert(next.id, assignment);
-                state.queue.push(next);
+            *running_per_user.entry(next.user).or_default() += 1;
+            let mut batch = vec![first];
+            let mut taken = vec![next];
+            while batch.len() < devices[device].max_batch {
+                let joins = queue.pop_next(|w| {
+                    may_run(w, &running_per_user)
+                        && waiting
+                            .get(&w.id)
+                            .is_some_and(|candidate| batchable(&batch[0], candidate))
+                });
+                let Some(more) = joins else {
+                    break;
+                };
+                let Some(assignment) = waiting.remove(&more.id) else {
+                    continue;
+                };
+                *running_per_user.entry(more.user).or_default() += 1;
+                batch.push(assignment);
+                taken.push(more);
+            }
+            if let Some(returned) = self.hand_to_device(state, device, batch) {
+                for (assignment, waited) in returned.into_iter().zip(taken) {
+                    state.waiting.insert(waited.id, assignment);
+                    state.queue.push(waited);
+                }
             }
         }
         update_positions(state);
     }
 
-    /// Gives a job to a free device; gives it back (`Some`) if the device's worker thread is
-    /// gone, and retires the device.
+    /// Gives a batch of jobs (often one) to a free device; gives it back (`Some`) if the
+    /// device's worker thread is gone, and retires the device.
     pub(super) fn hand_to_device(
         &self,
         state: &mut State,
         device: usize,
-        assignment: Assignment,
-    ) -> Option<Assignment> {
-        let (id, user) = (assignment.id, assignment.user);
-        let stop = assignment.stop.clone();
-        let total = assignment.params.spec.steps;
+        batch: Vec<Assignment>,
+    ) -> Option<Vec<Assignment>> {
         let sent = state.devices[device]
             .jobs
             .as_ref()
-            .is_some_and(|tx| tx.try_send(assignment.clone()).is_ok());
+            .is_some_and(|tx| tx.try_send(batch.clone()).is_ok());
         if !sent {
             state.devices[device].out_of_service = Some("its worker thread stopped".into());
-            return Some(assignment);
+            return Some(batch);
         }
-        state.devices[device].busy = Some(id);
-        state.running.insert(
-            id,
-            Running {
-                user,
-                device,
-                stop,
-                iteration: 0,
-                total,
-                started: Instant::now(),
-                throttle: Throttle::new(self.shared.options.progress_interval),
-                preview: None,
-                lost: false,
-                preview_iteration: None,
-                ended: false,
-            },
-        );
-        tracing::info!(job_id = id.0, user_id = user, device = %state.devices[device].label, "job dispatched");
+        state.devices[device].busy = batch.iter().map(|a| a.id).collect();
+        for assignment in &batch {
+            let (id, user) = (assignment.id, assignment.user);
+            state.running.insert(
+                id,
+                Running {
+                    user,
+                    device,
+                    stop: assignment.stop.clone(),
+                    iteration: 0,
+                    total: assignment.params.spec.steps,
+                    started: Instant::now(),
+                    throttle: Throttle::new(self.shared.options.progress_interval),
+                    preview: None,
+                    lost: false,
+                    preview_iteration: None,
+                    ended: false,
+                },
+            );
+            tracing::info!(
+                job_id = id.0,
+                user_id = user,
+                device = %state.devices[device].label,
+                batch = batch.len(),
+                "job dispatched"
+            );
+        }
         None
     }
 
@@ -92,7 +132,7 @@ impl Scheduler {
         (0..state.devices.len())
             .filter(|&i| {
                 let d = &state.devices[i];
-                d.busy.is_none() && d.out_of_service.is_none() && d.jobs.is_some()
+                d.busy.is_empty() && d.out_of_service.is_none() && d.jobs.is_some()
             })
             .collect()
     }

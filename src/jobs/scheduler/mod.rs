@@ -152,8 +152,10 @@ pub enum DeviceState {
     Idle,
     /// Running a job.
     Busy {
-        /// The job.
+        /// The job (the first of its batch).
         job: JobId,
+        /// Every job it runs together, `job` first (one unless jobs are batched).
+        batch: Vec<JobId>,
         /// Its owner.
         user: u64,
         /// Iterations done.
@@ -220,8 +222,11 @@ struct State {
 
 struct Device {
     label: String,
-    jobs: Option<mpsc::Sender<Assignment>>,
-    busy: Option<JobId>,
+    jobs: Option<mpsc::Sender<Vec<Assignment>>>,
+    /// The jobs it runs now (one batch); empty when it is free.
+    busy: Vec<JobId>,
+    /// Most jobs it runs together (its runner's [`worker::Runner::max_batch`]).
+    max_batch: usize,
     failures: u32,
     out_of_service: Option<String>,
     resident: Arc<Mutex<Vec<String>>>,
@@ -295,6 +300,7 @@ impl Scheduler {
         let mut workers = Vec::new();
         for (index, slot) in devices.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel(1);
+            let max_batch = slot.runner.max_batch().max(1);
             let resident = Arc::new(Mutex::new(Vec::new()));
             workers.push(worker::spawn(
                 index,
@@ -308,7 +314,8 @@ impl Scheduler {
             device_states.push(Device {
                 label: slot.label,
                 jobs: Some(tx),
-                busy: None,
+                busy: Vec::new(),
+                max_batch,
                 failures: 0,
                 out_of_service: None,
                 resident,
@@ -608,12 +615,13 @@ impl Scheduler {
                     DeviceState::OutOfService {
                         reason: reason.clone(),
                     }
-                } else if let Some(job) = d.busy
+                } else if let Some(&job) = d.busy.first()
                     && let Some(r) = state.running.get(&job)
                 {
                     let seconds = r.started.elapsed().as_secs_f64();
                     DeviceState::Busy {
                         job,
+                        batch: d.busy.clone(),
                         user: r.user,
                         iteration: r.iteration,
                         total: r.total,

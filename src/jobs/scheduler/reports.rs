@@ -196,7 +196,7 @@ impl Scheduler {
                 {
                     let mut state = self.state();
                     state.running.remove(&id);
-                    state.devices[device].busy = None;
+                    state.devices[device].busy.retain(|&j| j != id);
                     if let Some(event) = event {
                         publish(&mut state, id, event);
                     }
