@@ -250,12 +250,7 @@ pub fn imagine_job(
 /// How many images a stored job makes (1 for a job of before grids, or whose parameters do not
 /// parse).
 pub fn grid_of(job: &crate::store::jobs::Job) -> u32 {
-    job.params
-        .get("grid")
-        .and_then(serde_json::Value::as_u64)
-        .and_then(|n| u32::try_from(n).ok())
-        .filter(|n| (1..=crate::engine::grid::MAX_GRID as u32).contains(n))
-        .unwrap_or(1)
+    job.images()
 }
 
 /// Time-lapse frames a job records, about.
@@ -641,6 +636,14 @@ fn reproduce_with(job: &crate::store::jobs::Job, path: impl Fn(&Path) -> String)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_store_and_the_engine_agree_on_the_largest_grid() {
+        assert_eq!(
+            crate::store::jobs::MAX_IMAGES as usize,
+            crate::engine::grid::MAX_GRID
+        );
+    }
 
     #[test]
     fn shell_quoting_leaves_nothing_live() {

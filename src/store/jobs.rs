@@ -220,6 +220,27 @@ pub struct Job {
     pub lost_runs: u32,
 }
 
+/// Most images one job makes (a 2×2 grid).
+pub const MAX_IMAGES: u32 = 4;
+
+impl Job {
+    /// How many images it makes: its parameters' `grid` (1 for a job of before grids, or one
+    /// whose parameters say something out of range).
+    pub fn images(&self) -> u32 {
+        self.params
+            .get("grid")
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|n| (1..=MAX_IMAGES).contains(n))
+            .unwrap_or(1)
+    }
+
+    /// Its pixels in all: width × height × images.
+    pub fn pixels(&self) -> u64 {
+        u64::from(self.width) * u64::from(self.height) * u64::from(self.images())
+    }
+}
+
 /// The result of a successful job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobOutput {

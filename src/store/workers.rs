@@ -116,22 +116,25 @@ pub async fn claim_next_job(
     lease: Duration,
     filter: &ClaimFilter,
 ) -> Result<Option<Job>, sqlx::Error> {
-    Ok(claim_batch(db, worker, device, lease, filter, 1)
-        .await?
-        .into_iter()
-        .next())
+    Ok(
+        claim_batch(db, worker, device, lease, filter, (1, u64::MAX))
+            .await?
+            .into_iter()
+            .next(),
+    )
 }
 
 /// Claims, in one transaction, the next job `worker` may run on `device` and up to `max − 1`
-/// more that can share its batch (the same models, size and cutout count), each chosen as the
-/// next would be, all leased for `lease`; empty when nothing waits that it may take.
+/// more that can share its batch (the same models, size and cutout count) while the batch's
+/// pixels ([`Job::pixels`]: a grid counts each image) stay within `pixel_budget`, each chosen as
+/// the next would be, all leased for `lease`; empty when nothing waits that it may take.
 pub async fn claim_batch(
     db: &Store,
     worker: &str,
     device: &str,
     lease: Duration,
     filter: &ClaimFilter,
-    max: usize,
+    (max, pixel_budget): (usize, u64),
 ) -> Result<Vec<Job>, sqlx::Error> {
     let empty = Vec::new();
     let vqgan = filter.vqgan_models.as_ref().unwrap_or(&empty);
@@ -185,6 +188,20 @@ pub async fn claim_batch(
         let job = super::jobs::get_job_in(&mut tx, id)
             .await?
             .ok_or(sqlx::Error::RowNotFound)?;
+        let pixels: u64 = claimed.iter().map(Job::pixels).sum();
+        if !claimed.is_empty() && pixels.saturating_add(job.pixels()) > pixel_budget {
+            // Too much for this batch: the claim is taken back before anyone can see it.
+            sqlx::query(
+                "UPDATE jobs SET status = 'queued', worker_id = NULL, device = NULL,
+                                 started_at = NULL, lease_expires_at = NULL,
+                                 attempts = attempts - 1
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            break;
+        }
         claimed.push(job);
     }
     tx.commit().await?;

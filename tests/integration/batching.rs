@@ -123,11 +123,63 @@ fn slot(runner: &LockstepRunner) -> Vec<DeviceSlot> {
 }
 
 async fn submit_sized(s: &Scheduler, user: u64, prompt: &str, steps: u32, side: u32) -> JobId {
+    submit_grid(s, user, prompt, (steps, side), 1).await
+}
+
+async fn submit_grid(
+    s: &Scheduler,
+    user: u64,
+    prompt: &str,
+    (steps, side): (u32, u32),
+    grid: u32,
+) -> JobId {
     let (mut job, mut params) = request(user, prompt, steps);
     (job.width, job.height) = (side, side);
     (params.spec.width, params.spec.height) = (side, side);
+    params.grid = grid;
     job.params = serde_json::to_value(&params).unwrap();
     s.submit(job, params).await.unwrap().id
+}
+
+/// A batch holds at most four images of the largest size a request may ask for: two grids of
+/// four at that size run one after the other, single images four at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_holds_at_most_four_images_of_the_largest_size() {
+    let (dir, pool) = test_pool().await;
+    let runner = LockstepRunner::new(8);
+    let mut limits = options(&dir);
+    limits.max_pixels = 64 * 64;
+    limits.queue_capacity = 20;
+    let s = Scheduler::start(pool.clone(), limits, slot(&runner))
+        .await
+        .unwrap();
+    let hold = submit_sized(&s, 1, "hang", 1, 64).await;
+    wait_until(|| runner.batches().len() == 1).await;
+    let grids = [
+        submit_grid(&s, 2, "g", (2, 64), 4).await,
+        submit_grid(&s, 3, "h", (2, 64), 4).await,
+    ];
+    let singles: Vec<JobId> = {
+        let mut ids = Vec::new();
+        for user in 4..10 {
+            ids.push(submit_sized(&s, user, "s", 2, 64).await);
+        }
+        ids
+    };
+    runner.release.store(true, Ordering::SeqCst);
+    for &id in std::iter::once(&hold).chain(&grids).chain(&singles) {
+        assert_eq!(finished(&pool, id).await, JobStatus::Succeeded);
+    }
+    assert_eq!(
+        runner.batches(),
+        [
+            vec![hold],
+            vec![grids[0]],
+            vec![grids[1]],
+            singles[..4].to_vec(),
+            singles[4..].to_vec()
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

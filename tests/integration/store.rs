@@ -862,7 +862,7 @@ on_both_backends! {
         jobs::insert_job(&pool, &other_clip).await.unwrap();
         let a2 = jobs::insert_job(&pool, &sample_job(1, "a2")).await.unwrap();
         let e = jobs::insert_job(&pool, &sample_job(5, "e")).await.unwrap();
-        let batch = workers::claim_batch(&pool, "w1", "cuda:0", LEASE, &any_model(), 4)
+        let batch = workers::claim_batch(&pool, "w1", "cuda:0", LEASE, &any_model(), (4, u64::MAX))
             .await
             .unwrap();
         // The first in turn, then those that can share its batch in turn; user 1's second waits
@@ -875,14 +875,27 @@ on_both_backends! {
         }
         assert_eq!(jobs::get_job(&pool, a2).await.unwrap().unwrap().status, JobStatus::Queued);
         // Another worker's batch starts with the next in turn: the other size, alone.
-        let next = workers::claim_batch(&pool, "w2", "cuda:0", LEASE, &any_model(), 4)
+        let next = workers::claim_batch(&pool, "w2", "cuda:0", LEASE, &any_model(), (4, u64::MAX))
             .await
             .unwrap();
         assert_eq!(next.iter().map(|j| j.id).collect::<Vec<_>>(), [c]);
         // A batch of one is the plain claim.
-        let one = workers::claim_batch(&pool, "w3", "cpu", LEASE, &any_model(), 1).await.unwrap();
+        let one = workers::claim_batch(&pool, "w3", "cpu", LEASE, &any_model(), (1, u64::MAX)).await.unwrap();
         assert_eq!(one.len(), 1);
-        assert!(workers::claim_batch(&pool, "w3", "cpu", LEASE, &any_model(), 0).await.unwrap().is_empty());
+        // A pixel budget: a grid of four counts four images; a job beyond it stays queued, its
+        // claim taken back (no attempt counted).
+        let mut grid = sample_job(6, "grid");
+        grid.params["grid"] = serde_json::json!(4);
+        let g = jobs::insert_job(&pool, &grid).await.unwrap();
+        let after = jobs::insert_job(&pool, &sample_job(7, "after")).await.unwrap();
+        let small = 256 * 256;
+        let limited = workers::claim_batch(&pool, "w4", "cpu", LEASE, &any_model(), (4, 4 * small))
+            .await
+            .unwrap();
+        assert_eq!(limited.iter().map(|j| (j.id, j.pixels())).collect::<Vec<_>>(), [(g, 4 * small)]);
+        let left = jobs::get_job(&pool, after).await.unwrap().unwrap();
+        assert_eq!((left.status, left.attempts, left.worker), (JobStatus::Queued, 0, None));
+        assert!(workers::claim_batch(&pool, "w3", "cpu", LEASE, &any_model(), (0, u64::MAX)).await.unwrap().is_empty());
     }
 
     async fn claims_skip_models_paused_guilds_and_users_at_their_cap(pool) {

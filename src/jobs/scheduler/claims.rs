@@ -117,13 +117,14 @@ impl Scheduler {
             let pool = &self.shared.pool;
             let (index, label, max_batch) = device;
             // The device's whole batch in one claim.
+            let budget = super::local::batch_pixel_budget(self.shared.options.max_pixels);
             let jobs = workers::claim_batch(
                 pool,
                 &claims.worker_id,
                 &label,
                 claims.lease,
                 &filter,
-                max_batch,
+                (max_batch, budget),
             )
             .await?;
             if jobs.is_empty() {

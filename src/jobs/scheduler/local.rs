@@ -52,14 +52,17 @@ impl Scheduler {
             };
             let device = free.iter().copied().find(has_models).unwrap_or(free[0]);
             *running_per_user.entry(next.user).or_default() += 1;
+            let budget = batch_pixel_budget(self.shared.options.max_pixels);
+            let mut pixels = pixels_of(&first);
             let mut batch = vec![first];
             let mut taken = vec![next];
             while batch.len() < devices[device].max_batch {
                 let joins = queue.pop_next(|w| {
                     may_run(w, &running_per_user)
-                        && waiting
-                            .get(&w.id)
-                            .is_some_and(|candidate| batchable(&batch[0], candidate))
+                        && waiting.get(&w.id).is_some_and(|candidate| {
+                            batchable(&batch[0], candidate)
+                                && pixels.saturating_add(pixels_of(candidate)) <= budget
+                        })
                 });
                 let Some(more) = joins else {
                     break;
@@ -68,6 +71,7 @@ impl Scheduler {
                     continue;
                 };
                 *running_per_user.entry(more.user).or_default() += 1;
+                pixels += pixels_of(&assignment);
                 batch.push(assignment);
                 taken.push(more);
             }
@@ -136,4 +140,17 @@ impl Scheduler {
             })
             .collect()
     }
+}
+
+/// A job's pixels in all: width × height × images.
+fn pixels_of(job: &Assignment) -> u64 {
+    let spec = &job.params.spec;
+    u64::from(spec.width) * u64::from(spec.height) * u64::from(job.params.grid.max(1))
+}
+
+/// Most pixels a batch holds, images of every job together: four images of the largest size a
+/// request may ask for (`generation.max_pixels`, which bounds a device's memory per image) — as
+/// much as one grid of the largest size. More jobs than that wait for the next batch.
+pub(super) fn batch_pixel_budget(max_pixels: u64) -> u64 {
+    max_pixels.saturating_mul(4)
 }
