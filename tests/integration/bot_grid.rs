@@ -12,7 +12,7 @@ use crate::cli::vqclip;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grid_posts_one_composite_and_its_buttons_act_on_the_chosen_image() {
     let (mut bot, _) = Bot::start("", true, 0).await;
-    bot.interact(bot.imagine(77, "a red fox --steps 4 --grid 4"))
+    bot.interact(bot.imagine(77, "a red fox --steps 4 --grid 4 --cutn 4"))
         .await;
     let (channel, result) = bot.result_of(JobId(1)).await;
     let posted = eventually("the grid's result", || {
@@ -98,13 +98,12 @@ async fn a_grid_posts_one_composite_and_its_buttons_act_on_the_chosen_image() {
     assert_eq!(start.image, Some(2));
     assert_eq!(start.latent, images.join("1-2.latent.safetensors"));
     // Exactly the second image: the command line, from the kept latent of image 2, makes the
-    // same pixels.
+    // same pixels; from image 3's, others.
     let dir = tempfile::tempdir().unwrap();
-    let latent = start.latent.to_str().unwrap().to_owned();
     let seed = upscale.seed.to_string();
-    let cli = vqclip(
-        dir.path(),
-        &[
+    let upscale_alone = |latent: &std::path::Path, out: &str| {
+        let latent = latent.to_str().unwrap();
+        let args = [
             "imagine",
             "a red fox",
             "--model",
@@ -113,27 +112,37 @@ async fn a_grid_posts_one_composite_and_its_buttons_act_on_the_chosen_image() {
             "128x128",
             "--steps",
             "2",
+            "--cutn",
+            "4",
             "--seed",
             &seed,
             "--init-latent",
-            &latent,
+            latent,
             "--upscale-latent",
             "-o",
-            "u2.png",
-        ],
-        &[],
-    );
-    assert_eq!(
-        cli.status.code(),
-        Some(0),
-        "{}",
-        crate::cli::text(&cli.stderr)
-    );
-    let again =
-        vqclip::engine::image::decode(&std::fs::read(dir.path().join("u2.png")).unwrap()).unwrap();
+            out,
+        ];
+        let cli = vqclip(dir.path(), &args, &[]);
+        assert_eq!(
+            cli.status.code(),
+            Some(0),
+            "{}",
+            crate::cli::text(&cli.stderr)
+        );
+        vqclip::engine::image::decode(&std::fs::read(dir.path().join(out)).unwrap()).unwrap()
+    };
     let job_png = std::fs::read(upscale.output_path.clone().unwrap()).unwrap();
     let from_job = vqclip::engine::image::decode(&job_png).unwrap();
-    assert_eq!(from_job, again, "U2 did not continue image 2");
+    assert_eq!(
+        from_job,
+        upscale_alone(&start.latent, "u2.png"),
+        "U2 did not continue image 2"
+    );
+    let from_three = upscale_alone(&images.join("1-3.latent.safetensors"), "u3.png");
+    assert_ne!(
+        from_job, from_three,
+        "the picture does not depend on the image chosen"
+    );
     // The upscaled single image keeps the single buttons, with Vary (Subtle) and (Strong).
     let upscale_result = eventually("the upscale's result", || {
         bot.discord.log().into_iter().find(|r| {
