@@ -339,3 +339,46 @@ async fn jobs_of_two_users_share_one_batch_and_each_ends_as_it_would_alone() {
     }
     bot.stop().await;
 }
+
+/// A grid made by a worker on another host: its images and their latents are kept in the
+/// database, so a follow-up of one image runs on any worker (here the same one, whose own copy
+/// of the chosen latent is gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grid_made_elsewhere_keeps_each_image_for_follow_ups_anywhere() {
+    use vqclip::store::events;
+    let gate = crate::support::Gate::at(u32::MAX);
+    let (bot, worker, elsewhere) = Bot::start_front_end(&gate).await;
+    bot.interact(bot.imagine(77, "a red fox --steps 2 --grid 4 --cutn 4"))
+        .await;
+    let (_, result) = bot.result_of(JobId(1)).await;
+    assert_eq!(bot.job(1).await.worker.as_deref(), Some("gpu-elsewhere-1"));
+    for k in 1..=4 {
+        for name in [format!("image-{k}.png"), format!("latent-{k}.safetensors")] {
+            assert!(
+                events::has_job_file(&bot.pool, JobId(1), &name)
+                    .await
+                    .unwrap(),
+                "{name} is not in the database"
+            );
+        }
+    }
+    // Another host would not have image 3's latent on its disk: it comes from the database.
+    let local = elsewhere.path().join("images/1-3.latent.safetensors");
+    std::fs::remove_file(&local).unwrap();
+    bot.interact(bot.press(77, MEMBER, "vq:u3:1", result)).await;
+    assert_eq!(
+        crate::scheduler::finished(&bot.pool, JobId(2)).await,
+        vqclip::store::jobs::JobStatus::Succeeded
+    );
+    let upscale = bot.job(2).await;
+    assert_eq!(
+        (upscale.width, upscale.seed),
+        (128, bot.job(1).await.seed.wrapping_add(2))
+    );
+    assert!(
+        local.is_file(),
+        "the latent was not fetched from the database"
+    );
+    worker.shutdown(std::time::Duration::from_secs(1)).await;
+    bot.stop().await;
+}
