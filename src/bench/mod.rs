@@ -364,14 +364,14 @@ mod tests {
         assert_eq!(median(&[]), 0.0);
     }
 
-    #[test]
-    fn a_batch_counts_each_of_its_images() {
-        let report = run(&BenchOptions {
-            width: 32,
-            height: 32,
-            cutn: 3,
-            iters: 1,
-            warmup: 0,
+    /// The tiny models on the CPU.
+    fn tiny(side: u32, cutn: u32, batch: u32) -> BenchOptions {
+        BenchOptions {
+            width: side,
+            height: side,
+            cutn,
+            iters: 2,
+            warmup: 1,
             chunk: None,
             vqgan: "tiny".into(),
             clip: "tiny".into(),
@@ -379,7 +379,16 @@ mod tests {
             device_label: "cpu".into(),
             clip_precision: Precision::F32,
             tf32: false,
-            batch: 4,
+            batch,
+        }
+    }
+
+    #[test]
+    fn a_batch_counts_each_of_its_images() {
+        let report = run(&BenchOptions {
+            iters: 1,
+            warmup: 0,
+            ..tiny(32, 3, 4)
         })
         .unwrap();
         // Every cutout of the batch in one pass unless told otherwise.
@@ -396,19 +405,8 @@ mod tests {
     #[test]
     fn the_tiny_models_run_and_every_phase_is_timed() {
         let report = run(&BenchOptions {
-            width: 64,
-            height: 64,
-            cutn: 4,
-            iters: 2,
-            warmup: 1,
             chunk: Some(2),
-            vqgan: "tiny".into(),
-            clip: "tiny".into(),
-            device: Device::Cpu,
-            device_label: "cpu".into(),
-            clip_precision: Precision::F32,
-            tf32: false,
-            batch: 1,
+            ..tiny(64, 4, 1)
         })
         .unwrap();
         assert_eq!((report.iters, report.iter_s.len(), report.chunk), (2, 2, 2));

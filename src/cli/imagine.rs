@@ -357,7 +357,9 @@ pub(super) fn imagine_blocking(
         let jpeg = match (count, &first.preview) {
             (_, None) => return,
             (1, Some(preview)) => Ok(preview.jpeg.clone()),
-            _ => preview_grid(runs),
+            _ => grid::preview(runs)
+                .map(|p| p.jpeg)
+                .map_err(anyhow::Error::from),
         };
         let path = dir.join(format!("{:05}.jpg", first.iteration - 1));
         if let Err(e) = jpeg.and_then(|jpeg| {
@@ -420,7 +422,7 @@ pub(super) fn imagine_blocking(
     std::fs::write(&sidecar, serde_json::to_string_pretty(&record)?)
         .with_context(|| format!("Failed to write {}", sidecar.display()))?;
     if let Some(gif) = &args.timelapse {
-        let frames = grid_frames(&outputs)?;
+        let frames = grid::frames(&outputs)?;
         let bytes = image::encode_gif(&frames, crate::jobs::worker::TIMELAPSE_DELAY_MS)
             .context("Failed to encode the time-lapse")?;
         std::fs::write(gif, bytes).with_context(|| format!("Failed to write {}", gif.display()))?;
@@ -444,35 +446,4 @@ pub(super) fn imagine_blocking(
 pub(super) fn member_path(out: &Path, k: usize) -> PathBuf {
     let stem = out.file_stem().unwrap_or_default().to_string_lossy();
     out.with_file_name(format!("{stem}-{k}.png"))
-}
-
-/// A JPEG of the grid's latest previews, composed.
-fn preview_grid(runs: &[Generator]) -> anyhow::Result<Vec<u8>> {
-    let pictures: Vec<::image::RgbImage> = runs
-        .iter()
-        .filter_map(|r| r.preview_image().cloned())
-        .collect();
-    let shown = grid::composite(&pictures)?;
-    Ok(crate::engine::image::encode_jpeg(&shown, 80)?)
-}
-
-/// The time-lapse of a grid: frame `i` is the composite of every image's frame `i`.
-fn grid_frames(
-    outputs: &[crate::engine::generate::Output],
-) -> anyhow::Result<Vec<::image::RgbImage>> {
-    let Some(first) = outputs.first() else {
-        return Ok(Vec::new());
-    };
-    if outputs.len() == 1 {
-        return Ok(first.frames.clone());
-    }
-    (0..first.frames.len())
-        .map(|i| {
-            let frames: Vec<::image::RgbImage> = outputs
-                .iter()
-                .filter_map(|o| o.frames.get(i).cloned())
-                .collect();
-            Ok(grid::composite(&frames)?)
-        })
-        .collect()
 }

@@ -395,7 +395,7 @@ pub struct Output {
 /// Longest side of previews and time-lapse frames.
 pub(crate) const PREVIEW_SIDE: u32 = 256;
 /// JPEG quality of previews.
-const PREVIEW_QUALITY: u8 = 80;
+pub(crate) const PREVIEW_QUALITY: u8 = 80;
 
 /// A run in progress: call [`Generator::step`] until it reports the last iteration, then
 /// [`Generator::finish`]. Or let [`Generator::run`] do that.

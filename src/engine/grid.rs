@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use image::{Rgb, RgbImage};
 
-use super::generate::{GenerateError, Generator, Output, Progress, step_together};
+use super::generate::{
+    GenerateError, Generator, Output, PREVIEW_QUALITY, Preview, Progress, step_together,
+};
 
 /// Most images in a grid.
 pub const MAX_GRID: usize = 4;
@@ -98,6 +100,41 @@ fn label(out: &mut RgbImage, origin: (u32, u32), cell: (u32, u32), number: usize
             out.put_pixel(x0 + x, y0 + y, colour);
         }
     }
+}
+
+/// The composite of the runs' latest previews, as a JPEG preview (what a grid shows while it
+/// runs).
+pub fn preview(runs: &[Generator<'_>]) -> Result<Preview, GenerateError> {
+    let pictures: Vec<RgbImage> = runs
+        .iter()
+        .filter_map(|r| r.preview_image().cloned())
+        .collect();
+    let shown = composite(&pictures)?;
+    Ok(Preview {
+        jpeg: super::image::encode_jpeg(&shown, PREVIEW_QUALITY)?,
+        width: shown.width(),
+        height: shown.height(),
+    })
+}
+
+/// The time-lapse of finished runs: a single run's frames, or for a grid the composite of
+/// every image's frame `i` for each `i`.
+pub fn frames(outputs: &[Output]) -> Result<Vec<RgbImage>, GenerateError> {
+    let Some(first) = outputs.first() else {
+        return Ok(Vec::new());
+    };
+    if outputs.len() == 1 {
+        return Ok(first.frames.clone());
+    }
+    (0..first.frames.len())
+        .map(|i| {
+            let frames: Vec<RgbImage> = outputs
+                .iter()
+                .filter_map(|o| o.frames.get(i).cloned())
+                .collect();
+            composite(&frames)
+        })
+        .collect()
 }
 
 /// Runs several generations to the end as one batch (see [`step_together`]), calling

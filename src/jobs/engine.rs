@@ -246,42 +246,9 @@ fn combined_progress(
         *loss = (*loss + others) / n;
     }
     if first.preview.is_some() {
-        let pictures: Vec<::image::RgbImage> = runs
-            .iter()
-            .filter_map(|r| r.preview_image().cloned())
-            .collect();
-        let shown = grid::composite(&pictures)?;
-        first.preview = Some(crate::engine::generate::Preview {
-            jpeg: image::encode_jpeg(&shown, PREVIEW_QUALITY)?,
-            width: shown.width(),
-            height: shown.height(),
-        });
+        first.preview = Some(grid::preview(runs)?);
     }
     Ok(first)
-}
-
-/// JPEG quality of a grid's composed previews.
-const PREVIEW_QUALITY: u8 = 80;
-
-/// A job's time-lapse frames: a grid's frame `i` is the composite of its images' frames `i`.
-pub(crate) fn grid_frames(
-    outputs: &[crate::engine::generate::Output],
-) -> Result<Vec<::image::RgbImage>, GenerateError> {
-    let Some(first) = outputs.first() else {
-        return Ok(Vec::new());
-    };
-    if outputs.len() == 1 {
-        return Ok(first.frames.clone());
-    }
-    (0..first.frames.len())
-        .map(|i| {
-            let frames: Vec<::image::RgbImage> = outputs
-                .iter()
-                .filter_map(|o| o.frames.get(i).cloned())
-                .collect();
-            grid::composite(&frames)
-        })
-        .collect()
 }
 
 /// Writes `bytes` to `path` through a temporary file, so a crash never leaves a partial file
@@ -432,7 +399,7 @@ impl EngineRunner {
                 }
             }
         }
-        let frames = grid_frames(&outputs).map_err(failed)?;
+        let frames = grid::frames(&outputs).map_err(failed)?;
         if !frames.is_empty() {
             let gif = super::timelapse_path(&self.images, job.id);
             let written = image::encode_gif(&frames, TIMELAPSE_DELAY_MS)
