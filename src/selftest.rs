@@ -809,7 +809,7 @@ fn run_step(case: &Case, c: &mut Checker) -> anyhow::Result<()> {
 }
 
 /// Latents in the batch a step case also runs as.
-const BATCH_COPIES: usize = 3;
+const BATCH_COPIES: usize = 2;
 
 /// The init-image path: encoder, quant_conv, quantisation.
 fn run_encode(case: &Case, c: &mut Checker) -> anyhow::Result<()> {

@@ -284,6 +284,7 @@ async fn the_engine_stops_one_job_of_a_batch_and_finishes_the_others_as_alone() 
         let (_, mut params) = request(user, "a red fox", 3);
         params.spec.seed = seed;
         params.spec.cutn = 3;
+        (params.spec.width, params.spec.height) = (32, 32);
         params.spec.preview_every = 0;
         params.grid = grid;
         Assignment {

@@ -12,7 +12,7 @@ use crate::cli::vqclip;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grid_posts_one_composite_and_its_buttons_act_on_the_chosen_image() {
     let (mut bot, _) = Bot::start("", true, 0).await;
-    bot.interact(bot.imagine(77, "a red fox --steps 4 --grid 4 --cutn 4"))
+    bot.interact(bot.imagine(77, "a red fox --steps 4 --grid 4 --cutn 4 --size 32x32"))
         .await;
     let (channel, result) = bot.result_of(JobId(1)).await;
     let posted = eventually("the grid's result", || {
@@ -54,19 +54,19 @@ async fn a_grid_posts_one_composite_and_its_buttons_act_on_the_chosen_image() {
             .any(|f| f["name"] == "Seeds" && f["value"] == seeds.as_str()),
         "{embed}"
     );
-    // One picture: the four 64² images in a 2×2 composite.
+    // One picture: the four 32² images in a 2×2 composite.
     let composite = vqclip::engine::image::decode(&posted.file_bytes[0]).unwrap();
-    assert_eq!(composite.dimensions(), (128, 128));
+    assert_eq!(composite.dimensions(), (64, 64));
     let images = bot.settings.storage.images.clone();
     for k in 1..=4 {
         let kept = images.join(format!("1-{k}.png"));
         let picture = vqclip::engine::image::decode(&std::fs::read(&kept).unwrap()).unwrap();
-        assert_eq!(picture.dimensions(), (64, 64));
-        let (x, y, _, _) = vqclip::engine::grid::cell((128, 128), 4, k - 1);
+        assert_eq!(picture.dimensions(), (32, 32));
+        let (x, y, _, _) = vqclip::engine::grid::cell((64, 64), 4, k - 1);
         // Its quarter, away from the number in the corner.
         assert_eq!(
-            composite.get_pixel(x + 40, y + 40),
-            picture.get_pixel(40, 40)
+            composite.get_pixel(x + 20, y + 20),
+            picture.get_pixel(20, 20)
         );
         assert!(images.join(format!("1-{k}.latent.safetensors")).is_file());
     }
@@ -81,7 +81,7 @@ async fn a_grid_posts_one_composite_and_its_buttons_act_on_the_chosen_image() {
         })
         .expect("a preview");
     let preview = vqclip::engine::image::decode(&preview).unwrap();
-    assert_eq!(preview.dimensions(), (128, 128));
+    assert_eq!(preview.dimensions(), (64, 64));
 
     // U2: image 2, doubled, from its own latent and seed.
     let u2 = bot.interact(bot.press(77, MEMBER, "vq:u2:1", result)).await;
@@ -90,7 +90,7 @@ async fn a_grid_posts_one_composite_and_its_buttons_act_on_the_chosen_image() {
     let upscale = bot.job(2).await;
     assert_eq!(
         (upscale.kind, upscale.width, upscale.seed),
-        (JobKind::Upscale, 128, first.seed.wrapping_add(1))
+        (JobKind::Upscale, 64, first.seed.wrapping_add(1))
     );
     let params: JobParams = serde_json::from_value(upscale.params.clone()).unwrap();
     assert_eq!(params.grid, 1);
@@ -109,7 +109,7 @@ async fn a_grid_posts_one_composite_and_its_buttons_act_on_the_chosen_image() {
             "--model",
             "tiny",
             "--size",
-            "128x128",
+            "64x64",
             "--steps",
             "2",
             "--cutn",
@@ -276,11 +276,12 @@ async fn jobs_of_two_users_share_one_batch_and_each_ends_as_it_would_alone() {
     let gate = crate::support::Gate::at(1);
     let (bot, _) = Bot::start_with("", Some(4), 0, Some(&gate), 10).await;
     // The device is busy with the first job while two more arrive.
-    bot.interact(bot.imagine(77, "a red fox --steps 3")).await;
-    gate.reached().await;
-    bot.interact(bot.imagine(78, "a blue lake --steps 4 --seed 5"))
+    bot.interact(bot.imagine(77, "a red fox --steps 3 --size 32x32"))
         .await;
-    bot.interact(bot.imagine(79, "a green hill --steps 4 --seed 6"))
+    gate.reached().await;
+    bot.interact(bot.imagine(78, "a blue lake --steps 4 --seed 5 --size 32x32"))
+        .await;
+    bot.interact(bot.imagine(79, "a green hill --steps 4 --seed 6 --size 32x32"))
         .await;
     gate.release();
     bot.result_of(JobId(2)).await;
@@ -311,7 +312,7 @@ async fn jobs_of_two_users_share_one_batch_and_each_ends_as_it_would_alone() {
                 "--model",
                 "tiny",
                 "--size",
-                "64x64",
+                "32x32",
                 "--steps",
                 "4",
                 "--seed",
@@ -348,7 +349,7 @@ async fn a_grid_made_elsewhere_keeps_each_image_for_follow_ups_anywhere() {
     use vqclip::store::events;
     let gate = crate::support::Gate::at(u32::MAX);
     let (bot, worker, elsewhere) = Bot::start_front_end(&gate).await;
-    bot.interact(bot.imagine(77, "a red fox --steps 2 --grid 4 --cutn 4"))
+    bot.interact(bot.imagine(77, "a red fox --steps 2 --grid 4 --cutn 4 --size 32x32"))
         .await;
     let (_, result) = bot.result_of(JobId(1)).await;
     assert_eq!(bot.job(1).await.worker.as_deref(), Some("gpu-elsewhere-1"));
@@ -373,7 +374,7 @@ async fn a_grid_made_elsewhere_keeps_each_image_for_follow_ups_anywhere() {
     let upscale = bot.job(2).await;
     assert_eq!(
         (upscale.width, upscale.seed),
-        (128, bot.job(1).await.seed.wrapping_add(2))
+        (64, bot.job(1).await.seed.wrapping_add(2))
     );
     assert!(
         local.is_file(),
