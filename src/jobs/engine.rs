@@ -266,6 +266,8 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
 /// One job of a batch while it runs: its images' runs and where they are kept.
 struct JobRun<'m, 'a> {
     job: &'a Assignment,
+    /// The flags that stop it (its own, or those [`Runner::run`] was given).
+    stop: &'a StopFlags,
     /// Its images (one, or a grid's).
     images: Vec<ImageIndex>,
     /// Each image's spec (the job's, with the image's seed).
@@ -324,7 +326,7 @@ impl EngineRunner {
     fn prepare<'m, 'a>(
         &self,
         models: &'m Models,
-        job: &'a Assignment,
+        (job, stop): (&'a Assignment, &'a StopFlags),
         cutouts: u32,
     ) -> Result<JobRun<'m, 'a>, RunError> {
         let images = super::images_of(job.params.grid);
@@ -350,6 +352,7 @@ impl EngineRunner {
         resume_all(&mut runs, &resumes, &self.device);
         Ok(JobRun {
             job,
+            stop,
             images,
             specs,
             runs,
@@ -424,8 +427,14 @@ impl EngineRunner {
         })
     }
 
-    /// Runs jobs that share models and size as one batch (see the module's docs).
-    fn run_together(&mut self, jobs: &[Assignment], events: &mut dyn FnMut(BatchEvent<'_>)) {
+    /// Runs jobs that share models and size as one batch (see the module's docs), each stopped
+    /// by its `stops` entry.
+    fn run_together(
+        &mut self,
+        jobs: &[Assignment],
+        stops: &[&StopFlags],
+        events: &mut dyn FnMut(BatchEvent<'_>),
+    ) {
         let models = match self.models_for(jobs) {
             Ok(models) => models,
             Err(e) => {
@@ -443,8 +452,8 @@ impl EngineRunner {
             .map(|j| j.params.spec.cutn.saturating_mul(j.params.grid.max(1)))
             .fold(0, u32::saturating_add);
         let mut active = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            match self.prepare(&models, job, cutouts) {
+        for (job, stop) in jobs.iter().zip(stops) {
+            match self.prepare(&models, (job, *stop), cutouts) {
                 Ok(run) => active.push(run),
                 Err(e) => events(BatchEvent::Done(job.id, Err(e))),
             }
@@ -454,10 +463,9 @@ impl EngineRunner {
             // as do finished ones.
             let mut i = 0;
             while i < active.len() {
-                let stop: &StopFlags = &active[i].job.stop;
-                if stop.stop.load(Ordering::SeqCst) {
+                if active[i].stop.stop.load(Ordering::SeqCst) {
                     let run = active.remove(i);
-                    if run.job.stop.interrupt.load(Ordering::SeqCst) {
+                    if run.stop.interrupt.load(Ordering::SeqCst) {
                         run.save_checkpoints();
                     } else {
                         run.remove_checkpoints();
@@ -534,23 +542,15 @@ impl Runner for EngineRunner {
         stop: &StopFlags,
         on_progress: &mut dyn FnMut(&Progress),
     ) -> Result<RunOutput, RunError> {
-        // The job's own flags are the ones a batch watches: mirror `stop` into a copy.
-        let mut own = job.clone();
-        if !std::ptr::eq(stop, &*job.stop) {
-            let flags = StopFlags::default();
-            flags
-                .stop
-                .store(stop.stop.load(Ordering::SeqCst), Ordering::SeqCst);
-            flags
-                .interrupt
-                .store(stop.interrupt.load(Ordering::SeqCst), Ordering::SeqCst);
-            own.stop = std::sync::Arc::new(flags);
-        }
         let mut result = None;
-        self.run_together(std::slice::from_ref(&own), &mut |event| match event {
-            BatchEvent::Progress(_, progress) => on_progress(progress),
-            BatchEvent::Done(_, r) => result = Some(r),
-        });
+        self.run_together(
+            std::slice::from_ref(job),
+            &[stop],
+            &mut |event| match event {
+                BatchEvent::Progress(_, progress) => on_progress(progress),
+                BatchEvent::Done(_, r) => result = Some(r),
+            },
+        );
         result.unwrap_or_else(|| Err(RunError::Failed("the job ended without a result".into())))
     }
 
@@ -564,7 +564,8 @@ impl Runner for EngineRunner {
         while let Some(first) = rest.first().cloned() {
             let (together, later): (Vec<Assignment>, Vec<Assignment>) =
                 rest.into_iter().partition(|j| batchable(&first, j));
-            self.run_together(&together, events);
+            let stops: Vec<&StopFlags> = together.iter().map(|j| &*j.stop).collect();
+            self.run_together(&together, &stops, events);
             rest = later;
         }
     }
