@@ -11,9 +11,23 @@ use crate::cli::vqclip;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grid_posts_one_composite_and_its_buttons_act_on_the_chosen_image() {
-    let (mut bot, _) = Bot::start("", true, 0).await;
+    // The job waits after its first step (which has a preview) until the bot has shown it.
+    let gate = crate::support::Gate::at(1);
+    let (mut bot, _) = Bot::start_gated("", true, 0, Some(&gate), 10).await;
     bot.interact(bot.imagine(77, "a red fox --steps 4 --grid 4 --cutn 4 --size 32x32"))
         .await;
+    gate.reached().await;
+    // Previews show the grid while it runs (a composite twice the size of one image).
+    let preview = eventually("a preview of the grid", || {
+        bot.discord.log().into_iter().find_map(|r| {
+            let at = r.files.iter().position(|(name, _)| name == "preview.jpg")?;
+            r.file_bytes.get(at).cloned()
+        })
+    })
+    .await;
+    let preview = vqclip::engine::image::decode(&preview).unwrap();
+    assert_eq!(preview.dimensions(), (64, 64));
+    gate.release();
     let (channel, result) = bot.result_of(JobId(1)).await;
     let posted = eventually("the grid's result", || {
         bot.discord.log().into_iter().find(|r| {
@@ -70,18 +84,6 @@ async fn a_grid_posts_one_composite_and_its_buttons_act_on_the_chosen_image() {
         );
         assert!(images.join(format!("1-{k}.latent.safetensors")).is_file());
     }
-    // Previews showed the grid while it ran (a composite twice the size of one image).
-    let preview = bot
-        .discord
-        .log()
-        .into_iter()
-        .find_map(|r| {
-            let at = r.files.iter().position(|(name, _)| name == "preview.jpg")?;
-            r.file_bytes.get(at).cloned()
-        })
-        .expect("a preview");
-    let preview = vqclip::engine::image::decode(&preview).unwrap();
-    assert_eq!(preview.dimensions(), (64, 64));
 
     // U2: image 2, doubled, from its own latent and seed.
     let u2 = bot.interact(bot.press(77, MEMBER, "vq:u2:1", result)).await;
