@@ -9,12 +9,13 @@ use crate::config::{GenerationSettings, GridSetting, SizeSetting};
 use crate::engine::generate::{CutoutSetting, GenerationSpec, round_size};
 use crate::engine::nets::tokenizer::ClipTokenizer;
 use crate::engine::nets::vqgan::VqganConfig;
-use crate::engine::prompt::{self, PromptError};
+use crate::engine::optimize::InitWeight;
+use crate::engine::prompt::{self, MethodFlags, PromptError};
 use crate::models::{self, ModelInfo, ModelKind};
 
 /// Options given outside the prompt text (command-line flags, slash-command arguments). They
 /// win over the same setting written as a flag inside the prompt.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ImagineOptions {
     /// RNG seed.
     pub seed: Option<u64>,
@@ -34,6 +35,8 @@ pub struct ImagineOptions {
     pub crops: bool,
     /// How many images (1 or 4, a 2×2 grid).
     pub grid: Option<u32>,
+    /// How the latent is started and trained.
+    pub method: MethodFlags,
 }
 
 /// A request ready to run.
@@ -252,7 +255,8 @@ pub fn resolve(
         },
     };
 
-    for (i, p) in parsed.prompts.iter().enumerate() {
+    let told = parsed.story.iter().flatten().chain(&parsed.prompts);
+    for (i, p) in told.enumerate() {
         let dropped = tokenizer.encode(&p.text).dropped;
         if dropped > 0 {
             notes.push(format!(
@@ -270,6 +274,9 @@ pub fn resolve(
     if options.crops {
         spec.cutouts = CutoutSetting::Crops { cut_pow: 1.0 };
     }
+    let method = options.method.or(&flags.method);
+    apply_method(&mut spec, &method, parsed.story, &mut notes);
+    spec.check().map_err(RequestError::Invalid)?;
     Ok(Resolved {
         spec,
         vqgan,
@@ -277,6 +284,38 @@ pub fn resolve(
         grid,
         notes,
     })
+}
+
+/// Puts the method's settings and the story into `spec` (whose steps are final): a story with
+/// no `--change-every` gives each scene an equal share of the steps.
+fn apply_method(
+    spec: &mut GenerationSpec,
+    method: &MethodFlags,
+    story: Vec<Vec<prompt::WeightedPrompt>>,
+    notes: &mut Vec<String>,
+) {
+    if let Some(lr) = method.learning_rate {
+        spec.learning_rate = lr;
+    }
+    spec.optimizer = method.optimizer.unwrap_or_default();
+    spec.ema = method.ema;
+    spec.init_noise = method.init_noise.unwrap_or_default();
+    if let Some(weight) = method.init_weight {
+        spec.init_weight = InitWeight::ToInitDecaying { weight };
+    }
+    if story.is_empty() {
+        if method.change_every.is_some() {
+            notes.push(
+                "--change-every only matters in a story (scenes separated by ^): ignored".into(),
+            );
+        }
+        return;
+    }
+    let scenes = story.len() as u32;
+    spec.change_every = method
+        .change_every
+        .unwrap_or_else(|| spec.steps.div_ceil(scenes).max(1));
+    spec.story = story;
 }
 
 #[cfg(test)]
@@ -398,6 +437,71 @@ mod tests {
         let fixed = resolve("x", &none, &s.generation, true, gpu, &tokenizer).unwrap();
         assert_eq!(fixed.grid, 1);
         assert_eq!(gpu.min(AutoDefaults::CPU), AutoDefaults::CPU);
+    }
+
+    #[test]
+    fn stories_share_the_steps_and_method_flags_reach_the_spec() {
+        let r = resolve_with("a ^ b ^ c --steps 300", &ImagineOptions::default()).unwrap();
+        assert_eq!((r.spec.story.len(), r.spec.change_every), (3, 100));
+        assert!(r.spec.prompts.is_empty());
+        let r = resolve_with(
+            "a ^ b --steps 7 --change-every 2",
+            &ImagineOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(r.spec.change_every, 2);
+        let r = resolve_with("a --change-every 2", &ImagineOptions::default()).unwrap();
+        assert!(r.spec.story.is_empty());
+        assert!(
+            r.notes
+                .iter()
+                .any(|n| n.contains("only matters in a story")),
+            "{:?}",
+            r.notes
+        );
+
+        let options = ImagineOptions {
+            method: MethodFlags {
+                optimizer: Some(crate::engine::optimize::Optimizer::AdamW),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let r = resolve_with(
+            "a --optimizer diffgrad --lr 0.2 --ema 0.95 --init-weight 3 --init-noise pixels",
+            &options,
+        )
+        .unwrap();
+        assert_eq!(r.spec.optimizer, crate::engine::optimize::Optimizer::AdamW);
+        assert_eq!((r.spec.learning_rate, r.spec.ema), (0.2, Some(0.95)));
+        assert_eq!(
+            r.spec.init_weight,
+            InitWeight::ToInitDecaying { weight: 3.0 }
+        );
+        assert!(r.spec.needs_encoder());
+        let plain = resolve_with("a", &ImagineOptions::default()).unwrap().spec;
+        assert_eq!(
+            (
+                plain.optimizer,
+                plain.ema,
+                plain.init_weight,
+                plain.learning_rate
+            ),
+            (Default::default(), None, InitWeight::Off, 0.1),
+            "the reference's method by default"
+        );
+
+        for (text, says) in [
+            ("a --lr 0", "learning rate"),
+            ("a --lr 1000", "learning rate"),
+            ("a --ema 1", "moving average"),
+            ("a --init-weight -1", "init weight"),
+        ] {
+            let e = resolve_with(text, &ImagineOptions::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -21,7 +21,9 @@ use crate::engine::{
         vqgan::{QuantizerKind, VqganConfig, VqganParts},
     },
     ops::clamp_with_grad,
-    optimize::{Guide, InitWeight, Latent, Member, Nets, clip_gradient, step_batch},
+    optimize::{
+        Guide, InitWeight, Latent, Member, Nets, Optimizer, Training, clip_gradient, step_batch,
+    },
 };
 
 /// A case's JSON manifest larger than this is refused before it is read.
@@ -284,6 +286,8 @@ struct EncodeMeta {
 
 #[derive(Debug, Deserialize)]
 struct OptimizerMeta {
+    #[serde(rename = "type")]
+    kind: String,
     z_init: String,
     lr: f64,
     beta1: f64,
@@ -597,11 +601,20 @@ fn run_step(case: &Case, c: &mut Checker) -> anyhow::Result<()> {
         .optimizer
         .as_ref()
         .context("a step case needs an `optimizer` object")?;
+    let kind = Optimizer::parse(&optimizer.kind)
+        .with_context(|| format!("the optimizer {:?} is not one of ours", optimizer.kind))?;
     ensure!(
-        optimizer.weight_decay == 0.0
-            && (optimizer.beta1, optimizer.beta2, optimizer.eps) == (0.9, 0.999, 1e-8),
-        "an optimizer other than the reference's Adam"
+        (optimizer.beta1, optimizer.beta2) == (0.9, 0.999)
+            && optimizer.eps == kind.eps()
+            && optimizer.weight_decay == kind.weight_decay(),
+        "{} with other hyper-parameters than the reference gives it",
+        optimizer.kind
     );
+    let training = Training {
+        learning_rate: optimizer.lr,
+        optimizer: kind,
+        ema: None,
+    };
     let meta = case
         .cutouts
         .as_ref()
@@ -752,11 +765,11 @@ fn run_step(case: &Case, c: &mut Checker) -> anyhow::Result<()> {
 
     // The trajectory: the engine's step, `steps` times.
     let steps = case.steps.context("a step case needs `steps`")?;
-    let mut latent = Latent::new(
+    let mut latent = Latent::trained(
         &c.input_on_device(&optimizer.z_init)?,
         vqgan.z_min(),
         vqgan.z_max(),
-        optimizer.lr,
+        training,
     )?;
     let mut losses = Vec::new();
     for k in 1..=steps {
@@ -767,13 +780,17 @@ fn run_step(case: &Case, c: &mut Checker) -> anyhow::Result<()> {
     c.check_trajectory("losses", &Tensor::new(losses, &device)?)?;
 
     // The same trajectory for each latent of a batch of copies (as a grid or several jobs run).
+    // Each latent steps its own optimiser whatever its kind, so Adam's cases show it for all.
+    if kind != Optimizer::Adam {
+        return Ok(());
+    }
     let mut copies = (0..BATCH_COPIES)
         .map(|_| {
-            Latent::new(
+            Latent::trained(
                 &c.input_on_device(&optimizer.z_init)?,
                 vqgan.z_min(),
                 vqgan.z_max(),
-                optimizer.lr,
+                training,
             )
             .map_err(anyhow::Error::from)
         })

@@ -253,7 +253,7 @@ pub(super) fn imagine_blocking(
         (Some(_), None) => {}
     }
 
-    let parts = if args.init_image.is_some() {
+    let parts = if args.init_image.is_some() || resolved.spec.needs_encoder() {
         VqganParts::Full
     } else {
         VqganParts::DecodeOnly

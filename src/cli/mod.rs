@@ -10,6 +10,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{ConfigError, Environment, Settings};
+use crate::engine::optimize::{InitNoise, Optimizer};
+use crate::engine::prompt::MethodFlags;
 use crate::request::ImagineOptions;
 use crate::store;
 use crate::telemetry::LogFormat;
@@ -406,6 +408,34 @@ pub(crate) struct RequestFlags {
     /// GPU, 1 on the CPU].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4))]
     pub grid: Option<u32>,
+    /// Learning rate [default: 0.1, the reference's].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Optimiser: adam (the reference's default), adamw (weight decay 0.01) or diffgrad.
+    #[arg(long, value_parser = parse_optimizer)]
+    pub optimizer: Option<Optimizer>,
+    /// Picture a moving average of the latent with this decay, e.g. 0.99 (pytti's ema_val).
+    #[arg(long, value_name = "DECAY")]
+    pub ema: Option<f64>,
+    /// Start from a noise image instead of random tokens: pixels or gradient (the reference's
+    /// -in).
+    #[arg(long, value_parser = parse_init_noise)]
+    pub init_noise: Option<InitNoise>,
+    /// Pull the latent towards its start (an init image's, a parent's), with this weight at the
+    /// first step fading to nothing at the last (the VQGAN-CLIP paper's).
+    #[arg(long, value_name = "WEIGHT")]
+    pub init_weight: Option<f64>,
+    /// Steps per scene of a story (`a forest ^ a city`) [default: an equal share each].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub change_every: Option<u32>,
+}
+
+fn parse_optimizer(text: &str) -> Result<Optimizer, String> {
+    Optimizer::parse(text).ok_or_else(|| "expected adam, adamw or diffgrad".to_owned())
+}
+
+fn parse_init_noise(text: &str) -> Result<InitNoise, String> {
+    InitNoise::parse(text).ok_or_else(|| "expected tokens, pixels or gradient".to_owned())
 }
 
 impl RequestFlags {
@@ -421,6 +451,14 @@ impl RequestFlags {
             clip: self.clip.clone(),
             crops: self.crops,
             grid: self.grid,
+            method: MethodFlags {
+                learning_rate: self.lr,
+                optimizer: self.optimizer,
+                ema: self.ema,
+                init_noise: self.init_noise,
+                init_weight: self.init_weight,
+                change_every: self.change_every,
+            },
         }
     }
 }

@@ -8,22 +8,22 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Result as CandleResult, Tensor};
-use image::RgbImage;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha20Rng;
-use rand_distr::{Distribution, StandardNormal};
-use serde::{Deserialize, Serialize};
-
-use super::augment::Augmentations;
 use super::cutouts::{CutoutMethod, Cutouts, StepCutouts};
 use super::image::{self as img, ImageError};
 use super::loss::PromptTarget;
 use super::nets::clip::{Clip, normalize};
 use super::nets::tokenizer::ClipTokenizer;
 use super::nets::vqgan::Vqgan;
-use super::optimize::{InitWeight, Latent, LatentState, Member, Nets, StepReport, step_batch};
+pub use super::optimize::InitNoise;
+use super::optimize::{Latent, LatentState, Member, Nets, StepReport, step_batch};
 use super::prompt::{WeightedPrompt, check_weight};
+pub(crate) use super::spec::round_size;
+pub use super::spec::{CutoutSetting, GenerationSpec, limits};
+use candle_core::{Device, Result as CandleResult, Tensor};
+use image::RgbImage;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use rand_distr::{Distribution, StandardNormal};
 
 /// Why a generation stopped without an image.
 #[derive(Debug, thiserror::Error)]
@@ -43,195 +43,6 @@ pub enum GenerateError {
     /// The computation failed (out of memory, a device error, …).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-}
-
-/// A cutout method, as stored with a job.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "method", rename_all = "snake_case")]
-pub enum CutoutSetting {
-    /// Whole-image pooling with the reference's augmentations (the default).
-    Pooled,
-    /// Crowson's random crops.
-    Crops {
-        /// Size skew.
-        cut_pow: f64,
-    },
-}
-
-impl CutoutSetting {
-    fn method(self) -> CutoutMethod {
-        match self {
-            Self::Pooled => CutoutMethod::Pooled(Augmentations::default()),
-            Self::Crops { cut_pow } => CutoutMethod::Crops { cut_pow },
-        }
-    }
-}
-
-/// Everything that decides the image, stored with each job so it can be reproduced.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GenerationSpec {
-    /// Text prompts with weights and stops.
-    pub prompts: Vec<WeightedPrompt>,
-    /// Width in pixels, a multiple of the VQGAN's factor.
-    pub width: u32,
-    /// Height in pixels, a multiple of the VQGAN's factor.
-    pub height: u32,
-    /// Optimiser steps.
-    pub steps: u32,
-    /// Cutouts per step.
-    pub cutn: u32,
-    /// How cutouts are made.
-    pub cutouts: CutoutSetting,
-    /// Seed of the job's RNG.
-    pub seed: u64,
-    /// Adam's learning rate.
-    pub learning_rate: f64,
-    /// A preview every this many steps (0: none).
-    pub preview_every: u32,
-    /// A time-lapse frame every this many steps (0: none).
-    pub frame_every: u32,
-    /// Cutouts per CLIP pass (memory bound; does not change the result).
-    pub chunk: u32,
-    /// Pull of the latent towards its start or zero.
-    #[serde(default)]
-    pub init_weight: InitWeight,
-    /// Noise prompts, by weight: each aims at a random embedding drawn from the job's RNG
-    /// (the reference's `--noise_prompt_weights`).
-    #[serde(default)]
-    pub noise_prompts: Vec<f64>,
-}
-
-impl GenerationSpec {
-    /// A spec with the reference's defaults for everything but the prompts and size.
-    pub fn new(prompts: Vec<WeightedPrompt>, width: u32, height: u32, seed: u64) -> Self {
-        Self {
-            prompts,
-            width,
-            height,
-            steps: 500,
-            cutn: 32,
-            cutouts: CutoutSetting::Pooled,
-            seed,
-            learning_rate: 0.1,
-            preview_every: 50,
-            frame_every: 0,
-            chunk: 8,
-            init_weight: InitWeight::Off,
-            noise_prompts: Vec::new(),
-        }
-    }
-}
-
-/// Hard limits of the engine, whatever the configuration says: a stored spec may come from
-/// another host, an older version or a hand-edited row, and must not be able to ask for
-/// unbounded work or memory.
-pub mod limits {
-    /// Longest side of a generated image.
-    pub const MAX_SIDE: u32 = 8192;
-    /// Most pixels of a generated image.
-    pub const MAX_PIXELS: u64 = 16 * 1024 * 1024;
-    /// Most optimiser steps.
-    pub(crate) const MAX_STEPS: u32 = 100_000;
-    /// Most cutouts per step (and per CLIP pass).
-    pub(crate) const MAX_CUTN: u32 = 1024;
-    /// Most noise prompts.
-    pub(crate) const MAX_NOISE_PROMPTS: usize = 16;
-    /// Most image prompts.
-    pub(crate) const MAX_IMAGE_PROMPTS: usize = 16;
-    /// Most time-lapse frames kept in memory.
-    pub(crate) const MAX_FRAMES: u32 = 2000;
-    /// Largest learning rate.
-    pub(crate) const MAX_LEARNING_RATE: f64 = 100.0;
-    /// Largest init weight.
-    pub(crate) const MAX_INIT_WEIGHT: f64 = 1.0e4;
-}
-
-impl GenerationSpec {
-    /// Checks every size and number against the engine's [`limits`] and the prompt language's
-    /// (prompt count, visible text, weights and stops); the message names the field and its
-    /// limit.
-    pub fn check(&self) -> std::result::Result<(), String> {
-        use super::prompt::{MAX_PROMPT_BYTES, MAX_PROMPTS, has_visible_text};
-        use limits::*;
-        let (w, h) = (self.width, self.height);
-        if w == 0 || h == 0 || w.max(h) > MAX_SIDE || u64::from(w) * u64::from(h) > MAX_PIXELS {
-            return Err(format!(
-                "the size {w}x{h} is outside the engine's limits ({MAX_SIDE} a side, \
-                 {MAX_PIXELS} pixels)"
-            ));
-        }
-        if !(1..=MAX_STEPS).contains(&self.steps) {
-            return Err(format!(
-                "steps must be from 1 to {MAX_STEPS}, not {}",
-                self.steps
-            ));
-        }
-        if !(1..=MAX_CUTN).contains(&self.cutn) || !(1..=MAX_CUTN).contains(&self.chunk) {
-            return Err(format!(
-                "cutouts and the chunk must be from 1 to {MAX_CUTN}, not {} and {}",
-                self.cutn, self.chunk
-            ));
-        }
-        if self.prompts.len() > MAX_PROMPTS {
-            return Err(format!(
-                "{} prompts; the limit is {MAX_PROMPTS}",
-                self.prompts.len()
-            ));
-        }
-        if self.noise_prompts.len() > MAX_NOISE_PROMPTS {
-            return Err(format!(
-                "{} noise prompts; the limit is {MAX_NOISE_PROMPTS}",
-                self.noise_prompts.len()
-            ));
-        }
-        for p in &self.prompts {
-            if p.text.len() > MAX_PROMPT_BYTES || !has_visible_text(&p.text) {
-                return Err(format!(
-                    "a prompt must have a visible character and at most {MAX_PROMPT_BYTES} bytes"
-                ));
-            }
-            check_weight(p.weight, p.stop)?;
-        }
-        for &weight in &self.noise_prompts {
-            check_weight(weight, None)?;
-        }
-        let lr = self.learning_rate;
-        if !(lr.is_finite() && lr > 0.0 && lr <= MAX_LEARNING_RATE) {
-            return Err(format!(
-                "the learning rate must be above 0 and at most {MAX_LEARNING_RATE}, not {lr}"
-            ));
-        }
-        if let InitWeight::ToInit { weight } | InitWeight::ToZeroDecaying { weight } =
-            self.init_weight
-            && !(weight.is_finite() && (0.0..=MAX_INIT_WEIGHT).contains(&weight))
-        {
-            return Err(format!(
-                "the init weight must be from 0 to {MAX_INIT_WEIGHT}, not {weight}"
-            ));
-        }
-        if self.frame_every > 0 && self.steps / self.frame_every > MAX_FRAMES {
-            return Err(format!(
-                "a frame every {} of {} steps is more than {MAX_FRAMES} time-lapse frames",
-                self.frame_every, self.steps
-            ));
-        }
-        if let CutoutSetting::Crops { cut_pow } = self.cutouts
-            && !(cut_pow.is_finite() && cut_pow > 0.0 && cut_pow <= 100.0)
-        {
-            return Err(format!(
-                "cut_pow must be above 0 and at most 100, not {cut_pow}"
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Rounds a requested size down to the VQGAN's multiple `factor` (at least one cell); returns
-/// the size and whether it changed, so the user can be told.
-pub(crate) fn round_size(width: u32, height: u32, factor: u32) -> ((u32, u32), bool) {
-    let round = |v: u32| (v / factor).max(1) * factor;
-    let rounded = (round(width), round(height));
-    (rounded, rounded != (width, height))
 }
 
 /// The models a generation runs on, on one device.
@@ -332,7 +143,7 @@ impl Checkpoint {
             (pos >> 64) as u64 as i64,
             pos as u64 as i64,
         ];
-        let tensors = std::collections::HashMap::from([
+        let mut tensors = std::collections::HashMap::from([
             ("z".to_owned(), self.latent.z.to_device(&cpu)?),
             ("m".to_owned(), self.latent.m.to_device(&cpu)?),
             ("v".to_owned(), self.latent.v.to_device(&cpu)?),
@@ -342,6 +153,14 @@ impl Checkpoint {
                 Tensor::new(&[self.last_loss], &cpu)?,
             ),
         ]);
+        for (name, extra) in [
+            ("prev_grad", &self.latent.prev_grad),
+            ("average", &self.latent.average),
+        ] {
+            if let Some(t) = extra {
+                tensors.insert(name.to_owned(), t.to_device(&cpu)?);
+            }
+        }
         let partial = path.with_extension("part");
         candle_core::safetensors::save(&tensors, &partial)?;
         std::fs::rename(&partial, path).map_err(candle_core::Error::wrap)
@@ -356,6 +175,7 @@ impl Checkpoint {
                 .ok_or_else(|| candle_core::Error::Msg(format!("the checkpoint lacks {name}")))
         };
         let (z, m, v) = (take("z")?, take("m")?, take("v")?);
+        let (prev_grad, average) = (take("prev_grad").ok(), take("average").ok());
         let counters = take("counters")?.to_vec1::<i64>()?;
         let last_loss = take("last_loss")?.to_vec1::<f64>()?;
         let ([iteration, steps, high, low], [last_loss]) =
@@ -370,6 +190,8 @@ impl Checkpoint {
                 m,
                 v,
                 steps: usize::try_from(*steps).map_err(candle_core::Error::wrap)?,
+                prev_grad,
+                average,
             },
             rng_word_pos: (u128::from(*high as u64) << 64) | u128::from(*low as u64),
             last_loss: *last_loss,
@@ -403,7 +225,14 @@ pub struct Generator<'m> {
     models: &'m Models,
     spec: GenerationSpec,
     method: CutoutMethod,
+    /// The prompts guiding this step: the story's current scene, then `shared`.
     targets: Vec<PromptTarget>,
+    /// The story's scenes (empty without one).
+    scenes: Vec<Vec<PromptTarget>>,
+    /// The scene `targets` holds.
+    scene: usize,
+    /// Prompts that guide every step: text (or, in a story, `--no`), image and noise prompts.
+    shared: Vec<PromptTarget>,
     latent: Latent,
     rng: ChaCha20Rng,
     iteration: u32,
@@ -441,6 +270,7 @@ impl<'m> Generator<'m> {
             )));
         }
         if spec.prompts.is_empty()
+            && spec.story.is_empty()
             && inputs.image_prompts.is_empty()
             && spec.noise_prompts.is_empty()
         {
@@ -454,6 +284,7 @@ impl<'m> Generator<'m> {
         let weights = spec
             .prompts
             .iter()
+            .chain(spec.story.iter().flatten())
             .map(|p| p.weight)
             .chain(inputs.image_prompts.iter().map(|p| p.1))
             .chain(spec.noise_prompts.iter().copied());
@@ -488,7 +319,7 @@ impl<'m> Generator<'m> {
                 let pixels = img::rgb_to_tensor(&resized, &device)?;
                 models.vqgan.encode(&pixels)?.quantized.z_q
             }
-            (None, None) => {
+            (None, None) if spec.init_noise == InitNoise::Tokens => {
                 let n_embed = models.vqgan.config().n_embed as u32;
                 let indices: Vec<u32> = (0..toks_x * toks_y)
                     .map(|_| rng.random_range(0..n_embed))
@@ -496,17 +327,32 @@ impl<'m> Generator<'m> {
                 let indices = Tensor::from_vec(indices, (1, toks_y, toks_x), &device)?;
                 models.vqgan.quantizer().rows(&indices)?
             }
+            (None, None) => {
+                let image = noise_image(spec.init_noise, spec.width, spec.height, &mut rng);
+                let pixels = img::rgb_to_tensor(&image, &device)?;
+                models.vqgan.encode(&pixels)?.quantized.z_q
+            }
         };
 
-        // 2. Targets: text prompts, then image prompts.
-        let mut targets = Vec::new();
-        for p in &spec.prompts {
-            targets.push(PromptTarget {
-                embed: models.embed_text(&p.text)?,
-                weight: p.weight,
-                stop: p.stop,
-            });
-        }
+        // 2. Targets: text prompts (each scene's, then the shared ones), then image prompts.
+        let text_targets = |prompts: &[WeightedPrompt]| -> CandleResult<Vec<PromptTarget>> {
+            prompts
+                .iter()
+                .map(|p| {
+                    Ok(PromptTarget {
+                        embed: models.embed_text(&p.text)?,
+                        weight: p.weight,
+                        stop: p.stop,
+                    })
+                })
+                .collect()
+        };
+        let scenes = spec
+            .story
+            .iter()
+            .map(|scene| text_targets(scene))
+            .collect::<CandleResult<Vec<_>>>()?;
+        let mut targets = text_targets(&spec.prompts)?;
         let method = spec.cutouts.method();
         let side = models.clip.vision.config().image_size;
         for (image, weight, stop) in &inputs.image_prompts {
@@ -530,17 +376,22 @@ impl<'m> Generator<'m> {
             });
         }
 
-        let latent = Latent::new(
+        let latent = Latent::trained(
             &z_init,
             models.vqgan.z_min(),
             models.vqgan.z_max(),
-            spec.learning_rate,
+            spec.training(),
         )?;
+        let mut active = scenes.first().cloned().unwrap_or_default();
+        active.extend(targets.iter().cloned());
         Ok(Self {
             models,
             spec,
             method,
-            targets,
+            targets: active,
+            scenes,
+            scene: 0,
+            shared: targets,
             latent,
             iteration: 0,
             first_iteration: 0,
@@ -571,12 +422,20 @@ impl<'m> Generator<'m> {
             .ok_or_else(|| GenerateError::InvalidSpec("a batch of one made no progress".into()))
     }
 
-    /// Draws this iteration's cutouts from the run's own random stream.
+    /// Readies this iteration: the story's scene, and the cutouts, drawn from the run's own
+    /// random stream.
     fn draw_cutouts(&mut self) -> Result<StepCutouts, GenerateError> {
         if self.is_done() {
             return Err(GenerateError::InvalidSpec(
                 "every step has already run".into(),
             ));
+        }
+        let scene = self.spec.scene_at(self.iteration);
+        if scene != self.scene
+            && let Some(prompts) = self.scenes.get(scene)
+        {
+            self.targets = prompts.iter().chain(&self.shared).cloned().collect();
+            self.scene = scene;
         }
         let (w, h) = (self.spec.width as usize, self.spec.height as usize);
         let side = self.models.clip.vision.config().image_size;
@@ -683,7 +542,7 @@ impl<'m> Generator<'m> {
         Ok(Output {
             png: img::encode_png(&image)?,
             image,
-            latent: self.latent.z().detach(),
+            latent: self.latent.pictured()?,
             frames: self.frames,
             final_loss: self.last_loss,
         })
@@ -747,7 +606,7 @@ pub fn step_together(runs: &mut [&mut Generator<'_>]) -> Result<Vec<Progress>, G
                 Member {
                     latent: &mut run.latent,
                     prompts: &run.targets,
-                    init_weight: run.spec.init_weight,
+                    init_weight: run.spec.init_weight.at(run.iteration, run.spec.steps),
                     cutouts,
                 }
             })
@@ -780,6 +639,42 @@ pub fn vary_latent(latent: &Tensor, seed: u64, strength: f64) -> CandleResult<Te
         .to_dtype(latent.dtype())?
         .to_device(latent.device())?;
     latent.detach() + noise
+}
+
+/// The reference's noise images, `width`×`height`, from the job's RNG: uniformly random pixels,
+/// or a gradient with red from 0 to a random end left to right, green from 0 and blue between
+/// two random ends top to bottom.
+pub(crate) fn noise_image(
+    kind: InitNoise,
+    width: u32,
+    height: u32,
+    rng: &mut ChaCha20Rng,
+) -> RgbImage {
+    match kind {
+        InitNoise::Tokens | InitNoise::Pixels => {
+            RgbImage::from_fn(width, height, |_, _| image::Rgb(rng.random::<[u8; 3]>()))
+        }
+        InitNoise::Gradient => {
+            let red = (0.0, f64::from(rng.random_range(1u8..255)));
+            let green = (0.0, f64::from(rng.random_range(2u8..255)));
+            let blue = (
+                f64::from(rng.random_range(0u8..255)),
+                f64::from(rng.random_range(3u8..128)),
+            );
+            // numpy's linspace: `n` points from start to stop, both ends included.
+            let at = |(start, stop): (f64, f64), i: u32, n: u32| {
+                let t = if n > 1 {
+                    f64::from(i) / f64::from(n - 1)
+                } else {
+                    0.0
+                };
+                (start + (stop - start) * t) as u8
+            };
+            RgbImage::from_fn(width, height, |x, y| {
+                image::Rgb([at(red, x, width), at(green, y, height), at(blue, y, height)])
+            })
+        }
+    }
 }
 
 /// Token ids for a text tower whose vocabulary may be smaller than OpenAI's (the tiny test
@@ -838,6 +733,7 @@ mod tests {
         use crate::engine::nets::random::SeededWeights;
         use crate::engine::nets::tokenizer::ClipTokenizer;
         use crate::engine::nets::vqgan::{Vqgan, VqganConfig, VqganParts};
+        use crate::engine::optimize::InitWeight;
         use crate::engine::optimize::audited;
         use candle_core::DType;
         use std::sync::{Arc, Mutex};

@@ -7,7 +7,7 @@
 //!
 //! Four layers, each using only those below it:
 //! - the method, in this folder: [`generate`] (spec in, progress and previews out,
-//!   cancellable), [`grid`] (several images in one batch, and their composite), [`optimize`] (the latent, Adam, one step), [`loss`] (spherical-distance
+//!   cancellable), [`spec`] (what decides an image, and the limits), [`grid`] (several images in one batch, and their composite), [`optimize`] (the latent, Adam, one step), [`loss`] (spherical-distance
 //!   prompt losses with weights and stops), [`cutouts`] (crops resized to CLIP's input as matrix
 //!   products), [`augment`] (seeded, differentiable augmentations), [`prompt`] (the prompt
 //!   language), [`image`] (tensors ↔ images ↔ PNG/JPEG/GIF bytes);
@@ -30,6 +30,7 @@ pub mod nets;
 pub mod ops;
 pub mod optimize;
 pub mod prompt;
+pub mod spec;
 
 /// Runs `f` on this thread with the CPU kernels set aside (`cpu_kernels = false`), so that the
 /// CPU runs exactly the composed candle ops a CUDA or Metal device runs — as

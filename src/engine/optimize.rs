@@ -48,6 +48,36 @@ pub enum InitWeight {
         /// `w`.
         weight: f64,
     },
+    /// The VQGAN-CLIP paper's pull towards the start that fades over the run:
+    /// `MSE(z, z_init)·w·(1 − i/n)/2` at step `i` of `n` ([`InitWeight::at`] applies the fade;
+    /// a latent given this variant directly pulls at full weight).
+    ToInitDecaying {
+        /// `w` at the first step.
+        weight: f64,
+    },
+}
+
+impl InitWeight {
+    /// The pull at step `step` of `steps`: [`InitWeight::ToInitDecaying`] becomes
+    /// [`InitWeight::ToInit`] at its faded weight; the others are unchanged.
+    pub fn at(self, step: u32, steps: u32) -> Self {
+        match self {
+            Self::ToInitDecaying { weight } => Self::ToInit {
+                weight: weight * (1.0 - f64::from(step) / f64::from(steps.max(1))).max(0.0),
+            },
+            other => other,
+        }
+    }
+
+    /// The weight `w`, when there is a pull.
+    pub fn weight(self) -> Option<f64> {
+        match self {
+            Self::Off => None,
+            Self::ToInit { weight }
+            | Self::ToZeroDecaying { weight }
+            | Self::ToInitDecaying { weight } => Some(weight),
+        }
+    }
 }
 
 /// What one step measured, before its update.
@@ -127,27 +157,157 @@ fn audit(graph: &Tensor, grads: &candle_core::backprop::GradStore) {
     });
 }
 
-/// Adam as torch implements it (no weight decay), with its moments open so a run can be
-/// checkpointed and resumed exactly.
-struct Adam {
+/// Which optimiser trains the latent: the reference's Adam, or two of the others its
+/// `--optimiser` offers, each with the hyper-parameters the reference gives it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Optimizer {
+    /// `torch.optim.Adam`: β (0.9, 0.999), eps 1e-8, no weight decay (the default).
+    #[default]
+    #[serde(rename = "adam")]
+    Adam,
+    /// `torch.optim.AdamW` with torch's defaults: Adam plus a decoupled weight decay of 0.01
+    /// (`z ← z·(1 − lr·0.01)` before each update), a slow pull of the latent towards zero.
+    #[serde(rename = "adamw")]
+    AdamW,
+    /// `torch_optimizer.DiffGrad` as the reference builds it (eps 1e-9, L2 weight decay 1e-9):
+    /// Adam whose momentum is damped by `sigmoid(|g − g_prev|)`, so a component whose gradient
+    /// stops changing moves at half speed.
+    #[serde(rename = "diffgrad")]
+    DiffGrad,
+}
+
+impl Optimizer {
+    /// Every optimiser, by the name users type.
+    pub const ALL: [(&'static str, Self); 3] = [
+        ("adam", Self::Adam),
+        ("adamw", Self::AdamW),
+        ("diffgrad", Self::DiffGrad),
+    ];
+
+    /// The optimiser named `name` (any case), if there is one.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name.trim()))
+            .map(|&(_, o)| o)
+    }
+
+    /// The name users type.
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, o)| *o == self)
+            .map_or("adam", |(n, _)| n)
+    }
+
+    /// `eps` added to the root of the second moment.
+    pub fn eps(self) -> f64 {
+        match self {
+            Self::Adam | Self::AdamW => 1e-8,
+            Self::DiffGrad => 1e-9,
+        }
+    }
+
+    /// The weight decay: decoupled for AdamW, added to the gradient for DiffGrad.
+    pub fn weight_decay(self) -> f64 {
+        match self {
+            Self::Adam => 0.0,
+            Self::AdamW => 0.01,
+            Self::DiffGrad => 1e-9,
+        }
+    }
+}
+
+/// What the latent starts from when the run is given no image or latent (the reference's
+/// `--init_noise`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitNoise {
+    /// A uniformly random codebook entry at every position (the default).
+    #[default]
+    Tokens,
+    /// An image of uniformly random pixels from the job's RNG, encoded by the VQGAN.
+    Pixels,
+    /// The reference's random gradient image (red left to right, green and blue top to
+    /// bottom, random ends), encoded by the VQGAN.
+    Gradient,
+}
+
+impl InitNoise {
+    /// Every start, by the name users type.
+    pub const ALL: [(&'static str, Self); 3] = [
+        ("tokens", Self::Tokens),
+        ("pixels", Self::Pixels),
+        ("gradient", Self::Gradient),
+    ];
+
+    /// The start named `name` (any case), if there is one.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name.trim()))
+            .map(|&(_, o)| o)
+    }
+
+    /// The name users type.
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, o)| *o == self)
+            .map_or("tokens", |(n, _)| n)
+    }
+}
+
+/// How a latent is trained, beyond its start.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Training {
+    /// The learning rate.
+    pub learning_rate: f64,
+    /// The optimiser.
+    pub optimizer: Optimizer,
+    /// Keep an exponential moving average of the latent with this decay (pytti's `ema_val`),
+    /// bias-corrected as Adam's moments are, and picture it instead of the latent itself.
+    pub ema: Option<f64>,
+}
+
+impl Training {
+    /// The reference's: Adam at learning rate `lr`, no average.
+    pub fn adam(learning_rate: f64) -> Self {
+        Self {
+            learning_rate,
+            optimizer: Optimizer::Adam,
+            ema: None,
+        }
+    }
+}
+
+/// The optimiser's state, open so a run can be checkpointed and resumed exactly. Each update
+/// follows its torch implementation's formula.
+struct Moments {
+    kind: Optimizer,
     lr: f64,
     beta1: f64,
     beta2: f64,
-    eps: f64,
     m: Tensor,
     v: Tensor,
+    /// DiffGrad's previous gradient (zeros before the first step, as in torch_optimizer).
+    prev: Option<Tensor>,
     t: usize,
 }
 
-impl Adam {
-    fn new(like: &Tensor, lr: f64) -> Result<Self> {
+impl Moments {
+    fn new(like: &Tensor, lr: f64, kind: Optimizer) -> Result<Self> {
         Ok(Self {
+            kind,
             lr,
             beta1: 0.9,
             beta2: 0.999,
-            eps: 1e-8,
             m: like.zeros_like()?,
             v: like.zeros_like()?,
+            prev: match kind {
+                Optimizer::DiffGrad => Some(like.zeros_like()?),
+                _ => None,
+            },
             t: 0,
         })
     }
@@ -155,35 +315,81 @@ impl Adam {
     /// The next parameters after a step with gradient `g`.
     fn step(&mut self, theta: &Tensor, g: &Tensor) -> Result<Tensor> {
         self.t += 1;
-        let scale_m = 1.0 / (1.0 - self.beta1.powi(self.t as i32));
-        let scale_v = 1.0 / (1.0 - self.beta2.powi(self.t as i32));
-        self.m = ((&self.m * self.beta1)? + (g * (1.0 - self.beta1))?)?;
+        let (eps, decay) = (self.kind.eps(), self.kind.weight_decay());
+        let bias1 = 1.0 - self.beta1.powi(self.t as i32);
+        let bias2 = 1.0 - self.beta2.powi(self.t as i32);
+        let g = match self.kind {
+            Optimizer::DiffGrad => (g + (theta * decay)?)?,
+            _ => g.clone(),
+        };
+        self.m = ((&self.m * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
         self.v = ((&self.v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
-        let m_hat = (&self.m * scale_m)?;
-        let v_hat = (&self.v * scale_v)?;
-        let update = (m_hat / (v_hat.sqrt()? + self.eps)?)?;
-        theta - (update * self.lr)?
+        match self.kind {
+            Optimizer::Adam | Optimizer::AdamW => {
+                let theta = match self.kind {
+                    Optimizer::AdamW => (theta * (1.0 - self.lr * decay))?,
+                    _ => theta.clone(),
+                };
+                let m_hat = (&self.m * (1.0 / bias1))?;
+                let v_hat = (&self.v * (1.0 / bias2))?;
+                let update = (m_hat / (v_hat.sqrt()? + eps)?)?;
+                theta - (update * self.lr)?
+            }
+            Optimizer::DiffGrad => {
+                let prev = self.prev.replace(g.clone());
+                let prev = match prev {
+                    Some(p) => p,
+                    None => g.zeros_like()?,
+                };
+                // dfc = 1 / (1 + e^−|g_prev − g|), in [0.5, 1).
+                let friction = ((prev - &g)?.abs()?.neg()?.exp()? + 1.0)?.recip()?;
+                let denom = (self.v.sqrt()? + eps)?;
+                let step = self.lr * bias2.sqrt() / bias1;
+                theta - (((&self.m * friction)? / denom)? * step)?
+            }
+        }
     }
 }
 
-/// Everything that decides how a latent continues: itself and Adam's state.
+/// An exponential moving average of the latent, bias-corrected: `biased ← d·biased + (1−d)·z`,
+/// pictured as `biased / (1 − dᵗ)`.
+struct Average {
+    decay: f64,
+    biased: Tensor,
+}
+
+impl Average {
+    fn value(&self, steps: usize) -> Result<Tensor> {
+        if steps == 0 {
+            return Ok(self.biased.clone());
+        }
+        &self.biased * (1.0 / (1.0 - self.decay.powi(steps as i32)))
+    }
+}
+
+/// Everything that decides how a latent continues: itself and the optimiser's state.
 #[derive(Debug, Clone)]
 pub struct LatentState {
     /// The latent.
     pub z: Tensor,
-    /// Adam's first moment.
+    /// The first moment.
     pub m: Tensor,
-    /// Adam's second moment.
+    /// The second moment.
     pub v: Tensor,
     /// Steps taken.
     pub steps: usize,
+    /// DiffGrad's previous gradient.
+    pub prev_grad: Option<Tensor>,
+    /// The moving average's biased sum.
+    pub average: Option<Tensor>,
 }
 
 /// The trained latent with its optimiser state.
 pub struct Latent {
     z: Var,
     z_init: Tensor,
-    adam: Adam,
+    optimizer: Moments,
+    average: Option<Average>,
     z_min: Tensor,
     z_max: Tensor,
     steps_done: usize,
@@ -194,12 +400,30 @@ impl Latent {
     /// defaults otherwise, no weight decay); after each step `z` is clamped to the codebook's
     /// per-channel range `z_min..z_max` (`[1, embed_dim, 1, 1]`).
     pub fn new(z_init: &Tensor, z_min: &Tensor, z_max: &Tensor, lr: f64) -> Result<Self> {
+        Self::trained(z_init, z_min, z_max, Training::adam(lr))
+    }
+
+    /// [`Latent::new`] with another optimiser, or a moving average (see [`Training`]).
+    pub fn trained(
+        z_init: &Tensor,
+        z_min: &Tensor,
+        z_max: &Tensor,
+        training: Training,
+    ) -> Result<Self> {
         let z = Var::from_tensor(z_init)?;
-        let adam = Adam::new(z_init, lr)?;
+        let optimizer = Moments::new(z_init, training.learning_rate, training.optimizer)?;
+        let average = match training.ema {
+            Some(decay) => Some(Average {
+                decay,
+                biased: z_init.zeros_like()?,
+            }),
+            None => None,
+        };
         Ok(Self {
             z,
             z_init: z_init.detach(),
-            adam,
+            optimizer,
+            average,
             z_min: z_min.clone(),
             z_max: z_max.clone(),
             steps_done: 0,
@@ -211,13 +435,25 @@ impl Latent {
         self.z.as_tensor()
     }
 
+    /// The latent to picture and keep: the moving average when there is one (the start before
+    /// the first step), otherwise the latent itself.
+    pub fn pictured(&self) -> Result<Tensor> {
+        match &self.average {
+            Some(_) if self.steps_done == 0 => Ok(self.z_init.clone()),
+            Some(average) => average.value(self.steps_done),
+            None => Ok(self.z.as_tensor().detach()),
+        }
+    }
+
     /// The latent and optimiser state, detached, for a checkpoint.
     pub fn state(&self) -> LatentState {
         LatentState {
             z: self.z.as_tensor().detach(),
-            m: self.adam.m.detach(),
-            v: self.adam.v.detach(),
+            m: self.optimizer.m.detach(),
+            v: self.optimizer.v.detach(),
             steps: self.steps_done,
+            prev_grad: self.optimizer.prev.as_ref().map(Tensor::detach),
+            average: self.average.as_ref().map(|a| a.biased.detach()),
         }
     }
 
@@ -234,10 +470,30 @@ impl Latent {
             }
         }
         let device = self.z.as_tensor().device().clone();
+        // A checkpoint of another optimiser or without the average cannot continue this run.
+        let restored = |name: &str, mine: bool, saved: &Option<Tensor>| -> Result<Option<Tensor>> {
+            match (mine, saved) {
+                (false, _) => Ok(None),
+                (true, Some(t)) if t.shape() == &shape => Ok(Some(t.to_device(&device)?)),
+                (true, _) => candle_core::bail!("the checkpoint lacks this run's {name}"),
+            }
+        };
+        let prev = restored(
+            "previous gradient",
+            self.optimizer.prev.is_some(),
+            &state.prev_grad,
+        )?;
+        let average = restored("moving average", self.average.is_some(), &state.average)?;
         self.z.set(&state.z.to_device(&device)?)?;
-        self.adam.m = state.m.to_device(&device)?;
-        self.adam.v = state.v.to_device(&device)?;
-        self.adam.t = state.steps;
+        self.optimizer.m = state.m.to_device(&device)?;
+        self.optimizer.v = state.v.to_device(&device)?;
+        if let Some(prev) = prev {
+            self.optimizer.prev = Some(prev);
+        }
+        if let (Some(average), Some(biased)) = (self.average.as_mut(), average) {
+            average.biased = biased;
+        }
+        self.optimizer.t = state.steps;
         self.steps_done = state.steps;
         Ok(())
     }
@@ -245,19 +501,23 @@ impl Latent {
     /// Back to the start: the initial latent, Adam's state cleared.
     pub(crate) fn restart(&mut self) -> Result<()> {
         self.z.set(&self.z_init)?;
-        self.adam.m = self.adam.m.zeros_like()?;
-        self.adam.v = self.adam.v.zeros_like()?;
-        self.adam.t = 0;
+        self.optimizer.m = self.optimizer.m.zeros_like()?;
+        self.optimizer.v = self.optimizer.v.zeros_like()?;
+        if let Some(prev) = self.optimizer.prev.as_mut() {
+            *prev = prev.zeros_like()?;
+        }
+        if let Some(average) = self.average.as_mut() {
+            average.biased = average.biased.zeros_like()?;
+        }
+        self.optimizer.t = 0;
         self.steps_done = 0;
         Ok(())
     }
 
-    /// Decodes the current latent to an image in [0, 1] without building a graph.
+    /// Decodes the pictured latent ([`Latent::pictured`]) to an image in [0, 1] without
+    /// building a graph.
     pub fn image(&self, vqgan: &Vqgan) -> Result<Tensor> {
-        let z_q = vqgan
-            .quantizer()
-            .quantize(&self.z.as_tensor().detach())?
-            .z_q;
+        let z_q = vqgan.quantizer().quantize(&self.pictured()?)?.z_q;
         ((vqgan.decode(&z_q)? + 1.0)? / 2.0)?.clamp(0.0, 1.0)
     }
 
@@ -266,7 +526,9 @@ impl Latent {
         let z = self.z.as_tensor();
         let (target, weight) = match init {
             InitWeight::Off => return Ok(None),
-            InitWeight::ToInit { weight } => (self.z_init.clone(), weight / 2.0),
+            InitWeight::ToInit { weight } | InitWeight::ToInitDecaying { weight } => {
+                (self.z_init.clone(), weight / 2.0)
+            }
             InitWeight::ToZeroDecaying { weight } => (
                 z.zeros_like()?,
                 weight / (2.0 * self.steps_done as f64 + 1.0) / 2.0,
@@ -390,10 +652,16 @@ pub fn step_batch(nets: &Nets, members: &mut [Member]) -> Result<Vec<StepReport>
     drop(grads);
     for (member, grad_z) in members.iter_mut().zip(stepped) {
         let latent = &mut *member.latent;
-        let next = latent.adam.step(&latent.z.as_tensor().detach(), &grad_z)?;
+        let next = latent
+            .optimizer
+            .step(&latent.z.as_tensor().detach(), &grad_z)?;
         let clamped = next
             .broadcast_maximum(&latent.z_min)?
             .broadcast_minimum(&latent.z_max)?;
+        if let Some(average) = latent.average.as_mut() {
+            average.biased =
+                ((&average.biased * average.decay)? + (&clamped * (1.0 - average.decay))?)?;
+        }
         latent.z.set(&clamped)?;
         latent.steps_done += 1;
     }

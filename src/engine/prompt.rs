@@ -10,15 +10,21 @@
 //!   peeled, and not right after a digit, so "3:30 pm", "at 3:30" and `C:\` stay text (write
 //!   "at 3:30::0.5" to weight such a prompt).
 //! - `text::weight` segments (weight optional, default 1) are accepted as the same thing.
+//! - `^` separates the scenes of a story (`a forest ^ a city ^ the sea`): each scene is prompts
+//!   as above, and the run moves to the next every `--change-every N` steps.
 //! - Flags start with `--` after whitespace: `--seed N`, `--steps N`, `--ar W:H`,
 //!   `--size WxH`, `--no TEXT` (a negative prompt, weight −0.5), `--cutn N`, `--model NAME`,
-//!   `--grid N` (how many images, shown as one grid).
+//!   `--grid N` (how many images, shown as one grid), and the method's: `--lr X`,
+//!   `--optimizer adam|adamw|diffgrad`, `--ema D`, `--init-noise pixels|gradient`,
+//!   `--init-weight W`, `--change-every N`.
 //!
 //! Parsing only reads the text; ranges (steps, sizes) are checked against the configuration by
 //! whoever builds the job. Every error carries the byte range of the offending piece.
 
 use std::fmt;
 use std::ops::Range;
+
+use super::optimize::{InitNoise, Optimizer};
 
 /// Weight of the negative prompt made by `--no`.
 pub(crate) const NO_WEIGHT: f64 = -0.5;
@@ -34,8 +40,40 @@ pub struct WeightedPrompt {
     pub stop: Option<f64>,
 }
 
+/// How the latent is started and trained, as a request gives it (prompt flags or options):
+/// what it leaves unset keeps the reference's method.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MethodFlags {
+    /// `--lr X`: the learning rate.
+    pub learning_rate: Option<f64>,
+    /// `--optimizer NAME`.
+    pub optimizer: Option<Optimizer>,
+    /// `--ema D`: picture a moving average of the latent with decay `D`.
+    pub ema: Option<f64>,
+    /// `--init-noise NAME`: the start without an init image.
+    pub init_noise: Option<InitNoise>,
+    /// `--init-weight W`: a pull towards the start that fades over the run.
+    pub init_weight: Option<f64>,
+    /// `--change-every N`: steps per scene of a story.
+    pub change_every: Option<u32>,
+}
+
+impl MethodFlags {
+    /// `self`, with what it leaves unset taken from `fallback`.
+    pub fn or(&self, fallback: &Self) -> Self {
+        Self {
+            learning_rate: self.learning_rate.or(fallback.learning_rate),
+            optimizer: self.optimizer.or(fallback.optimizer),
+            ema: self.ema.or(fallback.ema),
+            init_noise: self.init_noise.or(fallback.init_noise),
+            init_weight: self.init_weight.or(fallback.init_weight),
+            change_every: self.change_every.or(fallback.change_every),
+        }
+    }
+}
+
 /// Settings given as flags inside the prompt.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct PromptFlags {
     /// `--seed N`.
     pub seed: Option<u64>,
@@ -51,13 +89,18 @@ pub struct PromptFlags {
     pub model: Option<String>,
     /// `--grid N`: how many images (the caller checks which counts it makes).
     pub grid: Option<u32>,
+    /// The method's flags.
+    pub method: MethodFlags,
 }
 
 /// A parsed prompt: what to aim for and the settings the user typed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParsedPrompt {
-    /// Prompts in order; `--no` prompts come last.
+    /// Prompts that guide every step, in order; `--no` prompts come last. In a story, only the
+    /// `--no` prompts.
     pub prompts: Vec<WeightedPrompt>,
+    /// The scenes of a story (`a ^ b`), each its prompts; empty when the text has no `^`.
+    pub story: Vec<Vec<WeightedPrompt>>,
     /// Flags.
     pub flags: PromptFlags,
 }
@@ -93,10 +136,29 @@ fn error(input: &str, span: Range<usize>, message: impl Into<String>) -> PromptE
     }
 }
 
-const FLAGS: &str = "--seed, --steps, --ar, --size, --no, --cutn, --model, --grid";
+const FLAGS: &str = "--seed, --steps, --ar, --size, --no, --cutn, --model, --grid, --lr, \
+                     --optimizer, --ema, --init-noise, --init-weight, --change-every";
 
 /// The flags' names without their dashes.
-const FLAG_NAMES: [&str; 8] = ["seed", "steps", "ar", "size", "no", "cutn", "model", "grid"];
+const FLAG_NAMES: [&str; 14] = [
+    "seed",
+    "steps",
+    "ar",
+    "size",
+    "no",
+    "cutn",
+    "model",
+    "grid",
+    "lr",
+    "optimizer",
+    "ema",
+    "init-noise",
+    "init-weight",
+    "change-every",
+];
+
+/// Most scenes in a story.
+pub const MAX_SCENES: usize = 16;
 
 /// Longest prompt accepted, in bytes (Discord allows 6,000 characters in an option; the text
 /// encoder reads 77 tokens of each piece).
@@ -145,26 +207,57 @@ pub fn parse(input: &str) -> Result<ParsedPrompt, PromptError> {
     for span in flag_spans {
         apply_flag(input, span, &mut flags, &mut negatives)?;
     }
-    let mut prompts = parse_prompts(input, 0..text_end)?;
-    if prompts.is_empty() {
-        return Err(error(
-            input,
-            0..input.len(),
-            "the prompt is empty: describe what to draw",
-        ));
+    let mut scenes = Vec::new();
+    let mut start = 0;
+    for piece in input[..text_end].split('^') {
+        let span = start..start + piece.len();
+        start = span.end + 1;
+        scenes.push((span.clone(), parse_prompts(input, span)?));
     }
-    prompts.extend(negatives);
-    if prompts.len() > MAX_PROMPTS {
+    if scenes.len() > MAX_SCENES {
         return Err(error(
             input,
             0..0,
             format!(
-                "the prompt has {} parts (separated by | or ::, and --no); the limit is {MAX_PROMPTS}",
-                prompts.len()
+                "the story has {} scenes (separated by ^); the limit is {MAX_SCENES}",
+                scenes.len()
             ),
         ));
     }
-    Ok(ParsedPrompt { prompts, flags })
+    if let Some((span, _)) = scenes.iter().find(|(_, prompts)| prompts.is_empty()) {
+        let message = if scenes.len() == 1 {
+            "the prompt is empty: describe what to draw"
+        } else {
+            "a scene of this story is empty: describe each one between the ^"
+        };
+        let span = if scenes.len() == 1 {
+            0..input.len()
+        } else {
+            span.clone()
+        };
+        return Err(error(input, span, message));
+    }
+    let told = scenes.iter().map(|(_, p)| p.len()).sum::<usize>() + negatives.len();
+    if told > MAX_PROMPTS {
+        return Err(error(
+            input,
+            0..0,
+            format!(
+                "the prompt has {told} parts (separated by | or ::, and --no); the limit is {MAX_PROMPTS}"
+            ),
+        ));
+    }
+    let (mut prompts, story) = if scenes.len() == 1 {
+        (scenes.pop().map(|(_, p)| p).unwrap_or_default(), Vec::new())
+    } else {
+        (Vec::new(), scenes.into_iter().map(|(_, p)| p).collect())
+    };
+    prompts.extend(negatives);
+    Ok(ParsedPrompt {
+        prompts,
+        story,
+        flags,
+    })
 }
 
 /// Whether `c` shows nothing: whitespace, control and format characters, and the blank
@@ -322,7 +415,64 @@ fn apply_flag(
             .map_err(|_| error(input, whole.clone(), format!("{flag} takes {what}")))
     };
     let duplicate = || error(input, whole.clone(), format!("{flag} is given twice"));
+    let decimal = |what: &str| -> Result<f64, PromptError> {
+        field_number(text)
+            .ok_or_else(|| error(input, whole.clone(), format!("{flag} takes {what}")))
+    };
+    let method = &mut flags.method;
     match flag.as_str() {
+        "--lr" | "--ema" | "--init-weight" => {
+            let value = decimal("a number like 0.1")?;
+            let slot = match flag.as_str() {
+                "--lr" => &mut method.learning_rate,
+                "--ema" => &mut method.ema,
+                _ => &mut method.init_weight,
+            };
+            if slot.replace(value).is_some() {
+                return Err(duplicate());
+            }
+        }
+        "--change-every" => {
+            let n = u32::try_from(number("a whole number of steps")?)
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| {
+                    error(
+                        input,
+                        whole.clone(),
+                        "--change-every takes a number of steps from 1",
+                    )
+                })?;
+            if method.change_every.replace(n).is_some() {
+                return Err(duplicate());
+            }
+        }
+        "--optimizer" => {
+            let names: Vec<&str> = Optimizer::ALL.iter().map(|(n, _)| *n).collect();
+            let chosen = Optimizer::parse(text).ok_or_else(|| {
+                error(
+                    input,
+                    whole.clone(),
+                    format!("--optimizer takes one of {}", names.join(", ")),
+                )
+            })?;
+            if method.optimizer.replace(chosen).is_some() {
+                return Err(duplicate());
+            }
+        }
+        "--init-noise" => {
+            let names: Vec<&str> = InitNoise::ALL.iter().map(|(n, _)| *n).collect();
+            let chosen = InitNoise::parse(text).ok_or_else(|| {
+                error(
+                    input,
+                    whole.clone(),
+                    format!("--init-noise takes one of {}", names.join(", ")),
+                )
+            })?;
+            if method.init_noise.replace(chosen).is_some() {
+                return Err(duplicate());
+            }
+        }
         "--seed" => {
             if flags.seed.is_some() {
                 return Err(duplicate());
@@ -542,6 +692,87 @@ mod tests {
     }
 
     #[test]
+    fn a_story_is_scenes_separated_by_carets() {
+        let parsed =
+            parse("a forest | moss:0.5 ^ a city ^ the sea --no people --change-every 100").unwrap();
+        let scenes: Vec<Vec<(String, f64, Option<f64>)>> = parsed
+            .story
+            .iter()
+            .map(|s| {
+                s.iter()
+                    .map(|p| (p.text.clone(), p.weight, p.stop))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            scenes,
+            [
+                vec![p("a forest", 1.0, None), p("moss", 0.5, None)],
+                vec![p("a city", 1.0, None)],
+                vec![p("the sea", 1.0, None)],
+            ]
+        );
+        // `--no` guides every scene.
+        assert_eq!(prompts_of(&parsed), [p("people", NO_WEIGHT, None)]);
+        assert_eq!(parsed.flags.method.change_every, Some(100));
+        // No caret, no story.
+        assert!(parse("a castle").unwrap().story.is_empty());
+        let empty = parse("a forest ^ ^ the sea").unwrap_err();
+        assert!(empty.message.contains("scene"), "{empty}");
+        let many = parse(&"x ^ ".repeat(MAX_SCENES + 1)).unwrap_err();
+        assert!(many.message.contains("scenes"), "{many}");
+        let zero = parse("a ^ b --change-every 0").unwrap_err();
+        assert!(zero.message.contains("from 1"), "{zero}");
+    }
+
+    #[test]
+    fn method_flags_are_read_and_checked() {
+        let m = parse(
+            "x --lr 0.05 --optimizer DiffGrad --ema 0.99 --init-noise gradient --init-weight 2",
+        )
+        .unwrap()
+        .flags
+        .method;
+        assert_eq!(
+            m,
+            MethodFlags {
+                learning_rate: Some(0.05),
+                optimizer: Some(Optimizer::DiffGrad),
+                ema: Some(0.99),
+                init_noise: Some(InitNoise::Gradient),
+                init_weight: Some(2.0),
+                change_every: None,
+            }
+        );
+        for (input, says) in [
+            ("x --optimizer sgd", "adam, adamw, diffgrad"),
+            ("x --init-noise perlin", "tokens, pixels, gradient"),
+            ("x --lr fast", "--lr takes a number"),
+            ("x --lr nan", "--lr takes a number"),
+            ("x --ema 0.9 --ema 0.8", "given twice"),
+        ] {
+            let e = parse(input).unwrap_err().to_string();
+            assert!(e.contains(says), "{input}: {e}");
+        }
+        // Options win over the prompt's flags, flag by flag.
+        let options = MethodFlags {
+            optimizer: Some(Optimizer::AdamW),
+            ..Default::default()
+        };
+        let merged = options.or(&m);
+        assert_eq!(merged.optimizer, Some(Optimizer::AdamW));
+        assert_eq!(merged.learning_rate, Some(0.05));
+    }
+
+    fn prompts_of(parsed: &ParsedPrompt) -> Vec<(String, f64, Option<f64>)> {
+        parsed
+            .prompts
+            .iter()
+            .map(|p| (p.text.clone(), p.weight, p.stop))
+            .collect()
+    }
+
+    #[test]
     fn pipes_weights_and_stops() {
         assert_eq!(
             prompts("a castle | fog:0.5 | crowds:-1:0.8"),
@@ -610,6 +841,7 @@ mod tests {
                 cutn: Some(16),
                 model: Some("wikiart".into()),
                 grid: Some(4),
+                method: MethodFlags::default(),
             }
         );
         let twice = parse("x --grid 4 --grid 1").unwrap_err();

@@ -302,7 +302,8 @@ fn failed(e: GenerateError) -> RunError {
 }
 
 impl EngineRunner {
-    /// The models a batch of jobs runs on (the full VQGAN when one starts from an image).
+    /// The models a batch of jobs runs on (the full VQGAN when one starts from an image or a
+    /// noise image).
     fn models_for(&mut self, jobs: &[Assignment]) -> Result<Models, RunError> {
         let Some(first) = jobs.first() else {
             return Err(RunError::Failed("an empty batch".into()));
@@ -310,7 +311,9 @@ impl EngineRunner {
         let unknown = |id: &str| RunError::Failed(format!("unknown model {id}"));
         let vqgan_info = models::find(&first.vqgan).ok_or_else(|| unknown(&first.vqgan))?;
         let clip_info = models::find(&first.clip).ok_or_else(|| unknown(&first.clip))?;
-        let full = jobs.iter().any(|j| j.params.inputs.init_image.is_some());
+        let full = jobs
+            .iter()
+            .any(|j| j.params.inputs.init_image.is_some() || j.params.spec.needs_encoder());
         let vqgan = self.vqgan(vqgan_info, full).map_err(RunError::Failed)?;
         let clip = self.clip(clip_info).map_err(RunError::Failed)?;
         Ok(Models {

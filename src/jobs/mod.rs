@@ -364,6 +364,11 @@ pub(crate) fn follow_up_job(
         }
     }
     let spec = &mut params.spec;
+    let parent_steps = spec.steps;
+    if what.image().is_some() {
+        // From a finished latent, a noise start would not be drawn (nor its encoder loaded).
+        spec.init_noise = Default::default();
+    }
     match what {
         FollowUp::Rerun => spec.seed = seed,
         FollowUp::Upscale(image) => {
@@ -396,6 +401,12 @@ pub(crate) fn follow_up_job(
         }
     }
     spec.frame_every = (spec.steps / TIMELAPSE_FRAMES).max(1);
+    if !spec.story.is_empty() {
+        // The story is told again in the follow-up's steps, in the same proportions.
+        let scaled =
+            u64::from(spec.change_every) * u64::from(spec.steps) / u64::from(parent_steps.max(1));
+        spec.change_every = u32::try_from(scaled).unwrap_or(u32::MAX).max(1);
+    }
     let spec = &params.spec;
     let job = crate::store::jobs::NewJob {
         kind: what.kind(),
@@ -608,6 +619,7 @@ fn reproduce_with(job: &crate::store::jobs::Job, path: impl Fn(&Path) -> String)
         for weight in &params.spec.noise_prompts {
             args.push(format!("--noise-prompt={weight}"));
         }
+        args.extend(method_args(&params.spec));
         let inputs = &params.inputs;
         if let Some(init) = &inputs.init_image {
             args.extend(["--init-image".into(), path(init)]);
@@ -631,6 +643,33 @@ fn reproduce_with(job: &crate::store::jobs::Job, path: impl Fn(&Path) -> String)
         .map(|a| shell_quote(a))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The `vqclip imagine` flags of `spec`'s method where it is not the reference's, and the
+/// story's steps per scene.
+fn method_args(spec: &crate::engine::generate::GenerationSpec) -> Vec<String> {
+    use crate::engine::optimize::{InitWeight, Optimizer};
+    let defaults = crate::engine::generate::GenerationSpec::new(Vec::new(), 1, 1, 0);
+    let mut args = Vec::new();
+    if spec.learning_rate != defaults.learning_rate {
+        args.push(format!("--lr={}", spec.learning_rate));
+    }
+    if spec.optimizer != Optimizer::Adam {
+        args.push(format!("--optimizer={}", spec.optimizer.name()));
+    }
+    if let Some(decay) = spec.ema {
+        args.push(format!("--ema={decay}"));
+    }
+    if spec.init_noise != defaults.init_noise {
+        args.push(format!("--init-noise={}", spec.init_noise.name()));
+    }
+    if let InitWeight::ToInitDecaying { weight } = spec.init_weight {
+        args.push(format!("--init-weight={weight}"));
+    }
+    if !spec.story.is_empty() {
+        args.push(format!("--change-every={}", spec.change_every));
+    }
+    args
 }
 
 #[cfg(test)]

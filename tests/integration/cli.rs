@@ -1268,6 +1268,13 @@ async fn the_again_line_is_shell_safe_and_makes_the_same_image() {
     let options = vqclip::request::ImagineOptions {
         seed: Some(5),
         crops: true,
+        method: vqclip::engine::prompt::MethodFlags {
+            learning_rate: Some(0.05),
+            optimizer: Some(vqclip::engine::optimize::Optimizer::DiffGrad),
+            ema: Some(0.9),
+            init_weight: Some(2.0),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let resolved = vqclip::request::resolve(
@@ -1359,6 +1366,10 @@ async fn the_again_line_is_shell_safe_and_makes_the_same_image() {
         "--crops",
         "--noise-prompt=0.5",
         "--noise-prompt=-0.25",
+        "--lr=0.05",
+        "--optimizer=diffgrad",
+        "--ema=0.9",
+        "--init-weight=2",
         "--init-image",
         init.to_str().unwrap(),
         "--image-prompt",
@@ -1616,7 +1627,17 @@ fn selftest_passes_on_the_parity_cases_and_fails_on_a_corrupted_one() {
     );
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
-    for case in ["tiny_encode", "tiny_multiprompt", "tiny_step"] {
+    let cases = std::fs::read_dir(fixtures)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension() == Some("json".as_ref()))
+        .count();
+    for case in [
+        "tiny_adamw",
+        "tiny_diffgrad",
+        "tiny_encode",
+        "tiny_multiprompt",
+        "tiny_step",
+    ] {
         let line = stdout
             .lines()
             .find(|l| l.contains(case))
@@ -1660,7 +1681,7 @@ fn selftest_passes_on_the_parity_cases_and_fails_on_a_corrupted_one() {
     assert!(line.contains("FAILED"), "{stdout}");
     assert!(stdout.contains("grad_z: 1 of"), "{stdout}");
     assert!(
-        text(&out.stderr).contains("1 of 3 runs failed"),
+        text(&out.stderr).contains(&format!("1 of {cases} runs failed")),
         "{}",
         text(&out.stderr)
     );

@@ -16,6 +16,7 @@ mod fake_discord;
 mod fake_hub;
 mod fuzz;
 mod hub;
+mod method;
 mod parity;
 mod pipeline;
 mod postgres;

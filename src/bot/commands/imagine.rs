@@ -86,6 +86,7 @@ pub(super) async fn imagine(
             clip: None,
             crops: false,
             grid,
+            method: Default::default(),
         };
         let defaults =
             request_defaults(data, ctx.author().id.get(), ctx.guild_id().map(|g| g.get())).await?;

@@ -1,0 +1,408 @@
+//! Beyond the reference's defaults (issue 19), on the tiny models: story prompts, the other
+//! optimisers, a moving average of the latent, noise starts and the fading pull towards the
+//! start — each through the whole generation, checkpoints included.
+
+use std::sync::atomic::AtomicBool;
+
+use candle_core::{Device, Tensor};
+use vqclip::engine::{
+    generate::{Checkpoint, GenerationInputs, GenerationSpec, Generator, InitNoise, Output},
+    optimize::{InitWeight, Optimizer},
+    prompt::WeightedPrompt,
+};
+
+use crate::pipeline::{spec, tiny_models};
+
+fn prompt(text: &str) -> WeightedPrompt {
+    WeightedPrompt {
+        text: text.into(),
+        weight: 1.0,
+        stop: None,
+    }
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+fn run(models: &vqclip::engine::generate::Models, spec: GenerationSpec) -> Output {
+    Generator::new(models, spec, GenerationInputs::default())
+        .unwrap()
+        .run(&AtomicBool::new(false), |_| {})
+        .unwrap()
+}
+
+fn plain(seed: u64) -> GenerationSpec {
+    GenerationSpec {
+        steps: 4,
+        preview_every: 0,
+        frame_every: 0,
+        ..spec(seed)
+    }
+}
+
+/// A story runs its first scene's prompts, then the next scene's from exactly where the first
+/// left off: step 3 of `a ^ b` (2 steps a scene) is step 3 of a run of `b` resumed from the
+/// second step of a run of `a`, bit for bit, and the scenes come round again.
+#[test]
+fn a_story_moves_to_the_next_scene_every_n_steps() {
+    let models = tiny_models();
+    let negative = WeightedPrompt {
+        text: "fog".into(),
+        weight: -0.5,
+        stop: None,
+    };
+    let story = GenerationSpec {
+        prompts: vec![negative.clone()],
+        story: vec![
+            vec![prompt("a forest")],
+            vec![prompt("a city"), prompt("neon")],
+        ],
+        change_every: 2,
+        steps: 5,
+        ..plain(3)
+    };
+    assert_eq!(
+        (0..6).map(|i| story.scene_at(i)).collect::<Vec<_>>(),
+        [0, 0, 1, 1, 0, 0]
+    );
+    let mut told = Generator::new(&models, story.clone(), GenerationInputs::default()).unwrap();
+    let progress: Vec<_> = (0..5).map(|_| told.step().unwrap()).collect();
+    // Scene 1 has one prompt and the shared negative; scene 2 two and the negative.
+    let counts: Vec<usize> = progress.iter().map(|p| p.prompt_losses.len()).collect();
+    assert_eq!(counts, [2, 2, 3, 3, 2]);
+
+    let forest = GenerationSpec {
+        prompts: vec![prompt("a forest"), negative.clone()],
+        ..plain(3)
+    };
+    let mut first = Generator::new(&models, forest, GenerationInputs::default()).unwrap();
+    let opening: Vec<_> = (0..2).map(|_| first.step().unwrap()).collect();
+    for (a, b) in opening.iter().zip(&progress) {
+        assert_eq!(
+            a.prompt_losses, b.prompt_losses,
+            "scene 1 is a run of its prompts"
+        );
+    }
+    let city = GenerationSpec {
+        prompts: vec![prompt("a city"), prompt("neon"), negative],
+        ..plain(3)
+    };
+    let mut second = Generator::new(&models, city, GenerationInputs::default()).unwrap();
+    second.resume(&first.checkpoint()).unwrap();
+    let third = second.step().unwrap();
+    assert_eq!(
+        third.prompt_losses, progress[2].prompt_losses,
+        "scene 2 continues from scene 1's latent and random stream"
+    );
+
+    // A story resumed mid-scene ends as the whole one.
+    let whole = run(&models, story.clone());
+    let mut resumed = Generator::new(&models, story.clone(), GenerationInputs::default()).unwrap();
+    let mut partial = Generator::new(&models, story, GenerationInputs::default()).unwrap();
+    for _ in 0..3 {
+        partial.step().unwrap();
+    }
+    resumed.resume(&partial.checkpoint()).unwrap();
+    while !resumed.is_done() {
+        resumed.step().unwrap();
+    }
+    assert_eq!(
+        values(&resumed.finish().unwrap().latent),
+        values(&whole.latent)
+    );
+}
+
+/// Every optimiser trains the latent, each differently, and a run with each resumed from a
+/// checkpoint file ends as the uninterrupted one (DiffGrad's previous gradient and the moving
+/// average travel in the checkpoint).
+#[test]
+fn each_optimiser_runs_and_resumes_exactly() {
+    let models = tiny_models();
+    let mut ends = Vec::new();
+    for (optimizer, ema) in [
+        (Optimizer::Adam, None),
+        (Optimizer::AdamW, None),
+        (Optimizer::DiffGrad, None),
+        (Optimizer::DiffGrad, Some(0.9)),
+    ] {
+        let spec = GenerationSpec {
+            optimizer,
+            ema,
+            ..plain(11)
+        };
+        let whole = run(&models, spec.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("resume.safetensors");
+        let mut first = Generator::new(&models, spec.clone(), GenerationInputs::default()).unwrap();
+        first.step().unwrap();
+        first.step().unwrap();
+        first.checkpoint().save(&path).unwrap();
+        let checkpoint = Checkpoint::load(&path, &Device::Cpu).unwrap();
+        assert_eq!(
+            checkpoint.latent.prev_grad.is_some(),
+            optimizer == Optimizer::DiffGrad
+        );
+        assert_eq!(checkpoint.latent.average.is_some(), ema.is_some());
+        let mut second =
+            Generator::new(&models, spec.clone(), GenerationInputs::default()).unwrap();
+        second.resume(&checkpoint).unwrap();
+        while !second.is_done() {
+            second.step().unwrap();
+        }
+        let resumed = second.finish().unwrap();
+        assert_eq!(
+            values(&resumed.latent),
+            values(&whole.latent),
+            "{optimizer:?} ema {ema:?}: the resumed run differs"
+        );
+        // A checkpoint without DiffGrad's state cannot continue a DiffGrad run.
+        if optimizer == Optimizer::DiffGrad && ema.is_none() {
+            let adam = GenerationSpec {
+                optimizer: Optimizer::Adam,
+                ..spec
+            };
+            let mut g = Generator::new(&models, adam, GenerationInputs::default()).unwrap();
+            g.step().unwrap();
+            let mut other = Generator::new(
+                &models,
+                GenerationSpec {
+                    optimizer: Optimizer::DiffGrad,
+                    ..plain(11)
+                },
+                GenerationInputs::default(),
+            )
+            .unwrap();
+            let err = other.resume(&g.checkpoint()).unwrap_err().to_string();
+            assert!(err.contains("previous gradient"), "{err}");
+        }
+        ends.push(values(&whole.latent));
+    }
+    for i in 0..ends.len() {
+        for j in i + 1..ends.len() {
+            assert_ne!(ends[i], ends[j], "runs {i} and {j} ended alike");
+        }
+    }
+}
+
+/// With `ema`, the kept latent is the bias-corrected moving average of the latents the run
+/// went through — computed here in f64 from a run without it, whose trajectory is the same.
+#[test]
+fn the_moving_average_is_what_the_run_keeps() {
+    let models = tiny_models();
+    let decay = 0.8;
+    let spec = plain(5);
+    let mut g = Generator::new(&models, spec.clone(), GenerationInputs::default()).unwrap();
+    let mut trajectory = Vec::new();
+    while !g.is_done() {
+        g.step().unwrap();
+        trajectory.push(values(&g.checkpoint().latent.z));
+    }
+    let mut biased = vec![0f64; trajectory[0].len()];
+    for z in &trajectory {
+        for (b, &v) in biased.iter_mut().zip(z) {
+            *b = decay * *b + (1.0 - decay) * f64::from(v);
+        }
+    }
+    let correction = 1.0 - decay.powi(trajectory.len() as i32);
+    let expected: Vec<f64> = biased.iter().map(|b| b / correction).collect();
+
+    let averaged = run(
+        &models,
+        GenerationSpec {
+            ema: Some(decay),
+            ..spec
+        },
+    );
+    let kept = values(&averaged.latent);
+    let worst = kept
+        .iter()
+        .zip(&expected)
+        .map(|(&a, &e)| (f64::from(a) - e).abs())
+        .fold(0.0, f64::max);
+    assert!(worst < 1e-5, "the average is off by {worst}");
+    assert_ne!(
+        kept,
+        *trajectory.last().unwrap(),
+        "the average is not the last latent"
+    );
+}
+
+/// The reference's noise starts: the latent starts from an encoded noise image, not from random
+/// tokens; each is reproducible from the seed and differs by seed.
+#[test]
+fn noise_starts_encode_a_seeded_noise_image() {
+    let models = tiny_models();
+    let start = |init_noise, seed| {
+        let spec = GenerationSpec {
+            init_noise,
+            steps: 1,
+            ..plain(seed)
+        };
+        let g = Generator::new(&models, spec, GenerationInputs::default()).unwrap();
+        values(&g.checkpoint().latent.z)
+    };
+    let tokens = start(InitNoise::Tokens, 1);
+    for kind in [InitNoise::Pixels, InitNoise::Gradient] {
+        let a = start(kind, 1);
+        assert_eq!(a, start(kind, 1), "{kind:?} is not reproducible");
+        assert_ne!(a, start(kind, 2), "{kind:?} ignores the seed");
+        assert_ne!(a, tokens, "{kind:?} starts from random tokens");
+    }
+    assert_ne!(start(InitNoise::Pixels, 1), start(InitNoise::Gradient, 1));
+}
+
+/// `--init-weight`: a pull towards the start, reported as the last loss, at full weight at the
+/// first step and fading to nothing; it keeps the latent nearer its start than a run without.
+#[test]
+fn the_pull_towards_the_start_fades_over_the_run() {
+    let models = tiny_models();
+    let spec = GenerationSpec {
+        steps: 6,
+        init_weight: InitWeight::ToInitDecaying { weight: 1000.0 },
+        ..plain(8)
+    };
+    assert_eq!(
+        spec.init_weight.at(3, 6),
+        InitWeight::ToInit { weight: 500.0 }
+    );
+    let mut g = Generator::new(&models, spec.clone(), GenerationInputs::default()).unwrap();
+    let start = values(&g.checkpoint().latent.z);
+    let mut terms = Vec::new();
+    while !g.is_done() {
+        let p = g.step().unwrap();
+        assert_eq!(p.prompt_losses.len(), 3, "two prompts and the pull");
+        terms.push(*p.prompt_losses.last().unwrap());
+    }
+    assert_eq!(
+        terms[0], 0.0,
+        "the latent is at its start at the first step"
+    );
+    assert!(terms[1] > 0.0);
+    let pulled = values(&g.finish().unwrap().latent);
+    let free = values(
+        &run(
+            &models,
+            GenerationSpec {
+                init_weight: InitWeight::Off,
+                ..spec
+            },
+        )
+        .latent,
+    );
+    let distance = |z: &[f32]| -> f64 {
+        z.iter()
+            .zip(&start)
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum()
+    };
+    assert!(
+        distance(&pulled) < distance(&free),
+        "pulled {} vs free {}",
+        distance(&pulled),
+        distance(&free)
+    );
+}
+
+/// `vqclip imagine` tells a story with a time-lapse, and takes every method setting as a flag of
+/// its own or inside the prompt, recording each with the picture.
+#[test]
+fn the_command_line_tells_stories_and_takes_each_method_setting() {
+    use crate::cli::vqclip;
+    let dir = tempfile::tempdir().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let out = vqclip(
+        dir.path(),
+        &[
+            "imagine",
+            "a forest ^ a city | neon:0.5 --seed 3 --change-every 2 --no fog",
+            "--model",
+            "tiny",
+            "--steps",
+            "4",
+            "--size",
+            "32x32",
+            "--cutn",
+            "2",
+            "--timelapse",
+            "story.gif",
+            "-o",
+            "story.png",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("story.json")).unwrap())
+            .unwrap();
+    let spec = &record["spec"];
+    assert_eq!(spec["story"].as_array().unwrap().len(), 2);
+    assert_eq!(spec["story"][1][1]["text"], "neon");
+    assert_eq!(spec["change_every"], 2);
+    assert_eq!(spec["prompts"][0]["text"], "fog");
+    let gif = std::fs::read(dir.path().join("story.gif")).unwrap();
+    assert!(gif.starts_with(b"GIF89a"));
+
+    for (i, flags) in [
+        &["--optimizer", "adamw", "--lr", "0.05"][..],
+        &["--optimizer", "diffgrad", "--ema", "0.9"],
+        &["--init-noise", "gradient", "--init-weight", "5"],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("m{i}.png");
+        let mut args = vec![
+            "imagine",
+            "a lighthouse --seed 4",
+            "--model",
+            "tiny",
+            "--steps",
+            "2",
+            "--size",
+            "32x32",
+            "--cutn",
+            "2",
+            "-o",
+            &name,
+        ];
+        args.extend_from_slice(flags);
+        let out = vqclip(dir.path(), &args, &[]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{flags:?}: {}",
+            text(&out.stderr)
+        );
+        let record: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join(format!("m{i}.json"))).unwrap(),
+        )
+        .unwrap();
+        let spec = &record["spec"];
+        match i {
+            0 => assert_eq!(
+                (spec["optimizer"].as_str(), spec["learning_rate"].as_f64()),
+                (Some("adamw"), Some(0.05))
+            ),
+            1 => assert_eq!(
+                (spec["optimizer"].as_str(), spec["ema"].as_f64()),
+                (Some("diffgrad"), Some(0.9))
+            ),
+            _ => {
+                assert_eq!(spec["init_noise"], "gradient");
+                assert_eq!(spec["init_weight"]["kind"], "to_init_decaying");
+            }
+        }
+    }
+    let bad = vqclip(
+        dir.path(),
+        &["imagine", "x", "--model", "tiny", "--optimizer", "sgd"],
+        &[],
+    );
+    assert_ne!(bad.status.code(), Some(0));
+    assert!(
+        text(&bad.stderr).contains("adam, adamw or diffgrad"),
+        "{}",
+        text(&bad.stderr)
+    );
+}
