@@ -300,6 +300,7 @@ fn apply_method(
     spec.optimizer = method.optimizer.unwrap_or_default();
     spec.ema = method.ema;
     spec.init_noise = method.init_noise.unwrap_or_default();
+    spec.tile = method.tile.unwrap_or_default();
     if let Some(weight) = method.init_weight {
         spec.init_weight = InitWeight::ToInitDecaying { weight };
     }

@@ -809,6 +809,7 @@ fn run_step(case: &Case, c: &mut Checker) -> anyhow::Result<()> {
                 prompts: &prompts,
                 init_weight: InitWeight::Off,
                 cutouts: &boxes,
+                tile: None,
             })
             .collect();
         let reports = step_batch(&nets, &mut members)?;

@@ -233,6 +233,7 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
                 prompts: &targets,
                 init_weight: InitWeight::Off,
                 cutouts,
+                tile: None,
             })
             .collect();
         Ok(step_batch(&nets, &mut members)?

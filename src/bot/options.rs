@@ -6,6 +6,7 @@ use poise::serenity_prelude as serenity;
 use super::Context;
 use super::text::quote;
 use crate::config::GenerationSettings;
+use crate::engine::optimize::Optimizer;
 use crate::models::{self, ModelKind};
 use crate::request::{offered, offered_ids, within_size_cap};
 use crate::store::users;
@@ -24,6 +25,32 @@ pub(crate) async fn complete_aspect(
         .map(|&a| serenity::AutocompleteChoice::from(a))
         .collect();
     serenity::CreateAutocompleteResponse::new().set_choices(choices)
+}
+
+/// Autocompletes an optimiser option: the names starting with `partial`.
+pub(crate) async fn complete_optimizer(
+    _ctx: Context<'_>,
+    partial: &str,
+) -> serenity::CreateAutocompleteResponse {
+    let partial = partial.trim().to_lowercase();
+    let choices = Optimizer::ALL
+        .iter()
+        .filter(|(name, _)| name.starts_with(&partial))
+        .map(|&(name, _)| serenity::AutocompleteChoice::from(name))
+        .collect();
+    serenity::CreateAutocompleteResponse::new().set_choices(choices)
+}
+
+/// An optimiser option's name (`None` when not given); an unknown one is refused with the
+/// names.
+pub(crate) fn parse_optimizer(text: Option<&str>) -> Result<Option<Optimizer>, String> {
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    Optimizer::parse(text).map(Some).ok_or_else(|| {
+        let names: Vec<&str> = Optimizer::ALL.iter().map(|(n, _)| *n).collect();
+        format!("optimizer {}: choose {}", quote(text, 20), names.join(", "))
+    })
 }
 
 /// The VQGAN models this server offers whose id contains `partial` (at most 25, Discord's

@@ -428,6 +428,9 @@ pub(crate) struct RequestFlags {
     /// Steps per scene of a story (`a forest ^ a city`) [default: an equal share each].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub change_every: Option<u32>,
+    /// Make a seamless tile: the picture's edges meet, for textures and wallpapers.
+    #[arg(long)]
+    pub tile: bool,
 }
 
 fn parse_optimizer(text: &str) -> Result<Optimizer, String> {
@@ -458,6 +461,7 @@ impl RequestFlags {
                 init_noise: self.init_noise,
                 init_weight: self.init_weight,
                 change_every: self.change_every,
+                tile: self.tile.then_some(true),
             },
         }
     }

@@ -14,6 +14,7 @@ use super::loss::PromptTarget;
 use super::nets::clip::{Clip, normalize};
 use super::nets::tokenizer::ClipTokenizer;
 use super::nets::vqgan::Vqgan;
+use super::ops::with_circular_padding;
 pub use super::optimize::InitNoise;
 use super::optimize::{Latent, LatentState, Member, Nets, StepReport, step_batch};
 use super::prompt::{WeightedPrompt, check_weight};
@@ -234,6 +235,8 @@ pub struct Generator<'m> {
     /// Prompts that guide every step: text (or, in a story, `--no`), image and noise prompts.
     shared: Vec<PromptTarget>,
     latent: Latent,
+    /// A tile's roll for this iteration's cutouts (drawn with them).
+    shift: (usize, usize),
     rng: ChaCha20Rng,
     iteration: u32,
     /// The iteration this process started at (after a resume), for the ETA.
@@ -393,6 +396,7 @@ impl<'m> Generator<'m> {
             scene: 0,
             shared: targets,
             latent,
+            shift: (0, 0),
             iteration: 0,
             first_iteration: 0,
             started: Instant::now(),
@@ -439,9 +443,13 @@ impl<'m> Generator<'m> {
         }
         let (w, h) = (self.spec.width as usize, self.spec.height as usize);
         let side = self.models.clip.vision.config().image_size;
-        Ok(self
+        let cutouts = self
             .method
-            .draw(&mut self.rng, w, h, self.spec.cutn as usize, side))
+            .draw(&mut self.rng, w, h, self.spec.cutn as usize, side);
+        if self.spec.tile {
+            self.shift = (self.rng.random_range(0..w), self.rng.random_range(0..h));
+        }
+        Ok(cutouts)
     }
 
     /// Counts an iteration the engine has run: previews, frames, the ETA.
@@ -535,7 +543,9 @@ impl<'m> Generator<'m> {
 
     /// Decodes the final latent.
     pub fn finish(mut self) -> Result<Output, GenerateError> {
-        let image = img::tensor_to_rgb(&self.latent.image(&self.models.vqgan)?)?;
+        let decoded =
+            with_circular_padding(self.spec.tile, || self.latent.image(&self.models.vqgan))?;
+        let image = img::tensor_to_rgb(&decoded)?;
         if self.spec.frame_every > 0 {
             self.frames.push(img::downscale(&image, PREVIEW_SIDE));
         }
@@ -608,6 +618,7 @@ pub fn step_together(runs: &mut [&mut Generator<'_>]) -> Result<Vec<Progress>, G
                     prompts: &run.targets,
                     init_weight: run.spec.init_weight.at(run.iteration, run.spec.steps),
                     cutouts,
+                    tile: run.spec.tile.then_some(run.shift),
                 }
             })
             .collect();

@@ -13,7 +13,7 @@ use super::cutouts::Cutouts;
 use super::loss::{PromptTarget, prompt_loss};
 use super::nets::clip::{ClipVision, normalize};
 use super::nets::vqgan::Vqgan;
-use super::ops::clamp_with_grad;
+use super::ops::{clamp_with_grad, with_circular_padding};
 use candle_core::{Result, Tensor, Var};
 
 /// The frozen models and prompts that guide a run.
@@ -550,6 +550,7 @@ impl Latent {
             prompts: guide.prompts,
             init_weight: guide.init_weight,
             cutouts,
+            tile: None,
         }];
         let mut reports = step_batch(&nets, &mut member)?;
         reports
@@ -579,6 +580,9 @@ pub struct Member<'a, 'l> {
     pub init_weight: InitWeight,
     /// Its cutouts for this step (drawn from its own random stream).
     pub cutouts: &'a dyn Cutouts,
+    /// A seamless tile: decoded with circular padding, and seen by CLIP rolled by `shift`
+    /// (pixels right, down) so that the cutouts wrap around its edges.
+    pub tile: Option<(usize, usize)>,
 }
 
 /// One iteration for several latents of the same shape at once: one decode of the stacked
@@ -602,10 +606,25 @@ pub fn step_batch(nets: &Nets, members: &mut [Member]) -> Result<Vec<StepReport>
     }
     let mut times = StepTimes::default();
     let mut mark = Instant::now();
+    let decode = |zs: &[&Tensor], tile: bool| -> Result<Tensor> {
+        let z = Tensor::cat(zs, 0)?;
+        let z_q = nets.vqgan.quantizer().quantize(&z)?.z_q;
+        with_circular_padding(tile, || nets.vqgan.decode(&z_q))
+    };
     let zs: Vec<&Tensor> = members.iter().map(|m| m.latent.z.as_tensor()).collect();
-    let z = Tensor::cat(&zs, 0)?;
-    let z_q = nets.vqgan.quantizer().quantize(&z)?.z_q;
-    let decoded = nets.vqgan.decode(&z_q)?;
+    let tiles: Vec<bool> = members.iter().map(|m| m.tile.is_some()).collect();
+    let decoded = if tiles.iter().all(|&t| t == tiles[0]) {
+        decode(&zs, tiles[0])?
+    } else {
+        // Tiles and pictures in one batch (jobs from a shared queue): each decoded with its
+        // own padding.
+        let each = zs
+            .iter()
+            .zip(&tiles)
+            .map(|(z, &tile)| decode(&[*z], tile))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&each, 0)?
+    };
     let image = clamp_with_grad(&((decoded + 1.0)? / 2.0)?, 0.0, 1.0)?;
     times.synth_fwd = times.lap(&device, &mut mark)?;
     let scored: Vec<Scored> = members
@@ -613,6 +632,7 @@ pub fn step_batch(nets: &Nets, members: &mut [Member]) -> Result<Vec<StepReport>
         .map(|m| Scored {
             prompts: m.prompts,
             cutouts: m.cutouts,
+            shift: m.tile.unwrap_or_default(),
         })
         .collect();
     let (grad_image, prompt_losses, clip_times) =
@@ -728,10 +748,33 @@ fn passes(counts: &[usize], chunk: usize) -> Vec<Vec<(usize, Range<usize>)>> {
     passes
 }
 
-/// What scores one image of a batch: its prompts and its cutouts.
+/// What scores one image of a batch: its prompts and its cutouts, cut from the image rolled
+/// by `shift` (pixels right, down).
 struct Scored<'a> {
     prompts: &'a [PromptTarget],
     cutouts: &'a dyn Cutouts,
+    shift: (usize, usize),
+}
+
+/// `image` `[1, c, h, w]` rolled `dx` pixels right and `dy` down, wrapping around (candle's own
+/// narrow and cat, so the gradient rolls back).
+fn roll(image: &Tensor, (dx, dy): (usize, usize)) -> Result<Tensor> {
+    let (_, _, h, w) = image.dims4()?;
+    let (dx, dy) = (dx % w, dy % h);
+    let mut out = image.clone();
+    if dx > 0 {
+        out = Tensor::cat(
+            &[&out.narrow(3, w - dx, dx)?, &out.narrow(3, 0, w - dx)?],
+            3,
+        )?;
+    }
+    if dy > 0 {
+        out = Tensor::cat(
+            &[&out.narrow(2, h - dy, dy)?, &out.narrow(2, 0, h - dy)?],
+            2,
+        )?;
+    }
+    Ok(out)
 }
 
 /// d loss / d image for `image` (no graph), accumulated over chunks of cutouts, with each
@@ -749,6 +792,7 @@ pub fn clip_gradient(
     let scored = [Scored {
         prompts: guide.prompts,
         cutouts,
+        shift: (0, 0),
     }];
     let (grad, mut losses, times) = clip_gradient_batch(&nets, &scored, image)?;
     let losses = losses
@@ -778,7 +822,7 @@ fn clip_gradient_batch(
     let image = Var::from_tensor(image)?;
     // One view per image, made once: cutouts memoise their work by the view's identity.
     let views = (0..scored.len())
-        .map(|k| image.as_tensor().narrow(0, k, 1))
+        .map(|k| roll(&image.as_tensor().narrow(0, k, 1)?, scored[k].shift))
         .collect::<Result<Vec<_>>>()?;
     let counts: Vec<usize> = scored.iter().map(|s| s.cutouts.count()).collect();
     let mut prompt_losses: Vec<Option<Tensor>> = vec![None; scored.len()];

@@ -16,7 +16,8 @@
 //!   `--size WxH`, `--no TEXT` (a negative prompt, weight −0.5), `--cutn N`, `--model NAME`,
 //!   `--grid N` (how many images, shown as one grid), and the method's: `--lr X`,
 //!   `--optimizer adam|adamw|diffgrad`, `--ema D`, `--init-noise pixels|gradient`,
-//!   `--init-weight W`, `--change-every N`.
+//!   `--init-weight W`, `--change-every N`, `--tile` (a seamless tile; the one flag without a
+//!   value).
 //!
 //! Parsing only reads the text; ranges (steps, sizes) are checked against the configuration by
 //! whoever builds the job. Every error carries the byte range of the offending piece.
@@ -56,6 +57,8 @@ pub struct MethodFlags {
     pub init_weight: Option<f64>,
     /// `--change-every N`: steps per scene of a story.
     pub change_every: Option<u32>,
+    /// `--tile`: a seamless tile.
+    pub tile: Option<bool>,
 }
 
 impl MethodFlags {
@@ -68,6 +71,7 @@ impl MethodFlags {
             init_noise: self.init_noise.or(fallback.init_noise),
             init_weight: self.init_weight.or(fallback.init_weight),
             change_every: self.change_every.or(fallback.change_every),
+            tile: self.tile.or(fallback.tile),
         }
     }
 }
@@ -137,10 +141,10 @@ fn error(input: &str, span: Range<usize>, message: impl Into<String>) -> PromptE
 }
 
 const FLAGS: &str = "--seed, --steps, --ar, --size, --no, --cutn, --model, --grid, --lr, \
-                     --optimizer, --ema, --init-noise, --init-weight, --change-every";
+                     --optimizer, --ema, --init-noise, --init-weight, --change-every, --tile";
 
 /// The flags' names without their dashes.
-const FLAG_NAMES: [&str; 14] = [
+const FLAG_NAMES: [&str; 15] = [
     "seed",
     "steps",
     "ar",
@@ -155,6 +159,7 @@ const FLAG_NAMES: [&str; 14] = [
     "init-noise",
     "init-weight",
     "change-every",
+    "tile",
 ];
 
 /// Most scenes in a story.
@@ -407,6 +412,19 @@ fn apply_flag(
         input[name.start + dash..name.end].to_ascii_lowercase()
     );
     let missing = || error(input, whole.clone(), format!("{flag} needs a value"));
+    if flag == "--tile" {
+        if !text.is_empty() {
+            return Err(error(
+                input,
+                whole,
+                "--tile takes no value: put the flags after the prompt",
+            ));
+        }
+        if flags.method.tile.replace(true).is_some() {
+            return Err(error(input, whole, "--tile is given twice"));
+        }
+        return Ok(());
+    }
     if text.is_empty() {
         return Err(missing());
     }
@@ -742,8 +760,18 @@ mod tests {
                 init_noise: Some(InitNoise::Gradient),
                 init_weight: Some(2.0),
                 change_every: None,
+                tile: None,
             }
         );
+        let tiled = parse("stone wall --tile --steps 9").unwrap().flags;
+        assert_eq!((tiled.method.tile, tiled.steps), (Some(true), Some(9)));
+        for (input, says) in [
+            ("stone --tile wall", "takes no value"),
+            ("stone --tile --tile", "given twice"),
+        ] {
+            let e = parse(input).unwrap_err().to_string();
+            assert!(e.contains(says), "{input}: {e}");
+        }
         for (input, says) in [
             ("x --optimizer sgd", "adam, adamw, diffgrad"),
             ("x --init-noise perlin", "tokens, pixels, gradient"),

@@ -84,6 +84,10 @@ pub struct GenerationSpec {
     /// The start when no image or latent is given.
     #[serde(default, skip_serializing_if = "is_default")]
     pub init_noise: InitNoise,
+    /// A seamless tile: the decoder pads its convolutions circularly and CLIP sees the image
+    /// rolled by a random offset each step, so its edges meet without a seam.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub tile: bool,
 }
 
 impl GenerationSpec {
@@ -108,6 +112,7 @@ impl GenerationSpec {
             optimizer: Optimizer::Adam,
             ema: None,
             init_noise: InitNoise::Tokens,
+            tile: false,
         }
     }
 

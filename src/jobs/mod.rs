@@ -669,6 +669,9 @@ fn method_args(spec: &crate::engine::generate::GenerationSpec) -> Vec<String> {
     if !spec.story.is_empty() {
         args.push(format!("--change-every={}", spec.change_every));
     }
+    if spec.tile {
+        args.push("--tile".into());
+    }
     args
 }
 

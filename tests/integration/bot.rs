@@ -249,6 +249,56 @@ async fn imagine_queues_shows_progress_and_posts_the_result() {
         1
     );
 
+    // The method's options reach the job: a seamless tile, trained by DiffGrad.
+    discord.dispatch(
+        "INTERACTION_CREATE",
+        command(
+            &discord,
+            "imagine",
+            json!([
+                { "name": "prompt", "type": 3, "value": "a brick wall --steps 2" },
+                { "name": "tile", "type": 5, "value": true },
+                { "name": "optimizer", "type": 3, "value": "diffgrad" }
+            ]),
+        ),
+    );
+    let mut tiled = None;
+    for _ in 0..500 {
+        let recent = jobs::list_recent_jobs(&pool, None, 10).await.unwrap();
+        if let Some(job) = recent.into_iter().find(|j| j.prompt.contains("brick")) {
+            tiled = Some(job);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let tiled = tiled.expect("the tile job was queued");
+    let params: vqclip::jobs::JobParams = serde_json::from_value(tiled.params).unwrap();
+    assert!(params.spec.tile);
+    assert_eq!(
+        params.spec.optimizer,
+        vqclip::engine::optimize::Optimizer::DiffGrad
+    );
+    // An optimiser that does not exist is refused with the ones that do.
+    let unknown = command(
+        &discord,
+        "imagine",
+        json!([
+            { "name": "prompt", "type": 3, "value": "a brick wall" },
+            { "name": "optimizer", "type": 3, "value": "sgd" }
+        ]),
+    );
+    let unknown_id = unknown["id"].as_str().unwrap().to_owned();
+    discord.dispatch("INTERACTION_CREATE", unknown);
+    let answer = eventually("the optimiser refusal", || {
+        discord
+            .log()
+            .into_iter()
+            .find(|r| r.path.starts_with(&format!("/interactions/{unknown_id}/")))
+    })
+    .await;
+    let text = answer.json["data"]["content"].as_str().unwrap();
+    assert!(text.contains("adam, adamw, diffgrad"), "{text}");
+
     let _ = stop_tx.send(());
     bot.await.unwrap().unwrap();
     scheduler.shutdown(Duration::from_secs(1)).await;

@@ -3,10 +3,13 @@
 
 use crate::bot::checks::check_rate;
 use crate::bot::components::cancel_button;
-use crate::bot::options::{complete_aspect, complete_model, parse_aspect, parse_size};
+use crate::bot::options::{
+    complete_aspect, complete_model, complete_optimizer, parse_aspect, parse_optimizer, parse_size,
+};
 use crate::bot::submit::{request_defaults, submit, track};
 use crate::bot::text::{opening_text, quote, title};
 use crate::bot::{BotError, Context};
+use crate::engine::prompt::MethodFlags;
 use crate::jobs::Origin;
 use crate::request::{self, ImagineOptions};
 use poise::serenity_prelude as serenity;
@@ -51,6 +54,12 @@ pub(super) async fn imagine(
     #[min = 1]
     #[max = 4]
     grid: Option<u32>,
+    #[description = "A seamless tile: the edges meet, for textures and wallpapers"] tile: Option<
+        bool,
+    >,
+    #[description = "Optimiser: adam (default), adamw or diffgrad"]
+    #[autocomplete = "complete_optimizer"]
+    optimizer: Option<String>,
 ) -> Result<(), BotError> {
     let data = ctx.data();
     let answer_by = tokio::time::Instant::now() + ACK_BUDGET;
@@ -86,7 +95,11 @@ pub(super) async fn imagine(
             clip: None,
             crops: false,
             grid,
-            method: Default::default(),
+            method: MethodFlags {
+                tile: tile.filter(|&t| t),
+                optimizer: parse_optimizer(optimizer.as_deref()).map_err(BotError::User)?,
+                ..Default::default()
+            },
         };
         let defaults =
             request_defaults(data, ctx.author().id.get(), ctx.guild_id().map(|g| g.get())).await?;

@@ -35,7 +35,8 @@ the last colon; negative pushes away). Flags inside the prompt: `--ar 16:9`, `--
 `image_prompt` to aim at one.
 A story: `a forest ^ a city ^ the sea --change-every 100` (a scene every 100 steps). The method: \
 `--lr 0.05`, `--optimizer adamw|diffgrad`, `--ema 0.99` (keep a smoothed average), \
-`--init-noise pixels|gradient`, `--init-weight 2` (stay near the start, fading).
+`--init-noise pixels|gradient`, `--init-weight 2` (stay near the start, fading). `--tile` (or \
+`tile:True`): a seamless tile.
 Under a finished picture: 🔁 **Rerun** (new seed), ⬆️ **Upscale 2×**, 🔀 **Variation**, \
 **Vary (Subtle/Strong)**, 🎞️ **Time-lapse**; ❌ **Cancel** while it runs. Reacting with 🔁 ⬆️ 🔀 \
 (or ❌) does the same. Under a grid: **U1–U4** upscale that image (or react 1️⃣–4️⃣), **V1–V4** \

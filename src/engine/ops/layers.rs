@@ -104,6 +104,37 @@ impl InputGradient for ConvInputGrad {
     }
 }
 
+thread_local! {
+    /// See [`with_circular_padding`].
+    static CIRCULAR: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every padded convolution on this thread padding circularly — the left edge
+/// continues from the right one, the top from the bottom — instead of with zeros: a decoder
+/// run so makes an image that tiles without seams (as a seamless-texture tool pads its
+/// convolutions). Restored when `f` returns or panics.
+pub fn with_circular_padding<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CIRCULAR.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(CIRCULAR.with(|c| c.replace(on)));
+    f()
+}
+
+/// `x` `[n, c, h, w]` with `q` rows and columns wrapped around each side (candle's own narrow
+/// and cat, so the gradient folds back onto `x`).
+fn wrap_pad(x: &Tensor, q: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if q > h || q > w {
+        candle_core::bail!("cannot wrap {q} pixels around a {w}x{h} map");
+    }
+    let x = Tensor::cat(&[&x.narrow(3, w - q, q)?, x, &x.narrow(3, 0, q)?], 3)?;
+    Tensor::cat(&[&x.narrow(2, h - q, q)?, &x, &x.narrow(2, 0, q)?], 2)
+}
+
 impl FrozenConv2d {
     /// The convolution of `x` upsampled ×2 (nearest neighbour), as one op: the upsampled
     /// input, four times the size of `x`, is never kept for the backward pass.
@@ -111,7 +142,32 @@ impl FrozenConv2d {
         self.forward_impl(x, true)
     }
 
+    /// Circular padding as wrapped input and an unpadded convolution. Before a fused upsample
+    /// the wrap is `⌈p/2⌉` input pixels, `2⌈p/2⌉` after it, so the `2⌈p/2⌉ − p` extra output
+    /// rows and columns on each side are cut off.
+    fn forward_circular(&self, x: &Tensor, upsampled: bool) -> Result<Tensor> {
+        if self.stride != 1 {
+            candle_core::bail!("circular padding is implemented for stride 1 only");
+        }
+        let p = self.padding;
+        let unpadded = Self {
+            padding: 0,
+            ..self.clone()
+        };
+        if !upsampled {
+            return unpadded.forward_impl(&wrap_pad(x, p)?, false);
+        }
+        let q = p.div_ceil(2);
+        let (_, _, h, w) = x.dims4()?;
+        let y = unpadded.forward_impl(&wrap_pad(x, q)?, true)?;
+        let extra = 2 * q - p;
+        y.narrow(2, extra, 2 * h)?.narrow(3, extra, 2 * w)
+    }
+
     fn forward_impl(&self, x: &Tensor, upsampled: bool) -> Result<Tensor> {
+        if self.padding > 0 && CIRCULAR.with(std::cell::Cell::get) {
+            return self.forward_circular(x, upsampled);
+        }
         if !x.track_op() {
             return self.value(x, upsampled)?.into_tensor();
         }

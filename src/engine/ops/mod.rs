@@ -21,6 +21,7 @@ mod pointwise;
 #[cfg(test)]
 pub(crate) mod testing;
 
+pub use layers::with_circular_padding;
 pub(crate) use layers::{FrozenConv2d, FrozenGroupNorm, FrozenLayerNorm, FrozenLinear};
 pub use pointwise::clamp_with_grad;
 pub(crate) use pointwise::{
