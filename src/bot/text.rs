@@ -49,6 +49,8 @@ pub fn title(job: &Job) -> String {
         (JobKind::Rerun, Some(p)) => format!("🔁 {base} · rerun of job {p}"),
         (JobKind::Upscale, Some(p)) => format!("⬆️ {base} · upscale of job {p}"),
         (JobKind::Variation, Some(p)) => format!("🔀 {base} · variation of job {p}"),
+        (JobKind::Extend, Some(p)) => format!("🔎 {base} · job {p} on a larger canvas"),
+        (JobKind::Video, Some(p)) => format!("🎬 {base} · zoom video of job {p}"),
         _ => base,
     }
 }

@@ -23,6 +23,10 @@ pub enum JobKind {
     Upscale,
     /// A variation on the parent's image.
     Variation,
+    /// The parent's image on a larger canvas: zoomed out, panned or made square.
+    Extend,
+    /// A zoom video from the parent's image.
+    Video,
 }
 
 /// Where a job is in its life.
@@ -96,6 +100,8 @@ impl JobKind {
             Self::Rerun => "rerun",
             Self::Upscale => "upscale",
             Self::Variation => "variation",
+            Self::Extend => "extend",
+            Self::Video => "video",
         }
     }
 }
@@ -104,8 +110,15 @@ impl FromStr for JobKind {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [Self::Imagine, Self::Rerun, Self::Upscale, Self::Variation]
-            .into_iter()
+        [
+            Self::Imagine,
+            Self::Rerun,
+            Self::Upscale,
+            Self::Variation,
+            Self::Extend,
+            Self::Video,
+        ]
+        .into_iter()
             .find(|kind| kind.as_str() == s)
             .ok_or_else(|| format!("unknown job kind {s:?}"))
     }

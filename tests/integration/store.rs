@@ -28,6 +28,101 @@ const TABLES: [&str; 9] = [
     "workers",
 ];
 
+/// Migration 7 rebuilds SQLite's jobs table to widen its kind CHECK: every job, link and counter
+/// survives — children keep their parent, gallery posts, votes, results and files their job,
+/// the foreign keys hold and still act, and a deleted job's id is not handed out again.
+#[tokio::test]
+async fn migration_7_keeps_every_job_and_link_and_takes_the_new_kinds() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = store::connect(&Location::Sqlite(dir.path().join("old.sqlite")))
+        .await
+        .unwrap();
+    let up_to_6 = sqlx::migrate::Migrator {
+        migrations: std::borrow::Cow::Owned(
+            store::SQLITE_MIGRATOR
+                .iter()
+                .filter(|m| m.version <= 6)
+                .cloned()
+                .collect(),
+        ),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    up_to_6.run(pool.pool()).await.unwrap();
+    let first = jobs::insert_job(&pool, &sample_job(7, "a castle")).await.unwrap();
+    let child = jobs::NewJob {
+        kind: JobKind::Upscale,
+        parent: Some(first),
+        ..sample_job(7, "a castle")
+    };
+    let second = jobs::insert_job(&pool, &child).await.unwrap();
+    let third = jobs::insert_job(&pool, &sample_job(8, "gone")).await.unwrap();
+    for sql in [
+        format!("DELETE FROM jobs WHERE id = {}", third.0),
+        format!(
+            "INSERT INTO gallery_posts (job_id, guild_id, channel_id, message_id, posted_at) \
+             VALUES ({}, 1, 2, 3, 4)",
+            first.0
+        ),
+        "INSERT INTO votes (post_id, user_id, emoji, voted_at) VALUES (1, 9, 'x', 5)".into(),
+        format!(
+            "INSERT INTO job_results (job_id, channel_id, message_id, posted_at) \
+             VALUES ({}, 2, 30, 4)",
+            second.0
+        ),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(pool.pool())
+            .await
+            .unwrap();
+    }
+
+    assert_eq!(store::migrate(&pool).await.unwrap(), [7]);
+
+    let broken: Vec<String> = sqlx::query_scalar("SELECT \"table\" FROM pragma_foreign_key_check")
+        .fetch_all(pool.pool())
+        .await
+        .unwrap();
+    assert!(broken.is_empty(), "{broken:?}");
+    let kept = jobs::get_job(&pool, second).await.unwrap().unwrap();
+    assert_eq!((kept.kind, kept.parent), (JobKind::Upscale, Some(first)));
+    let db = pool.pool().clone();
+    let count = |sql: &'static str| {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(count("SELECT count(*) FROM votes").await, 1);
+    assert_eq!(count("SELECT count(*) FROM job_results").await, 1);
+    // The new kinds are stored; the deleted job's id stays retired.
+    let extend = jobs::NewJob {
+        kind: JobKind::Extend,
+        parent: Some(second),
+        ..sample_job(7, "a castle")
+    };
+    let fourth = jobs::insert_job(&pool, &extend).await.unwrap();
+    assert!(fourth.0 > third.0, "{fourth:?} reuses a deleted id");
+    let video = jobs::NewJob {
+        kind: JobKind::Video,
+        ..sample_job(7, "a castle")
+    };
+    jobs::insert_job(&pool, &video).await.unwrap();
+    // The foreign keys still act: deleting the first job takes its gallery post and vote, and
+    // its child loses its parent.
+    sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM jobs WHERE id = {}", first.0)))
+        .execute(pool.pool())
+        .await
+        .unwrap();
+    assert_eq!(count("SELECT count(*) FROM gallery_posts").await, 0);
+    assert_eq!(count("SELECT count(*) FROM votes").await, 0);
+    let orphan = jobs::get_job(&pool, second).await.unwrap().unwrap();
+    assert_eq!(orphan.parent, None);
+    assert_eq!(count("PRAGMA foreign_keys").await, 1);
+}
+
 #[tokio::test]
 async fn migrations_create_every_table_in_an_empty_database() {
     let dir = tempfile::tempdir().unwrap();

@@ -776,7 +776,11 @@ fn publish(state: &mut State, id: JobId, event: JobEvent) {
 fn priority_of(kind: JobKind) -> Priority {
     match kind {
         JobKind::Imagine => Priority::Normal,
-        JobKind::Rerun | JobKind::Upscale | JobKind::Variation => Priority::FollowUp,
+        JobKind::Rerun
+        | JobKind::Upscale
+        | JobKind::Variation
+        | JobKind::Extend
+        | JobKind::Video => Priority::FollowUp,
     }
 }
 
