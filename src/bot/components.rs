@@ -4,7 +4,19 @@
 use poise::serenity_prelude as serenity;
 
 use crate::engine::grid::MAX_GRID;
-use crate::jobs::{FollowUp, JobId, Strength};
+use crate::jobs::JobId;
+use crate::jobs::follow_up::{Extension, FollowUp, Side, Strength};
+
+/// Each extension's button name (no digits: a digit starts a grid image's number).
+const EXTENSIONS: [(&str, Extension); 7] = [
+    ("zoom", Extension::ZoomOut2),
+    ("widen", Extension::ZoomOut1_5),
+    ("panleft", Extension::Pan(Side::Left)),
+    ("panright", Extension::Pan(Side::Right)),
+    ("panup", Extension::Pan(Side::Up)),
+    ("pandown", Extension::Pan(Side::Down)),
+    ("square", Extension::Square),
+];
 
 /// What a button or reaction asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +42,16 @@ impl Action {
                     Strength::Subtle => "subtle",
                     Strength::Strong => "strong",
                 };
+                (
+                    format!("{name}{}", image.map_or(String::new(), |k| k.to_string())),
+                    j,
+                )
+            }
+            Self::FollowUp(FollowUp::Extend(image, extension), j) => {
+                let name = EXTENSIONS
+                    .iter()
+                    .find(|(_, e)| *e == extension)
+                    .map_or("zoom", |(n, _)| n);
                 (
                     format!("{name}{}", image.map_or(String::new(), |k| k.to_string())),
                     j,
@@ -67,6 +89,10 @@ impl Action {
             ("subtle", _) => Self::FollowUp(FollowUp::Variation(image, Strength::Subtle), job),
             ("strong", _) => Self::FollowUp(FollowUp::Variation(image, Strength::Strong), job),
             ("gif", None) => Self::Timelapse(job),
+            (word, image) if EXTENSIONS.iter().any(|(n, _)| *n == word) => {
+                let (_, extension) = EXTENSIONS.iter().find(|(n, _)| *n == word)?;
+                Self::FollowUp(FollowUp::Extend(image, *extension), job)
+            }
             ("cancel", None) => Self::Cancel(job),
             _ => return None,
         })
@@ -95,8 +121,13 @@ impl Action {
 
 /// The buttons under a finished picture of `grid` images. A grid: U1–U4 (upscale that image),
 /// V1–V4 (vary it: a new grid) and 🔄 (new seeds), then the time-lapse. A single image: rerun,
-/// upscale, variation and time-lapse, then Vary (Subtle) and Vary (Strong).
-pub(crate) fn result_buttons(job: JobId, grid: u32) -> Vec<serenity::CreateActionRow> {
+/// upscale, variation and time-lapse; Vary (Subtle) and Vary (Strong); Zoom Out 2× and 1.5×
+/// and (unless it is `square`) Make Square; the four pans.
+pub(crate) fn result_buttons(
+    job: JobId,
+    grid: u32,
+    square: bool,
+) -> Vec<serenity::CreateActionRow> {
     let button = |action: Action, emoji: Option<char>, label: &str| {
         let button = serenity::CreateButton::new(action.custom_id())
             .label(label)
@@ -134,6 +165,7 @@ pub(crate) fn result_buttons(job: JobId, grid: u32) -> Vec<serenity::CreateActio
         ];
     }
     let vary = |strength| Action::FollowUp(FollowUp::Variation(None, strength), job);
+    let extend = |extension| Action::FollowUp(FollowUp::Extend(None, extension), job);
     vec![
         serenity::CreateActionRow::Buttons(vec![
             button(Action::FollowUp(FollowUp::Rerun, job), Some('🔁'), "Rerun"),
@@ -149,6 +181,33 @@ pub(crate) fn result_buttons(job: JobId, grid: u32) -> Vec<serenity::CreateActio
             button(vary(Strength::Subtle), None, "Vary (Subtle)"),
             button(vary(Strength::Strong), None, "Vary (Strong)"),
         ]),
+        serenity::CreateActionRow::Buttons(
+            [
+                Extension::ZoomOut2,
+                Extension::ZoomOut1_5,
+                Extension::Square,
+            ]
+            .into_iter()
+            .filter(|&e| e != Extension::Square || !square)
+            .map(|e| button(extend(e), Some('🔎'), e.label()))
+            .collect(),
+        ),
+        serenity::CreateActionRow::Buttons(
+            [
+                (Side::Left, '⬅', "Pan left"),
+                (Side::Right, '➡', "Pan right"),
+                (Side::Up, '⬆', "Pan up"),
+                (Side::Down, '⬇', "Pan down"),
+            ]
+            .into_iter()
+            .map(|(side, emoji, label)| {
+                serenity::CreateButton::new(extend(Extension::Pan(side)).custom_id())
+                    .emoji(emoji)
+                    .style(serenity::ButtonStyle::Secondary)
+                    .label(label)
+            })
+            .collect(),
+        ),
     ]
 }
 
@@ -274,7 +333,7 @@ mod tests {
                 .collect()
         };
         assert_eq!(
-            ids(result_buttons(JobId(3), 4)),
+            ids(result_buttons(JobId(3), 4, true)),
             [
                 vec!["vq:u1:3", "vq:u2:3", "vq:u3:3", "vq:u4:3"],
                 vec![
@@ -288,11 +347,48 @@ mod tests {
             ]
         );
         assert_eq!(
-            ids(result_buttons(JobId(3), 1)),
+            ids(result_buttons(JobId(3), 1, false)),
             [
                 vec!["vq:rerun:3", "vq:upscale:3", "vq:vary:3", "vq:gif:3"],
                 vec!["vq:subtle:3", "vq:strong:3"],
+                vec!["vq:zoom:3", "vq:widen:3", "vq:square:3"],
+                vec![
+                    "vq:panleft:3",
+                    "vq:panright:3",
+                    "vq:panup:3",
+                    "vq:pandown:3"
+                ],
             ]
         );
+        // A square picture is not offered Make Square; every id reads back as its action.
+        let square = ids(result_buttons(JobId(3), 1, true));
+        assert_eq!(square[2], ["vq:zoom:3", "vq:widen:3"]);
+        for id in square.iter().flatten() {
+            let action = Action::parse(id).unwrap_or_else(|| panic!("{id}"));
+            assert_eq!(&action.custom_id(), id);
+        }
+        assert_eq!(
+            Action::parse("vq:panleft:3"),
+            Some(Action::FollowUp(
+                FollowUp::Extend(None, Extension::Pan(Side::Left)),
+                JobId(3)
+            ))
+        );
+    }
+
+    #[test]
+    fn extensions_grow_the_canvas_around_the_picture() {
+        let c = |e: Extension, w, h| e.canvas(w, h).map(|c| (c.width, c.height, c.x, c.y));
+        assert_eq!(c(Extension::ZoomOut2, 16, 12), Some((32, 24, 8, 6)));
+        assert_eq!(c(Extension::ZoomOut1_5, 16, 12), Some((24, 18, 4, 3)));
+        assert_eq!(c(Extension::Pan(Side::Left), 16, 12), Some((24, 12, 8, 0)));
+        assert_eq!(c(Extension::Pan(Side::Right), 16, 12), Some((24, 12, 0, 0)));
+        assert_eq!(c(Extension::Pan(Side::Up), 16, 12), Some((16, 18, 0, 6)));
+        assert_eq!(c(Extension::Pan(Side::Down), 16, 12), Some((16, 18, 0, 0)));
+        assert_eq!(c(Extension::Square, 16, 12), Some((16, 16, 0, 2)));
+        assert_eq!(c(Extension::Square, 8, 8), None);
+        // A one-token picture still grows.
+        assert_eq!(c(Extension::ZoomOut1_5, 1, 1), Some((2, 2, 0, 0)));
+        assert_eq!(c(Extension::Pan(Side::Left), 1, 1), Some((2, 1, 1, 0)));
     }
 }

@@ -12,8 +12,9 @@ use super::progress::{self};
 use super::submit::{submit_follow_up, track};
 use super::text::{capitalise, opening_text, title};
 use super::{BotError, Data};
+use crate::jobs::follow_up::FollowUp;
 use crate::jobs::scheduler::{CancelError, Cancelled};
-use crate::jobs::{Actor, FollowUp, JobId};
+use crate::jobs::{Actor, JobId};
 use crate::store::gallery as store_gallery;
 use crate::store::jobs::{self as store_jobs, Job};
 

@@ -441,7 +441,11 @@ impl Editor {
                 bytes.clone(),
                 name.clone(),
             ))
-            .components(components::result_buttons(t.job, t.grid))
+            .components(components::result_buttons(
+                t.job,
+                t.grid,
+                t.size.0 == t.size.1,
+            ))
             .reference_message((t.channel, t.message))
             .allowed_mentions(mentions);
         let mut tries = 0;

@@ -11,8 +11,9 @@ use super::progress::{self, JobMessage};
 use super::text::capitalise;
 use super::{BotError, Data};
 use crate::config::{GenerationSettings, GridSetting};
+use crate::jobs::follow_up::FollowUp;
 use crate::jobs::scheduler::{SubmitError, Submitted};
-use crate::jobs::{Actor, FollowUp, Origin};
+use crate::jobs::{Actor, Origin};
 use crate::store::jobs::{self as store_jobs, Job};
 use crate::store::{guilds, users};
 
@@ -47,18 +48,21 @@ pub(crate) async fn submit_follow_up(
     let latent_kept = crate::jobs::latent_path_of(images, parent.id, image).is_file()
         || crate::store::events::has_job_file(&data.store, parent.id, &latent).await?;
     let grid = default_grid(data, actor.user, parent.guild_id).await?;
-    let (job, params) = crate::jobs::follow_up_job(
+    let (job, params) = crate::jobs::follow_up::follow_up_job(
         parent,
         what,
         (rand::random(), grid),
         origin,
-        images,
-        latent_kept,
+        (images, latent_kept),
+        (
+            data.settings.generation.max_side,
+            data.settings.generation.max_pixels,
+        ),
     )
     .map_err(|e| {
         BotError::User(match e {
             // In Discord the way out is a button.
-            crate::jobs::FollowUpError::NoLatent(id) => {
+            crate::jobs::follow_up::FollowUpError::NoLatent(id) => {
                 format!("The final state of job {id} is no longer stored; use 🔁 Rerun instead.")
             }
             other => capitalise(&other.to_string()),

@@ -49,6 +49,11 @@ pub(crate) struct ImagineArgs {
     /// Add seeded noise of this strength to the latent from --init-latent (a variation).
     #[arg(long, value_name = "STRENGTH", requires = "init_latent")]
     pub latent_noise: Option<f64>,
+    /// Place the latent from --init-latent on a larger canvas, in tokens: WxH+X+Y (zoom out,
+    /// pan, make square); the rest starts from the seed and only the rest is trained. --size
+    /// must be the canvas's.
+    #[arg(long, value_name = "WxH+X+Y", requires = "init_latent", value_parser = parse_canvas)]
+    pub canvas: Option<crate::engine::generate::Canvas>,
     /// Where to write the PNG [default: vqclip-<seed>.png]. The PNG's text chunks and a JSON
     /// file next to it hold everything needed to make it again.
     #[arg(long, short)]
@@ -73,6 +78,27 @@ pub(super) fn parse_pair_x(text: &str) -> Result<(u32, u32), String> {
     crate::engine::prompt::size_pair(text)
         .filter(|&(w, h)| w > 0 && h > 0)
         .ok_or_else(|| "expected something like 384x256".to_owned())
+}
+
+/// A `--canvas` value: `WxH+X+Y` in tokens, the canvas at least one token a side.
+fn parse_canvas(text: &str) -> Result<crate::engine::generate::Canvas, String> {
+    let bad = || "expected WxH+X+Y in tokens, e.g. 32x16+8+0".to_owned();
+    let mut parts = text.trim().splitn(3, '+');
+    let (size, x, y) = (parts.next(), parts.next(), parts.next());
+    let (width, height) = size
+        .and_then(crate::engine::prompt::size_pair)
+        .ok_or_else(bad)?;
+    let x = x.and_then(|v| v.trim().parse().ok()).ok_or_else(bad)?;
+    let y = y.and_then(|v| v.trim().parse().ok()).ok_or_else(bad)?;
+    if width == 0 || height == 0 {
+        return Err(bad());
+    }
+    Ok(crate::engine::generate::Canvas {
+        width,
+        height,
+        x,
+        y,
+    })
 }
 
 /// An `--ar`-like value: W:H, both sides positive.
@@ -289,6 +315,7 @@ pub(super) fn imagine_blocking(
             upscale: args.upscale_latent,
             noise: args.latent_noise,
             image: None,
+            canvas: args.canvas,
         }),
     };
     if let Some(dir) = &previews {

@@ -25,6 +25,7 @@ use image::RgbImage;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
 
 /// Why a generation stopped without an image.
 #[derive(Debug, thiserror::Error)]
@@ -75,12 +76,28 @@ impl Models {
     }
 }
 
+/// Where a finished latent sits on a larger canvas, in tokens (zoom out, pan, make square).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Canvas {
+    /// The canvas's width.
+    pub width: u32,
+    /// The canvas's height.
+    pub height: u32,
+    /// The latent's left column on it.
+    pub x: u32,
+    /// The latent's top row on it.
+    pub y: u32,
+}
+
 /// Inputs that are not part of the stored spec (uploads), given per run.
 #[derive(Debug, Clone, Default)]
 pub struct GenerationInputs {
     /// Start from this latent `[1, embed_dim, h, w]` (a finished job's, see [`upscale_latent`]
     /// and [`vary_latent`]); it wins over `init_image`.
     pub init_latent: Option<Tensor>,
+    /// Place `init_latent` on this larger canvas: the rest starts as random tokens from the
+    /// seed (as a fresh run of the canvas's size would), and only the rest trains.
+    pub canvas: Option<Canvas>,
     /// Start from this image (encoded by the VQGAN) instead of random tokens.
     pub init_image: Option<RgbImage>,
     /// Image prompts: the image, its weight and stop.
@@ -246,6 +263,8 @@ pub struct Generator<'m> {
     last_loss: f64,
     /// The last preview, downscaled, before JPEG (grids compose theirs from it).
     preview_image: Option<RgbImage>,
+    /// On a larger canvas: the held picture, pasted back over its place in every picture shown.
+    kept: Option<Kept>,
     /// Where the random stream stood when the first iteration began.
     initial_word_pos: u128,
 }
@@ -304,8 +323,23 @@ impl<'m> Generator<'m> {
         );
 
         // 1. The starting latent.
-        let z_init = match (&inputs.init_latent, &inputs.init_image) {
-            (Some(z), _) => {
+        let random_tokens = |rng: &mut ChaCha20Rng| -> CandleResult<Tensor> {
+            let n_embed = models.vqgan.config().n_embed as u32;
+            let indices: Vec<u32> = (0..toks_x * toks_y)
+                .map(|_| rng.random_range(0..n_embed))
+                .collect();
+            let indices = Tensor::from_vec(indices, (1, toks_y, toks_x), &device)?;
+            models.vqgan.quantizer().rows(&indices)
+        };
+        let mut trainable = None;
+        let z_init = match (&inputs.init_latent, inputs.canvas, &inputs.init_image) {
+            (Some(z), Some(canvas), _) => {
+                let (z, mask) = place_on_canvas(z, canvas, random_tokens(&mut rng)?)
+                    .map_err(GenerateError::InvalidSpec)?;
+                trainable = Some(mask);
+                z
+            }
+            (Some(z), None, _) => {
                 let expected = [1, models.vqgan.config().embed_dim, toks_y, toks_x];
                 if z.dims() != expected {
                     return Err(GenerateError::InvalidSpec(format!(
@@ -317,20 +351,13 @@ impl<'m> Generator<'m> {
                 }
                 z.detach().to_device(&device)?
             }
-            (None, Some(image)) => {
+            (None, _, Some(image)) => {
                 let resized = img::resize_exact(image, spec.width, spec.height);
                 let pixels = img::rgb_to_tensor(&resized, &device)?;
                 models.vqgan.encode(&pixels)?.quantized.z_q
             }
-            (None, None) if spec.init_noise == InitNoise::Tokens => {
-                let n_embed = models.vqgan.config().n_embed as u32;
-                let indices: Vec<u32> = (0..toks_x * toks_y)
-                    .map(|_| rng.random_range(0..n_embed))
-                    .collect();
-                let indices = Tensor::from_vec(indices, (1, toks_y, toks_x), &device)?;
-                models.vqgan.quantizer().rows(&indices)?
-            }
-            (None, None) => {
+            (None, _, None) if spec.init_noise == InitNoise::Tokens => random_tokens(&mut rng)?,
+            (None, _, None) => {
                 let image = noise_image(spec.init_noise, spec.width, spec.height, &mut rng);
                 let pixels = img::rgb_to_tensor(&image, &device)?;
                 models.vqgan.encode(&pixels)?.quantized.z_q
@@ -379,12 +406,26 @@ impl<'m> Generator<'m> {
             });
         }
 
-        let latent = Latent::trained(
+        let mut latent = Latent::trained(
             &z_init,
             models.vqgan.z_min(),
             models.vqgan.z_max(),
             spec.training(),
         )?;
+        let mut kept = None;
+        if let (Some(mask), Some(canvas), Some(z)) =
+            (&trainable, inputs.canvas, &inputs.init_latent)
+        {
+            latent.hold(mask)?;
+            let held = Latent::new(z, models.vqgan.z_min(), models.vqgan.z_max(), 0.0)?;
+            let decoded = with_circular_padding(spec.tile, || held.image(&models.vqgan))?;
+            kept = Some(Kept {
+                picture: img::tensor_to_rgb(&decoded)?,
+                x: canvas.x * factor,
+                y: canvas.y * factor,
+                feather: (factor / 2).max(1),
+            });
+        }
         let mut active = scenes.first().cloned().unwrap_or_default();
         active.extend(targets.iter().cloned());
         Ok(Self {
@@ -403,6 +444,7 @@ impl<'m> Generator<'m> {
             frames: Vec::new(),
             last_loss: f64::NAN,
             preview_image: None,
+            kept,
             initial_word_pos: rng.get_word_pos(),
             rng,
         })
@@ -461,7 +503,8 @@ impl<'m> Generator<'m> {
             self.spec.preview_every > 0 && i.is_multiple_of(self.spec.preview_every);
         let wants_frame = self.spec.frame_every > 0 && i.is_multiple_of(self.spec.frame_every);
         if wants_preview || wants_frame {
-            let small = img::downscale(&img::tensor_to_rgb(&report.image)?, PREVIEW_SIDE);
+            let picture = self.shown(img::tensor_to_rgb(&report.image)?);
+            let small = img::downscale(&picture, PREVIEW_SIDE);
             if wants_preview {
                 preview = Some(Preview {
                     jpeg: img::encode_jpeg(&small, PREVIEW_QUALITY)?,
@@ -492,6 +535,14 @@ impl<'m> Generator<'m> {
     /// The last preview's picture (at most 256 pixels a side, before JPEG), if any.
     pub fn preview_image(&self) -> Option<&RgbImage> {
         self.preview_image.as_ref()
+    }
+
+    /// `picture` as shown: on a larger canvas, with the held picture pasted back over its place.
+    fn shown(&self, picture: RgbImage) -> RgbImage {
+        match &self.kept {
+            Some(kept) => kept.paste(picture),
+            None => picture,
+        }
     }
 
     /// Iterations done so far.
@@ -545,7 +596,7 @@ impl<'m> Generator<'m> {
     pub fn finish(mut self) -> Result<Output, GenerateError> {
         let decoded =
             with_circular_padding(self.spec.tile, || self.latent.image(&self.models.vqgan))?;
-        let image = img::tensor_to_rgb(&decoded)?;
+        let image = self.shown(img::tensor_to_rgb(&decoded)?);
         if self.spec.frame_every > 0 {
             self.frames.push(img::downscale(&image, PREVIEW_SIDE));
         }
@@ -650,6 +701,91 @@ pub fn vary_latent(latent: &Tensor, seed: u64, strength: f64) -> CandleResult<Te
         .to_dtype(latent.dtype())?
         .to_device(latent.device())?;
     latent.detach() + noise
+}
+
+/// The picture a larger canvas grows around. Its latent is held where it was, but the decoder's
+/// normalisation and attention see the whole canvas, so the decoded region drifts from the
+/// picture the user chose; pasting the picture back keeps it, blended into the new part over
+/// `feather` pixels (half a token) along the edges that face the new part.
+struct Kept {
+    picture: RgbImage,
+    x: u32,
+    y: u32,
+    feather: u32,
+}
+
+impl Kept {
+    fn paste(&self, mut canvas: RgbImage) -> RgbImage {
+        let (w, h) = self.picture.dimensions();
+        let (cw, ch) = canvas.dimensions();
+        if self.x + w > cw || self.y + h > ch {
+            return canvas;
+        }
+        let feather = self.feather.max(1) as f32;
+        // Distance to the nearest edge that has new canvas beyond it.
+        let (left, top) = (self.x > 0, self.y > 0);
+        let (right, bottom) = (self.x + w < cw, self.y + h < ch);
+        for (px, py, pixel) in self.picture.enumerate_pixels() {
+            let mut d = u32::MAX;
+            if left {
+                d = d.min(px);
+            }
+            if right {
+                d = d.min(w - 1 - px);
+            }
+            if top {
+                d = d.min(py);
+            }
+            if bottom {
+                d = d.min(h - 1 - py);
+            }
+            let alpha = ((d as f32 + 0.5) / feather).min(1.0);
+            let out = canvas.get_pixel_mut(self.x + px, self.y + py);
+            for c in 0..3 {
+                let v = alpha * f32::from(pixel[c]) + (1.0 - alpha) * f32::from(out[c]);
+                out[c] = v.round().clamp(0.0, 255.0) as u8;
+            }
+        }
+        canvas
+    }
+}
+
+/// `latent` `[1, c, h, w]` placed at `canvas.x`, `canvas.y` on `fill` (the canvas's random
+/// start, `[1, c, canvas.height, canvas.width]`), with the mask that trains only the rest;
+/// the message says what does not fit.
+fn place_on_canvas(
+    latent: &Tensor,
+    canvas: Canvas,
+    fill: Tensor,
+) -> Result<(Tensor, Tensor), String> {
+    let fail = |e: candle_core::Error| e.to_string();
+    let (_, c, h, w) = latent.dims4().map_err(fail)?;
+    let (_, fc, ch, cw) = fill.dims4().map_err(fail)?;
+    let (x, y) = (canvas.x as usize, canvas.y as usize);
+    if c != fc
+        || (cw, ch) != (canvas.width as usize, canvas.height as usize)
+        || x + w > cw
+        || y + h > ch
+    {
+        return Err(format!(
+            "a latent of {w}x{h} tokens does not fit at {x},{y} on a canvas of {}x{} tokens \
+             (the run is {cw}x{ch})",
+            canvas.width, canvas.height
+        ));
+    }
+    let latent = latent
+        .detach()
+        .to_device(fill.device())
+        .and_then(|l| l.to_dtype(fill.dtype()))
+        .map_err(fail)?;
+    let z = fill
+        .slice_assign(&[0..1, 0..c, y..y + h, x..x + w], &latent)
+        .map_err(fail)?;
+    let held = Tensor::zeros((1, 1, h, w), fill.dtype(), fill.device()).map_err(fail)?;
+    let mask = Tensor::ones((1, 1, ch, cw), fill.dtype(), fill.device())
+        .and_then(|m| m.slice_assign(&[0..1, 0..1, y..y + h, x..x + w], &held))
+        .map_err(fail)?;
+    Ok((z, mask))
 }
 
 /// The reference's noise images, `width`×`height`, from the job's RNG: uniformly random pixels,

@@ -29,7 +29,7 @@ pub(crate) const MAX_INPUT_FILE_BYTES: u64 = 64 * 1024 * 1024;
 pub(crate) const MAX_DECODE_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Converts `[1, 3, H, W]` pixels in [0, 1] to an 8-bit RGB image (rounded, clamped).
-pub(crate) fn tensor_to_rgb(image: &Tensor) -> Result<RgbImage> {
+pub fn tensor_to_rgb(image: &Tensor) -> Result<RgbImage> {
     let (one, c, h, w) = image.dims4()?;
     if one != 1 || c != 3 {
         candle_core::bail!(

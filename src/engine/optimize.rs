@@ -388,6 +388,8 @@ pub struct LatentState {
 pub struct Latent {
     z: Var,
     z_init: Tensor,
+    /// `[1, 1, h, w]`: 1 where the latent trains, 0 where it is held (see [`Latent::hold`]).
+    trainable: Option<Tensor>,
     optimizer: Moments,
     average: Option<Average>,
     z_min: Tensor,
@@ -422,12 +424,28 @@ impl Latent {
         Ok(Self {
             z,
             z_init: z_init.detach(),
+            trainable: None,
             optimizer,
             average,
             z_min: z_min.clone(),
             z_max: z_max.clone(),
             steps_done: 0,
         })
+    }
+
+    /// Holds part of the latent where it is: `trainable` `[1, 1, h, w]` is 1 where it trains and
+    /// 0 where its gradient is masked out (and the optimiser's update with it, so no weight
+    /// decay creeps in either) — a zoom-out or pan keeps the picture the user chose.
+    pub fn hold(&mut self, trainable: &Tensor) -> Result<()> {
+        let (_, _, h, w) = self.z.as_tensor().dims4()?;
+        if trainable.dims() != [1, 1, h, w] {
+            candle_core::bail!(
+                "a mask of {:?} for a latent of {h}x{w} tokens",
+                trainable.dims()
+            );
+        }
+        self.trainable = Some(trainable.to_dtype(self.z.as_tensor().dtype())?);
+        Ok(())
     }
 
     /// The current latent.
@@ -672,9 +690,14 @@ pub fn step_batch(nets: &Nets, members: &mut [Member]) -> Result<Vec<StepReport>
     drop(grads);
     for (member, grad_z) in members.iter_mut().zip(stepped) {
         let latent = &mut *member.latent;
-        let next = latent
-            .optimizer
-            .step(&latent.z.as_tensor().detach(), &grad_z)?;
+        let z = latent.z.as_tensor().detach();
+        let next = match &latent.trainable {
+            None => latent.optimizer.step(&z, &grad_z)?,
+            Some(mask) => {
+                let next = latent.optimizer.step(&z, &grad_z.broadcast_mul(mask)?)?;
+                (&z + (next - &z)?.broadcast_mul(mask)?)?
+            }
+        };
         let clamped = next
             .broadcast_maximum(&latent.z_min)?
             .broadcast_minimum(&latent.z_max)?;

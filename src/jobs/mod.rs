@@ -11,6 +11,7 @@
 
 pub(crate) mod devices;
 pub mod engine;
+pub(crate) mod follow_up;
 pub(crate) mod queue;
 pub mod scheduler;
 pub mod worker;
@@ -115,6 +116,9 @@ pub struct LatentStart {
     /// Which image of the parent's grid, from 1; `None`: the parent's only image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<u32>,
+    /// Place it on a larger canvas (zoom out, pan, make square), in tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canvas: Option<crate::engine::generate::Canvas>,
 }
 
 /// What subscribers to a job see, newest last; a subscriber that falls behind skips to the
@@ -254,178 +258,7 @@ pub fn grid_of(job: &crate::store::jobs::Job) -> u32 {
 }
 
 /// Time-lapse frames a job records, about.
-const TIMELAPSE_FRAMES: u32 = 50;
-
-/// How far a variation strays from the image it starts from: the strength of the seeded noise
-/// added to that image's latent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Strength {
-    /// Small changes (Vary (Subtle)).
-    Subtle,
-    /// The 🔀 Variation and V1–V4 buttons.
-    Normal,
-    /// Large changes (Vary (Strong)).
-    Strong,
-}
-
-impl Strength {
-    /// The noise's standard deviation, in latent units (codebook entries are about unit size).
-    pub fn noise(self) -> f64 {
-        match self {
-            Self::Subtle => 0.25,
-            Self::Normal => 0.5,
-            Self::Strong => 1.0,
-        }
-    }
-}
-
-/// What a button or reaction asks of a finished job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum FollowUp {
-    /// The same request with new seeds, as many images as before.
-    Rerun,
-    /// Twice the width and height of one image, continuing from its final latent: one image.
-    Upscale(ImageIndex),
-    /// One image's final latent with noise, optimised again with new seeds (a new grid).
-    Variation(ImageIndex, Strength),
-}
-
-/// Why a follow-up cannot be made.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum FollowUpError {
-    /// The parent has no picture (yet).
-    #[error("job {0} has no finished picture to start from")]
-    NotFinished(JobId),
-    /// The parent's latent file is gone (deleted, or made by another machine).
-    #[error("the final state of job {0} is no longer stored; rerun it instead")]
-    NoLatent(JobId),
-    /// The parent's stored parameters do not parse (made by an incompatible version).
-    #[error("job {0} was made by an incompatible version of vqclip")]
-    Unreadable(JobId),
-    /// The button names an image the parent does not have.
-    #[error("job {0} has no image {1}")]
-    NoSuchImage(JobId, u32),
-}
-
-impl FollowUp {
-    /// The kind of job it makes.
-    pub fn kind(self) -> crate::store::jobs::JobKind {
-        use crate::store::jobs::JobKind;
-        match self {
-            Self::Rerun => JobKind::Rerun,
-            Self::Upscale(_) => JobKind::Upscale,
-            Self::Variation(..) => JobKind::Variation,
-        }
-    }
-
-    /// The image of the parent it starts from, if it starts from one.
-    pub fn image(self) -> Option<ImageIndex> {
-        match self {
-            Self::Rerun => None,
-            Self::Upscale(image) | Self::Variation(image, _) => Some(image),
-        }
-    }
-}
-
-/// A follow-up job of `parent` for `origin`: a rerun with `seed` (as many images as the
-/// parent); an upscale of one image (its own seed, twice the size, half the steps, from its
-/// latent; one image); a variation of one image (`seed`, from its latent plus noise, half the
-/// steps, each image with its own noise: as many images as the parent's grid, or `grid` for a
-/// single parent). Its prompt and models are the parent's.
-/// `latent_kept` says whether the chosen image's final latent exists (at [`latent_path_of`]
-/// under `images`, or in the database for a worker to fetch).
-pub(crate) fn follow_up_job(
-    parent: &crate::store::jobs::Job,
-    what: FollowUp,
-    (seed, grid): (u64, u32),
-    origin: Origin,
-    images: &Path,
-    latent_kept: bool,
-) -> Result<(crate::store::jobs::NewJob, JobParams), FollowUpError> {
-    use crate::store::jobs::JobStatus;
-    let mut params: JobParams = serde_json::from_value(parent.params.clone())
-        .map_err(|_| FollowUpError::Unreadable(parent.id))?;
-    if let Some(image) = what.image() {
-        match image {
-            Some(k) if !(1..=params.grid).contains(&k) || params.grid == 1 => {
-                return Err(FollowUpError::NoSuchImage(parent.id, k));
-            }
-            None if params.grid > 1 => {
-                // The job's own buttons name an image; an old message's could not.
-                return Err(FollowUpError::NoSuchImage(parent.id, 0));
-            }
-            _ => {}
-        }
-        if parent.status != JobStatus::Succeeded {
-            return Err(FollowUpError::NotFinished(parent.id));
-        }
-        if !latent_kept {
-            return Err(FollowUpError::NoLatent(parent.id));
-        }
-    }
-    let spec = &mut params.spec;
-    let parent_steps = spec.steps;
-    if what.image().is_some() {
-        // From a finished latent, a noise start would not be drawn (nor its encoder loaded).
-        spec.init_noise = Default::default();
-    }
-    match what {
-        FollowUp::Rerun => spec.seed = seed,
-        FollowUp::Upscale(image) => {
-            let k = image.unwrap_or(1);
-            spec.seed = crate::engine::grid::member_seed(spec.seed, k as usize - 1);
-            spec.width *= 2;
-            spec.height *= 2;
-            spec.steps = (spec.steps / 2).max(1);
-            params.inputs.start = Some(LatentStart {
-                latent: latent_path_of(images, parent.id, image),
-                upscale: true,
-                noise: None,
-                image,
-            });
-            params.grid = 1;
-        }
-        FollowUp::Variation(image, strength) => {
-            spec.seed = seed;
-            spec.steps = (spec.steps / 2).max(1);
-            params.inputs.start = Some(LatentStart {
-                latent: latent_path_of(images, parent.id, image),
-                upscale: false,
-                noise: Some(strength.noise()),
-                image,
-            });
-            // V1–V4 on a grid make a grid like it; Vary on a single image the default.
-            if params.grid <= 1 {
-                params.grid = grid.clamp(1, crate::engine::grid::MAX_GRID as u32);
-            }
-        }
-    }
-    spec.frame_every = (spec.steps / TIMELAPSE_FRAMES).max(1);
-    if !spec.story.is_empty() {
-        // The story is told again in the follow-up's steps, in the same proportions.
-        let scaled =
-            u64::from(spec.change_every) * u64::from(spec.steps) / u64::from(parent_steps.max(1));
-        spec.change_every = u32::try_from(scaled).unwrap_or(u32::MAX).max(1);
-    }
-    let spec = &params.spec;
-    let job = crate::store::jobs::NewJob {
-        kind: what.kind(),
-        parent: Some(parent.id),
-        requester_id: origin.requester,
-        guild_id: origin.guild,
-        channel_id: origin.channel,
-        prompt: parent.prompt.clone(),
-        params: serde_json::to_value(&params).map_err(|_| FollowUpError::Unreadable(parent.id))?,
-        seed: spec.seed,
-        width: spec.width,
-        height: spec.height,
-        steps: spec.steps,
-        cutn: spec.cutn,
-        vqgan_model: parent.vqgan_model.clone(),
-        clip_model: parent.clip_model.clone(),
-    };
-    Ok((job, params))
-}
+pub(crate) const TIMELAPSE_FRAMES: u32 = 50;
 
 /// Everything recorded about a job, as (label, value) lines for `jobs show` and `/job`: what it
 /// was, how it went, and the command that makes it again.
@@ -634,6 +467,9 @@ fn reproduce_with(job: &crate::store::jobs::Job, path: impl Fn(&Path) -> String)
             }
             if let Some(noise) = start.noise {
                 args.push(format!("--latent-noise={noise}"));
+            }
+            if let Some(c) = start.canvas {
+                args.push(format!("--canvas={}x{}+{}+{}", c.width, c.height, c.x, c.y));
             }
         }
     }

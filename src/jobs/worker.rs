@@ -387,6 +387,7 @@ pub(crate) fn load_inputs(
             latent = vary_latent(&latent, seed, strength).map_err(|e| e.to_string())?;
         }
         inputs.init_latent = Some(latent);
+        inputs.canvas = start.canvas;
     }
     Ok(inputs)
 }

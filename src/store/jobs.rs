@@ -119,8 +119,8 @@ impl FromStr for JobKind {
             Self::Video,
         ]
         .into_iter()
-            .find(|kind| kind.as_str() == s)
-            .ok_or_else(|| format!("unknown job kind {s:?}"))
+        .find(|kind| kind.as_str() == s)
+        .ok_or_else(|| format!("unknown job kind {s:?}"))
     }
 }
 

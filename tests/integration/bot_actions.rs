@@ -27,10 +27,15 @@ pub(crate) const MEMBER: &str = "0";
 
 /// The bot's configuration for these tests: the fake Discord, images under `dir`, the tiny
 /// models; `discord` and `scheduler` add keys to those sections.
+/// Settings for a bot on `fake`: `discord` holds extra `[discord]` keys, then optionally a
+/// `[generation]` line and extra `[generation]` keys.
 fn bot_settings(fake: &FakeDiscord, dir: &TempDir, discord: &str, scheduler: &str) -> Settings {
     let env: Environment = [("HOME", dir.path().to_str().unwrap())]
         .into_iter()
         .collect();
+    let (discord, generation) = discord
+        .split_once("[generation]\n")
+        .unwrap_or((discord, ""));
     Settings::from_toml(
         &format!(
             "[discord]\ntoken = \"fake.bot.token\"\napi_base = \"{}\"\n{discord}\n\
@@ -38,7 +43,7 @@ fn bot_settings(fake: &FakeDiscord, dir: &TempDir, discord: &str, scheduler: &st
              [scheduler]\nprogress_interval_ms = 100\n{scheduler}\
              [models]\nallow_tiny = true\n\
              [generation]\ndefault_vqgan = \"tiny_vqgan\"\ndefault_clip = \"tiny_clip\"\n\
-             preview_every = 2\n",
+             preview_every = 2\n{generation}\n",
             fake.url,
             dir.path().join("images").display()
         ),

@@ -48,14 +48,18 @@ async fn migration_7_keeps_every_job_and_link_and_takes_the_new_kinds() {
         ..sqlx::migrate::Migrator::DEFAULT
     };
     up_to_6.run(pool.pool()).await.unwrap();
-    let first = jobs::insert_job(&pool, &sample_job(7, "a castle")).await.unwrap();
+    let first = jobs::insert_job(&pool, &sample_job(7, "a castle"))
+        .await
+        .unwrap();
     let child = jobs::NewJob {
         kind: JobKind::Upscale,
         parent: Some(first),
         ..sample_job(7, "a castle")
     };
     let second = jobs::insert_job(&pool, &child).await.unwrap();
-    let third = jobs::insert_job(&pool, &sample_job(8, "gone")).await.unwrap();
+    let third = jobs::insert_job(&pool, &sample_job(8, "gone"))
+        .await
+        .unwrap();
     for sql in [
         format!("DELETE FROM jobs WHERE id = {}", third.0),
         format!(
@@ -112,10 +116,13 @@ async fn migration_7_keeps_every_job_and_link_and_takes_the_new_kinds() {
     jobs::insert_job(&pool, &video).await.unwrap();
     // The foreign keys still act: deleting the first job takes its gallery post and vote, and
     // its child loses its parent.
-    sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM jobs WHERE id = {}", first.0)))
-        .execute(pool.pool())
-        .await
-        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DELETE FROM jobs WHERE id = {}",
+        first.0
+    )))
+    .execute(pool.pool())
+    .await
+    .unwrap();
     assert_eq!(count("SELECT count(*) FROM gallery_posts").await, 0);
     assert_eq!(count("SELECT count(*) FROM votes").await, 0);
     let orphan = jobs::get_job(&pool, second).await.unwrap().unwrap();
