@@ -6,6 +6,7 @@ use crate::config::{Environment, Settings};
 use crate::engine::generate::{GenerateError, GenerationSpec, Generator, Models};
 use crate::engine::nets::tokenizer::ClipTokenizer;
 use crate::engine::nets::vqgan::VqganParts;
+use crate::engine::video::ZoomVideo;
 use crate::engine::{grid, image};
 use crate::jobs::{LatentStart, StoredInputs, worker};
 use crate::models::hub::{BarProgress, Hub};
@@ -18,6 +19,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The size a zoom video aims at: under Discord's smallest upload limit (10 MiB).
+pub(crate) const ZOOM_VIDEO_BYTES: u64 = 8 * 1024 * 1024;
 
 /// Options of `vqclip imagine`.
 // The field docs are `--help` text, where `<seed>` is a placeholder, not HTML.
@@ -67,6 +71,34 @@ pub(crate) struct ImagineArgs {
     /// Write each progress preview as a JPEG into this directory.
     #[arg(long, value_name = "DIR")]
     pub previews: Option<PathBuf>,
+    /// Then make a zoom video from the picture (the reference's --zoom_video): an MP4 (H.264)
+    /// that Discord plays inline.
+    #[arg(long, value_name = "PATH")]
+    pub zoom_video: Option<PathBuf>,
+    /// The zoom video's frames after the picture.
+    #[arg(long, value_name = "N", default_value_t = ZoomVideo::default().frames, requires = "zoom_video")]
+    pub zoom_frames: u32,
+    /// Optimiser steps per frame of the zoom video.
+    #[arg(long, value_name = "N", default_value_t = ZoomVideo::default().steps_per_frame, requires = "zoom_video")]
+    pub zoom_steps: u32,
+    /// Zoom per frame (1.04: 4% closer each frame; below 1 zooms out).
+    #[arg(long, value_name = "FACTOR", default_value_t = ZoomVideo::default().zoom, requires = "zoom_video")]
+    pub zoom: f64,
+    /// Turn per frame, in degrees counter-clockwise.
+    #[arg(
+        long,
+        value_name = "DEGREES",
+        default_value_t = 0.0,
+        allow_negative_numbers = true,
+        requires = "zoom_video"
+    )]
+    pub zoom_rotate: f64,
+    /// Shift per frame, in pixels: X,Y (right, down).
+    #[arg(long, value_name = "X,Y", value_parser = parse_shift, requires = "zoom_video", allow_hyphen_values = true)]
+    pub zoom_shift: Option<(f64, f64)>,
+    /// The zoom video's frames per second.
+    #[arg(long, value_name = "FPS", default_value_t = ZoomVideo::default().fps, requires = "zoom_video")]
+    pub fps: u32,
     /// Steps between previews [default: generation.preview_every]; previews go to --previews,
     /// or to <out>-steps/ when only this is given.
     #[arg(long, visible_alias = "preview-every", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
@@ -78,6 +110,17 @@ pub(super) fn parse_pair_x(text: &str) -> Result<(u32, u32), String> {
     crate::engine::prompt::size_pair(text)
         .filter(|&(w, h)| w > 0 && h > 0)
         .ok_or_else(|| "expected something like 384x256".to_owned())
+}
+
+/// A `--zoom-shift` value: `X,Y` in pixels.
+fn parse_shift(text: &str) -> Result<(f64, f64), String> {
+    let (x, y) = text
+        .split_once(',')
+        .ok_or_else(|| "expected X,Y in pixels, e.g. 2,-1".to_owned())?;
+    let number = |v: &str| v.trim().parse::<f64>().ok().filter(|v| v.is_finite());
+    number(x)
+        .zip(number(y))
+        .ok_or_else(|| "expected X,Y in pixels, e.g. 2,-1".to_owned())
 }
 
 /// A `--canvas` value: `WxH+X+Y` in tokens, the canvas at least one token a side.
@@ -279,7 +322,22 @@ pub(super) fn imagine_blocking(
         (Some(_), None) => {}
     }
 
-    let parts = if args.init_image.is_some() || resolved.spec.needs_encoder() {
+    let video = args.zoom_video.as_ref().map(|_| ZoomVideo {
+        frames: args.zoom_frames,
+        steps_per_frame: args.zoom_steps,
+        zoom: args.zoom,
+        rotate: args.zoom_rotate,
+        shift: args.zoom_shift.unwrap_or_default(),
+        fps: args.fps,
+    });
+    if let Some(video) = &video {
+        video.check().map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            resolved.grid <= 1,
+            "a zoom video starts from one picture: leave out --grid"
+        );
+    }
+    let parts = if args.init_image.is_some() || resolved.spec.needs_encoder() || video.is_some() {
         VqganParts::Full
     } else {
         VqganParts::DecodeOnly
@@ -453,6 +511,32 @@ pub(super) fn imagine_blocking(
         let bytes = image::encode_gif(&frames, crate::jobs::worker::TIMELAPSE_DELAY_MS)
             .context("Failed to encode the time-lapse")?;
         std::fs::write(gif, bytes).with_context(|| format!("Failed to write {}", gif.display()))?;
+    }
+    if let (Some(path), Some(video), Some(output)) = (&args.zoom_video, &video, outputs.first()) {
+        let bar = ProgressBar::new(u64::from(video.frames));
+        let frames = crate::engine::video::zoom_video(
+            &models,
+            &spec,
+            output.image.clone(),
+            video,
+            cancel,
+            |k, _| bar.set_position(u64::from(k)),
+        );
+        bar.finish_and_clear();
+        let frames = match frames {
+            Err(GenerateError::Cancelled) => anyhow::bail!("cancelled; the video was not written"),
+            other => other?,
+        };
+        let mp4 = crate::engine::video::encode_mp4(&frames, video.fps, ZOOM_VIDEO_BYTES)?;
+        std::fs::write(path, &mp4)
+            .with_context(|| format!("Failed to write {}", path.display()))?;
+        println!(
+            "{} (a zoom video: {} frames, {:.1} s, {} KiB)",
+            path.display(),
+            frames.len(),
+            video.seconds(),
+            mp4.len() / 1024
+        );
     }
     for path in &members {
         println!("{}", path.display());

@@ -31,6 +31,7 @@ pub mod ops;
 pub mod optimize;
 pub mod prompt;
 pub mod spec;
+pub mod video;
 
 /// Runs `f` on this thread with the CPU kernels set aside (`cpu_kernels = false`), so that the
 /// CPU runs exactly the composed candle ops a CUDA or Metal device runs — as

@@ -731,3 +731,147 @@ fn a_larger_canvas_grows_around_the_held_picture() {
         );
     }
 }
+
+/// The zoom step itself: no motion is the identity, a shift moves the content, a zoom of 2
+/// enlarges the middle.
+#[test]
+fn a_zoom_frame_moves_the_picture_as_asked() {
+    use vqclip::engine::video::zoom_frame;
+    let picture =
+        image::RgbImage::from_fn(16, 12, |x, y| image::Rgb([x as u8 * 15, y as u8 * 20, 7]));
+    assert_eq!(zoom_frame(&picture, 1.0, 0.0, (0.0, 0.0)), picture);
+    let shifted = zoom_frame(&picture, 1.0, 0.0, (2.0, 0.0));
+    assert_eq!(shifted.get_pixel(5, 4), picture.get_pixel(3, 4));
+    let zoomed = zoom_frame(&picture, 2.0, 0.0, (0.0, 0.0));
+    // Output column 12's centre (12.5) is 4.5 from the middle (8); halved, 2.25: input
+    // position 10.25, i.e. pixel-centre coordinate 9.75, a quarter of column 9's red (135)
+    // and three quarters of column 10's (150).
+    assert_eq!(zoomed.get_pixel(12, 6)[0], 146);
+    let turned = zoom_frame(&picture, 1.0, 90.0, (0.0, 0.0));
+    assert_ne!(turned, picture);
+}
+
+/// MP4 round trip: frames encoded as H.264 decode back to frames of the same size and count,
+/// close to the originals; a budget too small for them is refused with the sizes.
+#[test]
+fn frames_encode_to_an_mp4_that_decodes_back() {
+    use vqclip::engine::video::{decode_mp4, encode_mp4};
+    let frames: Vec<image::RgbImage> = (0..10u32)
+        .map(|k| {
+            image::RgbImage::from_fn(64, 48, |x, y| {
+                image::Rgb([((x + 3 * k) * 4) as u8, (y * 5) as u8, 128])
+            })
+        })
+        .collect();
+    let mp4 = encode_mp4(&frames, 5, 8 << 20).unwrap();
+    let (info, decoded) = decode_mp4(&mp4).unwrap();
+    assert_eq!((info.width, info.height, info.frames), (64, 48, 10));
+    assert!((info.seconds - 2.0).abs() < 1e-6, "{}", info.seconds);
+    assert_eq!(decoded.len(), 10);
+    for (a, b) in frames.iter().zip(&decoded) {
+        let diff: f64 = a
+            .pixels()
+            .zip(b.pixels())
+            .map(|(p, q)| {
+                (0..3)
+                    .map(|c| (f64::from(p[c]) - f64::from(q[c])).abs())
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            / (64.0 * 48.0 * 3.0);
+        assert!(diff < 8.0, "a decoded frame is {diff} off");
+    }
+    let err = encode_mp4(&frames, 5, 100).unwrap_err().to_string();
+    assert!(err.contains("over 100"), "{err}");
+    let odd = vec![image::RgbImage::new(33, 32)];
+    assert!(encode_mp4(&odd, 5, 8 << 20).is_err());
+}
+
+/// `vqclip imagine --zoom-video`: the picture, then a zoom video of it that plays — checked by
+/// decoding it: its frame count, size and length, its first frame the picture and its last
+/// one elsewhere.
+#[test]
+fn the_command_line_makes_a_zoom_video_that_plays() {
+    use crate::cli::vqclip;
+    use vqclip::engine::video::decode_mp4;
+    let dir = tempfile::tempdir().unwrap();
+    let out = vqclip(
+        dir.path(),
+        &[
+            "imagine",
+            "a lighthouse --seed 3",
+            "--model",
+            "tiny",
+            "--steps",
+            "3",
+            "--size",
+            "32x32",
+            "--cutn",
+            "2",
+            "-o",
+            "a.png",
+            "--zoom-video",
+            "a.mp4",
+            "--zoom-frames",
+            "4",
+            "--zoom-steps",
+            "2",
+            "--zoom-rotate",
+            "-3",
+            "--zoom-shift",
+            "1,-1",
+            "--fps",
+            "5",
+        ],
+        &[],
+    );
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("a zoom video: 5 frames"),
+        "{}",
+        text(&out.stdout)
+    );
+    let mp4 = std::fs::read(dir.path().join("a.mp4")).unwrap();
+    assert!(&mp4[4..8] == b"ftyp", "not an MP4");
+    let (info, frames) = decode_mp4(&mp4).unwrap();
+    assert_eq!((info.width, info.height, info.frames), (32, 32, 5));
+    assert!((info.seconds - 1.0).abs() < 1e-6, "{}", info.seconds);
+    assert_eq!(frames.len(), 5);
+    let picture = image::open(dir.path().join("a.png")).unwrap().to_rgb8();
+    let diff = |a: &image::RgbImage, b: &image::RgbImage| -> f64 {
+        a.pixels()
+            .zip(b.pixels())
+            .map(|(p, q)| {
+                (0..3)
+                    .map(|c| (f64::from(p[c]) - f64::from(q[c])).abs())
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            / (32.0 * 32.0 * 3.0)
+    };
+    let first = diff(&frames[0], &picture);
+    let last = diff(&frames[4], &picture);
+    println!("first frame vs the picture {first:.1}, last {last:.1}");
+    assert!(first < last, "first {first}, last {last}");
+    let bad = vqclip(
+        dir.path(),
+        &[
+            "imagine",
+            "x",
+            "--model",
+            "tiny",
+            "--zoom-video",
+            "b.mp4",
+            "--zoom",
+            "9",
+        ],
+        &[],
+    );
+    assert_ne!(bad.status.code(), Some(0));
+    assert!(
+        text(&bad.stderr).contains("zoom per frame"),
+        "{}",
+        text(&bad.stderr)
+    );
+}
