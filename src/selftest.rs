@@ -441,10 +441,15 @@ impl Checker {
         if self.precision == Precision::F32 {
             return self.check_as(name, label, actual);
         }
+        self.skip_trajectory(name);
+        Ok(())
+    }
+
+    /// Notes a trajectory tensor as not compared (half precision).
+    fn skip_trajectory(&mut self, name: &str) {
         if self.has(name) && !self.skipped.iter().any(|s| s == name) {
             self.skipped.push(name.to_owned());
         }
-        Ok(())
     }
 
     /// Compares `actual` with the case's `name` if the case has it.
@@ -763,8 +768,19 @@ fn run_step(case: &Case, c: &mut Checker) -> anyhow::Result<()> {
     c.check("grad_z", grad_z)?;
     c.check("grad_z_f64", grad_z)?;
 
-    // The trajectory: the engine's step, `steps` times.
+    // The trajectory: the engine's step, `steps` times. In half precision it is not compared
+    // (see `run_case`); Adam's cases still run it, so the half-precision step is exercised, and
+    // the other optimisers' cases, whose step is the same but for the update, skip it.
     let steps = case.steps.context("a step case needs `steps`")?;
+    if kind != Optimizer::Adam && c.precision != Precision::F32 {
+        for name in (1..=steps)
+            .map(|k| format!("z_after_step{k}"))
+            .chain(["losses".into()])
+        {
+            c.skip_trajectory(&name);
+        }
+        return Ok(());
+    }
     let mut latent = Latent::trained(
         &c.input_on_device(&optimizer.z_init)?,
         vqgan.z_min(),

@@ -459,7 +459,13 @@ async fn buttons_and_reactions_rerun_upscale_and_vary_even_after_a_restart() {
             "vq:vary:1",
             "vq:gif:1",
             "vq:subtle:1",
-            "vq:strong:1"
+            "vq:strong:1",
+            "vq:zoom:1",
+            "vq:widen:1",
+            "vq:panleft:1",
+            "vq:panright:1",
+            "vq:panup:1",
+            "vq:pandown:1"
         ]
     );
     let last_edit = eventually("the stub", || {

@@ -1627,10 +1627,6 @@ fn selftest_passes_on_the_parity_cases_and_fails_on_a_corrupted_one() {
     );
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
-    let cases = std::fs::read_dir(fixtures)
-        .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().extension() == Some("json".as_ref()))
-        .count();
     for case in [
         "tiny_adamw",
         "tiny_diffgrad",
@@ -1648,12 +1644,20 @@ fn selftest_passes_on_the_parity_cases_and_fails_on_a_corrupted_one() {
         );
     }
 
-    // A copy of the cases with one value of the reference's gradient at z changed.
+    // A copy of one case with one value of the reference's gradient at z changed.
     let copy = dir.path().join("cases");
     std::fs::create_dir(&copy).unwrap();
     for entry in std::fs::read_dir(fixtures).unwrap() {
         let path = entry.unwrap().path();
-        std::fs::copy(&path, copy.join(path.file_name().unwrap())).unwrap();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.ends_with(".safetensors")
+            && !name.starts_with("tiny_step")
+            && !["tiny_vqgan.safetensors", "tiny_clip.safetensors"].contains(&name.as_str())
+            || name.ends_with(".json") && name != "tiny_step.json"
+        {
+            continue;
+        }
+        std::fs::copy(&path, copy.join(&name)).unwrap();
     }
     let tensors = copy.join("tiny_step.safetensors");
     let mut bytes = std::fs::read(&tensors).unwrap();
@@ -1681,7 +1685,7 @@ fn selftest_passes_on_the_parity_cases_and_fails_on_a_corrupted_one() {
     assert!(line.contains("FAILED"), "{stdout}");
     assert!(stdout.contains("grad_z: 1 of"), "{stdout}");
     assert!(
-        text(&out.stderr).contains(&format!("1 of {cases} runs failed")),
+        text(&out.stderr).contains("1 of 1 runs failed"),
         "{}",
         text(&out.stderr)
     );

@@ -546,12 +546,12 @@ fn a_tile_and_a_picture_in_one_batch_each_end_as_alone() {
 /// `--tile` end to end: the finished picture's seam (last column to first, last row to first)
 /// is as smooth as its inside — the mean difference across it within a quarter of the mean
 /// difference between interior neighbours at the same phase of the decoder's grid (measured:
-/// 0.87 to 0.99 of it on these seeds). The tiled run trains (its latent moves) and resumes.
+/// 0.93 and 0.99 of it on these seeds). The tiled run trains (its latent moves) and resumes.
 #[test]
 fn a_tiled_run_has_a_seam_as_smooth_as_its_inside() {
     let models = tiny_models();
     let factor = models.vqgan.config().downsample_factor() as u32;
-    for seed in 0..3 {
+    for seed in 0..2 {
         let spec = GenerationSpec {
             tile: true,
             width: 64,
