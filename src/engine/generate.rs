@@ -790,7 +790,8 @@ fn place_on_canvas(
 
 /// The reference's noise images, `width`×`height`, from the job's RNG: uniformly random pixels,
 /// or a gradient with red from 0 to a random end left to right, green from 0 and blue between
-/// two random ends top to bottom.
+/// two random ends top to bottom. (`Tokens` starts from no image; asked for one, it gets the
+/// random pixels.)
 pub(crate) fn noise_image(
     kind: InitNoise,
     width: u32,

@@ -113,24 +113,21 @@ fn a_story_moves_to_the_next_scene_every_n_steps() {
     );
 }
 
-/// Every optimiser trains the latent, each differently, and a run with each resumed from a
-/// checkpoint file ends as the uninterrupted one (DiffGrad's previous gradient and the moving
-/// average travel in the checkpoint).
+/// Every optimiser trains the latent, each differently, and a run resumed from a checkpoint
+/// file ends as the uninterrupted one (DiffGrad's previous gradient and the moving average
+/// travel in the checkpoint; Adam's resume is `pipeline.rs`'s).
 #[test]
 fn each_optimiser_runs_and_resumes_exactly() {
     let models = tiny_models();
-    let mut ends = Vec::new();
-    for (optimizer, ema) in [
-        (Optimizer::Adam, None),
-        (Optimizer::AdamW, None),
-        (Optimizer::DiffGrad, None),
-        (Optimizer::DiffGrad, Some(0.9)),
-    ] {
-        let spec = GenerationSpec {
-            optimizer,
-            ema,
-            ..plain(11)
-        };
+    let short = |optimizer, ema| GenerationSpec {
+        optimizer,
+        ema,
+        steps: 3,
+        ..plain(11)
+    };
+    let mut ends = vec![values(&run(&models, short(Optimizer::Adam, None)).latent)];
+    for (optimizer, ema) in [(Optimizer::AdamW, None), (Optimizer::DiffGrad, Some(0.9))] {
+        let spec = short(optimizer, ema);
         let whole = run(&models, spec.clone());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("resume.safetensors");
@@ -147,37 +144,31 @@ fn each_optimiser_runs_and_resumes_exactly() {
         let mut second =
             Generator::new(&models, spec.clone(), GenerationInputs::default()).unwrap();
         second.resume(&checkpoint).unwrap();
-        while !second.is_done() {
-            second.step().unwrap();
-        }
+        second.step().unwrap();
         let resumed = second.finish().unwrap();
         assert_eq!(
             values(&resumed.latent),
             values(&whole.latent),
             "{optimizer:?} ema {ema:?}: the resumed run differs"
         );
-        // A checkpoint without DiffGrad's state cannot continue a DiffGrad run.
-        if optimizer == Optimizer::DiffGrad && ema.is_none() {
-            let adam = GenerationSpec {
-                optimizer: Optimizer::Adam,
-                ..spec
-            };
-            let mut g = Generator::new(&models, adam, GenerationInputs::default()).unwrap();
-            g.step().unwrap();
-            let mut other = Generator::new(
-                &models,
-                GenerationSpec {
-                    optimizer: Optimizer::DiffGrad,
-                    ..plain(11)
-                },
-                GenerationInputs::default(),
-            )
-            .unwrap();
-            let err = other.resume(&g.checkpoint()).unwrap_err().to_string();
-            assert!(err.contains("previous gradient"), "{err}");
-        }
         ends.push(values(&whole.latent));
     }
+    // A checkpoint without DiffGrad's state cannot continue a DiffGrad run.
+    let mut adam = Generator::new(
+        &models,
+        short(Optimizer::Adam, None),
+        GenerationInputs::default(),
+    )
+    .unwrap();
+    adam.step().unwrap();
+    let mut diffgrad = Generator::new(
+        &models,
+        short(Optimizer::DiffGrad, None),
+        GenerationInputs::default(),
+    )
+    .unwrap();
+    let err = diffgrad.resume(&adam.checkpoint()).unwrap_err().to_string();
+    assert!(err.contains("previous gradient"), "{err}");
     for i in 0..ends.len() {
         for j in i + 1..ends.len() {
             assert_ne!(ends[i], ends[j], "runs {i} and {j} ended alike");
@@ -578,6 +569,9 @@ fn a_tiled_run_has_a_seam_as_smooth_as_its_inside() {
             values(&out.latent),
             "the tile did not train"
         );
+        if seed > 0 {
+            continue;
+        }
         let mut first = Generator::new(&models, spec.clone(), GenerationInputs::default()).unwrap();
         first.step().unwrap();
         let mut second = Generator::new(&models, spec, GenerationInputs::default()).unwrap();
@@ -606,7 +600,7 @@ fn a_larger_canvas_grows_around_the_held_picture() {
     let parent_spec = GenerationSpec {
         width: 32,
         height: 32,
-        steps: 6,
+        steps: 3,
         ..plain(12)
     };
     let parent = run(&models, parent_spec.clone());
@@ -636,15 +630,6 @@ fn a_larger_canvas_grows_around_the_held_picture() {
                 y: 4,
             },
             "zoom out 2×",
-        ),
-        (
-            Canvas {
-                width: 12,
-                height: 8,
-                x: 4,
-                y: 0,
-            },
-            "pan left",
         ),
         (
             Canvas {
