@@ -186,18 +186,12 @@ impl Optimizer {
 
     /// The optimiser named `name` (any case), if there is one.
     pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name.trim()))
-            .map(|&(_, o)| o)
+        by_name(&Self::ALL, name)
     }
 
     /// The name users type.
     pub fn name(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(_, o)| *o == self)
-            .map_or("adam", |(n, _)| n)
+        name_of(&Self::ALL, self)
     }
 
     /// `eps` added to the root of the second moment.
@@ -243,19 +237,25 @@ impl InitNoise {
 
     /// The start named `name` (any case), if there is one.
     pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name.trim()))
-            .map(|&(_, o)| o)
+        by_name(&Self::ALL, name)
     }
 
     /// The name users type.
     pub fn name(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(_, o)| *o == self)
-            .map_or("tokens", |(n, _)| n)
+        name_of(&Self::ALL, self)
     }
+}
+
+/// The entry of `all` named `name` (any case, spaces around ignored).
+fn by_name<T: Copy>(all: &[(&'static str, T)], name: &str) -> Option<T> {
+    all.iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name.trim()))
+        .map(|&(_, value)| value)
+}
+
+/// The name of `value` in `all` (which lists every value).
+fn name_of<T: PartialEq>(all: &[(&'static str, T)], value: T) -> &'static str {
+    all.iter().find(|(_, v)| *v == value).map_or("", |(n, _)| n)
 }
 
 /// How a latent is trained, beyond its start.
