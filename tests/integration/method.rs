@@ -21,6 +21,16 @@ fn prompt(text: &str) -> WeightedPrompt {
     }
 }
 
+/// The mean absolute difference of two pictures of one size, per channel, in 0..=255.
+fn mean_abs_diff(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
+    let total: f64 = a
+        .pixels()
+        .zip(b.pixels())
+        .flat_map(|(p, q)| (0..3).map(move |c| (f64::from(p[c]) - f64::from(q[c])).abs()))
+        .sum();
+    total / f64::from(a.width() * a.height() * 3)
+}
+
 fn values(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
@@ -611,15 +621,7 @@ fn a_larger_canvas_grows_around_the_held_picture() {
             ..parent_spec.clone()
         },
     );
-    let mean_diff = |a: &image::RgbImage, b: &image::RgbImage| -> f64 {
-        let total: f64 = a
-            .pixels()
-            .zip(b.pixels())
-            .flat_map(|(p, q)| (0..3).map(move |c| (f64::from(p[c]) - f64::from(q[c])).abs()))
-            .sum();
-        total / f64::from(a.width() * a.height() * 3)
-    };
-    let scale = mean_diff(&parent.image, &stranger.image);
+    let scale = mean_abs_diff(&parent.image, &stranger.image);
     // (canvas in tokens, what) for an 8×8-token parent.
     for (canvas, what) in [
         (
@@ -679,7 +681,7 @@ fn a_larger_canvas_grows_around_the_held_picture() {
         );
         let crop =
             image::imageops::crop_imm(&out.image, canvas.x * 4, canvas.y * 4, 32, 32).to_image();
-        let kept = mean_diff(&crop, &parent.image);
+        let kept = mean_abs_diff(&crop, &parent.image);
         // What the decoder alone makes of the region, before the picture is pasted back.
         let decoded = vqclip::engine::image::tensor_to_rgb(
             &vqclip::engine::optimize::Latent::new(
@@ -693,7 +695,7 @@ fn a_larger_canvas_grows_around_the_held_picture() {
             .unwrap(),
         )
         .unwrap();
-        let raw = mean_diff(
+        let raw = mean_abs_diff(
             &image::imageops::crop_imm(&decoded, canvas.x * 4, canvas.y * 4, 32, 32).to_image(),
             &parent.image,
         );
@@ -754,16 +756,7 @@ fn frames_encode_to_an_mp4_that_decodes_back() {
     assert!((info.seconds - 2.0).abs() < 1e-6, "{}", info.seconds);
     assert_eq!(decoded.len(), 10);
     for (a, b) in frames.iter().zip(&decoded) {
-        let diff: f64 = a
-            .pixels()
-            .zip(b.pixels())
-            .map(|(p, q)| {
-                (0..3)
-                    .map(|c| (f64::from(p[c]) - f64::from(q[c])).abs())
-                    .sum::<f64>()
-            })
-            .sum::<f64>()
-            / (64.0 * 48.0 * 3.0);
+        let diff = mean_abs_diff(a, b);
         assert!(diff < 8.0, "a decoded frame is {diff} off");
     }
     let err = encode_mp4(&frames, 5, 100).unwrap_err().to_string();
@@ -824,19 +817,8 @@ fn the_command_line_makes_a_zoom_video_that_plays() {
     assert!((info.seconds - 1.0).abs() < 1e-6, "{}", info.seconds);
     assert_eq!(frames.len(), 5);
     let picture = image::open(dir.path().join("a.png")).unwrap().to_rgb8();
-    let diff = |a: &image::RgbImage, b: &image::RgbImage| -> f64 {
-        a.pixels()
-            .zip(b.pixels())
-            .map(|(p, q)| {
-                (0..3)
-                    .map(|c| (f64::from(p[c]) - f64::from(q[c])).abs())
-                    .sum::<f64>()
-            })
-            .sum::<f64>()
-            / (32.0 * 32.0 * 3.0)
-    };
-    let first = diff(&frames[0], &picture);
-    let last = diff(&frames[4], &picture);
+    let first = mean_abs_diff(&frames[0], &picture);
+    let last = mean_abs_diff(&frames[4], &picture);
     println!("first frame vs the picture {first:.1}, last {last:.1}");
     assert!(first < last, "first {first}, last {last}");
     let bad = vqclip(
