@@ -57,6 +57,10 @@ impl Action {
                     j,
                 )
             }
+            Self::FollowUp(FollowUp::Video(image), j) => (
+                format!("video{}", image.map_or(String::new(), |k| k.to_string())),
+                j,
+            ),
             Self::Timelapse(j) => ("gif".to_owned(), j),
             Self::Cancel(j) => ("cancel".to_owned(), j),
         };
@@ -89,6 +93,7 @@ impl Action {
             ("subtle", _) => Self::FollowUp(FollowUp::Variation(image, Strength::Subtle), job),
             ("strong", _) => Self::FollowUp(FollowUp::Variation(image, Strength::Strong), job),
             ("gif", None) => Self::Timelapse(job),
+            ("video", _) => Self::FollowUp(FollowUp::Video(image), job),
             (word, image) if EXTENSIONS.iter().any(|(n, _)| *n == word) => {
                 let (_, extension) = EXTENSIONS.iter().find(|(n, _)| *n == word)?;
                 Self::FollowUp(FollowUp::Extend(image, *extension), job)
@@ -121,8 +126,8 @@ impl Action {
 
 /// The buttons under a finished picture of `grid` images. A grid: U1–U4 (upscale that image),
 /// V1–V4 (vary it: a new grid) and 🔄 (new seeds), then the time-lapse. A single image: rerun,
-/// upscale, variation and time-lapse; Vary (Subtle) and Vary (Strong); Zoom Out 2× and 1.5×
-/// and (unless it is `square`) Make Square; the four pans.
+/// upscale, variation and time-lapse; Vary (Subtle), Vary (Strong) and 🎬 Zoom video; Zoom Out
+/// 2× and 1.5× and (unless it is `square`) Make Square; the four pans.
 pub(crate) fn result_buttons(
     job: JobId,
     grid: u32,
@@ -180,6 +185,11 @@ pub(crate) fn result_buttons(
         serenity::CreateActionRow::Buttons(vec![
             button(vary(Strength::Subtle), None, "Vary (Subtle)"),
             button(vary(Strength::Strong), None, "Vary (Strong)"),
+            button(
+                Action::FollowUp(FollowUp::Video(None), job),
+                Some('🎬'),
+                "Zoom video",
+            ),
         ]),
         serenity::CreateActionRow::Buttons(
             [
@@ -240,6 +250,7 @@ mod tests {
                     JobId(333),
                 ));
             }
+            actions.push(Action::FollowUp(FollowUp::Video(image), JobId(12)));
         }
         for k in 1..=4 {
             actions.push(Action::FollowUp(FollowUp::Upscale(Some(k)), JobId(7)));
@@ -350,7 +361,7 @@ mod tests {
             ids(result_buttons(JobId(3), 1, false)),
             [
                 vec!["vq:rerun:3", "vq:upscale:3", "vq:vary:3", "vq:gif:3"],
-                vec!["vq:subtle:3", "vq:strong:3"],
+                vec!["vq:subtle:3", "vq:strong:3", "vq:video:3"],
                 vec!["vq:zoom:3", "vq:widen:3", "vq:square:3"],
                 vec![
                     "vq:panleft:3",

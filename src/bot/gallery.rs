@@ -10,6 +10,7 @@ use crate::store::Store;
 use poise::serenity_prelude as serenity;
 
 use super::text::quote;
+use super::upload::Upload;
 use super::{BotError, Data};
 use crate::jobs::JobId;
 use crate::store::gallery::{self as store_gallery, GalleryEntry, GalleryQuery};
@@ -28,7 +29,7 @@ pub async fn post(
     http: &serenity::Http,
     pool: &Store,
     job: JobId,
-    (bytes, name): &(Vec<u8>, String),
+    upload: &Upload,
     result: &serenity::Message,
 ) -> anyhow::Result<()> {
     let Some(job) = store_jobs::get_job(pool, job).await? else {
@@ -53,18 +54,17 @@ pub async fn post(
         "https://discord.com/channels/{guild}/{}/{}",
         result.channel_id, result.id
     );
-    let embed = serenity::CreateEmbed::new()
+    let mut embed = serenity::CreateEmbed::new()
         .description(quote(&job.prompt, 1000))
         .field("By", format!("<@{}>", job.requester_id), true)
         .field("Seed", job.seed.to_string(), true)
-        .field("Job", format!("[{}]({link})", job.id), true)
-        .image(format!("attachment://{name}"));
+        .field("Job", format!("[{}]({link})", job.id), true);
+    if let Some(name) = upload.embedded() {
+        embed = embed.image(format!("attachment://{name}"));
+    }
     let message = serenity::CreateMessage::new()
         .embed(embed)
-        .add_file(serenity::CreateAttachment::bytes(
-            bytes.clone(),
-            name.clone(),
-        ))
+        .add_files(upload.attachments())
         .allowed_mentions(serenity::CreateAllowedMentions::new());
     let channel = serenity::ChannelId::new(channel);
     let posted = channel.send_message(http, message).await?;

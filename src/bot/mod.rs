@@ -26,6 +26,7 @@ pub(crate) mod options;
 pub(crate) mod progress;
 pub(crate) mod submit;
 pub(crate) mod text;
+pub(crate) mod upload;
 
 use std::future::Future;
 use std::sync::Arc;

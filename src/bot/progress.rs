@@ -20,8 +20,8 @@ use crate::store::Store;
 use super::components;
 use super::text::quote;
 use super::text::{human_duration, status_text, title};
+use super::upload::Upload;
 use crate::config::Settings;
-use crate::engine::image;
 use crate::jobs::{FinishedJob, JobEvent, JobId, Preview};
 use crate::store::jobs::{Job, set_job_result};
 use crate::store::users;
@@ -65,6 +65,8 @@ pub struct JobMessage {
     pub ping: bool,
     /// How many images the job makes (a grid's result has U/V buttons).
     pub grid: u32,
+    /// A zoom video's motion: its result is the MP4, with no buttons.
+    pub video: Option<crate::engine::video::ZoomVideo>,
 }
 
 impl JobMessage {
@@ -94,6 +96,10 @@ impl JobMessage {
             models: format!("{} + {}", job.vqgan_model, job.clip_model),
             ping,
             grid: crate::jobs::grid_of(job),
+            video: serde_json::from_value::<crate::jobs::JobParams>(job.params.clone())
+                .ok()
+                .and_then(|p| p.video)
+                .map(|v| v.motion),
         }
     }
 }
@@ -369,7 +375,7 @@ impl Editor {
             self.edit(&text, None, true).await;
             return;
         };
-        let posted = match fit_upload(done, self.target.job, self.target.size_limit) {
+        let posted = match Upload::of(done, self.target.job, self.target.size_limit) {
             Ok(upload) => self.post_result(done, &upload).await.map(|m| (m, upload)),
             Err(e) => Err(e),
         };
@@ -404,10 +410,10 @@ impl Editor {
     async fn post_result(
         &mut self,
         done: &FinishedJob,
-        (bytes, name): &(Vec<u8>, String),
+        upload: &Upload,
     ) -> anyhow::Result<serenity::Message> {
         let t = &self.target;
-        let embed = serenity::CreateEmbed::new()
+        let mut embed = serenity::CreateEmbed::new()
             .description(quote(&t.prompt, 1000))
             .field(
                 if t.grid > 1 { "Seeds" } else { "Seed" },
@@ -419,7 +425,19 @@ impl Editor {
                 },
                 true,
             )
-            .field("Steps", t.steps.to_string(), true)
+            .field(
+                if t.video.is_some() { "Video" } else { "Steps" },
+                match &t.video {
+                    Some(v) => format!(
+                        "{} frames × {} steps, {:.1} s",
+                        v.frames + 1,
+                        v.steps_per_frame,
+                        v.seconds()
+                    ),
+                    None => t.steps.to_string(),
+                },
+                true,
+            )
             .field("Size", format!("{}×{}", t.size.0, t.size.1), true)
             .field("Models", t.models.clone(), true)
             .field(
@@ -427,27 +445,31 @@ impl Editor {
                 human_duration(Duration::from_secs_f64(done.seconds)),
                 true,
             )
-            .field("Job", t.job.to_string(), true)
-            .image(format!("attachment://{name}"));
+            .field("Job", t.job.to_string(), true);
+        if let Some(name) = upload.embedded() {
+            embed = embed.image(format!("attachment://{name}"));
+        }
         let mentions = if t.ping {
             serenity::CreateAllowedMentions::new().users([t.requester])
         } else {
             serenity::CreateAllowedMentions::new()
         };
-        let message = serenity::CreateMessage::new()
+        let mut message = serenity::CreateMessage::new()
             .content(format!("{} — done", t.title))
             .embed(embed)
-            .add_file(serenity::CreateAttachment::bytes(
-                bytes.clone(),
-                name.clone(),
-            ))
-            .components(components::result_buttons(
+            .reference_message((t.channel, t.message))
+            .allowed_mentions(mentions);
+        // A video's follow-ups are its picture's buttons; the video has none.
+        if t.video.is_none() {
+            message = message.components(components::result_buttons(
                 t.job,
                 t.grid,
                 t.size.0 == t.size.1,
-            ))
-            .reference_message((t.channel, t.message))
-            .allowed_mentions(mentions);
+            ));
+        }
+        for file in upload.attachments() {
+            message = message.add_file(file);
+        }
         let mut tries = 0;
         loop {
             self.wait_turn(true).await;
@@ -465,48 +487,5 @@ impl Editor {
                 Err(e) => return Err(e.into()),
             }
         }
-    }
-}
-
-/// The PNG if it fits the upload limit, else a JPEG of it that does.
-fn fit_upload(done: &FinishedJob, job: JobId, limit: usize) -> anyhow::Result<(Vec<u8>, String)> {
-    if done.png.len() <= limit {
-        return Ok((done.png.clone(), format!("vqclip-{job}.png")));
-    }
-    let picture = image::decode(&done.png)?;
-    for quality in [92, 80, 65] {
-        let jpeg = image::encode_jpeg(&picture, quality)?;
-        if jpeg.len() <= limit {
-            return Ok((jpeg, format!("vqclip-{job}.jpg")));
-        }
-    }
-    anyhow::bail!("the image is larger than this channel's upload limit even as a JPEG")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_result_over_the_upload_limit_becomes_a_jpeg() {
-        let picture = ::image::RgbImage::from_fn(64, 64, |x, y| {
-            ::image::Rgb([(x * 4) as u8, (y * 4) as u8, ((x ^ y) * 4) as u8])
-        });
-        let png = crate::engine::image::encode_png(&picture).unwrap();
-        let done = FinishedJob {
-            png: png.clone(),
-            path: "x.png".into(),
-            sha256: String::new(),
-            width: 64,
-            height: 64,
-            final_loss: 0.0,
-            device: "cpu".into(),
-            seconds: 1.0,
-        };
-        let (bytes, name) = fit_upload(&done, JobId(4), png.len()).unwrap();
-        assert_eq!((bytes, name.as_str()), (png.clone(), "vqclip-4.png"));
-        let (bytes, name) = fit_upload(&done, JobId(4), png.len() - 1).unwrap();
-        assert!(name.ends_with(".jpg") && bytes.len() < png.len());
-        assert!(fit_upload(&done, JobId(4), 10).is_err());
     }
 }

@@ -17,7 +17,7 @@ use crate::jobs::{Actor, Origin};
 use crate::store::jobs::{self as store_jobs, Job};
 use crate::store::{guilds, users};
 
-/// Submits a rerun, upscale or variation of `parent` for `actor`, after checking who may.
+/// Submits a follow-up (rerun, upscale, variation, extension, video) of `parent` for `actor`, after checking who may.
 pub(crate) async fn submit_follow_up(
     data: &Data,
     parent: &Job,
@@ -40,24 +40,24 @@ pub(crate) async fn submit_follow_up(
         guild: parent.guild_id,
         channel: Some(channel),
     };
-    // The parent's latent is on this host when it ran here, in the database when a worker
-    // elsewhere ran it (that worker fetches it from there).
+    // The parent's latent (or picture) is on this host when it ran here, in the database when
+    // a worker elsewhere ran it (that worker fetches it from there).
     let images = &data.settings.storage.images;
-    let image = what.image().flatten();
-    let latent = crate::store::events::file_of(crate::store::events::LATENT, image);
-    let latent_kept = crate::jobs::latent_path_of(images, parent.id, image).is_file()
-        || crate::store::events::has_job_file(&data.store, parent.id, &latent).await?;
+    let start_kept = match what.start_file(images, parent.id) {
+        Some((name, path)) => {
+            path.is_file()
+                || crate::store::events::has_job_file(&data.store, parent.id, &name).await?
+        }
+        None => true,
+    };
     let grid = default_grid(data, actor.user, parent.guild_id).await?;
     let (job, params) = crate::jobs::follow_up::follow_up_job(
         parent,
         what,
         (rand::random(), grid),
         origin,
-        (images, latent_kept),
-        (
-            data.settings.generation.max_side,
-            data.settings.generation.max_pixels,
-        ),
+        (images, start_kept),
+        &data.settings.generation,
     )
     .map_err(|e| {
         BotError::User(match e {

@@ -20,9 +20,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// The size a zoom video aims at: under Discord's smallest upload limit (10 MiB).
-pub(crate) const ZOOM_VIDEO_BYTES: u64 = 8 * 1024 * 1024;
-
 /// Options of `vqclip imagine`.
 // The field docs are `--help` text, where `<seed>` is a placeholder, not HTML.
 #[allow(rustdoc::invalid_html_tags)]
@@ -520,14 +517,18 @@ pub(super) fn imagine_blocking(
             output.image.clone(),
             video,
             cancel,
-            |k, _| bar.set_position(u64::from(k)),
+            |k, _, _| bar.set_position(u64::from(k)),
         );
         bar.finish_and_clear();
         let frames = match frames {
             Err(GenerateError::Cancelled) => anyhow::bail!("cancelled; the video was not written"),
             other => other?,
         };
-        let mp4 = crate::engine::video::encode_mp4(&frames, video.fps, ZOOM_VIDEO_BYTES)?;
+        let mp4 = crate::engine::video::encode_mp4(
+            &frames,
+            video.fps,
+            crate::engine::video::MAX_VIDEO_BYTES,
+        )?;
         std::fs::write(path, &mp4)
             .with_context(|| format!("Failed to write {}", path.display()))?;
         println!(

@@ -115,6 +115,22 @@ pub struct Preview {
     pub height: u32,
 }
 
+impl Preview {
+    /// `picture` as a preview: shrunk to fit a [`PREVIEW_SIDE`] square and encoded as a JPEG.
+    pub fn of(picture: &RgbImage) -> Result<Self, GenerateError> {
+        Self::of_small(&img::downscale(picture, PREVIEW_SIDE))
+    }
+
+    /// A picture already the size of a preview, encoded.
+    fn of_small(small: &RgbImage) -> Result<Self, GenerateError> {
+        Ok(Self {
+            jpeg: img::encode_jpeg(small, PREVIEW_QUALITY)?,
+            width: small.width(),
+            height: small.height(),
+        })
+    }
+}
+
 /// Where a run stands after an iteration.
 #[derive(Debug, Clone)]
 pub struct Progress {
@@ -506,11 +522,7 @@ impl<'m> Generator<'m> {
             let picture = self.shown(img::tensor_to_rgb(&report.image)?);
             let small = img::downscale(&picture, PREVIEW_SIDE);
             if wants_preview {
-                preview = Some(Preview {
-                    jpeg: img::encode_jpeg(&small, PREVIEW_QUALITY)?,
-                    width: small.width(),
-                    height: small.height(),
-                });
+                preview = Some(Preview::of_small(&small)?);
                 self.preview_image = Some(small.clone());
             }
             if wants_frame {

@@ -14,6 +14,9 @@ use super::generate::{GenerateError, GenerationInputs, GenerationSpec, Generator
 pub const MAX_FRAMES: u32 = 600;
 /// Most steps per frame.
 pub const MAX_STEPS_PER_FRAME: u32 = 200;
+/// The largest video made: under Discord's smallest upload limit (10 MiB), with room for the
+/// message's other files.
+pub const MAX_VIDEO_BYTES: u64 = 8 << 20;
 
 /// A zoom video's motion and length.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -89,6 +92,11 @@ impl ZoomVideo {
         Ok(())
     }
 
+    /// Optimiser steps in all.
+    pub fn steps(&self) -> u64 {
+        u64::from(self.frames) * u64::from(self.steps_per_frame)
+    }
+
     /// The video's length in seconds (the starting picture counts as a frame).
     pub fn seconds(&self) -> f64 {
         f64::from(self.frames + 1) / f64::from(self.fps)
@@ -135,14 +143,15 @@ pub fn zoom_frame(image: &RgbImage, zoom: f64, rotate: f64, shift: (f64, f64)) -
 /// each next frame is the last one through [`zoom_frame`], encoded by the VQGAN (the models
 /// need the encoder) and optimised for `video.steps_per_frame` steps towards `spec`'s prompts
 /// with a fresh optimiser (as the reference recreates its own), seed `spec.seed + k` for frame
-/// `k`. `on_frame` hears each frame as it is made; `cancel` is checked between steps.
+/// `k`. `on_frame` hears each frame as it is made, with its final loss; `cancel` is checked
+/// between steps.
 pub fn zoom_video(
     models: &Models,
     spec: &GenerationSpec,
     start: RgbImage,
     video: &ZoomVideo,
     cancel: &AtomicBool,
-    mut on_frame: impl FnMut(u32, &RgbImage),
+    mut on_frame: impl FnMut(u32, &RgbImage, f64),
 ) -> Result<Vec<RgbImage>, GenerateError> {
     video.check().map_err(GenerateError::InvalidSpec)?;
     if start.dimensions() != (spec.width, spec.height) {
@@ -177,9 +186,9 @@ pub fn zoom_video(
             }
             run.step()?;
         }
-        let frame = run.finish()?.image;
-        on_frame(k, &frame);
-        frames.push(frame);
+        let output = run.finish()?;
+        on_frame(k, &output.image, output.final_loss);
+        frames.push(output.image);
     }
     Ok(frames)
 }

@@ -11,7 +11,7 @@ use candle_core::Device;
 use super::ImageIndex;
 use super::worker::{
     Assignment, BatchEvent, RunError, RunOutput, Runner, StopFlags, TIMELAPSE_DELAY_MS, chunk_for,
-    load_inputs, png_metadata,
+    load_inputs, png_metadata, write_atomically,
 };
 use crate::engine::generate::{
     Checkpoint, GenerateError, GenerationSpec, Generator, Models, Progress, step_together,
@@ -251,18 +251,6 @@ fn combined_progress(
     Ok(first)
 }
 
-/// Writes `bytes` to `path` through a temporary file, so a crash never leaves a partial file
-/// under the final name.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let partial = path.with_extension("part");
-    let written = std::fs::write(&partial, bytes).and_then(|()| std::fs::rename(&partial, path));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&partial);
-        return Err(e.to_string());
-    }
-    Ok(())
-}
-
 /// One job of a batch while it runs: its images' runs and where they are kept.
 struct JobRun<'m, 'a> {
     job: &'a Assignment,
@@ -311,9 +299,12 @@ impl EngineRunner {
         let unknown = |id: &str| RunError::Failed(format!("unknown model {id}"));
         let vqgan_info = models::find(&first.vqgan).ok_or_else(|| unknown(&first.vqgan))?;
         let clip_info = models::find(&first.clip).ok_or_else(|| unknown(&first.clip))?;
-        let full = jobs
-            .iter()
-            .any(|j| j.params.inputs.init_image.is_some() || j.params.spec.needs_encoder());
+        // A video encodes each frame's start.
+        let full = jobs.iter().any(|j| {
+            j.params.inputs.init_image.is_some()
+                || j.params.spec.needs_encoder()
+                || j.params.video.is_some()
+        });
         let vqgan = self.vqgan(vqgan_info, full).map_err(RunError::Failed)?;
         let clip = self.clip(clip_info).map_err(RunError::Failed)?;
         Ok(Models {
@@ -427,6 +418,71 @@ impl EngineRunner {
             width: shown.width(),
             height: shown.height(),
             final_loss,
+            video: None,
+        })
+    }
+
+    /// Makes a zoom video job's frames from its picture, reporting each frame as progress (its
+    /// preview the frame), and encodes them; the result's picture is the last frame. Not
+    /// batched: each frame is a run of its own, and a stop starts it over.
+    fn run_video(
+        &mut self,
+        (job, stop): (&Assignment, &StopFlags),
+        events: &mut dyn FnMut(BatchEvent<'_>),
+    ) -> Result<RunOutput, RunError> {
+        use crate::engine::video::{MAX_VIDEO_BYTES, encode_mp4, zoom_video};
+        let video = job
+            .params
+            .video
+            .as_ref()
+            .ok_or_else(|| RunError::Failed("not a video job".into()))?;
+        let models = self.models_for(std::slice::from_ref(job))?;
+        let start = image::read(&video.start)
+            .map_err(|e| RunError::Failed(format!("the picture cannot be read: {e}")))?;
+        let mut spec = job.params.spec.clone();
+        spec.chunk = chunk_for(self.gpu_total, &models.clip.vision, spec.cutn, spec.chunk);
+        let motion = video.motion;
+        let total = job.params.total_steps();
+        let started = std::time::Instant::now();
+        let mut last_loss = f64::NAN;
+        let mut on_frame = |k: u32, frame: &::image::RgbImage, loss: f64| {
+            last_loss = loss;
+            let elapsed = started.elapsed();
+            let progress = Progress {
+                iteration: k.saturating_mul(motion.steps_per_frame),
+                total,
+                loss,
+                prompt_losses: Vec::new(),
+                elapsed,
+                eta: elapsed.mul_f64(f64::from(motion.frames - k) / f64::from(k.max(1))),
+                preview: crate::engine::generate::Preview::of(frame).ok(),
+            };
+            events(BatchEvent::Progress(job.id, &progress));
+        };
+        let frames = zoom_video(&models, &spec, start, &motion, &stop.stop, &mut on_frame)
+            .map_err(|e| match e {
+                GenerateError::Cancelled => RunError::Stopped,
+                e => failed(e),
+            })?;
+        let mp4 = encode_mp4(&frames, motion.fps, MAX_VIDEO_BYTES)
+            .map_err(|e| RunError::Failed(e.to_string()))?;
+        let last = frames
+            .last()
+            .ok_or_else(|| RunError::Failed("no frames".into()))?;
+        let text = png_metadata(
+            &job.prompt,
+            &spec,
+            (&job.vqgan, &job.clip),
+            (&self.device, self.clip_precision),
+        );
+        let png = image::encode_png_with_text(last, &text)
+            .map_err(|e| RunError::Failed(format!("cannot encode the PNG: {e}")))?;
+        Ok(RunOutput {
+            png,
+            width: last.width(),
+            height: last.height(),
+            final_loss: last_loss,
+            video: Some(mp4),
         })
     }
 
@@ -530,10 +586,12 @@ impl EngineRunner {
 }
 
 /// Whether two jobs can share a batch: the same models and image size (each keeps its own
-/// prompts, seed, steps, cutouts and grid).
+/// prompts, seed, steps, cutouts and grid), neither a video.
 pub(crate) fn batchable(a: &Assignment, b: &Assignment) -> bool {
     let (sa, sb) = (&a.params.spec, &b.params.spec);
-    a.vqgan == b.vqgan
+    a.params.video.is_none()
+        && b.params.video.is_none()
+        && a.vqgan == b.vqgan
         && a.clip == b.clip
         && (sa.width, sa.height, sa.cutn) == (sb.width, sb.height, sb.cutn)
 }
@@ -546,14 +604,14 @@ impl Runner for EngineRunner {
         on_progress: &mut dyn FnMut(&Progress),
     ) -> Result<RunOutput, RunError> {
         let mut result = None;
-        self.run_together(
-            std::slice::from_ref(job),
-            &[stop],
-            &mut |event| match event {
-                BatchEvent::Progress(_, progress) => on_progress(progress),
-                BatchEvent::Done(_, r) => result = Some(r),
-            },
-        );
+        let mut events = |event: BatchEvent<'_>| match event {
+            BatchEvent::Progress(_, progress) => on_progress(progress),
+            BatchEvent::Done(_, r) => result = Some(r),
+        };
+        if job.params.video.is_some() {
+            return self.run_video((job, stop), &mut events);
+        }
+        self.run_together(std::slice::from_ref(job), &[stop], &mut events);
         result.unwrap_or_else(|| Err(RunError::Failed("the job ended without a result".into())))
     }
 
@@ -565,6 +623,12 @@ impl Runner for EngineRunner {
         // Jobs that cannot share the first one's batch run after it, in batches of their own.
         let mut rest: Vec<Assignment> = jobs.to_vec();
         while let Some(first) = rest.first().cloned() {
+            if first.params.video.is_some() {
+                rest.remove(0);
+                let result = self.run_video((&first, &first.stop), events);
+                events(BatchEvent::Done(first.id, result));
+                continue;
+            }
             let (together, later): (Vec<Assignment>, Vec<Assignment>) =
                 rest.into_iter().partition(|j| batchable(&first, j));
             let stops: Vec<&StopFlags> = together.iter().map(|j| &*j.stop).collect();

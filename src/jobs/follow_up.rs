@@ -1,10 +1,16 @@
-//! Follow-ups of a finished job — rerun, upscale, variation, and the larger canvases (zoom
-//! out, pan, make square) — as new jobs of the same prompt that start from the parent's latent.
+//! Follow-ups of a finished job — rerun, upscale, variation, the larger canvases (zoom out,
+//! pan, make square) and zoom videos — as new jobs of the same prompt that start from the
+//! parent's latent or picture.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use super::{ImageIndex, JobId, JobParams, LatentStart, Origin, TIMELAPSE_FRAMES, latent_path_of};
+use super::{
+    ImageIndex, JobId, JobParams, LatentStart, Origin, TIMELAPSE_FRAMES, VideoParams,
+    image_path_of, latent_path_of,
+};
+use crate::config::GenerationSettings;
 use crate::engine::generate::Canvas;
+use crate::engine::video::ZoomVideo;
 
 /// How far a variation strays from the image it starts from: the strength of the seeded noise
 /// added to that image's latent.
@@ -40,6 +46,8 @@ pub(crate) enum FollowUp {
     Variation(ImageIndex, Strength),
     /// One image on a larger canvas, the new part painted around it (one image).
     Extend(ImageIndex, Extension),
+    /// A zoom video (🎬) from one image.
+    Video(ImageIndex),
 }
 
 /// A side of a picture.
@@ -151,6 +159,9 @@ pub(crate) enum FollowUpError {
     /// Make Square on a square picture.
     #[error("job {0} is square already")]
     AlreadySquare(JobId),
+    /// A follow-up of a zoom video (they are made from pictures).
+    #[error("job {0} is a zoom video; use the buttons under the picture it was made from")]
+    OfVideo(JobId),
 }
 
 impl FollowUp {
@@ -162,6 +173,7 @@ impl FollowUp {
             Self::Upscale(_) => JobKind::Upscale,
             Self::Variation(..) => JobKind::Variation,
             Self::Extend(..) => JobKind::Extend,
+            Self::Video(_) => JobKind::Video,
         }
     }
 
@@ -169,10 +181,36 @@ impl FollowUp {
     pub fn image(self) -> Option<ImageIndex> {
         match self {
             Self::Rerun => None,
-            Self::Upscale(image) | Self::Variation(image, _) | Self::Extend(image, _) => {
-                Some(image)
-            }
+            Self::Upscale(image)
+            | Self::Variation(image, _)
+            | Self::Extend(image, _)
+            | Self::Video(image) => Some(image),
         }
+    }
+
+    /// The parent's file it starts from, if it starts from one: a video from the image's
+    /// picture, the others from its final latent. The name is the job file's (the copy in the
+    /// database), the path where it is kept on the host that ran the parent.
+    pub fn start_file(self, images: &Path, parent: JobId) -> Option<(String, PathBuf)> {
+        use crate::store::events::{IMAGE, LATENT, file_of};
+        let image = self.image()?;
+        Some(match self {
+            Self::Video(_) => (file_of(IMAGE, image), image_path_of(images, parent, image)),
+            _ => (
+                file_of(LATENT, image),
+                latent_path_of(images, parent, image),
+            ),
+        })
+    }
+}
+
+/// The zoom video the 🎬 button makes: the default motion, its frames cut to fit
+/// `generation.max_steps` (at least one).
+fn video_for(max_steps: u32) -> ZoomVideo {
+    let motion = ZoomVideo::default();
+    ZoomVideo {
+        frames: motion.frames.min(max_steps / motion.steps_per_frame).max(1),
+        ..motion
     }
 }
 
@@ -183,19 +221,25 @@ impl FollowUp {
 /// single parent). Its prompt and models are the parent's.
 /// An extension puts one image on a larger canvas (`seed` fills the new part; the full steps;
 /// one image), within `(max_side, max_pixels)`.
-/// `latent_kept` says whether the chosen image's final latent exists (at [`latent_path_of`]
-/// under `images`, or in the database for a worker to fetch).
+/// A video makes a zoom video of one image (its own seed; the parent's spec, so the job's
+/// command makes the picture and the video again).
+/// `start_kept` says whether the file it starts from ([`FollowUp::start_file`]) exists (under
+/// `images`, or in the database for a worker to fetch). Sizes and steps stay within `limits`.
 pub(crate) fn follow_up_job(
     parent: &crate::store::jobs::Job,
     what: FollowUp,
     (seed, grid): (u64, u32),
     origin: Origin,
-    (images, latent_kept): (&Path, bool),
-    (max_side, max_pixels): (u32, u64),
+    (images, start_kept): (&Path, bool),
+    limits: &GenerationSettings,
 ) -> Result<(crate::store::jobs::NewJob, JobParams), FollowUpError> {
+    let (max_side, max_pixels) = (limits.max_side, limits.max_pixels);
     use crate::store::jobs::JobStatus;
     let mut params: JobParams = serde_json::from_value(parent.params.clone())
         .map_err(|_| FollowUpError::Unreadable(parent.id))?;
+    if params.video.is_some() {
+        return Err(FollowUpError::OfVideo(parent.id));
+    }
     if let Some(image) = what.image() {
         match image {
             Some(k) if !(1..=params.grid).contains(&k) || params.grid == 1 => {
@@ -210,14 +254,15 @@ pub(crate) fn follow_up_job(
         if parent.status != JobStatus::Succeeded {
             return Err(FollowUpError::NotFinished(parent.id));
         }
-        if !latent_kept {
+        if !start_kept {
             return Err(FollowUpError::NoLatent(parent.id));
         }
     }
     let spec = &mut params.spec;
     let parent_steps = spec.steps;
-    if what.image().is_some() {
-        // From a finished latent, a noise start would not be drawn (nor its encoder loaded).
+    if what.image().is_some() && !matches!(what, FollowUp::Video(_)) {
+        // From a finished latent, a noise start would not be drawn (nor its encoder loaded);
+        // a video keeps its picture's spec whole.
         spec.init_noise = Default::default();
     }
     match what {
@@ -282,7 +327,20 @@ pub(crate) fn follow_up_job(
             });
             params.grid = 1;
         }
+        FollowUp::Video(image) => {
+            // The picture's own spec (a grid image's seed), so the job's command makes the
+            // picture and then its video.
+            spec.seed =
+                crate::engine::grid::member_seed(spec.seed, image.unwrap_or(1) as usize - 1);
+            params.grid = 1;
+            params.video = Some(VideoParams {
+                motion: video_for(limits.max_steps),
+                start: image_path_of(images, parent.id, image),
+                image,
+            });
+        }
     }
+    let spec = &mut params.spec;
     spec.frame_every = (spec.steps / TIMELAPSE_FRAMES).max(1);
     if !spec.story.is_empty() {
         // The story is told again in the follow-up's steps, in the same proportions.
@@ -302,10 +360,44 @@ pub(crate) fn follow_up_job(
         seed: spec.seed,
         width: spec.width,
         height: spec.height,
-        steps: spec.steps,
+        steps: params.total_steps(),
         cutn: spec.cutn,
         vqgan_model: parent.vqgan_model.clone(),
         clip_model: parent.clip_model.clone(),
     };
     Ok((job, params))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_video_button_fits_the_servers_steps_and_stored_videos_are_bounded() {
+        assert_eq!(video_for(1000), ZoomVideo::default());
+        assert_eq!(video_for(20).frames, 2);
+        assert_eq!(video_for(5).frames, 1);
+        let spec = crate::engine::generate::GenerationSpec::new(Vec::new(), 32, 32, 1);
+        let mut params = JobParams {
+            spec,
+            inputs: Default::default(),
+            grid: 1,
+            video: Some(VideoParams {
+                motion: video_for(20),
+                start: "1.png".into(),
+                image: None,
+            }),
+        };
+        assert_eq!(params.total_steps(), 20);
+        params.check().unwrap();
+        // Another host's row asking for more than the engine's steps, or a grid, is refused.
+        let video = params.video.as_mut().unwrap();
+        video.motion.frames = 600;
+        video.motion.steps_per_frame = 200;
+        assert!(params.check().unwrap_err().contains("steps in all"));
+        let video = params.video.as_mut().unwrap();
+        video.motion = video_for(20);
+        params.grid = 4;
+        assert!(params.check().unwrap_err().contains("one picture"));
+    }
 }

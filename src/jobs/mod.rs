@@ -40,6 +40,22 @@ pub struct JobParams {
     /// `k` (from 1) has the seed `spec.seed + k − 1` (see [`crate::engine::grid`]).
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub grid: u32,
+    /// A zoom video (🎬) from a finished picture instead of a picture; `spec` and `inputs` are
+    /// then those that made the picture, so the job's command makes it and its video again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub video: Option<VideoParams>,
+}
+
+/// A zoom video job: the motion, and the picture it starts from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VideoParams {
+    /// Frames, steps per frame, zoom, turn, shift, frame rate.
+    pub motion: crate::engine::video::ZoomVideo,
+    /// The finished picture that is the video's first frame (the parent's image).
+    pub start: PathBuf,
+    /// Which image of the parent's grid it is, from 1; `None`: the parent's only image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<u32>,
 }
 
 fn one() -> u32 {
@@ -51,6 +67,13 @@ fn is_one(n: &u32) -> bool {
 }
 
 impl JobParams {
+    /// Optimiser steps the job runs: a video's every frame's, or the spec's.
+    pub fn total_steps(&self) -> u32 {
+        self.video.as_ref().map_or(self.spec.steps, |v| {
+            u32::try_from(v.motion.steps()).unwrap_or(u32::MAX)
+        })
+    }
+
     /// Checks the parameters against the engine's limits before any work: a stored job may
     /// have been written by another host or edited by hand.
     pub fn check(&self) -> Result<(), String> {
@@ -83,6 +106,19 @@ impl JobParams {
             return Err(format!(
                 "a variation's noise must be from 0 to 10, not {noise}"
             ));
+        }
+        if let Some(video) = &self.video {
+            use crate::engine::generate::limits::MAX_STEPS;
+            video.motion.check()?;
+            if video.motion.steps() > u64::from(MAX_STEPS) {
+                return Err(format!(
+                    "a zoom video takes {} steps in all; the limit is {MAX_STEPS}",
+                    video.motion.steps()
+                ));
+            }
+            if self.grid != 1 || video.image.is_some_and(|k| !(1..=max_grid).contains(&k)) {
+                return Err("a zoom video starts from one picture".into());
+            }
         }
         Ok(())
     }
@@ -196,6 +232,8 @@ pub struct FinishedJob {
     pub device: String,
     /// Time on the device.
     pub seconds: f64,
+    /// A zoom video's MP4 (the PNG is then its last frame).
+    pub video: Option<Arc<Vec<u8>>>,
 }
 
 /// Who asks to cancel a job.
@@ -231,6 +269,7 @@ pub fn imagine_job(
         spec: spec.clone(),
         inputs: StoredInputs::default(),
         grid: resolved.grid,
+        video: None,
     };
     let job = crate::store::jobs::NewJob {
         kind: crate::store::jobs::JobKind::Imagine,
@@ -322,6 +361,11 @@ pub(crate) fn image_path(images: &Path, id: JobId) -> PathBuf {
 /// Where a job's time-lapse (animated GIF) is written.
 pub(crate) fn timelapse_path(images: &Path, id: JobId) -> PathBuf {
     images.join(format!("{}.gif", id.0))
+}
+
+/// Where a job's zoom video (MP4) is written.
+pub(crate) fn video_path(images: &Path, id: JobId) -> PathBuf {
+    images.join(format!("{}.mp4", id.0))
 }
 
 /// Where a job's final latent is saved, for its upscales and variations.
@@ -423,17 +467,25 @@ pub(crate) fn reproduce_command_to_share(job: &crate::store::jobs::Job) -> Strin
 
 fn reproduce_with(job: &crate::store::jobs::Job, path: impl Fn(&Path) -> String) -> String {
     let params: Option<JobParams> = serde_json::from_value(job.params.clone()).ok();
+    // A video job's spec is its picture's (its row counts the video's steps).
+    let (seed, steps, width, height, cutn) = match &params {
+        Some(p) => {
+            let s = &p.spec;
+            (s.seed, s.steps, s.width, s.height, s.cutn)
+        }
+        None => (job.seed, job.steps, job.width, job.height, job.cutn),
+    };
     let mut args: Vec<String> = vec![
         "vqclip".into(),
         "imagine".into(),
         "--seed".into(),
-        job.seed.to_string(),
+        seed.to_string(),
         "--steps".into(),
-        job.steps.to_string(),
+        steps.to_string(),
         "--size".into(),
-        format!("{}x{}", job.width, job.height),
+        format!("{width}x{height}"),
         "--cutn".into(),
-        job.cutn.to_string(),
+        cutn.to_string(),
         "--model".into(),
         job.vqgan_model.clone(),
         "--clip".into(),
@@ -470,6 +522,22 @@ fn reproduce_with(job: &crate::store::jobs::Job, path: impl Fn(&Path) -> String)
             }
             if let Some(c) = start.canvas {
                 args.push(format!("--canvas={}x{}+{}+{}", c.width, c.height, c.x, c.y));
+            }
+        }
+        if let Some(video) = &params.video {
+            let m = &video.motion;
+            args.extend([
+                format!("--zoom-video=vqclip-{}.mp4", job.id),
+                format!("--zoom-frames={}", m.frames),
+                format!("--zoom-steps={}", m.steps_per_frame),
+                format!("--zoom={}", m.zoom),
+                format!("--fps={}", m.fps),
+            ]);
+            if m.rotate != 0.0 {
+                args.push(format!("--zoom-rotate={}", m.rotate));
+            }
+            if m.shift != (0.0, 0.0) {
+                args.push(format!("--zoom-shift={},{}", m.shift.0, m.shift.1));
             }
         }
     }

@@ -79,6 +79,8 @@ pub struct RunOutput {
     pub height: u32,
     /// Total loss at the last step.
     pub final_loss: f64,
+    /// A zoom video's MP4 (the PNG is then its last frame).
+    pub video: Option<Vec<u8>>,
 }
 
 /// Runs jobs on one device.
@@ -267,6 +269,7 @@ fn outcome_of(
                 final_loss: output.final_loss,
                 device: label.to_owned(),
                 seconds: started.elapsed().as_secs_f64(),
+                video: output.video.map(Arc::new),
             }),
             Err(e) => Outcome::Failed(e),
         },
@@ -284,24 +287,40 @@ fn panic_message(panic: &(dyn Any + Send)) -> String {
         .unwrap_or_else(|| "no message".to_owned())
 }
 
-/// Writes the PNG as `<images>/<id>.png` (through a temporary file, so a crash never leaves a
-/// partial image under the final name) and returns its path and SHA-256.
+/// Writes the PNG as `<images>/<id>.png` (and a video as `<id>.mp4`) and returns the PNG's
+/// path and SHA-256.
 fn save_image(images: &Path, id: JobId, output: &RunOutput) -> Result<(PathBuf, String), String> {
     let path = super::image_path(images, id);
-    let partial = path.with_extension("png.part");
-    let written = std::fs::create_dir_all(images)
-        .and_then(|()| std::fs::write(&partial, &output.png))
-        .and_then(|()| std::fs::rename(&partial, &path));
-    if let Err(e) = written {
-        // A full disk must not also keep the partial file.
-        let _ = std::fs::remove_file(&partial);
-        return Err(format!("cannot write the image to {}: {e}", path.display()));
+    let written = std::fs::create_dir_all(images).map_err(|e| e.to_string());
+    if let Some(video) = &output.video {
+        let mp4 = super::video_path(images, id);
+        written
+            .clone()
+            .and_then(|()| write_atomically(&mp4, video))
+            .map_err(|e| format!("cannot write the video to {}: {e}", mp4.display()))?;
     }
+    written
+        .and_then(|()| write_atomically(&path, &output.png))
+        .map_err(|e| format!("cannot write the image to {}: {e}", path.display()))?;
     let sha256 = Sha256::digest(&output.png)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
     Ok((path, sha256))
+}
+
+/// Writes `bytes` to `path` through a temporary file, so a crash never leaves a partial file
+/// under the final name (nor a full disk a partial file at all).
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".part");
+    let partial = PathBuf::from(partial);
+    let written = std::fs::write(&partial, bytes).and_then(|()| std::fs::rename(&partial, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e.to_string());
+    }
+    Ok(())
 }
 
 /// The PNG text chunks that make an image reproducible: prompt, seed, steps, size, models,

@@ -23,6 +23,8 @@ pub const IMAGE: &str = "image.png";
 pub(crate) const LATENT: &str = "latent.safetensors";
 /// A job's time-lapse.
 pub(crate) const TIMELAPSE: &str = "timelapse.gif";
+/// A zoom video job's MP4.
+pub(crate) const VIDEO: &str = "video.mp4";
 /// A running job's latest preview (JPEG).
 pub const PREVIEW: &str = "preview.jpg";
 

@@ -49,6 +49,7 @@ fn picture() -> RunOutput {
         width: 8,
         height: 8,
         final_loss: 0.25,
+        video: None,
     }
 }
 

@@ -154,7 +154,13 @@ impl Bot {
         use vqclip::jobs::scheduler::ClaimOptions;
         let discord = FakeDiscord::start().await;
         let dir = tempfile::tempdir().unwrap();
-        let settings = bot_settings(&discord, &dir, "", "devices = []\n");
+        // 20 steps at most: a zoom video of 2 frames.
+        let settings = bot_settings(
+            &discord,
+            &dir,
+            "[generation]\nmax_steps = 20\ndefault_steps = 20",
+            "devices = []\n",
+        );
         let mut front = options(&dir);
         front.images = settings.storage.images.clone();
         let mut claims = ClaimOptions::for_this_process(Duration::from_secs(10));
@@ -460,6 +466,7 @@ async fn buttons_and_reactions_rerun_upscale_and_vary_even_after_a_restart() {
             "vq:gif:1",
             "vq:subtle:1",
             "vq:strong:1",
+            "vq:video:1",
             "vq:zoom:1",
             "vq:widen:1",
             "vq:panleft:1",
@@ -703,6 +710,26 @@ async fn a_front_end_bot_follows_jobs_a_worker_elsewhere_runs() {
     let upscale = bot.job(2).await;
     assert_eq!((upscale.kind, upscale.width), (JobKind::Upscale, 128));
     assert!(elsewhere.path().join("images/2.png").is_file());
+
+    // 🎬 too: the worker fetches the picture from the database (the bot's disk has none, and
+    // the worker's copy is gone) and stores the MP4 there for the bot to post.
+    let picture = elsewhere.path().join("images/1.png");
+    std::fs::remove_file(&picture).unwrap();
+    bot.interact(bot.press(77, MEMBER, "vq:video:1", result))
+        .await;
+    assert_eq!(finished(&bot.pool, JobId(3)).await, JobStatus::Succeeded);
+    let video = eventually("the video's result", || {
+        bot.discord.log().into_iter().find(|r| {
+            r.method == "POST"
+                && r.path == "/channels/900/messages"
+                && r.files.iter().any(|(name, _)| name == "vqclip-3.mp4")
+        })
+    })
+    .await;
+    let made = std::fs::read(elsewhere.path().join("images/3.mp4")).unwrap();
+    assert_eq!(video.file_bytes[0].as_ref(), made.as_slice());
+    assert!(picture.is_file(), "the picture was not fetched");
+    assert!(!bot.dir.path().join("images/3.mp4").exists());
 
     worker.shutdown(Duration::from_secs(1)).await;
     bot.stop().await;

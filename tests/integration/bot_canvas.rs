@@ -1,6 +1,7 @@
-//! Zoom out, pan and make square end to end against the loopback fake Discord, on the real
-//! tiny engine: the buttons under a picture, the larger canvas that holds the picture in place,
-//! the server's size cap, and the command line that makes the same pixels.
+//! Zoom out, pan, make square and zoom videos end to end against the loopback fake Discord, on
+//! the real tiny engine: the buttons under a picture, the larger canvas that holds the picture
+//! in place, the server's size cap, the video Discord plays, and the command line that makes
+//! the same pixels.
 
 use vqclip::jobs::{JobId, JobParams};
 use vqclip::store::jobs::JobKind;
@@ -129,6 +130,115 @@ async fn zoom_out_pan_and_make_square_grow_the_picture_from_its_buttons() {
         vqclip::engine::image::decode(&std::fs::read(dir.path().join("square.png")).unwrap())
             .unwrap();
     assert!(again == grown, "the command line made another picture");
+    bot.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_zoom_video_button_posts_an_mp4_that_plays_and_the_command_line_makes_it_again() {
+    // 20 steps at most: the video's 10 steps a frame make 2 frames after the picture.
+    let (bot, _) = Bot::start("[generation]\nmax_steps = 20\ndefault_steps = 20", true, 0).await;
+    bot.interact(bot.imagine(77, "a lighthouse --steps 2 --cutn 2 --size 48x32 --seed 4"))
+        .await;
+    let (_, result) = bot.result_of(JobId(1)).await;
+    let asked = bot
+        .interact(bot.press(77, MEMBER, "vq:video:1", result))
+        .await;
+    assert!(text(&asked).contains("zoom video of job 1"), "{asked:?}");
+    let (_, video_result) = bot.result_of(JobId(2)).await;
+    let job = bot.job(2).await;
+    assert_eq!(
+        (job.kind, job.parent, job.width, job.height, job.steps),
+        (JobKind::Video, Some(JobId(1)), 48, 32, 20)
+    );
+    let posted = eventually("the video's result", || {
+        bot.discord.log().into_iter().find(|r| {
+            r.method == "POST"
+                && r.path == "/channels/900/messages"
+                && r.files.iter().any(|(name, _)| name.ends_with(".mp4"))
+        })
+    })
+    .await;
+    assert_eq!(posted.files.len(), 1, "{:?}", posted.files);
+    assert_eq!(posted.files[0].0, "vqclip-2.mp4");
+    assert!(custom_ids(&posted.json["components"]).is_empty());
+    let mp4 = posted.file_bytes[0].to_vec();
+    let (info, frames) = vqclip::engine::video::decode_mp4(&mp4).unwrap();
+    assert_eq!((info.width, info.height, info.frames), (48, 32, 3));
+    assert!((info.seconds - 3.0 / 12.0).abs() < 1e-3, "{info:?}");
+    assert_eq!(frames.len(), 3);
+    // The first frame is the picture (through H.264's loss, large on the tiny models' noisy
+    // pictures), the last one further from it; the job's own picture is its last frame.
+    let images = bot.settings.storage.images.clone();
+    let read = |name: &str| {
+        vqclip::engine::image::decode(&std::fs::read(images.join(name)).unwrap()).unwrap()
+    };
+    let (picture, last) = (read("1.png"), read("2.png"));
+    let diff = |a: &image::RgbImage, b: &image::RgbImage| {
+        a.as_raw()
+            .iter()
+            .zip(b.as_raw())
+            .map(|(a, b)| f64::from(a.abs_diff(*b)))
+            .sum::<f64>()
+            / a.as_raw().len() as f64
+    };
+    let (first_off, last_off) = (diff(&picture, &frames[0]), diff(&picture, &frames[2]));
+    assert!(first_off < last_off, "first {first_off}, last {last_off}");
+    assert!(diff(&last, &frames[2]) < diff(&last, &frames[0]));
+    assert!(images.join("2.mp4").is_file());
+
+    // A video has no follow-ups of its own, even from a crafted button.
+    let refused = bot
+        .interact(bot.press(77, MEMBER, "vq:rerun:2", video_result))
+        .await;
+    assert!(text(&refused).contains("is a zoom video"), "{refused:?}");
+    assert_eq!(bot.job_count().await, 2);
+
+    // Its command makes the picture, then the same video.
+    let again = vqclip::jobs::describe(&job)
+        .into_iter()
+        .find(|(label, _)| *label == "again")
+        .unwrap()
+        .1;
+    for flag in [
+        "--seed 4",
+        "--steps 2",
+        "--size 48x32",
+        "--zoom-frames=2",
+        "--zoom-steps=10",
+    ] {
+        assert!(again.contains(flag), "{flag} not in {again}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cli = vqclip(
+        dir.path(),
+        &[
+            "imagine",
+            "a lighthouse",
+            "--model",
+            "tiny",
+            "--size",
+            "48x32",
+            "--steps",
+            "2",
+            "--cutn",
+            "2",
+            "--seed",
+            "4",
+            "--zoom-video",
+            "again.mp4",
+            "--zoom-frames",
+            "2",
+            "--zoom-steps",
+            "10",
+            "-o",
+            "again.png",
+        ],
+        &[],
+    );
+    assert_eq!(cli.status.code(), Some(0), "{}", text_of(&cli.stderr));
+    let made = std::fs::read(dir.path().join("again.mp4")).unwrap();
+    let (_, made_frames) = vqclip::engine::video::decode_mp4(&made).unwrap();
+    assert!(made_frames == frames, "the command line made another video");
     bot.stop().await;
 }
 

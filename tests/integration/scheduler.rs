@@ -84,6 +84,7 @@ impl Runner for FakeRunner {
             width: 8,
             height: 8,
             final_loss: 0.5,
+            video: None,
         })
     }
 }
@@ -122,6 +123,7 @@ pub(crate) fn request(user: u64, prompt: &str, steps: u32) -> (NewJob, JobParams
         spec,
         inputs: Default::default(),
         grid: 1,
+        video: None,
     };
     let job = NewJob {
         kind: JobKind::Imagine,

@@ -38,8 +38,8 @@ A story: `a forest ^ a city ^ the sea --change-every 100` (a scene every 100 ste
 `--init-noise pixels|gradient`, `--init-weight 2` (stay near the start, fading). `--tile` (or \
 `tile:True`): a seamless tile.
 Under a finished picture: 🔁 **Rerun** (new seed), ⬆️ **Upscale 2×**, 🔀 **Variation**, \
-**Vary (Subtle/Strong)**, 🎞️ **Time-lapse**, 🔎 **Zoom Out 2×/1.5×**, **Make Square**, \
-⬅️➡️⬆️⬇️ **Pan**; ❌ **Cancel** while it runs. Reacting with 🔁 ⬆️ 🔀 \
+**Vary (Subtle/Strong)**, 🎞️ **Time-lapse**, 🎬 **Zoom video**, 🔎 **Zoom Out 2×/1.5×**, \
+**Make Square**, ⬅️➡️⬆️⬇️ **Pan**; ❌ **Cancel** while it runs. Reacting with 🔁 ⬆️ 🔀 \
 (or ❌) does the same. Under a grid: **U1–U4** upscale that image (or react 1️⃣–4️⃣), **V1–V4** \
 vary it into a new grid, 🔄 new seeds.
 **/queue** — what is waiting and running. **/cancel** `job` — stop one of yours.

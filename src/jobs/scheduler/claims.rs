@@ -247,8 +247,8 @@ impl Scheduler {
         }
     }
 
-    /// Fetches the inputs a claimed job names that are not on this host — its parent's latent,
-    /// attachments a bot elsewhere saved — from the database into this host's images directory,
+    /// Fetches the inputs a claimed job names that are not on this host — its parent's latent
+    /// or (for a video) picture, attachments a bot elsewhere saved — from the database into this host's images directory,
     /// and points the job at them. One missing everywhere is left for the run to report.
     pub(super) async fn localize_inputs(
         &self,
@@ -267,6 +267,18 @@ impl Scheduler {
             let local = crate::jobs::latent_path_of(images, parent, start.image);
             if write_file(&local, &bytes).await {
                 start.latent = local;
+            }
+        }
+        if let Some(video) = params.video.as_mut()
+            && !video.start.exists()
+            && let Some(parent) = job.parent
+            && let Some(bytes) =
+                events::get_job_file(pool, parent, &events::file_of(events::IMAGE, video.image))
+                    .await?
+        {
+            let local = crate::jobs::image_path_of(images, parent, video.image);
+            if write_file(&local, &bytes).await {
+                video.start = local;
             }
         }
         let inputs = params.inputs.init_image.iter_mut().chain(
@@ -293,7 +305,7 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Stores a finished job's image, latent and time-lapse in the database, for a bot and
+    /// Stores a finished job's image, latent, time-lapse and video in the database, for a bot and
     /// follow-up jobs on other hosts, before the job is recorded as succeeded.
     pub(super) async fn upload_results(
         &self,
@@ -311,6 +323,10 @@ impl Scheduler {
             (
                 events::TIMELAPSE.to_owned(),
                 crate::jobs::timelapse_path(images, id),
+            ),
+            (
+                events::VIDEO.to_owned(),
+                crate::jobs::video_path(images, id),
             ),
         ];
         // A grid's images and latents, each image's own (absent for a single image).

@@ -182,6 +182,22 @@ impl Scheduler {
                     (Some(a), Some(b)) => (b.as_millis() - a.as_millis()) as f64 / 1000.0,
                     _ => 0.0,
                 };
+                let video = match job.kind {
+                    crate::store::jobs::JobKind::Video => {
+                        match events::get_job_file(pool, job.id, events::VIDEO).await? {
+                            Some(mp4) => Some(mp4),
+                            // Made on this host by a single-host scheduler.
+                            None => tokio::fs::read(crate::jobs::video_path(
+                                &self.shared.options.images,
+                                job.id,
+                            ))
+                            .await
+                            .ok(),
+                        }
+                        .map(Arc::new)
+                    }
+                    _ => None,
+                };
                 JobEvent::Finished(Arc::new(crate::jobs::FinishedJob {
                     png,
                     path: job.output_path.clone().unwrap_or_else(|| {
@@ -193,6 +209,7 @@ impl Scheduler {
                     final_loss: job.final_loss.unwrap_or(f64::NAN),
                     device,
                     seconds,
+                    video,
                 }))
             }
             JobStatus::Failed => JobEvent::Failed {

@@ -111,7 +111,7 @@ impl Scheduler {
                     device,
                     stop: assignment.stop.clone(),
                     iteration: 0,
-                    total: assignment.params.spec.steps,
+                    total: assignment.params.total_steps(),
                     started: Instant::now(),
                     throttle: Throttle::new(self.shared.options.progress_interval),
                     preview: None,
