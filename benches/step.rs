@@ -94,6 +94,7 @@ fn run_one(args: &Args, size: u32, cutn: u32) -> Result<(), String> {
         vqgan,
         clip,
         tokenizer: ClipTokenizer::new(),
+        more_clips: Vec::new(),
     };
     let prompts = vec![WeightedPrompt {
         text: "a watercolour lighthouse in a storm".into(),

@@ -11,6 +11,7 @@ use crate::engine::nets::tokenizer::ClipTokenizer;
 use crate::engine::nets::vqgan::VqganConfig;
 use crate::engine::optimize::InitWeight;
 use crate::engine::prompt::{self, MethodFlags, PromptError};
+use crate::engine::spec::{ClipShare, MAX_CLIPS, check_clip_weight};
 use crate::models::{self, ModelInfo, ModelKind};
 
 /// Options given outside the prompt text (command-line flags, slash-command arguments). They
@@ -29,7 +30,7 @@ pub struct ImagineOptions {
     pub cutn: Option<u32>,
     /// VQGAN model name.
     pub vqgan: Option<String>,
-    /// CLIP model name.
+    /// CLIP model name, or several with weights (`vit_b32,vit_b16:0.5`: an ensemble).
     pub clip: Option<String>,
     /// Crowson's random crops instead of the pooled default.
     pub crops: bool,
@@ -46,8 +47,10 @@ pub struct Resolved {
     pub spec: GenerationSpec,
     /// The VQGAN.
     pub vqgan: &'static ModelInfo,
-    /// The CLIP.
+    /// The CLIP (the first of an ensemble).
     pub clip: &'static ModelInfo,
+    /// An ensemble's other CLIP models, in the order of `spec.more_clips`.
+    pub more_clips: Vec<&'static ModelInfo>,
     /// How many images, one seed each from `spec.seed` up (see [`crate::engine::grid`]).
     pub grid: u32,
     /// Adjustments the user should hear about.
@@ -179,12 +182,8 @@ pub fn resolve(
         Some(tiny) if vqgan.tiny => tiny,
         _ => settings.default_clip,
     };
-    let clip = pick_model(
-        options.clip.as_deref(),
-        default_clip,
-        ModelKind::Clip,
-        allow_tiny,
-    )?;
+    let (clips, weights) = pick_clips(options.clip.as_deref(), default_clip, allow_tiny)?;
+    let clip = clips[0];
     let factor = VqganConfig::preset(vqgan.id)
         .map(|c| c.downsample_factor() as u32)
         .ok_or_else(|| {
@@ -276,14 +275,69 @@ pub fn resolve(
     }
     let method = options.method.or(&flags.method);
     apply_method(&mut spec, &method, parsed.story, &mut notes);
+    spec.clip_weight = weights[0];
+    spec.more_clips = clips[1..]
+        .iter()
+        .zip(&weights[1..])
+        .map(|(m, &weight)| ClipShare {
+            model: m.id.to_owned(),
+            weight,
+        })
+        .collect();
     spec.check().map_err(RequestError::Invalid)?;
     Ok(Resolved {
         spec,
         vqgan,
         clip,
+        more_clips: clips[1..].to_vec(),
         grid,
         notes,
     })
+}
+
+/// The CLIP models `name` asks for, with their weights: one model (`vit_b32`, `default` when
+/// none is named), or an ensemble (`vit_b32,vit_b16:0.5`; a weight after a colon, 1 when left
+/// out), each offered here, none twice, at most [`MAX_CLIPS`].
+fn pick_clips(
+    name: Option<&str>,
+    default: &'static ModelInfo,
+    allow_tiny: bool,
+) -> Result<(Vec<&'static ModelInfo>, Vec<f64>), RequestError> {
+    let Some(name) = name else {
+        return Ok((vec![default], vec![1.0]));
+    };
+    let parts: Vec<&str> = name.split(',').map(str::trim).collect();
+    if parts.len() > MAX_CLIPS {
+        return Err(RequestError::Invalid(format!(
+            "{} CLIP models; at most {MAX_CLIPS} guide one picture",
+            parts.len()
+        )));
+    }
+    let (mut clips, mut weights) = (Vec::new(), Vec::new());
+    for part in parts {
+        let (id, weight) = match part.rsplit_once(':') {
+            Some((id, weight)) => {
+                let weight: f64 = weight.trim().parse().map_err(|_| {
+                    RequestError::Invalid(format!(
+                        "{part:?}: a CLIP model's weight is a number, as in vit_b16:0.5"
+                    ))
+                })?;
+                (id.trim(), weight)
+            }
+            None => (part, 1.0),
+        };
+        check_clip_weight(weight).map_err(RequestError::Invalid)?;
+        let model = pick_model(Some(id), default, ModelKind::Clip, allow_tiny)?;
+        if clips.iter().any(|m: &&ModelInfo| m.id == model.id) {
+            return Err(RequestError::Invalid(format!(
+                "{} is named twice in --clip",
+                model.id
+            )));
+        }
+        clips.push(model);
+        weights.push(weight);
+    }
+    Ok((clips, weights))
 }
 
 /// Puts the method's settings and the story into `spec` (whose steps are final): a story with

@@ -185,6 +185,7 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         vqgan,
         clip,
         tokenizer: ClipTokenizer::new(),
+        more_clips: Vec::new(),
     };
     let target = PromptTarget {
         embed: models.embed_text(PROMPT)?,

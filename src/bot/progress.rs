@@ -80,6 +80,7 @@ impl JobMessage {
         size_limit: usize,
         ping: bool,
     ) -> Self {
+        let params = serde_json::from_value::<crate::jobs::JobParams>(job.params.clone()).ok();
         Self {
             job: job.id,
             requester: serenity::UserId::new(job.requester_id.max(1)),
@@ -93,13 +94,17 @@ impl JobMessage {
             seed: job.seed,
             steps: job.steps,
             size: (job.width, job.height),
-            models: format!("{} + {}", job.vqgan_model, job.clip_model),
+            models: format!(
+                "{} + {}",
+                job.vqgan_model,
+                params.as_ref().map_or_else(
+                    || job.clip_model.clone(),
+                    |p| p.spec.clip_list(&job.clip_model)
+                )
+            ),
             ping,
             grid: crate::jobs::grid_of(job),
-            video: serde_json::from_value::<crate::jobs::JobParams>(job.params.clone())
-                .ok()
-                .and_then(|p| p.video)
-                .map(|v| v.motion),
+            video: params.and_then(|p| p.video).map(|v| v.motion),
         }
     }
 }

@@ -197,6 +197,10 @@ pub(super) async fn imagine(
     let clip_weights = hub
         .fetch_or_seeded(resolved.clip, BarProgress::new(resolved.clip.id))
         .await?;
+    let mut more_weights = Vec::with_capacity(resolved.more_clips.len());
+    for &info in &resolved.more_clips {
+        more_weights.push(hub.fetch_or_seeded(info, BarProgress::new(info.id)).await?);
+    }
     let cancel = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let worker_cancel = cancel.clone();
@@ -204,7 +208,7 @@ pub(super) async fn imagine(
     std::thread::Builder::new()
         .name("imagine".into())
         .spawn(move || {
-            let weights = (vqgan_weights, clip_weights);
+            let weights = (vqgan_weights, clip_weights, more_weights);
             let _ = done_tx.send(imagine_blocking(
                 &settings,
                 args,
@@ -299,11 +303,14 @@ pub(super) fn imagine_blocking(
     settings: &Settings,
     args: ImagineArgs,
     mut resolved: request::Resolved,
-    (vqgan_weights, clip_weights): (Option<PathBuf>, Option<PathBuf>),
+    (vqgan_weights, clip_weights, more_weights): (
+        Option<PathBuf>,
+        Option<PathBuf>,
+        Vec<Option<PathBuf>>,
+    ),
     (device_label, device): (String, Device),
     cancel: &AtomicBool,
 ) -> anyhow::Result<()> {
-    let tokenizer = ClipTokenizer::new();
     let out = output_path(&args, resolved.spec.seed);
     let previews = match (&args.previews, args.save_every) {
         (Some(dir), _) => Some(dir.clone()),
@@ -339,24 +346,31 @@ pub(super) fn imagine_blocking(
     } else {
         VqganParts::DecodeOnly
     };
-    eprintln!("loading {} and {}…", resolved.vqgan.id, resolved.clip.id);
+    let clip_list = resolved.spec.clip_list(resolved.clip.id);
+    eprintln!("loading {} and {clip_list}…", resolved.vqgan.id);
     let vqgan_weights = vqgan_weights
         .map(|path| weights::prepare_for_loading(&path, resolved.vqgan, &settings.models.cache_dir))
         .transpose()?;
     let vqgan =
         crate::models::load::load_vqgan(resolved.vqgan, vqgan_weights.as_deref(), parts, &device)?;
     candle_core::cuda::set_gemm_reduced_precision_f32(settings.scheduler.tf32);
-    let clip = crate::models::load::load_clip(
-        resolved.clip,
-        clip_weights.as_deref(),
-        &device,
-        settings.scheduler.clip_precision_on(&device),
-    )?;
-    let models = Models {
-        vqgan,
-        clip,
-        tokenizer,
+    let load_clip = |info, path: Option<PathBuf>| {
+        let path = path
+            .map(|p| weights::prepare_for_loading(&p, info, &settings.models.cache_dir))
+            .transpose()?;
+        crate::models::load::load_clip(
+            info,
+            path.as_deref(),
+            &device,
+            settings.scheduler.clip_precision_on(&device),
+        )
     };
+    let mut models = Models::new(vqgan, load_clip(resolved.clip, clip_weights)?);
+    for (&info, path) in resolved.more_clips.iter().zip(more_weights) {
+        models
+            .more_clips
+            .push((info.id.to_owned(), load_clip(info, path)?));
+    }
 
     let stored = StoredInputs {
         init_image: args.init_image.clone(),
@@ -383,7 +397,7 @@ pub(super) fn imagine_blocking(
     // The grid's images share CLIP's passes: the chunk counts all their cutouts.
     spec.chunk = worker::chunk_for(
         crate::engine::gpu_memory(&device).map(|m| m.total),
-        &models.clip.vision,
+        &models,
         spec.cutn.saturating_mul(count as u32),
         spec.chunk,
     );

@@ -8,16 +8,18 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::cutouts::{CutoutMethod, Cutouts, StepCutouts};
+use super::cutouts::{CutoutMethod, StepCutouts};
+use super::guidance::{Guidance, embed_text};
 use super::image::{self as img, ImageError};
-use super::loss::PromptTarget;
 use super::nets::clip::{Clip, normalize};
 use super::nets::tokenizer::ClipTokenizer;
 use super::nets::vqgan::Vqgan;
 use super::ops::with_circular_padding;
 pub use super::optimize::InitNoise;
-use super::optimize::{Latent, LatentState, Member, Nets, StepReport, step_batch};
-use super::prompt::{WeightedPrompt, check_weight};
+use super::optimize::{
+    Ensemble, Latent, LatentState, Member, Nets, Scoring, StepReport, step_batch_guided,
+};
+use super::prompt::check_weight;
 pub(crate) use super::spec::round_size;
 pub use super::spec::{CutoutSetting, GenerationSpec, limits};
 use candle_core::{Device, Result as CandleResult, Tensor};
@@ -55,15 +57,26 @@ pub struct Models {
     pub clip: Clip,
     /// Prompt tokenizer.
     pub tokenizer: ClipTokenizer,
+    /// The other CLIP models of an ensemble, by id, in the order of a spec's
+    /// [`GenerationSpec::more_clips`] (empty for runs of one CLIP).
+    pub more_clips: Vec<(String, Clip)>,
 }
 
 impl Models {
+    /// One CLIP model and the VQGAN, with the tokenizer.
+    pub fn new(vqgan: Vqgan, clip: Clip) -> Self {
+        Self {
+            vqgan,
+            clip,
+            tokenizer: ClipTokenizer::new(),
+            more_clips: Vec::new(),
+        }
+    }
+
     /// CLIP's embedding `[1, projection_dim]` of a text, tokenized as prompts are (cut to the
     /// context length, fitted to the model's vocabulary).
     pub fn embed_text(&self, text: &str) -> CandleResult<Tensor> {
-        let tokens = self.tokenizer.encode(text);
-        let ids = fit_vocabulary(&tokens.ids, self.clip.text.config().eos_token_id);
-        self.clip.text.forward(&ids)
+        embed_text(&self.clip, &self.tokenizer, text)
     }
 
     /// CLIP's embedding `[1, projection_dim]` of a whole picture, resized to the vision tower's
@@ -259,14 +272,8 @@ pub struct Generator<'m> {
     models: &'m Models,
     spec: GenerationSpec,
     method: CutoutMethod,
-    /// The prompts guiding this step: the story's current scene, then `shared`.
-    targets: Vec<PromptTarget>,
-    /// The story's scenes (empty without one).
-    scenes: Vec<Vec<PromptTarget>>,
-    /// The scene `targets` holds.
-    scene: usize,
-    /// Prompts that guide every step: text (or, in a story, `--no`), image and noise prompts.
-    shared: Vec<PromptTarget>,
+    /// What each CLIP model aims at: the job's own model's, then the ensemble's others.
+    guides: Vec<Guidance<'m>>,
     latent: Latent,
     /// A tile's roll for this iteration's cutouts (drawn with them).
     shift: (usize, usize),
@@ -380,47 +387,40 @@ impl<'m> Generator<'m> {
             }
         };
 
-        // 2. Targets: text prompts (each scene's, then the shared ones), then image prompts.
-        let text_targets = |prompts: &[WeightedPrompt]| -> CandleResult<Vec<PromptTarget>> {
-            prompts
-                .iter()
-                .map(|p| {
-                    Ok(PromptTarget {
-                        embed: models.embed_text(&p.text)?,
-                        weight: p.weight,
-                        stop: p.stop,
-                    })
-                })
-                .collect()
-        };
-        let scenes = spec
-            .story
-            .iter()
-            .map(|scene| text_targets(scene))
-            .collect::<CandleResult<Vec<_>>>()?;
-        let mut targets = text_targets(&spec.prompts)?;
+        // 2. Targets, each CLIP model's: text prompts (each scene's, then the shared ones),
+        // image prompts, noise prompts. The job's own model draws first, so a run of one CLIP
+        // draws as the reference does.
         let method = spec.cutouts.method();
-        let side = models.clip.vision.config().image_size;
-        for (image, weight, stop) in &inputs.image_prompts {
-            let embed =
-                image_prompt_embedding(models, &method, &mut rng, image, &spec, side, &device)?;
-            targets.push(PromptTarget {
-                embed,
-                weight: *weight,
-                stop: *stop,
-            });
-        }
-
-        let dim = models.clip.text.projection_dim();
-        for &weight in &spec.noise_prompts {
-            let values: Vec<f32> = (0..dim).map(|_| StandardNormal.sample(&mut rng)).collect();
-            let embed = Tensor::from_vec(values, (1, dim), &Device::Cpu)?.to_device(&device)?;
-            targets.push(PromptTarget {
-                embed,
-                weight,
-                stop: None,
-            });
-        }
+        let more: Vec<(&Clip, f64)> = spec
+            .more_clips
+            .iter()
+            .map(|share| {
+                models
+                    .more_clips
+                    .iter()
+                    .find(|(id, _)| *id == share.model)
+                    .map(|(_, clip)| (clip, share.weight))
+                    .ok_or_else(|| {
+                        GenerateError::InvalidSpec(format!(
+                            "the CLIP model {} is not loaded",
+                            share.model
+                        ))
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        let guides = std::iter::once((&models.clip, spec.clip_weight))
+            .chain(more)
+            .map(|clip| {
+                Guidance::new(
+                    clip,
+                    &models.tokenizer,
+                    &spec,
+                    &inputs.image_prompts,
+                    (&method, &mut rng),
+                    &device,
+                )
+            })
+            .collect::<CandleResult<Vec<_>>>()?;
 
         let mut latent = Latent::trained(
             &z_init,
@@ -442,16 +442,11 @@ impl<'m> Generator<'m> {
                 feather: (factor / 2).max(1),
             });
         }
-        let mut active = scenes.first().cloned().unwrap_or_default();
-        active.extend(targets.iter().cloned());
         Ok(Self {
             models,
             spec,
             method,
-            targets: active,
-            scenes,
-            scene: 0,
-            shared: targets,
+            guides,
             latent,
             shift: (0, 0),
             iteration: 0,
@@ -484,28 +479,27 @@ impl<'m> Generator<'m> {
             .ok_or_else(|| GenerateError::InvalidSpec("a batch of one made no progress".into()))
     }
 
-    /// Readies this iteration: the story's scene, and the cutouts, drawn from the run's own
-    /// random stream.
-    fn draw_cutouts(&mut self) -> Result<StepCutouts, GenerateError> {
+    /// Readies this iteration: the story's scene, and each CLIP model's cutouts (the job's own
+    /// model's first), drawn from the run's own random stream.
+    fn draw_cutouts(&mut self) -> Result<Vec<StepCutouts>, GenerateError> {
         if self.is_done() {
             return Err(GenerateError::InvalidSpec(
                 "every step has already run".into(),
             ));
         }
         let scene = self.spec.scene_at(self.iteration);
-        if scene != self.scene
-            && let Some(prompts) = self.scenes.get(scene)
-        {
-            self.targets = prompts.iter().chain(&self.shared).cloned().collect();
-            self.scene = scene;
+        for guide in &mut self.guides {
+            guide.show_scene(scene);
         }
         let (w, h) = (self.spec.width as usize, self.spec.height as usize);
-        let side = self.models.clip.vision.config().image_size;
-        let cutouts = self
-            .method
-            .draw(&mut self.rng, w, h, self.spec.cutn as usize, side);
+        let cutn = self.spec.cutn as usize;
+        let mut draw = |side| self.method.draw(&mut self.rng, w, h, cutn, side);
+        let mut cutouts = vec![draw(self.guides[0].side())];
         if self.spec.tile {
             self.shift = (self.rng.random_range(0..w), self.rng.random_range(0..h));
+        }
+        for guide in &self.guides[1..] {
+            cutouts.push(self.method.draw(&mut self.rng, w, h, cutn, guide.side()));
         }
         Ok(cutouts)
     }
@@ -660,6 +654,15 @@ pub fn step_together(runs: &mut [&mut Generator<'_>]) -> Result<Vec<Progress>, G
             size.0, size.1, other.spec.width, other.spec.height
         )));
     }
+    let ensemble_of = |r: &Generator| -> Vec<String> {
+        r.spec.more_clips.iter().map(|c| c.model.clone()).collect()
+    };
+    let ensemble = ensemble_of(first);
+    if runs.iter().any(|r| ensemble_of(r) != ensemble) {
+        return Err(GenerateError::InvalidSpec(
+            "runs batched together need the same CLIP models".into(),
+        ));
+    }
     let chunk = runs.iter().map(|r| r.spec.chunk).max().unwrap_or(1).max(1) as usize;
     let cutouts = runs
         .iter_mut()
@@ -671,21 +674,43 @@ pub fn step_together(runs: &mut [&mut Generator<'_>]) -> Result<Vec<Progress>, G
         chunk,
     };
     let reports = {
-        let mut members: Vec<Member> = runs
-            .iter_mut()
-            .zip(&cutouts)
-            .map(|(run, cutouts)| {
-                let run = &mut **run;
-                Member {
-                    latent: &mut run.latent,
-                    prompts: &run.targets,
-                    init_weight: run.spec.init_weight.at(run.iteration, run.spec.steps),
-                    cutouts,
-                    tile: run.spec.tile.then_some(run.shift),
-                }
-            })
-            .collect();
-        step_batch(&nets, &mut members)?
+        let mut members = Vec::with_capacity(runs.len());
+        let mut others = Vec::with_capacity(runs.len());
+        let mut own_weights = Vec::with_capacity(runs.len());
+        let mut clips = Vec::new();
+        for (run, cutouts) in runs.iter_mut().zip(&cutouts) {
+            let run = &mut **run;
+            let (own, more) = run
+                .guides
+                .split_first()
+                .ok_or_else(|| GenerateError::InvalidSpec("a run without a CLIP model".into()))?;
+            clips = more.iter().map(|g| &g.clip.vision).collect();
+            own_weights.push(own.weight);
+            others.push(
+                more.iter()
+                    .zip(&cutouts[1..])
+                    .map(|(guide, cutouts)| Scoring {
+                        prompts: guide.targets(),
+                        cutouts,
+                        weight: guide.weight,
+                    })
+                    .collect::<Vec<_>>(),
+            );
+            members.push(Member {
+                latent: &mut run.latent,
+                prompts: own.targets(),
+                init_weight: run.spec.init_weight.at(run.iteration, run.spec.steps),
+                cutouts: &cutouts[0],
+                tile: run.spec.tile.then_some(run.shift),
+            });
+        }
+        // One CLIP model alone (the reference's way) steps as ever; an ensemble adds the others.
+        let ensemble = (!ensemble.is_empty()).then_some(Ensemble {
+            clips,
+            own_weights,
+            members: others,
+        });
+        step_batch_guided(&nets, &mut members, ensemble.as_ref())?
     };
     runs.iter_mut()
         .zip(reports)
@@ -837,47 +862,6 @@ pub(crate) fn noise_image(
     }
 }
 
-/// Token ids for a text tower whose vocabulary may be smaller than OpenAI's (the tiny test
-/// model): ids fold into the vocabulary, start and end tokens map to its own. For the released
-/// models this is the identity.
-fn fit_vocabulary(ids: &[u32], eos: u32) -> Vec<u32> {
-    const OPENAI_EOS: u32 = 49407;
-    let bos = eos - 1;
-    ids.iter()
-        .map(|&id| match id {
-            OPENAI_EOS => eos,
-            id if id == OPENAI_EOS - 1 => bos,
-            id => id % bos,
-        })
-        .collect()
-}
-
-/// Embeds an image prompt: resized (aspect kept) to at most the output's area, cut once with the
-/// run's sampler, encoded: one target row per cutout.
-fn image_prompt_embedding(
-    models: &Models,
-    method: &CutoutMethod,
-    rng: &mut ChaCha20Rng,
-    image: &RgbImage,
-    spec: &GenerationSpec,
-    side: usize,
-    device: &Device,
-) -> CandleResult<Tensor> {
-    let (iw, ih) = image.dimensions();
-    let target_area = f64::from(spec.width) * f64::from(spec.height);
-    let area = f64::from(iw) * f64::from(ih);
-    let scale = (target_area.min(area) / area).sqrt();
-    let (w, h) = (
-        ((f64::from(iw) * scale) as u32).max(1),
-        ((f64::from(ih) * scale) as u32).max(1),
-    );
-    let resized = img::resize_exact(image, w, h);
-    let pixels = img::rgb_to_tensor(&resized, device)?;
-    let cuts = method.draw(rng, w as usize, h as usize, spec.cutn as usize, side);
-    let cut = cuts.cut(&pixels, 0..cuts.count())?;
-    models.clip.vision.forward(&normalize(&cut)?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -894,6 +878,7 @@ mod tests {
         use crate::engine::nets::tokenizer::ClipTokenizer;
         use crate::engine::nets::vqgan::{Vqgan, VqganConfig, VqganParts};
         use crate::engine::optimize::InitWeight;
+        use crate::engine::prompt::WeightedPrompt;
         use crate::engine::optimize::audited;
         use candle_core::DType;
         use std::sync::{Arc, Mutex};
@@ -913,6 +898,7 @@ mod tests {
                 )
                 .unwrap(),
                 tokenizer: ClipTokenizer::new(),
+                more_clips: Vec::new(),
             };
             let prompt = |text: &str, weight, stop| WeightedPrompt {
                 text: text.into(),
@@ -972,15 +958,5 @@ mod tests {
         assert_eq!(round_size(512, 512, 16), ((512, 512), false));
         assert_eq!(round_size(500, 300, 16), ((496, 288), true));
         assert_eq!(round_size(5, 5, 16), ((16, 16), true));
-    }
-
-    #[test]
-    fn openai_ids_are_unchanged_and_fold_into_a_tiny_vocabulary() {
-        let ids = [49406, 320, 1125, 49407];
-        assert_eq!(fit_vocabulary(&ids, 49407), ids);
-        let tiny = fit_vocabulary(&ids, 511);
-        assert_eq!(tiny[0], 510);
-        assert_eq!(tiny[3], 511);
-        assert!(tiny.iter().all(|&id| id < 512));
     }
 }

@@ -7,7 +7,7 @@
 //!
 //! Four layers, each using only those below it:
 //! - the method, in this folder: [`generate`] (spec in, progress and previews out,
-//!   cancellable), [`spec`] (what decides an image, and the limits), [`grid`] (several images in one batch, and their composite), [`optimize`] (the latent, Adam, one step), [`loss`] (spherical-distance
+//!   cancellable), [`spec`] (what decides an image, and the limits), [`grid`] (several images in one batch, and their composite), `guidance` (what each CLIP model aims a run at), [`optimize`] (the latent, Adam, one step), [`loss`] (spherical-distance
 //!   prompt losses with weights and stops), [`cutouts`] (crops resized to CLIP's input as matrix
 //!   products), [`augment`] (seeded, differentiable augmentations), [`prompt`] (the prompt
 //!   language), [`image`] (tensors ↔ images ↔ PNG/JPEG/GIF bytes);
@@ -22,6 +22,7 @@ pub(crate) mod augment;
 pub mod cutouts;
 pub mod generate;
 pub mod grid;
+pub(crate) mod guidance;
 pub mod image;
 pub(crate) mod kernels;
 pub mod loss;

@@ -603,6 +603,28 @@ pub struct Member<'a, 'l> {
     pub tile: Option<(usize, usize)>,
 }
 
+/// The other CLIP models of an ensemble in a batched step: `clips[j]` is model `j`, and
+/// `members[k][j]` what member `k` shows it. `own_weights[k]` weighs member `k`'s loss from
+/// [`Nets::clip`].
+pub struct Ensemble<'a> {
+    /// The other models' vision towers.
+    pub clips: Vec<&'a ClipVision>,
+    /// Each member's weight of the batch's own model.
+    pub own_weights: Vec<f64>,
+    /// Each member's prompts, cutouts and weight for each other model.
+    pub members: Vec<Vec<Scoring<'a>>>,
+}
+
+/// What one CLIP model of an ensemble scores for one member.
+pub struct Scoring<'a> {
+    /// The member's prompts, embedded by this model.
+    pub prompts: &'a [PromptTarget],
+    /// Its cutouts at this model's input size.
+    pub cutouts: &'a dyn Cutouts,
+    /// This model's loss is multiplied by this.
+    pub weight: f64,
+}
+
 /// One iteration for several latents of the same shape at once: one decode of the stacked
 /// latents, one sequence of CLIP passes over every member's cutouts (chunked across members),
 /// one backward to all the latents. Each member's loss involves only its own image, and no
@@ -610,6 +632,17 @@ pub struct Member<'a, 'l> {
 /// would get alone, up to the order of floating-point sums; a batch of one is exactly
 /// [`Latent::step`]. Reports come in member order; they share the step's [`StepTimes`].
 pub fn step_batch(nets: &Nets, members: &mut [Member]) -> Result<Vec<StepReport>> {
+    step_batch_guided(nets, members, None)
+}
+
+/// [`step_batch`] with an ensemble of CLIP models: each member's loss is its weighted losses
+/// from [`Nets::clip`] and from every model of `ensemble`, and so is the gradient. The
+/// reports list the losses model by model.
+pub fn step_batch_guided(
+    nets: &Nets,
+    members: &mut [Member],
+    ensemble: Option<&Ensemble>,
+) -> Result<Vec<StepReport>> {
     let Some(first) = members.first() else {
         candle_core::bail!("a batched step needs at least one latent");
     };
@@ -653,11 +686,22 @@ pub fn step_batch(nets: &Nets, members: &mut [Member]) -> Result<Vec<StepReport>
             shift: m.tile.unwrap_or_default(),
         })
         .collect();
-    let (grad_image, prompt_losses, clip_times) =
+    let (mut grad_image, mut prompt_losses, clip_times) =
         clip_gradient_batch(nets, &scored, &image.detach())?;
     times.clip_fwd = clip_times.clip_fwd;
     times.backward = clip_times.backward;
     times.host += clip_times.host;
+    if let Some(ensemble) = ensemble {
+        let shifts: Vec<(usize, usize)> = scored.iter().map(|s| s.shift).collect();
+        (grad_image, prompt_losses) = ensemble_gradient(
+            nets,
+            ensemble,
+            &shifts,
+            &image,
+            (grad_image, prompt_losses),
+            &mut times,
+        )?;
+    }
     mark = Instant::now();
     let mut surrogate = (&image * grad_image)?.sum_all()?;
     // Every loss the reports list comes back from the device in one read at the end.
@@ -727,6 +771,66 @@ pub fn step_batch(nets: &Nets, members: &mut [Member]) -> Result<Vec<StepReport>
         });
     }
     Ok(reports)
+}
+
+/// Adds the ensemble's other models to the gradient at `image` and the losses of its own
+/// model (`own`): each member's weighted by its weights, each model's losses after the last.
+fn ensemble_gradient(
+    nets: &Nets,
+    ensemble: &Ensemble,
+    shifts: &[(usize, usize)],
+    image: &Tensor,
+    (grad, losses): (Tensor, Vec<Tensor>),
+    times: &mut StepTimes,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let n = shifts.len();
+    if ensemble.own_weights.len() != n
+        || ensemble.members.len() != n
+        || ensemble
+            .members
+            .iter()
+            .any(|m| m.len() != ensemble.clips.len())
+    {
+        candle_core::bail!("an ensemble must score every member with every model");
+    }
+    let device = image.device();
+    // Per member weights as a `[n, 1, 1, 1]` factor of the batch's gradient.
+    let factor = |weights: &[f64]| -> Result<Tensor> {
+        let values: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
+        Tensor::from_vec(values, (n, 1, 1, 1), device)?.to_dtype(grad.dtype())
+    };
+    let weigh = |losses: Tensor, weight: f64| -> Result<Tensor> {
+        losses.to_dtype(candle_core::DType::F32)? * weight
+    };
+    let mut grad = grad.broadcast_mul(&factor(&ensemble.own_weights)?)?;
+    let mut losses = losses
+        .into_iter()
+        .zip(&ensemble.own_weights)
+        .map(|(l, &w)| weigh(l, w))
+        .collect::<Result<Vec<_>>>()?;
+    for (j, &clip) in ensemble.clips.iter().enumerate() {
+        let scored: Vec<Scored> = ensemble
+            .members
+            .iter()
+            .zip(shifts)
+            .map(|(member, &shift)| Scored {
+                prompts: member[j].prompts,
+                cutouts: member[j].cutouts,
+                shift,
+            })
+            .collect();
+        let other = Nets { clip, ..*nets };
+        let (g, own, spent) = clip_gradient_batch(&other, &scored, &image.detach())?;
+        times.clip_fwd += spent.clip_fwd;
+        times.backward += spent.backward;
+        times.host += spent.host;
+        let weights: Vec<f64> = ensemble.members.iter().map(|m| m[j].weight).collect();
+        grad = (grad + g.broadcast_mul(&factor(&weights)?)?)?;
+        for ((all, l), &w) in losses.iter_mut().zip(own).zip(&weights) {
+            *all = Tensor::cat(&[&*all, &weigh(l, w)?], 0)?;
+        }
+    }
+    Ok((grad, losses))
 }
 
 /// How CLIP sees a batch's cutouts, `counts[k]` of image `k`, at most `chunk` a pass: each pass

@@ -34,6 +34,26 @@ fn is_default<T: Default + PartialEq>(value: &T) -> bool {
     *value == T::default()
 }
 
+fn unit() -> f64 {
+    1.0
+}
+
+fn is_unit(weight: &f64) -> bool {
+    *weight == 1.0
+}
+
+/// Most CLIP models guiding one run (the job's own and the others of an ensemble).
+pub const MAX_CLIPS: usize = 4;
+
+/// One more CLIP model of an ensemble and the weight of its loss.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClipShare {
+    /// The model's id (see [`crate::models`]).
+    pub model: String,
+    /// Its loss is multiplied by this.
+    pub weight: f64,
+}
+
 /// Everything that decides the image, stored with each job so it can be reproduced.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerationSpec {
@@ -88,6 +108,13 @@ pub struct GenerationSpec {
     /// rolled by a random offset each step, so its edges meet without a seam.
     #[serde(default, skip_serializing_if = "is_default")]
     pub tile: bool,
+    /// CLIP models scoring the image besides the job's own (pytti's ensemble), each with the
+    /// weight of its loss; empty: the job's CLIP alone, as the reference.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_clips: Vec<ClipShare>,
+    /// The weight of the job's own CLIP's loss (1 but in a weighted ensemble).
+    #[serde(default = "unit", skip_serializing_if = "is_unit")]
+    pub clip_weight: f64,
 }
 
 impl GenerationSpec {
@@ -113,7 +140,25 @@ impl GenerationSpec {
             ema: None,
             init_noise: InitNoise::Tokens,
             tile: false,
+            more_clips: Vec::new(),
+            clip_weight: 1.0,
         }
+    }
+
+    /// The `--clip` value naming every CLIP model that guides it, `own` being the job's:
+    /// `vit_b32`, or `vit_b32,vit_b16:0.5` for an ensemble (a weight only where it is not 1).
+    pub fn clip_list(&self, own: &str) -> String {
+        let one = |id: &str, weight: f64| {
+            if weight == 1.0 {
+                id.to_owned()
+            } else {
+                format!("{id}:{weight}")
+            }
+        };
+        std::iter::once(one(own, self.clip_weight))
+            .chain(self.more_clips.iter().map(|c| one(&c.model, c.weight)))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Whether the run needs the VQGAN's encoder (to start from a noise image; an init image
@@ -250,7 +295,32 @@ impl GenerationSpec {
                 "cut_pow must be above 0 and at most 100, not {cut_pow}"
             ));
         }
+        if self.more_clips.len() >= MAX_CLIPS {
+            return Err(format!(
+                "{} CLIP models; the limit is {MAX_CLIPS}",
+                self.more_clips.len() + 1
+            ));
+        }
+        let weights =
+            std::iter::once(self.clip_weight).chain(self.more_clips.iter().map(|c| c.weight));
+        for weight in weights {
+            check_clip_weight(weight)?;
+        }
+        if self.more_clips.iter().any(|c| c.model.len() > 64) {
+            return Err("a CLIP model's name is at most 64 bytes".into());
+        }
         Ok(())
+    }
+}
+
+/// Checks the weight of a CLIP model's loss in an ensemble: above 0, at most 100.
+pub(crate) fn check_clip_weight(weight: f64) -> Result<(), String> {
+    if weight.is_finite() && weight > 0.0 && weight <= 100.0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "a CLIP model's weight must be above 0 and at most 100, not {weight}"
+        ))
     }
 }
 

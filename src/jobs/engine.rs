@@ -18,7 +18,6 @@ use crate::engine::generate::{
 };
 use crate::engine::nets::Precision;
 use crate::engine::nets::clip::Clip;
-use crate::engine::nets::tokenizer::ClipTokenizer;
 use crate::engine::nets::vqgan::{Vqgan, VqganParts};
 use crate::engine::{grid, image};
 use crate::models::hub::Fetcher;
@@ -61,6 +60,8 @@ pub struct EngineRunner {
     gpu_total: Option<u64>,
     /// Most jobs run together.
     max_batch: usize,
+    /// Models the batch being prepared needs: never unloaded to make room.
+    pinned: Vec<&'static str>,
 }
 
 impl EngineRunner {
@@ -77,6 +78,7 @@ impl EngineRunner {
             gpu_total: crate::engine::gpu_memory(&device).map(|m| m.total),
             device,
             max_batch: 1,
+            pinned: Vec::new(),
         }
     }
 
@@ -177,10 +179,12 @@ impl EngineRunner {
         while self.cache.iter().map(|e| e.bytes).sum::<u64>() > self.budget_bytes
             && self.cache.len() > 2
         {
+            // The models of the batch being prepared stay.
             let Some((oldest, _)) = self
                 .cache
                 .iter()
                 .enumerate()
+                .filter(|(_, e)| !self.pinned.contains(&e.id))
                 .min_by_key(|(_, e)| e.last_used)
             else {
                 break;
@@ -305,13 +309,66 @@ impl EngineRunner {
                 || j.params.spec.needs_encoder()
                 || j.params.video.is_some()
         });
+        let mut more = Vec::new();
+        for share in &first.params.spec.more_clips {
+            match models::find(&share.model) {
+                Some(info) if info.kind == models::ModelKind::Clip => more.push(info),
+                _ => return Err(unknown(&share.model)),
+            }
+        }
+        // An ensemble's models are resident together: they must fit the budget together, and
+        // loading one must not unload another.
+        self.pinned = std::iter::once(vqgan_info.id)
+            .chain(std::iter::once(clip_info.id))
+            .chain(more.iter().map(|m| m.id))
+            .collect();
+        if !more.is_empty() {
+            self.check_ensemble_fits(vqgan_info, clip_info, &more)?;
+        }
         let vqgan = self.vqgan(vqgan_info, full).map_err(RunError::Failed)?;
         let clip = self.clip(clip_info).map_err(RunError::Failed)?;
-        Ok(Models {
-            vqgan,
-            clip,
-            tokenizer: ClipTokenizer::new(),
-        })
+        let mut models = Models::new(vqgan, clip);
+        for info in more {
+            let clip = self.clip(info).map_err(RunError::Failed)?;
+            models.more_clips.push((info.id.to_owned(), clip));
+        }
+        Ok(models)
+    }
+
+    /// Refuses an ensemble whose weight files together are larger than this device's model
+    /// budget (`scheduler.model_cache_mib`), before loading any of them.
+    fn check_ensemble_fits(
+        &self,
+        vqgan: &'static ModelInfo,
+        clip: &'static ModelInfo,
+        more: &[&'static ModelInfo],
+    ) -> Result<(), RunError> {
+        let mut bytes = 0u64;
+        for info in [vqgan, clip].into_iter().chain(more.iter().copied()) {
+            let resident = self.cache.iter().find(|e| e.id == info.id).map(|e| e.bytes);
+            bytes += match resident {
+                Some(b) => b,
+                None => self
+                    .weights(info)
+                    .map_err(RunError::Failed)?
+                    .and_then(|p| std::fs::metadata(p).ok())
+                    .map_or(0, |m| m.len()),
+            };
+        }
+        if bytes > self.budget_bytes {
+            let ids: Vec<&str> = std::iter::once(clip.id)
+                .chain(more.iter().map(|m| m.id))
+                .collect();
+            return Err(RunError::Failed(format!(
+                "{} with {} need {:.1} MiB of weights together; this device keeps at most {} \
+                 MiB of models (scheduler.model_cache_mib): use fewer or smaller CLIP models",
+                ids.join(" + "),
+                vqgan.id,
+                bytes as f64 / f64::from(1 << 20),
+                self.budget_bytes >> 20
+            )));
+        }
+        Ok(())
     }
 
     /// A job's runs, ready to step: its images' generators, resumed from their checkpoints when
@@ -325,7 +382,7 @@ impl EngineRunner {
     ) -> Result<JobRun<'m, 'a>, RunError> {
         let images = super::images_of(job.params.grid);
         let mut spec = job.params.spec.clone();
-        spec.chunk = chunk_for(self.gpu_total, &models.clip.vision, cutouts, spec.chunk);
+        spec.chunk = chunk_for(self.gpu_total, models, cutouts, spec.chunk);
         let mut specs = Vec::with_capacity(images.len());
         let mut runs = Vec::with_capacity(images.len());
         for k in 0..images.len() {
@@ -440,7 +497,7 @@ impl EngineRunner {
         let start = image::read(&video.start)
             .map_err(|e| RunError::Failed(format!("the picture cannot be read: {e}")))?;
         let mut spec = job.params.spec.clone();
-        spec.chunk = chunk_for(self.gpu_total, &models.clip.vision, spec.cutn, spec.chunk);
+        spec.chunk = chunk_for(self.gpu_total, &models, spec.cutn, spec.chunk);
         let motion = video.motion;
         let total = job.params.total_steps();
         let started = std::time::Instant::now();
@@ -585,12 +642,16 @@ impl EngineRunner {
     }
 }
 
-/// Whether two jobs can share a batch: the same models and image size (each keeps its own
-/// prompts, seed, steps, cutouts and grid), neither a video.
+/// Whether two jobs can share a batch: the same models (an ensemble's too) and image size (each
+/// keeps its own prompts, seed, steps, cutouts, grid and models' weights), neither a video.
 pub(crate) fn batchable(a: &Assignment, b: &Assignment) -> bool {
     let (sa, sb) = (&a.params.spec, &b.params.spec);
+    let ensemble = |spec: &GenerationSpec| -> Vec<String> {
+        spec.more_clips.iter().map(|c| c.model.clone()).collect()
+    };
     a.params.video.is_none()
         && b.params.video.is_none()
+        && ensemble(sa) == ensemble(sb)
         && a.vqgan == b.vqgan
         && a.clip == b.clip
         && (sa.width, sa.height, sa.cutn) == (sb.width, sb.height, sb.cutn)

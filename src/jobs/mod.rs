@@ -324,7 +324,14 @@ pub fn describe(job: &crate::store::jobs::Job) -> Vec<(&'static str, String)> {
         ("cutouts", job.cutn.to_string()),
         (
             "models",
-            format!("{} + {}", job.vqgan_model, job.clip_model),
+            format!(
+                "{} + {}",
+                job.vqgan_model,
+                serde_json::from_value::<JobParams>(job.params.clone()).map_or_else(
+                    |_| job.clip_model.clone(),
+                    |p| p.spec.clip_list(&job.clip_model)
+                )
+            ),
         ),
         ("device", job.device.clone().unwrap_or_else(|| "-".into())),
         (
@@ -468,12 +475,20 @@ pub(crate) fn reproduce_command_to_share(job: &crate::store::jobs::Job) -> Strin
 fn reproduce_with(job: &crate::store::jobs::Job, path: impl Fn(&Path) -> String) -> String {
     let params: Option<JobParams> = serde_json::from_value(job.params.clone()).ok();
     // A video job's spec is its picture's (its row counts the video's steps).
-    let (seed, steps, width, height, cutn) = match &params {
+    let (seed, steps, width, height, cutn, clips) = match &params {
         Some(p) => {
             let s = &p.spec;
-            (s.seed, s.steps, s.width, s.height, s.cutn)
+            let clips = s.clip_list(&job.clip_model);
+            (s.seed, s.steps, s.width, s.height, s.cutn, clips)
         }
-        None => (job.seed, job.steps, job.width, job.height, job.cutn),
+        None => (
+            job.seed,
+            job.steps,
+            job.width,
+            job.height,
+            job.cutn,
+            job.clip_model.clone(),
+        ),
     };
     let mut args: Vec<String> = vec![
         "vqclip".into(),
@@ -489,7 +504,7 @@ fn reproduce_with(job: &crate::store::jobs::Job, path: impl Fn(&Path) -> String)
         "--model".into(),
         job.vqgan_model.clone(),
         "--clip".into(),
-        job.clip_model.clone(),
+        clips,
     ];
     if let Some(params) = &params {
         if params.grid > 1 {

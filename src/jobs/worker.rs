@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 
 use super::{FinishedJob, JobId, JobParams};
 use crate::engine::generate::{
-    GenerationInputs, GenerationSpec, Progress, upscale_latent, vary_latent,
+    GenerationInputs, GenerationSpec, Models, Progress, upscale_latent, vary_latent,
 };
 use crate::engine::image;
 use crate::engine::nets::Precision;
@@ -342,7 +342,7 @@ pub(crate) fn png_metadata(
         ("seed", spec.seed.to_string()),
         ("steps", spec.steps.to_string()),
         ("size", format!("{}x{}", spec.width, spec.height)),
-        ("models", format!("{vqgan} + {clip}")),
+        ("models", format!("{vqgan} + {}", spec.clip_list(clip))),
         ("device", format!("{kind}, CLIP in {precision}")),
         ("software", format!("vqclip {}", env!("CARGO_PKG_VERSION"))),
         (
@@ -358,11 +358,19 @@ pub(crate) fn png_metadata(
 /// `cutn`; elsewhere `chunk`. Larger batches keep a GPU busy where the CPU's 8 would leave it
 /// waiting on launches; the total memory, not the free, so a GPU model always chooses the same
 /// (the chunk changes the order of the gradient's sum, so an image reproduces exactly only with
-/// the same chunks). Jobs and `vqclip imagine` both choose here.
-pub(crate) fn chunk_for(gpu_total: Option<u64>, clip: &ClipVision, cutn: u32, chunk: u32) -> u32 {
+/// the same chunks). With an ensemble, the largest model's cutouts decide. Jobs and `vqclip
+/// imagine` both choose here.
+pub(crate) fn chunk_for(gpu_total: Option<u64>, models: &Models, cutn: u32, chunk: u32) -> u32 {
     match gpu_total {
         Some(total) => {
-            let per = clip.config().activation_bytes_per_cutout(clip.dtype());
+            let per = std::iter::once(&models.clip)
+                .chain(models.more_clips.iter().map(|(_, clip)| clip))
+                .map(|clip| {
+                    let vision: &ClipVision = &clip.vision;
+                    vision.config().activation_bytes_per_cutout(vision.dtype())
+                })
+                .max()
+                .unwrap_or(1);
             chunk_within(total / 4, per, cutn)
         }
         None => chunk,

@@ -196,6 +196,15 @@ pub(crate) const CATALOGUE: &[ModelInfo] = &[
         manual_source: "tests/fixtures/parity/tiny_clip.safetensors in the vqclip repository",
         tiny: true,
     },
+    ModelInfo {
+        id: "tiny_clip_48",
+        aliases: &[],
+        kind: ModelKind::Clip,
+        description: "a second tiny CLIP for tests of ensembles (48 px input); seeded random weights",
+        hub: None,
+        manual_source: "none: seeded random weights",
+        tiny: true,
+    },
 ];
 
 /// Looks a model up by id or alias, ignoring ASCII case.

@@ -13,6 +13,7 @@ mod bot_grid;
 mod cli;
 mod config;
 mod discord_spec;
+mod ensemble;
 mod fake_discord;
 mod fake_hub;
 mod fuzz;

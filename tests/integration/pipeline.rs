@@ -41,6 +41,7 @@ pub(crate) fn tiny_models() -> Models {
         vqgan,
         clip: Clip::new(vb, &ClipConfig::tiny()).unwrap(),
         tokenizer: ClipTokenizer::new(),
+        more_clips: Vec::new(),
     }
 }
 

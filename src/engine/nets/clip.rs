@@ -174,6 +174,27 @@ impl ClipConfig {
         }
     }
 
+    /// A second tiny CLIP for tests of ensembles: another input size (48 px in patches of 16)
+    /// and embedding width than [`Self::tiny`], the same tokenizer.
+    pub fn tiny_48() -> Self {
+        let tiny = Self::tiny();
+        Self {
+            vision: ClipVisionConfig {
+                image_size: 48,
+                patch_size: 16,
+                hidden_size: 48,
+                intermediate_size: 192,
+                ..tiny.vision
+            },
+            text: ClipTextConfig {
+                hidden_size: 48,
+                intermediate_size: 192,
+                ..tiny.text
+            },
+            projection_dim: 24,
+        }
+    }
+
     /// The preset named like a catalogue model id (`vit_b32`, `tiny_clip`, …).
     pub fn preset(name: &str) -> Option<Self> {
         Some(match name {
@@ -182,6 +203,7 @@ impl ClipConfig {
             "vit_l14" => Self::vit_l14(),
             "vit_l14_336" => Self::vit_l14_336(),
             "tiny" | "tiny_clip" => Self::tiny(),
+            "tiny_clip_48" => Self::tiny_48(),
             _ => return None,
         })
     }
