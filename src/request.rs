@@ -182,7 +182,11 @@ pub fn resolve(
         Some(tiny) if vqgan.tiny => tiny,
         _ => settings.default_clip,
     };
-    let (clips, weights) = pick_clips(options.clip.as_deref(), default_clip, allow_tiny)?;
+    let (clips, weights) = pick_clips(
+        options.clip.as_deref().or(flags.clip.as_deref()),
+        default_clip,
+        allow_tiny,
+    )?;
     let clip = clips[0];
     let factor = VqganConfig::preset(vqgan.id)
         .map(|c| c.downsample_factor() as u32)
@@ -423,6 +427,50 @@ mod tests {
         .unwrap();
         assert_eq!((r.spec.steps, r.spec.seed, r.spec.cutn), (20, 5, 8));
         assert_eq!(r.vqgan.id, "wikiart_f16_16384");
+    }
+
+    #[test]
+    fn an_ensemble_of_clip_models_is_named_with_weights() {
+        let r = resolve_with(
+            "a castle --clip vit_b32,ViT-B/16:0.5",
+            &ImagineOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(r.clip.id, "vit_b32");
+        assert_eq!(
+            r.more_clips.iter().map(|m| m.id).collect::<Vec<_>>(),
+            ["vit_b16"]
+        );
+        assert_eq!(r.spec.clip_weight, 1.0);
+        assert_eq!(
+            r.spec.more_clips,
+            [ClipShare {
+                model: "vit_b16".into(),
+                weight: 0.5
+            }]
+        );
+        assert_eq!(r.spec.clip_list(r.clip.id), "vit_b32,vit_b16:0.5");
+        // The option wins over the flag; one model alone is the reference's run.
+        let opts = ImagineOptions {
+            clip: Some("vit_l14:2".into()),
+            ..Default::default()
+        };
+        let r = resolve_with("a castle --clip vit_b32,vit_b16", &opts).unwrap();
+        assert_eq!((r.clip.id, r.spec.clip_weight), ("vit_l14", 2.0));
+        assert!(r.more_clips.is_empty() && r.spec.more_clips.is_empty());
+        for (clip, says) in [
+            ("vit_b32,vit_b32", "named twice"),
+            ("vit_b32,vit_b16:0", "above 0"),
+            ("vit_b32,vit_b16:lots", "is a number"),
+            ("vit_b32,vit_b16:inf", "above 0"),
+            ("vit_b32,vit_b16,vit_l14,vit_l14_336,tiny_clip", "at most 4"),
+            ("vit_b32,imagenet", "unknown CLIP model"),
+        ] {
+            let err = resolve_with(&format!("x --clip {clip}"), &ImagineOptions::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{clip}: {err}");
+        }
     }
 
     #[test]

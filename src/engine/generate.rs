@@ -878,8 +878,8 @@ mod tests {
         use crate::engine::nets::tokenizer::ClipTokenizer;
         use crate::engine::nets::vqgan::{Vqgan, VqganConfig, VqganParts};
         use crate::engine::optimize::InitWeight;
-        use crate::engine::prompt::WeightedPrompt;
         use crate::engine::optimize::audited;
+        use crate::engine::prompt::WeightedPrompt;
         use candle_core::DType;
         use std::sync::{Arc, Mutex};
 

@@ -36,7 +36,7 @@ the last colon; negative pushes away). Flags inside the prompt: `--ar 16:9`, `--
 A story: `a forest ^ a city ^ the sea --change-every 100` (a scene every 100 steps). The method: \
 `--lr 0.05`, `--optimizer adamw|diffgrad`, `--ema 0.99` (keep a smoothed average), \
 `--init-noise pixels|gradient`, `--init-weight 2` (stay near the start, fading). `--tile` (or \
-`tile:True`): a seamless tile.
+`tile:True`): a seamless tile. `--clip vit_b32,vit_b16:0.5`: several CLIP models judge together.
 Under a finished picture: 🔁 **Rerun** (new seed), ⬆️ **Upscale 2×**, 🔀 **Variation**, \
 **Vary (Subtle/Strong)**, 🎞️ **Time-lapse**, 🎬 **Zoom video**, 🔎 **Zoom Out 2×/1.5×**, \
 **Make Square**, ⬅️➡️⬆️⬇️ **Pan**; ❌ **Cancel** while it runs. Reacting with 🔁 ⬆️ 🔀 \
