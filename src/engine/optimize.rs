@@ -6,10 +6,9 @@
 //! backward, accumulating the gradient at the image; finally that gradient goes back through
 //! the decoder to `z` in one backward pass.
 
-use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use super::cutouts::Cutouts;
+use super::cutouts::{Cutouts, passes};
 use super::loss::{PromptTarget, prompt_loss};
 use super::nets::clip::{ClipVision, normalize};
 use super::nets::vqgan::Vqgan;
@@ -833,48 +832,6 @@ fn ensemble_gradient(
     Ok((grad, losses))
 }
 
-/// How CLIP sees a batch's cutouts, `counts[k]` of image `k`, at most `chunk` a pass: each pass
-/// a list of (image, range of its cutouts). Images whose cutouts fit in a pass are packed whole
-/// into one while room remains; a larger image is split into passes of `chunk` as it would be
-/// alone (its remainder then shares a pass with the next images). So every image's cutouts are
-/// grouped into passes exactly as they would be alone, and its gradient sums in the same order;
-/// a batch of one is cut as `chunk` always cut it.
-fn passes(counts: &[usize], chunk: usize) -> Vec<Vec<(usize, Range<usize>)>> {
-    let chunk = chunk.max(1);
-    let mut passes = Vec::new();
-    let mut current: Vec<(usize, Range<usize>)> = Vec::new();
-    let mut filled = 0;
-    for (k, &count) in counts.iter().enumerate() {
-        if count == 0 {
-            continue;
-        }
-        if count <= chunk {
-            if filled + count > chunk {
-                passes.push(std::mem::take(&mut current));
-                filled = 0;
-            }
-            current.push((k, 0..count));
-            filled += count;
-            continue;
-        }
-        if !current.is_empty() {
-            passes.push(std::mem::take(&mut current));
-        }
-        let whole = count / chunk * chunk;
-        for start in (0..whole).step_by(chunk) {
-            passes.push(vec![(k, start..start + chunk)]);
-        }
-        filled = count - whole;
-        if filled > 0 {
-            current.push((k, whole..count));
-        }
-    }
-    if !current.is_empty() {
-        passes.push(current);
-    }
-    passes
-}
-
 /// What scores one image of a batch: its prompts and its cutouts, cut from the image rolled
 /// by `shift` (pixels right, down).
 struct Scored<'a> {
@@ -1008,41 +965,4 @@ fn clip_gradient_batch(
         candle_core::bail!("every image of a step needs at least one cutout");
     };
     Ok((grad_image, prompt_losses, times))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::passes;
-
-    #[test]
-    fn passes_pack_whole_images_and_split_large_ones_as_alone() {
-        // A batch of one: chunks of `chunk`, as always.
-        assert_eq!(
-            passes(&[5], 2),
-            [vec![(0, 0..2)], vec![(0, 2..4)], vec![(0, 4..5)]]
-        );
-        assert_eq!(passes(&[4], 8), [vec![(0, 0..4)]]);
-        // Four images of 32 and a GPU's chunk of 128: one pass.
-        assert_eq!(
-            passes(&[32; 4], 128),
-            [vec![(0, 0..32), (1, 0..32), (2, 0..32), (3, 0..32)]]
-        );
-        // Whole images while they fit; never one image's cutouts split where alone they are not.
-        assert_eq!(
-            passes(&[4, 4, 7], 9),
-            [vec![(0, 0..4), (1, 0..4)], vec![(2, 0..7)]]
-        );
-        // A large image is cut as alone; its remainder shares a pass with the next.
-        assert_eq!(
-            passes(&[3, 5, 1], 2),
-            [
-                vec![(0, 0..2)],
-                vec![(0, 2..3)],
-                vec![(1, 0..2)],
-                vec![(1, 2..4)],
-                vec![(1, 4..5), (2, 0..1)],
-            ]
-        );
-        assert!(passes(&[0, 0], 4).is_empty());
-    }
 }
