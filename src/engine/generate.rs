@@ -634,7 +634,7 @@ impl<'m> Generator<'m> {
 }
 
 /// Runs one iteration of several runs as one batch: one decode of all their latents, CLIP
-/// passes over all their cutouts, one backward (see [`step_batch`]). The runs must share the
+/// passes over all their cutouts, one backward (see [`super::optimize::step_batch`]). The runs must share the
 /// models and the image size; each keeps its own seed, prompts, cutouts, Adam state, previews
 /// and progress, and ends as it would have alone up to the order of floating-point sums (the
 /// stated tolerance is in `tests/integration/pipeline.rs`). CLIP sees the batch's cutouts the
