@@ -24,6 +24,7 @@ pub(crate) mod gallery;
 pub(crate) mod interactions;
 pub(crate) mod options;
 pub(crate) mod progress;
+pub(crate) mod prompt_help;
 pub(crate) mod submit;
 pub(crate) mod text;
 pub(crate) mod upload;

@@ -1102,6 +1102,20 @@ async fn attachments_are_checked_and_kept_and_users_are_rate_limited() {
         offered.json["data"]["choices"][0]["value"],
         "wikiart_f16_16384"
     );
+    // Typing a flag in the prompt offers the flags it may be, each with what it expects.
+    let mut typing = bot.command(
+        77,
+        MEMBER,
+        "imagine",
+        json!([{ "name": "prompt", "type": 3, "value": "a castle --op", "focused": true }]),
+    );
+    typing["type"] = json!(4);
+    let offered = bot.interact(typing).await;
+    assert_eq!(offered.json["type"], 8);
+    assert_eq!(
+        offered.json["data"]["choices"],
+        json!([{ "name": "--optimizer adam, adamw or diffgrad", "value": "a castle --optimizer " }])
+    );
 
     // The third job within the hour is refused.
     let limited = bot.interact(bot.imagine(77, "one more")).await;

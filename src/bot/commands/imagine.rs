@@ -6,6 +6,7 @@ use crate::bot::components::cancel_button;
 use crate::bot::options::{
     complete_aspect, complete_model, complete_optimizer, parse_aspect, parse_optimizer, parse_size,
 };
+use crate::bot::prompt_help::complete_prompt;
 use crate::bot::submit::{request_defaults, submit, track};
 use crate::bot::text::{opening_text, quote, title};
 use crate::bot::{BotError, Context};
@@ -25,6 +26,7 @@ pub(super) async fn imagine(
     ctx: Context<'_>,
     #[description = "What to draw; `|` separates prompts, `:weight` weighs them"]
     #[max_length = 1000]
+    #[autocomplete = "complete_prompt"]
     prompt: String,
     #[description = "Random seed (the same seed and settings give the same picture)"] seed: Option<
         u64,

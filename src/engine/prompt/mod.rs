@@ -148,7 +148,7 @@ const FLAGS: &str = "--seed, --steps, --ar, --size, --no, --cutn, --model, --cli
                      --tile";
 
 /// The flags' names without their dashes.
-const FLAG_NAMES: [&str; 16] = [
+pub(crate) const FLAG_NAMES: [&str; 16] = [
     "seed",
     "steps",
     "ar",
