@@ -38,6 +38,9 @@ pub struct ImagineOptions {
     pub grid: Option<u32>,
     /// How the latent is started and trained.
     pub method: MethodFlags,
+    /// Image prompts will guide the run, so the text may be empty (a `/blend` of pictures
+    /// alone, `vqclip imagine --image-prompt`); flags alone are then the whole text.
+    pub text_optional: bool,
 }
 
 /// A request ready to run.
@@ -167,7 +170,7 @@ pub fn resolve(
     auto: AutoDefaults,
     tokenizer: &ClipTokenizer,
 ) -> Result<Resolved, RequestError> {
-    let parsed = prompt::parse(text)?;
+    let parsed = prompt::parse_with(text, options.text_optional)?;
     let flags = parsed.flags;
     let mut notes = Vec::new();
 

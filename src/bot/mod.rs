@@ -129,6 +129,29 @@ async fn on_error(error: poise::FrameworkError<'_, Data, BotError>) {
                 tracing::error!(command = %ctx.command().name, error = %described, "command failed");
             }
         }
+        // Options Discord itself would never send (a required one missing, a wrong type): a
+        // hostile or outdated client. Answered privately, as any mistake.
+        poise::FrameworkError::CommandStructureMismatch {
+            description, ctx, ..
+        } => {
+            tracing::warn!(command = %ctx.command().name, %description, "options that do not fit the command");
+            let text = format!(
+                "/{} did not get the options it needs ({description}).",
+                ctx.command().name
+            );
+            if let Err(e) = poise::Context::Application(ctx)
+                .send(private_reply(text))
+                .await
+            {
+                tracing::warn!(error = %e, "cannot report an error to the user");
+            }
+        }
+        poise::FrameworkError::ArgumentParse { error, ctx, .. } => {
+            let text = format!("/{}: {error}", ctx.command().name);
+            if let Err(e) = ctx.send(private_reply(text)).await {
+                tracing::warn!(error = %e, "cannot report an error to the user");
+            }
+        }
         other => {
             if let Err(e) = poise::builtins::on_error(other).await {
                 tracing::warn!(error = %e, "error while handling an error");

@@ -28,6 +28,10 @@ pub(crate) fn capitalise(text: &str) -> String {
 /// Quotes user text for a message: no mentions can fire, and it cannot break the layout.
 pub(crate) fn quote(text: &str, max: usize) -> String {
     let cleaned: String = text.chars().filter(|c| *c != '`').collect();
+    if cleaned.trim().is_empty() {
+        // A blend of pictures alone has no words.
+        return "*(pictures only)*".to_owned();
+    }
     let cut: String = cleaned.chars().take(max).collect();
     if cut.chars().count() < cleaned.chars().count() {
         format!("`{cut}…`")
@@ -114,6 +118,7 @@ mod tests {
         assert_eq!(quote("a fox", 10), "`a fox`");
         assert_eq!(quote("a `sly` fox <@1>", 100), "`a sly fox <@1>`");
         assert_eq!(quote("ééééé", 3), "`ééé…`");
+        assert_eq!(quote("", 10), "*(pictures only)*");
     }
 
     #[test]

@@ -34,9 +34,12 @@ pub(crate) struct ImagineArgs {
     /// Start from this image instead of random tokens.
     #[arg(long, value_name = "PATH")]
     pub init_image: Option<PathBuf>,
-    /// Also aim for this image (repeatable).
+    /// Also aim for this image (repeatable); with image prompts the text may be empty ('').
     #[arg(long, value_name = "PATH")]
     pub image_prompt: Vec<PathBuf>,
+    /// The weight of each --image-prompt, in order (repeatable; 1 for those left out).
+    #[arg(long, value_name = "WEIGHT", allow_negative_numbers = true)]
+    pub image_weight: Vec<f64>,
     /// Add a noise prompt with this weight: a random target from the seed (repeatable).
     #[arg(long, value_name = "WEIGHT", allow_negative_numbers = true)]
     pub noise_prompt: Vec<f64>,
@@ -277,7 +280,17 @@ pub(super) fn resolve_imagine(
     auto: request::AutoDefaults,
 ) -> anyhow::Result<request::Resolved> {
     let tokenizer = ClipTokenizer::new();
-    let options = args.request.options();
+    let mut options = args.request.options();
+    options.text_optional = !args.image_prompt.is_empty();
+    anyhow::ensure!(
+        args.image_weight.len() <= args.image_prompt.len(),
+        "{} --image-weight for {} --image-prompt",
+        args.image_weight.len(),
+        args.image_prompt.len()
+    );
+    for &weight in &args.image_weight {
+        crate::engine::prompt::check_weight(weight, None).map_err(anyhow::Error::msg)?;
+    }
     let mut resolved = request::resolve(
         &args.prompt,
         &options,
@@ -377,7 +390,14 @@ pub(super) fn imagine_blocking(
         image_prompts: args
             .image_prompt
             .iter()
-            .map(|path| (path.clone(), 1.0, None))
+            .enumerate()
+            .map(|(i, path)| {
+                (
+                    path.clone(),
+                    args.image_weight.get(i).copied().unwrap_or(1.0),
+                    None,
+                )
+            })
             .collect(),
         start: args.init_latent.clone().map(|latent| LatentStart {
             latent,

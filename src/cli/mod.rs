@@ -463,6 +463,7 @@ impl RequestFlags {
                 change_every: self.change_every,
                 tile: self.tile.then_some(true),
             },
+            text_optional: false,
         }
     }
 }

@@ -193,6 +193,36 @@ pub(crate) fn resize_exact(image: &RgbImage, width: u32, height: u32) -> RgbImag
     image::imageops::resize(image, width, height, FilterType::Lanczos3)
 }
 
+/// `image` cropped about its centre to the shape of `width`×`height` and resized to it: it
+/// fills the frame without being stretched.
+pub fn cover(image: &RgbImage, width: u32, height: u32) -> RgbImage {
+    let (w, h) = image.dimensions();
+    // The largest crop of the target's shape: compare w/h with width/height in integers.
+    let (cw, ch) = if u64::from(w) * u64::from(height) > u64::from(h) * u64::from(width) {
+        let cw = (u64::from(h) * u64::from(width) / u64::from(height.max(1))) as u32;
+        (cw.clamp(1, w), h)
+    } else {
+        let ch = (u64::from(w) * u64::from(height) / u64::from(width.max(1))) as u32;
+        (w, ch.clamp(1, h))
+    };
+    let cropped = image::imageops::crop_imm(image, (w - cw) / 2, (h - ch) / 2, cw, ch).to_image();
+    resize_exact(&cropped, width, height)
+}
+
+/// The pixel average of `pictures`, each [`cover`]ed to `width`×`height`: the start of a blend.
+pub fn blend(pictures: &[RgbImage], width: u32, height: u32) -> RgbImage {
+    let mut sums = vec![0u32; (width as usize) * (height as usize) * 3];
+    for picture in pictures {
+        let fitted = cover(picture, width, height);
+        for (sum, &value) in sums.iter_mut().zip(fitted.as_raw()) {
+            *sum += u32::from(value);
+        }
+    }
+    let n = pictures.len().max(1) as u32;
+    let averaged = sums.into_iter().map(|s| ((s + n / 2) / n) as u8).collect();
+    RgbImage::from_raw(width, height, averaged).unwrap_or_else(|| RgbImage::new(width, height))
+}
+
 /// Encodes PNG bytes.
 pub fn encode_png(image: &RgbImage) -> std::result::Result<Vec<u8>, image::ImageError> {
     let mut out = Vec::new();
@@ -281,6 +311,30 @@ pub fn encode_gif(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_blend_averages_pictures_fitted_without_stretching() {
+        let red = RgbImage::from_pixel(40, 20, image::Rgb([200, 0, 0]));
+        let blue = RgbImage::from_pixel(10, 30, image::Rgb([0, 0, 100]));
+        let mixed = blend(&[red, blue], 16, 8);
+        assert_eq!(mixed.dimensions(), (16, 8));
+        assert!(
+            mixed.pixels().all(|p| p.0 == [100, 0, 50]),
+            "{:?}",
+            mixed.get_pixel(0, 0)
+        );
+        // A wide picture keeps its middle when made square.
+        let halves = RgbImage::from_fn(30, 10, |x, _| {
+            image::Rgb(if (10..20).contains(&x) {
+                [255, 255, 255]
+            } else {
+                [0, 0, 0]
+            })
+        });
+        let square = cover(&halves, 10, 10);
+        assert_eq!(square.dimensions(), (10, 10));
+        assert!(square.get_pixel(5, 5).0[0] > 200 && square.get_pixel(1, 5).0[0] > 200);
+    }
 
     #[test]
     fn tensors_and_images_round_trip() {

@@ -527,6 +527,15 @@ fn reproduce_with(job: &crate::store::jobs::Job, path: impl Fn(&Path) -> String)
         for (image, _, _) in &inputs.image_prompts {
             args.extend(["--image-prompt".into(), path(image)]);
         }
+        if inputs
+            .image_prompts
+            .iter()
+            .any(|(_, weight, _)| *weight != 1.0)
+        {
+            for (_, weight, _) in &inputs.image_prompts {
+                args.push(format!("--image-weight={weight}"));
+            }
+        }
         if let Some(start) = &inputs.start {
             args.extend(["--init-latent".into(), path(&start.latent)]);
             if start.upscale {

@@ -330,13 +330,20 @@ impl Bot {
         let bad = self
             .discord
             .attach("notes.png", b"not a picture at all".to_vec());
+        let other = image::RgbImage::from_fn(40, 40, |x, y| {
+            image::Rgb([200, (x * 6) as u8, (y * 6) as u8])
+        });
+        let other = vqclip::engine::image::encode_png(&other).unwrap();
+        let other_url = self.discord.attach("other.png", other.clone());
         json!({
             "11": { "id": "11", "filename": "start.png", "size": png.len(), "url": good,
                     "proxy_url": good, "content_type": "image/png" },
             "12": { "id": "12", "filename": "notes.png", "size": 20, "url": bad,
                     "proxy_url": bad, "content_type": "image/png" },
             "13": { "id": "13", "filename": "huge.png", "size": 9 << 20, "url": good,
-                    "proxy_url": good, "content_type": "image/png" }
+                    "proxy_url": good, "content_type": "image/png" },
+            "14": { "id": "14", "filename": "other.png", "size": other.len(), "url": other_url,
+                    "proxy_url": other_url, "content_type": "image/png" }
         })
     }
 

@@ -8,6 +8,7 @@ mod batch;
 mod batching;
 mod bot;
 mod bot_actions;
+mod bot_blend;
 mod bot_canvas;
 mod bot_grid;
 mod cli;

@@ -102,6 +102,7 @@ pub(super) async fn imagine(
                 optimizer: parse_optimizer(optimizer.as_deref()).map_err(BotError::User)?,
                 ..Default::default()
             },
+            text_optional: false,
         };
         let defaults =
             request_defaults(data, ctx.author().id.get(), ctx.guild_id().map(|g| g.get())).await?;
@@ -184,7 +185,7 @@ fn parse_aspect_option(aspect: Option<&str>) -> Result<Option<(u32, u32)>, BotEr
 
 /// The command's answer as a real message: a new reply, or (after a deferral) the deferred
 /// response edited; mentions disabled either way.
-async fn announce(
+pub(super) async fn announce(
     ctx: Context<'_>,
     deferred: bool,
     text: String,
@@ -207,7 +208,7 @@ async fn announce(
 
 /// Checks, decodes and saves an attached picture under `images/inputs/` (named by its
 /// content, so the same picture is stored once); `option` names it in messages.
-async fn save_attachment(
+pub(super) async fn save_attachment(
     attachment: &serenity::Attachment,
     option: &str,
     images: &std::path::Path,
@@ -245,7 +246,15 @@ async fn save_attachment(
             ))
         })?
         .map_err(anyhow::Error::from)?;
-    let digest = sha2::Sha256::digest(&png);
+    store_input(&png, images).await
+}
+
+/// Saves a PNG under `images/inputs/`, named by its content (the same picture is stored once).
+pub(super) async fn store_input(
+    png: &[u8],
+    images: &std::path::Path,
+) -> Result<std::path::PathBuf, BotError> {
+    let digest = sha2::Sha256::digest(png);
     let name: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     let dir = images.join("inputs");
     let path = dir.join(format!("{name}.png"));
@@ -254,7 +263,7 @@ async fn save_attachment(
         .map_err(anyhow::Error::from)?;
     if !path.is_file() {
         let part = dir.join(format!("{name}.png.part"));
-        tokio::fs::write(&part, &png)
+        tokio::fs::write(&part, png)
             .await
             .map_err(anyhow::Error::from)?;
         tokio::fs::rename(&part, &path)

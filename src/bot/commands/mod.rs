@@ -1,7 +1,8 @@
-//! Slash commands, one file per family: `imagine`, `jobs` (`/queue`, `/cancel`, `/job`,
+//! Slash commands, one file per family: `imagine`, `blend`, `jobs` (`/queue`, `/cancel`, `/job`,
 //! `/history`), `gallery`, `settings` (`/settings`, `/admin`), and `/help` here. Each doc comment
 //! is the help Discord shows. Nothing else in the bot imports them.
 
+mod blend;
 mod gallery;
 mod imagine;
 mod jobs;
@@ -13,6 +14,7 @@ use super::{BotError, Context, private_reply};
 pub fn all() -> Vec<poise::Command<super::Data, BotError>> {
     vec![
         imagine::imagine(),
+        blend::blend(),
         jobs::queue(),
         jobs::cancel(),
         jobs::job(),
@@ -42,6 +44,7 @@ Under a finished picture: 🔁 **Rerun** (new seed), ⬆️ **Upscale 2×**, �
 **Make Square**, ⬅️➡️⬆️⬇️ **Pan**; ❌ **Cancel** while it runs. Reacting with 🔁 ⬆️ 🔀 \
 (or ❌) does the same. Under a grid: **U1–U4** upscale that image (or react 1️⃣–4️⃣), **V1–V4** \
 vary it into a new grid, 🔄 new seeds.
+**/blend** `image1`…`image5` — blend 2–5 pictures (words and `weights` like `1,0.5` optional).
 **/queue** — what is waiting and running. **/cancel** `job` — stop one of yours.
 **/job** `id` — everything needed to make a picture again. **/history** — recent prompts and seeds.
 **/gallery** `recent|top|user|search` — this server's gallery; vote with ⭐ on its posts.

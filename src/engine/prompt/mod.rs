@@ -186,6 +186,12 @@ pub const MAX_STOP: f64 = 10.0;
 
 /// Parses `input`.
 pub fn parse(input: &str) -> Result<ParsedPrompt, PromptError> {
+    parse_with(input, false)
+}
+
+/// Parses `input`, which may hold no prompt (only flags, or nothing) when `allow_empty` is
+/// set: for requests that image prompts guide.
+pub fn parse_with(input: &str, allow_empty: bool) -> Result<ParsedPrompt, PromptError> {
     if input.len() > MAX_PROMPT_BYTES {
         return Err(error(
             input,
@@ -234,7 +240,10 @@ pub fn parse(input: &str) -> Result<ParsedPrompt, PromptError> {
             ),
         ));
     }
-    if let Some((span, _)) = scenes.iter().find(|(_, prompts)| prompts.is_empty()) {
+    let nothing = scenes.len() == 1 && scenes[0].1.is_empty();
+    if allow_empty && nothing {
+        scenes.clear();
+    } else if let Some((span, _)) = scenes.iter().find(|(_, prompts)| prompts.is_empty()) {
         let message = if scenes.len() == 1 {
             "the prompt is empty: describe what to draw"
         } else {
@@ -257,7 +266,7 @@ pub fn parse(input: &str) -> Result<ParsedPrompt, PromptError> {
             ),
         ));
     }
-    let (mut prompts, story) = if scenes.len() == 1 {
+    let (mut prompts, story) = if scenes.len() <= 1 {
         (scenes.pop().map(|(_, p)| p).unwrap_or_default(), Vec::new())
     } else {
         (Vec::new(), scenes.into_iter().map(|(_, p)| p).collect())
