@@ -2,7 +2,9 @@
 //! 🎞️ time-lapse and ❌ cancel; on a grid, U1–U4, V1–V4, 🔄 and the reactions 1️⃣–4️⃣.
 //!
 //! A button's `custom_id` is `vq:<action>:<job id>` and a reaction names its message, so both
-//! are answered from the database alone: they keep working after a restart.
+//! are answered from the database alone: they keep working after a restart. With remix on
+//! (`/settings remix`), reruns and variations first open a form with the prompt to edit, whose
+//! id is `vqr:` and the button's.
 
 use poise::serenity_prelude as serenity;
 
@@ -37,6 +39,12 @@ pub(crate) async fn on_component(
     let outcome = match action {
         Action::Cancel(job) => cancel(data, job, actor).await.map(Reply::Private),
         Action::Timelapse(job) => timelapse(data, job, press.attachment_size_limit).await,
+        Action::FollowUp(what, job) if remixes(what) && wants_remix(data, actor.user).await => {
+            match remix_form(ctx, data, press, action, job).await {
+                Ok(()) => return Ok(()),
+                Err(e) => Err(e),
+            }
+        }
         Action::FollowUp(what, job) => {
             match follow_up_by_button(ctx, data, press, what, job, actor).await {
                 Ok(()) => return Ok(()),
@@ -63,6 +71,160 @@ pub(crate) async fn on_component(
         )
         .await?;
     Ok(())
+}
+
+/// The `custom_id` prefix of a remix form: the button's own id follows it.
+const REMIX: &str = "vqr:";
+
+/// Whether a remix may change this follow-up's words: reruns and variations (the others keep
+/// the parent's picture, whose words they follow).
+fn remixes(what: FollowUp) -> bool {
+    matches!(what, FollowUp::Rerun | FollowUp::Variation(..))
+}
+
+/// Whether `user` turned remix on (`/settings remix:True`).
+async fn wants_remix(data: &Data, user: u64) -> bool {
+    match crate::store::users::get_user_settings(&data.store, user).await {
+        Ok(settings) => settings.is_some_and(|s| s.remix),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read user settings");
+            false
+        }
+    }
+}
+
+/// Answers a rerun or variation button with the remix form: the parent's prompt to edit. The
+/// form's id holds the button's, so its answer needs nothing but the database (restarts too).
+async fn remix_form(
+    ctx: &serenity::Context,
+    data: &Data,
+    press: &serenity::ComponentInteraction,
+    action: Action,
+    parent: JobId,
+) -> Result<(), BotError> {
+    let Some(job) = store_jobs::get_job(&data.store, parent).await? else {
+        return Err(BotError::User(format!("There is no job {parent}.")));
+    };
+    // Discord's text inputs hold 4000 characters; prompts made in Discord hold 1000.
+    // The words (and `--no`) to edit; the other settings stay the parent's.
+    let prompt: String = crate::engine::prompt::words_of(&job.prompt)
+        .chars()
+        .take(REMIX_MAX_CHARS)
+        .collect();
+    let input =
+        serenity::CreateInputText::new(serenity::InputTextStyle::Paragraph, "Prompt", "prompt")
+            .value(prompt)
+            .max_length(REMIX_MAX_CHARS as u16)
+            .required(true);
+    let form = serenity::CreateModal::new(
+        format!("{REMIX}{}", action.custom_id()),
+        format!("Remix job {parent}"),
+    )
+    .components(vec![serenity::CreateActionRow::InputText(input)]);
+    press
+        .create_response(&ctx.http, serenity::CreateInteractionResponse::Modal(form))
+        .await?;
+    Ok(())
+}
+
+/// Longest remixed prompt, in characters (as `/imagine`'s prompt option).
+const REMIX_MAX_CHARS: usize = 1000;
+
+/// Answers a submitted remix form: the rerun or variation it came from, with the new words.
+pub(crate) async fn on_modal(
+    ctx: &serenity::Context,
+    data: &Data,
+    form: &serenity::ModalInteraction,
+) -> Result<(), BotError> {
+    let Some(action) = form
+        .data
+        .custom_id
+        .strip_prefix(REMIX)
+        .and_then(Action::parse)
+    else {
+        return Ok(());
+    };
+    let Action::FollowUp(what, parent) = action else {
+        return Ok(());
+    };
+    let text = form
+        .data
+        .components
+        .iter()
+        .flat_map(|row| &row.components)
+        .find_map(|c| match c {
+            serenity::ActionRowComponent::InputText(input) if input.custom_id == "prompt" => {
+                input.value.clone()
+            }
+            _ => None,
+        })
+        .unwrap_or_default();
+    let actor = Actor {
+        user: form.user.id.get(),
+        moderator: is_moderator(form.member.as_ref().and_then(|m| m.permissions)),
+    };
+    let submitted = async {
+        if !remixes(what) {
+            return Err(BotError::User(
+                "Only reruns and variations are remixed.".into(),
+            ));
+        }
+        if text.chars().count() > REMIX_MAX_CHARS {
+            return Err(BotError::User(format!(
+                "The prompt is longer than {REMIX_MAX_CHARS} characters."
+            )));
+        }
+        let Some(parent) = store_jobs::get_job(&data.store, parent).await? else {
+            return Err(BotError::User(format!("There is no job {parent}.")));
+        };
+        submit_follow_up(
+            data,
+            &parent,
+            (what, Some(&text)),
+            actor,
+            form.channel_id.get(),
+        )
+        .await
+    };
+    let (submitted, job) = match submitted.await {
+        Ok(done) => done,
+        Err(e) => {
+            let text = match e {
+                BotError::User(text) => text,
+                BotError::Internal(e) => {
+                    tracing::error!(error = ?e, "a remix failed");
+                    "Something went wrong on our side; it has been logged.".into()
+                }
+            };
+            form.create_response(
+                &ctx.http,
+                serenity::CreateInteractionResponse::Message(private_message(text)),
+            )
+            .await?;
+            return Ok(());
+        }
+    };
+    let text = opening_text(&title(&job), submitted.position, &[]);
+    let response = serenity::CreateInteractionResponseMessage::new()
+        .content(text)
+        .components(cancel_button(job.id))
+        .allowed_mentions(serenity::CreateAllowedMentions::new());
+    form.create_response(
+        &ctx.http,
+        serenity::CreateInteractionResponse::Message(response),
+    )
+    .await?;
+    let message = form.get_response(&ctx.http).await?;
+    track(
+        data,
+        ctx.http.clone(),
+        submitted,
+        &job,
+        &message,
+        Some(form.token.clone()),
+        form.attachment_size_limit,
+    )
+    .await
 }
 
 /// What a button answers with.
@@ -127,7 +289,7 @@ async fn follow_up_by_button(
         return Err(BotError::User(format!("There is no job {parent}.")));
     };
     let (submitted, job) =
-        submit_follow_up(data, &parent, what, actor, press.channel_id.get()).await?;
+        submit_follow_up(data, &parent, (what, None), actor, press.channel_id.get()).await?;
     let text = opening_text(&title(&job), submitted.position, &[]);
     let response = serenity::CreateInteractionResponseMessage::new()
         .content(text)
@@ -263,7 +425,7 @@ async fn follow_up_by_reaction(
     actor: Actor,
 ) -> Result<(), BotError> {
     let (submitted, job) =
-        submit_follow_up(data, parent, what, actor, reaction.channel_id.get()).await?;
+        submit_follow_up(data, parent, (what, None), actor, reaction.channel_id.get()).await?;
     let text = opening_text(&title(&job), submitted.position, &[]);
     let opening = serenity::CreateMessage::new()
         .content(text)

@@ -171,6 +171,9 @@ async fn on_event(
         serenity::FullEvent::InteractionCreate {
             interaction: serenity::Interaction::Component(press),
         } => interactions::on_component(ctx, data, press).await,
+        serenity::FullEvent::InteractionCreate {
+            interaction: serenity::Interaction::Modal(form),
+        } => interactions::on_modal(ctx, data, form).await,
         serenity::FullEvent::ReactionAdd { add_reaction } => {
             interactions::on_reaction_add(ctx, data, framework.bot_id(), add_reaction).await
         }

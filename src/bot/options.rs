@@ -208,6 +208,7 @@ mod tests {
             clip_model: None,
             ping_on_completion: false,
             grid: Some(4),
+            remix: false,
         };
         let g = user_defaults(&server, Some(&mine), true);
         assert_eq!(g.grid, crate::config::GridSetting::Fixed(4));

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use poise::serenity_prelude as serenity;
 
-use super::checks::check_rate;
+use super::checks::{check_rate, check_words};
 use super::options::user_defaults;
 use super::progress::{self, JobMessage};
 use super::text::capitalise;
@@ -17,11 +17,12 @@ use crate::jobs::{Actor, Origin};
 use crate::store::jobs::{self as store_jobs, Job};
 use crate::store::{guilds, users};
 
-/// Submits a follow-up (rerun, upscale, variation, extension, video) of `parent` for `actor`, after checking who may.
+/// Submits a follow-up (rerun, upscale, variation, extension, video) of `parent` for `actor`,
+/// after checking who may; `remix` is the prompt a remix replaces the parent's words with.
 pub(crate) async fn submit_follow_up(
     data: &Data,
     parent: &Job,
-    what: FollowUp,
+    (what, remix): (FollowUp, Option<&str>),
     actor: Actor,
     channel: u64,
 ) -> Result<(Submitted, Job), BotError> {
@@ -51,7 +52,7 @@ pub(crate) async fn submit_follow_up(
         None => true,
     };
     let grid = default_grid(data, actor.user, parent.guild_id).await?;
-    let (job, params) = crate::jobs::follow_up::follow_up_job(
+    let (mut job, mut params) = crate::jobs::follow_up::follow_up_job(
         parent,
         what,
         (rand::random(), grid),
@@ -68,6 +69,11 @@ pub(crate) async fn submit_follow_up(
             other => capitalise(&other.to_string()),
         })
     })?;
+    if let Some(text) = remix {
+        check_words(data, text)?;
+        crate::jobs::follow_up::remix(&mut job, &mut params, text)
+            .map_err(|e| BotError::User(capitalise(&e)))?;
+    }
     submit(data, job, params).await
 }
 

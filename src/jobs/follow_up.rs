@@ -368,6 +368,34 @@ pub(crate) fn follow_up_job(
     Ok((job, params))
 }
 
+/// Remix: `text` replaces the words of a follow-up `job` made by [`follow_up_job`] (its
+/// prompts, story and `--no`); everything else stays the parent's. Flags other than `--no` are
+/// refused: a variation continues the parent's latent, so its size, models and the rest stay.
+pub(crate) fn remix(
+    job: &mut crate::store::jobs::NewJob,
+    params: &mut JobParams,
+    text: &str,
+) -> Result<(), String> {
+    let parsed = crate::engine::prompt::parse(text).map_err(|e| e.to_string())?;
+    if parsed.flags != crate::engine::prompt::PromptFlags::default() {
+        return Err(
+            "a remix changes the words (and --no); for other settings, start a new /imagine".into(),
+        );
+    }
+    let spec = &mut params.spec;
+    spec.prompts = parsed.prompts;
+    spec.story = parsed.story;
+    if spec.story.is_empty() {
+        spec.change_every = 0;
+    } else if spec.change_every == 0 {
+        spec.change_every = spec.steps.div_ceil(spec.story.len() as u32).max(1);
+    }
+    spec.check()?;
+    job.prompt = text.to_owned();
+    job.params = serde_json::to_value(&*params).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,6 +23,8 @@ pub struct UserSettings {
     pub ping_on_completion: bool,
     /// Images per request (1 or 4).
     pub grid: Option<u32>,
+    /// Remix: variations and reruns first open a form to edit the prompt.
+    pub remix: bool,
 }
 
 /// A user banned from a guild's use of the bot.
@@ -50,6 +52,7 @@ struct UserSettingsRow {
     clip_model: Option<String>,
     ping_on_completion: i64,
     grid: Option<i64>,
+    remix: i64,
 }
 
 fn optional_u32(column: &str, value: Option<i64>) -> Result<Option<u32>, sqlx::Error> {
@@ -65,7 +68,7 @@ pub async fn get_user_settings(
 ) -> Result<Option<UserSettings>, sqlx::Error> {
     let key = u64_to_sql(user_id);
     let row: Option<UserSettingsRow> = sqlx::query_as(
-        "SELECT width, height, steps, vqgan_model, clip_model, ping_on_completion, grid
+        "SELECT width, height, steps, vqgan_model, clip_model, ping_on_completion, grid, remix
          FROM user_settings WHERE user_id = $1",
     )
     .bind(key)
@@ -83,6 +86,7 @@ pub async fn get_user_settings(
         clip_model: r.clip_model,
         ping_on_completion: r.ping_on_completion != 0,
         grid: optional_u32("grid", r.grid)?,
+        remix: r.remix != 0,
     }))
 }
 
@@ -92,13 +96,13 @@ pub async fn save_user_settings(db: &Store, s: &UserSettings) -> Result<(), sqlx
     let now = Timestamp::now();
     sqlx::query("INSERT INTO user_settings
              (user_id, width, height, steps, vqgan_model, clip_model, ping_on_completion, updated_at,
-              grid)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+              grid, remix)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
          ON CONFLICT (user_id) DO UPDATE SET
              width = excluded.width, height = excluded.height, steps = excluded.steps,
              vqgan_model = excluded.vqgan_model, clip_model = excluded.clip_model,
              ping_on_completion = excluded.ping_on_completion, updated_at = excluded.updated_at,
-             grid = excluded.grid").bind(user_id).bind(s.width.map(i64::from)).bind(s.height.map(i64::from)).bind(s.steps.map(i64::from)).bind(s.vqgan_model.as_deref()).bind(s.clip_model.as_deref()).bind(i64::from(s.ping_on_completion)).bind(now).bind(s.grid.map(i64::from))
+             grid = excluded.grid, remix = excluded.remix").bind(user_id).bind(s.width.map(i64::from)).bind(s.height.map(i64::from)).bind(s.steps.map(i64::from)).bind(s.vqgan_model.as_deref()).bind(s.clip_model.as_deref()).bind(i64::from(s.ping_on_completion)).bind(now).bind(s.grid.map(i64::from)).bind(i64::from(s.remix))
     .execute(db.pool())
     .await?;
     Ok(())

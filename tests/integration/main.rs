@@ -11,6 +11,7 @@ mod bot_actions;
 mod bot_blend;
 mod bot_canvas;
 mod bot_grid;
+mod bot_remix;
 mod cli;
 mod config;
 mod discord_spec;

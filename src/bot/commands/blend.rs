@@ -4,8 +4,8 @@
 
 use poise::serenity_prelude as serenity;
 
-use super::imagine::{announce, banned_word, save_attachment, store_input};
-use crate::bot::checks::check_rate;
+use super::imagine::{announce, save_attachment, store_input};
+use crate::bot::checks::{check_rate, check_words};
 use crate::bot::components::cancel_button;
 use crate::bot::options::{complete_aspect, parse_aspect};
 use crate::bot::submit::{request_defaults, submit, track};
@@ -44,12 +44,7 @@ pub(super) async fn blend(
             .collect();
     let text = prompt.unwrap_or_default();
     let prepared = async {
-        if let Some(word) = banned_word(&text, &data.settings.discord.banned_words) {
-            return Err(BotError::User(format!(
-                "This server does not accept prompts with {}.",
-                quote(word, 50)
-            )));
-        }
+        check_words(data, &text)?;
         let weights = parse_weights(weights.as_deref(), pictures.len()).map_err(BotError::User)?;
         let aspect = aspect
             .as_deref()

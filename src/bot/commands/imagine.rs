@@ -1,14 +1,14 @@
 //! `/imagine`: a prompt and its options, attachments checked and kept, the job queued and its
 //! message opened within Discord's 3 s.
 
-use crate::bot::checks::check_rate;
+use crate::bot::checks::{check_rate, check_words};
 use crate::bot::components::cancel_button;
 use crate::bot::options::{
     complete_aspect, complete_model, complete_optimizer, parse_aspect, parse_optimizer, parse_size,
 };
 use crate::bot::prompt_help::complete_prompt;
 use crate::bot::submit::{request_defaults, submit, track};
-use crate::bot::text::{opening_text, quote, title};
+use crate::bot::text::{opening_text, title};
 use crate::bot::{BotError, Context};
 use crate::engine::prompt::MethodFlags;
 use crate::jobs::Origin;
@@ -73,12 +73,7 @@ pub(super) async fn imagine(
         ctx.defer().await?;
     }
     let prepared = async {
-        if let Some(word) = banned_word(&prompt, &data.settings.discord.banned_words) {
-            return Err(BotError::User(format!(
-                "This server does not accept prompts with {}.",
-                quote(word, 50)
-            )));
-        }
+        check_words(data, &prompt)?;
         let aspect = parse_aspect_option(aspect.as_deref())?;
         let size = match size.as_deref() {
             Some(text) => {
@@ -271,39 +266,4 @@ pub(super) async fn store_input(
             .map_err(anyhow::Error::from)?;
     }
     Ok(path)
-}
-
-/// The first banned word or phrase the prompt contains as whole words, in any case.
-pub(crate) fn banned_word<'a>(prompt: &str, banned: &'a [String]) -> Option<&'a str> {
-    let words: Vec<String> = prompt
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .map(str::to_lowercase)
-        .collect();
-    banned
-        .iter()
-        .find(|phrase| {
-            let parts: Vec<String> = phrase
-                .split(|c: char| !c.is_alphanumeric())
-                .filter(|w| !w.is_empty())
-                .map(str::to_lowercase)
-                .collect();
-            !parts.is_empty() && words.windows(parts.len()).any(|w| w == parts.as_slice())
-        })
-        .map(String::as_str)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn banned_words_match_whole_words_in_any_case() {
-        let banned = vec!["gore".to_owned(), "red fox".to_owned()];
-        assert_eq!(banned_word("Lots of GORE!", &banned), Some("gore"));
-        assert_eq!(banned_word("a gorey story", &banned), None);
-        assert_eq!(banned_word("a Red  Fox at dawn", &banned), Some("red fox"));
-        assert_eq!(banned_word("a red dawn fox", &banned), None);
-        assert_eq!(banned_word("anything", &[]), None);
-    }
 }

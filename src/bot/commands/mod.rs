@@ -48,7 +48,7 @@ vary it into a new grid, 🔄 new seeds.
 **/queue** — what is waiting and running. **/cancel** `job` — stop one of yours.
 **/job** `id` — everything needed to make a picture again. **/history** — recent prompts and seeds.
 **/gallery** `recent|top|user|search` — this server's gallery; vote with ⭐ on its posts.
-**/settings** — your default size, steps, model, grid, and whether you are mentioned when done.
+**/settings** — your defaults, a mention when done, and `remix` (edit the prompt when varying).
 **/admin** (Manage Server) — gallery channel, ban/unban, pause/resume, remove a post, grid.
 The same seed and settings give the same picture.";
     ctx.send(private_reply(text)).await?;

@@ -10,7 +10,7 @@ use crate::jobs::JobId;
 use crate::store::gallery as store_gallery;
 use crate::store::{guilds, users};
 
-/// Your defaults for /imagine: size, steps, model, grid, and a ping when your picture is done.
+/// Your defaults for /imagine: size, steps, model, grid, remix, and a ping when it is done.
 #[poise::command(slash_command)]
 pub(super) async fn settings(
     ctx: Context<'_>,
@@ -26,6 +26,7 @@ pub(super) async fn settings(
     #[min = 1]
     #[max = 4]
     grid: Option<u32>,
+    #[description = "Remix: variations and 🔄 first let me edit the prompt"] remix: Option<bool>,
     #[description = "Forget my defaults"] reset: Option<bool>,
 ) -> Result<(), BotError> {
     let data = ctx.data();
@@ -68,6 +69,9 @@ pub(super) async fn settings(
     if let Some(grid) = grid {
         s.grid = Some(check_grid(grid)?);
     }
+    if let Some(remix) = remix {
+        s.remix = remix;
+    }
     if Some(&s) != saved.as_ref() {
         users::save_user_settings(&data.store, &s).await?;
     }
@@ -101,8 +105,13 @@ fn describe_settings(s: &users::UserSettings, server: &GenerationSettings) -> St
     );
     format!(
         "Your defaults — size: {size}, steps: {steps}, model: {model}, images: {grid}, \
-         mention when done: {}.",
-        if s.ping_on_completion { "yes" } else { "no" }
+         mention when done: {}, remix: {}.",
+        if s.ping_on_completion { "yes" } else { "no" },
+        if s.remix {
+            "on (variations and 🔄 let you edit the prompt first)"
+        } else {
+            "off"
+        }
     )
 }
 

@@ -382,6 +382,21 @@ fn flag_dash(input: &str, i: usize) -> Option<usize> {
         .then_some(dash.len_utf8())
 }
 
+/// `input`'s words and its `--no` flags, without the other flags: what a remix lets one edit
+/// (`a castle | fog:0.5 --seed 7 --no people` → `a castle | fog:0.5 --no people`).
+pub fn words_of(input: &str) -> String {
+    let (text_end, flags) = split_flags(input);
+    let mut words = input[..text_end].trim().to_owned();
+    for flag in flags {
+        let name = input[flag.name.start + flag.dash..flag.name.end].to_ascii_lowercase();
+        if name == "no" {
+            words.push_str(" --no ");
+            words.push_str(input[flag.value].trim());
+        }
+    }
+    words
+}
+
 /// Finds the flags: returns where the prompt text ends and each flag's spans.
 fn split_flags(input: &str) -> (usize, Vec<FlagSpan>) {
     let starts: Vec<(usize, usize)> = input

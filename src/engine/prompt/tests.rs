@@ -299,3 +299,14 @@ fn prompts_must_show_something() {
 fn empty_pieces_between_pipes_are_skipped() {
     assert_eq!(prompts("a || b"), [p("a", 1.0, None), p("b", 1.0, None)]);
 }
+
+#[test]
+fn a_prompts_words_keep_its_no_flags_and_drop_the_others() {
+    assert_eq!(
+        words_of("a castle | fog:0.5 --seed 7 --no people --ar 16:9"),
+        "a castle | fog:0.5 --no people"
+    );
+    assert_eq!(words_of("just words"), "just words");
+    assert_eq!(words_of("a storm —steps 20 —no rain"), "a storm --no rain");
+    assert_eq!(words_of("--seed 3"), "");
+}
