@@ -12,6 +12,7 @@ use crate::store::{guilds, users};
 
 /// Your defaults for /imagine: size, steps, model, grid, remix, and a ping when it is done.
 #[poise::command(slash_command)]
+#[allow(clippy::too_many_arguments)] // one per slash-command option
 pub(super) async fn settings(
     ctx: Context<'_>,
     #[description = "Default size, e.g. 384x256"] size: Option<String>,
