@@ -8,6 +8,7 @@ use super::imagine::{announce, save_attachment, store_input};
 use crate::bot::checks::{check_rate, check_words};
 use crate::bot::components::cancel_button;
 use crate::bot::options::{complete_aspect, parse_aspect};
+use crate::bot::prompt_help::complete_prompt;
 use crate::bot::submit::{request_defaults, submit, track};
 use crate::bot::text::{opening_text, quote, title};
 use crate::bot::{BotError, Context};
@@ -26,6 +27,7 @@ pub(super) async fn blend(
     #[description = "A fifth picture"] image5: Option<serenity::Attachment>,
     #[description = "Words to aim for as well; flags work too (--seed 7 --steps 200)"]
     #[max_length = 1000]
+    #[autocomplete = "complete_prompt"]
     prompt: Option<String>,
     #[description = "Each picture's weight in order, e.g. 1,1,0.5 (all 1 when left out)"]
     weights: Option<String>,
