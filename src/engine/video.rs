@@ -163,6 +163,12 @@ pub fn zoom_video(
             spec.height
         )));
     }
+    // A story's picture ends on the scene of its last step: the video goes on with that one
+    // (and the `--no` prompts that guided every scene).
+    let prompts = match spec.story.get(spec.scene_at(spec.steps.saturating_sub(1))) {
+        Some(scene) => scene.iter().chain(&spec.prompts).cloned().collect(),
+        None => spec.prompts.clone(),
+    };
     let mut frames = vec![start];
     for k in 1..=video.frames {
         let last = frames.last().cloned().unwrap_or_default();
@@ -173,6 +179,8 @@ pub fn zoom_video(
             preview_every: 0,
             frame_every: 0,
             story: Vec::new(),
+            change_every: 0,
+            prompts: prompts.clone(),
             ..spec.clone()
         };
         let inputs = GenerationInputs {

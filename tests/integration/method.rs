@@ -842,3 +842,38 @@ fn the_command_line_makes_a_zoom_video_that_plays() {
         text(&bad.stderr)
     );
 }
+
+/// A story's picture makes a zoom video that goes on with the story's last scene (the story
+/// itself is not retold frame by frame): the frames run, and move away from the start.
+#[test]
+fn a_storys_picture_zooms_on_with_its_last_scene() {
+    use vqclip::engine::video::{ZoomVideo, zoom_video};
+    let models = tiny_models();
+    let spec = GenerationSpec {
+        prompts: Vec::new(),
+        story: vec![vec![prompt("a forest")], vec![prompt("a city")]],
+        change_every: 2,
+        steps: 4,
+        ..plain(5)
+    };
+    let start = image::RgbImage::from_fn(spec.width, spec.height, |x, y| {
+        image::Rgb([(x * 7) as u8, (y * 9) as u8, 90])
+    });
+    let motion = ZoomVideo {
+        frames: 2,
+        steps_per_frame: 1,
+        ..ZoomVideo::default()
+    };
+    let frames = zoom_video(
+        &models,
+        &spec,
+        start.clone(),
+        &motion,
+        &AtomicBool::new(false),
+        |_, _, _| {},
+    )
+    .unwrap();
+    assert_eq!(frames.len(), 3);
+    assert!(frames[0] == start);
+    assert!(mean_abs_diff(&frames[2], &start) > 0.0);
+}
