@@ -204,16 +204,8 @@ pub(crate) async fn on_modal(
             return Ok(());
         }
     };
-    let text = opening_text(&title(&job), submitted.position, &[]);
-    let response = serenity::CreateInteractionResponseMessage::new()
-        .content(text)
-        .components(cancel_button(job.id))
-        .allowed_mentions(serenity::CreateAllowedMentions::new());
-    form.create_response(
-        &ctx.http,
-        serenity::CreateInteractionResponse::Message(response),
-    )
-    .await?;
+    form.create_response(&ctx.http, opening(&job, submitted.position))
+        .await?;
     let message = form.get_response(&ctx.http).await?;
     track(
         data,
@@ -225,6 +217,16 @@ pub(crate) async fn on_modal(
         form.attachment_size_limit,
     )
     .await
+}
+
+/// The answer to a button or form that queued `job` at `position`: its opening message, with
+/// ❌, for everyone.
+fn opening(job: &Job, position: usize) -> serenity::CreateInteractionResponse {
+    let response = serenity::CreateInteractionResponseMessage::new()
+        .content(opening_text(&title(job), position, &[]))
+        .components(cancel_button(job.id))
+        .allowed_mentions(serenity::CreateAllowedMentions::new());
+    serenity::CreateInteractionResponse::Message(response)
 }
 
 /// What a button answers with.
@@ -290,16 +292,8 @@ async fn follow_up_by_button(
     };
     let (submitted, job) =
         submit_follow_up(data, &parent, (what, None), actor, press.channel_id.get()).await?;
-    let text = opening_text(&title(&job), submitted.position, &[]);
-    let response = serenity::CreateInteractionResponseMessage::new()
-        .content(text)
-        .components(cancel_button(job.id))
-        .allowed_mentions(serenity::CreateAllowedMentions::new());
     press
-        .create_response(
-            &ctx.http,
-            serenity::CreateInteractionResponse::Message(response),
-        )
+        .create_response(&ctx.http, opening(&job, submitted.position))
         .await?;
     let message = press.get_response(&ctx.http).await?;
     track(

@@ -4,12 +4,11 @@
 
 use poise::serenity_prelude as serenity;
 
-use super::imagine::{announce, save_attachment, store_input};
+use super::imagine::{answer_with_job, save_attachment, store_input};
 use crate::bot::checks::{check_rate, check_words};
-use crate::bot::components::cancel_button;
 use crate::bot::options::{complete_aspect, parse_aspect};
 use crate::bot::prompt_help::complete_prompt;
-use crate::bot::submit::{request_defaults, submit, track};
+use crate::bot::submit::{request_defaults, submit};
 use crate::bot::text::{opening_text, quote, title};
 use crate::bot::{BotError, Context};
 use crate::jobs::Origin;
@@ -107,24 +106,7 @@ pub(super) async fn blend(
         let text = opening_text(&title(&stored), submitted.position, &resolved.notes);
         Ok((submitted, stored, text))
     };
-    let (submitted, stored, text) = match prepared.await {
-        Ok(ready) => ready,
-        Err(BotError::User(text)) => {
-            announce(ctx, true, text, Vec::new()).await?;
-            return Ok(());
-        }
-        Err(e) => return Err(e),
-    };
-    let message = announce(ctx, true, text, cancel_button(stored.id)).await?;
-    let (token, size_limit) = match ctx {
-        poise::Context::Application(app) => (
-            Some(app.interaction.token.clone()),
-            app.interaction.attachment_size_limit,
-        ),
-        poise::Context::Prefix(_) => (None, 0),
-    };
-    let http = ctx.serenity_context().http.clone();
-    track(data, http, submitted, &stored, &message, token, size_limit).await
+    answer_with_job(ctx, true, prepared.await).await
 }
 
 /// The `weights` option: one weight per picture (`count` of them), comma-separated; all 1

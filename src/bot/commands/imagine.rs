@@ -12,7 +12,9 @@ use crate::bot::text::{opening_text, title};
 use crate::bot::{BotError, Context};
 use crate::engine::prompt::MethodFlags;
 use crate::jobs::Origin;
+use crate::jobs::scheduler::Submitted;
 use crate::request::{self, ImagineOptions};
+use crate::store::jobs::Job;
 use poise::serenity_prelude as serenity;
 use sha2::Digest as _;
 
@@ -148,9 +150,19 @@ pub(super) async fn imagine(
             }
         }
     };
+    answer_with_job(ctx, deferred, prepared).await
+}
+
+/// The answer of a command that queues a job (`/imagine`, `/blend`): the job's opening message
+/// (with ❌), followed until its result; or, after a deferral, the refusal in place of the
+/// "thinking…" message (before one, a refusal goes to the error handler: privately).
+pub(super) async fn answer_with_job(
+    ctx: Context<'_>,
+    deferred: bool,
+    prepared: Result<(Submitted, Job, String), BotError>,
+) -> Result<(), BotError> {
     let (submitted, stored, text) = match prepared {
         Ok(ready) => ready,
-        // After a deferral the refusal replaces the "thinking…" message.
         Err(BotError::User(text)) if deferred => {
             announce(ctx, true, text, Vec::new()).await?;
             return Ok(());
@@ -166,7 +178,16 @@ pub(super) async fn imagine(
         poise::Context::Prefix(_) => (None, 0),
     };
     let http = ctx.serenity_context().http.clone();
-    track(data, http, submitted, &stored, &message, token, size_limit).await
+    track(
+        ctx.data(),
+        http,
+        submitted,
+        &stored,
+        &message,
+        token,
+        size_limit,
+    )
+    .await
 }
 
 /// How long `/imagine` may take to prepare its answer before it acknowledges the interaction
