@@ -101,6 +101,26 @@ pub(crate) async fn request_defaults(
     ))
 }
 
+/// Resolves what `user` typed in `guild` (`text` and `options`) over their defaults
+/// ([`request_defaults`]), a problem becoming a message for them.
+pub(crate) async fn resolve_request(
+    data: &Data,
+    (user, guild): (u64, Option<u64>),
+    text: &str,
+    options: &crate::request::ImagineOptions,
+) -> Result<crate::request::Resolved, BotError> {
+    let defaults = request_defaults(data, user, guild).await?;
+    crate::request::resolve(
+        text,
+        options,
+        &defaults,
+        data.settings.models.allow_tiny,
+        data.scheduler.auto(),
+        &data.tokenizer,
+    )
+    .map_err(|e| BotError::User(e.to_string()))
+}
+
 /// How many images a request of `user` in `guild` makes when it names none (see
 /// [`request_defaults`]; "auto" as this host's devices say).
 pub(crate) async fn default_grid(

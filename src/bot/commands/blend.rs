@@ -8,11 +8,11 @@ use super::imagine::{answer_with_job, save_attachment, store_input};
 use crate::bot::checks::{check_rate, check_words};
 use crate::bot::options::{complete_aspect, parse_aspect};
 use crate::bot::prompt_help::complete_prompt;
-use crate::bot::submit::{request_defaults, submit};
+use crate::bot::submit::{resolve_request, submit};
 use crate::bot::text::{opening_text, quote, title};
 use crate::bot::{BotError, Context};
 use crate::jobs::Origin;
-use crate::request::{self, ImagineOptions};
+use crate::request::ImagineOptions;
 
 /// Blend two to five pictures into a new one (words may guide it too).
 #[poise::command(slash_command)]
@@ -58,17 +58,8 @@ pub(super) async fn blend(
             text_optional: true,
             ..Default::default()
         };
-        let defaults =
-            request_defaults(data, ctx.author().id.get(), ctx.guild_id().map(|g| g.get())).await?;
-        let resolved = request::resolve(
-            &text,
-            &options,
-            &defaults,
-            data.settings.models.allow_tiny,
-            data.scheduler.auto(),
-            &data.tokenizer,
-        )
-        .map_err(|e| BotError::User(e.to_string()))?;
+        let who = (ctx.author().id.get(), ctx.guild_id().map(|g| g.get()));
+        let resolved = resolve_request(data, who, &text, &options).await?;
         let images = &data.settings.storage.images;
         let mut saved = Vec::with_capacity(pictures.len());
         for (option, attachment) in &pictures {

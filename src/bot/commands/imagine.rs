@@ -7,13 +7,13 @@ use crate::bot::options::{
     complete_aspect, complete_model, complete_optimizer, parse_aspect, parse_optimizer, parse_size,
 };
 use crate::bot::prompt_help::complete_prompt;
-use crate::bot::submit::{request_defaults, submit, track};
+use crate::bot::submit::{resolve_request, submit, track};
 use crate::bot::text::{opening_text, title};
 use crate::bot::{BotError, Context};
 use crate::engine::prompt::MethodFlags;
 use crate::jobs::Origin;
 use crate::jobs::scheduler::Submitted;
-use crate::request::{self, ImagineOptions};
+use crate::request::ImagineOptions;
 use crate::store::jobs::Job;
 use poise::serenity_prelude as serenity;
 use sha2::Digest as _;
@@ -101,17 +101,8 @@ pub(super) async fn imagine(
             },
             text_optional: false,
         };
-        let defaults =
-            request_defaults(data, ctx.author().id.get(), ctx.guild_id().map(|g| g.get())).await?;
-        let resolved = request::resolve(
-            &prompt,
-            &options,
-            &defaults,
-            data.settings.models.allow_tiny,
-            data.scheduler.auto(),
-            &data.tokenizer,
-        )
-        .map_err(|e| BotError::User(e.to_string()))?;
+        let who = (ctx.author().id.get(), ctx.guild_id().map(|g| g.get()));
+        let resolved = resolve_request(data, who, &prompt, &options).await?;
         let images = &data.settings.storage.images;
         let init_image = match &init_image {
             Some(a) => Some(save_attachment(a, "init_image", images).await?),
