@@ -28,7 +28,8 @@
 //!   (downloading and checking them) and `load` (building them on a device); [`request`] turns what a user typed into an engine spec;
 //!   [`telemetry`] sets up logging; [`cli`] is the command line the binary runs; [`mod@bench`]
 //!   times one optimisation step the way the PyTorch reference does; [`selftest`] runs the
-//!   PyTorch parity cases on a device.
+//!   PyTorch parity cases on a device; [`inspect`] runs CLIP on the bot's CPU for `/describe`
+//!   and the safety check of results.
 //!
 //! Only what the binary, the tests and the benchmarks use is `pub`; the rest is crate-private
 //! and documented all the same: read these docs with `cargo doc --document-private-items`.
@@ -43,6 +44,7 @@ pub mod bot;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod inspect;
 pub mod jobs;
 pub mod memory;
 pub mod models;

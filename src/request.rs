@@ -380,9 +380,39 @@ fn apply_method(
     spec.story = story;
 }
 
+/// The first banned word or phrase the prompt contains as whole words, in any case.
+pub(crate) fn banned_word<'a>(prompt: &str, banned: &'a [String]) -> Option<&'a str> {
+    let words: Vec<String> = prompt
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    banned
+        .iter()
+        .find(|phrase| {
+            let parts: Vec<String> = phrase
+                .split(|c: char| !c.is_alphanumeric())
+                .filter(|w| !w.is_empty())
+                .map(str::to_lowercase)
+                .collect();
+            !parts.is_empty() && words.windows(parts.len()).any(|w| w == parts.as_slice())
+        })
+        .map(String::as_str)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn banned_words_match_whole_words_in_any_case() {
+        let banned = vec!["gore".to_owned(), "red fox".to_owned()];
+        assert_eq!(banned_word("Lots of GORE!", &banned), Some("gore"));
+        assert_eq!(banned_word("a gorey story", &banned), None);
+        assert_eq!(banned_word("a Red  Fox at dawn", &banned), Some("red fox"));
+        assert_eq!(banned_word("a red dawn fox", &banned), None);
+        assert_eq!(banned_word("anything", &[]), None);
+    }
     use crate::config::{Environment, Settings};
 
     fn settings() -> Settings {

@@ -84,7 +84,7 @@ impl KernelReport {
 }
 
 /// The vector extensions the kernels (ours, `gemm`'s) can use on this CPU.
-fn cpu_flags() -> Vec<&'static str> {
+pub(super) fn cpu_flags() -> Vec<&'static str> {
     let mut flags = Vec::new();
     #[cfg(target_arch = "x86_64")]
     {

@@ -17,8 +17,10 @@
 //! every iteration does the same work. CLIP sees the cutouts `chunk` at a time (default: all at
 //! once, as the reference does).
 //!
-//! `vqclip bench --kernels` ([`kernels`]) times the CPU kernels underneath instead.
+//! `vqclip bench --kernels` ([`kernels`]) times the CPU kernels underneath instead, and
+//! `vqclip bench --describe` ([`describe_bench`]) what CLIP on the bot's CPU costs.
 
+mod describe;
 mod kernels;
 
 use std::time::Instant;
@@ -40,6 +42,7 @@ use crate::engine::nets::tokenizer::ClipTokenizer;
 use crate::engine::nets::vqgan::{Vqgan, VqganConfig, VqganParts};
 use crate::engine::optimize::{InitWeight, Latent, Member, Nets, StepTimes, step_batch};
 
+pub use describe::describe_bench;
 pub use kernels::{KernelOptions, kernels};
 
 /// The prompt whose text embedding the cutouts are pulled towards.

@@ -1,5 +1,9 @@
 //! Who may do what: moderators, the hourly job limit, and the server's banned words.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use poise::serenity_prelude as serenity;
 
 use super::{BotError, Context, Data};
@@ -38,7 +42,7 @@ pub(crate) async fn is_moderator_here(ctx: Context<'_>) -> bool {
 
 /// Refuses a prompt holding one of `discord.banned_words`.
 pub(crate) fn check_words(data: &Data, prompt: &str) -> Result<(), BotError> {
-    match banned_word(prompt, &data.settings.discord.banned_words) {
+    match crate::request::banned_word(prompt, &data.settings.discord.banned_words) {
         Some(word) => Err(BotError::User(format!(
             "This server does not accept prompts with {}.",
             super::text::quote(word, 50)
@@ -47,24 +51,40 @@ pub(crate) fn check_words(data: &Data, prompt: &str) -> Result<(), BotError> {
     }
 }
 
-/// The first banned word or phrase the prompt contains as whole words, in any case.
-pub(crate) fn banned_word<'a>(prompt: &str, banned: &'a [String]) -> Option<&'a str> {
-    let words: Vec<String> = prompt
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .map(str::to_lowercase)
-        .collect();
-    banned
-        .iter()
-        .find(|phrase| {
-            let parts: Vec<String> = phrase
-                .split(|c: char| !c.is_alphanumeric())
-                .filter(|w| !w.is_empty())
-                .map(str::to_lowercase)
-                .collect();
-            !parts.is_empty() && words.windows(parts.len()).any(|w| w == parts.as_slice())
-        })
-        .map(String::as_str)
+/// A minimum interval per user between uses of something costly that is not a job
+/// (`/describe` runs CLIP on the bot's own CPU).
+pub struct Cooldown {
+    every: Duration,
+    last: Mutex<HashMap<u64, Instant>>,
+}
+
+/// Users remembered before the expired ones are forgotten.
+const COOLDOWN_USERS: usize = 10_000;
+
+impl Cooldown {
+    /// At most one use per user every `every`.
+    pub fn new(every: Duration) -> Self {
+        Self {
+            every,
+            last: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records a use by `user` at `now`, or says how long they must still wait.
+    pub(crate) fn take(&self, user: u64, now: Instant) -> Result<(), Duration> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&at) = last.get(&user) {
+            let since = now.saturating_duration_since(at);
+            if since < self.every {
+                return Err(self.every - since);
+            }
+        }
+        if last.len() >= COOLDOWN_USERS {
+            last.retain(|_, at| now.saturating_duration_since(*at) < self.every);
+        }
+        last.insert(user, now);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -72,12 +92,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn banned_words_match_whole_words_in_any_case() {
-        let banned = vec!["gore".to_owned(), "red fox".to_owned()];
-        assert_eq!(banned_word("Lots of GORE!", &banned), Some("gore"));
-        assert_eq!(banned_word("a gorey story", &banned), None);
-        assert_eq!(banned_word("a Red  Fox at dawn", &banned), Some("red fox"));
-        assert_eq!(banned_word("a red dawn fox", &banned), None);
-        assert_eq!(banned_word("anything", &[]), None);
+    fn a_cooldown_is_per_user_and_ends() {
+        let cooldown = Cooldown::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert!(cooldown.take(1, t0).is_ok());
+        assert!(cooldown.take(2, t0).is_ok());
+        let wait = cooldown.take(1, t0 + Duration::from_secs(4)).unwrap_err();
+        assert_eq!(wait, Duration::from_secs(6));
+        assert!(cooldown.take(1, t0 + Duration::from_secs(10)).is_ok());
+        // Many users: the expired ones are forgotten, so memory stays bounded.
+        let later = t0 + Duration::from_secs(100);
+        for user in 0..(COOLDOWN_USERS as u64 + 5) {
+            assert!(cooldown.take(1000 + user, later).is_ok());
+        }
+        assert!(cooldown.last.lock().unwrap().len() <= COOLDOWN_USERS + 5);
+        assert!(cooldown.take(1000, later).is_err());
     }
 }

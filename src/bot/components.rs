@@ -231,9 +231,75 @@ pub(crate) fn cancel_button(job: JobId) -> Vec<serenity::CreateActionRow> {
     ])]
 }
 
+/// The `custom_id` prefix of `/describe`'s buttons: the suggestion's number (1–4) follows.
+const DESCRIBE: &str = "vqd:";
+
+/// The keycap emoji of suggestion `k` (1–9).
+fn keycap(k: usize) -> String {
+    format!("{k}\u{fe0f}\u{20e3}")
+}
+
+/// `/describe`'s answer: a heading, then one line per suggested prompt, each starting with its
+/// keycap. The buttons read their prompt back from this text, so it needs no storage and
+/// survives restarts.
+pub(crate) fn describe_text(prompts: &[String]) -> String {
+    let mut text = String::from("🔎 **Prompts for this picture** — press a number to make it:");
+    for (i, prompt) in prompts.iter().enumerate() {
+        text.push_str(&format!("\n{} {prompt}", keycap(i + 1)));
+    }
+    text
+}
+
+/// One button per suggested prompt, numbered as in [`describe_text`].
+pub(crate) fn describe_buttons(count: usize) -> Vec<serenity::CreateActionRow> {
+    let buttons = (1..=count)
+        .map(|k| {
+            serenity::CreateButton::new(format!("{DESCRIBE}{k}"))
+                .label(k.to_string())
+                .style(serenity::ButtonStyle::Secondary)
+        })
+        .collect();
+    vec![serenity::CreateActionRow::Buttons(buttons)]
+}
+
+/// The suggestion a `/describe` button's `custom_id` names (1–9), if it is one.
+pub(crate) fn parse_describe(custom_id: &str) -> Option<usize> {
+    custom_id
+        .strip_prefix(DESCRIBE)?
+        .parse()
+        .ok()
+        .filter(|k| (1..=9).contains(k))
+}
+
+/// Suggestion `k`'s prompt in a `/describe` message's text ([`describe_text`]).
+pub(crate) fn described_prompt(content: &str, k: usize) -> Option<&str> {
+    let mark = keycap(k);
+    content
+        .lines()
+        .find_map(|line| line.strip_prefix(mark.as_str()))
+        .map(str::trim)
+        .filter(|prompt| !prompt.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn describe_prompts_are_read_back_from_their_message() {
+        let prompts = vec![
+            "a charcoal drawing of a cat, art nouveau".to_owned(),
+            "a 3D render of a cat --ar 3:2".to_owned(),
+        ];
+        let text = describe_text(&prompts);
+        assert_eq!(described_prompt(&text, 1), Some(prompts[0].as_str()));
+        assert_eq!(described_prompt(&text, 2), Some(prompts[1].as_str()));
+        assert_eq!(described_prompt(&text, 3), None);
+        assert_eq!(parse_describe("vqd:2"), Some(2));
+        for foreign in ["vqd:0", "vqd:10", "vqd:x", "vq:rerun:1", "vqd:"] {
+            assert_eq!(parse_describe(foreign), None, "{foreign}");
+        }
+    }
 
     #[test]
     fn custom_ids_round_trip_and_foreign_ones_are_ignored() {

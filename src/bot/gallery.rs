@@ -38,6 +38,14 @@ pub async fn post(
     let Some(guild) = job.guild_id else {
         return Ok(());
     };
+    // Nothing the safety check flagged (or a moderator marked unsafe) is shown there.
+    if crate::store::safety::get_safety(pool, job.id)
+        .await?
+        .and_then(|r| r.safety)
+        .is_some_and(crate::store::safety::Safety::hidden)
+    {
+        return Ok(());
+    }
     let Some(channel) = guilds::get_guild_settings(pool, guild)
         .await?
         .and_then(|s| s.gallery_channel_id)

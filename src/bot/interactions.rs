@@ -9,9 +9,9 @@
 use poise::serenity_prelude as serenity;
 
 use super::checks::is_moderator;
-use super::components::{Action, cancel_button};
+use super::components::{Action, cancel_button, described_prompt, parse_describe};
 use super::progress::{self};
-use super::submit::{submit_follow_up, track};
+use super::submit::{submit_follow_up, submit_imagine, track};
 use super::text::{capitalise, opening_text, title};
 use super::{BotError, Data};
 use crate::jobs::follow_up::FollowUp;
@@ -28,6 +28,12 @@ pub(crate) async fn on_component(
 ) -> Result<(), BotError> {
     if let Some(page) = super::gallery::Page::parse(&press.data.custom_id) {
         return super::gallery::turn_page(ctx, data, press, page).await;
+    }
+    if let Some(k) = parse_describe(&press.data.custom_id) {
+        return match imagine_described(ctx, data, press, k).await {
+            Ok(()) => Ok(()),
+            Err(e) => respond(ctx, press, Err(e)).await,
+        };
     }
     let Some(action) = Action::parse(&press.data.custom_id) else {
         return Ok(());
@@ -52,6 +58,15 @@ pub(crate) async fn on_component(
             }
         }
     };
+    respond(ctx, press, outcome).await
+}
+
+/// Answers a button press with `outcome`: a refusal or failure privately.
+async fn respond(
+    ctx: &serenity::Context,
+    press: &serenity::ComponentInteraction,
+    outcome: Result<Reply, BotError>,
+) -> Result<(), BotError> {
     let response = match outcome {
         Ok(Reply::Private(text)) => private_message(text),
         Ok(Reply::File(text, file)) => serenity::CreateInteractionResponseMessage::new()
@@ -71,6 +86,37 @@ pub(crate) async fn on_component(
         )
         .await?;
     Ok(())
+}
+
+/// Answers a `/describe` button: the suggestion's prompt, read back from the message, as a
+/// new `/imagine` of the presser's.
+async fn imagine_described(
+    ctx: &serenity::Context,
+    data: &Data,
+    press: &serenity::ComponentInteraction,
+    k: usize,
+) -> Result<(), BotError> {
+    let Some(prompt) = described_prompt(&press.message.content, k) else {
+        return Err(BotError::User(format!(
+            "Suggestion {k} is not on this message."
+        )));
+    };
+    let who = (press.user.id.get(), press.guild_id.map(|g| g.get()));
+    let (submitted, job) = submit_imagine(data, who, press.channel_id.get(), prompt).await?;
+    press
+        .create_response(&ctx.http, opening(&job, submitted.position))
+        .await?;
+    let message = press.get_response(&ctx.http).await?;
+    track(
+        data,
+        ctx.http.clone(),
+        submitted,
+        &job,
+        &message,
+        Some(press.token.clone()),
+        press.attachment_size_limit,
+    )
+    .await
 }
 
 /// The `custom_id` prefix of a remix form: the button's own id follows it.

@@ -5,6 +5,8 @@
 //!   and their `custom_id` codec, who may do what, the values users pick (autocomplete, sizes,
 //!   aspects, saved defaults).
 //! - [`gallery`]: posting finished pictures to a guild's gallery channel, ⭐ votes, its pages.
+//! - [`safety`]: the safety check of a result before it is posted (spoiler, withheld, or
+//!   plain), scored by [`crate::inspect`].
 //! - [`progress`]: one task per job owning its message: throttled edits while it runs (with the
 //!   interaction token while it is fresh, the bot token after), then the result with buttons.
 //! - [`submit`]: submitting a job and tracking its message, for commands, buttons and reactions.
@@ -25,6 +27,7 @@ pub(crate) mod interactions;
 pub(crate) mod options;
 pub(crate) mod progress;
 pub(crate) mod prompt_help;
+pub(crate) mod safety;
 pub(crate) mod submit;
 pub(crate) mod text;
 pub(crate) mod upload;
@@ -50,6 +53,10 @@ pub struct Data {
     pub settings: Arc<Settings>,
     /// Prompt tokenizer (to count and cut prompts before queueing).
     pub tokenizer: Arc<ClipTokenizer>,
+    /// CLIP on this process's CPU: `/describe` and the safety check of results.
+    pub inspector: Arc<crate::inspect::Inspector>,
+    /// One `/describe` per user every few seconds.
+    pub(crate) describe_cooldown: checks::Cooldown,
 }
 
 /// A command's error: shown to the user when it is about their request, logged otherwise.
@@ -198,11 +205,14 @@ pub async fn run(
     http.get_gateway()
         .await
         .with_context(|| format!("cannot reach Discord at {base} (discord.api_base)"))?;
+    let tokenizer = Arc::new(ClipTokenizer::new());
     let data = Data {
         scheduler,
         store,
         settings: settings.clone(),
-        tokenizer: Arc::new(ClipTokenizer::new()),
+        tokenizer: tokenizer.clone(),
+        inspector: Arc::new(crate::inspect::Inspector::new(settings.clone(), tokenizer)),
+        describe_cooldown: checks::Cooldown::new(commands::DESCRIBE_EVERY),
     };
     let guilds: Vec<serenity::GuildId> = settings
         .discord
@@ -241,7 +251,8 @@ pub async fn run(
                 tracing::info!(user = %ready.user.name, "connected to Discord");
                 // Jobs from before a restart keep their messages updating.
                 let interval = progress::edit_interval(&data.settings);
-                match progress::resume_all(&ctx.http, &data.store, &data.scheduler, interval).await
+                let handles = (&ctx.http, &data.store, &data.inspector);
+                match progress::resume_all(handles, &data.scheduler, interval).await
                 {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(jobs = n, "following the messages of earlier jobs again"),

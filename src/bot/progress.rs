@@ -18,10 +18,12 @@ use tokio::time::Instant;
 use crate::store::Store;
 
 use super::components;
+use super::safety::Shown;
 use super::text::quote;
 use super::text::{human_duration, status_text, title};
 use super::upload::Upload;
 use crate::config::Settings;
+use crate::inspect::Inspector;
 use crate::jobs::{FinishedJob, JobEvent, JobId, Preview};
 use crate::store::jobs::{Job, set_job_result};
 use crate::store::users;
@@ -124,8 +126,7 @@ pub(crate) async fn wants_ping(pool: &Store, user: u64) -> bool {
 /// Picks up the messages of jobs that were waiting or running when the bot last stopped: their
 /// interaction tokens are gone, so these edit with the bot token. Returns how many.
 pub(crate) async fn resume_all(
-    http: &Arc<serenity::Http>,
-    pool: &Store,
+    (http, pool, inspector): (&Arc<serenity::Http>, &Store, &Arc<Inspector>),
     scheduler: &crate::jobs::Scheduler,
     interval: Duration,
 ) -> Result<usize, sqlx::Error> {
@@ -152,7 +153,8 @@ pub(crate) async fn resume_all(
             DEFAULT_SIZE_LIMIT,
             wants_ping(pool, job.requester_id).await,
         );
-        tokio::spawn(follow(http.clone(), pool.clone(), target, events, interval));
+        let handles = (http.clone(), pool.clone(), inspector.clone());
+        tokio::spawn(follow(handles, target, events, interval));
         resumed += 1;
     }
     Ok(resumed)
@@ -174,8 +176,7 @@ pub(crate) fn edit_interval(settings: &Settings) -> Duration {
 
 /// Follows a job to its end; see the module documentation.
 pub async fn follow(
-    http: Arc<serenity::Http>,
-    pool: Store,
+    (http, pool, inspector): (Arc<serenity::Http>, Store, Arc<Inspector>),
     target: JobMessage,
     mut events: watch::Receiver<JobEvent>,
     interval: Duration,
@@ -183,6 +184,7 @@ pub async fn follow(
     let mut editor = Editor {
         http,
         pool,
+        inspector,
         target,
         token_ok: true,
         backoff: Duration::ZERO,
@@ -231,6 +233,8 @@ pub async fn follow(
 struct Editor {
     http: Arc<serenity::Http>,
     pool: Store,
+    /// The safety check of the result.
+    inspector: Arc<Inspector>,
     target: JobMessage,
     /// Cleared at the first refusal of the interaction token.
     token_ok: bool,
@@ -380,29 +384,52 @@ impl Editor {
             self.edit(&text, None, true).await;
             return;
         };
-        let posted = match Upload::of(done, self.target.job, self.target.size_limit) {
-            Ok(upload) => self.post_result(done, &upload).await.map(|m| (m, upload)),
+        let job = self.target.job;
+        let shown = super::safety::judge(
+            &self.http,
+            &self.pool,
+            &self.inspector,
+            (job, self.target.grid),
+            self.target.channel,
+            done,
+        )
+        .await;
+        if let Shown::Withheld(score) = shown {
+            self.withhold(score).await;
+            return;
+        }
+        let posted = match Upload::of(done, job, self.target.size_limit) {
+            Ok(upload) => {
+                let files = match shown {
+                    Shown::Spoiler(_) => super::safety::spoilered(&upload),
+                    _ => upload.clone(),
+                };
+                self.post_result(done, &files, shown)
+                    .await
+                    .map(|m| (m, upload))
+            }
             Err(e) => Err(e),
         };
         match posted {
             Ok((message, upload)) => {
                 let title = format!("{} (done ↓)", self.target.title);
                 self.edit(&title, None, true).await;
-                let job = self.target.job;
                 if let Err(e) =
                     set_job_result(&self.pool, job, message.channel_id.get(), message.id.get())
                         .await
                 {
                     tracing::error!(job_id = job.0, error = %e, "cannot record the result message");
                 }
-                if let Err(e) =
-                    super::gallery::post(&self.http, &self.pool, job, &upload, &message).await
+                // Only what the safety check passed goes to the gallery.
+                if shown == Shown::Plain
+                    && let Err(e) =
+                        super::gallery::post(&self.http, &self.pool, job, &upload, &message).await
                 {
                     tracing::error!(job_id = job.0, error = %e, "cannot post to the gallery");
                 }
             }
             Err(e) => {
-                tracing::error!(job_id = self.target.job.0, error = %e, "cannot post the result");
+                tracing::error!(job_id = job.0, error = %e, "cannot post the result");
                 let note = format!(
                     "{} (done, but the picture could not be posted: {e})",
                     self.target.title
@@ -412,10 +439,40 @@ impl Editor {
         }
     }
 
+    /// A result the safety check withheld: the progress message says so (without the
+    /// picture) and, while the interaction token lasts, the requester is told privately.
+    async fn withhold(&mut self, score: f32) {
+        let text = format!(
+            "{} (done, but withheld by this server's safety check; a moderator can review it \
+             with /admin safety job:{})",
+            self.target.title, self.target.job
+        );
+        self.edit(&text, None, true).await;
+        let token = self
+            .target
+            .token
+            .clone()
+            .filter(|_| self.token_ok && self.target.issued.elapsed() < TOKEN_FRESH);
+        if let Some(token) = token {
+            let notice = serenity::CreateInteractionResponseFollowup::new()
+                .content(format!(
+                    "Your picture (job {}) was withheld: the safety check scored it {score:.2}, \
+                     above this server's threshold. A moderator can review it.",
+                    self.target.job
+                ))
+                .ephemeral(true)
+                .allowed_mentions(serenity::CreateAllowedMentions::new());
+            if let Err(e) = notice.execute(&self.http, (None, &token)).await {
+                tracing::warn!(job_id = self.target.job.0, error = %e, "cannot tell the requester privately");
+            }
+        }
+    }
+
     async fn post_result(
         &mut self,
         done: &FinishedJob,
         upload: &Upload,
+        shown: Shown,
     ) -> anyhow::Result<serenity::Message> {
         let t = &self.target;
         let mut embed = serenity::CreateEmbed::new()
@@ -451,7 +508,14 @@ impl Editor {
                 true,
             )
             .field("Job", t.job.to_string(), true);
-        if let Some(name) = upload.embedded() {
+        // An embed's image is never blurred: a spoiler is shown as the attachment alone.
+        let spoiler = match shown {
+            Shown::Spoiler(score) => Some(super::safety::note(score)),
+            _ => None,
+        };
+        if spoiler.is_none()
+            && let Some(name) = upload.embedded()
+        {
             embed = embed.image(format!("attachment://{name}"));
         }
         let mentions = if t.ping {
@@ -460,7 +524,10 @@ impl Editor {
             serenity::CreateAllowedMentions::new()
         };
         let mut message = serenity::CreateMessage::new()
-            .content(format!("{} — done", t.title))
+            .content(match &spoiler {
+                Some(note) => format!("{} — done\n{note}", t.title),
+                None => format!("{} — done", t.title),
+            })
             .embed(embed)
             .reference_message((t.channel, t.message))
             .allowed_mentions(mentions);

@@ -77,6 +77,28 @@ pub(crate) async fn submit_follow_up(
     submit(data, job, params).await
 }
 
+/// Submits `prompt` as an `/imagine` of `user` in `guild` with nothing but their defaults (a
+/// button that makes a prompt: `/describe`'s).
+pub(crate) async fn submit_imagine(
+    data: &Data,
+    (user, guild): (u64, Option<u64>),
+    channel: u64,
+    prompt: &str,
+) -> Result<(Submitted, Job), BotError> {
+    check_words(data, prompt)?;
+    check_rate(data, user).await?;
+    let options = crate::request::ImagineOptions::default();
+    let resolved = resolve_request(data, (user, guild), prompt, &options).await?;
+    let origin = Origin {
+        requester: user,
+        guild,
+        channel: Some(channel),
+    };
+    let (job, params) =
+        crate::jobs::imagine_job(prompt, &resolved, origin).map_err(anyhow::Error::from)?;
+    submit(data, job, params).await
+}
+
 /// The defaults a request of `user` in `guild` starts from: the configuration's `[generation]`,
 /// the guild's `/admin grid` over it, the user's `/settings` over both.
 pub(crate) async fn request_defaults(
@@ -178,9 +200,9 @@ pub(crate) async fn track(
     );
     let interval = progress::edit_interval(&data.settings);
     let pool = data.store.clone();
+    let handles = (http, pool, data.inspector.clone());
     tokio::spawn(progress::follow(
-        http,
-        pool,
+        handles,
         target,
         submitted.events,
         interval,

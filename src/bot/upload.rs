@@ -36,6 +36,14 @@ impl Upload {
         })
     }
 
+    /// A finished picture alone (stored `png`) within `limit` bytes, as [`Upload::of`] fits it.
+    pub fn of_png(png: &[u8], job: JobId, limit: usize) -> anyhow::Result<Self> {
+        Ok(Self {
+            picture: fit_picture(png, job, limit)?,
+            video: None,
+        })
+    }
+
     /// The attachment an embed shows as its image: the picture, unless a video is shown.
     pub fn embedded(&self) -> Option<&str> {
         self.video.is_none().then_some(self.picture.1.as_str())

@@ -189,6 +189,10 @@ pub(crate) struct BenchArgs {
     /// this CPU's vector extensions.
     #[arg(long)]
     pub kernels: bool,
+    /// Time CLIP on the bot's CPU instead of a step: embedding /describe's vocabularies, one
+    /// /describe and one safety check, with --clip's architecture (seeded random weights).
+    #[arg(long, conflicts_with = "kernels")]
+    pub describe: bool,
 }
 
 /// Options of `vqclip jobs list`.
@@ -272,6 +276,19 @@ fn load_settings(path: Option<&Path>, env: &Environment) -> Result<Settings, Exi
 
 fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     let (label, device) = crate::jobs::devices::open_flag(&args.device)?;
+    if args.describe {
+        anyhow::ensure!(
+            device.is_cpu(),
+            "--describe times CLIP on the bot's CPU; leave out --device {label}"
+        );
+        let report = crate::bench::describe_bench(&args.clip, args.iters, args.warmup)?;
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            println!("{}", report.summary());
+        }
+        return Ok(());
+    }
     if args.kernels {
         anyhow::ensure!(
             device.is_cpu(),

@@ -21,8 +21,11 @@ use crate::engine::nets::Precision;
 use crate::models::ModelInfo;
 use crate::store::Location;
 
+mod moderation;
 mod raw;
 mod validate;
+
+pub use moderation::{DEFAULT_SAFE_LABELS, DEFAULT_UNSAFE_LABELS, ModerationSettings, NsfwAction};
 
 use raw::RawSettings;
 use validate::validate;
@@ -99,6 +102,8 @@ pub struct Settings {
     pub generation: GenerationSettings,
     /// `[models]`: where model weights come from.
     pub models: ModelSettings,
+    /// `[moderation]`: the safety check.
+    pub moderation: ModerationSettings,
 }
 
 /// `[discord]`.
@@ -911,12 +916,63 @@ mod tests {
             ),
             ("[scheduler]\ndevice = [\"cpu\"]", "scheduler.device"),
             ("[shceduler]\ndevices = [\"cpu\"]", "shceduler"),
+            (
+                "[moderation]\nnsfw_action = \"hide\"",
+                "moderation.nsfw_action",
+            ),
+            (
+                "[moderation]\nnsfw_threshold = 1.5",
+                "moderation.nsfw_threshold",
+            ),
+            (
+                "[moderation]\nunsafe_labels = []",
+                "moderation.unsafe_labels",
+            ),
+            (
+                "[moderation]\nsafe_labels = [\"\"]",
+                "moderation.safe_labels[0]",
+            ),
+            (
+                "[moderation]\nnsfw_treshold = 0.2",
+                "moderation.nsfw_treshold",
+            ),
         ];
         for (text, key) in cases {
             let p = problems(text, &[]);
             assert_eq!(p.len(), 1, "{text:?} gave {p:?}");
             assert_eq!(p[0].key, key, "{text:?} gave {}", p[0]);
         }
+    }
+
+    #[test]
+    fn moderation_defaults_and_overrides() {
+        let s = Settings::from_toml("", &env(&[])).unwrap();
+        assert_eq!(s.moderation.nsfw_action, NsfwAction::Spoiler);
+        assert_eq!(s.moderation.nsfw_threshold, 0.5);
+        assert_eq!(
+            s.moderation.unsafe_labels.len(),
+            DEFAULT_UNSAFE_LABELS.len()
+        );
+        assert!(s.moderation.age_restricted_allows);
+        let s = Settings::from_toml(
+            "[moderation]\nnsfw_action = \"Block\"\nsafe_labels = [\"a lake\"]",
+            &env(&[
+                ("VQCLIP_MODERATION__NSFW_THRESHOLD", "0.25"),
+                ("VQCLIP_MODERATION__UNSAFE_LABELS", "gore, nudity"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.moderation.nsfw_action, NsfwAction::Block);
+        assert_eq!(s.moderation.nsfw_threshold, 0.25);
+        assert_eq!(s.moderation.unsafe_labels, ["gore", "nudity"]);
+        assert_eq!(s.moderation.safe_labels, ["a lake"]);
+        let long = format!("[moderation]\nunsafe_labels = [\"{}\"]", "x".repeat(201));
+        assert_eq!(problems(&long, &[])[0].key, "moderation.unsafe_labels[0]");
+        let many = format!(
+            "[moderation]\nunsafe_labels = [{}]",
+            vec!["\"x\""; 65].join(",")
+        );
+        assert_eq!(problems(&many, &[])[0].key, "moderation.unsafe_labels");
     }
 
     #[test]

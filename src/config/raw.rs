@@ -14,6 +14,7 @@ pub(super) struct RawSettings {
     pub(super) scheduler: RawScheduler,
     pub(super) generation: RawGeneration,
     pub(super) models: RawModels,
+    pub(super) moderation: super::moderation::RawModeration,
 }
 
 #[derive(Debug, Deserialize)]

@@ -28,7 +28,12 @@ pub(super) struct Problems<'a> {
 }
 
 impl Problems<'_> {
-    fn add(&mut self, key: impl Into<String>, value: Option<String>, expected: impl Into<String>) {
+    pub(super) fn add(
+        &mut self,
+        key: impl Into<String>,
+        value: Option<String>,
+        expected: impl Into<String>,
+    ) {
         let key = key.into();
         self.list.push(InvalidKey {
             env_var: self.origins.env_var_for(&key),
@@ -85,6 +90,7 @@ pub(super) fn validate(
     let scheduler = validate_scheduler(raw.scheduler, &mut p);
     let models = validate_models(raw.models, env, &mut p);
     let generation = validate_generation(raw.generation, models.allow_tiny, &mut p);
+    let moderation = super::moderation::validate_moderation(raw.moderation, &mut p);
     if p.list.is_empty() {
         Ok(Settings {
             discord,
@@ -92,6 +98,7 @@ pub(super) fn validate(
             scheduler,
             generation,
             models,
+            moderation,
         })
     } else {
         Err(p.list)

@@ -123,6 +123,34 @@ pub(crate) fn embed_text(
     clip.text.forward(&ids)
 }
 
+/// CLIP's embeddings `[texts, projection_dim]` of several texts, each as [`embed_text`] makes
+/// it, in batches of at most `batch` (padding costs what the longest text in a batch costs).
+pub(crate) fn embed_texts(
+    clip: &Clip,
+    tokenizer: &ClipTokenizer,
+    texts: &[&str],
+    batch: usize,
+) -> CandleResult<Tensor> {
+    let eos = clip.text.config().eos_token_id;
+    let ids: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|text| fit_vocabulary(&tokenizer.encode(text).ids, eos))
+        .collect();
+    // Texts of like length batch together: less padding.
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_by_key(|&i| ids[i].len());
+    let mut rows = vec![None; ids.len()];
+    for chunk in order.chunks(batch.max(1)) {
+        let sequences: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
+        let embedded = clip.text.forward_batch(&sequences)?;
+        for (row, &i) in chunk.iter().enumerate() {
+            rows[i] = Some(embedded.get(row)?);
+        }
+    }
+    let rows: Vec<Tensor> = rows.into_iter().flatten().collect();
+    Tensor::stack(&rows, 0)
+}
+
 /// Token ids for a text tower whose vocabulary may be smaller than OpenAI's (the tiny test
 /// model): ids fold into the vocabulary, start and end tokens map to its own. For the released
 /// models this is the identity.

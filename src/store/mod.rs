@@ -53,6 +53,7 @@ pub mod events;
 pub mod gallery;
 pub mod guilds;
 pub mod jobs;
+pub mod safety;
 pub mod users;
 pub mod workers;
 

@@ -67,7 +67,8 @@ async fn imagine_queues_shows_progress_and_posts_the_result() {
              banned_words = [\"gore\"]\n\
              [scheduler]\nprogress_interval_ms = 100\n\
              [models]\nallow_tiny = true\n\
-             [generation]\ndefault_vqgan = \"tiny_vqgan\"\ndefault_clip = \"tiny_clip\"\n",
+             [generation]\ndefault_vqgan = \"tiny_vqgan\"\ndefault_clip = \"tiny_clip\"\n\
+             [moderation]\nnsfw_threshold = 1.0\n",
             discord.url
         ),
         &env,
@@ -319,7 +320,8 @@ async fn after_a_restart_earlier_jobs_keep_their_messages_updating() {
     let settings = Settings::from_toml(
         &format!(
             "[discord]\ntoken = \"fake.bot.token\"\napi_base = \"{}\"\n\
-             [scheduler]\nprogress_interval_ms = 100\n",
+             [scheduler]\nprogress_interval_ms = 100\n\
+             [moderation]\nnsfw_action = \"off\"\n",
             discord.url
         ),
         &env,

@@ -19,8 +19,8 @@ use crate::fake_discord::{APP_ID, FakeDiscord, Request_, message, user};
 use crate::scheduler::{FakeRunner, finished, options, slots};
 use crate::support::{Gate, fetcher, test_pool};
 
-const GUILD: u64 = 1_500_000_000_000_000_001;
-const GALLERY: u64 = 1_500_000_000_000_000_002;
+pub(crate) const GUILD: u64 = 1_500_000_000_000_000_001;
+pub(crate) const GALLERY: u64 = 1_500_000_000_000_000_002;
 /// Manage Server.
 pub(crate) const MODERATOR: &str = "32";
 pub(crate) const MEMBER: &str = "0";
@@ -28,11 +28,16 @@ pub(crate) const MEMBER: &str = "0";
 /// The bot's configuration for these tests: the fake Discord, images under `dir`, the tiny
 /// models; `discord` and `scheduler` add keys to those sections.
 /// Settings for a bot on `fake`: `discord` holds extra `[discord]` keys, then optionally a
-/// `[generation]` line and extra `[generation]` keys.
+/// `[generation]` line and extra `[generation]` keys, then optionally a `[moderation]` line and
+/// its keys (otherwise results are scored but never flagged).
 fn bot_settings(fake: &FakeDiscord, dir: &TempDir, discord: &str, scheduler: &str) -> Settings {
     let env: Environment = [("HOME", dir.path().to_str().unwrap())]
         .into_iter()
         .collect();
+    // Scored by the safety check but never flagged, unless a test says otherwise.
+    let (discord, moderation) = discord
+        .split_once("[moderation]\n")
+        .unwrap_or((discord, "nsfw_threshold = 1.0\n"));
     let (discord, generation) = discord
         .split_once("[generation]\n")
         .unwrap_or((discord, ""));
@@ -43,7 +48,7 @@ fn bot_settings(fake: &FakeDiscord, dir: &TempDir, discord: &str, scheduler: &st
              [scheduler]\nprogress_interval_ms = 100\n{scheduler}\
              [models]\nallow_tiny = true\n\
              [generation]\ndefault_vqgan = \"tiny_vqgan\"\ndefault_clip = \"tiny_clip\"\n\
-             preview_every = 2\n{generation}\n",
+             preview_every = 2\n{generation}\n[moderation]\n{moderation}",
             fake.url,
             dir.path().join("images").display()
         ),

@@ -162,7 +162,8 @@ fn db_migrate_creates_the_database_from_nothing() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(db.is_file());
     assert!(
-        text(&out.stdout).contains("applied migrations 1, 2, 3, 4, 5, 6, 7, 8 (schema version 8)"),
+        text(&out.stdout)
+            .contains("applied migrations 1, 2, 3, 4, 5, 6, 7, 8, 9 (schema version 9)"),
         "{}",
         text(&out.stdout)
     );

@@ -69,6 +69,8 @@ struct Shared {
     violations: Mutex<Vec<String>>,
     /// Time from each interaction's dispatch to its first response.
     ack_latencies: Mutex<Vec<Duration>>,
+    /// Channels marked age-restricted (NSFW).
+    age_restricted: Mutex<Vec<String>>,
 }
 
 /// Discord's upload limit per file.
@@ -121,6 +123,7 @@ impl FakeDiscord {
             dispatched: Mutex::default(),
             violations: Mutex::default(),
             ack_latencies: Mutex::default(),
+            age_restricted: Mutex::default(),
         });
         let app = Router::new()
             .route("/ws", get(gateway))
@@ -181,6 +184,15 @@ impl FakeDiscord {
     /// 401 / 50027 (Discord's 15 minutes, shortened).
     pub fn expire_tokens_after(&self, lifetime: Duration) {
         *self.shared.token_lifetime.lock().unwrap() = Some(lifetime);
+    }
+
+    /// Marks channel `id` age-restricted: `GET /channels/{id}` says `nsfw: true`.
+    pub fn age_restrict(&self, id: &str) {
+        self.shared
+            .age_restricted
+            .lock()
+            .unwrap()
+            .push(id.to_owned());
     }
 
     /// Serves `bytes` as an attachment; returns its URL.
@@ -415,6 +427,23 @@ fn answer(shared: &Shared, method: &Method, parts: &[&str], json: &Value) -> Res
                     .insert((*token).to_owned(), (new_id(), Instant::now()));
             }
             return StatusCode::NO_CONTENT.into_response();
+        }
+        ("DELETE", ["webhooks", _, token, "messages", "@original"]) => {
+            if shared.originals.lock().unwrap().remove(*token).is_none() {
+                return error(StatusCode::NOT_FOUND, 10008, "Unknown Message");
+            }
+            return StatusCode::NO_CONTENT.into_response();
+        }
+        ("POST", ["webhooks", _, _token]) => message(new_id(), "900", &json["content"]),
+        ("GET", ["channels", id]) => {
+            let nsfw = shared
+                .age_restricted
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|c| c == id);
+            json!({ "id": id, "type": 0, "guild_id": "1", "name": "art", "position": 0,
+                    "permission_overwrites": [], "nsfw": nsfw })
         }
         (_, ["webhooks", _, token, "messages", "@original"]) => {
             let Some((id, _)) = shared.originals.lock().unwrap().get(*token).copied() else {

@@ -10,6 +10,7 @@ mod bot;
 mod bot_actions;
 mod bot_blend;
 mod bot_canvas;
+mod bot_describe;
 mod bot_grid;
 mod bot_remix;
 mod cli;

@@ -220,6 +220,21 @@ pub(super) async fn save_attachment(
     option: &str,
     images: &std::path::Path,
 ) -> Result<std::path::PathBuf, BotError> {
+    let picture = download_picture(attachment, option).await?;
+    // Encoding a large picture takes a while: off the async runtime.
+    let png = tokio::task::spawn_blocking(move || crate::engine::image::encode_png(&picture))
+        .await
+        .map_err(anyhow::Error::from)?
+        .map_err(anyhow::Error::from)?;
+    store_input(&png, images).await
+}
+
+/// Checks the size of an attached picture, downloads and decodes it (bounded in pixels and
+/// memory); `option` names it in messages.
+pub(super) async fn download_picture(
+    attachment: &serenity::Attachment,
+    option: &str,
+) -> Result<image::RgbImage, BotError> {
     if attachment.size > MAX_ATTACHMENT_BYTES {
         return Err(BotError::User(format!(
             "{option} is {:.1} MiB; the limit is {} MiB.",
@@ -239,21 +254,15 @@ pub(super) async fn save_attachment(
             MAX_ATTACHMENT_BYTES >> 20
         )));
     }
-    // Decoding and re-encoding a large picture takes seconds: off the async runtime.
-    let converted = tokio::task::spawn_blocking(move || {
-        crate::engine::image::decode(&bytes)
-            .map(|picture| crate::engine::image::encode_png(&picture))
-    })
-    .await
-    .map_err(anyhow::Error::from)?;
-    let png = converted
+    // Decoding a large picture takes seconds: off the async runtime.
+    tokio::task::spawn_blocking(move || crate::engine::image::decode(&bytes))
+        .await
+        .map_err(anyhow::Error::from)?
         .map_err(|e| {
             BotError::User(format!(
                 "{option} is not a picture we can read (PNG, JPEG, WebP or GIF): {e}"
             ))
-        })?
-        .map_err(anyhow::Error::from)?;
-    store_input(&png, images).await
+        })
 }
 
 /// Saves a PNG under `images/inputs/`, named by its content (the same picture is stored once).

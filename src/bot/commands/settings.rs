@@ -1,5 +1,5 @@
 //! `/settings` (each user's defaults) and `/admin` (a guild's moderators: gallery channel, bans,
-//! pausing the queue, taking down gallery posts).
+//! pausing the queue, taking down gallery posts, judging what the safety check flagged).
 
 use poise::serenity_prelude as serenity;
 
@@ -8,6 +8,8 @@ use crate::bot::{BotError, Context, private_reply};
 use crate::config::{GenerationSettings, GridSetting};
 use crate::jobs::JobId;
 use crate::store::gallery as store_gallery;
+use crate::store::jobs as store_jobs;
+use crate::store::safety as store_safety;
 use crate::store::{guilds, users};
 
 /// Your defaults for /imagine: size, steps, model, grid, remix, and a ping when it is done.
@@ -149,7 +151,9 @@ async fn moderator_guild(ctx: Context<'_>) -> Result<serenity::GuildId, BotError
     slash_command,
     guild_only,
     default_member_permissions = "MANAGE_GUILD",
-    subcommands("gallery", "ban", "unban", "pause", "resume", "remove", "grid")
+    subcommands(
+        "gallery", "ban", "unban", "pause", "resume", "remove", "grid", "safety"
+    )
 )]
 pub(super) async fn admin(_ctx: Context<'_>) -> Result<(), BotError> {
     // Discord only ever invokes the subcommands.
@@ -270,23 +274,145 @@ async fn remove(
     #[description = "The job's number"] job: i64,
 ) -> Result<(), BotError> {
     let guild = moderator_guild(ctx).await?;
-    let pool = &ctx.data().store;
-    let Some(post) = store_gallery::find_gallery_post_by_job(pool, JobId(job), guild.get()).await?
-    else {
+    if !remove_gallery_post(ctx, JobId(job), guild).await? {
         return Err(BotError::User(format!(
             "Job {job} is not in this server's gallery."
         )));
+    }
+    ctx.send(private_reply(format!("Job {job} is out of the gallery.")))
+        .await?;
+    Ok(())
+}
+
+/// Deletes a job's gallery post and its record (votes included); whether there was one.
+async fn remove_gallery_post(
+    ctx: Context<'_>,
+    job: JobId,
+    guild: serenity::GuildId,
+) -> Result<bool, BotError> {
+    let pool = &ctx.data().store;
+    let Some(post) = store_gallery::find_gallery_post_by_job(pool, job, guild.get()).await? else {
+        return Ok(false);
     };
     let channel = serenity::ChannelId::new(post.channel_id);
     let message = serenity::MessageId::new(post.message_id);
     if let Err(e) = channel.delete_message(ctx.http(), message).await {
         // Already deleted by hand, or the channel is gone: the record goes anyway.
-        tracing::warn!(job_id = job, error = %e, "cannot delete a gallery message");
+        tracing::warn!(job_id = job.0, error = %e, "cannot delete a gallery message");
     }
     store_gallery::delete_gallery_post(pool, post.id).await?;
-    ctx.send(private_reply(format!("Job {job} is out of the gallery.")))
-        .await?;
+    Ok(true)
+}
+
+/// A moderator's verdict on a picture the safety check flagged (or missed).
+#[derive(Debug, Clone, Copy, poise::ChoiceParameter)]
+enum Verdict {
+    /// Show it as any picture, gallery included.
+    #[name = "allow"]
+    Allow,
+    /// Keep it hidden: out of the gallery whatever its score.
+    #[name = "unsafe"]
+    Unsafe,
+}
+
+/// The safety check: list flagged pictures, see one privately, or allow it or mark it unsafe.
+#[poise::command(slash_command, guild_only)]
+async fn safety(
+    ctx: Context<'_>,
+    #[description = "A job's number (leave out to list the flagged ones)"] job: Option<i64>,
+    #[description = "allow: show it as any picture; unsafe: keep it hidden"] verdict: Option<
+        Verdict,
+    >,
+) -> Result<(), BotError> {
+    let guild = moderator_guild(ctx).await?;
+    let data = ctx.data();
+    let Some(job) = job else {
+        let flagged = store_safety::list_flagged(&data.store, guild.get(), 15).await?;
+        let text = if flagged.is_empty() {
+            "Nothing here was flagged by the safety check.".to_owned()
+        } else {
+            let mut text = String::from("Flagged by the safety check, newest first:");
+            for record in flagged {
+                text.push_str(&format!(
+                    "\n• job {} — {} — score {} — by <@{}>",
+                    record.job,
+                    match record.safety {
+                        Some(store_safety::Safety::Unsafe) => "marked unsafe",
+                        _ => "flagged",
+                    },
+                    record.score.map_or("–".to_owned(), |s| format!("{s:.2}")),
+                    record.requester_id
+                ));
+            }
+            text
+        };
+        ctx.send(private_reply(text)).await?;
+        return Ok(());
+    };
+    let id = JobId(job);
+    let found = store_jobs::get_job(&data.store, id)
+        .await?
+        .filter(|j| j.guild_id == Some(guild.get()));
+    let Some(found) = found else {
+        return Err(BotError::User(format!(
+            "There is no job {job} in this server."
+        )));
+    };
+    let record = store_safety::get_safety(&data.store, id).await?;
+    let score = record
+        .and_then(|r| r.score)
+        .map_or("not scored".to_owned(), |s| format!("score {s:.2}"));
+    match verdict {
+        None => {
+            // The picture itself, for the moderator's eyes only.
+            let png = crate::bot::safety::stored_picture(data, id).await?;
+            let Some(png) = png else {
+                return Err(BotError::User(format!("Job {job} has no picture.")));
+            };
+            let reply = private_reply(format!(
+                "Job {job} ({score}, {}):",
+                describe_state(record.and_then(|r| r.safety))
+            ))
+            .attachment(serenity::CreateAttachment::bytes(
+                png,
+                format!("SPOILER_vqclip-{job}.png"),
+            ));
+            ctx.send(reply).await?;
+        }
+        Some(Verdict::Allow) => {
+            store_safety::set_verdict(&data.store, id, store_safety::Safety::Allowed).await?;
+            let shown = crate::bot::safety::release(ctx.serenity_context(), data, &found).await?;
+            ctx.send(private_reply(if shown {
+                format!("Job {job} is allowed: posted as any picture, and to the gallery if there is one.")
+            } else {
+                format!("Job {job} is allowed (its picture could not be posted again).")
+            }))
+            .await?;
+        }
+        Some(Verdict::Unsafe) => {
+            store_safety::set_verdict(&data.store, id, store_safety::Safety::Unsafe).await?;
+            let removed = remove_gallery_post(ctx, id, guild).await?;
+            ctx.send(private_reply(format!(
+                "Job {job} is marked unsafe{}. Delete its result message if it should go too.",
+                if removed {
+                    " and out of the gallery"
+                } else {
+                    ""
+                }
+            )))
+            .await?;
+        }
+    }
     Ok(())
+}
+
+fn describe_state(safety: Option<store_safety::Safety>) -> &'static str {
+    match safety {
+        None => "not flagged",
+        Some(store_safety::Safety::Flagged) => "flagged",
+        Some(store_safety::Safety::Allowed) => "allowed by a moderator",
+        Some(store_safety::Safety::Unsafe) => "marked unsafe by a moderator",
+    }
 }
 
 #[cfg(test)]

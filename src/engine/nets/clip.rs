@@ -7,7 +7,7 @@
 //! this one uses the input-gradient-only ops of [`crate::engine::ops`] and the composed softmax. Both
 //! towers share the encoder layer; the text tower never needs a gradient.
 
-use candle_core::{DType, IndexOp, Module, Result, Tensor};
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::engine::ops::{
@@ -454,34 +454,63 @@ impl ClipText {
         self.text_projection.out_dim()
     }
 
+    /// The device its weights are on (the vision tower's too).
+    pub fn device(&self) -> &Device {
+        self.token_embedding.device()
+    }
+
     /// Embeds one token sequence (start and end tokens included, at most `context_length`, any
     /// padding after the end token) into `[1, projection_dim]`, in f32.
     pub fn forward(&self, ids: &[u32]) -> Result<Tensor> {
-        let n = ids.len();
-        if n == 0 || n > self.config.context_length {
-            candle_core::bail!(
-                "CLIP text takes 1 to {} tokens, got {n}",
-                self.config.context_length
-            );
+        self.forward_batch(&[ids])
+    }
+
+    /// Embeds several token sequences, each as [`ClipText::forward`] takes one, into
+    /// `[sequences, projection_dim]` in one pass: shorter ones are padded after their end
+    /// token, which the causal mask keeps from changing their pooled row.
+    pub fn forward_batch(&self, sequences: &[&[u32]]) -> Result<Tensor> {
+        if sequences.is_empty() {
+            candle_core::bail!("no token sequence to embed");
         }
-        let Some(eos) = ids.iter().position(|&id| id == self.config.eos_token_id) else {
-            candle_core::bail!(
-                "the token sequence has no end-of-text token {}",
-                self.config.eos_token_id
-            );
-        };
+        let longest = sequences.iter().map(|ids| ids.len()).max().unwrap_or(0);
+        let mut padded = Vec::with_capacity(sequences.len() * longest);
+        let mut ends = Vec::with_capacity(sequences.len());
+        for ids in sequences {
+            let n = ids.len();
+            if n == 0 || n > self.config.context_length {
+                candle_core::bail!(
+                    "CLIP text takes 1 to {} tokens, got {n}",
+                    self.config.context_length
+                );
+            }
+            let Some(eos) = ids.iter().position(|&id| id == self.config.eos_token_id) else {
+                candle_core::bail!(
+                    "the token sequence has no end-of-text token {}",
+                    self.config.eos_token_id
+                );
+            };
+            ends.push(eos);
+            padded.extend_from_slice(ids);
+            padded.extend(std::iter::repeat_n(self.config.eos_token_id, longest - n));
+        }
         let device = self.token_embedding.device();
-        let ids_t = Tensor::new(ids, device)?;
-        let x =
-            (self.token_embedding.index_select(&ids_t, 0)? + self.position_embedding.i(..n)?)?;
-        let mut x = x.unsqueeze(0)?;
+        let ids_t = Tensor::new(padded.as_slice(), device)?;
+        let mut x = self
+            .token_embedding
+            .index_select(&ids_t, 0)?
+            .reshape((sequences.len(), longest, self.config.hidden_size))?
+            .broadcast_add(&self.position_embedding.i(..longest)?)?;
         for layer in &self.layers {
             x = layer.forward(&x, true)?;
         }
-        // The causal mask means padding after the end token cannot change the pooled row.
+        let pooled = ends
+            .iter()
+            .enumerate()
+            .map(|(b, &eos)| x.i((b, eos..=eos, ..)))
+            .collect::<Result<Vec<_>>>()?;
         let pooled = self
             .final_layer_norm
-            .forward(&x.i((.., eos, ..))?.contiguous()?)?;
+            .forward(&Tensor::cat(&pooled, 0)?.contiguous()?)?;
         self.text_projection.forward(&pooled)?.to_dtype(DType::F32)
     }
 }
