@@ -419,6 +419,34 @@ fn member(user_id: u64, permissions: &str) -> Value {
             "flags": 0, "pending": false, "permissions": permissions })
 }
 
+/// Dispatches a command that defers its answer and returns the private refusal that follows:
+/// the public "thinking…" message resolved, then an ephemeral follow-up, then that message
+/// deleted, in that order (a first follow-up would replace the deferred message publicly).
+pub(crate) async fn refused_after_deferral(bot: &Bot, payload: Value) -> Request_ {
+    let token = payload["token"].as_str().unwrap().to_owned();
+    let ack = bot.interact(payload).await;
+    assert_eq!(ack.json["type"], 5, "{ack:?}");
+    eventually("the deferred message deleted", || {
+        bot.discord
+            .log()
+            .into_iter()
+            .find(|r| r.method == "DELETE" && r.path.contains(&token))
+    })
+    .await;
+    let log = bot.discord.log();
+    let at = |what: &dyn Fn(&Request_) -> bool| {
+        log.iter()
+            .position(|r| r.path.contains(&token) && what(r))
+            .unwrap_or_else(|| panic!("{log:#?}"))
+    };
+    let resolved = at(&|r| r.method == "PATCH");
+    let private = at(&|r| r.method == "POST" && r.path.starts_with("/webhooks/"));
+    let deleted = at(&|r| r.method == "DELETE");
+    assert!(resolved < private && private < deleted, "{log:#?}");
+    assert_eq!(log[private].json["flags"], 64, "{:?}", log[private]);
+    log[private].clone()
+}
+
 pub(crate) fn custom_ids(components: &Value) -> Vec<String> {
     components
         .as_array()
@@ -1061,22 +1089,9 @@ async fn attachments_are_checked_and_kept_and_users_are_rate_limited() {
                    { "name": name, "type": 11, "value": id }]),
         )
     };
-    // Attachments take time to fetch: the command is acknowledged first (type 5), and the
-    // answer replaces the acknowledgement. Not a picture, or too large: refused, nothing queued.
-    let answer = |payload: Value| {
-        let token = payload["token"].as_str().unwrap().to_owned();
-        let bot = &bot;
-        async move {
-            let ack = bot.interact(payload).await;
-            assert_eq!(ack.json["type"], 5, "{ack:?}");
-            eventually("the answer", || {
-                bot.discord.log().into_iter().find(|r| {
-                    r.method == "PATCH" && r.path.contains(&token) && r.path.ends_with("/@original")
-                })
-            })
-            .await
-        }
-    };
+    // Attachments take time to fetch: the command is acknowledged first (type 5). Not a
+    // picture, or too large: refused privately, nothing queued.
+    let answer = |payload: Value| refused_after_deferral(&bot, payload);
     let bad = answer(with("init_image", "12")).await;
     assert!(
         text(&bad).contains("init_image is not a picture"),

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use vqclip::jobs::{JobId, JobParams};
 
 use crate::bot::eventually;
-use crate::bot_actions::{Bot, MEMBER, custom_ids, text};
+use crate::bot_actions::{Bot, MEMBER, custom_ids, refused_after_deferral, text};
 use crate::cli::vqclip;
 use crate::fake_discord::Request_;
 
@@ -38,15 +38,15 @@ async fn blend_mixes_pictures_into_one_and_refuses_bad_ones_privately() {
                { "name": "weights", "type": 3, "value": "1,0.5" }])
     };
 
-    // Refused, each answered in place of the acknowledgement, nothing queued: a file that is
-    // not a picture, one over the size limit, weights that do not match the pictures.
-    let bad = answer(&bot, blend(&bot, pictures("11", "12"))).await;
+    // Refused privately, nothing queued: a file that is not a picture, one over the size
+    // limit, weights that do not match the pictures.
+    let bad = refused_after_deferral(&bot, blend(&bot, pictures("11", "12"))).await;
     assert!(text(&bad).contains("image2 is not a picture"), "{bad:?}");
-    let huge = answer(&bot, blend(&bot, pictures("13", "11"))).await;
+    let huge = refused_after_deferral(&bot, blend(&bot, pictures("13", "11"))).await;
     assert!(text(&huge).contains("the limit is 8 MiB"), "{huge:?}");
     let mut mismatched = pictures("11", "14");
     mismatched[3]["value"] = json!("1");
-    let weights = answer(&bot, blend(&bot, mismatched)).await;
+    let weights = refused_after_deferral(&bot, blend(&bot, mismatched)).await;
     assert!(
         text(&weights).contains("1 weights for 2 pictures"),
         "{weights:?}"

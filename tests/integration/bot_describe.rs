@@ -9,7 +9,9 @@ use vqclip::jobs::JobId;
 use vqclip::store::safety::{self, Safety};
 
 use crate::bot::eventually;
-use crate::bot_actions::{Bot, GALLERY, MEMBER, MODERATOR, custom_ids, text};
+use crate::bot_actions::{
+    Bot, GALLERY, MEMBER, MODERATOR, custom_ids, refused_after_deferral, text,
+};
 use crate::fake_discord::Request_;
 
 fn describe(bot: &Bot, image: &str) -> Value {
@@ -40,26 +42,14 @@ async fn answered(bot: &Bot, token: &str, how: &str) -> Request_ {
 async fn describe_suggests_four_prompts_whose_buttons_make_them() {
     let (bot, _) = Bot::start("banned_words = [\"gore\"]", false, 1).await;
 
-    // Refused privately (a follow-up only the requester sees; the public "thinking…" goes):
-    // a file that is not a picture, one over the size limit; nothing queued.
+    // Refused privately (the public "thinking…" goes): a file that is not a picture, one over
+    // the size limit; nothing queued.
     for (image, says) in [
         ("12", "image is not a picture"),
         ("13", "the limit is 8 MiB"),
     ] {
-        let payload = describe(&bot, image);
-        let token = payload["token"].as_str().unwrap().to_owned();
-        let ack = bot.interact(payload).await;
-        assert_eq!(ack.json["type"], 5, "{ack:?}");
-        let private = answered(&bot, &token, "follow-up").await;
-        assert_eq!(private.json["flags"], 64, "{private:?}");
+        let private = refused_after_deferral(&bot, describe(&bot, image)).await;
         assert!(text(&private).contains(says), "{private:?}");
-        eventually("the acknowledgement deleted", || {
-            bot.discord
-                .log()
-                .into_iter()
-                .find(|r| r.method == "DELETE" && r.path.contains(&token))
-        })
-        .await;
     }
     let missing = bot
         .interact(bot.command(77, MEMBER, "describe", json!([])))
@@ -103,10 +93,7 @@ async fn describe_suggests_four_prompts_whose_buttons_make_them() {
     );
     assert_eq!(bot.job_count().await, 0);
     // One /describe per user every 10 s: CLIP runs on the bot's own CPU.
-    let payload = describe(&bot, "14");
-    let token = payload["token"].as_str().unwrap().to_owned();
-    bot.interact(payload).await;
-    let wait = answered(&bot, &token, "follow-up").await;
+    let wait = refused_after_deferral(&bot, describe(&bot, "14")).await;
     assert!(text(&wait).contains("One /describe every 10 s"), "{wait:?}");
 
     // Another member presses 2: an /imagine of theirs with that prompt, answered with its

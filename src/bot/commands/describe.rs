@@ -4,7 +4,7 @@
 
 use poise::serenity_prelude as serenity;
 
-use super::imagine::download_picture;
+use super::imagine::{download_picture, refuse_deferred};
 use crate::bot::components::{describe_buttons, describe_text};
 use crate::bot::{BotError, Context};
 use crate::inspect::InspectError;
@@ -71,12 +71,5 @@ pub(super) async fn describe(
             "Something went wrong on our side; it has been logged.".to_owned()
         }
     };
-    // A refusal is for the requester alone: privately, and the public "thinking…" goes.
-    let private = serenity::CreateInteractionResponseFollowup::new()
-        .content(text)
-        .ephemeral(true)
-        .allowed_mentions(serenity::CreateAllowedMentions::new());
-    app.interaction.create_followup(ctx.http(), private).await?;
-    app.interaction.delete_response(ctx.http()).await?;
-    Ok(())
+    refuse_deferred(ctx, text).await
 }

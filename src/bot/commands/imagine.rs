@@ -145,8 +145,8 @@ pub(super) async fn imagine(
 }
 
 /// The answer of a command that queues a job (`/imagine`, `/blend`): the job's opening message
-/// (with ❌), followed until its result; or, after a deferral, the refusal in place of the
-/// "thinking…" message (before one, a refusal goes to the error handler: privately).
+/// (with ❌), followed until its result; or a refusal, privately (after a deferral through
+/// [`refuse_deferred`], before one through the error handler).
 pub(super) async fn answer_with_job(
     ctx: Context<'_>,
     deferred: bool,
@@ -154,10 +154,7 @@ pub(super) async fn answer_with_job(
 ) -> Result<(), BotError> {
     let (submitted, stored, text) = match prepared {
         Ok(ready) => ready,
-        Err(BotError::User(text)) if deferred => {
-            announce(ctx, true, text, Vec::new()).await?;
-            return Ok(());
-        }
+        Err(BotError::User(text)) if deferred => return refuse_deferred(ctx, text).await,
         Err(e) => return Err(e),
     };
     let message = announce(ctx, deferred, text, cancel_button(stored.id)).await?;
@@ -179,6 +176,29 @@ pub(super) async fn answer_with_job(
         size_limit,
     )
     .await
+}
+
+/// Refuses a command after its public deferral, privately: the "thinking…" message is resolved
+/// (a first follow-up after a deferral would take its place, publicly, whatever its flags:
+/// discord-api-docs #2866), the refusal follows as an ephemeral follow-up, and the public
+/// message goes.
+pub(super) async fn refuse_deferred(ctx: Context<'_>, text: String) -> Result<(), BotError> {
+    let poise::Context::Application(app) = ctx else {
+        ctx.send(crate::bot::private_reply(text)).await?;
+        return Ok(());
+    };
+    let http = ctx.http();
+    let resolved = serenity::EditInteractionResponse::new()
+        .content("…")
+        .allowed_mentions(serenity::CreateAllowedMentions::new());
+    app.interaction.edit_response(http, resolved).await?;
+    let private = serenity::CreateInteractionResponseFollowup::new()
+        .content(text)
+        .ephemeral(true)
+        .allowed_mentions(serenity::CreateAllowedMentions::new());
+    app.interaction.create_followup(http, private).await?;
+    app.interaction.delete_response(http).await?;
+    Ok(())
 }
 
 /// How long `/imagine` may take to prepare its answer before it acknowledges the interaction
