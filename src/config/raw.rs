@@ -14,7 +14,7 @@ pub(super) struct RawSettings {
     pub(super) scheduler: RawScheduler,
     pub(super) generation: RawGeneration,
     pub(super) models: RawModels,
-    pub(super) moderation: super::moderation::RawModeration,
+    pub(super) moderation: RawModeration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,6 +154,28 @@ pub(super) struct RawModelOverride {
     pub(super) file: Option<String>,
     pub(super) revision: Option<String>,
     pub(super) sha256: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawModeration {
+    pub(super) nsfw_action: String,
+    pub(super) nsfw_threshold: f64,
+    pub(super) unsafe_labels: Option<ListOrCsv>,
+    pub(super) safe_labels: Option<ListOrCsv>,
+    pub(super) age_restricted_allows: bool,
+}
+
+impl Default for RawModeration {
+    fn default() -> Self {
+        Self {
+            nsfw_action: "spoiler".into(),
+            nsfw_threshold: 0.5,
+            unsafe_labels: None,
+            safe_labels: None,
+            age_restricted_allows: true,
+        }
+    }
 }
 
 /// A list given as a TOML array, a single value, or a comma-separated string (handy in

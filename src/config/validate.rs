@@ -2,9 +2,13 @@
 //! collecting every problem (with the key and where its value came from) instead of stopping
 //! at the first.
 
+use super::moderation::{
+    DEFAULT_SAFE_LABELS, DEFAULT_UNSAFE_LABELS, MAX_LABEL_CHARS, MAX_LABELS, ModerationSettings,
+    NsfwAction,
+};
 use super::raw::{
-    RawDiscord, RawGeneration, RawModelOverride, RawModels, RawScheduler, RawSettings, RawStorage,
-    Scalar,
+    ListOrCsv, RawDiscord, RawGeneration, RawModelOverride, RawModels, RawModeration, RawScheduler,
+    RawSettings, RawStorage, Scalar,
 };
 use super::{
     DEFAULT_DATABASE, DEVICE_EXPECTED, DeviceSpec, DiscordSettings, Environment,
@@ -90,7 +94,7 @@ pub(super) fn validate(
     let scheduler = validate_scheduler(raw.scheduler, &mut p);
     let models = validate_models(raw.models, env, &mut p);
     let generation = validate_generation(raw.generation, models.allow_tiny, &mut p);
-    let moderation = super::moderation::validate_moderation(raw.moderation, &mut p);
+    let moderation = validate_moderation(raw.moderation, &mut p);
     if p.list.is_empty() {
         Ok(Settings {
             discord,
@@ -661,4 +665,58 @@ pub(super) fn resolve_source(
         revision,
         sha256,
     })
+}
+
+fn validate_moderation(raw: RawModeration, p: &mut Problems) -> ModerationSettings {
+    let nsfw_action = NsfwAction::parse(&raw.nsfw_action).unwrap_or_else(|| {
+        p.add(
+            "moderation.nsfw_action",
+            Some(format!("{:?}", raw.nsfw_action)),
+            "expected spoiler, block or off",
+        );
+        NsfwAction::Spoiler
+    });
+    let threshold = raw.nsfw_threshold;
+    if !(0.0..=1.0).contains(&threshold) {
+        p.add(
+            "moderation.nsfw_threshold",
+            Some(threshold.to_string()),
+            "expected a score from 0 to 1 (0.5 by default; lower flags more)",
+        );
+    }
+    let labels = |list: Option<ListOrCsv>, key: &str, defaults: &[&str], p: &mut Problems| {
+        let Some(list) = list else {
+            return defaults.iter().map(|&l| l.to_owned()).collect();
+        };
+        if list.0.is_empty() || list.0.len() > MAX_LABELS {
+            p.add(
+                format!("moderation.{key}"),
+                Some(format!("{} labels", list.0.len())),
+                format!("expected 1 to {MAX_LABELS} labels"),
+            );
+        }
+        let mut kept = Vec::new();
+        for (i, label) in list.0.iter().enumerate() {
+            match label {
+                Scalar::Text(text)
+                    if !text.trim().is_empty() && text.chars().count() <= MAX_LABEL_CHARS =>
+                {
+                    kept.push(text.trim().to_owned());
+                }
+                other => p.add(
+                    format!("moderation.{key}[{i}]"),
+                    Some(other.to_string()),
+                    format!("expected a short text (1 to {MAX_LABEL_CHARS} characters)"),
+                ),
+            }
+        }
+        kept
+    };
+    ModerationSettings {
+        nsfw_action,
+        nsfw_threshold: threshold.clamp(0.0, 1.0) as f32,
+        unsafe_labels: labels(raw.unsafe_labels, "unsafe_labels", DEFAULT_UNSAFE_LABELS, p),
+        safe_labels: labels(raw.safe_labels, "safe_labels", DEFAULT_SAFE_LABELS, p),
+        age_restricted_allows: raw.age_restricted_allows,
+    }
 }

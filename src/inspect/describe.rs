@@ -214,30 +214,45 @@ pub(crate) fn describe(
             .unwrap_or_default()
     };
     let aspect = aspect_flag(picture.width(), picture.height());
-    let mut prompts: Vec<String> = (0..SUGGESTIONS)
-        .map(|i| {
-            let style = if i % 2 == 0 {
-                format!("in the style of {}", pick(&artists, i / 2))
-            } else {
-                pick(&movements, i / 2).to_owned()
-            };
-            let mut text = format!(
-                "{} of {}, {style}, {}, {}, {}, {}",
-                pick(&mediums, i / 2),
-                pick(&subjects, i),
-                pick(&flavors, 2 * i),
-                pick(&flavors, 2 * i + 1),
-                pick(&lights, i % 2),
-                pick(&colours, i % 2),
-            );
-            if let Some(flag) = &aspect {
-                text.push(' ');
-                text.push_str(flag);
-            }
-            text
-        })
-        .collect();
-    prompts.dedup();
+    let mut prompts: Vec<String> = Vec::with_capacity(SUGGESTIONS);
+    for i in 0..SUGGESTIONS {
+        let (medium, subject) = (pick(&mediums, i / 2), pick(&subjects, i));
+        let style = if i % 2 == 0 {
+            let artist = pick(&artists, i / 2);
+            (!artist.is_empty())
+                .then(|| format!("in the style of {artist}"))
+                .unwrap_or_default()
+        } else {
+            pick(&movements, i / 2).to_owned()
+        };
+        // A list every phrase of which is banned leaves its place out.
+        let head = match (medium.is_empty(), subject.is_empty()) {
+            (false, false) => format!("{medium} of {subject}"),
+            _ => format!("{medium}{subject}"),
+        };
+        let parts = [
+            head.as_str(),
+            style.as_str(),
+            pick(&flavors, 2 * i),
+            pick(&flavors, 2 * i + 1),
+            pick(&lights, i % 2),
+            pick(&colours, i % 2),
+        ];
+        let mut text = parts
+            .iter()
+            .filter(|part| !part.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if let Some(flag) = &aspect {
+            text.push(' ');
+            text.push_str(flag);
+        }
+        if !text.trim().is_empty() && !prompts.contains(&text) {
+            prompts.push(text);
+        }
+    }
+    anyhow::ensure!(!prompts.is_empty(), "every phrase is banned");
     let texts: Vec<&str> = prompts.iter().map(String::as_str).collect();
     let fits: Vec<f32> = unit_rows(&embed_texts(clip, tokenizer, &texts, TEXT_BATCH)?)?
         .matmul(&image.t()?)?
@@ -367,6 +382,18 @@ mod tests {
         let without = describe(&clip, &tokenizer, (&vocabulary, &banned), &picture()).unwrap();
         for prompt in &without.prompts {
             assert!(!prompt.contains(&format!(" of {subject},")), "{prompt}");
+        }
+        // Every subject banned: the prompts go on without one.
+        let subjects: Vec<String> = vocab::phrases()
+            .into_iter()
+            .filter(|(k, _)| *k == Kind::Subject)
+            .map(|(_, p)| p.to_owned())
+            .collect();
+        let bare = describe(&clip, &tokenizer, (&vocabulary, &subjects), &picture()).unwrap();
+        for prompt in &bare.prompts {
+            let head = prompt.split(", ").next().unwrap();
+            assert!(mediums.contains(&head), "{prompt}");
+            assert!(!prompt.contains(", ,"), "{prompt}");
         }
     }
 
