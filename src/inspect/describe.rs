@@ -218,10 +218,10 @@ pub(crate) fn describe(
     for i in 0..SUGGESTIONS {
         let (medium, subject) = (pick(&mediums, i / 2), pick(&subjects, i));
         let style = if i % 2 == 0 {
-            let artist = pick(&artists, i / 2);
-            (!artist.is_empty())
-                .then(|| format!("in the style of {artist}"))
-                .unwrap_or_default()
+            match pick(&artists, i / 2) {
+                "" => String::new(),
+                artist => format!("in the style of {artist}"),
+            }
         } else {
             pick(&movements, i / 2).to_owned()
         };
