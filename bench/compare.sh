@@ -5,10 +5,13 @@
 #
 #   bench/compare.sh                          # 256/8, 256/32, 512/32; 1 warm-up + 3 timed each
 #   CASES="256:32" ROUNDS=2 bench/compare.sh  # one case, twice each, alternating
+#   VQCLIP_B=/tmp/vqclip-lever bench/compare.sh   # a second build, alternating with the first
 #
 # Environment: REFENV (the reference's virtualenv, default /work/refenv), REFDIR (the reference's
 # folder, default ../shared/reference), VQCLIP (a built binary; default: cargo build --release),
-# CASES, ITERS, WARMUP, ROUNDS, OUT (where the JSON lines go; default a temporary file).
+# VQCLIP_B (another build to time in the same run, each round after VQCLIP: a lever measured
+# against the unchanged build), CASES, ITERS, WARMUP, ROUNDS, OUT (where the JSON lines go;
+# default a temporary file; VQCLIP_B's go to "$OUT.b").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,10 +52,16 @@ for case in $CASES; do
         echo "case ${size}x${size} cutn $cutn, round $round: vqclip…" >&2
         "$VQCLIP" bench --size "${size}x${size}" --cutn "$cutn" \
             --warmup "$WARMUP" --iters "$ITERS" --json >> "$OUT"
+        if [ -n "${VQCLIP_B:-}" ]; then
+            echo "case ${size}x${size} cutn $cutn, round $round: vqclip B ($VQCLIP_B)…" >&2
+            "$VQCLIP_B" bench --size "${size}x${size}" --cutn "$cutn" \
+                --warmup "$WARMUP" --iters "$ITERS" --json >> "$OUT.b"
+        fi
     done
 done
 
-python3 - "$OUT" <<'PY'
+summarise() {
+python3 - "$1" <<'PY'
 import json, statistics, sys
 ref, ours = {}, {}
 for line in open(sys.argv[1]):
@@ -84,3 +93,14 @@ for key in sorted(ours):
         ratio = f"{ov / rv:.2f}" if rv > 0 else "-"
         print(f"| {key[0]}², cutn {key[1]} | {oname} | {rv:.3f} | {ov:.3f} | {ratio} |")
 PY
+}
+
+summarise "$OUT"
+if [ -n "${VQCLIP_B:-}" ]; then
+    echo
+    echo "Build B ($VQCLIP_B), against the same reference runs:"
+    echo
+    grep -v '"implementation": *"vqclip"' "$OUT" > "$OUT.ref-b"
+    cat "$OUT.b" >> "$OUT.ref-b"
+    summarise "$OUT.ref-b"
+fi
