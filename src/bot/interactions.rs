@@ -103,20 +103,7 @@ async fn imagine_described(
     };
     let who = (press.user.id.get(), press.guild_id.map(|g| g.get()));
     let (submitted, job) = submit_imagine(data, who, press.channel_id.get(), prompt).await?;
-    press
-        .create_response(&ctx.http, opening(&job, submitted.position))
-        .await?;
-    let message = press.get_response(&ctx.http).await?;
-    track(
-        data,
-        ctx.http.clone(),
-        submitted,
-        &job,
-        &message,
-        Some(press.token.clone()),
-        press.attachment_size_limit,
-    )
-    .await
+    open_by_button(ctx, data, press, (submitted, job)).await
 }
 
 /// The `custom_id` prefix of a remix form: the button's own id follows it.
@@ -338,6 +325,16 @@ async fn follow_up_by_button(
     };
     let (submitted, job) =
         submit_follow_up(data, &parent, (what, None), actor, press.channel_id.get()).await?;
+    open_by_button(ctx, data, press, (submitted, job)).await
+}
+
+/// Answers a button that queued `job` with its opening message, and follows the job there.
+async fn open_by_button(
+    ctx: &serenity::Context,
+    data: &Data,
+    press: &serenity::ComponentInteraction,
+    (submitted, job): (crate::jobs::scheduler::Submitted, Job),
+) -> Result<(), BotError> {
     press
         .create_response(&ctx.http, opening(&job, submitted.position))
         .await?;

@@ -333,11 +333,7 @@ impl Editor {
             (None, true) => Some(serenity::EditAttachments::new()),
             (None, false) => None,
         };
-        let token = self
-            .target
-            .token
-            .clone()
-            .filter(|_| self.token_ok && self.target.issued.elapsed() < TOKEN_FRESH);
+        let token = self.fresh_token();
         if let Some(token) = token {
             let mut edit = serenity::EditInteractionResponse::new()
                 .content(text)
@@ -439,6 +435,14 @@ impl Editor {
         }
     }
 
+    /// The interaction token while it may still be used.
+    fn fresh_token(&self) -> Option<String> {
+        self.target
+            .token
+            .clone()
+            .filter(|_| self.token_ok && self.target.issued.elapsed() < TOKEN_FRESH)
+    }
+
     /// A result the safety check withheld: the progress message says so (without the
     /// picture) and, while the interaction token lasts, the requester is told privately.
     async fn withhold(&mut self, score: f32) {
@@ -448,11 +452,7 @@ impl Editor {
             self.target.title, self.target.job
         );
         self.edit(&text, None, true).await;
-        let token = self
-            .target
-            .token
-            .clone()
-            .filter(|_| self.token_ok && self.target.issued.elapsed() < TOKEN_FRESH);
+        let token = self.fresh_token();
         if let Some(token) = token {
             let notice = serenity::CreateInteractionResponseFollowup::new()
                 .content(format!(
