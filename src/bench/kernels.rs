@@ -8,7 +8,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use crate::engine::kernels::conv::conv2d_host_with;
+use crate::engine::kernels::conv::{Kernel, conv2d_host_with};
 
 /// What to time.
 #[derive(Debug, Clone)]
@@ -57,6 +57,8 @@ pub struct KernelReport {
     pub cpu_flags: Vec<&'static str>,
     /// Threads the kernels use.
     pub threads: usize,
+    /// The choices made for this CPU, `part: choice`.
+    pub chosen: Vec<String>,
     /// Each kernel, in the order timed.
     pub kernels: Vec<KernelSpeed>,
 }
@@ -65,13 +67,14 @@ impl KernelReport {
     /// One line per kernel, for people.
     pub(crate) fn summary(&self) -> String {
         let mut out = format!(
-            "CPU flags: {}; {} threads\n",
+            "CPU flags: {}; {} threads; {}\n",
             if self.cpu_flags.is_empty() {
                 "none of avx2/fma/avx512".to_owned()
             } else {
                 self.cpu_flags.join(" ")
             },
-            self.threads
+            self.threads,
+            self.chosen.join(", ")
         );
         for k in &self.kernels {
             out.push_str(&format!(
@@ -128,7 +131,7 @@ fn time_kernels(options: &KernelOptions) -> anyhow::Result<KernelReport> {
     let matmul_flop = 2.0 * (n as f64).powi(3);
 
     let ours = |winograd: bool| -> anyhow::Result<Tensor> {
-        conv2d_host_with(&x, &w, None, 1, false, winograd)?
+        conv2d_host_with(&x, &w, None, 1, false, winograd, Kernel::AsStored)?
             .ok_or_else(|| anyhow::anyhow!("the CPU convolution kernel does not apply"))?
             .into_tensor()
             .map_err(Into::into)
@@ -177,6 +180,10 @@ fn time_kernels(options: &KernelOptions) -> anyhow::Result<KernelReport> {
     Ok(KernelReport {
         cpu_flags: cpu_flags(),
         threads: candle_core::utils::get_num_threads(),
+        chosen: crate::engine::kernels::chosen()
+            .into_iter()
+            .map(|(part, choice)| format!("{part}: {choice}"))
+            .collect(),
         kernels,
     })
 }

@@ -154,6 +154,10 @@ pub struct BenchReport {
     pub gpu_used_after_mib: Option<f64>,
     /// The GPU's total memory, MiB; `None` off CUDA.
     pub gpu_total_mib: Option<f64>,
+    /// The CPU's vector extensions the kernels (ours, `gemm`'s) can use.
+    pub cpu_flags: Vec<&'static str>,
+    /// What ran the CPU's work, `part: choice` (empty off the CPU).
+    pub cpu_kernels: Vec<String>,
 }
 
 /// Builds the models and runs the iterations.
@@ -288,6 +292,15 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         tf32: options.tf32 && device.is_cuda(),
         gpu_used_after_mib: memory.map(|m| mib(m.total - m.free)),
         gpu_total_mib: memory.map(|m| mib(m.total)),
+        cpu_flags: kernels::cpu_flags(),
+        cpu_kernels: if device.is_cpu() {
+            crate::engine::kernels::chosen()
+                .into_iter()
+                .map(|(part, choice)| format!("{part}: {choice}"))
+                .collect()
+        } else {
+            Vec::new()
+        },
     })
 }
 
@@ -323,7 +336,7 @@ impl BenchReport {
             "{}x{} cutn {}{} (chunk {}) on {} ({} threads, CLIP in {}{}): {:.3} s/iter median \
              of {} (min {:.3}, max {:.3}); synth fwd {:.3} s, CLIP fwd {:.3} s, backward {:.3} \
              s, optimiser {:.4} s (host {:.3} s); {:.1} images/hour at {STEPS_PER_IMAGE} \
-             steps; peak RSS {}{}",
+             steps; peak RSS {}{}{}",
             self.width,
             self.height,
             self.cutn,
@@ -353,6 +366,19 @@ impl BenchReport {
                 (Some(used), Some(total)) =>
                     format!("; GPU memory in use after the run {used:.0} of {total:.0} MiB"),
                 _ => String::new(),
+            },
+            if self.cpu_kernels.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "\nCPU: {}; kernels: {}",
+                    if self.cpu_flags.is_empty() {
+                        "no vector extensions detected".to_owned()
+                    } else {
+                        self.cpu_flags.join(" ")
+                    },
+                    self.cpu_kernels.join(", ")
+                )
             },
         )
     }

@@ -3,16 +3,19 @@
 //! Composed from candle ops, one ViT-B/32 attention over 32 cutouts is three head-splitting
 //! copies, 384 tiny batched products for the scores and as many for the output, a five-pass
 //! softmax and a head-merging copy, each pass allocating its result; the backward twice that.
-//! Here each (sample, head) is one pass over its 50 × 64 slices of the fused `q|k|v` projection,
-//! in parallel over samples, and nothing but the output is kept: the backward recomputes the
+//! Here each (sample, head) reads its 50 × 64 slices of the fused `q|k|v` projection in place
+//! (strided views), two small matrix products forward and five backward through `gemm`, in
+//! parallel over samples, and nothing but the output is kept: the backward recomputes the
 //! attention weights (50 × 50 per head), which is cheaper than storing them.
 //!
 //! Layout: `qkv` is `[batch, n, 3, heads, head_dim]` (the rows of one `[3h, h]` projection),
 //! the output `[batch, n, heads, head_dim]`, as the out-projection reads it.
 
+use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::cpu::{axpy, dot, sigmoid};
+use super::cpu::{MatRef, exp, matmul_with, sigmoid};
+use super::simd;
 
 /// Sizes of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -44,29 +47,48 @@ impl AttentionShape {
     }
 }
 
-/// One sequence's `q`, `k` or `v` slice of head `head`, position `i`.
-fn part<'a>(seq: &'a [f32], s: &AttentionShape, which: usize, head: usize, i: usize) -> &'a [f32] {
+/// Head `head`'s `q` (`which` 0), `k` (1) or `v` (2) of one sequence as an `n × head_dim` view.
+#[inline(always)]
+fn part<'a>(seq: &'a [f32], s: &AttentionShape, which: usize, head: usize) -> MatRef<'a> {
     let h = s.hidden();
-    &seq[i * 3 * h + which * h + head * s.head_dim..][..s.head_dim]
+    MatRef {
+        data: &seq[which * h + head * s.head_dim..],
+        rows: s.n,
+        cols: s.head_dim,
+        row_stride: 3 * h,
+        col_stride: 1,
+    }
 }
 
-/// Row `i` of the attention weights of one head: `softmax(q_i·k_j·scale)` over the positions
-/// seen, written into `p` (the rest left as they are).
-fn weights_row(seq: &[f32], s: &AttentionShape, head: usize, i: usize, p: &mut [f32]) {
-    let q = part(seq, s, 0, head, i);
-    let seen = s.seen(i);
-    let mut max = f32::NEG_INFINITY;
-    for (j, pj) in p[..seen].iter_mut().enumerate() {
-        *pj = dot(q, part(seq, s, 1, head, j)) * s.scale();
-        max = max.max(*pj);
+/// Head `head`'s attention weights `softmax(q·kᵀ·scale)` of one sequence into `p` (`n × n`,
+/// row-major; the positions a row does not see are 0).
+#[inline(always)]
+fn weights(seq: &[f32], s: &AttentionShape, head: usize, p: &mut [f32]) {
+    let q = part(seq, s, 0, head);
+    matmul_with(Parallelism::None, p, false, q, part(seq, s, 1, head).t());
+    let scale = s.scale();
+    for (i, row) in p.chunks_mut(s.n).enumerate() {
+        let (seen, unseen) = row.split_at_mut(s.seen(i));
+        unseen.fill(0.0);
+        let max = seen.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
+        let mut sum = 0.0;
+        for v in seen.iter_mut() {
+            *v = exp(*v * scale - max);
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        for v in seen {
+            *v *= inv;
+        }
     }
-    let mut sum = 0.0;
-    for pj in &mut p[..seen] {
-        *pj = (*pj - max).exp();
-        sum += *pj;
-    }
-    for pj in &mut p[..seen] {
-        *pj /= sum;
+}
+
+/// Copies the `n × head_dim` block `from` into head `head`'s columns of the rows of `to` (rows
+/// `row_stride` apart, the head's columns from `offset`).
+#[inline(always)]
+fn scatter(to: &mut [f32], from: &[f32], s: &AttentionShape, row_stride: usize, offset: usize) {
+    for (i, row) in from.chunks(s.head_dim).enumerate() {
+        to[i * row_stride + offset..][..s.head_dim].copy_from_slice(row);
     }
 }
 
@@ -79,19 +101,36 @@ pub(crate) fn forward(qkv: &[f32], s: &AttentionShape) -> Vec<f32> {
     }
     out.par_chunks_mut(s.n * h)
         .zip(qkv.par_chunks(s.n * 3 * h))
-        .for_each(|(out, seq)| {
-            let mut p = vec![0f32; s.n];
-            for head in 0..s.heads {
-                for i in 0..s.n {
-                    weights_row(seq, s, head, i, &mut p);
-                    let o = &mut out[i * h + head * s.head_dim..][..s.head_dim];
-                    for (j, &pj) in p[..s.seen(i)].iter().enumerate() {
-                        axpy(o, pj, part(seq, s, 2, head, j));
-                    }
-                }
-            }
-        });
+        .for_each(|(out, seq)| forward_seq_wide(out, seq, s));
     out
+}
+
+simd::dispatched!(fn forward_seq_wide(out: &mut [f32], seq: &[f32], s: &AttentionShape) = forward_seq;);
+simd::dispatched!(
+    fn backward_seq_wide(grad: &mut [f32], seq: &[f32], g_out: &[f32], s: &AttentionShape) =
+        backward_seq;
+);
+simd::dispatched!(fn gelu_chunk_wide(chunk: &mut [f32]) = gelu_chunk;);
+simd::dispatched!(fn gelu_grad_chunk_wide(g: &mut [f32], x: &[f32]) = gelu_grad_chunk;);
+
+/// One sequence of [`forward`]: per head, `P = weights`, `O = P·v`.
+#[inline(always)]
+fn forward_seq(out: &mut [f32], seq: &[f32], s: &AttentionShape) {
+    let (n, d, h) = (s.n, s.head_dim, s.hidden());
+    let mut p = vec![0f32; n * n];
+    let mut o = vec![0f32; n * d];
+    for head in 0..s.heads {
+        weights(seq, s, head, &mut p);
+        let v = part(seq, s, 2, head);
+        matmul_with(
+            Parallelism::None,
+            &mut o,
+            false,
+            MatRef::row_major(&p, n, n),
+            v,
+        );
+        scatter(out, &o, s, h, head * d);
+    }
 }
 
 /// d loss / d `qkv` of [`forward`], given `qkv` and the gradient at the output.
@@ -100,7 +139,7 @@ pub(crate) fn forward(qkv: &[f32], s: &AttentionShape) -> Vec<f32> {
 /// `dk = dSᵀ·q·scale`, `dv = Pᵀ·dO`.
 pub(crate) fn backward(qkv: &[f32], grad_out: &[f32], s: &AttentionShape) -> Vec<f32> {
     let h = s.hidden();
-    let (d, n) = (s.head_dim, s.n);
+    let n = s.n;
     let mut grad = vec![0f32; qkv.len()];
     if grad.is_empty() {
         return grad;
@@ -108,37 +147,49 @@ pub(crate) fn backward(qkv: &[f32], grad_out: &[f32], s: &AttentionShape) -> Vec
     grad.par_chunks_mut(n * 3 * h)
         .zip(qkv.par_chunks(n * 3 * h))
         .zip(grad_out.par_chunks(n * h))
-        .for_each(|((grad, seq), g_out)| {
-            let mut p = vec![0f32; n];
-            let mut ds = vec![0f32; n];
-            for head in 0..s.heads {
-                for i in 0..n {
-                    let seen = s.seen(i);
-                    weights_row(seq, s, head, i, &mut p);
-                    let go = &g_out[i * h + head * d..][..d];
-                    let mut row_dot = 0.0;
-                    for j in 0..seen {
-                        ds[j] = dot(go, part(seq, s, 2, head, j));
-                        row_dot += p[j] * ds[j];
-                    }
-                    for j in 0..seen {
-                        ds[j] = p[j] * (ds[j] - row_dot) * s.scale();
-                    }
-                    let q_i = part(seq, s, 0, head, i);
-                    for j in 0..seen {
-                        let row = j * 3 * h + head * d;
-                        // dv_j += P_ij·dO_i; dk_j += dS_ij·q_i
-                        axpy(&mut grad[row + 2 * h..][..d], p[j], go);
-                        axpy(&mut grad[row + h..][..d], ds[j], q_i);
-                    }
-                    let dq = &mut grad[i * 3 * h + head * d..][..d];
-                    for (j, &dsj) in ds[..seen].iter().enumerate() {
-                        axpy(dq, dsj, part(seq, s, 1, head, j));
-                    }
-                }
-            }
-        });
+        .for_each(|((grad, seq), g_out)| backward_seq_wide(grad, seq, g_out, s));
     grad
+}
+
+/// One sequence of [`backward`]: `grad` becomes d loss / d `seq` (every value written).
+#[inline(always)]
+fn backward_seq(grad: &mut [f32], seq: &[f32], g_out: &[f32], s: &AttentionShape) {
+    let (n, d, h) = (s.n, s.head_dim, s.hidden());
+    let mut p = vec![0f32; n * n];
+    let mut ds = vec![0f32; n * n];
+    let mut tmp = vec![0f32; n * d];
+    let scale = s.scale();
+    for head in 0..s.heads {
+        weights(seq, s, head, &mut p);
+        let (q, k, v) = (
+            part(seq, s, 0, head),
+            part(seq, s, 1, head),
+            part(seq, s, 2, head),
+        );
+        let go = MatRef {
+            data: &g_out[head * d..],
+            rows: n,
+            cols: d,
+            row_stride: h,
+            col_stride: 1,
+        };
+        // dP = dO·vᵀ, then dS = P ⊙ (dP − rowsum(P ⊙ dP))·scale in place.
+        matmul_with(Parallelism::None, &mut ds, false, go, v.t());
+        for (ds_row, p_row) in ds.chunks_mut(n).zip(p.chunks(n)) {
+            let row_dot: f32 = ds_row.iter().zip(p_row).map(|(a, b)| a * b).sum();
+            for (g, &pj) in ds_row.iter_mut().zip(p_row) {
+                *g = pj * (*g - row_dot) * scale;
+            }
+        }
+        let (p_m, ds_m) = (MatRef::row_major(&p, n, n), MatRef::row_major(&ds, n, n));
+        // dv = Pᵀ·dO, dq = dS·k, dk = dSᵀ·q, each into its columns of `grad`.
+        matmul_with(Parallelism::None, &mut tmp, false, p_m.t(), go);
+        scatter(grad, &tmp, s, 3 * h, 2 * h + head * d);
+        matmul_with(Parallelism::None, &mut tmp, false, ds_m, k);
+        scatter(grad, &tmp, s, 3 * h, head * d);
+        matmul_with(Parallelism::None, &mut tmp, false, ds_m.t(), q);
+        scatter(grad, &tmp, s, 3 * h, h + head * d);
+    }
 }
 
 /// The QuickGELU slope constant: `x·σ(1.702·x)`.
@@ -147,12 +198,23 @@ pub(crate) const GELU_ALPHA: f32 = 1.702;
 /// `x·σ(1.702·x)` element-wise, in parallel.
 pub(crate) fn quick_gelu(x: &[f32]) -> Vec<f32> {
     let mut out = x.to_vec();
-    out.par_chunks_mut(1 << 14).for_each(|chunk| {
-        for v in chunk {
-            *v *= sigmoid(GELU_ALPHA * *v);
-        }
-    });
+    out.par_chunks_mut(1 << 14).for_each(gelu_chunk_wide);
     out
+}
+
+#[inline(always)]
+fn gelu_chunk(chunk: &mut [f32]) {
+    for v in chunk {
+        *v *= sigmoid(GELU_ALPHA * *v);
+    }
+}
+
+#[inline(always)]
+fn gelu_grad_chunk(g: &mut [f32], x: &[f32]) {
+    for (g, &x) in g.iter_mut().zip(x) {
+        let s = sigmoid(GELU_ALPHA * x);
+        *g *= s + GELU_ALPHA * x * s * (1.0 - s);
+    }
 }
 
 /// d loss / d x of [`quick_gelu`]: `g·(σ + 1.702·x·σ·(1 − σ))`, `σ = σ(1.702·x)`.
@@ -160,11 +222,6 @@ pub(crate) fn quick_gelu_grad(x: &[f32], grad_out: &[f32]) -> Vec<f32> {
     let mut grad = grad_out.to_vec();
     grad.par_chunks_mut(1 << 14)
         .zip(x.par_chunks(1 << 14))
-        .for_each(|(g, x)| {
-            for (g, &x) in g.iter_mut().zip(x) {
-                let s = sigmoid(GELU_ALPHA * x);
-                *g *= s + GELU_ALPHA * x * s * (1.0 - s);
-            }
-        });
+        .for_each(|(g, x)| gelu_grad_chunk_wide(g, x));
     grad
 }

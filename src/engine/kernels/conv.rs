@@ -33,6 +33,68 @@ pub(crate) fn conv2d(
     }
 }
 
+/// How a convolution reads its kernel `weight` `[a, b, k, k]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    /// As stored: `a` output channels, `b` input channels.
+    AsStored,
+    /// Flipped in space with inputs and outputs swapped (`b` outputs, `a` inputs): for stride
+    /// 1, the convolution by this kernel with padding `k − 1 − p` is the input gradient of the
+    /// convolution by the stored one with padding `p`. Read in place, never copied.
+    Adjoint,
+}
+
+impl Kernel {
+    /// `(c_out, c_in)` of the convolution this reading makes of a `[a, b, k, k]` kernel.
+    fn channels(self, a: usize, b: usize) -> (usize, usize) {
+        match self {
+            Kernel::AsStored => (a, b),
+            Kernel::Adjoint => (b, a),
+        }
+    }
+
+    /// The index in the stored `[a, b, k, k]` data of tap `(dy, dx)` from input channel `c` to
+    /// output channel `o` of the convolution this reading makes (`c_out` its output channels).
+    #[inline]
+    pub(crate) fn index(self, c_out: usize, c_in: usize, k: usize, at: [usize; 4]) -> usize {
+        let [o, c, dy, dx] = at;
+        match self {
+            Kernel::AsStored => ((o * c_in + c) * k + dy) * k + dx,
+            Kernel::Adjoint => ((c * c_out + o) * k + (k - 1 - dy)) * k + (k - 1 - dx),
+        }
+    }
+}
+
+/// d loss / d x of the stride-1 convolution of `x` by `weight` `[c_out, c_in, k, k]` with zero
+/// `padding`, given the gradient at its output `[n, c_out, h', w']`: the convolution by the
+/// adjoint kernel, read in place on the CPU (candle's flipped copy elsewhere).
+pub(crate) fn conv2d_input_grad(
+    grad_out: &Tensor,
+    weight: &Tensor,
+    padding: usize,
+) -> Result<Tensor> {
+    let k = weight.dim(2)?;
+    let padding = (k - 1)
+        .checked_sub(padding)
+        .ok_or_else(|| candle_core::Error::Msg(format!("padding {padding} over kernel {k}")))?;
+    let host = conv2d_host_with(
+        grad_out,
+        weight,
+        None,
+        padding,
+        false,
+        winograd_enabled(),
+        Kernel::Adjoint,
+    )?;
+    match host {
+        Some(host) => host.into_tensor(),
+        None => {
+            let flipped = weight.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
+            candle_conv(grad_out, &flipped, None, padding, false)
+        }
+    }
+}
+
 /// [`conv2d`] by the CPU kernel, or `None` where it does not apply (other devices or dtypes,
 /// mismatched shapes: candle then says what is wrong).
 pub(crate) fn conv2d_host(
@@ -42,10 +104,18 @@ pub(crate) fn conv2d_host(
     padding: usize,
     upsample: bool,
 ) -> Result<Option<HostValue>> {
-    conv2d_host_with(x, weight, bias, padding, upsample, winograd_enabled())
+    conv2d_host_with(
+        x,
+        weight,
+        bias,
+        padding,
+        upsample,
+        winograd_enabled(),
+        Kernel::AsStored,
+    )
 }
 
-/// [`conv2d_host`], choosing the kernel for 3×3 convolutions.
+/// [`conv2d_host`], choosing the algorithm for 3×3 convolutions and how the kernel is read.
 pub(crate) fn conv2d_host_with(
     x: &Tensor,
     weight: &Tensor,
@@ -53,13 +123,15 @@ pub(crate) fn conv2d_host_with(
     padding: usize,
     upsample: bool,
     winograd: bool,
+    kernel: Kernel,
 ) -> Result<Option<HostValue>> {
     let fast = is_host_f32(x) && is_host_f32(weight) && bias.is_none_or(is_host_f32);
     if !fast {
         return Ok(None);
     }
     let (n, c_in, h, w) = x.dims4()?;
-    let (c_out, c_in_w, kh, kw) = weight.dims4()?;
+    let (a, b, kh, kw) = weight.dims4()?;
+    let (c_out, c_in_w) = kernel.channels(a, b);
     let (h, w) = if upsample { (2 * h, 2 * w) } else { (h, w) };
     if c_in != c_in_w || kh != kw || h + 2 * padding < kh || w + 2 * padding < kw {
         return Ok(None);
@@ -74,6 +146,7 @@ pub(crate) fn conv2d_host_with(
         hp: h + 2 * padding,
         wp: w + 2 * padding,
         padding,
+        kernel,
     };
     let x = x.contiguous()?;
     let weight = weight.contiguous()?;
@@ -96,6 +169,7 @@ pub(crate) fn conv2d_host_with(
                 w,
                 padding,
                 upsample,
+                kernel,
             };
             super::winograd::conv3x3(&wino, n, x_data, w_data, bias_data)
         } else {
@@ -130,7 +204,7 @@ fn candle_conv(
 
 /// Whether 3×3 convolutions use Winograd's F(2×2, 3×3) (the default) rather than the direct
 /// shift-and-GEMM kernel: `VQCLIP_WINOGRAD=0` turns it off, to measure the difference.
-fn winograd_enabled() -> bool {
+pub(crate) fn winograd_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| std::env::var("VQCLIP_WINOGRAD").map_or(true, |v| v != "0"))
 }
@@ -146,6 +220,7 @@ struct Shape2 {
     hp: usize,
     wp: usize,
     padding: usize,
+    kernel: Kernel,
 }
 
 fn run(
@@ -168,7 +243,7 @@ fn run(
             for dy in 0..k {
                 for dx in 0..k {
                     w_rows[(dy * s.c_out + o) * row_len + dx * ci + c] =
-                        weight[((o * ci + c) * k + dy) * k + dx];
+                        weight[s.kernel.index(s.c_out, ci, k, [o, c, dy, dx])];
                 }
             }
         }
@@ -349,8 +424,16 @@ mod tests {
                 };
                 let stock = stock(&input);
                 // Both CPU kernels: Winograd (3×3 only) and shift-and-GEMM.
-                let direct =
-                    conv2d_host_with(&x, &weight, Some(&bias), padding, upsample, false).unwrap();
+                let direct = conv2d_host_with(
+                    &x,
+                    &weight,
+                    Some(&bias),
+                    padding,
+                    upsample,
+                    false,
+                    Kernel::AsStored,
+                )
+                .unwrap();
                 let direct = direct.expect("f32 on the CPU").into_tensor().unwrap();
                 for (name, ours) in [("default", ours), ("direct", direct)] {
                     assert_eq!(ours.dims(), stock.dims());
@@ -359,6 +442,39 @@ mod tests {
                         diff < 1e-4,
                         "{name}: k {k} padding {padding} upsample {upsample}: {diff}"
                     );
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn the_input_gradient_reads_the_kernel_adjoint_in_place() {
+        // candle's autodiff of its own convolution is the reference; both CPU algorithms.
+        crate::engine::kernels::cpu::with_kernels(true, || {
+            for (n, c_in, c_out, h, w, k, padding) in [
+                (1, 5, 7, 9, 11, 3, 1),
+                (2, 3, 4, 70, 41, 3, 1),
+                (1, 4, 6, 7, 7, 1, 0),
+                (1, 2, 3, 8, 6, 5, 2),
+                (1, 3, 2, 6, 6, 3, 0),
+            ] {
+                let x = candle_core::Var::from_tensor(&seeded(&[n, c_in, h, w], 6)).unwrap();
+                let weight = seeded(&[c_out, c_in, k, k], 7);
+                let y = x.conv2d(&weight, padding, 1, 1, 1).unwrap();
+                let g = seeded(y.dims(), 8);
+                let want = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                let want = want.get(&x).expect("a gradient");
+                let ours = conv2d_input_grad(&g, &weight, padding).unwrap();
+                let p = k - 1 - padding;
+                let direct = conv2d_host_with(&g, &weight, None, p, false, false, Kernel::Adjoint)
+                    .unwrap()
+                    .expect("f32 on the CPU")
+                    .into_tensor()
+                    .unwrap();
+                for (name, ours) in [("default", ours), ("direct", direct)] {
+                    assert_eq!(ours.dims(), want.dims(), "{name}");
+                    let diff = max_diff(&ours, want);
+                    assert!(diff < 1e-4, "{name}: k {k} padding {padding}: {diff}");
                 }
             }
         });

@@ -12,6 +12,7 @@ use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{HostValue, f32_slice, is_host_f32, sigmoid, with_f32};
+use super::simd;
 
 /// The GroupNorm's constants: per-channel scale and shift, groups, epsilon.
 pub(crate) struct GroupNormParams<'a> {
@@ -27,16 +28,24 @@ pub(crate) struct GroupNormParams<'a> {
     pub swish: bool,
 }
 
-/// `Σ f(v)` over `block`: f32 sums in 8 lanes (which the compiler vectorises) over runs of 1024
-/// values, added up in f64, so long blocks lose no precision to one long f32 chain.
+/// Values summed in f32 before the partial sum is added in f64: short enough that no run loses
+/// precision to one long f32 chain.
+const RUN: usize = 1024;
+
+/// f32 lanes of a partial sum (the compiler vectorises a loop over them at any width).
+const LANES: usize = 16;
+
+/// `Σ f(v)` over `block`: f32 sums in [`LANES`] lanes over runs of [`RUN`] values, added up in
+/// f64.
+#[inline(always)]
 fn sum_of(block: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     block
-        .chunks(1024)
+        .chunks(RUN)
         .map(|run| {
-            let mut lanes = [0f32; 8];
-            let eights = run.chunks_exact(8);
-            let tail: f32 = eights.remainder().iter().map(|&v| f(v)).sum();
-            for e in eights {
+            let mut lanes = [0f32; LANES];
+            let full = run.chunks_exact(LANES);
+            let tail: f32 = full.remainder().iter().map(|&v| f(v)).sum();
+            for e in full {
                 for (lane, &v) in lanes.iter_mut().zip(e) {
                     *lane += f(v);
                 }
@@ -47,6 +56,7 @@ fn sum_of(block: &[f32], f: impl Fn(f32) -> f32) -> f64 {
 }
 
 /// Mean and `1/sqrt(var + eps)` of a block (biased variance, as PyTorch; two passes).
+#[inline(always)]
 fn stats(block: &[f32], eps: f64) -> (f32, f32) {
     let n = block.len() as f64;
     let mean = sum_of(block, |v| v) / n;
@@ -77,21 +87,49 @@ pub(crate) fn forward(x: &Tensor, p: &GroupNormParams) -> Result<Option<HostValu
     let (gamma, beta, per_group, plane) = layout(x, p)?;
     let block = per_group * plane;
     data.par_chunks_mut(block).enumerate().for_each(|(i, out)| {
-        let (mean, inv_std) = stats(out, p.eps);
         let first = (i % p.groups) * per_group;
-        for (k, channel) in out.chunks_mut(plane).enumerate() {
-            let scale = gamma[first + k] * inv_std;
-            let shift = beta[first + k] - mean * scale;
-            for v in channel {
-                let y = *v * scale + shift;
-                *v = if p.swish { y * sigmoid(y) } else { y };
-            }
-        }
+        let (gamma, beta) = (&gamma[first..][..per_group], &beta[first..][..per_group]);
+        forward_block_wide(out, plane, gamma, beta, p);
     });
     Ok(Some(HostValue {
         data,
         shape: x.shape().clone(),
     }))
+}
+
+simd::dispatched!(
+    fn forward_block_wide(
+        out: &mut [f32],
+        plane: usize,
+        gamma: &[f32],
+        beta: &[f32],
+        p: &GroupNormParams,
+    ) = forward_block;
+);
+
+simd::dispatched!(
+    fn input_grad_block_wide(
+        g: &mut [f32],
+        x: &[f32],
+        plane: usize,
+        gamma: &[f32],
+        beta: &[f32],
+        p: &GroupNormParams,
+    ) = input_grad_block;
+);
+
+/// One (sample, group) block of [`forward`], in place: `gamma`/`beta` are the group's.
+#[inline(always)]
+fn forward_block(out: &mut [f32], plane: usize, gamma: &[f32], beta: &[f32], p: &GroupNormParams) {
+    let (mean, inv_std) = stats(out, p.eps);
+    for ((channel, &gm), &bt) in out.chunks_mut(plane).zip(gamma).zip(beta) {
+        let scale = gm * inv_std;
+        let shift = bt - mean * scale;
+        for v in channel {
+            let y = *v * scale + shift;
+            *v = if p.swish { y * sigmoid(y) } else { y };
+        }
+    }
 }
 
 /// d loss / d x of [`forward`], given `x` and the gradient at the output; `None` where the kernel
@@ -114,33 +152,70 @@ pub(crate) fn input_grad(
         .zip(x_data.par_chunks(block))
         .enumerate()
         .for_each(|(i, (g, x))| {
-            let (mean, inv_std) = stats(x, p.eps);
             let first = (i % p.groups) * per_group;
-            // ĝ = γ·g (times swish′(y) first), and the two means the formula needs.
-            let (mut sum_g, mut sum_gx) = (0f64, 0f64);
-            for (k, (gc, xc)) in g.chunks_mut(plane).zip(x.chunks(plane)).enumerate() {
-                let (gm, bt) = (gamma[first + k], beta[first + k]);
-                for (gv, &xv) in gc.iter_mut().zip(xc) {
-                    let x_hat = (xv - mean) * inv_std;
-                    let mut grad = *gv;
-                    if p.swish {
-                        let y = x_hat * gm + bt;
-                        let s = sigmoid(y);
-                        grad *= s * (1.0 + y * (1.0 - s));
-                    }
-                    let g_hat = grad * gm;
-                    *gv = g_hat;
-                    sum_g += f64::from(g_hat);
-                    sum_gx += f64::from(g_hat * x_hat);
-                }
-            }
-            let n = x.len() as f64;
-            let (mean_g, mean_gx) = ((sum_g / n) as f32, (sum_gx / n) as f32);
-            // dx = (ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)) / σ
-            for (gv, &xv) in g.iter_mut().zip(x) {
-                let x_hat = (xv - mean) * inv_std;
-                *gv = (*gv - mean_g - x_hat * mean_gx) * inv_std;
-            }
+            let (gamma, beta) = (&gamma[first..][..per_group], &beta[first..][..per_group]);
+            input_grad_block_wide(g, x, plane, gamma, beta, p);
         });
     Tensor::from_vec(g, x.shape(), &Device::Cpu).map(Some)
+}
+
+/// One (sample, group) block of [`input_grad`]: `g` holds the output's gradient and becomes the
+/// input's; `gamma`/`beta` are the group's.
+#[inline(always)]
+fn input_grad_block(
+    g: &mut [f32],
+    x: &[f32],
+    plane: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    p: &GroupNormParams,
+) {
+    let (mean, inv_std) = stats(x, p.eps);
+    // ĝ = γ·g (times swish′(y) first), and the two means the formula needs.
+    let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+    for ((gc, xc), (&gm, &bt)) in g
+        .chunks_mut(plane)
+        .zip(x.chunks(plane))
+        .zip(gamma.iter().zip(beta))
+    {
+        let g_hat = |gv: f32, xv: f32| {
+            let x_hat = (xv - mean) * inv_std;
+            let mut grad = gv;
+            if p.swish {
+                let y = x_hat * gm + bt;
+                let s = sigmoid(y);
+                grad *= s * (1.0 + y * (1.0 - s));
+            }
+            (grad * gm, x_hat)
+        };
+        for (gr, xr) in gc.chunks_mut(RUN).zip(xc.chunks(RUN)) {
+            let (mut lanes_g, mut lanes_gx) = ([0f32; LANES], [0f32; LANES]);
+            let mut gl = gr.chunks_exact_mut(LANES);
+            let mut xl = xr.chunks_exact(LANES);
+            for (gs, xs) in gl.by_ref().zip(xl.by_ref()) {
+                for l in 0..LANES {
+                    let (gh, xh) = g_hat(gs[l], xs[l]);
+                    gs[l] = gh;
+                    lanes_g[l] += gh;
+                    lanes_gx[l] += gh * xh;
+                }
+            }
+            let (mut tail_g, mut tail_gx) = (0f32, 0f32);
+            for (gv, &xv) in gl.into_remainder().iter_mut().zip(xl.remainder()) {
+                let (gh, xh) = g_hat(*gv, xv);
+                *gv = gh;
+                tail_g += gh;
+                tail_gx += gh * xh;
+            }
+            sum_g += f64::from(lanes_g.iter().sum::<f32>() + tail_g);
+            sum_gx += f64::from(lanes_gx.iter().sum::<f32>() + tail_gx);
+        }
+    }
+    let n = x.len() as f64;
+    let (mean_g, mean_gx) = ((sum_g / n) as f32, (sum_gx / n) as f32);
+    // dx = (ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)) / σ
+    for (gv, &xv) in g.iter_mut().zip(x) {
+        let x_hat = (xv - mean) * inv_std;
+        *gv = (*gv - mean_g - x_hat * mean_gx) * inv_std;
+    }
 }

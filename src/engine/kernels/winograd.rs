@@ -17,6 +17,7 @@
 
 use rayon::prelude::*;
 
+use super::conv::Kernel;
 use super::cpu::{MatRef, matmul_with};
 
 /// Sizes of one convolution (after any ×2 upsampling of the input).
@@ -33,6 +34,8 @@ pub(crate) struct ConvShape {
     pub padding: usize,
     /// The input is read through a nearest ×2 upsampling.
     pub upsample: bool,
+    /// How the kernel is read.
+    pub kernel: Kernel,
 }
 
 impl ConvShape {
@@ -49,31 +52,32 @@ impl ConvShape {
 /// tiles (16·c·tiles values) stay in the caches.
 const BAND_TILES: usize = 1024;
 
-/// `U_ξ = G·g·Gᵀ` for every output/input channel pair, laid out `[16][c_out][c_in]`.
-fn transform_kernel(weight: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
+/// `U_ξ = G·g·Gᵀ` for every output/input channel pair, laid out `[c_out][16][c_in]` (so each
+/// output channel's 16 × c_in values are one task's contiguous block): `U_ξ` is the
+/// `c_out × c_in` matrix at offset `ξ·c_in` with row stride `16·c_in`.
+fn transform_kernel(weight: &[f32], s: &ConvShape) -> Vec<f32> {
+    let (c_out, c_in) = (s.c_out, s.c_in);
     let mut u = vec![0f32; 16 * c_out * c_in];
-    for o in 0..c_out {
+    u.par_chunks_mut(16 * c_in).enumerate().for_each(|(o, u)| {
         for c in 0..c_in {
-            let g = &weight[(o * c_in + c) * 9..][..9];
+            let g = |dy: usize, dx: usize| weight[s.kernel.index(c_out, c_in, 3, [o, c, dy, dx])];
             // G·g (4×3), G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1]
-            let mut gg = [[0f32; 3]; 4];
-            for col in 0..3 {
-                let (a, b, cc) = (g[col], g[3 + col], g[6 + col]);
-                gg[0][col] = a;
-                gg[1][col] = 0.5 * (a + b + cc);
-                gg[2][col] = 0.5 * (a - b + cc);
-                gg[3][col] = cc;
-            }
+            let column = |col: usize| {
+                let (a, b, cc) = (g(0, col), g(1, col), g(2, col));
+                [a, 0.5 * (a + b + cc), 0.5 * (a - b + cc), cc]
+            };
+            let (c0, c1, c2) = (column(0), column(1), column(2));
+            let gg: [[f32; 3]; 4] = std::array::from_fn(|row| [c0[row], c1[row], c2[row]]);
             // (G·g)·Gᵀ (4×4)
             for (row, r) in gg.iter().enumerate() {
                 let (a, b, cc) = (r[0], r[1], r[2]);
                 let values = [a, 0.5 * (a + b + cc), 0.5 * (a - b + cc), cc];
                 for (col, v) in values.into_iter().enumerate() {
-                    u[((row * 4 + col) * c_out + o) * c_in + c] = v;
+                    u[(row * 4 + col) * c_in + c] = v;
                 }
             }
         }
-    }
+    });
     u
 }
 
@@ -88,7 +92,7 @@ pub(crate) fn conv3x3(
 ) -> Vec<f32> {
     let (ho, wo) = (s.out_h(), s.out_w());
     let (tiles_y, tiles_x) = (ho.div_ceil(2), wo.div_ceil(2));
-    let u = transform_kernel(weight, s.c_out, s.c_in);
+    let u = transform_kernel(weight, s);
     let band_rows = (BAND_TILES / tiles_x.max(1)).clamp(1, tiles_y.max(1));
     let (in_h, in_w) = if s.upsample {
         (s.h / 2, s.w / 2)
@@ -104,7 +108,7 @@ pub(crate) fn conv3x3(
             .map(|band| {
                 let ty0 = band * band_rows;
                 let ty1 = (ty0 + band_rows).min(tiles_y);
-                (ty0, run_band(s, src, &u, bias, ty0..ty1))
+                (ty0, run_band_wide(s, src, &u, bias, ty0..ty1))
             })
             .collect();
         let dst = &mut out[image * s.c_out * ho * wo..][..s.c_out * ho * wo];
@@ -122,8 +126,19 @@ pub(crate) fn conv3x3(
     out
 }
 
+super::simd::dispatched!(
+    fn run_band_wide(
+        s: &ConvShape,
+        src: &[f32],
+        u: &[f32],
+        bias: Option<&[f32]>,
+        tile_rows: std::ops::Range<usize>,
+    ) -> Vec<f32> = run_band;
+);
+
 /// One band of tile rows: transform the input tiles, 16 products, transform back (+ bias).
 /// Returns `[c_out][output rows of the band][wo]`.
+#[inline(always)]
 fn run_band(
     s: &ConvShape,
     src: &[f32],
@@ -230,11 +245,13 @@ fn run_band(
             gemm::Parallelism::None,
             &mut m[xi * s.c_out * tiles..][..s.c_out * tiles],
             false,
-            MatRef::row_major(
-                &u[xi * s.c_out * s.c_in..][..s.c_out * s.c_in],
-                s.c_out,
-                s.c_in,
-            ),
+            MatRef {
+                data: &u[xi * s.c_in..],
+                rows: s.c_out,
+                cols: s.c_in,
+                row_stride: 16 * s.c_in,
+                col_stride: 1,
+            },
             MatRef::row_major(&v[xi * s.c_in * tiles..][..s.c_in * tiles], s.c_in, tiles),
         );
     }

@@ -86,12 +86,10 @@ impl InputGradient for ConvInputGrad {
     const NAME: &'static str = "conv2d-input-grad";
 
     // For stride 1 the transposed convolution is an ordinary convolution with the kernel flipped
-    // in space and in/out swapped, which candle runs several times faster than its
-    // conv_transpose2d. The flipped copy is made here, once per backward, rather than kept.
+    // in space and in/out swapped (several times faster than candle's conv_transpose2d); the CPU
+    // kernels read the stored kernel that way in place, with no flipped copy per backward.
     fn input_grad(&self, _input: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
-        let k = self.weight.dim(2)?;
-        let flipped = self.weight.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
-        let grad = conv::conv2d(grad_out, &flipped, None, k - 1 - self.padding, false)?;
+        let grad = conv::conv2d_input_grad(grad_out, &self.weight, self.padding)?;
         if !self.upsampled {
             return Ok(grad);
         }
