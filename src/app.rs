@@ -217,11 +217,31 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             .await;
         })
     };
+    let gateway = crate::bot::Gateway::default();
+    let web = start_web(
+        &settings,
+        crate::web::WebState {
+            store: pool.clone(),
+            scheduler: scheduler.clone(),
+            gateway: Some(gateway.clone()),
+        },
+        stop_rx.clone(),
+    )
+    .await;
+    let web = match web {
+        Ok(web) => web,
+        Err(e) => {
+            scheduler.shutdown(Duration::ZERO).await;
+            close_after_shutdown(&pool).await;
+            return Err(e);
+        }
+    };
     let mut bot_stop = stop_rx;
     let bot = crate::bot::run(
         settings.clone(),
         pool.clone(),
         scheduler.clone(),
+        gateway,
         async move {
             let _ = bot_stop.wait_for(|stop| *stop).await;
         },
@@ -238,8 +258,27 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let _ = poller.await;
     let grace = Duration::from_secs(settings.scheduler.shutdown_grace_seconds);
     scheduler.shutdown(grace).await;
+    if let Some(web) = web {
+        let _ = web.await;
+    }
     close_after_shutdown(&pool).await;
     result
+}
+
+/// Starts the web server when `[web] listen` is set, stopping when `stop` turns true.
+async fn start_web(
+    settings: &Settings,
+    state: crate::web::WebState,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(listen) = settings.web.listen else {
+        return Ok(None);
+    };
+    let stopped = async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    };
+    let (_, task) = crate::web::start(listen, state, stopped).await?;
+    Ok(Some(task))
 }
 
 /// Closes the pool at the end of `serve` or `worker`, waiting a few seconds at most for
@@ -289,6 +328,20 @@ pub async fn worker(settings: Settings) -> anyhow::Result<()> {
     let worker_id = claims.worker_id.clone();
     options.claims = Some(claims);
     let scheduler = Scheduler::start(pool.clone(), options, slots).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let state = crate::web::WebState {
+        store: pool.clone(),
+        scheduler: scheduler.clone(),
+        gateway: None,
+    };
+    let web = match start_web(&settings, state, stop_rx).await {
+        Ok(web) => web,
+        Err(e) => {
+            scheduler.shutdown(Duration::ZERO).await;
+            close_after_shutdown(&pool).await;
+            return Err(e);
+        }
+    };
     eprintln!(
         "worker {worker_id}: {} on {}, taking jobs from the {} queue at {}; images in {}. \
          Ctrl-C stops.",
@@ -309,6 +362,10 @@ pub async fn worker(settings: Settings) -> anyhow::Result<()> {
         grace.as_secs()
     );
     scheduler.shutdown(grace).await;
+    let _ = stop_tx.send(true);
+    if let Some(web) = web {
+        let _ = web.await;
+    }
     close_after_shutdown(&pool).await;
     Ok(())
 }

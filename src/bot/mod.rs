@@ -187,15 +187,46 @@ async fn on_event(
         serenity::FullEvent::ReactionRemove { removed_reaction } => {
             interactions::on_reaction_remove(data, removed_reaction).await
         }
+        serenity::FullEvent::Ratelimit { data } => {
+            crate::metrics::global()
+                .discord_ratelimits
+                .get_or_create(&crate::metrics::RouteLabels {
+                    method: format!("{:?}", data.method).to_uppercase(),
+                    route: data.path.clone(),
+                })
+                .inc();
+            Ok(())
+        }
         _ => Ok(()),
     }
 }
 
-/// Runs the bot until `shutdown` resolves or the gateway connection ends for good.
+/// The bot's gateway connection, for the health check: empty until the client exists.
+#[derive(Clone, Default)]
+pub struct Gateway(Arc<std::sync::OnceLock<Arc<::serenity::gateway::ShardManager>>>);
+
+impl Gateway {
+    /// Whether a shard is connected to Discord's gateway now.
+    pub async fn connected(&self) -> bool {
+        let Some(shards) = self.0.get() else {
+            return false;
+        };
+        shards
+            .runners
+            .lock()
+            .await
+            .values()
+            .any(|r| r.stage == ::serenity::gateway::ConnectionStage::Connected)
+    }
+}
+
+/// Runs the bot until `shutdown` resolves or the gateway connection ends for good; `gateway`
+/// reports its connection meanwhile.
 pub async fn run(
     settings: Arc<Settings>,
     store: Store,
     scheduler: Scheduler,
+    gateway: Gateway,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let http = http_client(&settings)?;
@@ -267,6 +298,7 @@ pub async fn run(
         .await
         .context("Failed to create the Discord client")?;
     let shards = client.shard_manager.clone();
+    let _ = gateway.0.set(shards.clone());
     tokio::select! {
         result = client.start() => result.context("the Discord connection failed")?,
         () = shutdown => {

@@ -24,8 +24,10 @@ use crate::store::Location;
 mod moderation;
 mod raw;
 mod validate;
+mod web;
 
 pub use moderation::{DEFAULT_SAFE_LABELS, DEFAULT_UNSAFE_LABELS, ModerationSettings, NsfwAction};
+pub use web::WebSettings;
 
 use raw::RawSettings;
 use validate::validate;
@@ -104,6 +106,8 @@ pub struct Settings {
     pub models: ModelSettings,
     /// `[moderation]`: the safety check.
     pub moderation: ModerationSettings,
+    /// `[web]`: the HTTP server for health checks and metrics.
+    pub web: WebSettings,
 }
 
 /// `[discord]`.
@@ -973,6 +977,33 @@ mod tests {
             vec!["\"x\""; 65].join(",")
         );
         assert_eq!(problems(&many, &[])[0].key, "moderation.unsafe_labels");
+    }
+
+    #[test]
+    fn the_web_server_is_off_until_an_address_is_given() {
+        let s = Settings::from_toml("", &env(&[])).unwrap();
+        assert_eq!(s.web.listen, None);
+        assert_eq!(s.web.public_url, None);
+        let s = Settings::from_toml(
+            "[web]\npublic_url = \"https://art.example.org/vqclip\"",
+            &env(&[("VQCLIP_WEB__LISTEN", "[::1]:9090")]),
+        )
+        .unwrap();
+        assert_eq!(s.web.listen, Some("[::1]:9090".parse().unwrap()));
+        assert_eq!(
+            s.web.public_url.unwrap().as_str(),
+            "https://art.example.org/vqclip/"
+        );
+        for (text, key) in [
+            ("[web]\nlisten = \"localhost\"", "web.listen"),
+            ("[web]\nlisten = \"0.0.0.0:99999\"", "web.listen"),
+            ("[web]\npublic_url = \"ftp://x/\"", "web.public_url"),
+            ("[web]\nport = 80", "web.port"),
+        ] {
+            let p = problems(text, &[]);
+            assert_eq!(p.len(), 1, "{text:?} gave {p:?}");
+            assert_eq!(p[0].key, key, "{text:?} gave {}", p[0]);
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub(super) struct RawSettings {
     pub(super) generation: RawGeneration,
     pub(super) models: RawModels,
     pub(super) moderation: RawModeration,
+    pub(super) web: RawWeb,
 }
 
 #[derive(Debug, Deserialize)]
@@ -218,4 +219,11 @@ impl<'de> Deserialize<'de> for ListOrCsv {
             Shape::One(n) => vec![n],
         }))
     }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawWeb {
+    pub(super) listen: String,
+    pub(super) public_url: String,
 }

@@ -8,8 +8,9 @@ use super::moderation::{
 };
 use super::raw::{
     ListOrCsv, RawDiscord, RawGeneration, RawModelOverride, RawModels, RawModeration, RawScheduler,
-    RawSettings, RawStorage, Scalar,
+    RawSettings, RawStorage, RawWeb, Scalar,
 };
+use super::web::WebSettings;
 use super::{
     DEFAULT_DATABASE, DEVICE_EXPECTED, DeviceSpec, DiscordSettings, Environment,
     GenerationSettings, GridSetting, InvalidKey, MIN_SIDE, ModelSettings, ModelSource, Origins,
@@ -95,6 +96,7 @@ pub(super) fn validate(
     let models = validate_models(raw.models, env, &mut p);
     let generation = validate_generation(raw.generation, models.allow_tiny, &mut p);
     let moderation = validate_moderation(raw.moderation, &mut p);
+    let web = validate_web(raw.web, &mut p);
     if p.list.is_empty() {
         Ok(Settings {
             discord,
@@ -103,6 +105,7 @@ pub(super) fn validate(
             generation,
             models,
             moderation,
+            web,
         })
     } else {
         Err(p.list)
@@ -719,4 +722,32 @@ fn validate_moderation(raw: RawModeration, p: &mut Problems) -> ModerationSettin
         safe_labels: labels(raw.safe_labels, "safe_labels", DEFAULT_SAFE_LABELS, p),
         age_restricted_allows: raw.age_restricted_allows,
     }
+}
+
+fn validate_web(raw: RawWeb, p: &mut Problems) -> WebSettings {
+    let listen = match raw.listen.trim() {
+        "" => None,
+        text => match text.parse::<std::net::SocketAddr>() {
+            Ok(address) => Some(address),
+            Err(_) => {
+                p.add(
+                    "web.listen",
+                    Some(format!("{:?}", raw.listen)),
+                    "expected an IP address and port, e.g. 127.0.0.1:8080 (empty: no web server)",
+                );
+                None
+            }
+        },
+    };
+    let public_url = match raw.public_url.trim() {
+        "" => None,
+        text => parse_http_url(text, "web.public_url", p).map(|mut url| {
+            // Links are joined onto it: make it a directory.
+            if !url.path().ends_with('/') {
+                url.set_path(&format!("{}/", url.path()));
+            }
+            url
+        }),
+    };
+    WebSettings { listen, public_url }
 }

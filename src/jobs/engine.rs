@@ -124,6 +124,7 @@ impl EngineRunner {
         if let Some(index) = found
             && let Resident::Vqgan(model, _) = self.touch(index)
         {
+            crate::metrics::global().model("vqgan", info.id, true);
             return Ok(*model);
         }
         let path = self.weights(info)?;
@@ -135,6 +136,7 @@ impl EngineRunner {
         tracing::info!(model = info.id, ?parts, "loading VQGAN");
         let model = load_vqgan(info, path.as_deref(), parts, &self.device)
             .map_err(|e| format!("cannot load {}: {e:#}", info.id))?;
+        crate::metrics::global().model("vqgan", info.id, false);
         // A decoder-only copy is superseded by the full one.
         self.cache.retain(|e| e.id != info.id);
         self.insert(
@@ -149,12 +151,14 @@ impl EngineRunner {
         if let Some(index) = self.cache.iter().position(|e| e.id == info.id)
             && let Resident::Clip(model) = self.touch(index)
         {
+            crate::metrics::global().model("clip", info.id, true);
             return Ok(*model);
         }
         let path = self.weights(info)?;
         tracing::info!(model = info.id, precision = %self.clip_precision, "loading CLIP");
         let model = load_clip(info, path.as_deref(), &self.device, self.clip_precision)
             .map_err(|e| format!("cannot load {}: {e:#}", info.id))?;
+        crate::metrics::global().model("clip", info.id, false);
         self.insert(
             info.id,
             Resident::Clip(Box::new(model.clone())),

@@ -310,6 +310,8 @@ impl Store {
         &self,
         error: &(dyn std::error::Error + Send + Sync + 'static),
     ) -> String {
+        // Every database error the process logs comes through here.
+        crate::metrics::global().database_errors.inc();
         let (chain, timed_out) = error_chain(error);
         let plain = format!("{} (database {})", chain.join(": "), self.location);
         if !timed_out {

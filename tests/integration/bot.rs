@@ -80,10 +80,16 @@ async fn imagine_queues_shows_progress_and_posts_the_result() {
         .await
         .unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let gateway = vqclip::bot::Gateway::default();
+    assert!(
+        !gateway.connected().await,
+        "not connected before the bot starts"
+    );
     let bot = tokio::spawn(vqclip::bot::run(
         Arc::new(settings),
         pool.clone(),
         scheduler.clone(),
+        gateway.clone(),
         async move {
             let _ = stop_rx.await;
         },
@@ -109,6 +115,17 @@ async fn imagine_queues_shows_progress_and_posts_the_result() {
             .then_some(())
     })
     .await;
+    // The readiness probe sees the gateway connection.
+    for _ in 0..500 {
+        if gateway.connected().await {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        gateway.connected().await,
+        "the gateway connection is reported"
+    );
 
     discord.dispatch(
         "INTERACTION_CREATE",
@@ -336,6 +353,7 @@ async fn after_a_restart_earlier_jobs_keep_their_messages_updating() {
         Arc::new(settings),
         pool.clone(),
         scheduler.clone(),
+        vqclip::bot::Gateway::default(),
         async move {
             let _ = stop_rx.await;
         },

@@ -232,6 +232,7 @@ impl Bot {
             self.settings.clone(),
             self.pool.clone(),
             self.scheduler.clone(),
+            vqclip::bot::Gateway::default(),
             async move {
                 let _ = stop_rx.await;
             },

@@ -30,3 +30,4 @@ mod store;
 mod support;
 mod torch_zip;
 mod vqgan;
+mod web;

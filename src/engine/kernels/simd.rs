@@ -12,22 +12,33 @@
 
 use std::sync::OnceLock;
 
-/// The widest vector extension [`dispatched!`] functions use on this CPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The environment variable that caps the [`Level`] (`avx2`, `baseline`).
+pub(crate) const SIMD_ENV: &str = "VQCLIP_SIMD";
+
+/// The widest vector extension [`dispatched!`] functions use on this CPU, narrowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Level {
-    /// AVX-512 F/BW/VL with FMA: 16 f32 lanes.
-    Avx512,
-    /// AVX2 with FMA: 8 f32 lanes.
-    Avx2,
     /// The build's baseline (SSE2 on x86-64; whatever the target has elsewhere).
     Baseline,
+    /// AVX2 with FMA: 8 f32 lanes.
+    Avx2,
+    /// AVX-512 F/BW/VL with FMA: 16 f32 lanes.
+    Avx512,
 }
 
 impl Level {
-    /// This CPU's level (detected once).
+    /// This CPU's level (detected once), capped by `VQCLIP_SIMD` (`avx2` or `baseline`) when
+    /// set, to measure what the wider copies buy on one machine.
     pub(crate) fn detected() -> Level {
         static LEVEL: OnceLock<Level> = OnceLock::new();
-        *LEVEL.get_or_init(detect)
+        *LEVEL.get_or_init(|| {
+            let cap = std::env::var(SIMD_ENV).ok();
+            detect().min(match cap.as_deref().map(str::trim) {
+                Some("baseline") => Level::Baseline,
+                Some("avx2") => Level::Avx2,
+                _ => Level::Avx512,
+            })
+        })
     }
 
     /// How reports name it.

@@ -232,7 +232,23 @@ impl Scheduler {
     ) -> Result<Option<JobEvent>, sqlx::Error> {
         let pool = &self.shared.pool;
         let worker = self.worker_id();
-        let lost = self.state().running.get(&id).is_some_and(|r| r.lost);
+        let (lost, seconds) = {
+            let state = self.state();
+            let running = state.running.get(&id);
+            (
+                running.is_some_and(|r| r.lost),
+                running.map(|r| r.started.elapsed().as_secs_f64()),
+            )
+        };
+        if let Some(seconds) = seconds {
+            let status = match &outcome {
+                Outcome::Succeeded(_) => "succeeded",
+                Outcome::Failed(_) => "failed",
+                Outcome::Cancelled => "cancelled",
+                Outcome::Interrupted => "interrupted",
+            };
+            crate::metrics::global().job_ended(status, seconds);
+        }
         let event = match outcome {
             // Not ours any more: whatever this run did, the database's record stands.
             _ if lost => {
