@@ -16,6 +16,7 @@ use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{HostValue, MatRef, f32_slice, is_host_f32, matmul, with_f32};
+pub(crate) use super::winograd::Kernel;
 use super::winograd::ConvShape;
 
 /// `x` `[n, c_in, h, w]` (upsampled ×2 nearest first when `upsample`) convolved with `weight`
@@ -30,38 +31,6 @@ pub(crate) fn conv2d(
     match conv2d_host(x, weight, bias, padding, upsample)? {
         Some(host) => host.into_tensor(),
         None => candle_conv(x, weight, bias, padding, upsample),
-    }
-}
-
-/// How a convolution reads its kernel `weight` `[a, b, k, k]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Kernel {
-    /// As stored: `a` output channels, `b` input channels.
-    AsStored,
-    /// Flipped in space with inputs and outputs swapped (`b` outputs, `a` inputs): for stride
-    /// 1, the convolution by this kernel with padding `k − 1 − p` is the input gradient of the
-    /// convolution by the stored one with padding `p`. Read in place, never copied.
-    Adjoint,
-}
-
-impl Kernel {
-    /// `(c_out, c_in)` of the convolution this reading makes of a `[a, b, k, k]` kernel.
-    fn channels(self, a: usize, b: usize) -> (usize, usize) {
-        match self {
-            Kernel::AsStored => (a, b),
-            Kernel::Adjoint => (b, a),
-        }
-    }
-
-    /// The index in the stored `[a, b, k, k]` data of tap `(dy, dx)` from input channel `c` to
-    /// output channel `o` of the convolution this reading makes (`c_out` its output channels).
-    #[inline]
-    pub(crate) fn index(self, c_out: usize, c_in: usize, k: usize, at: [usize; 4]) -> usize {
-        let [o, c, dy, dx] = at;
-        match self {
-            Kernel::AsStored => ((o * c_in + c) * k + dy) * k + dx,
-            Kernel::Adjoint => ((c * c_out + o) * k + (k - 1 - dy)) * k + (k - 1 - dx),
-        }
     }
 }
 

@@ -17,8 +17,39 @@
 
 use rayon::prelude::*;
 
-use super::conv::Kernel;
 use super::cpu::{MatRef, matmul_with};
+
+/// How a convolution reads its kernel `weight` `[a, b, k, k]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    /// As stored: `a` output channels, `b` input channels.
+    AsStored,
+    /// Flipped in space with inputs and outputs swapped (`b` outputs, `a` inputs): for stride
+    /// 1, the convolution by this kernel with padding `k − 1 − p` is the input gradient of the
+    /// convolution by the stored one with padding `p`. Read in place, never copied.
+    Adjoint,
+}
+
+impl Kernel {
+    /// `(c_out, c_in)` of the convolution this reading makes of a `[a, b, k, k]` kernel.
+    pub(crate) fn channels(self, a: usize, b: usize) -> (usize, usize) {
+        match self {
+            Kernel::AsStored => (a, b),
+            Kernel::Adjoint => (b, a),
+        }
+    }
+
+    /// The index in the stored `[a, b, k, k]` data of tap `(dy, dx)` from input channel `c` to
+    /// output channel `o` of the convolution this reading makes (`c_out` its output channels).
+    #[inline]
+    pub(crate) fn index(self, c_out: usize, c_in: usize, k: usize, at: [usize; 4]) -> usize {
+        let [o, c, dy, dx] = at;
+        match self {
+            Kernel::AsStored => ((o * c_in + c) * k + dy) * k + dx,
+            Kernel::Adjoint => ((c * c_out + o) * k + (k - 1 - dy)) * k + (k - 1 - dx),
+        }
+    }
+}
 
 /// Sizes of one convolution (after any ×2 upsampling of the input).
 pub(crate) struct ConvShape {
