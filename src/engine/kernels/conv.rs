@@ -16,8 +16,8 @@ use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{HostValue, MatRef, f32_slice, is_host_f32, matmul, with_f32};
-pub(crate) use super::winograd::Kernel;
 use super::winograd::ConvShape;
+pub(crate) use super::winograd::Kernel;
 
 /// `x` `[n, c_in, h, w]` (upsampled ×2 nearest first when `upsample`) convolved with `weight`
 /// `[c_out, c_in, k, k]`, stride 1, zero `padding`, plus `bias` `[c_out]`: PyTorch's `conv2d`.
