@@ -15,15 +15,14 @@ pub(crate) mod winograd;
 
 /// What runs the CPU's work in this process, for reports: `(part, choice)` pairs.
 pub(crate) fn chosen() -> Vec<(&'static str, String)> {
-    let gemm = if cfg!(target_arch = "x86_64") {
-        match simd::Level::detected() {
-            // gemm checks avx512f alone (its `x86-v4` kernels), then avx2 + fma.
-            _ if has_avx512f() => "gemm avx512f",
-            simd::Level::Avx2 | simd::Level::Avx512 => "gemm avx2+fma",
-            simd::Level::Baseline => "gemm scalar",
-        }
+    // gemm chooses by itself (avx512f for its `x86-v4` kernels, then avx2 + fma), whatever
+    // `VQCLIP_SIMD` caps ours at.
+    let gemm = if has("avx512f") {
+        "gemm avx512f"
+    } else if has("avx2") && has("fma") {
+        "gemm avx2+fma"
     } else {
-        "gemm"
+        "gemm without avx2"
     };
     if !cpu::enabled() {
         return vec![
@@ -51,13 +50,20 @@ pub(crate) fn chosen() -> Vec<(&'static str, String)> {
     ]
 }
 
-fn has_avx512f() -> bool {
+/// Whether this CPU has the x86 extension `feature` (never, elsewhere).
+fn has(feature: &str) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
+        match feature {
+            "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
+            "avx2" => std::arch::is_x86_feature_detected!("avx2"),
+            "fma" => std::arch::is_x86_feature_detected!("fma"),
+            _ => false,
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
+        let _ = feature;
         false
     }
 }
