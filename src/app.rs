@@ -224,6 +224,10 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             store: pool.clone(),
             scheduler: scheduler.clone(),
             gateway: Some(gateway.clone()),
+            gallery: Some(crate::web::GallerySite::new(
+                settings.storage.images.clone(),
+                settings.web.public_url.clone(),
+            )),
         },
         stop_rx.clone(),
     )
@@ -333,6 +337,7 @@ pub async fn worker(settings: Settings) -> anyhow::Result<()> {
         store: pool.clone(),
         scheduler: scheduler.clone(),
         gateway: None,
+        gallery: None,
     };
     let web = match start_web(&settings, state, stop_rx).await {
         Ok(web) => web,

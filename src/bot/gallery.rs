@@ -26,8 +26,7 @@ const MAX_SEARCH_BYTES: usize = 80;
 /// Posts a finished job to its guild's gallery channel, once, with a ⭐ to vote with. Jobs from
 /// DMs, and guilds without a gallery channel, are not posted.
 pub async fn post(
-    http: &serenity::Http,
-    pool: &Store,
+    (http, pool, public_url): (&serenity::Http, &Store, Option<&url::Url>),
     job: JobId,
     upload: &Upload,
     result: &serenity::Message,
@@ -67,6 +66,9 @@ pub async fn post(
         .field("By", format!("<@{}>", job.requester_id), true)
         .field("Seed", job.seed.to_string(), true)
         .field("Job", format!("[{}]({link})", job.id), true);
+    if let Some(page) = public_url.and_then(|u| crate::config::image_page(u, job.id)) {
+        embed = embed.field("On the web", page.to_string(), false);
+    }
     if let Some(name) = upload.embedded() {
         embed = embed.image(format!("attachment://{name}"));
     }

@@ -174,6 +174,7 @@ async fn on_event(
 ) -> Result<(), BotError> {
     let ctx = framework.serenity_context;
     let data = framework.user_data;
+    remember_names(data, event);
     match event {
         serenity::FullEvent::InteractionCreate {
             interaction: serenity::Interaction::Component(press),
@@ -199,6 +200,48 @@ async fn on_event(
         }
         _ => Ok(()),
     }
+}
+
+/// Records the names the web gallery shows (a member's display name in the guild they
+/// interact in, a guild's name when the bot joins or it is renamed), in the background: the
+/// event's own handling does not wait for the database.
+fn remember_names(data: &Data, event: &serenity::FullEvent) {
+    use crate::store::names;
+    let store = data.store.clone();
+    match event {
+        serenity::FullEvent::InteractionCreate { interaction } => {
+            let (guild, member) = match interaction {
+                serenity::Interaction::Command(c) => (c.guild_id, c.member.as_deref()),
+                serenity::Interaction::Component(c) => (c.guild_id, c.member.as_ref()),
+                serenity::Interaction::Modal(m) => (m.guild_id, m.member.as_ref()),
+                _ => (None, None),
+            };
+            let (Some(guild), Some(member)) = (guild, member) else {
+                return;
+            };
+            let (user, name) = (member.user.id.get(), member.display_name().to_owned());
+            tokio::spawn(async move {
+                if let Err(e) = names::record_member_name(&store, guild.get(), user, &name).await {
+                    tracing::warn!(error = %e, "cannot record a member's name");
+                }
+            });
+        }
+        serenity::FullEvent::GuildCreate { guild, .. } => {
+            remember_guild_name(store, guild.id, guild.name.clone());
+        }
+        serenity::FullEvent::GuildUpdate { new_data, .. } => {
+            remember_guild_name(store, new_data.id, new_data.name.clone());
+        }
+        _ => {}
+    }
+}
+
+fn remember_guild_name(store: Store, guild: serenity::GuildId, name: String) {
+    tokio::spawn(async move {
+        if let Err(e) = crate::store::names::record_guild_name(&store, guild.get(), &name).await {
+            tracing::warn!(error = %e, "cannot record a guild's name");
+        }
+    });
 }
 
 /// The bot's gateway connection, for the health check: empty until the client exists.
@@ -282,8 +325,8 @@ pub async fn run(
                 tracing::info!(user = %ready.user.name, "connected to Discord");
                 // Jobs from before a restart keep their messages updating.
                 let interval = progress::edit_interval(&data.settings);
-                let handles = (&ctx.http, &data.store, &data.inspector);
-                match progress::resume_all(handles, &data.scheduler, interval).await
+                let handles = progress::Handles::of(ctx.http.clone(), &data);
+                match progress::resume_all(&handles, &data.scheduler, interval).await
                 {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(jobs = n, "following the messages of earlier jobs again"),

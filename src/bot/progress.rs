@@ -126,10 +126,11 @@ pub(crate) async fn wants_ping(pool: &Store, user: u64) -> bool {
 /// Picks up the messages of jobs that were waiting or running when the bot last stopped: their
 /// interaction tokens are gone, so these edit with the bot token. Returns how many.
 pub(crate) async fn resume_all(
-    (http, pool, inspector): (&Arc<serenity::Http>, &Store, &Arc<Inspector>),
+    handles: &Handles,
     scheduler: &crate::jobs::Scheduler,
     interval: Duration,
 ) -> Result<usize, sqlx::Error> {
+    let pool = &handles.pool;
     use crate::store::jobs::{JobStatus, list_recent_jobs};
     let mut resumed = 0;
     let mut jobs = list_recent_jobs(pool, Some(JobStatus::Running), 10_000).await?;
@@ -153,8 +154,7 @@ pub(crate) async fn resume_all(
             DEFAULT_SIZE_LIMIT,
             wants_ping(pool, job.requester_id).await,
         );
-        let handles = (http.clone(), pool.clone(), inspector.clone());
-        tokio::spawn(follow(handles, target, events, interval));
+        tokio::spawn(follow(handles.clone(), target, events, interval));
         resumed += 1;
     }
     Ok(resumed)
@@ -174,17 +174,49 @@ pub(crate) fn edit_interval(settings: &Settings) -> Duration {
     Duration::from_millis(settings.scheduler.progress_interval_ms.max(1000))
 }
 
+/// What following a job's message uses.
+#[derive(Clone)]
+pub struct Handles {
+    /// Discord's REST API.
+    pub http: Arc<serenity::Http>,
+    /// The database.
+    pub pool: Store,
+    /// The safety check of results.
+    pub inspector: Arc<Inspector>,
+    /// The web gallery's address (`web.public_url`), for the gallery post's link.
+    pub public_url: Option<url::Url>,
+}
+
+impl Handles {
+    /// The handles of the bot with `http`.
+    pub(crate) fn of(http: Arc<serenity::Http>, data: &super::Data) -> Self {
+        Self {
+            http,
+            pool: data.store.clone(),
+            inspector: data.inspector.clone(),
+            public_url: data.settings.web.public_url.clone(),
+        }
+    }
+}
+
 /// Follows a job to its end; see the module documentation.
 pub async fn follow(
-    (http, pool, inspector): (Arc<serenity::Http>, Store, Arc<Inspector>),
+    handles: Handles,
     target: JobMessage,
     mut events: watch::Receiver<JobEvent>,
     interval: Duration,
 ) {
+    let Handles {
+        http,
+        pool,
+        inspector,
+        public_url,
+    } = handles;
     let mut editor = Editor {
         http,
         pool,
         inspector,
+        public_url,
         target,
         token_ok: true,
         backoff: Duration::ZERO,
@@ -235,6 +267,8 @@ struct Editor {
     pool: Store,
     /// The safety check of the result.
     inspector: Arc<Inspector>,
+    /// The web gallery's address (`web.public_url`), for the gallery post's link.
+    public_url: Option<url::Url>,
     target: JobMessage,
     /// Cleared at the first refusal of the interaction token.
     token_ok: bool,
@@ -418,8 +452,13 @@ impl Editor {
                 }
                 // Only what the safety check passed goes to the gallery.
                 if shown == Shown::Plain
-                    && let Err(e) =
-                        super::gallery::post(&self.http, &self.pool, job, &upload, &message).await
+                    && let Err(e) = super::gallery::post(
+                        (&self.http, &self.pool, self.public_url.as_ref()),
+                        job,
+                        &upload,
+                        &message,
+                    )
+                    .await
                 {
                     tracing::error!(job_id = job.0, error = %e, "cannot post to the gallery");
                 }

@@ -173,7 +173,18 @@ pub(crate) async fn release(
         posted.id.get(),
     )
     .await?;
-    if let Err(e) = super::gallery::post(&ctx.http, &data.store, job.id, &upload, &posted).await {
+    if let Err(e) = super::gallery::post(
+        (
+            &ctx.http,
+            &data.store,
+            data.settings.web.public_url.as_ref(),
+        ),
+        job.id,
+        &upload,
+        &posted,
+    )
+    .await
+    {
         tracing::error!(job_id = job.id.0, error = %e, "cannot post to the gallery");
     }
     Ok(true)

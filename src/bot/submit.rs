@@ -199,10 +199,8 @@ pub(crate) async fn track(
         progress::wants_ping(&data.store, job.requester_id).await,
     );
     let interval = progress::edit_interval(&data.settings);
-    let pool = data.store.clone();
-    let handles = (http, pool, data.inspector.clone());
     tokio::spawn(progress::follow(
-        handles,
+        progress::Handles::of(http, data),
         target,
         submitted.events,
         interval,

@@ -14,3 +14,8 @@ pub struct WebSettings {
     /// The address people reach the server at (behind a reverse proxy), for links.
     pub public_url: Option<Url>,
 }
+
+/// The web gallery's page of job `job` under `public_url` (the server's address, a directory).
+pub fn image_page(public_url: &Url, job: crate::jobs::JobId) -> Option<Url> {
+    public_url.join(&format!("i/{}", job.0)).ok()
+}

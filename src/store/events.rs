@@ -27,6 +27,8 @@ pub(crate) const TIMELAPSE: &str = "timelapse.gif";
 pub(crate) const VIDEO: &str = "video.mp4";
 /// A running job's latest preview (JPEG).
 pub const PREVIEW: &str = "preview.jpg";
+/// A finished job's thumbnail for the web gallery (JPEG), made at its first request.
+pub const THUMBNAIL: &str = "thumbnail.jpg";
 
 /// The name of file `name` ([`IMAGE`], [`LATENT`]) of one image of a job: `name` itself for
 /// its only image, `image-2.png` and `latent-2.safetensors` for image 2 of its grid.

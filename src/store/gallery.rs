@@ -247,16 +247,7 @@ pub async fn list_gallery(
 ) -> Result<Vec<GalleryEntry>, sqlx::Error> {
     let guild_id = u64_to_sql(query.guild_id);
     let author = query.author.map(u64_to_sql);
-    // LIKE with the user's text taken literally, in any case. Both sides are lowercased because
-    // LIKE ignores ASCII case on SQLite but not on PostgreSQL.
-    let pattern = query.text.as_ref().map(|t| {
-        let escaped = t
-            .to_lowercase()
-            .replace('\\', "\\\\")
-            .replace('%', "\\%")
-            .replace('_', "\\_");
-        format!("%{escaped}%")
-    });
+    let pattern = query.text.as_deref().map(super::public::contains_pattern);
     let rows: Vec<GalleryRow> = sqlx::query_as(
         r"SELECT p.id, p.job_id, p.guild_id, p.channel_id, p.message_id, p.posted_at,
                  COUNT(v.user_id) AS votes, j.prompt, j.requester_id, j.seed

@@ -53,6 +53,8 @@ pub mod events;
 pub mod gallery;
 pub mod guilds;
 pub mod jobs;
+pub mod names;
+pub mod public;
 pub mod safety;
 pub mod users;
 pub mod workers;

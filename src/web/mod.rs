@@ -1,5 +1,6 @@
 //! The HTTP server of `vqclip serve` and `vqclip worker` (`[web] listen`, off by default):
-//! `/healthz`, `/readyz` and `/metrics` for the people who run the bot.
+//! `/healthz`, `/readyz` and `/metrics` for the people who run the bot, and in `serve` the web
+//! gallery (`gallery`) for everyone.
 //!
 //! Built on axum (already the fake Discord's server in the tests), on the process's tokio
 //! runtime; it stops with the process. Every answer is small and bounded: nothing here reads a
@@ -13,6 +14,11 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+
+mod gallery;
+mod pages;
+
+pub use gallery::{GallerySite, MAX_PAGE, MAX_SEARCH_CHARS, PAGE_SIZE};
 
 use crate::bot::Gateway;
 use crate::jobs::Scheduler;
@@ -31,15 +37,22 @@ pub struct WebState {
     pub scheduler: Scheduler,
     /// The bot's gateway connection (`serve`); `None` for a worker, which has none.
     pub gateway: Option<Gateway>,
+    /// The web gallery (`serve`); `None` for a worker, which serves only its health and metrics.
+    pub gallery: Option<GallerySite>,
 }
 
 /// The routes.
 pub fn router(state: WebState) -> Router {
-    Router::new()
+    let operator = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(state)
+        .route("/metrics", get(metrics));
+    let routes = if state.gallery.is_some() {
+        operator.merge(gallery::routes())
+    } else {
+        operator
+    };
+    routes.with_state(state)
 }
 
 /// Binds `listen` (an error names the address and `web.listen`) and serves until `stop`

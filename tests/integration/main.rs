@@ -31,3 +31,4 @@ mod support;
 mod torch_zip;
 mod vqgan;
 mod web;
+mod web_gallery;

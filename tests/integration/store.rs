@@ -16,12 +16,14 @@ use vqclip::store::{
 use crate::support::{on_both_backends, sample_job, test_pool};
 
 /// Every table of the schema (besides sqlx's own), by name.
-const TABLES: [&str; 9] = [
+const TABLES: [&str; 11] = [
     "gallery_posts",
+    "guild_names",
     "guild_settings",
     "job_files",
     "job_results",
     "jobs",
+    "member_names",
     "user_bans",
     "user_settings",
     "votes",

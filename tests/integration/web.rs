@@ -14,20 +14,40 @@ use vqclip::web::{WebState, start};
 use crate::scheduler::{FakeRunner, finished, options, slots, submit};
 use crate::support::on_both_backends;
 
-/// One HTTP/1.1 request: the status code and the body.
-async fn request(address: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
+/// One HTTP/1.1 request: the status code, the head and the body's bytes.
+pub(crate) async fn fetch(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    extra_headers: &str,
+) -> (u16, String, Vec<u8>) {
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    let head = format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\n{extra_headers}Connection: close\r\n\r\n"
+    );
     stream.write_all(head.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut raw))
         .await
         .expect("an answer within 30 s")
         .unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (headers, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head and a body");
+    let headers = String::from_utf8_lossy(&raw[..split]).into_owned();
     let status = headers[9..12].parse().unwrap();
-    (status, headers.to_owned(), body.to_owned())
+    (status, headers, raw[split + 4..].to_vec())
+}
+
+/// One HTTP/1.1 request: the status code, the head and the body as text.
+pub(crate) async fn request(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+) -> (u16, String, String) {
+    let (status, headers, body) = fetch(address, method, path, "").await;
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// The value of the sample `name` with every label of `labels`, from a scrape.
@@ -55,6 +75,7 @@ async fn serve(
         store: db.clone(),
         scheduler: scheduler.clone(),
         gateway: None,
+        gallery: None,
     };
     let (address, _task) = start("127.0.0.1:0".parse().unwrap(), state, async move {
         let _ = stop_rx.await;
@@ -171,6 +192,7 @@ async fn a_port_in_use_is_a_clear_error() {
         store: db.clone(),
         scheduler: scheduler.clone(),
         gateway: None,
+        gallery: None,
     };
     let error = start(address, state, std::future::pending())
         .await
