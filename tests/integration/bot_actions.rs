@@ -12,7 +12,7 @@ use vqclip::jobs::scheduler::DeviceSlot;
 use vqclip::jobs::{JobId, Scheduler};
 use vqclip::store::Store;
 use vqclip::store::jobs::{self, JobKind, JobStatus};
-use vqclip::store::{gallery, guilds};
+use vqclip::store::{gallery, guilds, names};
 
 use crate::bot::eventually;
 use crate::fake_discord::{APP_ID, FakeDiscord, Request_, message, user};
@@ -858,7 +858,12 @@ async fn wait_running(pool: &Store, id: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gallery_posts_votes_rankings_and_moderation() {
-    let (bot, _) = Bot::start("", false, 5).await;
+    let (bot, _) = Bot::start(
+        "[web]\npublic_url = \"https://art.example.org/vq\"\n",
+        false,
+        5,
+    )
+    .await;
     let admin = |user_id: u64, permissions: &str, sub: &str, options: Value| {
         bot.command(
             user_id,
@@ -904,7 +909,45 @@ async fn gallery_posts_votes_rankings_and_moderation() {
     );
     let link = format!("https://discord.com/channels/{GUILD}/{result_channel}/{result}");
     assert!(embed.to_string().contains(&link), "{embed}");
+    // The picture's page on the web gallery (web.public_url, made a directory).
+    assert!(
+        embed
+            .to_string()
+            .contains("https://art.example.org/vq/i/1\""),
+        "{embed}"
+    );
     assert_eq!(post.json["allowed_mentions"]["parse"], json!([]));
+    // Who asked, by the name the interaction showed, and the guild's name, for the web gallery.
+    eventually("the member's name", || {
+        let pool = bot.pool.clone();
+        futures_now(async move { names::member_name(&pool, GUILD, 77).await.unwrap() })
+            .filter(|n| n == "user77")
+    })
+    .await;
+    bot.discord.dispatch(
+        "GUILD_UPDATE",
+        json!({ "id": GUILD.to_string(), "name": "Pixel <Club>", "icon": null, "splash": null,
+                "discovery_splash": null, "owner_id": "99", "afk_channel_id": null,
+                "afk_timeout": 300, "verification_level": 0,
+                "default_message_notifications": 0, "explicit_content_filter": 0, "roles": [],
+                "emojis": [], "features": [], "mfa_level": 0, "application_id": null,
+                "system_channel_id": null, "system_channel_flags": 0, "rules_channel_id": null,
+                "vanity_url_code": null, "description": null, "banner": null,
+                "premium_tier": 0, "preferred_locale": "en-US",
+                "public_updates_channel_id": null, "nsfw_level": 0, "stickers": [],
+                "premium_progress_bar_enabled": false, "safety_alerts_channel_id": null }),
+    );
+    eventually("the guild's name", || {
+        let pool = bot.pool.clone();
+        futures_now(async move {
+            vqclip::store::public::gallery_name(&pool, GUILD)
+                .await
+                .unwrap()
+        })
+        .flatten()
+        .filter(|n| n == "Pixel <Club>")
+    })
+    .await;
     let stored = eventually("the post record", || {
         let pool = bot.pool.clone();
         futures_now(async move {

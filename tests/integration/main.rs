@@ -13,6 +13,7 @@ mod bot_canvas;
 mod bot_describe;
 mod bot_grid;
 mod bot_remix;
+mod browser;
 mod cli;
 mod config;
 mod discord_spec;

@@ -369,3 +369,101 @@ fn fuzzed_page_and_search_parameters_are_answered_or_refused() {
     runtime.block_on(scheduler.shutdown(Duration::from_secs(1)));
     drop(dir);
 }
+
+/// Pixels of the magenta of [`magenta_png`] (a JPEG thumbnail's too) in a screenshot.
+fn magenta_pixels(shot: &image::RgbImage) -> usize {
+    shot.pixels()
+        .filter(|p| p[0] > 200 && p[1] < 70 && p[2] > 200)
+        .count()
+}
+
+/// A real browser: the gallery page shows the pictures, "Next →" leads to page 2, a picture
+/// leads to its page, which shows it whole with its Open Graph tags; a prompt's `<script>`
+/// never runs.
+#[tokio::test]
+async fn chromium_browses_the_gallery_to_a_picture() {
+    let (_dir, db) = crate::support::test_pool().await;
+    open_gallery(&db).await;
+    let mut posted = Vec::new();
+    for k in 0..25 {
+        let prompt = format!("<script>document.title='pwned'</script> lighthouse {k}");
+        posted.push(picture(&db, GUILD, (7, "Ada"), &prompt, true).await);
+    }
+    let (address, scheduler, _images, _stop) = serve_gallery(&db, None).await;
+    let mut browser = crate::browser::Browser::launch(1280, 900).await;
+
+    let first = format!("http://{address}/g/{GUILD}");
+    browser.open(&first).await;
+    assert_eq!(
+        browser.eval("document.title").await,
+        "Pixel Club — vqclip gallery"
+    );
+    assert_eq!(
+        browser
+            .eval("document.querySelectorAll('article.card').length")
+            .await,
+        24
+    );
+    // Every thumbnail on screen decoded (a broken image has no natural size).
+    let on_screen = browser
+        .eval(
+            "Array.from(document.images).filter(i => i.getBoundingClientRect().top < innerHeight) \
+             .map(i => i.naturalWidth)",
+        )
+        .await;
+    let widths = on_screen.as_array().unwrap();
+    assert!(
+        widths.len() >= 4 && widths.iter().all(|w| w == 64),
+        "{on_screen}"
+    );
+    let shot = browser.screenshot().await;
+    assert!(
+        magenta_pixels(&shot) > 4 * 200 * 200,
+        "the pictures are not on screen"
+    );
+
+    browser.click("a[rel=next]").await;
+    browser.wait_for("page=2").await;
+    assert_eq!(
+        browser
+            .eval("document.querySelectorAll('article.card').length")
+            .await,
+        1
+    );
+    assert_eq!(
+        browser
+            .eval("document.querySelector('span.page').textContent")
+            .await,
+        "Page 2"
+    );
+
+    browser.click("article.card a.picture").await;
+    let page = format!("/i/{}", posted[0].0);
+    browser.wait_for(&page).await;
+    assert_eq!(
+        browser
+            .eval("document.querySelector('figure.full img').naturalWidth")
+            .await,
+        64
+    );
+    assert_eq!(
+        browser
+            .eval("document.querySelector('h1.prompt').textContent")
+            .await,
+        "<script>document.title='pwned'</script> lighthouse 0"
+    );
+    assert_ne!(browser.eval("document.title").await, "pwned");
+    assert_eq!(
+        browser
+            .eval("document.querySelector('meta[property=\"og:title\"]').content")
+            .await,
+        "<script>document.title='pwned'</script> lighthouse 0"
+    );
+    let shot = browser.screenshot().await;
+    // Shown whole at 256×256 CSS pixels (its 64×64 magenta scaled up, less the frame).
+    assert!(
+        magenta_pixels(&shot) > 200 * 200,
+        "the picture is not on screen"
+    );
+    scheduler.shutdown(Duration::from_secs(1)).await;
+}
