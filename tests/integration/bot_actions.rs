@@ -937,6 +937,37 @@ async fn gallery_posts_votes_rankings_and_moderation() {
                 "public_updates_channel_id": null, "nsfw_level": 0, "stickers": [],
                 "premium_progress_bar_enabled": false, "safety_alerts_channel_id": null }),
     );
+    // The finished job is on the web gallery: its page unfurls with the picture this host
+    // wrote, which is served as it is.
+    let (address, web_scheduler, _web_dir, _stop_web) = crate::web_gallery::serve_gallery_of(
+        &bot.pool,
+        Some("https://art.example.org/vq/"),
+        Some(&bot.settings.storage.images),
+    )
+    .await;
+    let (status, _, page) = crate::web::request(address, "GET", "/i/1").await;
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains(
+            "<meta property=\"og:image\" content=\"https://art.example.org/vq/images/1.png\">"
+        ),
+        "{page}"
+    );
+    assert!(
+        page.contains("a lighthouse") && page.contains("user77"),
+        "{page}"
+    );
+    let (status, head, png) = crate::web::fetch(address, "GET", "/images/1.png", "").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        crate::web_gallery::header(&head, "content-type"),
+        Some("image/png")
+    );
+    assert_eq!(
+        png,
+        std::fs::read(bot.settings.storage.images.join("1.png")).unwrap()
+    );
+    web_scheduler.shutdown(Duration::from_secs(1)).await;
     eventually("the guild's name", || {
         let pool = bot.pool.clone();
         futures_now(async move {

@@ -163,7 +163,7 @@ fn db_migrate_creates_the_database_from_nothing() {
     assert!(db.is_file());
     assert!(
         text(&out.stdout)
-            .contains("applied migrations 1, 2, 3, 4, 5, 6, 7, 8, 9 (schema version 9)"),
+            .contains("applied migrations 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 (schema version 10)"),
         "{}",
         text(&out.stdout)
     );

@@ -87,16 +87,21 @@ pub(crate) async fn open_gallery(db: &Store) {
         .unwrap();
 }
 
-/// Serves the gallery (with `public_url`) over `db` until the returned sender drops.
-pub(crate) async fn serve_gallery(
-    db: &Store,
-    public_url: Option<&str>,
-) -> (
+/// What [`serve_gallery`] returns: the address, the scheduler, its folder, and the server's stop.
+pub(crate) type Served = (
     SocketAddr,
     Scheduler,
     tempfile::TempDir,
     tokio::sync::oneshot::Sender<()>,
-) {
+);
+
+/// Serves the gallery (with `public_url`, the pictures of this host in `images` or else a new
+/// empty folder) over `db` until the returned sender drops.
+pub(crate) async fn serve_gallery_of(
+    db: &Store,
+    public_url: Option<&str>,
+    images: Option<&std::path::Path>,
+) -> Served {
     let dir = tempfile::tempdir().unwrap();
     let runner = FakeRunner::new(5);
     let scheduler = Scheduler::start(db.clone(), options(&dir), slots(&[&runner]))
@@ -108,7 +113,7 @@ pub(crate) async fn serve_gallery(
         scheduler: scheduler.clone(),
         gateway: None,
         gallery: Some(GallerySite::new(
-            dir.path().join("images"),
+            images.map_or_else(|| dir.path().join("images"), std::path::Path::to_path_buf),
             public_url.map(|u| u.parse().unwrap()),
         )),
     };
@@ -118,6 +123,11 @@ pub(crate) async fn serve_gallery(
     .await
     .unwrap();
     (address, scheduler, dir, stop_tx)
+}
+
+/// [`serve_gallery_of`] with pictures in the database only.
+pub(crate) async fn serve_gallery(db: &Store, public_url: Option<&str>) -> Served {
+    serve_gallery_of(db, public_url, None).await
 }
 
 /// The job ids a listing page links to, in order.
@@ -130,7 +140,7 @@ fn listed(body: &str) -> Vec<i64> {
         .collect()
 }
 
-fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+pub(crate) fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     head.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
         k.eq_ignore_ascii_case(name).then(|| v.trim())
