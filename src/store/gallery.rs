@@ -197,6 +197,17 @@ pub async fn count_votes(db: &Store, post: PostId, emoji: &str) -> Result<u64, s
     Ok(u64::try_from(count).unwrap_or(0))
 }
 
+/// `text` as a LIKE pattern that matches it literally, lowercased (LIKE ignores ASCII case on
+/// SQLite but not on PostgreSQL, so both sides are lowercased).
+pub(crate) fn contains_pattern(text: &str) -> String {
+    let escaped = text
+        .to_lowercase()
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    format!("%{escaped}%")
+}
+
 /// Which posts a gallery page shows, and in which order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GalleryQuery {
@@ -247,7 +258,7 @@ pub async fn list_gallery(
 ) -> Result<Vec<GalleryEntry>, sqlx::Error> {
     let guild_id = u64_to_sql(query.guild_id);
     let author = query.author.map(u64_to_sql);
-    let pattern = query.text.as_deref().map(super::public::contains_pattern);
+    let pattern = query.text.as_deref().map(contains_pattern);
     let rows: Vec<GalleryRow> = sqlx::query_as(
         r"SELECT p.id, p.job_id, p.guild_id, p.channel_id, p.message_id, p.posted_at,
                  COUNT(v.user_id) AS votes, j.prompt, j.requester_id, j.seed

@@ -4,7 +4,7 @@
 //!
 //! Every query here carries that filter, so a handler cannot forget it.
 
-use super::gallery::STAR;
+use super::gallery::{STAR, contains_pattern};
 use super::jobs::{self, Job};
 use super::{JobId, Store, Timestamp, u64_from_sql, u64_to_sql};
 
@@ -139,17 +139,6 @@ impl EntryRow {
             author_name: self.author_name,
         }))
     }
-}
-
-/// `text` as a LIKE pattern that matches it literally, lowercased (LIKE ignores ASCII case on
-/// SQLite but not on PostgreSQL, so both sides are lowercased).
-pub(crate) fn contains_pattern(text: &str) -> String {
-    let escaped = text
-        .to_lowercase()
-        .replace('\\', "\\\\")
-        .replace('%', "\\%")
-        .replace('_', "\\_");
-    format!("%{escaped}%")
 }
 
 /// Up to `limit` public posts of a query after skipping `offset`.
