@@ -89,6 +89,24 @@ pub async fn post(
     Ok(())
 }
 
+/// The web gallery's first page of the listing a view shows, under `public_url` (one artist's
+/// pictures have no page there: their guild's gallery stands in).
+fn web_listing(public_url: &url::Url, guild: u64, view: &View) -> Option<url::Url> {
+    let mut url = crate::config::gallery_page(public_url, guild)?;
+    match view {
+        View::Top(period) => {
+            url.query_pairs_mut()
+                .append_pair("sort", "top")
+                .append_pair("period", period.word());
+        }
+        View::Search(text) => {
+            url.query_pairs_mut().append_pair("q", text);
+        }
+        View::Recent | View::User(_) => {}
+    }
+    Some(url)
+}
+
 /// Which posts a listing shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum View {
@@ -122,6 +140,15 @@ impl Period {
             Self::Day => 'd',
             Self::Week => 'w',
             Self::All => 'a',
+        }
+    }
+
+    /// Its name in the web gallery's addresses.
+    fn word(self) -> &'static str {
+        match self {
+            Self::Day => "day",
+            Self::Week => "week",
+            Self::All => "all",
         }
     }
 
@@ -202,7 +229,7 @@ pub(crate) fn search_text(text: &str) -> String {
 
 /// The embed and ◀ ▶ buttons of a page of `guild`'s gallery.
 pub(crate) async fn render(
-    pool: &Store,
+    (pool, public_url): (&Store, Option<&url::Url>),
     guild: u64,
     page: &Page,
 ) -> Result<(serenity::CreateEmbed, Vec<serenity::CreateActionRow>), sqlx::Error> {
@@ -227,6 +254,9 @@ pub(crate) async fn render(
     let more = entries.len() > PAGE_SIZE as usize;
     entries.truncate(PAGE_SIZE as usize);
     let mut embed = serenity::CreateEmbed::new().title(page.title());
+    if let Some(url) = public_url.and_then(|u| web_listing(u, guild, &page.view)) {
+        embed = embed.url(url);
+    }
     if entries.is_empty() {
         embed = embed.description(if page.number == 0 {
             "Nothing here yet."
@@ -283,7 +313,8 @@ pub(crate) async fn turn_page(
     let Some(guild) = press.guild_id else {
         return Ok(());
     };
-    let (embed, buttons) = render(&data.store, guild.get(), &page).await?;
+    let public_url = data.settings.web.public_url.as_ref();
+    let (embed, buttons) = render((&data.store, public_url), guild.get(), &page).await?;
     let update = serenity::CreateInteractionResponseMessage::new()
         .embed(embed)
         .components(buttons)

@@ -27,7 +27,7 @@ mod validate;
 mod web;
 
 pub use moderation::{DEFAULT_SAFE_LABELS, DEFAULT_UNSAFE_LABELS, ModerationSettings, NsfwAction};
-pub use web::{WebSettings, image_page};
+pub use web::{WebSettings, gallery_page, image_page};
 
 use raw::RawSettings;
 use validate::validate;

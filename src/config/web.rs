@@ -19,3 +19,8 @@ pub struct WebSettings {
 pub fn image_page(public_url: &Url, job: crate::jobs::JobId) -> Option<Url> {
     public_url.join(&format!("i/{}", job.0)).ok()
 }
+
+/// The web gallery's page of guild `guild` under `public_url`.
+pub fn gallery_page(public_url: &Url, guild: u64) -> Option<Url> {
+    public_url.join(&format!("g/{guild}")).ok()
+}

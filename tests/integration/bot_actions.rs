@@ -1036,6 +1036,12 @@ async fn gallery_posts_votes_rankings_and_moderation() {
         .await;
     let page = &top.json["data"]["embeds"][0];
     assert_eq!(page["fields"][0]["name"], "#1 · ⭐ 2 · job 1", "{page}");
+    // The title links to the same ranking on the web gallery.
+    assert_eq!(
+        page["url"],
+        format!("https://art.example.org/vq/g/{GUILD}?sort=top&period=all"),
+        "{page}"
+    );
     assert_eq!(page["fields"].as_array().unwrap().len(), 5);
     assert_eq!(
         custom_ids(&top.json["data"]["components"]),

@@ -1,6 +1,6 @@
 //! The web server (`[web] listen`): health, readiness and metrics over real HTTP, with a real
 //! scheduler (fake runners) on both database backends; the metrics parsed by a Prometheus text
-//! parser.
+//! parser; readiness as a PostgreSQL server goes down and comes back.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -202,5 +202,54 @@ async fn a_port_in_use_is_a_clear_error() {
         text.contains(&address.to_string()) && text.contains("web.listen"),
         "{text}"
     );
+    scheduler.shutdown(Duration::from_secs(1)).await;
+}
+
+/// The done-when of the web server: a PostgreSQL server stopped by its administrator makes
+/// `/readyz` unready (and the gallery say so), and started again, ready, without a restart of
+/// ours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_database_server_down_and_up() {
+    crate::support::init_test_log();
+    let server = crate::postgres::PrivateServer::start();
+    let location = vqclip::store::Location::Postgres(server.new_database().await);
+    let db = vqclip::store::connect(&location).await.unwrap();
+    vqclip::store::migrate(&db).await.unwrap();
+    crate::web_gallery::open_gallery(&db).await;
+    let job = crate::web_gallery::picture(
+        &db,
+        crate::web_gallery::GUILD,
+        (7, "Ada"),
+        "a lighthouse",
+        true,
+    )
+    .await;
+    let (address, scheduler, _dir, _stop) = crate::web_gallery::serve_gallery(&db, None).await;
+    let page = format!("/i/{}", job.0);
+    assert_eq!(request(address, "GET", "/readyz").await.0, 200);
+    assert_eq!(request(address, "GET", &page).await.0, 200);
+
+    tokio::task::block_in_place(|| server.stop());
+    let (status, _, body) = request(address, "GET", "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("database: FAIL"), "{body}");
+    assert_eq!(request(address, "GET", &page).await.0, 503);
+    let (status, _, _) = request(address, "GET", "/healthz").await;
+    assert_eq!(status, 200, "the process itself is alive");
+
+    tokio::task::block_in_place(|| server.start_again());
+    let start = std::time::Instant::now();
+    loop {
+        let (status, _, body) = request(address, "GET", "/readyz").await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "still unready: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(request(address, "GET", &page).await.0, 200);
     scheduler.shutdown(Duration::from_secs(1)).await;
 }

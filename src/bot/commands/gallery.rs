@@ -9,7 +9,9 @@ async fn show(ctx: Context<'_>, view: View) -> Result<(), BotError> {
         return Err(BotError::User("The gallery belongs to a server.".into()));
     };
     let page = Page { view, number: 0 };
-    let (embed, buttons) = render(&ctx.data().store, guild.get(), &page).await?;
+    let data = ctx.data();
+    let public_url = data.settings.web.public_url.as_ref();
+    let (embed, buttons) = render((&data.store, public_url), guild.get(), &page).await?;
     ctx.send(
         poise::CreateReply::default()
             .embed(embed)
