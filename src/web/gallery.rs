@@ -49,7 +49,9 @@ const DATABASE_WAIT: Duration = Duration::from_secs(5);
 pub struct GallerySite {
     /// Where this host writes finished pictures (`storage.images`).
     pub images: PathBuf,
+    /// Where the pages live.
     pub(crate) paths: Paths,
+    /// Permits to make thumbnails.
     thumbnails: Arc<Semaphore>,
 }
 
@@ -177,7 +179,9 @@ async fn index(State(state): State<WebState>) -> Response {
 /// A listing's parameters, as the query string gave them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ListingQuery {
+    /// The order.
     pub sort: Sort,
+    /// The search text, cleaned and cut.
     pub search: Option<String>,
     /// From 1.
     pub page: u32,

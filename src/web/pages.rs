@@ -21,22 +21,27 @@ pub(crate) struct Paths {
 }
 
 impl Paths {
+    /// The list of galleries.
     pub fn home(&self) -> String {
         self.base.clone()
     }
 
+    /// A guild's gallery.
     pub fn gallery(&self, guild: u64) -> String {
         format!("{}g/{guild}", self.base)
     }
 
+    /// A picture's page.
     pub fn image_page(&self, job: i64) -> String {
         format!("{}i/{job}", self.base)
     }
 
+    /// A picture's file, as made.
     pub fn picture(&self, job: i64) -> String {
         format!("{}images/{job}.png", self.base)
     }
 
+    /// A picture's thumbnail.
     pub fn thumbnail(&self, job: i64) -> String {
         format!("{}images/{job}.thumb.jpg", self.base)
     }
@@ -67,6 +72,7 @@ pub(crate) enum Sort {
 }
 
 impl Sort {
+    /// Every order, as the page's tabs list them.
     pub const ALL: [Sort; 4] = [Sort::New, Sort::TopDay, Sort::TopWeek, Sort::TopAll];
 
     /// Its query parameters (`sort=top&period=week`), empty for the default.
@@ -91,13 +97,19 @@ impl Sort {
 
 /// What a listing page shows.
 pub(crate) struct Listing<'a> {
+    /// Whose gallery.
     pub guild_id: u64,
+    /// Its name, if known.
     pub guild_name: Option<&'a str>,
+    /// In which order.
     pub sort: Sort,
+    /// Only prompts containing this.
     pub search: Option<&'a str>,
     /// From 1.
     pub page: u32,
+    /// The page's pictures.
     pub entries: &'a [PublicEntry],
+    /// Whether a next page has any.
     pub has_next: bool,
 }
 
