@@ -32,6 +32,7 @@ pub(crate) mod submit;
 pub(crate) mod text;
 pub(crate) mod upload;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -57,7 +58,13 @@ pub struct Data {
     pub inspector: Arc<crate::inspect::Inspector>,
     /// One `/describe` per user every few seconds.
     pub(crate) describe_cooldown: checks::Cooldown,
+    /// The member names last recorded, so an interaction writes one only when it changed.
+    pub(crate) names_seen: Arc<std::sync::Mutex<HashMap<(u64, u64), String>>>,
 }
+
+/// Most member names kept in [`Data::names_seen`] (forgotten all at once beyond: they are
+/// recorded again at most once each).
+const NAMES_SEEN: usize = 50_000;
 
 /// A command's error: shown to the user when it is about their request, logged otherwise.
 #[derive(Debug, thiserror::Error)]
@@ -219,10 +226,29 @@ fn remember_names(data: &Data, event: &serenity::FullEvent) {
             let (Some(guild), Some(member)) = (guild, member) else {
                 return;
             };
-            let (user, name) = (member.user.id.get(), member.display_name().to_owned());
+            let key = (guild.get(), member.user.id.get());
+            let name = member.display_name().to_owned();
+            {
+                let mut seen = data
+                    .names_seen
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if seen.get(&key) == Some(&name) {
+                    return;
+                }
+                if seen.len() >= NAMES_SEEN {
+                    seen.clear();
+                }
+                seen.insert(key, name.clone());
+            }
+            let seen = data.names_seen.clone();
             tokio::spawn(async move {
-                if let Err(e) = names::record_member_name(&store, guild.get(), user, &name).await {
+                if let Err(e) = names::record_member_name(&store, key.0, key.1, &name).await {
                     tracing::warn!(error = %e, "cannot record a member's name");
+                    // Tried again at their next interaction.
+                    seen.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .remove(&key);
                 }
             });
         }
@@ -287,6 +313,7 @@ pub async fn run(
         tokenizer: tokenizer.clone(),
         inspector: Arc::new(crate::inspect::Inspector::new(settings.clone(), tokenizer)),
         describe_cooldown: checks::Cooldown::new(commands::DESCRIBE_EVERY),
+        names_seen: Arc::default(),
     };
     let guilds: Vec<serenity::GuildId> = settings
         .discord

@@ -7,16 +7,20 @@ use super::{Store, Timestamp, u64_to_sql};
 /// longer one from a misbehaving source is cut.
 pub const MAX_NAME_CHARS: usize = 100;
 
-/// `name` without control characters, trimmed and cut to [`MAX_NAME_CHARS`]; `None` if nothing
-/// is left.
-fn clean(name: &str) -> Option<String> {
-    let cleaned: String = name
+/// `text` without control characters, cut to `max_chars` characters and trimmed; `None` if
+/// nothing is left. (Names here; the web gallery's search text too.)
+pub(crate) fn one_line(text: &str, max_chars: usize) -> Option<String> {
+    let cleaned: String = text
         .chars()
         .filter(|c| !c.is_control())
-        .take(MAX_NAME_CHARS)
+        .take(max_chars)
         .collect();
     let cleaned = cleaned.trim();
     (!cleaned.is_empty()).then(|| cleaned.to_owned())
+}
+
+fn clean(name: &str) -> Option<String> {
+    one_line(name, MAX_NAME_CHARS)
 }
 
 /// Records how `user_id` is shown in `guild_id` now. Writes only when the name changed.

@@ -207,15 +207,7 @@ pub(crate) fn parse_listing(query: Option<&str>) -> Result<ListingQuery, String>
                 "" => period = "all".to_owned(),
                 _ => return Err("The period is “day”, “week” or “all”.".to_owned()),
             },
-            "q" => {
-                let text: String = value
-                    .chars()
-                    .filter(|c| !c.is_control())
-                    .take(MAX_SEARCH_CHARS)
-                    .collect();
-                let text = text.trim();
-                search = (!text.is_empty()).then(|| text.to_owned());
-            }
+            "q" => search = crate::store::names::one_line(&value, MAX_SEARCH_CHARS),
             "page" if value.is_empty() => page = 1,
             "page" => {
                 page = value
