@@ -224,10 +224,12 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             store: pool.clone(),
             scheduler: scheduler.clone(),
             gateway: Some(gateway.clone()),
-            gallery: Some(crate::web::GallerySite::new(
-                settings.storage.images.clone(),
-                settings.web.public_url.clone(),
-            )),
+            gallery: settings.web.gallery.then(|| {
+                crate::web::GallerySite::new(
+                    settings.storage.images.clone(),
+                    settings.web.public_url.clone(),
+                )
+            }),
         },
         stop_rx.clone(),
     )

@@ -984,6 +984,9 @@ mod tests {
         let s = Settings::from_toml("", &env(&[])).unwrap();
         assert_eq!(s.web.listen, None);
         assert_eq!(s.web.public_url, None);
+        assert!(s.web.gallery, "the gallery is on wherever the server is");
+        let s = Settings::from_toml("[web]\ngallery = false", &env(&[])).unwrap();
+        assert!(!s.web.gallery);
         let s = Settings::from_toml(
             "[web]\npublic_url = \"https://art.example.org/vqclip\"",
             &env(&[("VQCLIP_WEB__LISTEN", "[::1]:9090")]),
@@ -999,6 +1002,7 @@ mod tests {
             ("[web]\nlisten = \"0.0.0.0:99999\"", "web.listen"),
             ("[web]\npublic_url = \"ftp://x/\"", "web.public_url"),
             ("[web]\nport = 80", "web.port"),
+            ("[web]\ngallery = \"yes\"", "web.gallery"),
         ] {
             let p = problems(text, &[]);
             assert_eq!(p.len(), 1, "{text:?} gave {p:?}");

@@ -221,9 +221,20 @@ impl<'de> Deserialize<'de> for ListOrCsv {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(super) struct RawWeb {
     pub(super) listen: String,
     pub(super) public_url: String,
+    pub(super) gallery: bool,
+}
+
+impl Default for RawWeb {
+    fn default() -> Self {
+        Self {
+            listen: String::new(),
+            public_url: String::new(),
+            gallery: true,
+        }
+    }
 }

@@ -749,5 +749,9 @@ fn validate_web(raw: RawWeb, p: &mut Problems) -> WebSettings {
             url
         }),
     };
-    WebSettings { listen, public_url }
+    WebSettings {
+        listen,
+        public_url,
+        gallery: raw.gallery,
+    }
 }

@@ -7,12 +7,15 @@ use serde::Serialize;
 use url::Url;
 
 /// `[web]`, validated.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct WebSettings {
     /// Where the server listens (`host:port`); `None` (the default): no server.
     pub listen: Option<SocketAddr>,
     /// The address people reach the server at (behind a reverse proxy), for links.
     pub public_url: Option<Url>,
+    /// `vqclip serve` serves the web gallery there too (the default); `false` keeps the server to
+    /// health checks and metrics.
+    pub gallery: bool,
 }
 
 /// The web gallery's page of job `job` under `public_url` (the server's address, a directory).
