@@ -192,13 +192,15 @@ pub async fn get(db: &Store, job: JobId) -> Result<Option<PublicEntry>, sqlx::Er
     }
 }
 
-/// Whether `job`'s picture is public now (what an image request checks).
-pub async fn is_public(db: &Store, job: JobId) -> Result<bool, sqlx::Error> {
-    let found: Option<i64> =
-        sqlx::query_scalar(public_posts!("SELECT 1", "AND p.job_id = $2 LIMIT 1"))
-            .bind(STAR)
-            .bind(job)
-            .fetch_optional(db.pool())
-            .await?;
-    Ok(found.is_some())
+/// What an image request checks: `None` unless `job`'s picture is public now, else the SHA-256
+/// recorded for it (empty if none was), which versions it for caches.
+pub async fn public_picture(db: &Store, job: JobId) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(public_posts!(
+        "SELECT COALESCE(j.output_sha256, '')",
+        "AND p.job_id = $2 LIMIT 1"
+    ))
+    .bind(STAR)
+    .bind(job)
+    .fetch_optional(db.pool())
+    .await
 }

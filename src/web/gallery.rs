@@ -348,49 +348,69 @@ async fn picture(
     };
     let (PictureFile::Full(id) | PictureFile::Thumbnail(id)) = file;
     let job = JobId(id);
-    match bounded(public::is_public(&state.store, job)).await {
-        Ok(true) => {}
-        Ok(false) => return not_found(&state),
-        Err(e) => return unavailable(&state, &e),
-    }
-    let site = site(&state);
-    let png = match stored_picture(&state.store, &site.images, job).await {
-        Ok(Some(png)) => png,
+    let recorded = match bounded(public::public_picture(&state.store, job)).await {
+        Ok(Some(sha256)) => sha256,
         Ok(None) => return not_found(&state),
         Err(e) => return unavailable(&state, &e),
     };
-    // The picture of a job never changes: its hash is its version.
-    let tag = format!(
-        "\"{id}-{}{}\"",
-        hex_prefix(&png),
-        if matches!(file, PictureFile::Thumbnail(_)) {
+    // The picture of a job never changes: its hash is its version, so a cache's copy is
+    // confirmed without reading the picture.
+    let tag_of = |version: &str| {
+        let suffix = if matches!(file, PictureFile::Thumbnail(_)) {
             "-t"
         } else {
             ""
-        }
-    );
-    if headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == tag || t.trim() == "*"))
+        };
+        format!("\"{id}-{}{suffix}\"", &version[..version.len().min(16)])
+    };
+    let cached = |tag: &str| {
+        headers
+            .get(header::IF_NONE_MATCH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim() == tag || t.trim() == "*"))
+    };
+    let known = (!recorded.is_empty()).then(|| tag_of(&recorded));
+    if let Some(tag) = &known
+        && cached(tag)
     {
+        return (StatusCode::NOT_MODIFIED, picture_headers("", tag)).into_response();
+    }
+    let site = site(&state);
+    let (content_type, bytes) = match file {
+        PictureFile::Full(_) => (
+            "image/png",
+            stored_picture(&state.store, &site.images, job).await,
+        ),
+        PictureFile::Thumbnail(_) => ("image/jpeg", thumbnail(&state.store, site, job).await),
+    };
+    let bytes = match bytes {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return not_found(&state),
+        Err(PictureError::Database(e)) => return unavailable(&state, &e),
+        Err(PictureError::Unreadable(e)) => {
+            tracing::warn!(job_id = id, error = %e, "web gallery: cannot make a thumbnail");
+            return problem(
+                &state,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Cannot show that picture",
+                "Its file could not be read.",
+            );
+        }
+    };
+    // A job that recorded no hash (none should) is versioned by what is sent.
+    let tag = known.unwrap_or_else(|| tag_of(&hex_sha256(&bytes)));
+    if cached(&tag) {
         return (StatusCode::NOT_MODIFIED, picture_headers("", &tag)).into_response();
     }
-    match file {
-        PictureFile::Full(_) => (picture_headers("image/png", &tag), png).into_response(),
-        PictureFile::Thumbnail(_) => match thumbnail(&state.store, site, job, png).await {
-            Ok(jpeg) => (picture_headers("image/jpeg", &tag), jpeg).into_response(),
-            Err(e) => {
-                tracing::warn!(job_id = id, error = %e, "web gallery: cannot make a thumbnail");
-                problem(
-                    &state,
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "Cannot show that picture",
-                    "Its file could not be read.",
-                )
-            }
-        },
-    }
+    (picture_headers(content_type, &tag), bytes).into_response()
+}
+
+/// Why a picture's bytes could not be had.
+enum PictureError {
+    /// The database did not answer.
+    Database(String),
+    /// The picture could not be decoded or its thumbnail made.
+    Unreadable(anyhow::Error),
 }
 
 fn picture_headers(content_type: &'static str, tag: &str) -> HeaderMap {
@@ -413,10 +433,10 @@ fn picture_headers(content_type: &'static str, tag: &str) -> HeaderMap {
     headers
 }
 
-/// The first 8 bytes of `bytes`' SHA-256, in hex.
-fn hex_prefix(bytes: &[u8]) -> String {
+/// `bytes`' SHA-256, in hex.
+fn hex_sha256(bytes: &[u8]) -> String {
     use sha2::Digest as _;
-    sha2::Sha256::digest(bytes)[..8]
+    sha2::Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
@@ -427,17 +447,19 @@ async fn stored_picture(
     store: &Store,
     images: &std::path::Path,
     job: JobId,
-) -> Result<Option<Vec<u8>>, String> {
+) -> Result<Option<Vec<u8>>, PictureError> {
     let path = crate::jobs::image_path(images, job);
     let limit = crate::engine::image::MAX_INPUT_FILE_BYTES;
     let local =
         tokio::task::spawn_blocking(move || crate::engine::image::read_bounded(&path, limit))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| PictureError::Unreadable(e.into()))?;
     if let Ok(bytes) = local {
         return Ok(Some(bytes));
     }
-    bounded(events::get_job_file(store, job, events::IMAGE)).await
+    bounded(events::get_job_file(store, job, events::IMAGE))
+        .await
+        .map_err(PictureError::Database)
 }
 
 /// A picture's thumbnail: stored beside it once made, made at most [`THUMBNAIL_WORKERS`] at a
@@ -446,22 +468,39 @@ async fn thumbnail(
     store: &Store,
     site: &GallerySite,
     job: JobId,
-    png: Vec<u8>,
-) -> anyhow::Result<Vec<u8>> {
-    if let Ok(Some(jpeg)) = bounded(events::get_job_file(store, job, events::THUMBNAIL)).await {
-        return Ok(jpeg);
+) -> Result<Option<Vec<u8>>, PictureError> {
+    let stored = || async {
+        bounded(events::get_job_file(store, job, events::THUMBNAIL))
+            .await
+            .map_err(PictureError::Database)
+    };
+    if let Some(jpeg) = stored().await? {
+        return Ok(Some(jpeg));
     }
-    let _permit = site.thumbnails.acquire().await?;
+    let _permit = site
+        .thumbnails
+        .acquire()
+        .await
+        .map_err(|e| PictureError::Unreadable(e.into()))?;
+    // Another request for it may have made it while this one waited.
+    if let Some(jpeg) = stored().await? {
+        return Ok(Some(jpeg));
+    }
+    let Some(png) = stored_picture(store, &site.images, job).await? else {
+        return Ok(None);
+    };
     let jpeg = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
         let picture = crate::engine::image::decode(&png)?;
         let small = crate::engine::image::downscale(&picture, THUMBNAIL_SIDE);
         Ok(crate::engine::image::encode_jpeg(&small, 85)?)
     })
-    .await??;
+    .await
+    .map_err(|e| PictureError::Unreadable(e.into()))?
+    .map_err(PictureError::Unreadable)?;
     if let Err(e) = bounded(events::put_job_file(store, job, events::THUMBNAIL, &jpeg)).await {
         tracing::warn!(job_id = job.0, error = %e, "web gallery: cannot store a thumbnail");
     }
-    Ok(jpeg)
+    Ok(Some(jpeg))
 }
 
 #[cfg(test)]
